@@ -1,0 +1,32 @@
+# Two entry points for users: `make demo` and `make test`. Both install on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-slow demo reference clean
+
+install: $(STAMP)
+
+# Idempotent: re-runs only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# The microsoft-aurora reference lives in its own virtualenv (its package is also called `aurora`).
+reference:
+	$(PY) -m tests.reference.venv
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+demo: install
+	$(PY) -m aurora.demo
+
+clean:
+	rm -rf $(VENV) .venv-ref .cache

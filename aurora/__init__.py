@@ -1,0 +1,1 @@
+"""Aurora in Flax: the model only, no training code."""

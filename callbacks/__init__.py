@@ -1,0 +1,1 @@
+"""Lightning-style callbacks driven by the trainer."""

@@ -1,0 +1,1 @@
+"""ml_collections `get_config()` files, one per job variant."""

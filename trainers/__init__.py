@@ -1,0 +1,1 @@
+"""Trainer, TrainState and the training strategies (issue: trainer framework)."""
