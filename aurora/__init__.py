@@ -1,1 +1,33 @@
-"""Aurora in Flax: the model only, no training code."""
+"""Aurora in Flax: the model only, no training code.
+
+Public interface::
+
+    from aurora import AuroraSmall, Aurora, Batch, Metadata, rollout
+    params = model.init(rng, batch)["params"]
+    pred = model.apply({"params": params}, batch)
+"""
+
+from aurora.batch import Batch, Metadata
+from aurora.model.aurora import (
+    PRESETS,
+    Aurora,
+    Aurora12hPretrained,
+    AuroraHighRes,
+    AuroraPretrained,
+    AuroraSmall,
+    AuroraSmallPretrained,
+)
+from aurora.rollout import rollout
+
+__all__ = [
+    "Aurora",
+    "AuroraPretrained",
+    "AuroraSmallPretrained",
+    "AuroraSmall",
+    "Aurora12hPretrained",
+    "AuroraHighRes",
+    "PRESETS",
+    "Batch",
+    "Metadata",
+    "rollout",
+]

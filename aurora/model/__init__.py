@@ -1,0 +1,1 @@
+"""The Aurora network in Flax linen."""

@@ -1,0 +1,240 @@
+"""The Aurora model and microsoft-aurora's presets, in Flax linen.
+
+`Aurora` takes microsoft-aurora's architecture arguments under the same names and defaults, so a
+model described for one is built the same way in the other. `model.apply({"params": p}, batch)`
+returns the prediction one time step ahead, unnormalised, with a history dimension of one, exactly
+like the PyTorch `forward`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from aurora.batch import Batch
+from aurora.model.decoder import Perceiver3DDecoder
+from aurora.model.encoder import Perceiver3DEncoder
+from aurora.model.layers import Precision
+from aurora.model.lora import LoRAMode
+from aurora.model.swin3d import Swin3DTransformerBackbone
+
+__all__ = [
+    "Aurora",
+    "AuroraPretrained",
+    "AuroraSmallPretrained",
+    "AuroraSmall",
+    "Aurora12hPretrained",
+    "AuroraHighRes",
+    "PRESETS",
+]
+
+
+def _ordered(configured: tuple[str, ...], present: Mapping[str, Any], kind: str) -> tuple[str, ...]:
+    """The batch's variables in the model's order; unknown variables are an error."""
+    unknown = sorted(set(present) - set(configured))
+    if unknown:
+        raise ValueError(f"The batch has {kind} variables {unknown} that the model does not know ({configured}).")
+    return tuple(v for v in configured if v in present)
+
+
+class Aurora(nn.Module):
+    """Aurora. Defaults are the 1.3 B-parameter 0.25° fine-tuned configuration (LoRA on)."""
+
+    surf_vars: tuple[str, ...] = ("2t", "10u", "10v", "msl")
+    static_vars: tuple[str, ...] = ("lsm", "z", "slt")
+    atmos_vars: tuple[str, ...] = ("z", "u", "v", "t", "q")
+    window_size: tuple[int, int, int] = (2, 6, 12)
+    encoder_depths: tuple[int, ...] = (6, 10, 8)
+    encoder_num_heads: tuple[int, ...] = (8, 16, 32)
+    decoder_depths: tuple[int, ...] = (8, 10, 6)
+    decoder_num_heads: tuple[int, ...] = (32, 16, 8)
+    latent_levels: int = 4
+    patch_size: int = 4
+    embed_dim: int = 512
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    drop_rate: float = 0.0
+    enc_depth: int = 1
+    dec_depth: int = 1
+    dec_mlp_ratio: float = 2.0
+    perceiver_ln_eps: float = 1e-5
+    max_history_size: int = 2
+    timestep: timedelta = timedelta(hours=6)
+    stabilise_level_agg: bool = False
+    use_lora: bool = True
+    lora_steps: int = 40
+    lora_mode: LoRAMode = "single"
+    surf_stats: Mapping[str, tuple[float, float]] | None = None
+    autocast: bool = False
+    # Not in microsoft-aurora's signature: LoRA rank/alpha (hard-coded to 8 there), the precision
+    # of every matmul, the compute dtype of the backbone under `autocast`, and rematerialisation.
+    lora_r: int = 8
+    lora_alpha: int = 8
+    precision: Precision = "highest"
+    autocast_dtype: Any = jnp.bfloat16
+    remat: bool = False
+
+    @property
+    def timestep_minutes(self) -> int:
+        minutes, remainder = divmod(int(self.timestep.total_seconds()), 60)
+        if remainder:
+            raise ValueError("The time step must be a whole number of minutes.")
+        return minutes
+
+    def _check_supported(self) -> None:
+        if self.drop_path or self.drop_rate:
+            raise NotImplementedError("Drop-out and drop-path are not supported (all presets use 0).")
+        if not self.surf_vars and not self.static_vars:
+            raise ValueError("The surface level needs at least one surface or static variable.")
+
+    @nn.compact
+    def __call__(self, batch: Batch) -> Batch:
+        self._check_supported()
+        stats = dict(self.surf_stats) if self.surf_stats else None
+        batch = batch.astype(jnp.float32).crop(self.patch_size)
+        normed = batch.normalise(surf_stats=stats)
+
+        surf_names = _ordered(self.surf_vars, normed.surf_vars, "surface")
+        static_names = _ordered(self.static_vars, normed.static_vars, "static")
+        atmos_names = _ordered(self.atmos_vars, normed.atmos_vars, "atmospheric")
+        if not atmos_names:
+            raise ValueError("The batch has no atmospheric variables.")
+        meta = batch.metadata
+        B, T = normed.atmos_vars[atmos_names[0]].shape[:2]
+        H, W = batch.spatial_shape
+        patch_res = (self.latent_levels, H // self.patch_size, W // self.patch_size)
+
+        surface_fields = [normed.surf_vars[v] for v in surf_names]
+        surface_fields += [jnp.broadcast_to(normed.static_vars[v], (B, T, H, W)) for v in static_names]
+        x_surf = jnp.stack(surface_fields, axis=2)  # (B, T, V_S + V_static, H, W)
+        x_atmos = jnp.stack([normed.atmos_vars[v] for v in atmos_names], axis=2)  # (B, T, V_A, C, H, W)
+
+        lead_hours = self.timestep.total_seconds() / 3600
+        x = Perceiver3DEncoder(
+            surf_vars=self.surf_vars,
+            static_vars=self.static_vars,
+            atmos_vars=self.atmos_vars,
+            patch_size=self.patch_size,
+            latent_levels=self.latent_levels,
+            embed_dim=self.embed_dim,
+            num_heads=self.num_heads,
+            head_dim=self.embed_dim // self.num_heads,
+            depth=self.enc_depth,
+            mlp_ratio=self.mlp_ratio,
+            max_history_size=self.max_history_size,
+            perceiver_ln_eps=self.perceiver_ln_eps,
+            stabilise_level_agg=self.stabilise_level_agg,
+            precision=self.precision,
+            name="encoder",
+        )(
+            x_surf,
+            surf_names + static_names,
+            x_atmos,
+            atmos_names,
+            np.asarray(meta.lat),
+            np.asarray(meta.lon),
+            meta.atmos_levels,
+            meta.time,
+            lead_hours,
+        )
+
+        backbone_dtype = self.autocast_dtype if self.autocast else None
+        x = Swin3DTransformerBackbone(
+            embed_dim=self.embed_dim,
+            encoder_depths=self.encoder_depths,
+            encoder_num_heads=self.encoder_num_heads,
+            decoder_depths=self.decoder_depths,
+            decoder_num_heads=self.decoder_num_heads,
+            window_size=self.window_size,
+            mlp_ratio=self.mlp_ratio,
+            use_lora=self.use_lora,
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_steps=self.lora_steps,
+            lora_mode=self.lora_mode,
+            remat=self.remat,
+            precision=self.precision,
+            dtype=backbone_dtype,
+            name="backbone",
+        )(x, lead_hours, meta.rollout_step, patch_res)  # the residual stream stays float32, as under torch.autocast
+        x = x.astype(jnp.float32)
+
+        surf, atmos = Perceiver3DDecoder(
+            surf_vars=self.surf_vars,
+            atmos_vars=self.atmos_vars,
+            patch_size=self.patch_size,
+            embed_dim=2 * self.embed_dim,
+            depth=self.dec_depth,
+            head_dim=2 * self.embed_dim // self.num_heads,
+            num_heads=self.num_heads,
+            mlp_ratio=self.dec_mlp_ratio,
+            perceiver_ln_eps=self.perceiver_ln_eps,
+            precision=self.precision,
+            name="decoder",
+        )(x, surf_names, atmos_names, meta.atmos_levels, (H, W), patch_res)
+
+        pred = Batch(
+            surf_vars={v: surf[:, i, None] for i, v in enumerate(surf_names)},
+            static_vars=dict(normed.static_vars),
+            atmos_vars={v: atmos[:, i, None] for i, v in enumerate(atmos_names)},
+            metadata=meta.replace(
+                time=jnp.asarray(meta.time, jnp.int32) + self.timestep_minutes,
+                rollout_step=jnp.asarray(meta.rollout_step, jnp.int32) + 1,
+            ),
+        )
+        return pred.unnormalise(surf_stats=stats)
+
+
+class AuroraPretrained(Aurora):
+    """Aurora 0.25° pretrained (no LoRA)."""
+
+    use_lora: bool = False
+
+
+class AuroraSmallPretrained(Aurora):
+    """The small pretrained Aurora (debugging-size model in microsoft-aurora)."""
+
+    encoder_depths: tuple[int, ...] = (2, 6, 2)
+    encoder_num_heads: tuple[int, ...] = (4, 8, 16)
+    decoder_depths: tuple[int, ...] = (2, 6, 2)
+    decoder_num_heads: tuple[int, ...] = (16, 8, 4)
+    embed_dim: int = 256
+    num_heads: int = 8
+    use_lora: bool = False
+
+
+AuroraSmall = AuroraSmallPretrained
+"""Alias kept for compatibility with microsoft-aurora."""
+
+
+class Aurora12hPretrained(Aurora):
+    """Aurora pretrained with a 12-hour time step."""
+
+    timestep: timedelta = timedelta(hours=12)
+    use_lora: bool = False
+
+
+class AuroraHighRes(Aurora):
+    """Aurora fine-tuned at 0.1° (patch size 10)."""
+
+    patch_size: int = 10
+    encoder_depths: tuple[int, ...] = (6, 8, 8)
+    decoder_depths: tuple[int, ...] = (8, 8, 6)
+
+
+PRESETS: dict[str, type[Aurora]] = {
+    "Aurora": Aurora,
+    "AuroraPretrained": AuroraPretrained,
+    "AuroraSmallPretrained": AuroraSmallPretrained,
+    "AuroraSmall": AuroraSmallPretrained,
+    "Aurora12hPretrained": Aurora12hPretrained,
+    "AuroraHighRes": AuroraHighRes,
+}
+"""Preset classes by microsoft-aurora's names (used by configs and the converter CLI)."""

@@ -1,0 +1,106 @@
+"""Perceiver3D decoder: latent tokens -> per-variable fields on the grid (normalised)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from aurora.model.fourier import levels_expansion
+from aurora.model.layers import Dense, Precision, trunc_normal
+from aurora.model.perceiver import PerceiverResampler
+
+__all__ = ["Perceiver3DDecoder", "unpatchify"]
+
+
+def unpatchify(x: jax.Array, V: int, H: int, W: int, P: int) -> jax.Array:
+    """`(B, L, C, V*P*P)` (head output index = p1*P + p2, variable last) -> `(B, V, C, H, W)`."""
+    B, _, C, _ = x.shape
+    h, w = H // P, W // P
+    x = x.reshape(B, h, w, C, P, P, V).transpose(0, 6, 3, 1, 4, 2, 5)
+    return x.reshape(B, V, C, H, W)
+
+
+class Perceiver3DDecoder(nn.Module):
+    """De-aggregates latent levels into the requested pressure levels and decodes patches."""
+
+    surf_vars: tuple[str, ...]
+    atmos_vars: tuple[str, ...]
+    patch_size: int = 4
+    embed_dim: int = 1024
+    depth: int = 1
+    head_dim: int = 64
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    perceiver_ln_eps: float = 1e-5
+    precision: Precision = None
+
+    def _heads(self, name: str, var_names: tuple[str, ...]) -> dict[str, dict[str, jax.Array]]:
+        """One linear patch-reconstruction head per variable (PyTorch: `{name}.{var}.weight`)."""
+
+        def init(key: jax.Array) -> dict[str, dict[str, jax.Array]]:
+            keys = jax.random.split(key, max(len(var_names), 1))
+            return {
+                v: {
+                    "kernel": trunc_normal(k, (self.embed_dim, self.patch_size**2)),
+                    "bias": jnp.zeros((self.patch_size**2,)),
+                }
+                for v, k in zip(var_names, keys)
+            }
+
+        return self.param(name, init)
+
+    def _apply_heads(self, heads: dict, names: Sequence[str], x: jax.Array) -> jax.Array:
+        outs = [
+            jnp.einsum("...d,dk->...k", x, heads[n]["kernel"], precision=self.precision) + heads[n]["bias"]
+            for n in names
+        ]
+        out = jnp.stack(outs, axis=-1)  # (B, L, C, P*P, V)
+        return out.reshape(*out.shape[:3], -1)
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        surf_names: Sequence[str],
+        atmos_names: Sequence[str],
+        atmos_levels: Sequence[float],
+        spatial_shape: tuple[int, int],
+        patch_res: tuple[int, int, int],
+    ) -> tuple[jax.Array | None, jax.Array]:
+        """`x`: backbone tokens `(B, L', D)` -> surface `(B, V_S, H, W)` (or None) and
+        atmospheric `(B, V_A, C, H, W)` predictions, normalised."""
+        B = x.shape[0]
+        H, W = spatial_shape
+        C_latent, h, w = patch_res
+        P = self.patch_size
+        x = x.reshape(B, C_latent, h * w, -1).transpose(0, 2, 1, 3)  # (B, L, C_latent, D)
+
+        surf_heads = self._heads("surf_heads", self.surf_vars)
+        atmos_heads = self._heads("atmos_heads", self.atmos_vars)
+
+        surf = None
+        if surf_names:
+            x_surf = self._apply_heads(surf_heads, surf_names, x[:, :, :1, :])
+            surf = unpatchify(x_surf, len(surf_names), H, W, P)[:, :, 0]
+
+        levels = jnp.asarray(levels_expansion(np.asarray(atmos_levels, dtype=np.float64), self.embed_dim))
+        levels_embed = Dense(self.embed_dim, precision=self.precision, name="atmos_levels_embed")(levels)
+        C = levels_embed.shape[0]
+        queries = jnp.broadcast_to(levels_embed, (B * h * w, C, self.embed_dim))
+        context = x[:, :, 1:, :].reshape(B * h * w, C_latent - 1, self.embed_dim)
+        x_atmos = PerceiverResampler(
+            self.embed_dim,
+            depth=self.depth,
+            head_dim=self.head_dim,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            ln_eps=self.perceiver_ln_eps,
+            precision=self.precision,
+            name="level_decoder",
+        )(queries, context).reshape(B, h * w, C, self.embed_dim)
+        atmos = unpatchify(self._apply_heads(atmos_heads, atmos_names, x_atmos), len(atmos_names), H, W, P)
+        return surf, atmos

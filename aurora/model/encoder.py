@@ -1,0 +1,125 @@
+"""Perceiver3D encoder: variables and pressure levels -> a 3D grid of latent tokens.
+
+Everything that depends only on the grid, the pressure levels or the model's lead time (position,
+scale, level and lead-time Fourier features) is computed on the host in float64, exactly like the
+reference, and enters the jitted computation as a constant; the absolute time, which changes every
+batch, is encoded in-graph by :mod:`aurora.model.time_encoding`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from aurora.model.fourier import lead_time_expansion, levels_expansion
+from aurora.model.layers import Dense, LayerNorm, Precision, trunc_normal
+from aurora.model.patchembed import LevelPatchEmbed
+from aurora.model.perceiver import MLP, PerceiverResampler
+from aurora.model.posencoding import pos_scale_encoding
+from aurora.model.time_encoding import absolute_time_encoding
+
+__all__ = ["Perceiver3DEncoder"]
+
+
+class Perceiver3DEncoder(nn.Module):
+    """Embeds surface (+ static) and atmospheric variables and aggregates the levels."""
+
+    surf_vars: tuple[str, ...]
+    static_vars: tuple[str, ...]
+    atmos_vars: tuple[str, ...]
+    patch_size: int = 4
+    latent_levels: int = 8
+    embed_dim: int = 1024
+    num_heads: int = 16
+    head_dim: int = 64
+    depth: int = 2
+    mlp_ratio: float = 4.0
+    max_history_size: int = 2
+    perceiver_ln_eps: float = 1e-5
+    stabilise_level_agg: bool = False
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x_surf: jax.Array,
+        surf_names: Sequence[str],
+        x_atmos: jax.Array,
+        atmos_names: Sequence[str],
+        lat: np.ndarray,
+        lon: np.ndarray,
+        atmos_levels: Sequence[float],
+        time_minutes: jax.Array,
+        lead_time_hours: float,
+    ) -> jax.Array:
+        """Encode.
+
+        Args:
+            x_surf: `(B, T, V_S, H, W)` normalised surface and static variables (`surf_names`).
+            x_atmos: `(B, T, V_A, C, H, W)` normalised atmospheric variables (`atmos_names`).
+            lat, lon: the (cropped) grid.
+            atmos_levels: the `C` pressure levels in hPa.
+            time_minutes: `(B,)` int32 minutes since 1970.
+            lead_time_hours: the model's time step.
+
+        Returns:
+            Tokens `(B, (latent_levels) * H/P * W/P, D)`, latent level major.
+        """
+        if self.latent_levels < 2:
+            raise ValueError("At least two latent levels are required.")
+        D, P = self.embed_dim, self.patch_size
+        B, T, _, C, H, W = x_atmos.shape
+        dense = lambda name: Dense(D, precision=self.precision, name=name)  # noqa: E731
+
+        atmos_latents = self.param("atmos_latents", trunc_normal, (self.latent_levels - 1, D))
+        surf_level_encoding = self.param("surf_level_encoding", trunc_normal, (D,))
+
+        # Patch-embed the surface level: (B, T, V, H, W) -> (B, V, T, H, W) -> (B, L, D).
+        surf_embed = LevelPatchEmbed(
+            self.surf_vars + self.static_vars, P, D, self.max_history_size, self.precision, name="surf_token_embeds"
+        )
+        x_surf = surf_embed(x_surf.transpose(0, 2, 1, 3, 4), surf_names)
+
+        # Patch-embed every pressure level: (B, T, V, C, H, W) -> (B*C, V, T, H, W) -> (B, C, L, D).
+        atmos_embed = LevelPatchEmbed(self.atmos_vars, P, D, self.max_history_size, self.precision, name="atmos_token_embeds")
+        x_atmos = x_atmos.transpose(0, 3, 2, 1, 4, 5).reshape(B * C, -1, T, H, W)
+        x_atmos = atmos_embed(x_atmos, atmos_names).reshape(B, C, -1, D)
+
+        # The surface level is not aggregated: tag it and give it a Perceiver-style MLP.
+        x_surf = x_surf + surf_level_encoding
+        mlp = MLP(D, int(D * self.mlp_ratio), precision=self.precision, name="surf_mlp")
+        x_surf = x_surf + LayerNorm(name="surf_norm")(mlp(x_surf))
+
+        # Pressure-level encoding, then aggregate C physical levels into latent_levels - 1 latents.
+        levels = jnp.asarray(levels_expansion(np.asarray(atmos_levels, dtype=np.float64), D))
+        x_atmos = x_atmos + dense("atmos_levels_embed")(levels)[None, :, None, :]
+        L = x_atmos.shape[2]
+        context = x_atmos.transpose(0, 2, 1, 3).reshape(B * L, C, D)
+        latents = jnp.broadcast_to(atmos_latents, (B * L, *atmos_latents.shape))
+        aggregated = PerceiverResampler(
+            D,
+            depth=self.depth,
+            head_dim=self.head_dim,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            ln_eps=self.perceiver_ln_eps,
+            ln_k_q=self.stabilise_level_agg,
+            precision=self.precision,
+            name="level_agg",
+        )(latents, context)
+        x_atmos = aggregated.reshape(B, L, -1, D).transpose(0, 2, 1, 3)
+
+        x = jnp.concatenate([x_surf[:, None], x_atmos], axis=1)  # (B, latent_levels, L, D)
+
+        pos, scale = pos_scale_encoding(np.asarray(lat), np.asarray(lon), P, D)
+        x = x + dense("pos_embed")(jnp.asarray(pos)) + dense("scale_embed")(jnp.asarray(scale))
+        x = x.reshape(B, -1, D)
+
+        lead = jnp.asarray(lead_time_expansion(np.array([lead_time_hours], dtype=np.float64), D))
+        x = x + dense("lead_time_embed")(lead)[:, None, :]
+        absolute = absolute_time_encoding(time_minutes, D)
+        return x + dense("absolute_time_embed")(absolute)[:, None, :]

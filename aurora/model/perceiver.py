@@ -1,0 +1,87 @@
+"""Perceiver blocks: the encoder's level aggregation and the decoder's level de-aggregation.
+
+Module and parameter names follow microsoft-aurora's PyTorch modules (`layers_{i}_0` is
+`layers.{i}.0`), which is what lets `aurora.convert` map checkpoints by name.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from aurora.model.layers import Dense, LayerNorm, Precision, dot_product_attention, gelu
+
+__all__ = ["MLP", "PerceiverAttention", "PerceiverResampler"]
+
+
+class MLP(nn.Module):
+    """One hidden layer with exact GELU (`net.0`, `net.2` in PyTorch)."""
+
+    dim: int
+    hidden_features: int
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = Dense(self.hidden_features, precision=self.precision, name="net_0")(x)
+        x = gelu(x)
+        return Dense(self.dim, precision=self.precision, name="net_2")(x)
+
+
+class PerceiverAttention(nn.Module):
+    """Cross-attention from latents `(B, L1, D)` to context `(B, L2, D)`."""
+
+    latent_dim: int
+    head_dim: int = 64
+    num_heads: int = 8
+    ln_k_q: bool = False
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, latents: jax.Array, x: jax.Array) -> jax.Array:
+        inner = self.head_dim * self.num_heads
+        q = Dense(inner, use_bias=False, precision=self.precision, name="to_q")(latents)
+        k, v = jnp.split(Dense(2 * inner, use_bias=False, precision=self.precision, name="to_kv")(x), 2, axis=-1)
+        if self.ln_k_q:  # Normalise before splitting the heads, as the reference does.
+            k = LayerNorm(name="ln_k")(k)
+            q = LayerNorm(name="ln_q")(q)
+
+        def heads(t: jax.Array) -> jax.Array:  # (B, L, H*D) -> (B, H, L, D)
+            return t.reshape(*t.shape[:-1], self.num_heads, self.head_dim).swapaxes(-2, -3)
+
+        out = dot_product_attention(heads(q), heads(k), heads(v), precision=self.precision)
+        out = out.swapaxes(-2, -3).reshape(*latents.shape[:-1], inner)
+        return Dense(self.latent_dim, use_bias=False, precision=self.precision, name="to_out")(out)
+
+
+class PerceiverResampler(nn.Module):
+    """Flamingo's Perceiver resampler with post-norm residuals (as in Aurora)."""
+
+    latent_dim: int
+    depth: int = 1
+    head_dim: int = 64
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    ln_eps: float = 1e-5
+    ln_k_q: bool = False
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, latents: jax.Array, x: jax.Array) -> jax.Array:
+        hidden = int(self.latent_dim * self.mlp_ratio)
+        for i in range(self.depth):
+            attn = PerceiverAttention(
+                self.latent_dim,
+                head_dim=self.head_dim,
+                num_heads=self.num_heads,
+                ln_k_q=self.ln_k_q and i == 0,
+                precision=self.precision,
+                name=f"layers_{i}_0",
+            )
+            ff = MLP(self.latent_dim, hidden, precision=self.precision, name=f"layers_{i}_1")
+            ln1 = LayerNorm(epsilon=self.ln_eps, name=f"layers_{i}_2")
+            ln2 = LayerNorm(epsilon=self.ln_eps, name=f"layers_{i}_3")
+            latents = ln1(attn(latents, x)) + latents
+            latents = ln2(ff(latents)) + latents
+        return latents

@@ -1,0 +1,405 @@
+"""The Swin3D U-Net backbone with AdaLN lead-time conditioning and LoRA.
+
+Follows microsoft-aurora's `swin3d.py` operation for operation (window partitioning, cyclic shift
+with left-right "warped" connectivity, two-sided padding, patch merging/splitting, additive and
+concatenated skips). Window masks depend only on shapes, so they are built once on the host with
+numpy and enter the computation as constants.
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import lru_cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from aurora.model.film import AdaptiveLayerNorm
+from aurora.model.fourier import lead_time_expansion
+from aurora.model.layers import Dense, LayerNorm, Precision, dot_product_attention, gelu
+from aurora.model.lora import LoRAMode, LoRARollout
+
+__all__ = ["Swin3DTransformerBackbone", "compute_shifted_window_mask"]
+
+Res = tuple[int, int, int]
+
+
+# --- shape helpers (host side) ---------------------------------------------------------------
+
+
+def _two_sided(padding: int) -> tuple[int, int]:
+    """Split a padding amount as the reference does: the smaller half first."""
+    return padding // 2, padding - padding // 2
+
+
+def pad_3d(x: jax.Array | np.ndarray, pad: Res, value: float = 0.0):
+    """Pad `(B, C, H, W, D)` on C, H and W (two-sided), like the reference's `pad_3d`."""
+    widths = ((0, 0), _two_sided(pad[0]), _two_sided(pad[1]), _two_sided(pad[2]), (0, 0))
+    xp = np if isinstance(x, np.ndarray) else jnp
+    return xp.pad(x, widths, constant_values=value)
+
+
+def crop_3d(x: jax.Array, pad: Res) -> jax.Array:
+    """Undo :func:`pad_3d`."""
+    _, C, H, W, _ = x.shape
+    (cf, cb), (ht, hb), (wl, wr) = (_two_sided(p) for p in pad)
+    return x[:, cf : C - cb, ht : H - hb, wl : W - wr, :]
+
+
+def window_partition(x, ws: Res):
+    """`(B, C, H, W, D)` -> `(B * nW, Wc * Wh * Ww, D)`, windows ordered batch-major."""
+    B, C, H, W, D = x.shape
+    x = x.reshape(B, C // ws[0], ws[0], H // ws[1], ws[1], W // ws[2], ws[2], D)
+    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
+    return x.reshape(-1, ws[0] * ws[1] * ws[2], D)
+
+
+def window_reverse(windows: jax.Array, ws: Res, C: int, H: int, W: int) -> jax.Array:
+    """Inverse of :func:`window_partition`."""
+    D = windows.shape[-1]
+    C1, H1, W1 = C // ws[0], H // ws[1], W // ws[2]
+    x = windows.reshape(-1, C1, H1, W1, ws[0], ws[1], ws[2], D)
+    x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(-1, C, H, W, D)
+
+
+def adjust_windows(window: Res, shift: Res, res: Res) -> tuple[Res, Res]:
+    """Shrink windows (and drop shifts) along axes where the input is not larger than the window."""
+    ws = tuple(r if r <= w else w for w, r in zip(window, res))
+    ss = tuple(0 if r <= w else s for w, s, r in zip(window, shift, res))
+    return ws, ss  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=64)
+def compute_shifted_window_mask(C: int, H: int, W: int, ws: Res, ss: Res, warped: bool = True) -> np.ndarray:
+    """Additive attention mask `(nW, N, N)`: 0 within a communication group, -100 across groups.
+
+    Regions created by the cyclic shift form groups; with `warped`, the regions that wrap around in
+    longitude are merged so the left and right edges of the globe attend to each other. Padding is a
+    group of its own.
+    """
+    img = np.zeros((1, C, H, W, 1), dtype=np.float32)
+    slices = [(slice(0, -w), slice(-w, -s), slice(-s, None)) for w, s in zip(ws, ss)]
+    for group, (c, h, w) in enumerate(itertools.product(*slices)):
+        img[:, c, h, w, :] = group
+    n_groups = 27
+    if warped:
+        # Within each of the 3 level slices, the 9 (h, w) regions are numbered row-major; the last
+        # two longitude regions of each row wrap around and join.
+        for c_slice in range(3):
+            for first, second in ((1, 2), (4, 5), (7, 8)):
+                img[img == first + 9 * c_slice] = second + 9 * c_slice
+    pad = tuple((-n) % w for n, w in zip((C, H, W), ws))
+    img = pad_3d(img, pad, value=n_groups)  # type: ignore[arg-type]
+    windows = window_partition(img, ws)[..., 0]  # (nW, N)
+    diff = windows[:, None, :] - windows[:, :, None]
+    return np.where(diff != 0, np.float32(-100.0), np.float32(0.0))
+
+
+# --- modules -----------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """`fc1 -> GELU -> fc2`."""
+
+    hidden_features: int
+    out_features: int
+    precision: Precision = None
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = Dense(self.hidden_features, precision=self.precision, dtype=self.dtype, name="fc1")(x)
+        return Dense(self.out_features, precision=self.precision, dtype=self.dtype, name="fc2")(gelu(x))
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention within windows, with LoRA on `qkv` and `proj`."""
+
+    dim: int
+    num_heads: int
+    use_lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 8
+    lora_steps: int = 40
+    lora_mode: LoRAMode = "single"
+    precision: Precision = None
+    dtype: jnp.dtype | None = None
+
+    def _lora(self, out_features: int, name: str) -> LoRARollout:
+        return LoRARollout(
+            self.dim,
+            out_features,
+            r=self.lora_r,
+            alpha=self.lora_alpha,
+            max_steps=self.lora_steps,
+            mode=self.lora_mode,
+            precision=self.precision,
+            dtype=self.dtype,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: np.ndarray | None, rollout_step: jax.Array | int) -> jax.Array:
+        """`x`: `(B * nW, N, D)`; `mask`: `(nW, N, N)` or `None`."""
+        dense = lambda n, name: Dense(n, precision=self.precision, dtype=self.dtype, name=name)  # noqa: E731
+        qkv = dense(3 * self.dim, "qkv")(x)
+        if self.use_lora:
+            qkv = qkv + self._lora(3 * self.dim, "lora_qkv")(x, rollout_step)
+        Bw, N, _ = x.shape
+        head_dim = self.dim // self.num_heads
+        qkv = qkv.reshape(Bw, N, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (B * nW, H, N, d)
+
+        if mask is None:
+            out = dot_product_attention(q, k, v, precision=self.precision)
+        else:
+            nW = mask.shape[0]
+            split = lambda t: t.reshape(Bw // nW, nW, *t.shape[1:])  # noqa: E731
+            out = dot_product_attention(split(q), split(k), split(v), bias=mask[:, None], precision=self.precision)
+            out = out.reshape(Bw, *out.shape[2:])
+
+        out = out.transpose(0, 2, 1, 3).reshape(Bw, N, self.dim)
+        y = dense(self.dim, "proj")(out)
+        if self.use_lora:
+            y = y + self._lora(self.dim, "lora_proj")(out, rollout_step)
+        return y
+
+
+class Swin3DTransformerBlock(nn.Module):
+    """(Shifted-)window attention and MLP, each followed by AdaLN and a residual (post-norm)."""
+
+    dim: int
+    num_heads: int
+    window_size: Res
+    shift_size: Res = (0, 0, 0)
+    mlp_ratio: float = 4.0
+    use_lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 8
+    lora_steps: int = 40
+    lora_mode: LoRAMode = "single"
+    precision: Precision = None
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array, res: Res, rollout_step: jax.Array | int) -> jax.Array:
+        C, H, W = res
+        B, L, D = x.shape
+        if L != C * H * W:
+            raise ValueError(f"Wrong feature size: {L} vs {C}x{H}x{W}.")
+        ws, ss = adjust_windows(self.window_size, self.shift_size, res)
+        shifted = any(ss)
+
+        shortcut = x
+        x = x.reshape(B, C, H, W, D)
+        mask = None
+        if shifted:
+            x = jnp.roll(x, shift=(-ss[0], -ss[1], -ss[2]), axis=(1, 2, 3))
+            mask = compute_shifted_window_mask(C, H, W, ws, ss)
+        pad = ((-C) % ws[0], (-H) % ws[1], (-W) % ws[2])
+        x = pad_3d(x, pad)
+        _, Cp, Hp, Wp, _ = x.shape
+
+        windows = window_partition(x, ws)
+        windows = WindowAttention(
+            self.dim,
+            self.num_heads,
+            use_lora=self.use_lora,
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_steps=self.lora_steps,
+            lora_mode=self.lora_mode,
+            precision=self.precision,
+            dtype=self.dtype,
+            name="attn",
+        )(windows, mask, rollout_step)
+        x = crop_3d(window_reverse(windows, ws, Cp, Hp, Wp), pad)
+        if shifted:
+            x = jnp.roll(x, shift=ss, axis=(1, 2, 3))
+        x = x.reshape(B, L, D)
+
+        norm = lambda name: AdaptiveLayerNorm(self.dim, precision=self.precision, dtype=self.dtype, name=name)  # noqa: E731
+        x = shortcut + norm("norm1")(x, c)
+        mlp = MLP(int(self.dim * self.mlp_ratio), self.dim, precision=self.precision, dtype=self.dtype, name="mlp")
+        return x + norm("norm2")(mlp(x), c)
+
+
+class PatchMerging3D(nn.Module):
+    """Halve H and W (padding odd sizes at the bottom/right), doubling the channels."""
+
+    dim: int
+    precision: Precision = None
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, res: Res) -> jax.Array:
+        C, H, W = res
+        B, _, D = x.shape
+        x = pad_3d(x.reshape(B, C, H, W, D), (0, H % 2, W % 2))
+        H2, W2 = x.shape[2] // 2, x.shape[3] // 2
+        x = x.reshape(B, C, H2, 2, W2, 2, D).transpose(0, 1, 2, 4, 3, 5, 6)
+        x = x.reshape(B, C * H2 * W2, 4 * D)
+        x = LayerNorm(dtype=self.dtype, name="norm")(x)
+        return Dense(2 * self.dim, use_bias=False, precision=self.precision, dtype=self.dtype, name="reduction")(x)
+
+
+class PatchSplitting3D(nn.Module):
+    """Double H and W (cropping what merging padded), halving the channels."""
+
+    dim: int
+    precision: Precision = None
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, res: Res, crop: Res) -> jax.Array:
+        C, H, W = res
+        B = x.shape[0]
+        out = self.dim // 2
+        x = Dense(4 * out, use_bias=False, precision=self.precision, dtype=self.dtype, name="lin1")(x)
+        x = x.reshape(B, C, H, W, 2, 2, out).transpose(0, 1, 2, 4, 3, 5, 6)
+        x = crop_3d(x.reshape(B, C, 2 * H, 2 * W, out), crop)
+        x = LayerNorm(dtype=self.dtype, name="norm")(x.reshape(B, -1, out))
+        return Dense(out, use_bias=False, precision=self.precision, dtype=self.dtype, name="lin2")(x)
+
+
+class BasicLayer3D(nn.Module):
+    """A stage of `depth` blocks (alternating unshifted/shifted windows), then resampling."""
+
+    dim: int
+    depth: int
+    num_heads: int
+    window_size: Res
+    mlp_ratio: float = 4.0
+    resample: str | None = None  # "down", "up" or None
+    use_lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 8
+    lora_steps: int = 40
+    lora_mode: LoRAMode = "single"
+    remat: bool = False
+    precision: Precision = None
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, c: jax.Array, res: Res, crop: Res, rollout_step: jax.Array | int
+    ) -> tuple[jax.Array, jax.Array]:
+        block_cls = nn.remat(Swin3DTransformerBlock, static_argnums=(3,)) if self.remat else Swin3DTransformerBlock
+        half = tuple(w // 2 for w in self.window_size)
+        for i in range(self.depth):
+            x = block_cls(
+                self.dim,
+                self.num_heads,
+                self.window_size,
+                shift_size=(0, 0, 0) if i % 2 == 0 else half,
+                mlp_ratio=self.mlp_ratio,
+                use_lora=self.use_lora,
+                lora_r=self.lora_r,
+                lora_alpha=self.lora_alpha,
+                lora_steps=self.lora_steps,
+                lora_mode=self.lora_mode,
+                precision=self.precision,
+                dtype=self.dtype,
+                name=f"blocks_{i}",
+            )(x, c, res, rollout_step)
+        if self.resample == "down":
+            return PatchMerging3D(self.dim, self.precision, self.dtype, name="downsample")(x, res), x
+        if self.resample == "up":
+            return PatchSplitting3D(self.dim, self.precision, self.dtype, name="upsample")(x, res, crop), x
+        return x, x
+
+
+class Swin3DTransformerBackbone(nn.Module):
+    """U-Net of Swin3D stages over `(latent level, lat patch, lon patch)` tokens."""
+
+    embed_dim: int = 96
+    encoder_depths: tuple[int, ...] = (2, 2, 6, 2)
+    encoder_num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    decoder_depths: tuple[int, ...] = (2, 6, 2, 2)
+    decoder_num_heads: tuple[int, ...] = (24, 12, 6, 3)
+    window_size: Res = (2, 7, 7)
+    mlp_ratio: float = 4.0
+    use_lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 8
+    lora_steps: int = 40
+    lora_mode: LoRAMode = "single"
+    remat: bool = False
+    precision: Precision = None
+    dtype: jnp.dtype | None = None
+
+    def encoder_specs(self, patch_res: Res) -> tuple[list[Res], list[Res]]:
+        """Resolution entering each encoder stage and the padding its merge adds."""
+        all_res, padded = [patch_res], []
+        for _ in range(1, len(self.encoder_depths)):
+            C, H, W = all_res[-1]
+            padded.append((0, H % 2, W % 2))
+            all_res.append((C, (H + H % 2) // 2, (W + W % 2) // 2))
+        padded.append((0, 0, 0))
+        return all_res, padded
+
+    def _stage(self, dim: int, depth: int, heads: int, resample: str | None, name: str) -> BasicLayer3D:
+        return BasicLayer3D(
+            dim,
+            depth,
+            heads,
+            self.window_size,
+            mlp_ratio=self.mlp_ratio,
+            resample=resample,
+            use_lora=self.use_lora,
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_steps=self.lora_steps,
+            lora_mode=self.lora_mode,
+            remat=self.remat,
+            precision=self.precision,
+            dtype=self.dtype,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(self, x: jax.Array, lead_time_hours: float, rollout_step: jax.Array | int, patch_res: Res) -> jax.Array:
+        if x.shape[1] != patch_res[0] * patch_res[1] * patch_res[2]:
+            raise ValueError("Input shape does not match the patch resolution.")
+        if patch_res[0] % self.window_size[0]:
+            raise ValueError(f"Latent levels ({patch_res[0]}) must be divisible by window size {self.window_size[0]}.")
+        if sum(self.encoder_depths) != sum(self.decoder_depths):
+            raise ValueError("Encoder and decoder depths must have the same sum.")
+        n_enc, n_dec = len(self.encoder_depths), len(self.decoder_depths)
+        all_res, padded = self.encoder_specs(patch_res)
+
+        lead = jnp.asarray(lead_time_expansion(np.array([lead_time_hours]), self.embed_dim), dtype=x.dtype)
+        dense = lambda name: Dense(self.embed_dim, precision=self.precision, dtype=self.dtype, name=name)  # noqa: E731
+        c = dense("time_mlp_2")(nn.silu(dense("time_mlp_0")(lead)))  # (1, D): the same for every sample
+        c = jnp.broadcast_to(c, (x.shape[0], self.embed_dim))
+
+        skips = []
+        for i in range(n_enc):
+            stage = self._stage(
+                self.embed_dim * 2**i,
+                self.encoder_depths[i],
+                self.encoder_num_heads[i],
+                "down" if i < n_enc - 1 else None,
+                f"encoder_layers_{i}",
+            )
+            x, unscaled = stage(x, c, all_res[i], (0, 0, 0), rollout_step)
+            skips.append(unscaled)
+
+        for i in range(n_dec):
+            index = n_dec - i - 1
+            stage = self._stage(
+                self.embed_dim * 2**index,
+                self.decoder_depths[i],
+                self.decoder_num_heads[i],
+                "up" if i < n_dec - 1 else None,
+                f"decoder_layers_{i}",
+            )
+            x, _ = stage(x, c, all_res[index], padded[index - 1], rollout_step)
+            if 0 < i < n_dec - 1:
+                x = x + skips[index - 1]
+            elif i == n_dec - 1:
+                x = jnp.concatenate([x, skips[0]], axis=-1)
+        return x
