@@ -39,6 +39,7 @@ Canonical form (what `open_dataset` returns)
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import warnings
@@ -127,10 +128,18 @@ def open_dataset(
     if not path_list:
         raise DataError("open_dataset: no paths given")
     wanted = None if variables is None else list(variables)
-    lazy = [(path, _open_canonical(path, member, init_time)) for path in path_list]
-    if wanted is not None:
-        _check_requested(wanted, lazy)
-    parts = [(p, _select_and_load(d, p, wanted, levels, fill_nan, time)) for p, d in lazy]
+    opened: list[xr.Dataset] = []
+    try:
+        lazy = []
+        for path in path_list:
+            opened.append(_open_raw(path))
+            lazy.append((path, _canonical_lazy(opened[-1], path, member, init_time)))
+        if wanted is not None:
+            _check_requested(wanted, lazy)
+        parts = [(p, _select_and_load(d, p, wanted, levels, fill_nan, time)) for p, d in lazy]
+    finally:
+        for raw in opened:  # everything needed is in memory now
+            raw.close()
     ds = _combine([(p, d) for p, d in parts if d.data_vars], path_list)
     return ds if wanted is None else ds[wanted]
 
@@ -141,7 +150,9 @@ def _check_requested(wanted: list[str], lazy: list[tuple[Path, xr.Dataset]]) -> 
     missing = [v for v in wanted if v not in found]
     if missing:
         names = ", ".join(str(p) for p, _ in lazy)
-        hint = " (static surface geopotential is stored as z_sfc)" if "z" in missing and "z_sfc" in found else ""
+        hint = ""
+        if "z" in missing and "z_sfc" in found:
+            hint = " (static surface geopotential is stored as z_sfc)"
         raise DataError(f"{names}: missing variable(s) {missing}; found {sorted(found)}{hint}")
 
 
@@ -171,9 +182,9 @@ def nan_counts(ds: xr.Dataset) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------
 
 
-def _open_canonical(path: Path, member: int, init_time: Any) -> xr.Dataset:
+def _canonical_lazy(raw: xr.Dataset, path: Path, member: int, init_time: Any) -> xr.Dataset:
     """Canonical names, axes and grid order, still lazy: nothing but metadata is read yet."""
-    ds = _normalise_dims(_open_raw(path), path, member, init_time)
+    ds = _normalise_dims(raw, path, member, init_time)
     ds = _rename_variables(ds, path)
     ds = _fix_grid(ds, path)
     return _make_static(ds, path)
@@ -242,12 +253,29 @@ def _open_raw(path: Path) -> xr.Dataset:
     kind = _file_kind(path)
     try:
         if kind == "zarr":
-            return xr.open_dataset(path, engine="zarr", chunks=None, decode_timedelta=True)
+            return xr.open_dataset(
+                path, engine="zarr", chunks=None, decode_timedelta=True,
+                consolidated=_zarr_consolidated(path),
+            )
         return xr.open_dataset(path, engine="netcdf4", decode_timedelta=True)
     except DataError:
         raise
     except Exception as e:  # the backends raise many types for damaged files
-        raise DataError(f"{path}: cannot open ({type(e).__name__}: {e}); truncated or corrupt?") from e
+        why = f"{type(e).__name__}: {e}"
+        raise DataError(f"{path}: cannot open ({why}); truncated or corrupt?") from e
+
+
+def _zarr_consolidated(path: Path) -> bool:
+    """Whether the store has consolidated metadata; asking wrongly costs a warning or an error."""
+    if (path / ".zmetadata").exists():
+        return True
+    meta = path / "zarr.json"
+    if meta.exists():
+        try:
+            return json.loads(meta.read_text()).get("consolidated_metadata") is not None
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: unreadable zarr.json ({e})") from e
+    return False
 
 
 def _rename_alias(ds: xr.Dataset, aliases: Sequence[str], canonical: str) -> xr.Dataset:
@@ -373,10 +401,11 @@ def _normalise_level(ds: xr.Dataset, path: Path) -> xr.Dataset:
         pass
     else:
         raise DataError(
-            f"{path}: level units {units or '(none)'!r} with values {values.min():g}..{values.max():g}; "
-            "expected hPa, or Pa stated in the units attribute"
+            f"{path}: level units {units or '(none)'!r} with values "
+            f"{values.min():g}..{values.max():g}; expected hPa, or Pa stated in the units attribute"
         )
-    return ds.assign_coords(level=("level", values, {"units": "hPa", "long_name": "pressure level"}))
+    attrs = {"units": "hPa", "long_name": "pressure level"}
+    return ds.assign_coords(level=("level", values, attrs))
 
 
 def _squeeze_extra(ds: xr.Dataset, path: Path) -> xr.Dataset:
@@ -426,7 +455,7 @@ def _canonical_variable(name: str, da: xr.DataArray, path: Path) -> tuple[str, x
 
 
 def _fix_grid(ds: xr.Dataset, path: Path) -> xr.Dataset:
-    """Latitude strictly decreasing, longitude ascending in [0, 360); refuse what cannot be fixed."""
+    """Latitude strictly decreasing, longitude ascending in [0, 360); refuse the unfixable."""
     lat = ds["latitude"].values.astype(np.float64)
     if np.any(np.abs(lat) > 90 + 1e-6):
         raise DataError(f"{path}: latitude outside [-90, 90] ({lat.min():g}..{lat.max():g})")
@@ -446,9 +475,10 @@ def _fix_grid(ds: xr.Dataset, path: Path) -> xr.Dataset:
     ds = ds.isel(longitude=order)
     lat_attrs = {"units": "degrees_north", "standard_name": "latitude"}
     lon_attrs = {"units": "degrees_east", "standard_name": "longitude"}
+    lat = ds["latitude"].values.astype(np.float64)
+    lon = np.mod(ds["longitude"].values.astype(np.float64), 360.0)
     return ds.assign_coords(
-        latitude=("latitude", ds["latitude"].values.astype(np.float64), lat_attrs),
-        longitude=("longitude", np.mod(ds["longitude"].values.astype(np.float64), 360.0), lon_attrs),
+        latitude=("latitude", lat, lat_attrs), longitude=("longitude", lon, lon_attrs)
     )
 
 
@@ -515,7 +545,9 @@ def _select(
             hit = np.flatnonzero(np.isclose(have, float(lev)))
             if hit.size == 0:
                 var = next(str(v) for v in ds.data_vars if "level" in ds[v].dims)
-                raise DataError(f"{path}: variable {var} has no level {lev:g} hPa (has {_floats(have)})")
+                raise DataError(
+                    f"{path}: variable {var} has no level {lev:g} hPa (has {_floats(have)})"
+                )
             idx.append(int(hit[0]))
         ds = ds.isel(level=sorted(idx, key=lambda i: have[i]))
     if time is not None and "time" in ds.dims:
@@ -534,7 +566,8 @@ def _load(ds: xr.Dataset, path: Path) -> xr.Dataset:
     try:
         return ds.load()
     except Exception as e:
-        raise DataError(f"{path}: cannot read data ({type(e).__name__}: {e}); truncated or corrupt?") from e
+        why = f"{type(e).__name__}: {e}"
+        raise DataError(f"{path}: cannot read data ({why}); truncated or corrupt?") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -616,7 +649,8 @@ def _check_magnitude(key: str, da: xr.DataArray, path: Path) -> None:
     if key in ("2t", "t") and not 150 <= med <= 350:
         problem = f"median {med:g} is not a temperature in K"
     elif key == "msl" and not 80000 <= med <= 110000:
-        problem = f"median {med:g} is not a pressure in Pa" + (" (hPa?)" if 800 <= med <= 1100 else "")
+        hpa = " (hPa?)" if 800 <= med <= 1100 else ""
+        problem = f"median {med:g} is not a pressure in Pa{hpa}"
     elif key == "q" and hi > 0.1:
         problem = f"maximum {hi:g} is not a specific humidity in kg kg**-1 (g/kg?)"
     elif key == "lsm" and (lo < -1e-3 or hi > 1 + 1e-3):
@@ -624,7 +658,7 @@ def _check_magnitude(key: str, da: xr.DataArray, path: Path) -> None:
     elif key == "z":
         problem = _z_levels_problem(da)
     elif key == "z_sfc" and _is_global(da) and hi < 20000:
-        problem = f"maximum {hi:g} is too small for surface geopotential (geopotential height in m?)"
+        problem = f"maximum {hi:g} is too small for surface geopotential (height in m?)"
     if problem:
         raise DataError(f"{path}: variable {src} ({key}): {problem}")
 
@@ -652,7 +686,9 @@ def _is_global(da: xr.DataArray) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _handle_nans(ds: xr.Dataset, path: Path, fill_nan: Fill | Mapping[str, Fill] | None) -> xr.Dataset:
+def _handle_nans(
+    ds: xr.Dataset, path: Path, fill_nan: Fill | Mapping[str, Fill] | None
+) -> xr.Dataset:
     """Count NaNs per variable; refuse them unless `fill_nan` says how to fill."""
     out = {}
     for key, da in ds.data_vars.items():
@@ -693,7 +729,7 @@ def _fill(values: np.ndarray, how: Fill, path: Path, key: str) -> np.ndarray:
         fields = values.reshape(-1, *values.shape[-2:])
         for f in fields:
             if np.all(np.isnan(f)):
-                raise DataError(f"{path}: variable {key}: a field is all NaN; cannot fill with mean")
+                raise DataError(f"{path}: variable {key}: a field is all NaN; no mean to fill")
             f[np.isnan(f)] = np.nanmean(f)
         values = fields.reshape(values.shape)
     elif isinstance(how, (int, float)) and not isinstance(how, bool):
@@ -767,7 +803,9 @@ def _concat_var(key: str, items: list[tuple[Path, xr.DataArray]]) -> xr.DataArra
     for path, da in items:
         for t in da["time"].values:
             if t in seen:
-                raise DataError(f"duplicate time {str(t)[:19]} for variable {key} in {seen[t]} and {path}")
+                raise DataError(
+                    f"duplicate time {str(t)[:19]} for variable {key} in {seen[t]} and {path}"
+                )
             seen[t] = path
     arrays = _drop_uneven_aux([da for _, da in items])
     out = xr.concat(arrays, dim="time", combine_attrs="override").sortby("time")
@@ -782,7 +820,9 @@ def _drop_uneven_aux(arrays: list[xr.DataArray]) -> list[xr.DataArray]:
     return [x.drop_vars([a for a in drop if a in x.coords]) for x in arrays]
 
 
-def _check_common(arrays: dict[str, xr.DataArray], by_var: dict[str, list[tuple[Path, Any]]]) -> None:
+def _check_common(
+    arrays: dict[str, xr.DataArray], by_var: dict[str, list[tuple[Path, Any]]]
+) -> None:
     """All time-dependent variables share the times, all atmospheric ones the levels.
 
     Merging unequal axes would pad with NaN, which the model would then read as data.

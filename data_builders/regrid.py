@@ -188,7 +188,9 @@ def _regular_step(x: np.ndarray, what: str) -> float:
     d = np.abs(np.diff(x))
     step = float(np.median(d))
     if np.any(np.abs(d - step) > 1e-4 * step):
-        raise DataError(f"conservative regrid needs a regular {what} grid (steps {d.min():g}..{d.max():g})")
+        raise DataError(
+            f"conservative regrid needs a regular {what} grid (steps {d.min():g}..{d.max():g})"
+        )
     return step
 
 
@@ -207,7 +209,7 @@ def _normalised(overlap: np.ndarray, size: np.ndarray, cols: np.ndarray, n_src: 
     bad = covered < size * (1 - 1e-6)
     if np.any(bad):
         raise DataError(
-            f"conservative regrid: {int(bad.sum())} target {what} cells are not inside the source grid"
+            f"conservative regrid: {int(bad.sum())} target {what} cells lie outside the source grid"
         )
     w = overlap / covered[:, None]
     rows, j = np.nonzero(w)
