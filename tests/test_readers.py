@@ -462,7 +462,8 @@ def test_repeated_meridian_is_kept_once_or_refused(tmp_path: Path) -> None:
 
 def test_static_rules(tmp_path: Path) -> None:
     src = raw(WB1)
-    lsm = src[["lsm"]].expand_dims(time=np.array(["2018-01-01", "2018-01-02"], "datetime64[ns]"))
+    times = np.array(["2018-01-01", "2018-01-02"], "datetime64[ns]")
+    lsm = src[["lsm"]].expand_dims(time=times).copy(deep=True)
     same = _write(lsm, tmp_path / "lsm_two_times.nc")
     assert open_dataset(same)["lsm"].dims == ("latitude", "longitude")
     lsm["lsm"][1] = lsm["lsm"][1] * 0.5
