@@ -86,10 +86,8 @@ def _wavenumbers(lower: float, upper: float, n: int) -> np.ndarray:
         half = n // 2
         # Like `torch.logspace` on the CPU: forwards from `start` for the first half, backwards
         # from `end` for the second half, and the C library's `pow` (which `math.pow` calls).
-        wavelengths = [
-            math.pow(10.0, start + step * i) if i < half else math.pow(10.0, end - step * (n - i - 1))
-            for i in range(n)
-        ]
+        exponents = [start + step * i if i < half else end - step * (n - i - 1) for i in range(n)]
+        wavelengths = [math.pow(10.0, e) for e in exponents]
     wavenumbers = (1.0 / np.array(wavelengths, dtype=np.float64)) * (2 * np.pi)
     wavenumbers.setflags(write=False)
     return wavenumbers

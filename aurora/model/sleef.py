@@ -316,9 +316,10 @@ def sin_f32(x: np.ndarray, backend: str | None = None) -> np.ndarray:
         if backend == "sleef" and not _warned_fallback and "AURORA_SIN_BACKEND" not in os.environ:
             _warned_fallback = True
             warnings.warn(
-                "Intel MKL was not found, so float32 sines follow SLEEF (PyTorch built without "
-                "MKL). MKL-built PyTorch (the x86-64 wheels) differs by 1 ULP on ~2 % of inputs, "
-                "which changes Aurora's scale encoding. Install the `mkl` package to match it.",
+                "Intel MKL was not found, so float32 sin and sqrt follow PyTorch built without "
+                "MKL (SLEEF, hardware sqrt). MKL-built PyTorch (the x86-64 wheels) differs by 1 "
+                "ULP on ~2 % of sines and ~25 % of square roots, which changes Aurora's scale "
+                "encoding. Install the `mkl` package from PyPI to match it.",
                 stacklevel=2,
             )
     if backend == "mkl":
@@ -351,14 +352,14 @@ def sqrt_f32(x: np.ndarray, backend: str | None = None) -> np.ndarray:
 
 
 def sin_f64(x: np.ndarray) -> np.ndarray:
-    """``float64`` sine like PyTorch's CPU ``torch.sin``: MKL with the MKL backend, else ``np.sin``."""
+    """``float64`` sine like PyTorch's ``torch.sin``: MKL with the MKL backend, else numpy."""
     if sin_backend() == "mkl":
         return mkl_vml("sin", x, np.float64)
     return np.sin(np.asarray(x, dtype=np.float64))
 
 
 def cos_f64(x: np.ndarray) -> np.ndarray:
-    """``float64`` cosine like PyTorch's ``torch.cos``: MKL with the MKL backend, else ``np.cos``."""
+    """``float64`` cosine like PyTorch's ``torch.cos``: MKL with the MKL backend, else numpy."""
     if sin_backend() == "mkl":
         return mkl_vml("cos", x, np.float64)
     return np.cos(np.asarray(x, dtype=np.float64))
