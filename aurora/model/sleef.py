@@ -31,7 +31,6 @@ independent numpy transcription of that algorithm.
 """
 
 import ctypes
-import ctypes.util
 import functools
 import glob
 import os
@@ -215,15 +214,20 @@ _VML_FUNCTIONS = {
 
 
 def _mkl_candidates() -> list[str]:
+    """`AURORA_MKL_RT` if set, else MKL runtimes in this environment's `lib` folder (where the
+    `mkl` package from PyPI or conda puts them)."""
     explicit = os.environ.get("AURORA_MKL_RT")
     if explicit:
         return [explicit]
     found = []
     for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
-        found += sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")), reverse=True)
-    name = ctypes.util.find_library("mkl_rt")
-    if name:
-        found.append(name)
+        lib = os.path.join(prefix, "lib")
+        # libmkl_rt loads the other MKL libraries on first use and ends the process when they
+        # are missing, so only take it when they are next to it.
+        if glob.glob(os.path.join(lib, "libmkl_core.so*")) and glob.glob(
+            os.path.join(lib, "libmkl_sequential.so*")
+        ):
+            found += sorted(glob.glob(os.path.join(lib, "libmkl_rt.so*")), reverse=True)
     return found
 
 
