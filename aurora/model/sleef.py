@@ -1,4 +1,4 @@
-"""Host-side ``sin`` that gives exactly the bits PyTorch's CPU ``torch.sin`` gives.
+"""Host-side ``sin`` (and ``sqrt``) giving exactly the bits of PyTorch's CPU ``torch.sin``.
 
 Aurora's scale encoding multiplies the patch root areas, which are computed from ``float32``
 sines of latitudes, by wavenumbers up to ~6e4 rad/km, so a 1-ULP difference in one sine visibly
@@ -17,6 +17,9 @@ Which library PyTorch uses depends on how it was built:
   with AVX2). :func:`sleef_sin_f32` re-implements that algorithm operation by operation in numpy;
   it is bit-identical to the SLEEF functions shipped inside torch 2.14.1 on 14 million inputs.
   SLEEF and MKL disagree by 1 ULP on about 2 % of inputs in ``[-pi/2, pi/2]``.
+* ``torch.sqrt`` goes the same way: MKL's ``vmsSqrt`` (not correctly rounded; it differs from
+  ``np.sqrt`` on about a quarter of inputs) or else the hardware instruction (= ``np.sqrt``).
+  See :func:`sqrt_f32`.
 
 :func:`sin_f32` picks the backend: ``"mkl"`` when an MKL runtime can be loaded, else ``"sleef"``
 (with a one-time warning, as the result then differs from an MKL-built PyTorch). The environment
