@@ -98,14 +98,13 @@ class Aurora(nn.Module):
     def __call__(self, batch: Batch) -> Batch:
         self._check_supported()
         stats = dict(self.surf_stats) if self.surf_stats else None
-        batch = batch.astype(jnp.float32).crop(self.patch_size)
-        normed = batch.normalise(surf_stats=stats)
-
-        surf_names = _ordered(self.surf_vars, normed.surf_vars, "surface")
-        static_names = _ordered(self.static_vars, normed.static_vars, "static")
-        atmos_names = _ordered(self.atmos_vars, normed.atmos_vars, "atmospheric")
+        surf_names = _ordered(self.surf_vars, batch.surf_vars, "surface")
+        static_names = _ordered(self.static_vars, batch.static_vars, "static")
+        atmos_names = _ordered(self.atmos_vars, batch.atmos_vars, "atmospheric")
         if not atmos_names:
             raise ValueError("The batch has no atmospheric variables.")
+        batch = batch.astype(jnp.float32).crop(self.patch_size)
+        normed = batch.normalise(surf_stats=stats)
         meta = batch.metadata
         B, T = normed.atmos_vars[atmos_names[0]].shape[:2]
         H, W = batch.spatial_shape
