@@ -26,7 +26,7 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 demo: install
-	$(PY) -m aurora.demo
+	$(PY) demo.py
 
 clean:
 	rm -rf $(VENV) .venv-ref .cache

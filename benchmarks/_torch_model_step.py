@@ -1,0 +1,59 @@
+"""microsoft-aurora side of benchmarks/model_step.py; runs inside .venv-ref and prints JSON."""
+
+import json
+import statistics
+import sys
+import time
+from datetime import datetime
+
+import torch
+
+from aurora import AuroraSmallPretrained, Batch, Metadata
+
+
+def main(h: int, w: int, levels: tuple[int, ...], repeats: int) -> None:
+    torch.set_num_threads(torch.get_num_threads())
+    model = AuroraSmallPretrained()
+    gen = torch.Generator().manual_seed(0)
+
+    def batch() -> Batch:
+        return Batch(
+            surf_vars={k: torch.randn(1, 2, h, w, generator=gen) for k in ("2t", "10u", "10v", "msl")},
+            static_vars={k: torch.randn(h, w, generator=gen) for k in ("lsm", "z", "slt")},
+            atmos_vars={k: torch.randn(1, 2, len(levels), h, w, generator=gen) for k in ("z", "u", "v", "t", "q")},
+            metadata=Metadata(
+                lat=torch.linspace(90, -90, h + 1)[:-1],
+                lon=torch.linspace(0, 360, w + 1)[:-1],
+                time=(datetime(2020, 6, 1, 12),),
+                atmos_levels=levels,
+            ),
+        )
+
+    def loss(pred: Batch) -> torch.Tensor:
+        return sum(v.mean() for v in [*pred.surf_vars.values(), *pred.atmos_vars.values()])
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(b)
+
+    def forward_backward() -> None:
+        model.zero_grad(set_to_none=True)
+        loss(model(b)).backward()
+
+    b = batch()
+    results = {}
+    for name, fn in (("forward", forward), ("forward_backward", forward_backward)):
+        model.eval() if name == "forward" else model.train()
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        results[name] = statistics.median(times)
+    results["threads"] = torch.get_num_threads()
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), tuple(int(x) for x in sys.argv[3].split(",")), int(sys.argv[4]))
