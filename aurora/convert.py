@@ -25,6 +25,7 @@ state dicts need no PyTorch at all.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +42,7 @@ __all__ = [
     "convert_pytorch_checkpoint",
     "to_pytorch_state_dict",
     "param_shapes",
+    "main",
 ]
 
 _LORA = re.compile(r"^(.*)\.loras\.(\d+)\.(lora_[AB])$")
@@ -226,18 +228,25 @@ def to_pytorch_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
-def _main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The `python -m aurora.convert` command line."""
     from aurora.model.aurora import PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pytorch-ckpt", required=True, help="microsoft-aurora .ckpt/.pt or .npz state dict")
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS), help="model preset")
     parser.add_argument("--out", required=True, help="output folder for the Orbax checkpoint")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--model-kwargs",
+        default="{}",
+        help='JSON overrides of the preset\'s arguments, e.g. \'{"use_lora": true, "atmos_vars": ["z", "t"]}\'',
+    )
+    args = parser.parse_args(argv)
 
     import orbax.checkpoint as ocp
 
-    model = PRESETS[args.preset]()
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.model_kwargs).items()}
+    model = PRESETS[args.preset](**kwargs)
     params = convert_pytorch_checkpoint(args.pytorch_ckpt, model)
     out = Path(args.out).resolve()
     with ocp.StandardCheckpointer() as checkpointer:
@@ -247,4 +256,4 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    main()

@@ -97,3 +97,27 @@ def test_longer_history_than_model_is_refused() -> None:
     state = {"encoder.surf_token_embeds.weights.2t": np.zeros((4, 1, 3, 4, 4), np.float32)}
     with pytest.raises(ConversionError, match="max_history_size=2"):
         adapt_checkpoint(state, patch_size=4, max_history_size=2)
+
+
+def test_cli_writes_an_orbax_checkpoint(tmp_path, lora_model_and_params) -> None:
+    import json
+
+    import orbax.checkpoint as ocp
+
+    from aurora.convert import main
+
+    model, params = lora_model_and_params
+    source = tmp_path / "state_dict.npz"
+    np.savez(source, **to_pytorch_state_dict(params))
+    kwargs = {
+        "encoder_depths": [1, 2], "encoder_num_heads": [2, 4], "decoder_depths": [2, 1], "decoder_num_heads": [4, 2],
+        "embed_dim": 32, "num_heads": 4, "window_size": [2, 2, 4], "use_lora": True, "lora_mode": "all", "lora_steps": 3,
+    }
+    out = tmp_path / "orbax"
+    main(["--pytorch-ckpt", str(source), "--preset", "Aurora", "--out", str(out), "--model-kwargs", json.dumps(kwargs)])
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(out.resolve())
+    a, b = _flat(params), _flat(restored)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
