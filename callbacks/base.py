@@ -1,0 +1,102 @@
+"""Lightning's callback vocabulary for a JAX trainer.
+
+A callback subclasses :class:`Callback` and overrides the hooks it needs; every hook receives the
+`Trainer` (read `trainer.state`, `trainer.global_step`, `trainer.config`, set
+`trainer.should_stop`) and, for batch hooks, the batch and the step's `outputs`: a dict of scalar
+metrics as device arrays. Fetching them (`float(x)`) synchronises with the device, so a callback
+should do it only when it acts (e.g. every N steps), not on every step.
+
+In-step measurements: a callback that needs quantities only the jitted step can compute cheaply
+(gradient or update norms, ...) lists their names in :attr:`Callback.measurements`; the trainer
+computes the union inside the step and returns them in `outputs`. Known names are in
+:data:`MEASUREMENTS`.
+
+State: `state_dict()` returns JSON-serialisable data saved in every checkpoint and given back
+through `load_state_dict()` on resume (e.g. EarlyStopping's best score and patience counter).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trainers.trainer import Trainer
+
+__all__ = ["Callback", "MEASUREMENTS", "Outputs"]
+
+Outputs = dict[str, Any]
+
+MEASUREMENTS = {
+    "grad_norm": "global L2 norm of the gradient (before clipping)",
+    "update_norm": "global L2 norm of the optimiser update",
+    "param_norm": "global L2 norm of the parameters after the update",
+    "grads_finite": "1.0 if every gradient entry is finite, else 0.0 (the update was skipped)",
+}
+
+
+class Callback:
+    """Base class: every hook is a no-op. Names and order follow PyTorch Lightning."""
+
+    measurements: tuple[str, ...] = ()
+    """In-step measurements this callback needs (keys of :data:`MEASUREMENTS`)."""
+
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's state in checkpoints; unique per class by default."""
+        return type(self).__qualname__
+
+    # --- lifecycle ---
+    def setup(self, trainer: Trainer, stage: str) -> None:
+        """Called at the start of fit / validate / test / predict (`stage`)."""
+
+    def teardown(self, trainer: Trainer, stage: str) -> None:
+        """Called at the end of fit / validate / test / predict, also after an exception."""
+
+    def on_exception(self, trainer: Trainer, exception: BaseException) -> None:
+        """Called when the loop raises (including KeyboardInterrupt)."""
+
+    # --- fit ---
+    def on_fit_start(self, trainer: Trainer) -> None: ...
+    def on_fit_end(self, trainer: Trainer) -> None: ...
+    def on_train_start(self, trainer: Trainer) -> None: ...
+    def on_train_end(self, trainer: Trainer) -> None: ...
+    def on_train_epoch_start(self, trainer: Trainer) -> None: ...
+    def on_train_epoch_end(self, trainer: Trainer) -> None: ...
+    def on_train_batch_start(self, trainer: Trainer, batch: Any, batch_idx: int) -> None: ...
+    def on_train_batch_end(self, trainer: Trainer, outputs: Outputs, batch: Any, batch_idx: int) -> None: ...
+    def on_before_optimizer_step(self, trainer: Trainer) -> None:
+        """Host-side hook before each jitted step (the update itself happens inside jit)."""
+
+    # --- validation / test / predict ---
+    def on_validation_start(self, trainer: Trainer) -> None: ...
+    def on_validation_end(self, trainer: Trainer) -> None: ...
+    def on_validation_epoch_start(self, trainer: Trainer) -> None: ...
+    def on_validation_epoch_end(self, trainer: Trainer) -> None: ...
+    def on_validation_batch_start(self, trainer: Trainer, batch: Any, batch_idx: int) -> None: ...
+    def on_validation_batch_end(self, trainer: Trainer, outputs: Outputs, batch: Any, batch_idx: int) -> None: ...
+    def on_test_start(self, trainer: Trainer) -> None: ...
+    def on_test_end(self, trainer: Trainer) -> None: ...
+    def on_test_epoch_start(self, trainer: Trainer) -> None: ...
+    def on_test_epoch_end(self, trainer: Trainer) -> None: ...
+    def on_test_batch_start(self, trainer: Trainer, batch: Any, batch_idx: int) -> None: ...
+    def on_test_batch_end(self, trainer: Trainer, outputs: Outputs, batch: Any, batch_idx: int) -> None: ...
+    def on_predict_start(self, trainer: Trainer) -> None: ...
+    def on_predict_end(self, trainer: Trainer) -> None: ...
+    def on_predict_epoch_start(self, trainer: Trainer) -> None: ...
+    def on_predict_epoch_end(self, trainer: Trainer) -> None: ...
+    def on_predict_batch_start(self, trainer: Trainer, batch: Any, batch_idx: int) -> None: ...
+    def on_predict_batch_end(self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int) -> None: ...
+
+    # --- checkpoints ---
+    def on_save_checkpoint(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+        """Called before a checkpoint is written; may add JSON-serialisable entries."""
+
+    def on_load_checkpoint(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+        """Called after a checkpoint was restored, before training resumes."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state saved in checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
