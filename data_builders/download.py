@@ -707,7 +707,7 @@ def _select_levels(ds: xr.Dataset, levels: Sequence[float], url: str) -> xr.Data
                 f"store levels: {[float(x) for x in have]}"
             )
         idx.append(int(hit[0]))
-    return ds.isel({dim: idx})
+    return ds.isel({dim: sorted(set(idx), key=lambda i: have[i])})  # ascending, as readers do
 
 
 def _select_times(
@@ -727,9 +727,11 @@ def _select_times(
         ds = ds.isel(time=np.flatnonzero(np.isin(ds["time"].dt.hour.values, list(hours))))
     ds = ds.isel(time=slice(None, None, stride))
     if ds.sizes["time"] == 0:
-        span = f"{str(index[0])[:16]}..{str(index[-1])[:16]}" if len(index) else "no times"
+        values = index.values
+        span = f"{str(values[0])[:16]}..{str(values[-1])[:16]}" if len(values) else "no times"
         hrs = f" at hours {list(hours)}" if hours else ""
-        raise DataError(f"{url}: no times between {start} and {end}{hrs}; the store covers {span}")
+        raise DataError(f"{url}: no times from {start or 'the first'} to {end or 'the last'}"
+                        f"{hrs}; the store covers {span}")
     return ds
 
 
@@ -777,12 +779,18 @@ def _write_journal(out: Path, committed: int) -> None:
 
 
 def _existing_output(out: Path) -> xr.Dataset | None:
-    """The output store as written so far (not consolidated metadata, which an append cut short
-    leaves stale), or None when there is none."""
+    """The output store as written so far, or None when there is none.
+
+    Normally the arrays themselves are read (consolidated metadata may lag behind them). While
+    a journal says an append was cut short, the arrays may disagree in length; then the
+    consolidated metadata, written by the last append that finished, describes the committed
+    store (this only happens in a dry run: real runs truncate first, see `_recover`).
+    """
     if not out.exists():
         return None
+    consolidated = _journal_path(out).exists()
     try:
-        return xr.open_zarr(out, chunks=None, consolidated=False, decode_timedelta=True)
+        return xr.open_zarr(out, chunks=None, consolidated=consolidated, decode_timedelta=True)
     except Exception as e:
         raise DataError(f"{out}: exists but is not a readable zarr store ({e}); remove it") from e
 
@@ -938,7 +946,7 @@ def _truncate_time(out: Path, n: int) -> None:
     """Cut every time-dependent array back to `n` times: undoes an append that was cut short."""
     import zarr
 
-    group = zarr.open_group(str(out), mode="r+")
+    group = zarr.open_group(str(out), mode="r+", use_consolidated=False)  # metadata may lag
     for _, arr in group.arrays():
         dims = _array_dims(arr)
         if "time" in dims:
