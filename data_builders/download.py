@@ -374,7 +374,8 @@ def plan_era5_static(
 ) -> CdsRequest:
     """The static request (lsm / surface z / slt at one time) to ``OUT/era5_static.nc``.
 
-    ERA5's invariant fields are the same at every time, so one 00 UTC field is enough.
+    ERA5's invariant fields are the same at every time, so one 00 UTC field is enough, and an
+    existing static file taken at another date counts as complete.
     """
     day = _parse_date(date)
     resolved = _lookup("static", variables)
@@ -460,7 +461,8 @@ def _dataset_problem(ds: xr.Dataset, req: CdsRequest) -> str | None:
     if tname is None:
         return "no time coordinate"
     have = set(np.asarray(ds[tname].values).ravel().astype("datetime64[ns]"))
-    missing_t = [t for t in req.times if t not in have]
+    wanted = () if req.group == "static" else req.times  # invariant: any one time will do
+    missing_t = [t for t in wanted if t not in have]
     if missing_t:
         return f"{len(missing_t)} of {len(req.times)} times missing (first {str(missing_t[0])[:16]})"
     for key in req.variables:

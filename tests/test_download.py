@@ -319,6 +319,14 @@ def test_leftover_part_file_is_replaced(tmp_path: Path) -> None:
     assert open_dataset(tmp_path / "era5_static.nc")["lsm"].ndim == 2
 
 
+def test_static_file_of_another_date_is_kept(tmp_path: Path) -> None:
+    _era5(tmp_path, FakeCds(), start="2024-01-30", end="2024-01-30")
+    later = FakeCds()
+    _era5(tmp_path, later, start="2024-02-01", end="2024-02-01")
+    assert [Path(c[2]).name for c in later.calls] == ["era5_surface_2024-02.nc.part",
+                                                      "era5_pressure_2024-02.nc.part"]
+
+
 def test_interrupted_download_leaves_no_final_file(tmp_path: Path) -> None:
     fake = FakeCds(interrupt_at=1)  # the static request succeeds, the next is cut short
     with pytest.raises(KeyboardInterrupt):
@@ -615,3 +623,24 @@ def test_zarr_over_http(wb2_store: Path, http_root: str, tmp_path: Path) -> None
                                   src["geopotential"].sel(level=[500]).values[:3])
     with pytest.raises(DataError, match=r"cannot open zarr store"):
         download_zarr(f"{http_root}/missing.zarr", tmp_path / "x.zarr", variables=["t"])
+
+
+def test_cli_end_to_end(wb2_store: Path, tmp_path: Path) -> None:
+    fake = FakeCds()
+    out = tmp_path / "era5"
+    assert main(["era5", "--out", str(out), "--start", "2024-01-31", "--end", "2024-01-31",
+                 "--variables", "2t", "t", "--levels", "850", "--hours", "00",
+                 "--static-variables", "--retry-wait", "0"], client=fake) == 0
+    assert _files(out) == ["era5_pressure_2024-01.nc", "era5_surface_2024-01.nc"]
+    assert main(["wb2", "--source", str(wb2_store), "--out", str(tmp_path / "w.zarr"),
+                 "--variables", "t", "--all-levels", "--end", "2024-06-03T00"]) == 0
+    assert _read(tmp_path / "w.zarr").sizes["level"] == 6
+
+
+def test_module_entry_point_runs() -> None:
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "data_builders.download", "era5", "--help"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert "--dry-run" in res.stdout and "--static-variables" in res.stdout
