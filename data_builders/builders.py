@@ -1,0 +1,640 @@
+"""TFDS builders `era5` and `hres`: canonical files -> array_record datasets, one example per time.
+
+Both are `tfds.core.GeneratorBasedBuilder` subclasses that write ``array_record`` files and work
+without TensorFlow: build with ``download_and_prepare()``, read with ``as_data_source(split)``
+(random access). Never call ``as_dataset()`` or ``tfds.list_builders()``: they import TensorFlow.
+They are defined in a plain module, so `_info` builds `tfds.core.DatasetInfo` directly, and they are
+kept out of TFDS's global registry (configs name them through `data_builders.registry`).
+
+Configuration (`WeatherConfig`, or the same fields as keyword arguments)::
+
+    builder = Era5(
+        data_dir="~/aurora_data",
+        paths=["era5_sfc_2020.nc", "era5_pl_2020.nc"],     # anything readers.open_dataset reads
+        static_paths=["era5_static.nc"],                   # lsm / z (surface) / slt
+        surf_vars=("2t", "10u", "10v", "msl"), atmos_vars=("z", "u", "v", "t", "q"),
+        static_vars=("lsm", "z", "slt"), levels=(50, ..., 1000),
+        resolution=0.25,                                   # None keeps the source grid
+        splits={"train": ("2020-01-01", "2020-10-31T18"),  # inclusive; a list of ranges is a union
+                "validation": ("2020-11-01", "2020-12-31T18")},
+    )
+    builder.download_and_prepare()
+    records = builder.as_data_source("train")             # len(records), records[i]
+
+Without a `name`, the config is named by a hash of its content (``c1a2b3c4d5e6``), so two
+different configs never share a folder; a named config whose folder holds a dataset built from a
+different config is refused (`DataError`), never silently reused.
+
+Example schema (one per valid time)::
+
+    {"time": int64 seconds since 1970-01-01T00 UTC,
+     "surf":  {"2t": float32 (h, w), ...},              # present when surf_vars is not empty
+     "atmos": {"z": float32 (levels, h, w), ...}}       # present when atmos_vars is not empty
+
+Tensors are stored as raw bytes (TFDS ``encoding="bytes"``). TFDS's write-time shuffling is turned
+off (``disable_shuffling``; the example key is the timestamp), so records are in ascending time
+order; Grain shuffles windows at read time, which is what training needs. Readers must still index
+by the stored timestamp (the pipeline checks every record it reads against it).
+
+Where the rest lives (``<data_dir>/<builder>/<config>/<version>/``, `WeatherMetadata`):
+
+* ``metadata.json`` (``builder.info.metadata``): ``stats`` -- ``{"2t": [mean, std], "z_500": [...],
+  "lsm": [...]}`` computed during the build over the ``stats_split`` (default ``train``) with
+  `data_builders.stats.RunningStats` (float64, population std, unweighted); ``times`` --
+  ``{split: [seconds, ...]}`` in record order; the grid (``lat``, ``lon``), ``levels``, the
+  variable lists, ``units``, ``loss_weight`` (Aurora's dataset weight gamma: ERA5 2.0, others 1.0),
+  and the ``config`` it was built from.
+* ``static.npz``: the static companion -- ``lsm``, ``z`` (surface geopotential; ``z_sfc`` in
+  readers), ``slt`` as float32 ``(h, w)`` on the dataset's grid (regridded with the same method),
+  keyed by Aurora name. Statics are one small file next to the records rather than a second
+  builder, so they can never be paired with a dataset on another grid.
+* ``builder.stats()``, ``builder.static()``, ``builder.grid()``, ``builder.times(split)`` read them.
+
+Large sources are read in time chunks of ``chunk_hours`` (default one day) through
+``readers.open_dataset(..., time=slice)``, so a year at 0.25 degrees never sits in memory at once
+(a split range with an open end is read in one go).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import io
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+import xarray as xr
+from etils import epath
+
+from data_builders.readers import (
+    ATMOS_VARS,
+    STATIC_KEYS,
+    SURFACE_VARS,
+    DataError,
+    open_dataset,
+    regrid,
+)
+from data_builders.stats import RunningStats, stat_key
+
+__all__ = [
+    "AURORA_LEVELS",
+    "Era5",
+    "Hres",
+    "WeatherBuilder",
+    "WeatherConfig",
+    "WeatherMetadata",
+    "global_grid",
+    "make_config",
+    "patch_code_path",
+]
+
+AURORA_LEVELS = (50.0, 100.0, 150.0, 200.0, 250.0, 300.0, 400.0, 500.0, 600.0, 700.0, 850.0,
+                 925.0, 1000.0)  # fmt: skip
+FORMAT_VERSION = 1
+_STATIC_FILE = "static.npz"
+_METADATA_FILE = "metadata.json"
+_NO_TIME = "no data left"  # readers' message when no file has a time in the selected range
+
+TimeRange = tuple[str | None, str | None]
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class WeatherConfig(tfds.core.BuilderConfig):
+    """What to build: sources, variables, levels, grid, splits. Use `make_config` to create one.
+
+    Tuples only (the config is hashed to name the dataset folder and stored in its metadata).
+    `splits` is ``((split, ((start, end), ...)), ...)``: ISO times, inclusive, None = open end.
+    """
+
+    paths: tuple[str, ...] = ()
+    static_paths: tuple[str, ...] = ()
+    surf_vars: tuple[str, ...] = SURFACE_VARS
+    atmos_vars: tuple[str, ...] = ATMOS_VARS
+    static_vars: tuple[str, ...] = ("lsm", "z", "slt")
+    levels: tuple[float, ...] | None = AURORA_LEVELS
+    resolution: float | None = None
+    regrid_method: str = "bilinear"
+    splits: tuple[tuple[str, tuple[TimeRange, ...]], ...] = (("train", ((None, None),)),)
+    stats_split: str = "train"
+    chunk_hours: int = 24
+    fill_nan: Any = None
+    member: int = 0
+    init_time: str | None = None
+
+
+_BASE_FIELDS = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
+
+
+def config_dict(config: WeatherConfig) -> dict[str, Any]:
+    """The content fields of a config as JSON-able data (what the folder hash and check use)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.name not in _BASE_FIELDS:
+            out[f.name] = getattr(config, f.name)
+    return json.loads(json.dumps(out))  # tuples -> lists, exactly as stored in metadata.json
+
+
+def make_config(name: str | None = None, **fields: Any) -> WeatherConfig:
+    """Normalise user input (lists, paths, dict splits, numbers) into a hashable `WeatherConfig`."""
+    unknown = set(fields) - {f.name for f in dataclasses.fields(WeatherConfig)} - _BASE_FIELDS
+    if unknown:
+        known = sorted({f.name for f in dataclasses.fields(WeatherConfig)} - _BASE_FIELDS)
+        raise TypeError(f"unknown builder option(s) {sorted(unknown)}; known: {known}")
+    f = dict(fields)
+    for key in ("paths", "static_paths"):
+        if key in f:
+            f[key] = _abs_paths(f[key])
+    for key in ("surf_vars", "atmos_vars", "static_vars"):
+        if key in f:
+            f[key] = tuple(str(v) for v in f[key])
+    if "static_vars" in f:
+        f["static_vars"] = tuple("z" if v == "z_sfc" else v for v in f["static_vars"])
+    if f.get("levels") is not None:
+        f["levels"] = tuple(float(x) for x in f["levels"])
+    if f.get("resolution") is not None:
+        f["resolution"] = float(f["resolution"])
+    if "splits" in f:
+        f["splits"] = _normalise_splits(f["splits"])
+    if isinstance(f.get("fill_nan"), Mapping):
+        f["fill_nan"] = tuple(sorted((str(k), v) for k, v in f["fill_nan"].items()))
+    if f.get("init_time") is not None:
+        f["init_time"] = _iso(f["init_time"])
+    config = WeatherConfig(name="pending", **f)
+    _validate(config)
+    if name is None:
+        digest = json.dumps(config_dict(config), sort_keys=True).encode()
+        name = "c" + hashlib.sha1(digest).hexdigest()[:12]
+    return dataclasses.replace(config, name=name)
+
+
+def _abs_paths(paths: Any) -> tuple[str, ...]:
+    """Absolute path strings: the stored config (and the folder hash) must not depend on cwd."""
+    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    return tuple(str(Path(p).expanduser().resolve()) for p in items)
+
+
+def _iso(t: Any) -> str:
+    """Any time label -> ISO string at second precision (for hashing and storing)."""
+    try:
+        return str(np.datetime64(t, "s"))
+    except (ValueError, TypeError) as e:
+        raise DataError(f"builder config: cannot read {t!r} as a time ({e})") from e
+
+
+def _normalise_splits(splits: Any) -> tuple[tuple[str, tuple[TimeRange, ...]], ...]:
+    """{"train": (start, end) | [(start, end), ...]} -> sorted-by-insertion tuples of ISO strings."""
+    items = splits.items() if isinstance(splits, Mapping) else splits
+    out = []
+    for name, ranges in items:
+        if len(ranges) == 2 and not isinstance(ranges[0], (tuple, list)):
+            ranges = [ranges]
+        norm = tuple(
+            (None if a is None else _iso(a), None if b is None else _iso(b)) for a, b in ranges
+        )
+        out.append((str(name), norm))
+    return tuple(out)
+
+
+def _validate(config: WeatherConfig) -> None:
+    """Refuse configs that cannot build a sound dataset, before reading any file."""
+    if not config.paths:
+        raise DataError("builder config: no source paths given (paths=...)")
+    if not config.surf_vars and not config.atmos_vars:
+        raise DataError("builder config: no surface or atmospheric variables")
+    bad = [v for v in config.static_vars if v not in STATIC_KEYS]
+    if bad:
+        raise DataError(f"builder config: static_vars {bad} unknown; use {sorted(STATIC_KEYS)}")
+    if config.regrid_method not in ("bilinear", "conservative"):
+        raise DataError(f"builder config: regrid_method {config.regrid_method!r} unknown")
+    if config.chunk_hours <= 0:
+        raise DataError("builder config: chunk_hours must be positive")
+    names = [n for n, _ in config.splits]
+    if not names or len(set(names)) != len(names):
+        raise DataError(f"builder config: split names must be unique and non-empty: {names}")
+    _check_disjoint(config.splits)
+
+
+def _bounds(r: TimeRange) -> tuple[np.datetime64, np.datetime64]:
+    lo = np.datetime64("0001-01-01T00:00:00") if r[0] is None else np.datetime64(r[0])
+    hi = np.datetime64("9999-12-31T23:59:59") if r[1] is None else np.datetime64(r[1])
+    if hi < lo:
+        raise DataError(f"builder config: time range {r} ends before it starts")
+    return lo, hi
+
+
+def _check_disjoint(splits: tuple[tuple[str, tuple[TimeRange, ...]], ...]) -> None:
+    """Train/validation/test overlapping in time would leak: refuse it."""
+    flat = [(name, r, *_bounds(r)) for name, ranges in splits for r in ranges]
+    for i, (n1, r1, lo1, hi1) in enumerate(flat):
+        for n2, r2, lo2, hi2 in flat[i + 1 :]:
+            if lo1 <= hi2 and lo2 <= hi1:
+                raise DataError(f"builder config: split {n1} {r1} overlaps split {n2} {r2}")
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata: metadata.json + static.npz
+# --------------------------------------------------------------------------------------------
+
+
+class WeatherMetadata(tfds.core.Metadata):
+    """`builder.info.metadata`: JSON items in ``metadata.json``, static fields in ``static.npz``.
+
+    A `tfds.core.MetadataDict` would be replaced by a JSON-only lazy dict when a built dataset is
+    reopened, losing the static arrays; a direct `tfds.core.Metadata` subclass is reloaded with
+    its own `load_metadata`.
+    """
+
+    def save_metadata(self, data_dir: Any) -> None:
+        """Write both files into the (incomplete) dataset folder TFDS is finishing."""
+        path = epath.Path(data_dir)
+        items = {k: v for k, v in self.items() if k != "static"}
+        (path / _METADATA_FILE).write_text(json.dumps(items, default=_jsonable))
+        static = self.get("static") or {}
+        if static:
+            buf = io.BytesIO()
+            np.savez(buf, **{k: np.asarray(v, np.float32) for k, v in static.items()})
+            (path / _STATIC_FILE).write_bytes(buf.getvalue())
+
+    def load_metadata(self, data_dir: Any) -> None:
+        """Read both files back (TFDS calls this when it opens a built dataset)."""
+        path = epath.Path(data_dir)
+        self.clear()
+        self.update(json.loads((path / _METADATA_FILE).read_text()))
+        static_path = path / _STATIC_FILE
+        if static_path.exists():
+            with np.load(io.BytesIO(static_path.read_bytes())) as npz:
+                self["static"] = {k: npz[k] for k in npz.files}
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+# --------------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------------
+
+
+class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Shared builder: canonical files -> one array_record example per valid time.
+
+    Subclasses set `name`, `DESCRIPTION`, `LOSS_WEIGHT` and may change config defaults through
+    `DEFAULTS`. `_read_dynamic` / `_read_static` are the two reading hooks (the benchmark and
+    tests override them to feed synthetic data through the real writing path).
+    """
+
+    name = "weather"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "One example per valid time; stats and statics in the metadata."}
+    DESCRIPTION = "Weather states on a regular latitude/longitude grid."
+    CITATION = ""
+    HOMEPAGE = ""
+    LOSS_WEIGHT = 1.0
+    DEFAULTS: Mapping[str, Any] = {}
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path | None:  # noqa: D102
+        return _code_path(cls)
+
+    def __init__(
+        self,
+        *,
+        config: WeatherConfig | None = None,
+        data_dir: str | Path | None = None,
+        file_format: str = "array_record",
+        **fields: Any,
+    ) -> None:
+        if config is None:
+            config = make_config(**{**self.DEFAULTS, **fields})
+        elif fields:
+            raise TypeError(f"pass either config= or option keywords, not both: {sorted(fields)}")
+        if str(getattr(file_format, "value", file_format)) != "array_record":
+            raise DataError(f"{self.name}: file_format must be array_record (no TensorFlow here)")
+        self._grid: tuple[np.ndarray, np.ndarray] | None = None
+        self._levels: tuple[float, ...] | None = None
+        self._units: dict[str, str] = {}
+        data_dir = None if data_dir is None else str(Path(data_dir).expanduser())
+        super().__init__(data_dir=data_dir, config=config, file_format="array_record")
+        self._check_existing()
+
+    # ---- TFDS interface ---------------------------------------------------------------------
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.DESCRIPTION,
+            features=tfds.features.FeaturesDict(self._features()),
+            homepage=self.HOMEPAGE or None,
+            citation=self.CITATION or None,
+            metadata=WeatherMetadata(),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict]]]:
+        del dl_manager  # nothing to download: sources are local files or stores
+        cfg = self.builder_config
+        names = [n for n, _ in cfg.splits]
+        if cfg.stats_split not in names:
+            raise DataError(f"{self.name}: stats_split {cfg.stats_split!r} is not a split {names}")
+        meta = self.info.metadata
+        meta.clear()
+        meta.update(format_version=FORMAT_VERSION, builder=self.name, times={},
+                    config=config_dict(cfg), loss_weight=self.LOSS_WEIGHT,
+                    surf_vars=list(cfg.surf_vars), atmos_vars=list(cfg.atmos_vars),
+                    static_vars=list(cfg.static_vars), stats={}, stats_split=cfg.stats_split)  # fmt: skip
+        return {name: self._generate_examples(name, ranges) for name, ranges in cfg.splits}
+
+    def _generate_examples(
+        self, split: str, ranges: tuple[TimeRange, ...]
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Examples of one split in time order; statistics on the stats split; times recorded."""
+        cfg = self.builder_config
+        acc = RunningStats() if split == cfg.stats_split else None
+        times: list[int] = []
+        for ds in self._chunks(ranges):
+            seconds = _seconds(ds["time"].values, self._source())
+            for i, t in enumerate(seconds):
+                example = self._example(ds, i, int(t))
+                if acc is not None:
+                    acc.add_example(example.get("surf", {}), example.get("atmos", {}), self._levels)
+                times.append(int(t))
+                yield int(t), example
+        if not times:
+            raise DataError(f"{self._source()}: no valid times in split {split} {list(ranges)}")
+        self.info.metadata["times"][split] = times
+        if acc is not None:
+            self._store_stats(acc)
+
+    def _features(self) -> dict[str, Any]:
+        """Feature spec; shapes are fixed when the config fixes them (resolution, levels)."""
+        cfg = self.builder_config
+        h = w = None
+        if cfg.resolution is not None:
+            lat, lon = global_grid(cfg.resolution)
+            h, w = len(lat), len(lon)
+        c = None if cfg.levels is None else len(cfg.levels)
+
+        def tensor(shape: tuple[int | None, ...]) -> tfds.features.Tensor:
+            return tfds.features.Tensor(shape=shape, dtype=np.float32, encoding="bytes")
+
+        features: dict[str, Any] = {"time": tfds.features.Scalar(np.int64)}
+        if cfg.surf_vars:
+            features["surf"] = {v: tensor((h, w)) for v in cfg.surf_vars}
+        if cfg.atmos_vars:
+            features["atmos"] = {v: tensor((c, h, w)) for v in cfg.atmos_vars}
+        return features
+
+    # ---- reading --------------------------------------------------------------------------
+
+    def _source(self) -> str:
+        """How error messages name this dataset: builder, config and files."""
+        files = ", ".join(Path(p).name for p in self.builder_config.paths)
+        return f"{self.name}/{self.builder_config.name} ({files})"
+
+    def _read_dynamic(self, time: slice) -> xr.Dataset | None:
+        """Canonical surface + atmospheric data for one time range; None if no file has one."""
+        cfg = self.builder_config
+        fill = dict(cfg.fill_nan) if isinstance(cfg.fill_nan, tuple) else cfg.fill_nan
+        try:
+            return open_dataset(
+                list(cfg.paths), variables=list(cfg.surf_vars) + list(cfg.atmos_vars),
+                levels=cfg.levels if cfg.atmos_vars else None, member=cfg.member,
+                fill_nan=fill, time=time, init_time=cfg.init_time,
+            )  # fmt: skip
+        except DataError as e:
+            if _NO_TIME in str(e):
+                return None
+            raise
+
+    def _read_static(self) -> xr.Dataset:
+        """Canonical static fields (keys ``lsm``, ``z_sfc``, ``slt``) on their source grid."""
+        cfg = self.builder_config
+        keys = [STATIC_KEYS[v] for v in cfg.static_vars]
+        return open_dataset(list(cfg.static_paths or cfg.paths), variables=keys)
+
+    def _chunks(self, ranges: Sequence[TimeRange]) -> Iterator[xr.Dataset]:
+        """The split's data, chunk by chunk, checked and on the target grid."""
+        for r in ranges:
+            for time in _time_slices(r, self.builder_config.chunk_hours):
+                ds = self._read_dynamic(time)
+                if ds is not None and ds.sizes.get("time", 0):
+                    yield self._on_grid(ds)
+
+    def _on_grid(self, ds: xr.Dataset) -> xr.Dataset:
+        """Regrid to the configured grid; every chunk must agree on grid, levels and layout."""
+        cfg = self.builder_config
+        self._check_layout(ds)
+        if cfg.resolution is not None:
+            lat, lon = global_grid(cfg.resolution)
+            if not _same_grid(ds, lat, lon):
+                ds = regrid(ds, lat, lon, method=cfg.regrid_method)
+        lat, lon = ds["latitude"].values, ds["longitude"].values
+        levels = tuple(float(x) for x in ds["level"].values) if "level" in ds.dims else ()
+        if self._grid is None:
+            self._grid, self._levels = (lat, lon), levels
+            self._units = {str(k): str(v.attrs.get("units", "")) for k, v in ds.data_vars.items()}
+            self._store_grid_and_static()
+        elif not _same_grid(ds, *self._grid) or levels != self._levels:
+            raise DataError(f"{self._source()}: grid or levels change between time chunks "
+                            f"(at {str(ds['time'].values[0])[:19]}); regrid with resolution=")
+        return ds
+
+    def _check_layout(self, ds: xr.Dataset) -> None:
+        """Surface variables must be (time, lat, lon), atmospheric ones have a level axis."""
+        cfg = self.builder_config
+        for v in cfg.surf_vars:
+            if ds[v].dims != ("time", "latitude", "longitude"):
+                raise DataError(f"{self._source()}: variable {v} has dims {ds[v].dims}; "
+                                "a surface variable needs (time, latitude, longitude)")
+        for v in cfg.atmos_vars:
+            if ds[v].dims != ("time", "level", "latitude", "longitude"):
+                raise DataError(f"{self._source()}: variable {v} has dims {ds[v].dims}; "
+                                "an atmospheric variable needs (time, level, latitude, longitude)")
+
+    def _example(self, ds: xr.Dataset, i: int, seconds: int) -> dict[str, Any]:
+        """One valid time as float32 arrays, grouped like the feature spec."""
+        cfg = self.builder_config
+        example: dict[str, Any] = {"time": np.int64(seconds)}
+        if cfg.surf_vars:
+            example["surf"] = {v: _f32(ds[v].values[i]) for v in cfg.surf_vars}
+        if cfg.atmos_vars:
+            example["atmos"] = {v: _f32(ds[v].values[i]) for v in cfg.atmos_vars}
+        return example
+
+    # ---- metadata -------------------------------------------------------------------------
+
+    def _store_grid_and_static(self) -> None:
+        """Grid, levels, units and the static companion, once the grid is known."""
+        assert self._grid is not None
+        lat, lon = self._grid
+        meta = self.info.metadata
+        meta.update(lat=lat.tolist(), lon=lon.tolist(), levels=list(self._levels or ()),
+                    units=dict(self._units))  # fmt: skip
+        if not self.builder_config.static_vars:
+            return
+        static = self._read_static()
+        if not _same_grid(static, lat, lon):
+            static = regrid(static, lat, lon, method=self.builder_config.regrid_method)
+        fields = {}
+        for name in self.builder_config.static_vars:
+            da = static[STATIC_KEYS[name]]
+            fields[name] = _f32(da.values)
+            meta["units"][f"static/{name}"] = str(da.attrs.get("units", ""))
+        meta["static"] = fields
+
+    def _store_stats(self, acc: RunningStats) -> None:
+        """Per-variable (per-level) statistics of the stats split, plus the static fields'."""
+        stats = acc.result()
+        for name, field in (self.info.metadata.get("static") or {}).items():
+            s = RunningStats()
+            s.add_field(name, field)
+            stats[stat_key(name)] = s.result()[name]
+        self.info.metadata["stats"] = {k: [float(m), float(s)] for k, (m, s) in stats.items()}
+        self.info.metadata["stats_count"] = acc.counts()
+
+    def _check_existing(self) -> None:
+        """A named config must not silently reuse a dataset built from another config."""
+        folder = Path(self.data_dir)
+        if not (folder / _METADATA_FILE).exists():
+            return
+        stored = json.loads((folder / _METADATA_FILE).read_text()).get("config")
+        current = config_dict(self.builder_config)
+        if stored is not None and stored != current:
+            diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+            raise DataError(f"{folder}: holds a dataset built from a different config "
+                            f"(differs in {diff}); use another name or delete the folder")
+
+    # ---- read helpers ---------------------------------------------------------------------
+
+    def _built_metadata(self) -> Mapping[str, Any]:
+        meta = self.info.metadata
+        if not meta or "lat" not in meta:
+            raise DataError(f"{self._source()}: not built yet in {self.data_dir}; "
+                            "call download_and_prepare()")
+        return meta
+
+    def stats(self) -> dict[str, tuple[float, float]]:
+        """`{"2t": (mean, std), "r_500": (mean, std), ...}` over the stats split."""
+        return {k: (float(m), float(s)) for k, (m, s) in self._built_metadata()["stats"].items()}
+
+    def static(self) -> dict[str, np.ndarray]:
+        """Static fields keyed by Aurora name (``lsm``, ``z``, ``slt``), float32 ``(h, w)``."""
+        return dict(self._built_metadata().get("static") or {})
+
+    def grid(self) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+        """`(lat, lon, levels)` of the stored fields."""
+        meta = self._built_metadata()
+        lat, lon = np.asarray(meta["lat"], np.float64), np.asarray(meta["lon"], np.float64)
+        return lat, lon, tuple(float(x) for x in meta["levels"])
+
+    def times(self, split: str) -> np.ndarray:
+        """int64 seconds since 1970 of the records of `split`, in record order."""
+        meta = self._built_metadata()
+        if split not in meta["times"]:
+            raise DataError(f"{self._source()}: no split {split!r}; have {sorted(meta['times'])}")
+        return np.asarray(meta["times"][split], np.int64)
+
+
+class Era5(WeatherBuilder, skip_registration=True):
+    """ERA5 reanalysis (CDS downloads, WeatherBench2 stores); Aurora's loss weight 2.0."""
+
+    name = "era5"
+    DESCRIPTION = "ERA5 reanalysis (Hersbach et al. 2020), one example per valid time."
+    CITATION = "Hersbach et al. (2020), The ERA5 global reanalysis, QJRMS 146, 1999-2049."
+    HOMEPAGE = "https://cds.climate.copernicus.eu"
+    LOSS_WEIGHT = 2.0
+
+
+class Hres(WeatherBuilder, skip_registration=True):
+    """IFS HRES analyses / T0 / forecasts flattened to valid times; loss weight 1.0.
+
+    Forecast stores are read at their valid times; pass ``init_time=`` to take one forecast
+    when several overlap.
+    """
+
+    name = "hres"
+    DESCRIPTION = "ECMWF IFS HRES analyses and forecasts, one example per valid time."
+    HOMEPAGE = "https://www.ecmwf.int/en/forecasts/datasets/set-i"
+    LOSS_WEIGHT = 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _code_path(cls: type) -> epath.Path | None:
+    """The file defining `cls`, found without TFDS's `importlib_resources` lookup.
+
+    TFDS 4.9 checks ``isinstance(path, importlib_resources.abc.Traversable)`` for builders in a
+    package, and `importlib_resources` (a backport) is not installed on Python >= 3.9, so
+    `download_and_prepare` fails before writing anything. `patch_code_path` applies this to any
+    builder class (the registry does it for registered TFDS builders).
+    """
+    try:
+        return epath.Path(inspect.getfile(cls))
+    except (TypeError, OSError):  # defined interactively
+        return None
+
+
+def patch_code_path(cls: type) -> type:
+    """Give a TFDS builder class the `code_path` workaround above (returns the class)."""
+    if "code_path" not in cls.__dict__:
+        cls.code_path = tfds.core.utils.classproperty(classmethod(_code_path))
+    return cls
+
+
+def global_grid(resolution: float) -> tuple[np.ndarray, np.ndarray]:
+    """Aurora's global grid: latitude 90 -> -90 inclusive, longitude 0 -> 360 - res."""
+    n_lat, n_lon = round(180 / resolution) + 1, round(360 / resolution)
+    if abs(180 / resolution - (n_lat - 1)) > 1e-6 or abs(360 / resolution - n_lon) > 1e-6:
+        raise DataError(f"resolution {resolution:g} does not divide 180 and 360 degrees")
+    return np.linspace(90.0, -90.0, n_lat), np.arange(n_lon) * float(resolution)
+
+
+def _same_grid(ds: xr.Dataset, lat: np.ndarray, lon: np.ndarray) -> bool:
+    a, b = ds["latitude"].values, ds["longitude"].values
+    return bool(a.shape == lat.shape and b.shape == lon.shape
+                and np.allclose(a, lat, atol=1e-6) and np.allclose(b, lon, atol=1e-6))  # fmt: skip
+
+
+def _time_slices(r: TimeRange, chunk_hours: int) -> Iterator[slice]:
+    """Inclusive label slices covering `r` in chunks; one slice when an end is open."""
+    start, end = r
+    if start is None or end is None:
+        yield slice(start, end)
+        return
+    t, stop = np.datetime64(start, "s"), np.datetime64(end, "s")
+    step = np.timedelta64(int(chunk_hours) * 3600, "s")
+    while t <= stop:
+        last = min(t + step - np.timedelta64(1, "s"), stop)
+        yield slice(np.datetime64(t, "ns"), np.datetime64(last, "ns"))
+        t = t + step
+
+
+def _seconds(times: np.ndarray, source: str) -> np.ndarray:
+    """datetime64 -> int64 seconds since 1970, refusing sub-second times."""
+    ns = times.astype("datetime64[ns]")
+    s = ns.astype("datetime64[s]")
+    if np.any(s.astype("datetime64[ns]") != ns):
+        raise DataError(f"{source}: times with fractions of a second")
+    return s.astype(np.int64)
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)

@@ -1,0 +1,295 @@
+"""Input pipeline: a built dataset (random access by record, indexed by time) -> `aurora.Batch`.
+
+Contract
+--------
+``Pipeline(source, step_hours=6, rollout_steps=K, batch_size=b, ...)`` iterates over
+``(inputs, targets)`` with numpy arrays on the host:
+
+* ``inputs``: `aurora.Batch` with history 2 -- ``surf_vars[v]`` ``(b, 2, h, w)``,
+  ``atmos_vars[v]`` ``(b, 2, levels, h, w)``, ``static_vars[v]`` ``(h, w)`` (shared, read-only),
+  all float32; ``metadata.time`` int32 ``(b,)`` minutes since 1970 of the **last** history step
+  (index 1, "now"); history index 0 is ``now - step``; ``metadata.rollout_step == 0``.
+* ``targets``: a list of K `aurora.Batch`, one per lead: ``targets[k-1]`` holds the state at
+  ``now + k * step`` with history dimension 1 (``(b, 1, h, w)``), its own valid time in
+  ``metadata.time`` and ``metadata.rollout_step == k`` (the step of the rollout prediction it
+  is compared with). Static variables as in ``inputs``.
+
+A window (``now - step, now, now + step, ..., now + K * step``) is used only if **every** one of
+those times exists exactly in the source: gaps are skipped, never bridged. ``step_hours`` is the
+model step (6 h, or 12 h for 12-hourly data); a source sampled more finely just has more windows.
+
+Order, epochs, sharding, resume (all deterministic given ``seed``):
+
+* Multi-host: process ``shard_index`` of ``shard_count`` owns the windows
+  ``all_windows[shard_index::shard_count]`` (time-sorted), and reads only the records those need.
+  With ``drop_remainder=True`` every shard is cut to ``len(all_windows) // shard_count`` windows
+  so all processes run the same number of steps. ``batch_size`` is per process.
+* Each epoch is a fresh permutation of the shard's windows (Grain's per-epoch reseeded
+  ``MapDataset.shuffle``); with ``drop_remainder=True`` an epoch is ``len(windows) // batch_size``
+  full batches (the few windows left over differ from epoch to epoch) and batches never span two
+  epochs. With ``drop_remainder=False`` (evaluation) the last batch may be short. ``num_epochs=None``
+  repeats forever.
+* ``iter(pipeline)`` is a Grain `DatasetIterator`: ``it.get_state()`` is a small dict to store in
+  the checkpoint; a fresh ``iter(pipeline)`` given ``it.set_state(state)`` yields exactly the
+  batches the first one would have yielded next.
+* Host prefetch: ``num_threads`` threads build up to ``prefetch_buffer_size`` batches ahead of
+  the consumer, so the accelerator does not wait on reading and decoding (``num_threads=0``:
+  synchronous, for debugging and for measuring the difference).
+
+Sources: `open_source(builder, split)` turns a built `data_builders.builders.WeatherBuilder` (or
+a registered function builder that returns a `WeatherSource`) into a `WeatherSource`: the
+records (anything with ``len`` and ``[i]`` returning ``{"time": seconds, "surf": {...},
+"atmos": {...}}``), the timestamp of each record, the grid, the levels, the static fields and
+the dataset's statistics (``source.stats``, ``{"r_500": (mean, std), ...}``, for variables outside
+Aurora's normalisation table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from aurora.batch import Batch, Metadata
+from data_builders.errors import DataError
+
+__all__ = ["Pipeline", "WeatherSource", "find_windows", "open_source"]
+
+Example = Mapping[str, Any]
+Window = list[Example]
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WeatherSource:
+    """A random-access dataset of weather states plus what is needed to make `Batch`es of it.
+
+    `times` are int64 seconds since 1970 per record, in record order; when None they are read
+    from the records once (one pass; builders store them so that pass is not needed).
+    """
+
+    records: Any
+    lat: np.ndarray
+    lon: np.ndarray
+    levels: tuple[float, ...] = ()
+    times: np.ndarray | None = None
+    static: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    stats: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    name: str = "source"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "lat", np.asarray(self.lat, np.float64))
+        set_(self, "lon", np.asarray(self.lon, np.float64))
+        set_(self, "levels", tuple(float(x) for x in self.levels))
+        times = self.times
+        if times is None:
+            times = [int(self.records[i]["time"]) for i in range(len(self.records))]
+        times = np.asarray(times, np.int64)
+        if times.shape != (len(self.records),):
+            raise DataError(f"{self.name}: {times.size} times for {len(self.records)} records")
+        uniq, counts = np.unique(times, return_counts=True)
+        if np.any(counts > 1):
+            raise DataError(f"{self.name}: duplicate record times {uniq[counts > 1][:5].tolist()}")
+        set_(self, "times", times)
+
+
+def open_source(builder: Any, split: str) -> WeatherSource:
+    """The `WeatherSource` of a built dataset's split (TFDS builder or function builder)."""
+    src = builder.as_data_source(split)
+    if isinstance(src, WeatherSource):
+        return src
+    if not all(hasattr(builder, a) for a in ("grid", "times", "static", "stats")):
+        raise TypeError(
+            f"{type(builder).__name__}: cannot make a WeatherSource; subclass "
+            "data_builders.builders.WeatherBuilder, or register a function returning a WeatherSource"
+        )
+    lat, lon, levels = builder.grid()
+    name = f"{getattr(builder, 'name', 'dataset')}/{split}"
+    return WeatherSource(records=src, lat=lat, lon=lon, levels=levels, times=builder.times(split),
+                         static=builder.static(), stats=builder.stats(), name=name)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Windows
+# --------------------------------------------------------------------------------------------
+
+
+def find_windows(times: np.ndarray, step_seconds: int, rollout_steps: int) -> np.ndarray:
+    """Sorted times ``now`` for which ``now + j * step`` exists for every j in -1..K."""
+    t = np.unique(np.asarray(times, np.int64))
+    offsets = np.arange(-1, rollout_steps + 1, dtype=np.int64) * int(step_seconds)
+    ok = np.isin(t[:, None] + offsets[None, :], t).all(axis=1)
+    return t[ok]
+
+
+def _shard(windows: np.ndarray, index: int, count: int, even: bool) -> np.ndarray:
+    """This process's windows: strided (every season on every host), optionally equal-sized."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard_index {index} not in [0, shard_count={count})")
+    mine = windows[index::count]
+    return mine[: len(windows) // count] if even else mine
+
+
+class _EpochOrder(Sequence):
+    """Element j of the stream -> window time: epoch j // per_epoch, reshuffled every epoch."""
+
+    def __init__(self, windows: np.ndarray, per_epoch: int, epochs: int | None, shuffle: bool,
+                 seed: int) -> None:  # fmt: skip
+        self._windows, self._per_epoch, self._epochs = windows, per_epoch, epochs
+        n = len(windows)
+        self._perm = grain.MapDataset.range(n).shuffle(seed=seed) if shuffle else None
+
+    def __len__(self) -> int:
+        return sys.maxsize if self._epochs is None else self._per_epoch * self._epochs
+
+    def __getitem__(self, j: int) -> int:  # type: ignore[override]
+        if not 0 <= j < len(self):
+            raise IndexError(j)
+        epoch, k = divmod(int(j), self._per_epoch)
+        if self._perm is not None:  # grain reseeds its shuffle for indices in epoch e
+            k = int(self._perm[epoch * len(self._windows) + k])
+        return int(self._windows[k])
+
+
+class _LoadWindow:
+    """Window time -> its 2 + K records, read together and checked against their timestamps."""
+
+    def __init__(self, source: WeatherSource, step_seconds: int, rollout_steps: int) -> None:
+        self._source = source
+        self._offsets = np.arange(-1, rollout_steps + 1, dtype=np.int64) * step_seconds
+        self._index = {int(t): i for i, t in enumerate(source.times)}
+
+    def __call__(self, now: int) -> Window:
+        times = [int(now + o) for o in self._offsets]
+        idx = [self._index[t] for t in times]
+        records = self._source.records
+        getitems = getattr(records, "__getitems__", None)
+        examples = list(getitems(idx)) if getitems else [records[i] for i in idx]
+        for ex, t, i in zip(examples, times, idx):
+            if int(ex["time"]) != t:
+                raise DataError(f"{self._source.name}: record {i} holds time {int(ex['time'])}, "
+                                f"the index says {t}; the dataset's time index is stale")
+        return examples
+
+
+class _Collate:
+    """A list of windows -> ``(inputs, targets)`` Batches, one copy per variable."""
+
+    def __init__(self, source: WeatherSource, rollout_steps: int) -> None:
+        self._source, self._k = source, rollout_steps
+        self._lat, self._lon = tuple(source.lat.tolist()), tuple(source.lon.tolist())
+        self._static = {k: np.asarray(v, np.float32) for k, v in source.static.items()}
+        for v in self._static.values():
+            v.flags.writeable = False
+
+    def __call__(self, windows: Sequence[Window]) -> tuple[Batch, list[Batch]]:
+        inputs = self._batch(windows, 0, 2, rollout_step=0)
+        targets = [self._batch(windows, 1 + k, 2 + k, rollout_step=k) for k in range(1, self._k + 1)]
+        return inputs, targets
+
+    def _batch(self, windows: Sequence[Window], lo: int, hi: int, rollout_step: int) -> Batch:
+        first = windows[0][0]
+        surf = {v: self._stack(windows, lo, hi, "surf", v) for v in first.get("surf", {})}
+        atmos = {v: self._stack(windows, lo, hi, "atmos", v) for v in first.get("atmos", {})}
+        seconds = np.array([int(w[hi - 1]["time"]) for w in windows], np.int64)
+        metadata = Metadata(lat=self._lat, lon=self._lon, time=(seconds // 60).astype(np.int32),
+                            atmos_levels=self._source.levels, rollout_step=rollout_step)  # fmt: skip
+        return Batch(surf_vars=surf, static_vars=dict(self._static), atmos_vars=atmos,
+                     metadata=metadata)  # fmt: skip
+
+    def _stack(self, windows: Sequence[Window], lo: int, hi: int, group: str, var: str) -> np.ndarray:
+        """(b, hi - lo, ...) float32, filled in place (no intermediate stacks)."""
+        h, w = len(self._lat), len(self._lon)
+        shape = (h, w) if group == "surf" else (len(self._source.levels), h, w)
+        out = np.empty((len(windows), hi - lo, *shape), np.float32)
+        for i, window in enumerate(windows):
+            for j in range(lo, hi):
+                x = window[j][group][var]
+                if x.shape != shape:
+                    raise DataError(f"{self._source.name}: {group} variable {var} at time "
+                                    f"{int(window[j]['time'])} has shape {x.shape}, expected {shape}")
+                out[i, j - lo] = x
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Pipeline
+# --------------------------------------------------------------------------------------------
+
+
+class Pipeline:
+    """Windows of a `WeatherSource` -> shuffled, sharded, batched, prefetched `(inputs, targets)`.
+
+    See the module docstring for the contract. `dataset` is the Grain `MapDataset` of batches
+    (random access: ``pipeline.dataset[i]`` is batch i of this process's stream).
+    """
+
+    def __init__(
+        self,
+        source: WeatherSource,
+        *,
+        step_hours: float = 6,
+        rollout_steps: int = 1,
+        batch_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_epochs: int | None = 1,
+        shard_index: int = 0,
+        shard_count: int = 1,
+        drop_remainder: bool = True,
+        num_threads: int = 2,
+        prefetch_buffer_size: int = 2,
+    ) -> None:
+        step = int(round(float(step_hours) * 3600))
+        if step <= 0 or rollout_steps < 1 or batch_size < 1:
+            raise ValueError("step_hours, rollout_steps and batch_size must be positive")
+        if num_epochs is not None and num_epochs < 1:
+            raise ValueError("num_epochs must be positive or None (forever)")
+        self.source, self.step_seconds, self.rollout_steps = source, step, rollout_steps
+        self.batch_size, self.num_epochs, self.drop_remainder = batch_size, num_epochs, drop_remainder
+        self.read_options = grain.ReadOptions(num_threads=num_threads,
+                                              prefetch_buffer_size=prefetch_buffer_size)  # fmt: skip
+        self.all_windows = find_windows(source.times, step, rollout_steps)
+        if not len(self.all_windows):
+            raise DataError(f"{source.name}: no window of 2 history steps + {rollout_steps} "
+                            f"target(s) at {step_hours} h steps among {len(source.times)} times")
+        self.windows = _shard(self.all_windows, shard_index, shard_count, drop_remainder)
+        per_epoch = len(self.windows) // batch_size * batch_size if drop_remainder else len(self.windows)
+        if per_epoch == 0:
+            raise DataError(f"{source.name}: {len(self.windows)} window(s) in shard {shard_index} "
+                            f"of {shard_count}, fewer than batch_size {batch_size}")
+        self.windows_per_epoch = per_epoch
+        self._order = _EpochOrder(self.windows, per_epoch, num_epochs, shuffle, seed)
+        self.dataset = (
+            grain.MapDataset.source(self._order)
+            .map(_LoadWindow(source, step, rollout_steps))
+            .batch(batch_size, drop_remainder=drop_remainder, batch_fn=_Collate(source, rollout_steps))
+        )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches this process yields per epoch (the last one may be short without drop_remainder)."""
+        return -(-self.windows_per_epoch // self.batch_size)
+
+    def __len__(self) -> int:
+        """Batches in the whole stream (all epochs); very large when `num_epochs` is None."""
+        return len(self.dataset)
+
+    def batch_windows(self, i: int) -> np.ndarray:
+        """The ``now`` times (int64 seconds) of batch i's windows: the order, without reading."""
+        lo = i * self.batch_size
+        hi = min(lo + self.batch_size, len(self._order))
+        return np.array([self._order[j] for j in range(lo, hi)], np.int64)
+
+    def __iter__(self) -> grain.DatasetIterator:
+        """A fresh iterator from the start; `set_state` moves it to a saved position."""
+        return iter(self.dataset.to_iter_dataset(self.read_options))
