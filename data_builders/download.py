@@ -14,8 +14,9 @@ Commands (``python -m data_builders.download COMMAND --help`` for every option):
         850 925 1000 --hours 00 06 12 18 --grid 0.25 [--area 90 0 -90 360] [--dry-run]
 
     # IFS HRES T0 (or WeatherBench2 ERA5: --source era5, or any zarr URL / path) to a local zarr
-    python -m data_builders.download hres --out data/hres.zarr --start 2020-01-01 --end 2020-01-31 \\
-        --variables 2t msl z t --levels 500 850 --stride 2 [--source URL] [--dry-run]
+    python -m data_builders.download hres --out data/hres.zarr \\
+        --start 2020-01-01 --end 2020-01-31 --variables 2t msl z t --levels 500 850 \\
+        --stride 2 [--source URL] [--dry-run]
 
     # static fields (lsm, z, slt) from the CDS or from a WeatherBench2 store
     python -m data_builders.download static --out data/static [--source cds|era5|URL] --grid 0.25
@@ -182,9 +183,10 @@ class CdsRequest:
         hours = sorted({str(t)[11:13] for t in self.times})
         span = days[0] if len(days) == 1 else f"{days[0]}..{days[-1]}"
         levels = ",".join(str(x) for x in self.levels) or "-"
+        ndays = f"{len(days)} day" + ("s" if len(days) != 1 else "")
         return (
             f"{self.dataset}  {self.target}  variables={','.join(self.request['variable'])}  "
-            f"dates={span} ({len(days)} day{'s' if len(days) != 1 else ''})  hours={','.join(hours)}  levels={levels}"
+            f"dates={span} ({ndays})  hours={','.join(hours)}  levels={levels}"
         )
 
 
@@ -292,7 +294,9 @@ def _base_request(product: str, grid: Sequence[float] | None, area: Sequence[flo
     return req
 
 
-def _times(year: int, month: int, days: Sequence[int], hours: Sequence[int]) -> tuple:
+def _times(
+    year: int, month: int, days: Sequence[int], hours: Sequence[int]
+) -> tuple[np.datetime64, ...]:
     return tuple(
         np.datetime64(dt.datetime(year, month, d, h), "ns") for d in days for h in hours
     )
@@ -464,11 +468,13 @@ def _dataset_problem(ds: xr.Dataset, req: CdsRequest) -> str | None:
     wanted = () if req.group == "static" else req.times  # invariant: any one time will do
     missing_t = [t for t in wanted if t not in have]
     if missing_t:
-        return f"{len(missing_t)} of {len(req.times)} times missing (first {str(missing_t[0])[:16]})"
+        first = str(missing_t[0])[:16]
+        return f"{len(missing_t)} of {len(req.times)} times missing (first {first})"
     for key in req.variables:
         names = [n for n in table[key].short if n in ds.data_vars]
         if not names:
-            return f"variable {key} ({table[key].cds}) missing; has {sorted(map(str, ds.data_vars))}"
+            has = sorted(map(str, ds.data_vars))
+            return f"variable {key} ({table[key].cds}) missing; has {has}"
         da = ds[names[0]]
         if da.size == 0:
             return f"variable {key} is empty"

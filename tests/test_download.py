@@ -547,7 +547,8 @@ def test_zarr_dry_run_prints_plan_and_writes_nothing(wb2_store: Path, tmp_path: 
         ({"variables": ["t", "q"]}, r"variable 'q' \(looked for \['specific_humidity', 'q'\]\)"),
         ({"variables": ["t"], "levels": [500, 925]}, r"variable temperature has no level 925"),
         ({"variables": ["t"], "levels": [500], "start": "2030-01-01"},
-         r"no times from 2030-01-01 to the last; the store covers 2024-06-03T00:00\.\.2024-06-04T18"),
+         r"no times from 2030-01-01 to the last; "
+         r"the store covers 2024-06-03T00:00\.\.2024-06-04T18"),
         ({"variables": ["t"], "levels": [500], "stride": 0}, r"stride must be >= 1"),
     ],
 )
