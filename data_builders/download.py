@@ -19,7 +19,8 @@ Commands (``python -m data_builders.download COMMAND --help`` for every option):
         --stride 2 [--source URL] [--dry-run]
 
     # static fields (lsm, z, slt) from the CDS or from a WeatherBench2 store
-    python -m data_builders.download static --out data/static [--source cds|era5|URL] --grid 0.25
+    python -m data_builders.download static --out data/static --grid 0.25    # CDS
+    python -m data_builders.download static --out data/static --source era5  # WB2 store's grid
 
 ERA5 (``era5``): requests go through `cdsapi` (the client object can be injected), one per month
 and variable group -- ``surface`` (reanalysis-era5-single-levels), ``pressure``
@@ -81,10 +82,16 @@ __all__ = [
     "download_static",
     "download_zarr",
     "main",
+    "month_spans",
+    "open_store",
     "plan_era5",
     "plan_era5_static",
     "plan_zarr",
+    "request_status",
+    "resolve_source",
+    "retrieve",
     "run_cds_requests",
+    "run_zarr_plan",
 ]
 
 log = logging.getLogger(__name__)
