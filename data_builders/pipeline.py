@@ -24,14 +24,19 @@ Order, epochs, sharding, resume (all deterministic given ``seed``):
   ``all_windows[shard_index::shard_count]`` (time-sorted), and reads only the records those need.
   With ``drop_remainder=True`` every shard is cut to ``len(all_windows) // shard_count`` windows
   so all processes run the same number of steps. ``batch_size`` is per process.
-* Each epoch is a fresh permutation of the shard's windows (Grain's per-epoch reseeded
-  ``MapDataset.shuffle``); with ``drop_remainder=True`` an epoch is ``len(windows) // batch_size``
-  full batches (the few windows left over differ from epoch to epoch) and batches never span two
-  epochs. With ``drop_remainder=False`` (evaluation) the last batch may be short. ``num_epochs=None``
-  repeats forever.
-* ``iter(pipeline)`` is a Grain `DatasetIterator`: ``it.get_state()`` is a small dict to store in
-  the checkpoint; a fresh ``iter(pipeline)`` given ``it.set_state(state)`` yields exactly the
-  batches the first one would have yielded next.
+* Each epoch is a fresh permutation of the shard's windows (Grain's ``MapDataset.shuffle``,
+  which reseeds every epoch). With ``drop_remainder=True`` (training) an epoch is
+  ``len(windows) // batch_size`` full batches and the few windows left over differ from epoch to
+  epoch; with ``drop_remainder=False`` (evaluation) an epoch's last batch may be short. Batches
+  never span two epochs. ``num_epochs=None`` repeats forever.
+* Batching happens on window indices (`_BatchOrder`), then one Grain ``map`` reads each record
+  a batch needs once (overlapping windows share records) and collates straight into the output
+  arrays; Grain's element-wise ``.batch`` would stack twice and could not keep epochs apart.
+* ``iter(pipeline)`` runs all ``num_epochs``; ``pipeline.iterator(epoch)`` runs one epoch (the
+  Trainer's ``DataSource.iterator(epoch)`` protocol, `trainers.data`). Both are Grain
+  `DatasetIterator`s: ``it.get_state()`` is a small dict to store in the checkpoint; a fresh
+  iterator given ``it.set_state(state)`` yields exactly the batches the first one would have
+  yielded next. ``pipeline.dataset[i]`` is batch i, by random access.
 * Host prefetch: ``num_threads`` threads build up to ``prefetch_buffer_size`` batches ahead of
   the consumer, so the accelerator does not wait on reading and decoding (``num_threads=0``:
   synchronous, for debugging and for measuring the difference).
@@ -60,7 +65,7 @@ from data_builders.errors import DataError
 __all__ = ["Pipeline", "WeatherSource", "find_windows", "open_source"]
 
 Example = Mapping[str, Any]
-Window = list[Example]
+Window = list[Example]  # the 2 + K records of one window, in time order
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,37 +144,57 @@ def _shard(windows: np.ndarray, index: int, count: int, even: bool) -> np.ndarra
     return mine[: len(windows) // count] if even else mine
 
 
-class _EpochOrder(Sequence):
-    """Element j of the stream -> window time: epoch j // per_epoch, reshuffled every epoch."""
+class _BatchOrder(Sequence):
+    """Batch j of the stream -> the ``now`` times of its windows; pure arithmetic, no I/O.
 
-    def __init__(self, windows: np.ndarray, per_epoch: int, epochs: int | None, shuffle: bool,
-                 seed: int) -> None:  # fmt: skip
-        self._windows, self._per_epoch, self._epochs = windows, per_epoch, epochs
+    Epoch ``e = first_epoch + j // batches_per_epoch`` is a permutation of the windows drawn by
+    Grain's `MapDataset.shuffle`, which reseeds for every epoch (index ``e * n + k``).
+    """
+
+    def __init__(self, windows: np.ndarray, batch_size: int, drop_remainder: bool, shuffle: bool,
+                 seed: int, first_epoch: int, num_epochs: int | None) -> None:  # fmt: skip
         n = len(windows)
+        self.windows, self.batch_size, self.first_epoch = windows, batch_size, first_epoch
+        self.num_epochs = num_epochs
+        self.per_epoch = n // batch_size * batch_size if drop_remainder else n
+        self.batches_per_epoch = -(-self.per_epoch // batch_size)
         self._perm = grain.MapDataset.range(n).shuffle(seed=seed) if shuffle else None
 
     def __len__(self) -> int:
-        return sys.maxsize if self._epochs is None else self._per_epoch * self._epochs
+        if self.num_epochs is None:
+            return sys.maxsize
+        return self.batches_per_epoch * self.num_epochs
 
-    def __getitem__(self, j: int) -> int:  # type: ignore[override]
+    def __getitem__(self, j: int) -> np.ndarray:  # type: ignore[override]
         if not 0 <= j < len(self):
             raise IndexError(j)
-        epoch, k = divmod(int(j), self._per_epoch)
-        if self._perm is not None:  # grain reseeds its shuffle for indices in epoch e
-            k = int(self._perm[epoch * len(self._windows) + k])
-        return int(self._windows[k])
+        epoch, b = divmod(int(j), self.batches_per_epoch)
+        epoch += self.first_epoch
+        lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.per_epoch)
+        return np.array([self._window(epoch, k) for k in range(lo, hi)], np.int64)
+
+    def _window(self, epoch: int, k: int) -> int:
+        if self._perm is not None:
+            k = int(self._perm[epoch * len(self.windows) + k])
+        return int(self.windows[k])
 
 
-class _LoadWindow:
-    """Window time -> its 2 + K records, read together and checked against their timestamps."""
+class _LoadBatch:
+    """Window times -> ``(inputs, targets)``: each record needed is read once, checked, collated."""
 
     def __init__(self, source: WeatherSource, step_seconds: int, rollout_steps: int) -> None:
         self._source = source
         self._offsets = np.arange(-1, rollout_steps + 1, dtype=np.int64) * step_seconds
         self._index = {int(t): i for i, t in enumerate(source.times)}
+        self._collate = _Collate(source, rollout_steps)
 
-    def __call__(self, now: int) -> Window:
-        times = [int(now + o) for o in self._offsets]
+    def __call__(self, nows: np.ndarray) -> tuple[Batch, list[Batch]]:
+        times = [[int(now + o) for o in self._offsets] for now in nows]
+        examples = self.read(sorted({t for w in times for t in w}))
+        return self._collate([[examples[t] for t in w] for w in times])
+
+    def read(self, times: list[int]) -> dict[int, Example]:
+        """Records of `times` (overlapping windows share them), in one batched read if possible."""
         idx = [self._index[t] for t in times]
         records = self._source.records
         getitems = getattr(records, "__getitems__", None)
@@ -178,7 +203,7 @@ class _LoadWindow:
             if int(ex["time"]) != t:
                 raise DataError(f"{self._source.name}: record {i} holds time {int(ex['time'])}, "
                                 f"the index says {t}; the dataset's time index is stale")
-        return examples
+        return dict(zip(times, examples))
 
 
 class _Collate:
@@ -263,33 +288,35 @@ class Pipeline:
             raise DataError(f"{source.name}: no window of 2 history steps + {rollout_steps} "
                             f"target(s) at {step_hours} h steps among {len(source.times)} times")
         self.windows = _shard(self.all_windows, shard_index, shard_count, drop_remainder)
-        per_epoch = len(self.windows) // batch_size * batch_size if drop_remainder else len(self.windows)
-        if per_epoch == 0:
+        if drop_remainder and len(self.windows) < batch_size or not len(self.windows):
             raise DataError(f"{source.name}: {len(self.windows)} window(s) in shard {shard_index} "
                             f"of {shard_count}, fewer than batch_size {batch_size}")
-        self.windows_per_epoch = per_epoch
-        self._order = _EpochOrder(self.windows, per_epoch, num_epochs, shuffle, seed)
-        self.dataset = (
-            grain.MapDataset.source(self._order)
-            .map(_LoadWindow(source, step, rollout_steps))
-            .batch(batch_size, drop_remainder=drop_remainder, batch_fn=_Collate(source, rollout_steps))
-        )
+        self._shuffle, self._seed = shuffle, seed
+        self._load = _LoadBatch(source, step, rollout_steps)
+        self.dataset = self.epochs_dataset(0, num_epochs)
+        self.windows_per_epoch = self._order(0, 1).per_epoch
+        self.batches_per_epoch = self._order(0, 1).batches_per_epoch
 
-    @property
-    def batches_per_epoch(self) -> int:
-        """Batches this process yields per epoch (the last one may be short without drop_remainder)."""
-        return -(-self.windows_per_epoch // self.batch_size)
+    def _order(self, first_epoch: int, num_epochs: int | None) -> _BatchOrder:
+        return _BatchOrder(self.windows, self.batch_size, self.drop_remainder, self._shuffle,
+                           self._seed, first_epoch, num_epochs)  # fmt: skip
+
+    def epochs_dataset(self, first_epoch: int, num_epochs: int | None) -> grain.MapDataset:
+        """Grain `MapDataset` of the batches of epochs ``first_epoch ...`` (random access)."""
+        return grain.MapDataset.source(self._order(first_epoch, num_epochs)).map(self._load)
 
     def __len__(self) -> int:
-        """Batches in the whole stream (all epochs); very large when `num_epochs` is None."""
+        """Batches in the whole stream (all epochs); `sys.maxsize` when `num_epochs` is None."""
         return len(self.dataset)
 
-    def batch_windows(self, i: int) -> np.ndarray:
-        """The ``now`` times (int64 seconds) of batch i's windows: the order, without reading."""
-        lo = i * self.batch_size
-        hi = min(lo + self.batch_size, len(self._order))
-        return np.array([self._order[j] for j in range(lo, hi)], np.int64)
+    def batch_windows(self, i: int, epoch: int = 0) -> np.ndarray:
+        """The ``now`` times (int64 s) of batch i of `epoch`, without reading any data."""
+        return self._order(epoch, 1)[i]
+
+    def iterator(self, epoch: int) -> grain.DatasetIterator:
+        """Iterator over one epoch (the Trainer's `DataSource.iterator(epoch)` protocol)."""
+        return iter(self.epochs_dataset(epoch, 1).to_iter_dataset(self.read_options))
 
     def __iter__(self) -> grain.DatasetIterator:
-        """A fresh iterator from the start; `set_state` moves it to a saved position."""
+        """Iterator over all `num_epochs` epochs; `set_state` moves it to a saved position."""
         return iter(self.dataset.to_iter_dataset(self.read_options))

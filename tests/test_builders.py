@@ -1,0 +1,211 @@
+"""TFDS builders `era5` / `hres`, built in tmp_path from the real samples in tests/data.
+
+Every dataset here is written with ``download_and_prepare()`` and read back with
+``as_data_source()`` only, with TensorFlow absent; values are compared with what
+`readers.open_dataset` gives for the same files, statistics with numpy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from data_builders.builders import Era5, Hres, WeatherBuilder, global_grid, make_config
+from data_builders.readers import DataError, open_dataset, regrid
+from data_builders.stats import RunningStats, stat_key
+
+tfds.disable_progress_bar()
+
+DATA = Path(__file__).parent / "data"
+HRES_PL = DATA / "hres_pl_20240603T00-20240604T18_6h_10deg.nc"
+NATL = DATA / "hres_an_sfc_pl_20160925-20161001_12h_10deg_natlantic.nc"
+STATIC = DATA / "era5_static_z_lsm_0.25deg.nc"
+WB1 = DATA / "weatherbench1_era5_static_5.625deg.nc"
+
+HRES_KW = dict(
+    paths=[HRES_PL], static_paths=[STATIC], surf_vars=(), atmos_vars=("z", "t", "u", "v", "r"),
+    static_vars=("lsm", "z"), levels=(300, 500, 850),
+)  # fmt: skip
+NATL_KW = dict(
+    paths=[NATL], static_paths=[STATIC], surf_vars=("10u", "10v", "msl"),
+    atmos_vars=("t", "u", "v", "w"), static_vars=("lsm", "z"), levels=None,
+    splits={"train": ("2016-09-25", "2016-09-28T12"), "validation": ("2016-09-29", "2016-09-30"),
+            "test": ("2016-09-30T12", None)},
+    chunk_hours=36,
+)  # fmt: skip
+
+
+def seconds(times: np.ndarray) -> list[int]:
+    return times.astype("datetime64[s]").astype(np.int64).tolist()
+
+
+def read_all(builder: WeatherBuilder, split: str) -> list[dict]:
+    src = builder.as_data_source(split)
+    return [src[i] for i in range(len(src))]
+
+
+def test_tensorflow_is_absent() -> None:
+    # The builders must work without TensorFlow; nothing in them may import it.
+    if importlib.util.find_spec("tensorflow") is not None:
+        pytest.skip("TensorFlow is installed here; the no-TensorFlow check cannot run")
+    assert "tensorflow" not in sys.modules
+
+
+def test_hres_values_equal_reader(tmp_path: Path) -> None:
+    builder = Hres(data_dir=tmp_path, **HRES_KW)
+    builder.download_and_prepare()
+    ref = open_dataset(HRES_PL, variables=["z", "t", "u", "v", "r"], levels=[300, 500, 850])
+    examples = read_all(builder, "train")
+    assert [int(e["time"]) for e in examples] == seconds(ref["time"].values)
+    assert builder.times("train").tolist() == seconds(ref["time"].values)
+    for i, example in enumerate(examples):
+        assert set(example) == {"time", "atmos"}  # no surface variables configured
+        for v in ("z", "t", "u", "v", "r"):
+            x = example["atmos"][v]
+            assert x.dtype == np.float32 and x.shape == (3, 19, 36)
+            np.testing.assert_array_equal(x, ref[v].values[i])
+    lat, lon, levels = builder.grid()
+    np.testing.assert_array_equal(lat, ref["latitude"].values)
+    np.testing.assert_array_equal(lon, ref["longitude"].values)
+    assert levels == (300.0, 500.0, 850.0)
+    assert builder.info.metadata["loss_weight"] == 1.0
+    assert "tensorflow" not in sys.modules
+
+
+def test_hres_stats_match_numpy(tmp_path: Path) -> None:
+    builder = Hres(data_dir=tmp_path, **HRES_KW)
+    builder.download_and_prepare()
+    ref = open_dataset(HRES_PL, variables=["z", "r"], levels=[300, 500, 850])
+    stats = builder.stats()
+    for v in ("z", "r"):
+        for j, level in enumerate((300, 500, 850)):
+            x = ref[v].values[:, j].astype(np.float64)
+            mean, std = stats[f"{v}_{level}"]
+            np.testing.assert_allclose([mean, std], [x.mean(), x.std()], rtol=1e-10)
+    static = builder.static()
+    for name in ("lsm", "z"):
+        np.testing.assert_allclose(stats[name], [static[name].mean(dtype=np.float64),
+                                                 static[name].std(dtype=np.float64)], rtol=1e-10)
+
+
+def test_era5_splits_surface_static_and_stats(tmp_path: Path) -> None:
+    builder = Era5(data_dir=tmp_path, **NATL_KW)
+    builder.download_and_prepare()
+    ref = open_dataset(NATL)
+    all_times = seconds(ref["time"].values)
+    got = {s: builder.times(s).tolist() for s in ("train", "validation", "test")}
+    assert got["train"] == all_times[:8]  # 25th 00 UTC .. 28th 12 UTC, 12-hourly
+    assert got["validation"] == all_times[8:11]
+    assert got["test"] == all_times[11:]
+    for split, times in got.items():
+        for example in read_all(builder, split):
+            i = all_times.index(int(example["time"]))
+            for v in ("10u", "10v", "msl"):
+                np.testing.assert_array_equal(example["surf"][v], ref[v].values[i])
+            for v in ("t", "u", "v", "w"):
+                np.testing.assert_array_equal(example["atmos"][v], ref[v].values[i])
+    # statistics over the train split only, per level for atmospheric variables
+    stats = builder.stats()
+    train = ref.isel(time=slice(0, 8))
+    np.testing.assert_allclose(stats["msl"], [train["msl"].values.mean(dtype=np.float64),
+                                              train["msl"].values.std(dtype=np.float64)], rtol=1e-10)
+    w500 = train["w"].sel(level=500).values.astype(np.float64)
+    np.testing.assert_allclose(stats["w_500"], [w500.mean(), w500.std()], rtol=1e-10)
+    assert set(stats) >= {"10u", "10v", "msl", "t_500", "t_850", "w_850", "lsm", "z"}
+    # static companion: the 0.25 degree file regridded onto the regional 10 degree grid
+    lat, lon, _ = builder.grid()
+    want = regrid(open_dataset(STATIC), lat, lon)
+    np.testing.assert_array_equal(builder.static()["z"], want["z_sfc"].values)
+    np.testing.assert_array_equal(builder.static()["lsm"], want["lsm"].values)
+    assert builder.info.metadata["loss_weight"] == 2.0
+    files = {p.name for p in Path(builder.data_dir).iterdir()}
+    assert {"metadata.json", "static.npz", "dataset_info.json"} <= files
+
+
+def test_resolution_regrids_and_fixes_shapes(tmp_path: Path) -> None:
+    kw = {**HRES_KW, "resolution": 20, "static_paths": [WB1], "static_vars": ("lsm", "slt", "z")}
+    builder = Hres(data_dir=tmp_path, **kw)
+    assert builder.info.features["atmos"]["z"].shape == (3, 10, 18)
+    builder.download_and_prepare()
+    lat, lon = global_grid(20)
+    ref = regrid(open_dataset(HRES_PL, variables=["z"], levels=[300, 500, 850]), lat, lon)
+    example = builder.as_data_source("train")[2]
+    np.testing.assert_array_equal(example["atmos"]["z"], ref["z"].values[2])
+    static = builder.static()
+    assert set(static) == {"lsm", "slt", "z"} and static["slt"].shape == (10, 18)
+    np.testing.assert_array_equal(static["z"], regrid(open_dataset(WB1), lat, lon)["z_sfc"].values)
+
+
+def test_reopen_uses_stored_dataset_and_metadata(tmp_path: Path, monkeypatch) -> None:
+    first = Hres(data_dir=tmp_path, **HRES_KW)
+    first.download_and_prepare()
+
+    def no_reading(*_a, **_k):
+        raise AssertionError("a built dataset must not be regenerated")
+
+    monkeypatch.setattr(Hres, "_read_dynamic", no_reading)
+    again = Hres(data_dir=tmp_path, **HRES_KW)
+    again.download_and_prepare()  # already there: nothing is read
+    assert again.stats() == first.stats()
+    np.testing.assert_array_equal(again.static()["lsm"], first.static()["lsm"])
+    assert again.times("train").tolist() == first.times("train").tolist()
+    stored = json.loads((Path(again.data_dir) / "metadata.json").read_text())
+    assert stored["config"]["atmos_vars"] == ["z", "t", "u", "v", "r"]
+
+
+def test_config_names_folders_and_refuses_stale_reuse(tmp_path: Path) -> None:
+    a, b = Hres(data_dir=tmp_path, **HRES_KW), Hres(data_dir=tmp_path, **{**HRES_KW, "levels": [500]})
+    assert a.builder_config.name != b.builder_config.name  # content hash: separate folders
+    named = Hres(data_dir=tmp_path, name="mine", **HRES_KW)
+    named.download_and_prepare()
+    with pytest.raises(DataError, match="different config.*levels"):
+        Hres(data_dir=tmp_path, name="mine", **{**HRES_KW, "levels": [500]})
+
+
+def test_chunked_build_equals_one_read(tmp_path: Path) -> None:
+    whole = Hres(data_dir=tmp_path, **{**HRES_KW, "splits": {"train": ("2024-06-03", "2024-06-05")},
+                                       "chunk_hours": 1000})  # fmt: skip
+    chunked = Hres(data_dir=tmp_path, **{**HRES_KW, "splits": {"train": ("2024-06-03", "2024-06-05")},
+                                         "chunk_hours": 5})  # fmt: skip
+    for b in (whole, chunked):
+        b.download_and_prepare()
+    x, y = read_all(whole, "train"), read_all(chunked, "train")
+    assert [int(e["time"]) for e in x] == [int(e["time"]) for e in y] and len(x) == 8
+    for ex, ey in zip(x, y):
+        np.testing.assert_array_equal(ex["atmos"]["t"], ey["atmos"]["t"])
+    assert whole.stats() == chunked.stats()
+
+
+def test_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="overlaps"):
+        make_config(paths=[HRES_PL], splits={"train": ("2024-06-03", "2024-06-04"),
+                                             "test": ("2024-06-04", None)})  # fmt: skip
+    with pytest.raises(DataError, match="static_vars"):
+        make_config(paths=[HRES_PL], static_vars=("orography",))
+    with pytest.raises(DataError, match="no source paths"):
+        make_config()
+    with pytest.raises(TypeError, match="unknown builder option"):
+        make_config(paths=[HRES_PL], variables=("z",))
+    missing = Hres(data_dir=tmp_path, **{**HRES_KW, "atmos_vars": ("z", "q")})
+    with pytest.raises(DataError, match=r"hres_pl.*missing variable.*'q'"):
+        missing.download_and_prepare()
+    empty = Hres(data_dir=tmp_path, **{**HRES_KW, "splits": {"train": ("2030-01-01", "2030-01-02")}})
+    with pytest.raises(DataError, match="no valid times in split train"):
+        empty.download_and_prepare()
+
+
+def test_running_stats_merge_equals_numpy() -> None:
+    rng = np.random.default_rng(0)
+    fields = [rng.normal(5e4, 3e3, size=(7, 9)).astype(np.float32) for _ in range(5)]
+    acc = RunningStats()
+    for f in fields:
+        acc.add_field("z_500", f)
+    x = np.stack(fields).astype(np.float64)
+    np.testing.assert_allclose(acc.result()["z_500"], [x.mean(), x.std()], rtol=1e-12)
+    assert stat_key("z", 7.5) == "z_7_5" and stat_key("2t") == "2t"
