@@ -16,14 +16,16 @@ weights-only checkpoint needs (`collections.OrderedDict`, `torch._utils._rebuild
 storage types, dtypes, ...), each to a small numpy implementation in this module; nothing is
 imported by name, and any other global raises `TorchCheckpointError` (a `pickle.UnpicklingError`)
 naming it. The objects handed to the pickle refuse `BUILD` (attribute setting), so a pickle cannot
-tamper with them either; only the OrderedDicts of a state dict accept it (for `_metadata`).
+tamper with them either; only the containers it builds accept it (a state dict's OrderedDict
+carries `_metadata` that way).
 
 Storages are memory-mapped and each tensor copies just its own elements out (honouring offset
 and strides), so reading needs about the memory of the result. Like PyTorch, storage records are
 not CRC-checked; `data.pkl` is.
 
-The legacy format (`_use_new_zipfile_serialization=False`, PyTorch < 1.6), TorchScript archives
-and quantized/sparse tensors are refused with an error that says what to do.
+Refused: the legacy format (`_use_new_zipfile_serialization=False`, PyTorch < 1.6) and
+TorchScript archives, with an error that says what to do instead; quantized, sparse, nested and
+subclassed tensors, whose rebuild functions are not on the list, as forbidden globals.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ _STORAGE_DTYPES: dict[str, np.dtype] = {
     "ByteStorage": np.dtype(np.uint8),
     "BoolStorage": np.dtype(np.bool_),
 }
-# `torch.<name>` dtype objects; `_rebuild_tensor_v3` (uint16/32/64, float8) pairs one with bytes.
+# Floating types that numpy does not know; torch.bfloat16/float8_* become these.
 _ML_FLOATS: dict[str, np.dtype] = {
     name: np.dtype(getattr(ml_dtypes, name))
     for name in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
@@ -72,6 +74,7 @@ _ML_FLOATS: dict[str, np.dtype] = {
 }
 _NUMPY_NAMES = ("float64", "float32", "float16", "complex128", "complex64", "bool")
 _INT_NAMES = ("int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64")
+# `torch.<name>` dtype objects; `_rebuild_tensor_v3` (uint16/32/64, float8) pairs one with bytes.
 _TORCH_DTYPES: dict[str, np.dtype] = {
     **{name: np.dtype(name) for name in _NUMPY_NAMES + _INT_NAMES},
     **_ML_FLOATS,
@@ -155,7 +158,9 @@ def _is_float(dtype: np.dtype) -> bool:
     return np.issubdtype(dtype, np.floating) or dtype in _ML_FLOATS.values()
 
 
-def _check_layout(numel: int, offset: object, size: object, stride: object) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+def _check_layout(
+    numel: int, offset: object, size: object, stride: object
+) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     """Validate a tensor's view of its storage before numpy reads memory through it.
 
     A forged offset or stride would otherwise read past the storage: every index the view can
@@ -182,9 +187,8 @@ def _strided_copy(storage: _Storage, dtype: np.dtype, offset: object, size: obje
     offset, size, stride = _check_layout(storage.raw.size // dtype.itemsize, offset, size, stride)
     if 0 in size:
         return np.empty(size, dtype)
-    view = np.ndarray(
-        size, dtype, buffer=storage.raw, offset=offset * dtype.itemsize, strides=tuple(s * dtype.itemsize for s in stride)
-    )
+    strides = tuple(s * dtype.itemsize for s in stride)
+    view = np.ndarray(size, dtype, buffer=storage.raw, offset=offset * dtype.itemsize, strides=strides)
     out = view.copy()
     if storage.swap and dtype.itemsize > 1:
         out.byteswap(inplace=True)
@@ -332,7 +336,8 @@ class _Archive:
         """The bytes of storage `key`, shared by every tensor that views it."""
         if key not in self._storages:
             nbytes = numel * storage_type.dtype.itemsize
-            self._storages[key] = _Storage(key, self._record(f"{self.prefix}data/{key}", nbytes), storage_type.dtype, self.swap)
+            raw = self._record(f"{self.prefix}data/{key}", nbytes)
+            self._storages[key] = _Storage(key, raw, storage_type.dtype, self.swap)
         storage = self._storages[key]
         if storage.dtype != storage_type.dtype:
             _refuse(f"storage {key!r} is used both as {storage.dtype} and as {storage_type.dtype}")
@@ -379,7 +384,7 @@ class _Unpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             _refuse(f"unsupported persistent id {pid!r}")
         _, storage_type, key, _location, numel = pid
-        if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or type(numel) is not int or numel < 0:
+        if not (isinstance(storage_type, _StorageType) and isinstance(key, str) and type(numel) is int and numel >= 0):
             _refuse(f"bad storage reference {pid!r}")
         return self._archive.storage(key, storage_type, numel)
 
@@ -438,8 +443,12 @@ def load_torch_checkpoint(path: str | Path, *, float32: bool = False) -> dict[st
             result = _Unpickler(io.BytesIO(data), archive, allowed).load()
     except TorchCheckpointError as e:
         raise TorchCheckpointError(f"{path}: {e}") from None
-    except (MemoryError, OSError):
+    except MemoryError:
         raise
+    except OSError as e:
+        if e.filename is not None:  # could not open the file: the error already names it
+            raise
+        raise TorchCheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e})") from e
     except Exception as e:  # any other failure while parsing means a corrupt file
         raise TorchCheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(result, dict):

@@ -97,8 +97,8 @@ def main() -> None:
             arrays[f"{prefix}/{name}"], dtype = expected(t)
             arrays[f"dtype/{prefix}/{name}"] = np.array(dtype)
     np.savez(DATA / "torch_checkpoint_fixture.npz", **arrays)
-    for name in ("torch_checkpoint_fixture.pt", "torch_checkpoint_fixture_sequential.pt", "torch_checkpoint_fixture.npz"):
-        print(f"{DATA / name}: {(DATA / name).stat().st_size} bytes")
+    for path in sorted(DATA.glob("torch_checkpoint_fixture*")):
+        print(f"{path}: {path.stat().st_size} bytes")
 
 
 if __name__ == "__main__":
