@@ -24,8 +24,8 @@ Order, epochs, sharding, resume (all deterministic given ``seed``):
   ``all_windows[shard_index::shard_count]`` (time-sorted), and reads only the records those need.
   With ``drop_remainder=True`` every shard is cut to ``len(all_windows) // shard_count`` windows
   so all processes run the same number of steps. ``batch_size`` is per process.
-* Each epoch is a fresh permutation of the shard's windows (Grain's ``MapDataset.shuffle``,
-  which reseeds every epoch). With ``drop_remainder=True`` (training) an epoch is
+* Each epoch is a fresh permutation of the shard's windows (Grain's ``index_shuffle``, the
+  permutation behind ``MapDataset.shuffle``, seeded from ``(seed, epoch)``). With ``drop_remainder=True`` (training) an epoch is
   ``len(windows) // batch_size`` full batches and the few windows left over differ from epoch to
   epoch; with ``drop_remainder=False`` (evaluation) an epoch's last batch may be short. Batches
   never span two epochs. ``num_epochs=None`` repeats forever.
@@ -52,6 +52,7 @@ Aurora's normalisation table).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -147,8 +148,10 @@ def _shard(windows: np.ndarray, index: int, count: int, even: bool) -> np.ndarra
 class _BatchOrder(Sequence):
     """Batch j of the stream -> the ``now`` times of its windows; pure arithmetic, no I/O.
 
-    Epoch ``e = first_epoch + j // batches_per_epoch`` is a permutation of the windows drawn by
-    Grain's `MapDataset.shuffle`, which reseeds for every epoch (index ``e * n + k``).
+    Epoch ``e = first_epoch + j // batches_per_epoch`` is a permutation of the windows by Grain's
+    `index_shuffle` (what `MapDataset.shuffle` uses), seeded with a hash of ``(seed, e)``:
+    `MapDataset.shuffle` seeds epoch e with ``seed + e``, so runs with seeds 1 and 2 would see
+    the same orders one epoch apart.
     """
 
     def __init__(self, windows: np.ndarray, batch_size: int, drop_remainder: bool, shuffle: bool,
@@ -158,7 +161,7 @@ class _BatchOrder(Sequence):
         self.num_epochs = num_epochs
         self.per_epoch = n // batch_size * batch_size if drop_remainder else n
         self.batches_per_epoch = -(-self.per_epoch // batch_size)
-        self._perm = grain.MapDataset.range(n).shuffle(seed=seed) if shuffle else None
+        self.shuffle, self.seed = shuffle, seed
 
     def __len__(self) -> int:
         if self.num_epochs is None:
@@ -174,9 +177,17 @@ class _BatchOrder(Sequence):
         return np.array([self._window(epoch, k) for k in range(lo, hi)], np.int64)
 
     def _window(self, epoch: int, k: int) -> int:
-        if self._perm is not None:
-            k = int(self._perm[epoch * len(self.windows) + k])
+        if self.shuffle:
+            k = grain.experimental.index_shuffle(
+                k, max_index=len(self.windows) - 1, seed=_epoch_seed(self.seed, epoch), rounds=4
+            )
         return int(self.windows[k])
+
+
+@functools.lru_cache(maxsize=64)
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """A 32-bit seed per (seed, epoch), decorrelated across both."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
 class _LoadBatch:
