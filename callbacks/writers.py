@@ -543,7 +543,8 @@ class JsonlWriter(MetricWriter):
 
     def write_texts(self, step, texts) -> None:
         if texts:
-            self._write({"step": _as_step(step), "wall_time": time.time(), **{k: str(v) for k, v in texts.items()}})
+            strings = {k: str(v) for k, v in texts.items()}
+            self._write({"step": _as_step(step), "wall_time": time.time(), **strings})
 
     def write_histograms(self, step, arrays, num_buckets=None) -> None:
         self._warn(self, "histograms")
@@ -613,7 +614,8 @@ def make_writers(
     specs = [s.to_dict() if hasattr(s, "to_dict") else dict(s) for s in (config_list or [])]
     for spec in specs:
         if str(spec.get("type", "")).lower() not in _DEFAULT_PATHS:
-            raise ValueError(f"unknown writer type {spec.get('type')!r}; expected one of {sorted(_DEFAULT_PATHS)}")
+            known = sorted(_DEFAULT_PATHS)
+            raise ValueError(f"unknown writer type {spec.get('type')!r}; expected one of {known}")
     if not is_global_zero:
         return [NoopWriter() for _ in specs]
     workdir = pathlib.Path(workdir)

@@ -14,13 +14,16 @@ import json
 import pathlib
 import struct
 import time
-import types
 from typing import Any
 
 import numpy as np
 import pytest
 
 from callbacks.base import Callback
+from callbacks.early_stopping import EarlyStopping
+from callbacks.lr_monitor import LearningRateMonitor
+from callbacks.progress import ProgressBar
+from callbacks.timer import Timer, parse_duration
 from callbacks.writers import (
     CsvWriter,
     JsonlWriter,
@@ -95,7 +98,8 @@ def _wandb_history(run_file: pathlib.Path) -> list[dict[str, Any]]:
         if kind in (1, 4):
             record = pb.Record.FromString(pending)
             if record.WhichOneof("record_type") == "history":
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+                items = record.history.item
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
     return rows
 
 
@@ -195,11 +199,15 @@ def test_wandb_writer_offline_run_directory(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from callbacks.writers import WandbWriter
 
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))  # keep the user's ~/.cache clean
     monkeypatch.setenv("WANDB_SILENT", "true")
     import wandb
 
     settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
-    w = WandbWriter(project="aurora-test", dir=tmp_path, mode="offline", config={"lr": 1e-3}, settings=settings)
+    w = WandbWriter(
+        project="aurora-test", dir=tmp_path, mode="offline", config={"lr": 1e-3}, settings=settings
+    )
     w.write_scalars(3, {"train/loss": 1.5})
     w.write_scalars(5, {"train/loss": 1.25, "lr": 0.5})
     w.close()
@@ -241,13 +249,17 @@ def test_metric_writer_is_abstract_and_multiwriter_fans_out():
     m.write_hparams({"h": 1})
     m.flush()
     m.close()
-    expected = [("scalars", 7, {"x": 1.0}), ("audios", 7, 16000), ("hparams", {"h": 1}), ("flush",), ("close",)]
+    expected = [
+        ("scalars", 7, {"x": 1.0}), ("audios", 7, 16000), ("hparams", {"h": 1}), ("flush",), ("close",),
+    ]
     assert a.calls == expected and b.calls == expected
 
 
 def test_make_writers_from_config_and_non_zero_process(tmp_path):
+    import ml_collections
+
     cfg = [{"type": "tensorboard"}, {"type": "csv"}, {"type": "jsonl", "path": "logs/m.jsonl"}]
-    writers = make_writers(cfg, tmp_path, is_global_zero=True)
+    writers = make_writers(ml_collections.ConfigDict({"writers": cfg}).writers, tmp_path, is_global_zero=True)
     assert [type(w) for w in writers] == [TensorBoardWriter, CsvWriter, JsonlWriter]
     for w in writers:
         w.write_scalars(1, {"train/loss": 3.0})
@@ -265,3 +277,357 @@ def test_make_writers_from_config_and_non_zero_process(tmp_path):
 
     with pytest.raises(ValueError, match="unknown writer type"):
         make_writers([{"type": "mlflow"}], tmp_path, is_global_zero=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# A fake trainer that calls the hooks as trainers/trainer.py does
+# --------------------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """Monotonic seconds that advance only when the fake training loop says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeTrainer:
+    """The attributes callbacks may use, and a loop with the real trainer's hook order.
+
+    Per optimiser step: `on_train_batch_start` and `on_before_optimizer_step` per micro-batch, the
+    (fake) step advancing the clock by `step_seconds`, then `global_step += 1`, `train/loss` into
+    `callback_metrics` every `log_every_n_steps`, `on_train_batch_end`, and every `val_every` steps a
+    validation whose mean metrics land in `callback_metrics` before `on_validation_epoch_end` /
+    `on_validation_end`; the loop ends when `should_stop` is set or `max_steps` is reached.
+    """
+
+    def __init__(
+        self,
+        callbacks: list[Callback],
+        *,
+        max_steps: int | None = None,
+        log_every_n_steps: int = 1,
+        writers: list[MetricWriter] | None = None,
+        lr_fn=lambda step: 0.1,
+        is_global_zero: bool = True,
+        clock: FakeClock | None = None,
+        step_seconds: float = 0.5,
+        val_seconds: float = 0.0,
+        workdir: pathlib.Path | None = None,
+    ) -> None:
+        self.callbacks = callbacks
+        self.max_steps = max_steps
+        self.estimated_stepping_batches = max_steps
+        self.log_every_n_steps = log_every_n_steps
+        self.writers = writers or []
+        self.lr_fn = lr_fn
+        self.is_global_zero = is_global_zero
+        self.clock = clock or FakeClock()
+        self.step_seconds = step_seconds
+        self.val_seconds = val_seconds
+        self.workdir = workdir or pathlib.Path(".")
+        self.config = None
+        self.global_step = 0
+        self.current_epoch = 0
+        self.should_stop = False
+        self.callback_metrics: dict[str, float] = {}
+
+    def learning_rate(self) -> float:
+        return float(self.lr_fn(self.global_step))
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if not self.is_global_zero or not metrics:
+            return
+        for w in self.writers:
+            w.write_scalars(self.global_step if step is None else int(step), metrics)
+
+    def call(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def validate(self, val_loss: float, extra: dict[str, float] | None = None) -> None:
+        self.call("on_validation_start")
+        self.call("on_validation_epoch_start")
+        for i in range(2):
+            self.call("on_validation_batch_start", None, i)
+            self.clock.now += self.val_seconds / 2
+            self.call("on_validation_batch_end", {"loss": np.float32(val_loss)}, None, i)
+        means = {"val/loss": float(val_loss), **(extra or {})}
+        self.callback_metrics.update(means)
+        self.log_metrics(means)
+        self.call("on_validation_epoch_end")
+        self.call("on_validation_end")
+
+    def fit(
+        self,
+        losses: list[float],
+        *,
+        val_every: int | None = None,
+        val_losses: list[float] | None = None,
+        accumulate: int = 1,
+        steps_per_epoch: int = 1000,
+    ) -> None:
+        """One optimiser step per entry of `losses` (until stopped), `steps_per_epoch` per epoch;
+        the validations take their loss from `val_losses` in turn."""
+        val_iter = iter(val_losses or [])
+        self.call("setup", "fit")
+        self.call("on_fit_start")
+        self.call("on_train_start")
+        i, stop = 0, False
+        while i < len(losses) and not stop and not self.should_stop:
+            self.call("on_train_epoch_start")
+            for batch_idx, loss in enumerate(losses[i : i + steps_per_epoch]):
+                i += 1
+                for micro in range(accumulate):
+                    self.call("on_train_batch_start", None, batch_idx * accumulate + micro)
+                    self.call("on_before_optimizer_step")
+                    self.clock.now += self.step_seconds / accumulate
+                self.global_step += 1
+                outputs = {"loss": np.float32(loss), "grad_norm": np.float32(1.0)}
+                if self.global_step % self.log_every_n_steps == 0:
+                    self.callback_metrics["train/loss"] = float(loss)
+                    self.log_metrics({"train/loss": float(loss)})
+                self.call("on_train_batch_end", outputs, None, (batch_idx + 1) * accumulate - 1)
+                if val_every and self.global_step % val_every == 0:
+                    self.validate(next(val_iter))
+                if self.should_stop or (self.max_steps is not None and self.global_step >= self.max_steps):
+                    stop = True
+                    break
+            else:
+                self.call("on_train_epoch_end")
+                self.current_epoch += 1
+        self.call("on_train_end")
+        self.call("on_fit_end")
+        self.call("teardown", "fit")
+
+
+# --------------------------------------------------------------------------------------------------
+# ProgressBar
+# --------------------------------------------------------------------------------------------------
+
+def test_progress_bar_plain_lines_when_not_a_tty(capsys):
+    clock = FakeClock()
+    bar = ProgressBar(refresh_every_n_steps=5, clock=clock)
+    trainer = FakeTrainer([bar], max_steps=20, clock=clock, step_seconds=0.5, val_seconds=5.0)
+    trainer.fit([float(20 - k) for k in range(20)], val_every=10, val_losses=[0.5, 0.25])
+    trainer.validate(0.5, {"val/rmse_2t": 1.25})  # stand-alone validation prints too
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    assert out.splitlines() == [
+        "epoch 0 | step 5/20 (25%) | 2 steps/s | ETA 0:00:08 | loss 16",
+        "epoch 0 | step 10/20 (50%) | 2 steps/s | ETA 0:00:05 | loss 11",
+        "validation @ step 10 | val/loss 0.5",
+        # steps/s leaves the 5 s validation out; the ETA (14 steps in 12 s so far) counts it
+        "epoch 0 | step 15/20 (75%) | 2 steps/s | ETA 0:00:04 | loss 6",
+        "epoch 0 | step 20/20 (100%) | 2 steps/s | ETA 0:00:00 | loss 1",
+        "validation @ step 20 | val/loss 0.25",
+        "validation @ step 20 | val/loss 0.5 | val/rmse_2t 1.25",
+    ]
+
+
+def test_progress_bar_defaults_to_log_interval_and_prints_last_step(capsys):
+    clock = FakeClock()
+    trainer = FakeTrainer([ProgressBar(clock=clock)], max_steps=7, log_every_n_steps=3, clock=clock)
+    trainer.fit([1.0] * 7)
+    steps = [line.split(" | ")[1] for line in capsys.readouterr().out.splitlines()]
+    assert steps == ["step 3/7 (43%)", "step 6/7 (86%)", "step 7/7 (100%)"]
+
+
+def test_progress_bar_redraws_in_place_on_a_tty():
+    clock, stream = FakeClock(), io.StringIO()
+    bar = ProgressBar(refresh_every_n_steps=2, stream=stream, tty=True, clock=clock)
+    FakeTrainer([bar], max_steps=4, clock=clock).fit([3.0, 2.0, 1.0, 0.5], val_every=4, val_losses=[0.75])
+    out = stream.getvalue()
+    assert out.startswith("\repoch 0 | step 2/4 (50%)")
+    assert "\repoch 0 | step 4/4 (100%)" in out
+    # the validation line starts on a fresh line and the output ends with a newline
+    assert "loss 0.5\nvalidation @ step 4 | val/loss 0.75\n" in out and out.endswith("\n")
+    assert out.count("\n") == 2
+
+
+def test_progress_bar_is_silent_off_process_zero(capsys):
+    FakeTrainer([ProgressBar(refresh_every_n_steps=1)], max_steps=3, is_global_zero=False).fit([1.0] * 3)
+    assert capsys.readouterr().out == ""
+
+
+# --------------------------------------------------------------------------------------------------
+# EarlyStopping
+# --------------------------------------------------------------------------------------------------
+
+
+def test_early_stopping_stops_after_patience_checks_without_improvement():
+    es = EarlyStopping(monitor="val/loss", patience=2, min_delta=0.05)
+    trainer = FakeTrainer([es], max_steps=100)
+    # improvements: 1.0 (first), 0.8; then 0.78 is within min_delta (no), 0.9 (no) -> stop
+    trainer.fit([1.0] * 100, val_every=5, val_losses=[1.0, 0.8, 0.78, 0.9, 0.1, 0.1])
+    assert trainer.should_stop and trainer.global_step == 20
+    assert es.state_dict() == {
+        "monitor": "val/loss", "mode": "min", "best_score": 0.8, "wait_count": 2, "stopped_step": 20,
+    }
+
+
+def test_early_stopping_max_mode_and_non_finite():
+    es = EarlyStopping(monitor="val/acc", mode="max", patience=1)
+    trainer = FakeTrainer([es], max_steps=100)
+    trainer.call("setup", "fit")
+    for acc in (0.5, 0.6):
+        trainer.callback_metrics["val/acc"] = acc
+        es.on_validation_end(trainer)
+    assert not trainer.should_stop and es.best_score == 0.6
+    trainer.callback_metrics["val/acc"] = 0.55
+    es.on_validation_end(trainer)
+    assert trainer.should_stop
+
+    es = EarlyStopping(patience=10)
+    trainer = FakeTrainer([es], max_steps=100)
+    trainer.fit([1.0] * 100, val_every=3, val_losses=[1.0, float("nan"), 0.5])
+    assert trainer.should_stop and trainer.global_step == 6
+
+
+def test_early_stopping_state_round_trip_keeps_patience_on_resume():
+    es = EarlyStopping(patience=3)
+    trainer = FakeTrainer([es], max_steps=4)
+    trainer.fit([1.0] * 4, val_every=2, val_losses=[0.5, 0.6])  # best 0.5, one check without gain
+    assert not trainer.should_stop
+    saved = json.loads(json.dumps(es.state_dict()))  # checkpoints store it as JSON
+
+    resumed = EarlyStopping(patience=3)
+    resumed.load_state_dict(saved)
+    assert (resumed.best_score, resumed.wait_count) == (0.5, 1)
+    trainer = FakeTrainer([resumed], max_steps=100)
+    trainer.global_step = 4
+    trainer.fit([1.0] * 96, val_every=2, val_losses=[0.7, 0.55, 0.4])
+    assert trainer.should_stop and trainer.global_step == 8  # two more checks, not three
+    assert resumed.state_key != EarlyStopping(monitor="val/rmse_2t").state_key
+
+
+def test_early_stopping_on_train_epoch_end():
+    es = EarlyStopping(monitor="train/loss", check_on="train_epoch_end", patience=1)
+    trainer = FakeTrainer([es], max_steps=100)
+    trainer.fit([1.0] * 5 + [0.5] * 5 + [0.7] * 5 + [0.1] * 5, steps_per_epoch=5)
+    assert trainer.should_stop and trainer.global_step == 15 and trainer.current_epoch == 3
+
+
+def test_early_stopping_strict_missing_metric_and_standalone_validate():
+    es = EarlyStopping(monitor="val/rmse_2t")
+    with pytest.raises(RuntimeError, match="val/rmse_2t"):
+        FakeTrainer([es], max_steps=10).fit([1.0] * 10, val_every=2, val_losses=[1.0] * 5)
+
+    es = EarlyStopping(monitor="val/rmse_2t", strict=False)
+    trainer = FakeTrainer([es], max_steps=4)
+    trainer.fit([1.0] * 4, val_every=2, val_losses=[1.0, 1.0])
+    assert not trainer.should_stop
+
+    es = EarlyStopping(patience=1)
+    trainer = FakeTrainer([es])
+    for loss in (1.0, 2.0, 3.0):  # trainer.validate() outside fit does not count
+        trainer.validate(loss)
+    assert not trainer.should_stop and es.best_score is None
+
+
+# --------------------------------------------------------------------------------------------------
+# LearningRateMonitor
+# --------------------------------------------------------------------------------------------------
+
+
+def test_lr_monitor_logs_the_rate_of_each_logged_update(tmp_path):
+    writer = JsonlWriter(tmp_path / "m.jsonl")
+    schedule = lambda count: 0.01 * (count + 1)  # noqa: E731  (optax: update k uses schedule(k-1))
+    trainer = FakeTrainer(
+        [LearningRateMonitor(logging_interval_steps=2)], max_steps=6, writers=[writer], lr_fn=schedule
+    )
+    trainer.fit([1.0] * 6, accumulate=2)
+    writer.close()
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    lrs = [(r["step"], r["lr"]) for r in rows if "lr" in r]
+    assert lrs == [(2, pytest.approx(0.02)), (4, pytest.approx(0.04)), (6, pytest.approx(0.06))]
+
+
+def test_lr_monitor_defaults_to_log_every_n_steps():
+    rec = _Recorder()
+    trainer = FakeTrainer(
+        [LearningRateMonitor(name="train/lr")], max_steps=9, log_every_n_steps=3, writers=[rec], lr_fn=float
+    )
+    trainer.fit([1.0] * 9)
+    assert [c[1:] for c in rec.calls if "train/lr" in c[2]] == [
+        (3, {"train/lr": 2.0}), (6, {"train/lr": 5.0}), (9, {"train/lr": 8.0}),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Timer
+# --------------------------------------------------------------------------------------------------
+
+
+def test_parse_duration_forms():
+    assert parse_duration("00:01:00:00") == 3600.0
+    assert parse_duration("00:00:02:30") == 150.0
+    assert parse_duration("01:30") == 90.0
+    assert parse_duration(12) == 12.0
+    assert parse_duration({"minutes": 2}) == 120.0
+    for bad in ("1:2:3:4:5", "ab", 0):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def test_timer_stops_at_budget_and_resumed_run_counts_on():
+    clock = FakeClock()
+    timer = Timer(duration="00:00:00:10", clock=clock)
+    trainer = FakeTrainer([timer], max_steps=100, clock=clock, step_seconds=1.0)
+    trainer.fit([1.0] * 100)
+    assert trainer.should_stop and trainer.global_step == 10
+    assert timer.time_elapsed() == pytest.approx(10.0)
+
+    # a job killed after 4 s of training, then resumed from its checkpoint
+    clock = FakeClock()
+    first = Timer(duration=10, clock=clock)
+    trainer = FakeTrainer([first], max_steps=4, clock=clock, step_seconds=1.0)
+    trainer.fit([1.0] * 4)
+    assert not trainer.should_stop
+    saved = json.loads(json.dumps(first.state_dict()))
+    assert saved["elapsed_s"] == pytest.approx(4.0)
+
+    clock.now += 3600.0  # time between jobs is not training time
+    second = Timer(duration=10, clock=clock)
+    second.load_state_dict(saved)
+    trainer = FakeTrainer([second], max_steps=100, clock=clock, step_seconds=1.0)
+    trainer.global_step = 4
+    trainer.fit([1.0] * 96)
+    assert trainer.should_stop and trainer.global_step == 10
+
+    # resumed when already over budget: stops before any step
+    late = Timer(duration=5, clock=clock)
+    late.load_state_dict({"elapsed_s": 6.0})
+    trainer = FakeTrainer([late], max_steps=100, clock=clock)
+    trainer.fit([1.0] * 100)
+    assert trainer.should_stop and trainer.global_step == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Together
+# --------------------------------------------------------------------------------------------------
+
+
+def test_callbacks_together_write_csv_a_user_can_pivot(tmp_path, capsys):
+    clock = FakeClock()
+    writers = make_writers([{"type": "csv"}, {"type": "tensorboard"}], tmp_path, is_global_zero=True)
+    callbacks = [
+        ProgressBar(refresh_every_n_steps=4, clock=clock),
+        LearningRateMonitor(logging_interval_steps=4),
+        EarlyStopping(patience=1),
+        Timer(duration=3600, clock=clock),
+    ]
+    trainer = FakeTrainer(callbacks, max_steps=40, log_every_n_steps=4, writers=writers, clock=clock)
+    trainer.fit([1.0 / (k + 1) for k in range(40)], val_every=8, val_losses=[0.5, 0.4, 0.45, 0.3])
+    for w in writers:
+        w.close()
+    assert trainer.should_stop and trainer.global_step == 24  # val/loss rose at step 24
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    tags = {(int(r["step"]), r["tag"]) for r in rows}
+    assert {(8, "train/loss"), (8, "lr"), (8, "val/loss"), (24, "val/loss")} <= tags
+    steps, values = zip(*_tb_scalars(tmp_path / "tensorboard")["val/loss"], strict=True)  # float32 in event files
+    assert steps == (8, 16, 24) and values == pytest.approx([0.5, 0.4, 0.45])
+    assert "validation @ step 24 | val/loss 0.45" in capsys.readouterr().out
