@@ -386,8 +386,8 @@ class WandbWriter(MetricWriter):
         self.dir.mkdir(parents=True, exist_ok=True)
         if "settings" not in init_kwargs:
             init_kwargs["settings"] = wandb.Settings(silent=True, console="off")
-        if config is not None:
-            config = flatten_hparams(config) if hasattr(config, "to_dict") else dict(config)
+        if config is not None:  # W&B cannot serialise an ml_collections.ConfigDict itself
+            config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         self._wandb = wandb
         self.run = wandb.init(project=project, dir=str(self.dir), mode=mode, config=config, **init_kwargs)
         self._warn = _WarnOnce()
