@@ -31,17 +31,23 @@ Example schema (one per valid time)::
      "surf":  {"2t": float32 (h, w), ...},              # present when surf_vars is not empty
      "atmos": {"z": float32 (levels, h, w), ...}}       # present when atmos_vars is not empty
 
-Tensors are stored as raw bytes (TFDS ``encoding="bytes"``). TFDS's write-time shuffling is turned
-off (``disable_shuffling``; the example key is the timestamp), so records are in ascending time
-order; Grain shuffles windows at read time, which is what training needs. Readers must still index
-by the stored timestamp (the pipeline checks every record it reads against it).
+Tensors are stored as raw bytes (TFDS ``encoding="bytes"``). Records are shuffled at write time
+(TFDS's default: its shuffler sorts examples by an md5 hash of key and split name, which also
+keeps the memory of a build bounded: it spills to 1000 buckets on disk). The example key is the
+timestamp, so the record order is known when the split is written: it is stored in the metadata
+(``times``) and checked right after the build (first, middle and last record; on a mismatch the
+split is scanned instead) and again by the pipeline on every record it reads.
+
+TFDS 4.9 writes those spill buckets with ``tf.io.gfile`` (a split over 1 GB needs TensorFlow);
+`download_and_prepare` lends TFDS's shuffler plain-file equivalents while it runs, when
+TensorFlow is not installed (`_tf_free_shuffler`).
 
 Where the rest lives (``<data_dir>/<builder>/<config>/<version>/``, `WeatherMetadata`):
 
 * ``metadata.json`` (``builder.info.metadata``): ``stats`` -- ``{"2t": [mean, std], "z_500": [...],
   "lsm": [...]}`` computed during the build over the ``stats_split`` (default ``train``) with
   `data_builders.stats.RunningStats` (float64, population std, unweighted); ``times`` --
-  ``{split: [seconds, ...]}`` in record order; the grid (``lat``, ``lon``), ``levels``, the
+  ``{split: [seconds, ...]}`` in record order (shuffled); the grid (``lat``, ``lon``), ``levels``, the
   variable lists, ``units``, ``loss_weight`` (Aurora's dataset weight gamma: ERA5 2.0, others 1.0),
   and the ``config`` it was built from.
 * ``static.npz``: the static companion -- ``lsm``, ``z`` (surface geopotential; ``z_sfc`` in
@@ -57,11 +63,14 @@ Large sources are read in time chunks of ``chunk_hours`` (default one day) throu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import inspect
 import io
 import json
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +79,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 import xarray as xr
 from etils import epath
+from tensorflow_datasets.core import hashing as tfds_hashing
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from data_builders.readers import (
     ATMOS_VARS,
@@ -91,7 +102,10 @@ __all__ = [
     "global_grid",
     "make_config",
     "patch_code_path",
+    "record_order",
 ]
+
+log = logging.getLogger(__name__)
 
 AURORA_LEVELS = (50.0, 100.0, 150.0, 200.0, 250.0, 300.0, 400.0, 500.0, 600.0, 700.0, 850.0,
                  925.0, 1000.0)  # fmt: skip
@@ -334,6 +348,27 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     # ---- TFDS interface ---------------------------------------------------------------------
 
+    def download_and_prepare(self, *args: Any, **kwargs: Any) -> None:
+        """Build (if not built yet) without TensorFlow, then check the stored time index."""
+        fresh = not (Path(self.data_dir) / "dataset_info.json").exists()
+        with _tf_free_shuffler():
+            super().download_and_prepare(*args, **kwargs)
+        if fresh:
+            self._check_time_index()
+
+    def _check_time_index(self) -> None:
+        """Compare a few records with the predicted order; rescan a split that disagrees."""
+        meta = self.info.metadata
+        for split, times in meta["times"].items():
+            src = self.as_data_source(split)
+            probe = sorted({0, len(src) // 2, len(src) - 1})
+            if len(src) == len(times) and all(int(src[i]["time"]) == times[i] for i in probe):
+                continue
+            log.warning("%s: record order of split %s differs from the prediction; scanning",
+                        self._source(), split)
+            meta["times"][split] = [int(src[i]["time"]) for i in range(len(src))]
+            meta.save_metadata(self.data_dir)
+
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
@@ -342,7 +377,6 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             homepage=self.HOMEPAGE or None,
             citation=self.CITATION or None,
             metadata=WeatherMetadata(),
-            disable_shuffling=True,
         )
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict]]]:
@@ -376,7 +410,7 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 yield int(t), example
         if not times:
             raise DataError(f"{self._source()}: no valid times in split {split} {list(ranges)}")
-        self.info.metadata["times"][split] = times
+        self.info.metadata["times"][split] = record_order(split, times)
         if acc is not None:
             self._store_stats(acc)
 
@@ -576,6 +610,52 @@ class Hres(WeatherBuilder, skip_registration=True):
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
+
+
+def record_order(split: str, times: Sequence[int]) -> list[int]:
+    """The order in which TFDS writes examples keyed by `times`: by md5(split name, key).
+
+    This is `tfds.core.hashing.Hasher` with the split name as salt, as TFDS's writer uses it
+    (TFDS treats a change of it as a major version bump of every dataset).
+    """
+    hasher = tfds_hashing.Hasher(split)
+    return sorted((int(t) for t in times), key=hasher.hash_key)
+
+
+class _GFile:
+    """The part of ``tf.io.gfile`` / ``tf.errors`` that `tfds.core.shuffle` uses, on plain files."""
+
+    class errors:  # noqa: N801 - mirrors tf.errors
+        class ResourceExhaustedError(OSError):
+            message = ""
+
+    class io:  # noqa: N801 - mirrors tf.io
+        class gfile:  # noqa: N801 - mirrors tf.io.gfile
+            @staticmethod
+            def GFile(path: Any, mode: str = "r") -> Any:  # noqa: N802
+                return epath.Path(path).open(mode)
+
+            @staticmethod
+            def exists(path: Any) -> bool:
+                return epath.Path(path).exists()
+
+            @staticmethod
+            def remove(path: Any) -> None:
+                epath.Path(path).unlink()
+
+
+@contextlib.contextmanager
+def _tf_free_shuffler() -> Iterator[None]:
+    """Let TFDS's shuffler spill to disk without TensorFlow (local files only)."""
+    if importlib.util.find_spec("tensorflow") is not None:
+        yield
+        return
+    old = tfds_shuffle.tf
+    tfds_shuffle.tf = _GFile
+    try:
+        yield
+    finally:
+        tfds_shuffle.tf = old
 
 
 def _code_path(cls: type) -> epath.Path | None:

@@ -62,9 +62,12 @@ def test_hres_values_equal_reader(tmp_path: Path) -> None:
     builder.download_and_prepare()
     ref = open_dataset(HRES_PL, variables=["z", "t", "u", "v", "r"], levels=[300, 500, 850])
     examples = read_all(builder, "train")
-    assert [int(e["time"]) for e in examples] == seconds(ref["time"].values)
-    assert builder.times("train").tolist() == seconds(ref["time"].values)
-    for i, example in enumerate(examples):
+    # records are shuffled at write time; the stored index says which time each one holds
+    assert [int(e["time"]) for e in examples] == builder.times("train").tolist()
+    assert sorted(builder.times("train").tolist()) == seconds(ref["time"].values)
+    assert builder.times("train").tolist() != seconds(ref["time"].values)
+    for example in examples:
+        i = seconds(ref["time"].values).index(int(example["time"]))
         assert set(example) == {"time", "atmos"}  # no surface variables configured
         for v in ("z", "t", "u", "v", "r"):
             x = example["atmos"][v]
@@ -99,7 +102,7 @@ def test_era5_splits_surface_static_and_stats(tmp_path: Path) -> None:
     builder.download_and_prepare()
     ref = open_dataset(NATL)
     all_times = seconds(ref["time"].values)
-    got = {s: builder.times(s).tolist() for s in ("train", "validation", "test")}
+    got = {s: sorted(builder.times(s).tolist()) for s in ("train", "validation", "test")}
     assert got["train"] == all_times[:8]  # 25th 00 UTC .. 28th 12 UTC, 12-hourly
     assert got["validation"] == all_times[8:11]
     assert got["test"] == all_times[11:]
@@ -136,7 +139,8 @@ def test_resolution_regrids_and_fixes_shapes(tmp_path: Path) -> None:
     lat, lon = global_grid(20)
     ref = regrid(open_dataset(HRES_PL, variables=["z"], levels=[300, 500, 850]), lat, lon)
     example = builder.as_data_source("train")[2]
-    np.testing.assert_array_equal(example["atmos"]["z"], ref["z"].values[2])
+    i = seconds(ref["time"].values).index(int(example["time"]))
+    np.testing.assert_array_equal(example["atmos"]["z"], ref["z"].values[i])
     static = builder.static()
     assert set(static) == {"lsm", "slt", "z"} and static["slt"].shape == (10, 18)
     np.testing.assert_array_equal(static["z"], regrid(open_dataset(WB1), lat, lon)["z_sfc"].values)
@@ -177,7 +181,7 @@ def test_chunked_build_equals_one_read(tmp_path: Path) -> None:
         b.download_and_prepare()
     x, y = read_all(whole, "train"), read_all(chunked, "train")
     assert [int(e["time"]) for e in x] == [int(e["time"]) for e in y] and len(x) == 8
-    for ex, ey in zip(x, y):
+    for ex, ey in zip(x, y):  # same keys and split, so the same shuffled order
         np.testing.assert_array_equal(ex["atmos"]["t"], ey["atmos"]["t"])
     assert whole.stats() == chunked.stats()
 
@@ -209,3 +213,31 @@ def test_running_stats_merge_equals_numpy() -> None:
     x = np.stack(fields).astype(np.float64)
     np.testing.assert_allclose(acc.result()["z_500"], [x.mean(), x.std()], rtol=1e-12)
     assert stat_key("z", 7.5) == "z_7_5" and stat_key("2t") == "2t"
+
+
+def test_build_spilling_to_disk_needs_no_tensorflow(tmp_path: Path, monkeypatch) -> None:
+    # TFDS spills to bucket files past 1 GB (through tf.io.gfile); force it for every record.
+    from tensorflow_datasets.core import shuffle
+
+    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 0)
+    builder = Hres(data_dir=tmp_path, **HRES_KW)
+    builder.download_and_prepare()
+    ref = open_dataset(HRES_PL, variables=["t"], levels=[300, 500, 850])
+    examples = read_all(builder, "train")
+    assert [int(e["time"]) for e in examples] == builder.times("train").tolist()
+    for example in examples:
+        i = seconds(ref["time"].values).index(int(example["time"]))
+        np.testing.assert_array_equal(example["atmos"]["t"], ref["t"].values[i])
+    assert not list(Path(builder.data_dir).glob("**/bucket_*"))  # spill files cleaned up
+    assert "tensorflow" not in sys.modules
+
+
+def test_wrong_predicted_order_is_detected_and_rescanned(tmp_path: Path, monkeypatch) -> None:
+    import data_builders.builders as builders
+
+    monkeypatch.setattr(builders, "record_order", lambda split, times: sorted(times))
+    builder = Hres(data_dir=tmp_path, **HRES_KW)
+    builder.download_and_prepare()
+    assert [int(e["time"]) for e in read_all(builder, "train")] == builder.times("train").tolist()
+    reopened = Hres(data_dir=tmp_path, **HRES_KW)  # the rescanned index was saved
+    assert reopened.times("train").tolist() == builder.times("train").tolist()

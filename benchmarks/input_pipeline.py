@@ -1,0 +1,242 @@
+"""Input pipeline throughput at Aurora's 0.25 degree size: batches per second, data wait, bytes.
+
+    python benchmarks/input_pipeline.py [--times 8] [--batch-size 1] [--rollout-steps 1]
+
+What it does:
+
+1. Writes a real array_record dataset with the `era5` builder's own writing path
+   (`data_builders.builders.Era5`, only its two reading hooks replaced): ``--times`` 6-hourly
+   states on the 721 x 1440 grid with 4 surface variables (2t 10u 10v msl) and 5 atmospheric
+   variables (z u v t q) on Aurora's 13 levels, plus the static companion (lsm z slt). The fields
+   are **synthetic**: smooth large-scale patterns with realistic magnitudes per variable and
+   level, plus small noise so the low mantissa bits are as incompressible as in real data.
+2. Reads it with `data_builders.pipeline.Pipeline` (windows of 2 history steps + K targets,
+   shuffled, batched into `aurora.Batch`) without prefetch (``num_threads=0``: reading and
+   decoding happen when the consumer asks) and with prefetch (``--threads`` threads,
+   ``--prefetch`` batches ahead), and prints:
+   * batches/s when the consumer does nothing else (pure input throughput);
+   * the consumer's mean wait for data per batch while it "trains" (a ``--step-s`` sleep that
+     stands in for an accelerator step and releases the GIL, as a device step does);
+   * bytes read per batch: decoded float32 bytes, and the on-disk (compressed) bytes of the
+     records read.
+
+microsoft-aurora has no input pipeline (it takes a `Batch`), so there is nothing of it to run
+here. Keep ``--times`` small: each time step is ~290 MB of float32 (about 1 GB of peak memory per
+in-flight batch with K = 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+import tensorflow_datasets as tfds  # noqa: E402
+
+from data_builders.builders import AURORA_LEVELS, Era5, global_grid  # noqa: E402
+from data_builders.pipeline import Pipeline, WeatherSource, open_source  # noqa: E402
+
+SURF = ("2t", "10u", "10v", "msl")
+ATMOS = ("z", "u", "v", "t", "q")
+START = np.datetime64("2020-01-01T00", "s")
+_MEAN_AMP = {"2t": (278.0, 25.0), "10u": (0.0, 8.0), "10v": (0.0, 6.0), "msl": (101000.0, 1500.0),
+             "u": (10.0, 15.0), "v": (0.0, 8.0)}  # fmt: skip
+
+
+def level_mean_amp(var: str, p: float) -> tuple[float, float]:
+    """Typical mean and amplitude of an atmospheric variable at pressure level p (hPa)."""
+    if var == "z":
+        mean = 9.80665 * 44330.8 * (1 - (p / 1013.25) ** 0.190263)
+        return mean, 0.03 * mean + 300.0
+    if var == "t":
+        return max(288.0 - 0.09 * (1000.0 - p), 215.0), 15.0
+    if var == "q":
+        scale = 0.012 * (p / 1000.0) ** 3
+        return scale / 2, scale / 2
+    return _MEAN_AMP[var]
+
+
+def smooth_field(mean: float, amp: float, phase: float, lat: np.ndarray, lon: np.ndarray,
+                 rng: np.random.Generator) -> np.ndarray:  # fmt: skip
+    """mean + amp * (zonal structure + travelling waves + 0.2 % noise), float32 (lat, lon)."""
+    phi, lam = np.deg2rad(lat)[:, None], np.deg2rad(lon)[None, :]
+    pattern = 0.6 * np.cos(2 * phi) + 0.3 * np.cos(phi) * np.sin(3 * lam + phase)
+    pattern = pattern + 0.1 * np.cos(phi) ** 2 * np.sin(7 * lam - 0.7 * phase)
+    noise = rng.standard_normal(pattern.shape, dtype=np.float32) * np.float32(0.002)
+    return (mean + amp * (pattern + noise)).astype(np.float32)
+
+
+class SyntheticEra5(Era5, skip_registration=True):
+    """The real `era5` builder with its two reading hooks replaced by the fields above."""
+
+    name = "synthetic_era5"
+
+    def _read_dynamic(self, time: slice) -> xr.Dataset | None:
+        lat, lon = global_grid(0.25)
+        lo, hi = np.datetime64(time.start, "s"), np.datetime64(time.stop, "s")
+        first = START + np.timedelta64(-(-(lo - START) // np.timedelta64(6, "h")) * 6, "h")
+        times = list(np.arange(first, hi + np.timedelta64(1, "s"), np.timedelta64(6, "h")))
+        if not times:
+            return None
+        data: dict[str, Any] = {}
+        for v in SURF:
+            data[v] = (("time", "latitude", "longitude"), np.stack([
+                smooth_field(*_MEAN_AMP[v], _phase(t, v), lat, lon, _rng(t, v)) for t in times]))
+        for v in ATMOS:
+            data[v] = (("time", "level", "latitude", "longitude"), np.stack([np.stack([
+                smooth_field(*level_mean_amp(v, p), _phase(t, v) + p / 300, lat, lon, _rng(t, v, p))
+                for p in AURORA_LEVELS]) for t in times]))  # fmt: skip
+        coords = {"time": np.array(times, "datetime64[ns]"), "level": list(AURORA_LEVELS),
+                  "latitude": lat, "longitude": lon}  # fmt: skip
+        return xr.Dataset(data, coords=coords)
+
+    def _read_static(self) -> xr.Dataset:
+        lat, lon = global_grid(0.25)
+        rng = np.random.default_rng(0)
+        lsm = (smooth_field(0.5, 0.8, 1.0, lat, lon, rng) > 0.5).astype(np.float32)
+        z = np.maximum(smooth_field(2000.0, 5000.0, 2.0, lat, lon, rng), 0) * lsm
+        slt = np.round(smooth_field(3.0, 4.0, 3.0, lat, lon, rng)).clip(0, 7) * lsm
+        dims = ("latitude", "longitude")
+        return xr.Dataset({"lsm": (dims, lsm), "z_sfc": (dims, z), "slt": (dims, slt)},
+                          coords={"latitude": lat, "longitude": lon})  # fmt: skip
+
+
+def _all_times(n: int) -> list[np.datetime64]:
+    return [START + np.timedelta64(6 * i, "h") for i in range(n)]
+
+
+def _phase(t: np.datetime64, v: str) -> float:
+    hours = float((t - START) / np.timedelta64(1, "h"))
+    return hours / 6.0 * 0.4 + (sum(map(ord, v)) % 7)
+
+
+def _rng(t: np.datetime64, v: str, p: float = 0.0) -> np.random.Generator:
+    return np.random.default_rng([int(t.astype(np.int64)), sum(map(ord, v)), int(p)])
+
+
+class CountingRecords:
+    """Records proxy: counts records read and their decoded bytes (thread-safe enough: += on ints
+    under the GIL; only totals are reported)."""
+
+    def __init__(self, records: Any) -> None:
+        self.records, self.count, self.nbytes = records, 0, 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Any:
+        ex = self.records[i]
+        self.count += 1
+        self.nbytes += sum(x.nbytes for g in ("surf", "atmos") for x in ex.get(g, {}).values())
+        return ex
+
+    def __getitems__(self, idx: list[int]) -> list[Any]:
+        return [self[i] for i in idx]
+
+
+def build(workdir: Path, n_times: int) -> tuple[Any, float]:
+    """Write the dataset with the real builder; returns (builder, seconds)."""
+    end = str(_all_times(n_times)[-1])
+    builder = SyntheticEra5(data_dir=workdir, paths=["<synthetic>"], resolution=0.25,
+                            splits={"train": (str(START), end)}, chunk_hours=6)  # fmt: skip
+    t = time.perf_counter()
+    builder.download_and_prepare()
+    return builder, time.perf_counter() - t
+
+
+def measure(source: WeatherSource, args: argparse.Namespace, threads: int, step_s: float) -> dict:
+    """Iterate one epoch; time per batch as seen by the consumer (which sleeps `step_s`)."""
+    counting = CountingRecords(source.records)
+    src = WeatherSource(records=counting, lat=source.lat, lon=source.lon, levels=source.levels,
+                        times=source.times, static=source.static, name=source.name)  # fmt: skip
+    p = Pipeline(src, rollout_steps=args.rollout_steps, batch_size=args.batch_size, seed=0,
+                 num_threads=threads, prefetch_buffer_size=args.prefetch if threads else 0)  # fmt: skip
+    it = iter(p)
+    waits, n = [], 0
+    start = time.perf_counter()
+    while True:
+        t = time.perf_counter()
+        try:
+            inputs, targets = next(it)
+        except StopIteration:
+            break
+        waits.append(time.perf_counter() - t)
+        n += 1
+        if step_s:
+            time.sleep(step_s)  # the accelerator step this batch would feed
+    total = time.perf_counter() - start
+    return {"batches": n, "total_s": total, "batches_per_s": n / total,
+            "mean_wait_s": float(np.mean(waits)), "first_wait_s": waits[0],
+            "steady_wait_s": float(np.mean(waits[1:])) if n > 1 else float("nan"),
+            "records_per_batch": counting.count / n, "decoded_bytes_per_batch": counting.nbytes / n}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--times", type=int, default=8, help="6-hourly time steps to write")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--rollout-steps", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2, help="prefetch threads")
+    ap.add_argument("--prefetch", type=int, default=2, help="batches prefetched")
+    ap.add_argument("--step-s", type=float, default=2.0, help="simulated accelerator step (s)")
+    ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
+    args = ap.parse_args()
+    tfds.disable_progress_bar()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="aurora_input_bench_"))
+    try:
+        run(args, workdir)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, workdir: Path) -> None:
+    print("Input pipeline benchmark: SYNTHETIC smooth fields (realistic magnitudes, 0.2 % noise) "
+          "written by the real era5 builder path to array_record")  # fmt: skip
+    builder, build_s = build(workdir, args.times)
+    source = open_source(builder, "train")
+    files = sorted(Path(builder.data_dir).glob("*.array_record-*"))
+    disk = sum(f.stat().st_size for f in files)
+    raw = (len(SURF) + len(ATMOS) * len(AURORA_LEVELS)) * 721 * 1440 * 4
+    print(f"grid 721x1440, {len(SURF)} surface + {len(ATMOS)}x{len(AURORA_LEVELS)} atmospheric "
+          f"fields; {args.times} times; record {raw / 1e6:.0f} MB float32, "
+          f"{disk / args.times / 1e6:.0f} MB on disk (array_record default compression, "
+          f"ratio {disk / (raw * args.times):.2f}); build {build_s:.1f} s "
+          f"({build_s / args.times:.1f} s per time step)")  # fmt: skip
+    print(f"batch size {args.batch_size}, history 2 + {args.rollout_steps} target(s); "
+          f"{2 + args.rollout_steps} records per window; machine: {_cpus()} CPU cores")
+    rows = []
+    for label, threads, step in (("no prefetch", 0, 0.0), (f"prefetch {args.threads} threads", args.threads, 0.0),
+                                 ("no prefetch", 0, args.step_s),
+                                 (f"prefetch {args.threads} threads", args.threads, args.step_s)):  # fmt: skip
+        r = measure(source, args, threads, step)
+        rows.append((label, step, r))
+        print(f"  {label:<20} consumer step {step:4.1f} s: {r['batches']} batches, "
+              f"{r['batches_per_s']:.3f} batches/s ({1 / r['batches_per_s']:.2f} s/batch), "
+              f"data wait per batch: first {r['first_wait_s']:.2f} s, then {r['steady_wait_s']:.2f} s")  # fmt: skip
+    r = rows[0][2]
+    per_record_disk = disk / args.times
+    print(f"bytes read per batch: {r['records_per_batch']:.2f} records, "
+          f"{r['decoded_bytes_per_batch'] / 1e6:.0f} MB decoded float32, "
+          f"{r['records_per_batch'] * per_record_disk / 1e6:.0f} MB from disk")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+
+
+if __name__ == "__main__":
+    main()
