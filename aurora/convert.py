@@ -18,8 +18,8 @@ CLI::
     python -m aurora.convert --pytorch-ckpt aurora-0.25-small-pretrained.ckpt \
         --preset AuroraSmallPretrained --out checkpoints/aurora-small
 
-PyTorch checkpoints are read with `torch.load(weights_only=True)` (no arbitrary pickles); `.npz`
-state dicts need no PyTorch at all.
+PyTorch checkpoints are read without PyTorch by `aurora.torch_checkpoint` (a restricted unpickler:
+tensors only, like `torch.load(weights_only=True)`); `.npz` state dicts work too.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from typing import Any
 import jax
 import numpy as np
 from flax import traverse_util
+
+from aurora.torch_checkpoint import load_torch_checkpoint
 
 __all__ = [
     "ConversionError",
@@ -57,21 +59,20 @@ class ConversionError(ValueError):
 
 
 def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a `.ckpt`/`.pt` (PyTorch, `weights_only=True`) or `.npz` state dict as numpy arrays."""
+    """Read a PyTorch `.ckpt`/`.pt` or a `.npz` state dict as float32 numpy arrays.
+
+    PyTorch files are read by :mod:`aurora.torch_checkpoint`, without PyTorch and as safely as
+    `torch.load(weights_only=True)`: only tensor-rebuilding globals are allowed. A Lightning-style
+    checkpoint's `"state_dict"` entry is unwrapped.
+    """
     path = Path(path)
     if path.suffix == ".npz":
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
-    try:
-        import torch
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            f"Reading {path} needs PyTorch (`pip install torch`), or save the state dict as .npz."
-        ) from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "state_dict" in state and isinstance(state["state_dict"], Mapping):
+    state = load_torch_checkpoint(path, float32=True)
+    if isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
-    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
+    return {k: np.asarray(v) for k, v in state.items()}
 
 
 def adapt_checkpoint(state: Mapping[str, np.ndarray], patch_size: int, max_history_size: int) -> dict[str, np.ndarray]:
