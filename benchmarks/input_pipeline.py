@@ -15,8 +15,10 @@ What it does:
    decoding happen when the consumer asks) and with prefetch (``--threads`` threads,
    ``--prefetch`` batches ahead), and prints:
    * batches/s when the consumer does nothing else (pure input throughput);
-   * the consumer's mean wait for data per batch while it "trains" (a ``--step-s`` sleep that
-     stands in for an accelerator step and releases the GIL, as a device step does);
+   * batches/s and the consumer's wait for data per batch while it "trains": a ``--step-s`` sleep
+     (default: 1.1 x the time to load a batch) stands in for an accelerator step and releases the
+     GIL, as waiting on a device does. With prefetch the wait after the first batch should be ~0;
+     without it, every step waits for a full load;
    * bytes read per batch: decoded float32 bytes, and the on-disk (compressed) bytes of the
      records read.
 
@@ -125,8 +127,7 @@ def _rng(t: np.datetime64, v: str, p: float = 0.0) -> np.random.Generator:
 
 
 class CountingRecords:
-    """Records proxy: counts records read and their decoded bytes (thread-safe enough: += on ints
-    under the GIL; only totals are reported)."""
+    """Records proxy: counts the records read and their decoded bytes (totals only)."""
 
     def __init__(self, records: Any) -> None:
         self.records, self.count, self.nbytes = records, 0, 0
@@ -139,9 +140,6 @@ class CountingRecords:
         self.count += 1
         self.nbytes += sum(x.nbytes for g in ("surf", "atmos") for x in ex.get(g, {}).values())
         return ex
-
-    def __getitems__(self, idx: list[int]) -> list[Any]:
-        return [self[i] for i in idx]
 
 
 def build(workdir: Path, n_times: int) -> tuple[Any, float]:
@@ -183,12 +181,14 @@ def measure(source: WeatherSource, args: argparse.Namespace, threads: int, step_
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--times", type=int, default=8, help="6-hourly time steps to write")
+    ap.add_argument("--times", type=int, default=6, help="6-hourly time steps to write")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--rollout-steps", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="prefetch threads")
     ap.add_argument("--prefetch", type=int, default=2, help="batches prefetched")
-    ap.add_argument("--step-s", type=float, default=2.0, help="simulated accelerator step (s)")
+    ap.add_argument("--step-s", type=float, default=None,
+                    help="simulated accelerator step in s (default: 1.1 x the measured time to "
+                         "load one batch without prefetch)")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     args = ap.parse_args()
     tfds.disable_progress_bar()
@@ -216,14 +216,16 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     print(f"batch size {args.batch_size}, history 2 + {args.rollout_steps} target(s); "
           f"{2 + args.rollout_steps} records per window; machine: {_cpus()} CPU cores")
     rows = []
-    for label, threads, step in (("no prefetch", 0, 0.0), (f"prefetch {args.threads} threads", args.threads, 0.0),
-                                 ("no prefetch", 0, args.step_s),
-                                 (f"prefetch {args.threads} threads", args.threads, args.step_s)):  # fmt: skip
+    prefetch = f"prefetch {args.threads} thr"
+    for label, threads, step in (("no prefetch", 0, 0.0), (prefetch, args.threads, 0.0),
+                                 ("no prefetch", 0, None), (prefetch, args.threads, None)):  # fmt: skip
+        if step is None:
+            step = args.step_s if args.step_s is not None else 1.1 / rows[0][2]["batches_per_s"]
         r = measure(source, args, threads, step)
         rows.append((label, step, r))
-        print(f"  {label:<20} consumer step {step:4.1f} s: {r['batches']} batches, "
-              f"{r['batches_per_s']:.3f} batches/s ({1 / r['batches_per_s']:.2f} s/batch), "
-              f"data wait per batch: first {r['first_wait_s']:.2f} s, then {r['steady_wait_s']:.2f} s")  # fmt: skip
+        print(f"  {label:<16} consumer step {step:5.2f} s: {r['batches']} batches, "
+              f"{r['batches_per_s']:.3f} batches/s ({1 / r['batches_per_s']:.2f} s/batch); "
+              f"data wait: first batch {r['first_wait_s']:.2f} s, later {r['steady_wait_s']:.2f} s")  # fmt: skip
     r = rows[0][2]
     per_record_disk = disk / args.times
     print(f"bytes read per batch: {r['records_per_batch']:.2f} records, "
