@@ -22,6 +22,9 @@ What it does:
    * bytes read per batch: decoded float32 bytes, and the on-disk (compressed) bytes of the
      records read.
 
+   "steady s/batch" leaves out the first batch (the pipeline filling up); "wait" is how long the
+   consumer blocked in ``next()``.
+
 microsoft-aurora has no input pipeline (it takes a `Batch`), so there is nothing of it to run
 here. Keep ``--times`` small: each time step is ~290 MB of float32 (about 1 GB of peak memory per
 in-flight batch with K = 1).
@@ -176,6 +179,7 @@ def measure(source: WeatherSource, args: argparse.Namespace, threads: int, step_
     return {"batches": n, "total_s": total, "batches_per_s": n / total,
             "mean_wait_s": float(np.mean(waits)), "first_wait_s": waits[0],
             "steady_wait_s": float(np.mean(waits[1:])) if n > 1 else float("nan"),
+            "steady_s_per_batch": float(np.mean(waits[1:])) + step_s if n > 1 else float("nan"),
             "records_per_batch": counting.count / n, "decoded_bytes_per_batch": counting.nbytes / n}  # fmt: skip
 
 
@@ -216,16 +220,19 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     print(f"batch size {args.batch_size}, history 2 + {args.rollout_steps} target(s); "
           f"{2 + args.rollout_steps} records per window; machine: {_cpus()} CPU cores")
     rows = []
-    prefetch = f"prefetch {args.threads} thr"
-    for label, threads, step in (("no prefetch", 0, 0.0), (prefetch, args.threads, 0.0),
-                                 ("no prefetch", 0, None), (prefetch, args.threads, None)):  # fmt: skip
+    runs = [("no prefetch", 0, 0.0), (f"prefetch {args.threads} thr", args.threads, 0.0),
+            ("no prefetch", 0, None), ("prefetch 1 thr", 1, None),
+            (f"prefetch {args.threads} thr", args.threads, None)]  # fmt: skip
+    print(f"  {'':<16} {'step s':>6} {'batches':>7} {'batches/s':>9} {'s/batch':>7} "
+          f"{'steady s/batch':>14} {'wait first':>10} {'wait later':>10}")
+    for label, threads, step in runs:
         if step is None:
             step = args.step_s if args.step_s is not None else 1.1 / rows[0][2]["batches_per_s"]
         r = measure(source, args, threads, step)
         rows.append((label, step, r))
-        print(f"  {label:<16} consumer step {step:5.2f} s: {r['batches']} batches, "
-              f"{r['batches_per_s']:.3f} batches/s ({1 / r['batches_per_s']:.2f} s/batch); "
-              f"data wait: first batch {r['first_wait_s']:.2f} s, later {r['steady_wait_s']:.2f} s")  # fmt: skip
+        print(f"  {label:<16} {step:6.2f} {r['batches']:7d} {r['batches_per_s']:9.3f} "
+              f"{1 / r['batches_per_s']:7.2f} {r['steady_s_per_batch']:14.2f} "
+              f"{r['first_wait_s']:10.2f} {r['steady_wait_s']:10.2f}")  # fmt: skip
     r = rows[0][2]
     per_record_disk = disk / args.times
     print(f"bytes read per batch: {r['records_per_batch']:.2f} records, "

@@ -25,10 +25,11 @@ Order, epochs, sharding, resume (all deterministic given ``seed``):
   With ``drop_remainder=True`` every shard is cut to ``len(all_windows) // shard_count`` windows
   so all processes run the same number of steps. ``batch_size`` is per process.
 * Each epoch is a fresh permutation of the shard's windows (Grain's ``index_shuffle``, the
-  permutation behind ``MapDataset.shuffle``, seeded from ``(seed, epoch)``). With ``drop_remainder=True`` (training) an epoch is
-  ``len(windows) // batch_size`` full batches and the few windows left over differ from epoch to
-  epoch; with ``drop_remainder=False`` (evaluation) an epoch's last batch may be short. Batches
-  never span two epochs. ``num_epochs=None`` repeats forever.
+  permutation behind ``MapDataset.shuffle``, seeded from ``(seed, epoch)``). With
+  ``drop_remainder=True`` (training) an epoch is ``len(windows) // batch_size`` full batches and
+  the few windows left over differ from epoch to epoch; with ``drop_remainder=False``
+  (evaluation) an epoch's last batch may be short. Batches never span two epochs.
+  ``num_epochs=None`` repeats forever.
 * Batching happens on window indices (`_BatchOrder`), then one Grain ``map`` reads each record
   a batch needs once (overlapping windows share records) and collates straight into the output
   arrays; Grain's element-wise ``.batch`` would stack twice and could not keep epochs apart.
@@ -38,8 +39,9 @@ Order, epochs, sharding, resume (all deterministic given ``seed``):
   iterator given ``it.set_state(state)`` yields exactly the batches the first one would have
   yielded next. ``pipeline.dataset[i]`` is batch i, by random access.
 * Host prefetch: ``num_threads`` threads build up to ``prefetch_buffer_size`` batches ahead of
-  the consumer, so the accelerator does not wait on reading and decoding (``num_threads=0``:
-  synchronous, for debugging and for measuring the difference).
+  the consumer, so the accelerator does not wait on reading and decoding as long as a step takes
+  longer than loading a batch (``benchmarks/input_pipeline.py`` measures both);
+  ``num_threads=0`` is synchronous, for debugging and for measuring the difference.
 
 Sources: `open_source(builder, split)` turns a built `data_builders.builders.WeatherBuilder` (or
 a registered function builder that returns a `WeatherSource`) into a `WeatherSource`: the
@@ -228,7 +230,7 @@ class _Collate:
     def __init__(self, source: WeatherSource, rollout_steps: int) -> None:
         self._source, self._k = source, rollout_steps
         self._lat, self._lon = tuple(source.lat.tolist()), tuple(source.lon.tolist())
-        self._static = {k: np.asarray(v, np.float32) for k, v in source.static.items()}
+        self._static = {k: np.array(v, np.float32) for k, v in source.static.items()}  # own copy
         for v in self._static.values():
             v.flags.writeable = False
 
