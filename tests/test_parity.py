@@ -80,7 +80,7 @@ def _compare(spec: dict[str, Any]) -> dict[str, float]:
     """Run both sides; return the worst relative error per `step/kind/var`."""
     out = case_dir(spec)
     model = _jax_model(spec)
-    params = convert_pytorch_checkpoint(load_state_dict(out / "state_dict.npz"), model)
+    params = convert_pytorch_checkpoint(load_state_dict(out / "state_dict.ckpt"), model)
     with np.load(out / "batch.npz") as f:
         batch = _jax_batch(spec, {k: f[k] for k in f.files})
     with np.load(out / "preds.npz") as f:

@@ -8,7 +8,7 @@ parameter so that zero-initialised LoRA and AdaLN weights are exercised), `batch
 `w` (global regular grid, lat 90 -> -90 inclusive), `levels`, `time` (ISO), `steps` (rollout
 length), optional `zero_params` (parameter names set to zero), optional `surf_vars` / `static_vars` / `atmos_vars` present in the batch.
 
-Writes `state_dict.npz`, `batch.npz` (`surf/NAME`, `static/NAME`, `atmos/NAME`, `lat`, `lon`) and
+Writes `state_dict.ckpt` (`torch.save`, read back without PyTorch), `batch.npz` (`surf/NAME`, `static/NAME`, `atmos/NAME`, `lat`, `lon`) and
 `preds.npz` (`{step}/surf/NAME`, `{step}/atmos/NAME`, `{step}/time_hours`, `{step}/rollout_step`),
 plus `info.json` (parameter count).
 """
@@ -81,7 +81,7 @@ def main(spec_path, out_dir):
     torch.set_num_threads(2)
     model = build_model(spec)
     batch, arrays = build_batch(spec, model)
-    np.savez(out / "state_dict.npz", **{k: v.detach().numpy() for k, v in model.state_dict().items()})
+    torch.save(model.state_dict(), out / "state_dict.ckpt")
     np.savez(out / "batch.npz", **arrays)
 
     preds = {}

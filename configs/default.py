@@ -1,0 +1,108 @@
+"""Base configuration: every field the job reads, with production-scale values for Aurora 0.25°.
+
+Variant configs (`demo.py`, `rollout.py`, ...) start from this one and change what differs.
+Override anything from the command line, e.g.::
+
+    python main.py --config=configs/default.py --workdir=runs/x \
+        --config.trainer.max_steps=2000 --config.model.preset=AuroraSmallPretrained
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from trainers.loss import FINE_TUNING_WEIGHTS
+
+AURORA_LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # --- model: a microsoft-aurora preset name plus overrides of its arguments ---------------------
+    config.model = ml_collections.ConfigDict()
+    config.model.preset = "AuroraPretrained"  # Aurora | AuroraPretrained | AuroraSmallPretrained | ...
+    config.model.kwargs = ml_collections.ConfigDict({"use_lora": False})
+
+    # --- initial weights: a microsoft-aurora checkpoint (converted on the fly) or an Orbax folder ---
+    config.init = ml_collections.ConfigDict()
+    config.init.pytorch_checkpoint = ""  # e.g. /path/aurora-0.25-pretrained.ckpt
+    config.init.orbax_checkpoint = ""  # e.g. output of `python -m aurora.convert`
+
+    # --- data: a registered builder (data_builders.registry) and the pipeline -----------------------
+    config.data = ml_collections.ConfigDict()
+    config.data.builder = "era5"  # era5 | hres | a name you registered
+    config.data.builder_config = ml_collections.ConfigDict(
+        {
+            "data_dir": "",  # default: <workdir>/datasets
+            "paths": [],  # ERA5 / HRES files or zarr stores (anything readers.open_dataset reads)
+            "static_paths": [],
+            "surf_vars": ["2t", "10u", "10v", "msl"],
+            "atmos_vars": ["z", "u", "v", "t", "q"],
+            "static_vars": ["lsm", "z", "slt"],
+            "levels": list(AURORA_LEVELS),
+            "resolution": 0.25,
+            "splits": {"train": ["2018-01-01", "2020-12-31T18"], "validation": ["2021-01-01", "2021-12-31T18"]},
+        }
+    )
+    config.data.step_hours = 6  # the model's time step (12 for Aurora12hPretrained)
+    config.data.batch_size = 1  # per process
+    config.data.num_threads = 2  # host prefetch threads
+    config.data.prefetch_buffer_size = 2
+
+    # --- strategy: what one optimisation step is -----------------------------------------------------
+    config.strategy = ml_collections.ConfigDict()
+    config.strategy.name = "rollout"
+    config.strategy.steps = 1  # rollout length K
+    config.strategy.backprop = "all"  # all | last_k | pushforward
+    config.strategy.k = 1  # gradient window for last_k
+    config.strategy.average_loss = True
+
+    # --- loss (paper Suppl. D.1), on normalised variables --------------------------------------------
+    config.loss = ml_collections.ConfigDict()
+    config.loss.alpha = 0.25
+    config.loss.beta = 1.0
+    config.loss.gamma = 2.0  # dataset weight: ERA5 2.0, others 1.0
+    config.loss.surf_weights = ml_collections.ConfigDict({k: FINE_TUNING_WEIGHTS[k] for k in ("2t", "10u", "10v", "msl")})
+    config.loss.atmos_weights = ml_collections.ConfigDict({k: FINE_TUNING_WEIGHTS[k] for k in ("z", "u", "v", "t", "q")})
+
+    # --- optimiser ------------------------------------------------------------------------------------
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 3e-4
+    config.optimizer.warmup_steps = 1000
+    config.optimizer.schedule = "cosine"  # constant | cosine
+    config.optimizer.min_lr_ratio = 0.1
+    config.optimizer.weight_decay = 5e-6
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.999
+
+    # --- trainer (Lightning's knobs) -------------------------------------------------------------------
+    config.trainer = ml_collections.ConfigDict()
+    config.trainer.max_steps = 10_000
+    config.trainer.max_epochs = ml_collections.FieldReference(None, field_type=int)
+    config.trainer.val_check_interval = ml_collections.FieldReference(1000, field_type=int)
+    config.trainer.limit_train_batches = ml_collections.FieldReference(None, field_type=int)
+    config.trainer.limit_val_batches = ml_collections.FieldReference(50, field_type=int)
+    config.trainer.limit_test_batches = ml_collections.FieldReference(None, field_type=int)
+    config.trainer.fast_dev_run = False
+    config.trainer.accumulate_grad_batches = 1
+    config.trainer.gradient_clip_val = ml_collections.FieldReference(1.0, field_type=float)
+    config.trainer.precision = "bf16-mixed"  # "32" | "bf16-mixed"
+    config.trainer.remat = "backbone"  # none | backbone | all
+    config.trainer.log_every_n_steps = 50
+
+    # --- callbacks: name -> {type, **kwargs}; `type` is a built-in name or "package.module:Class" --------
+    config.callbacks = ml_collections.ConfigDict(
+        {
+            "checkpoint": {"type": "checkpoint", "every_n_steps": 500, "max_to_keep": 3},
+            "on_exception": {"type": "on_exception"},
+            "grad_stop": {"type": "grad_stop", "on_nonfinite": "skip"},
+            "progress": {"type": "progress"},
+            "lr_monitor": {"type": "lr_monitor"},
+        }
+    )
+
+    # --- metric writers (process 0 only) --------------------------------------------------------------
+    config.writers = ml_collections.ConfigDict({"tensorboard": {"type": "tensorboard"}, "csv": {"type": "csv"}})
+    return config

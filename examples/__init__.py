@@ -1,0 +1,1 @@
+"""Examples of extending the framework without editing library code."""

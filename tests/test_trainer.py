@@ -1,0 +1,205 @@
+"""Trainer, loss and RolloutStrategy: gradients, the guarded update, exact resume."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from aurora.rollout import advance_batch
+from callbacks.base import Callback
+from callbacks.checkpoint import ModelCheckpoint
+from callbacks.grad_stop import GradStop
+from trainers.data import InMemoryData
+from trainers.loss import LossConfig, aurora_loss
+from trainers.strategies.base import stack_targets
+from trainers.strategies.rollout import RolloutStrategy
+from trainers.trainer import Trainer, _to_device_batch
+from tests.helpers import random_batch, tiny_model
+
+OPTIM = ml_collections.ConfigDict({"learning_rate": 1e-3, "warmup_steps": 2, "schedule": "constant", "weight_decay": 0.01})
+
+
+def _example(model, seed: int, k: int = 2):
+    """An (inputs, targets) pair: history 2 and k one-step targets, 6 h apart."""
+    series = random_batch(model, history=2 + k, seed=seed)
+    inputs = series.replace(
+        surf_vars={n: v[:, :2] for n, v in series.surf_vars.items()},
+        atmos_vars={n: v[:, :2] for n, v in series.atmos_vars.items()},
+    )
+    targets = []
+    for i in range(k):
+        t = series.replace(
+            surf_vars={n: v[:, 2 + i : 3 + i] for n, v in series.surf_vars.items()},
+            atmos_vars={n: v[:, 2 + i : 3 + i] for n, v in series.atmos_vars.items()},
+        )
+        targets.append(t.replace(metadata=t.metadata.replace(time=np.asarray(t.metadata.time) + 360 * (i + 1))))
+    return inputs, targets
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model()
+    example = _example(model, 0)
+    params = model.init(jax.random.PRNGKey(0), example[0])["params"]
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    params = tree.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    return model, example, params
+
+
+def test_loss_matches_independent_numpy(setup) -> None:
+    model, (inputs, targets), params = setup
+    pred = model.apply({"params": params}, inputs)
+    target = targets[0]
+    config = LossConfig(atmos_weights={"z": {500: 2.0}, "t": 1.7}, alpha=0.25, beta=1.0, gamma=2.0)
+    loss, _ = aurora_loss(pred, target, config)
+
+    from aurora.normalisation import atmos_location_scale, surf_location_scale
+
+    surf_terms = []
+    for name in pred.surf_vars:
+        loc, scale = surf_location_scale(name)
+        p = (np.asarray(pred.surf_vars[name], np.float64) - loc) / scale
+        t = (np.asarray(target.surf_vars[name], np.float64) - loc) / scale
+        surf_terms.append(config.surf_weights.get(name, 1.0) * np.abs(p - t).mean())
+    atmos_terms = []
+    levels = pred.metadata.atmos_levels
+    for name in pred.atmos_vars:
+        loc, scale = atmos_location_scale(name, levels)
+        p = (np.asarray(pred.atmos_vars[name], np.float64) - loc) / scale
+        t = (np.asarray(target.atmos_vars[name], np.float64) - loc) / scale
+        weights = np.array([2.0 if (name == "z" and lv == 500) else (1.7 if name == "t" else (1.0 if name == "z" else config.atmos_weights.get(name, 1.0))) for lv in levels])
+        per_level = np.abs(p - t).mean(axis=(0, 1, 3, 4))
+        atmos_terms.append((weights * per_level).mean())
+    expected = 2.0 / 9 * (0.25 * sum(surf_terms) + 1.0 * sum(atmos_terms))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def _manual_two_step_loss(model, params, inputs, targets, detach_second_input: bool):
+    config = LossConfig()
+    pred1 = model.apply({"params": params}, inputs)
+    l1, _ = aurora_loss(pred1, targets[0], config)
+    nxt = advance_batch(inputs, pred1)
+    if detach_second_input:
+        nxt = nxt.replace(surf_vars=jax.lax.stop_gradient(nxt.surf_vars), atmos_vars=jax.lax.stop_gradient(nxt.atmos_vars))
+    pred2 = model.apply({"params": params}, nxt)
+    l2, _ = aurora_loss(pred2, targets[1], config)
+    return (l1 + l2) / 2
+
+
+@pytest.mark.parametrize("backprop", ["all", "pushforward"])
+def test_two_step_rollout_gradient_equals_explicit_calls(setup, backprop) -> None:
+    model, example, params = setup
+    inputs, targets = _to_device_batch(example)
+    strategy = RolloutStrategy(model, steps=2, backprop=backprop)
+    grad = jax.grad(lambda p: strategy.loss_fn(p, inputs, targets, strategy.default_controls())[0])(params)
+    manual = jax.grad(lambda p: _manual_two_step_loss(model, p, inputs, example[1], backprop == "pushforward"))(params)
+    for a, b in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(manual)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-7)
+
+
+def test_stop_gradient_removes_earlier_step_gradients(setup) -> None:
+    """Last-step loss only: with window 1 the gradient is that of one call on a detached input."""
+    model, example, params = setup
+    inputs, targets = _to_device_batch(example)
+    full = RolloutStrategy(model, steps=2, backprop="all", average_loss=False)
+    push = RolloutStrategy(model, steps=2, backprop="pushforward", average_loss=False)
+    g_full = jax.grad(lambda p: full.loss_fn(p, inputs, targets, full.default_controls())[0])(params)
+    g_push = jax.grad(lambda p: push.loss_fn(p, inputs, targets, push.default_controls())[0])(params)
+    pred1 = model.apply({"params": params}, inputs)
+    detached = jax.lax.stop_gradient(advance_batch(inputs, pred1))
+    g_one = jax.grad(lambda p: aurora_loss(model.apply({"params": p}, detached), example[1][1], LossConfig())[0])(params)
+    for a, b in zip(jax.tree_util.tree_leaves(g_push), jax.tree_util.tree_leaves(g_one)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-7)
+    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(g_full), jax.tree_util.tree_leaves(g_push)))
+    assert diff > 1e-6, "backprop through both steps must differ from the detached gradient"
+
+
+def _trainer(model, workdir, *, max_steps, callbacks=(), **kwargs):
+    strategy = RolloutStrategy(model, steps=2, backprop="all")
+    return Trainer(strategy, optimizer=OPTIM, callbacks=list(callbacks), workdir=workdir, max_steps=max_steps,
+                   log_every_n_steps=1, **kwargs)
+
+
+def _data(model, n=4):
+    return InMemoryData([_example(model, seed) for seed in range(n)], seed=3)
+
+
+def test_fit_reduces_the_loss_and_validates(tmp_path) -> None:
+    model = tiny_model()
+    data = InMemoryData([_example(model, 0)] * 2, shuffle=False)
+    trainer = _trainer(model, tmp_path, max_steps=12, val_check_interval=6)
+    trainer.fit(data, data)
+    assert trainer.global_step == 12
+    assert int(trainer.state.step) == 12
+    first = trainer.validate(data)["val/loss"]
+    trainer.fit  # noqa: B018 - the trainer keeps its state for further calls
+    assert "train/loss" in trainer.callback_metrics and "val/loss" in trainer.callback_metrics
+    assert first < 1.0
+
+
+class _Crash(Callback):
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, outputs, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated crash between checkpoints")
+
+
+def test_resume_after_a_crash_is_bit_identical(tmp_path) -> None:
+    model = tiny_model()
+    data = _data(model, n=3)  # 3 batches per epoch: the run crosses epochs
+
+    straight = _trainer(model, tmp_path / "a", max_steps=8, callbacks=[ModelCheckpoint(every_n_steps=3)])
+    straight.fit(data)
+
+    crashed = _trainer(model, tmp_path / "b", max_steps=8, callbacks=[ModelCheckpoint(every_n_steps=3), _Crash(5)])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.fit(data)
+    resumed = _trainer(model, tmp_path / "b", max_steps=8, callbacks=[ModelCheckpoint(every_n_steps=3)])
+    resumed.fit(data)
+    assert resumed.global_step == 8
+
+    for a, b in zip(jax.tree_util.tree_leaves(straight.state), jax.tree_util.tree_leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nonfinite_gradients_skip_the_update_or_stop(tmp_path) -> None:
+    model = tiny_model()
+    good = _example(model, 0)
+    bad_inputs = good[0].replace(surf_vars={**good[0].surf_vars, "2t": np.full_like(good[0].surf_vars["2t"], np.nan)})
+    data = InMemoryData([(bad_inputs, good[1])], shuffle=False)
+
+    guard = GradStop(on_nonfinite="skip")
+    trainer = _trainer(model, tmp_path, max_steps=2, callbacks=[guard])
+    trainer.fit(InMemoryData([good], shuffle=False))
+    before = jax.tree_util.tree_map(np.asarray, trainer.state.params)
+    trainer.max_steps = 3
+    trainer.fit(data)
+    after = trainer.state.params
+    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert guard.skipped == 1 and "input 2t" in guard.events[0]["culprits"]
+
+    stopper = GradStop(on_nonfinite="stop")
+    trainer = _trainer(model, tmp_path / "stop", max_steps=5, callbacks=[stopper])
+    trainer.fit(InMemoryData([(bad_inputs, good[1])] * 3, shuffle=False))
+    assert trainer.global_step == 1 and trainer.should_stop
+
+
+def test_grad_window_schedule_changes_without_recompiling(tmp_path) -> None:
+    model = tiny_model()
+    seen = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, outputs, batch, batch_idx):
+            seen.append(int(trainer.controls["grad_window"]))
+
+    trainer = _trainer(model, tmp_path, max_steps=4, callbacks=[GradStop(schedule=[(0, 1), (2, 2)]), Record()])
+    trainer.fit(_data(model, n=2))
+    assert seen == [1, 1, 2, 2]
+    assert trainer._compiled["train"]._cache_size() == 1

@@ -1,0 +1,50 @@
+"""Optimiser and learning-rate schedule from config: AdamW with warm-up, then constant or cosine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+__all__ = ["make_schedule", "make_optimizer"]
+
+
+def make_schedule(config: Any, total_steps: int | None) -> optax.Schedule:
+    """`config`: `learning_rate`, `warmup_steps`, `schedule` ("constant" | "cosine"), `min_lr_ratio`."""
+    lr = float(config.learning_rate)
+    warmup = int(config.get("warmup_steps", 0))
+    kind = config.get("schedule", "constant")
+    if kind == "constant":
+        after = optax.constant_schedule(lr)
+    elif kind == "cosine":
+        if not total_steps:
+            raise ValueError("A cosine schedule needs max_steps (or max_epochs with a known epoch length).")
+        decay_steps = max(total_steps - warmup, 1)
+        after = optax.cosine_decay_schedule(lr, decay_steps, alpha=float(config.get("min_lr_ratio", 0.0)))
+    else:
+        raise ValueError(f"Unknown schedule {kind!r}: use 'constant' or 'cosine'.")
+    if warmup <= 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def make_optimizer(config: Any, total_steps: int | None, *, gradient_clip_val: float | None = None,
+                   accumulate_grad_batches: int = 1) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (`b1`, `b2`, `eps`, `weight_decay` from config) behind optional global-norm clipping.
+
+    `accumulate_grad_batches > 1` wraps everything in `optax.MultiSteps`: gradients are averaged
+    over that many micro-batches and the optimiser (and its schedule) steps once per group.
+    """
+    schedule = make_schedule(config, total_steps)
+    tx = optax.adamw(
+        schedule,
+        b1=float(config.get("b1", 0.9)),
+        b2=float(config.get("b2", 0.999)),
+        eps=float(config.get("eps", 1e-8)),
+        weight_decay=float(config.get("weight_decay", 0.0)),
+    )
+    if gradient_clip_val:
+        tx = optax.chain(optax.clip_by_global_norm(float(gradient_clip_val)), tx)
+    if accumulate_grad_batches > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=accumulate_grad_batches)
+    return tx, schedule

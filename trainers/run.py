@@ -1,0 +1,200 @@
+"""Build everything a job needs from a config and run it: the library behind `main.py`.
+
+Kept apart from `main.py` (which only parses flags), as in Flax's examples, so tests and
+notebooks call `run(config, workdir, mode)` directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+import aurora
+from aurora.normalisation import aurora_stats
+from callbacks.base import Callback
+from callbacks.checkpoint import ModelCheckpoint, OnExceptionCheckpoint
+from callbacks.early_stopping import EarlyStopping
+from callbacks.grad_stop import GradStop
+from callbacks.lr_monitor import LearningRateMonitor
+from callbacks.progress import ProgressBar
+from callbacks.timer import Timer
+from callbacks.writers import make_writers
+from trainers.loss import LossConfig
+from trainers.strategies.base import Strategy
+from trainers.strategies.rollout import RolloutStrategy
+from trainers.trainer import Trainer
+
+__all__ = ["run", "build_model", "build_callbacks", "build_strategy", "build_data", "CALLBACKS", "STRATEGIES"]
+
+log = logging.getLogger(__name__)
+
+CALLBACKS: dict[str, type[Callback]] = {
+    "checkpoint": ModelCheckpoint,
+    "on_exception": OnExceptionCheckpoint,
+    "grad_stop": GradStop,
+    "progress": ProgressBar,
+    "lr_monitor": LearningRateMonitor,
+    "early_stopping": EarlyStopping,
+    "timer": Timer,
+}
+"""Built-in callbacks by config name; any other `type` is imported as "package.module:Class"."""
+
+STRATEGIES: dict[str, type[Strategy]] = {"rollout": RolloutStrategy}
+
+
+def _plain(value: Any) -> Any:
+    """ConfigDicts and lists -> dicts and tuples (hashable module arguments)."""
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _import(path: str) -> Any:
+    module, _, name = path.partition(":")
+    if not name:
+        module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_model(config: ml_collections.ConfigDict, data_stats: dict[str, tuple[float, float]] | None = None) -> aurora.Aurora:
+    """The preset with its overrides; dataset statistics fill in variables outside Aurora's table."""
+    kwargs = _plain(config.model.get("kwargs", {}))
+    table = aurora_stats()
+    extra = {k: tuple(v) for k, v in (data_stats or {}).items() if k not in table}
+    if extra:
+        kwargs["surf_stats"] = {**extra, **kwargs.get("surf_stats", {})}
+    if config.model.preset not in aurora.PRESETS:
+        raise ValueError(f"Unknown model preset {config.model.preset!r}; choose from {sorted(aurora.PRESETS)}.")
+    return aurora.PRESETS[config.model.preset](**kwargs)
+
+
+def build_strategy(config: ml_collections.ConfigDict, model: aurora.Aurora) -> Strategy:
+    loss = LossConfig(
+        surf_weights=dict(config.loss.surf_weights),
+        atmos_weights=_plain(config.loss.atmos_weights),
+        alpha=config.loss.alpha,
+        beta=config.loss.beta,
+        gamma=config.loss.gamma,
+    )
+    kwargs = _plain(config.strategy)
+    name = kwargs.pop("name")
+    cls = STRATEGIES.get(name) or _import(name)
+    return cls(model, loss=loss, **kwargs)
+
+
+def build_callbacks(config: ml_collections.ConfigDict, workdir: Path) -> list[Callback]:
+    callbacks = []
+    for key, spec in _plain(config.get("callbacks", {})).items():
+        spec = dict(spec)
+        kind = spec.pop("type", key)
+        cls = CALLBACKS.get(kind) or _import(kind)
+        callbacks.append(cls(**spec))
+    return callbacks
+
+
+def build_data(config: ml_collections.ConfigDict, workdir: Path, rollout_steps: int) -> dict[str, Any]:
+    """Build (or reuse) the dataset and return `{"stats", "train", "validation"}` pipelines."""
+    from data_builders.pipeline import Pipeline, open_source
+    from data_builders.registry import get_builder
+
+    builder_config = _plain(config.data.builder_config)
+    builder_config["data_dir"] = builder_config.get("data_dir") or str(workdir / "datasets")
+    for key in ("paths", "static_paths", "surf_vars", "atmos_vars", "static_vars", "levels"):
+        if key in builder_config and builder_config[key] is not None:
+            builder_config[key] = list(builder_config[key])
+    builder = get_builder(config.data.builder, **builder_config)
+    builder.download_and_prepare()
+    process, processes = jax.process_index(), jax.process_count()
+
+    def pipeline(split: str, train: bool) -> Pipeline:
+        return Pipeline(
+            open_source(builder, split),
+            step_hours=config.data.step_hours,
+            rollout_steps=rollout_steps,
+            batch_size=config.data.batch_size,
+            shuffle=train,
+            seed=config.seed,
+            shard_index=process,
+            shard_count=processes,
+            drop_remainder=train,
+            num_threads=config.data.num_threads,
+            prefetch_buffer_size=config.data.prefetch_buffer_size,
+        )
+
+    splits = builder.info.splits if hasattr(builder, "info") else {}
+    out: dict[str, Any] = {"stats": dict(builder.stats()) if hasattr(builder, "stats") else {}}
+    out["train"] = pipeline("train", True)
+    if "validation" in splits:
+        out["validation"] = pipeline("validation", False)
+    if "test" in splits:
+        out["test"] = pipeline("test", False)
+    return out
+
+
+def _init_params(config: ml_collections.ConfigDict, model: aurora.Aurora) -> Any:
+    if config.init.get("pytorch_checkpoint"):
+        from aurora.convert import convert_pytorch_checkpoint
+
+        return convert_pytorch_checkpoint(config.init.pytorch_checkpoint, model)
+    if config.init.get("orbax_checkpoint"):
+        import orbax.checkpoint as ocp
+
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(Path(config.init.orbax_checkpoint).absolute())
+    return None
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "fit") -> dict[str, Any]:
+    """Run `mode` (fit | validate | test | predict) and return a summary of what happened."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = build_data(config, workdir, rollout_steps=config.strategy.steps)
+    model = build_model(config, data["stats"])
+    strategy = build_strategy(config, model)
+    trainer = Trainer(
+        strategy,
+        optimizer=config.optimizer,
+        callbacks=build_callbacks(config, workdir),
+        writers=make_writers(list(_plain(config.get("writers", {})).values()), workdir, jax.process_index() == 0),
+        workdir=workdir,
+        config=config,
+        seed=config.seed,
+        init_params=_init_params(config, model),
+        **_plain(config.trainer),
+    )
+    summary: dict[str, Any] = {"workdir": str(workdir), "mode": mode}
+    try:
+        if mode == "fit":
+            trainer.fit(data["train"], data.get("validation"))
+            summary["metrics"] = dict(trainer.callback_metrics)
+        elif mode == "validate":
+            summary["metrics"] = trainer.validate(data["validation"])
+        elif mode == "test":
+            summary["metrics"] = trainer.test(data.get("test") or data["validation"])
+        elif mode == "predict":
+            out = workdir / "predictions"
+            out.mkdir(exist_ok=True)
+            count = 0
+            for i, preds in enumerate(trainer.predict(data.get("test") or data["validation"], steps=config.strategy.steps)):
+                for k, pred in enumerate(preds):
+                    pred.to_netcdf(out / f"batch{i:04d}_step{k + 1}.nc")
+                    count += 1
+            summary["predictions"] = str(out)
+            summary["files"] = count
+        else:
+            raise ValueError(f"Unknown mode {mode!r}: use fit, validate, test or predict.")
+    finally:
+        for writer in trainer.writers:
+            writer.close()
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None:
+            checkpoint.close()
+    summary["global_step"] = trainer.global_step
+    return summary

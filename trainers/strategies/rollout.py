@@ -1,0 +1,101 @@
+"""Multi-step rollout training: each prediction becomes the next input, as in inference.
+
+Time and `rollout_step` advance exactly as in `aurora.rollout` (the same `advance_batch`), so LoRA
+adapters and time encodings see what they will see at inference. The K steps run in `lax.scan`
+(one traced model call, whatever K), rematerialised so that memory holds one step's activations
+plus the K carried states.
+
+Gradient window `w` (a traced control, so a curriculum changes it without recompiling): gradients
+flow through the last `w` model calls. Concretely, the input of step `i` (1 <= i <= K - w) is
+detached, so each of those steps trains only its own call, and the losses of the last `w` steps
+back-propagate through every call from step K - w on.
+
+* `backprop="all"`: w = K, gradients through every step (full unrolled training).
+* `backprop="last_k"`: w = k.
+* `backprop="pushforward"`: w = 1, every call sees its input detached (Brandstetter et al. 2022).
+
+`average_loss=True` averages the K per-step losses; otherwise only the last step's loss counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from aurora.batch import Batch
+from aurora.model.aurora import Aurora
+from aurora.rollout import advance_batch
+from trainers.loss import LossConfig, aurora_loss
+from trainers.strategies.base import Metrics, Strategy
+
+__all__ = ["RolloutStrategy", "Backprop"]
+
+Backprop = Literal["all", "last_k", "pushforward"]
+
+
+def _detach_fields(batch: Batch, detach: jax.Array) -> Batch:
+    """Stop gradients through the fields (not the metadata) where `detach` is true."""
+    cut = lambda x: jnp.where(detach, jax.lax.stop_gradient(x), x)  # noqa: E731
+    return batch.replace(
+        surf_vars={k: cut(v) for k, v in batch.surf_vars.items()},
+        atmos_vars={k: cut(v) for k, v in batch.atmos_vars.items()},
+    )
+
+
+class RolloutStrategy(Strategy):
+    """Train on K-step rollouts against K targets."""
+
+    def __init__(
+        self,
+        model: Aurora,
+        steps: int = 1,
+        backprop: Backprop = "all",
+        k: int = 1,
+        average_loss: bool = True,
+        loss: LossConfig | None = None,
+        stats: dict[str, tuple[float, float]] | None = None,
+        remat: bool = True,
+    ):
+        super().__init__(model, loss, stats)
+        if backprop not in ("all", "last_k", "pushforward"):
+            raise ValueError(f"backprop must be 'all', 'last_k' or 'pushforward', not {backprop!r}.")
+        if steps < 1 or not 1 <= k <= steps:
+            raise ValueError(f"Need steps >= 1 and 1 <= k <= steps (steps={steps}, k={k}).")
+        self.steps = steps
+        self.backprop = backprop
+        self.k = k
+        self.average_loss = average_loss
+        self.remat = remat
+
+    def default_controls(self) -> dict[str, Any]:
+        window = {"all": self.steps, "last_k": self.k, "pushforward": 1}[self.backprop]
+        return {"grad_window": jnp.int32(window)}
+
+    def rollout_losses(self, params: Any, inputs: Batch, targets: Batch, window: jax.Array) -> tuple[jax.Array, Metrics]:
+        """Per-step losses `(K,)` and per-step metrics `{name: (K,)}`."""
+        K = self.steps
+        n_targets = jax.tree_util.tree_leaves(targets)[0].shape[0]
+        if n_targets < K:
+            raise ValueError(f"The rollout has {K} steps but the batch holds {n_targets} targets.")
+
+        def step(batch: Batch, xs: tuple[jax.Array, Batch]) -> tuple[Batch, tuple[jax.Array, Metrics]]:
+            i, target = xs
+            pred = self.predict(params, batch)
+            loss, terms = aurora_loss(pred, target, self.loss_config, self.stats)
+            nxt = _detach_fields(advance_batch(batch, pred), (i + 1) <= K - window)
+            return nxt, (loss, terms)
+
+        body = jax.checkpoint(step) if self.remat else step
+        first_k = jax.tree_util.tree_map(lambda x: x[:K], targets)
+        _, (losses, terms) = jax.lax.scan(body, inputs, (jnp.arange(K), first_k))
+        return losses, terms
+
+    def loss_fn(self, params: Any, inputs: Batch, targets: Batch, controls: dict[str, Any]) -> tuple[jax.Array, Metrics]:
+        window = controls.get("grad_window", self.default_controls()["grad_window"])
+        losses, terms = self.rollout_losses(params, inputs, targets, window)
+        loss = jnp.mean(losses) if self.average_loss else losses[-1]
+        metrics = {name: jnp.mean(values) for name, values in terms.items()}
+        metrics |= {f"loss/step{i + 1}": losses[i] for i in range(self.steps)} if self.steps > 1 else {}
+        return loss, metrics
