@@ -235,6 +235,8 @@ def _validate(config: WeatherConfig) -> None:
     names = [n for n, _ in config.splits]
     if not names or len(set(names)) != len(names):
         raise DataError(f"builder config: split names must be unique and non-empty: {names}")
+    if config.stats_split not in names:
+        raise DataError(f"builder config: stats_split {config.stats_split!r} is not a split {names}")
     _check_disjoint(config.splits)
 
 
@@ -382,9 +384,6 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict]]]:
         del dl_manager  # nothing to download: sources are local files or stores
         cfg = self.builder_config
-        names = [n for n, _ in cfg.splits]
-        if cfg.stats_split not in names:
-            raise DataError(f"{self.name}: stats_split {cfg.stats_split!r} is not a split {names}")
         meta = self.info.metadata
         meta.clear()
         meta.update(format_version=FORMAT_VERSION, builder=self.name, times={},
@@ -699,11 +698,10 @@ def _time_slices(r: TimeRange, chunk_hours: int) -> Iterator[slice]:
     if start is None or end is None:
         yield slice(start, end)
         return
-    t, stop = np.datetime64(start, "s"), np.datetime64(end, "s")
-    step = np.timedelta64(int(chunk_hours) * 3600, "s")
+    t, stop = np.datetime64(start, "ns"), np.datetime64(end, "ns")
+    step = np.timedelta64(int(chunk_hours) * 3600, "s").astype("timedelta64[ns]")
     while t <= stop:
-        last = min(t + step - np.timedelta64(1, "s"), stop)
-        yield slice(np.datetime64(t, "ns"), np.datetime64(last, "ns"))
+        yield slice(t, min(t + step - np.timedelta64(1, "ns"), stop))
         t = t + step
 
 

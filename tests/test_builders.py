@@ -192,6 +192,8 @@ def test_config_errors(tmp_path: Path) -> None:
                                              "test": ("2024-06-04", None)})  # fmt: skip
     with pytest.raises(DataError, match="static_vars"):
         make_config(paths=[HRES_PL], static_vars=("orography",))
+    with pytest.raises(DataError, match="stats_split 'train' is not a split"):
+        make_config(paths=[HRES_PL], splits={"fit": (None, None)})
     with pytest.raises(DataError, match="no source paths"):
         make_config()
     with pytest.raises(TypeError, match="unknown builder option"):
