@@ -26,7 +26,7 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 demo: install
-	$(PY) demo.py
+	$(PY) main.py --config=configs/demo.py --workdir=workdir/demo
 
 clean:
 	rm -rf $(VENV) .venv-ref .cache

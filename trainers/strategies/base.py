@@ -79,6 +79,11 @@ class Strategy:
         pass
 
     # --- pure, jitted by the trainer ---------------------------------------------------------------
+    def crop(self, batch: tuple[Batch, Batch]) -> tuple[Batch, Batch]:
+        """Drop a surplus latitude row (721 -> 720) from inputs and targets alike, as the model does."""
+        inputs, targets = batch
+        return inputs.crop(self.model.patch_size), targets.crop(self.model.patch_size)
+
     def predict(self, params: Any, batch: Batch) -> Batch:
         return self.model.apply({"params": params}, batch)
 
@@ -97,7 +102,7 @@ class Strategy:
     ) -> tuple[TrainState, Metrics]:
         """Gradients, a guarded update (a non-finite gradient leaves the state unchanged but for the
         step counter, so the update is skipped), and the requested measurements."""
-        inputs, targets = batch
+        inputs, targets = self.crop(batch)
         (loss, metrics), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, inputs, targets, controls)
         finite = _all_finite(grads)
         safe_grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
@@ -116,6 +121,6 @@ class Strategy:
         return new_state, metrics
 
     def eval_step(self, state: TrainState, batch: tuple[Batch, Batch], controls: dict[str, Any]) -> Metrics:
-        inputs, targets = batch
+        inputs, targets = self.crop(batch)
         loss, metrics = self.loss_fn(state.params, inputs, targets, controls)
         return {"loss": loss, **metrics}
