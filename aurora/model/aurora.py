@@ -21,7 +21,7 @@ from aurora.batch import Batch
 from aurora.model.decoder import Perceiver3DDecoder
 from aurora.model.encoder import Perceiver3DEncoder
 from aurora.model.layers import Precision
-from aurora.model.lora import LoRAMode
+from aurora.model.lora import LoRAConfig, LoRAMode
 from aurora.model.swin3d import Swin3DTransformerBackbone
 
 __all__ = [
@@ -153,11 +153,7 @@ class Aurora(nn.Module):
             decoder_num_heads=self.decoder_num_heads,
             window_size=self.window_size,
             mlp_ratio=self.mlp_ratio,
-            use_lora=self.use_lora,
-            lora_r=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            lora_steps=self.lora_steps,
-            lora_mode=self.lora_mode,
+            lora=LoRAConfig(self.lora_r, self.lora_alpha, self.lora_steps, self.lora_mode) if self.use_lora else None,
             remat=self.remat,
             precision=self.precision,
             dtype=backbone_dtype,

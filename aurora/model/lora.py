@@ -13,6 +13,7 @@ No adapter applies at steps `>= lora_steps`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import jax
@@ -21,10 +22,28 @@ from flax import linen as nn
 
 from aurora.model.layers import Precision, torch_linear_uniform
 
-__all__ = ["LoRAMode", "LoRARollout", "LORA_MODES"]
+__all__ = ["LoRAConfig", "LoRAMode", "LoRARollout", "LORA_MODES"]
 
 LoRAMode = Literal["single", "from_second", "all"]
 LORA_MODES = ("single", "from_second", "all")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Rank, alpha, number of rollout steps with an adapter, and mode (see the module docstring)."""
+
+    r: int = 8
+    alpha: int = 8
+    steps: int = 40
+    mode: LoRAMode = "single"
+
+    def __post_init__(self) -> None:
+        if self.mode not in LORA_MODES:
+            raise ValueError(f"Invalid LoRA mode {self.mode!r}; choose one of {LORA_MODES}.")
+
+    def adapter(self, in_features: int, out_features: int, *, name: str, precision: Precision, dtype: jnp.dtype | None) -> LoRARollout:
+        return LoRARollout(in_features, out_features, r=self.r, alpha=self.alpha, max_steps=self.steps,
+                           mode=self.mode, precision=precision, dtype=dtype, name=name)
 
 
 class LoRARollout(nn.Module):

@@ -19,7 +19,7 @@ from flax import linen as nn
 from aurora.model.film import AdaptiveLayerNorm
 from aurora.model.fourier import lead_time_expansion
 from aurora.model.layers import Dense, LayerNorm, Precision, dot_product_attention, gelu
-from aurora.model.lora import LoRAMode, LoRARollout
+from aurora.model.lora import LoRAConfig
 
 __all__ = ["Swin3DTransformerBackbone", "compute_shifted_window_mask"]
 
@@ -120,34 +120,18 @@ class WindowAttention(nn.Module):
 
     dim: int
     num_heads: int
-    use_lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 8
-    lora_steps: int = 40
-    lora_mode: LoRAMode = "single"
+    lora: LoRAConfig | None = None  # None: no LoRA
     precision: Precision = None
     dtype: jnp.dtype | None = None
-
-    def _lora(self, out_features: int, name: str) -> LoRARollout:
-        return LoRARollout(
-            self.dim,
-            out_features,
-            r=self.lora_r,
-            alpha=self.lora_alpha,
-            max_steps=self.lora_steps,
-            mode=self.lora_mode,
-            precision=self.precision,
-            dtype=self.dtype,
-            name=name,
-        )
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: np.ndarray | None, rollout_step: jax.Array | int) -> jax.Array:
         """`x`: `(B * nW, N, D)`; `mask`: `(nW, N, N)` or `None`."""
         dense = lambda n, name: Dense(n, precision=self.precision, dtype=self.dtype, name=name)  # noqa: E731
         qkv = dense(3 * self.dim, "qkv")(x)
-        if self.use_lora:
-            qkv = qkv + self._lora(3 * self.dim, "lora_qkv")(x, rollout_step)
+        if self.lora is not None:
+            lora = self.lora.adapter(self.dim, 3 * self.dim, name="lora_qkv", precision=self.precision, dtype=self.dtype)
+            qkv = qkv + lora(x, rollout_step)
         Bw, N, _ = x.shape
         head_dim = self.dim // self.num_heads
         qkv = qkv.reshape(Bw, N, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
@@ -163,8 +147,9 @@ class WindowAttention(nn.Module):
 
         out = out.transpose(0, 2, 1, 3).reshape(Bw, N, self.dim)
         y = dense(self.dim, "proj")(out)
-        if self.use_lora:
-            y = y + self._lora(self.dim, "lora_proj")(out, rollout_step)
+        if self.lora is not None:
+            lora = self.lora.adapter(self.dim, self.dim, name="lora_proj", precision=self.precision, dtype=self.dtype)
+            y = y + lora(out, rollout_step)
         return y
 
 
@@ -176,11 +161,7 @@ class Swin3DTransformerBlock(nn.Module):
     window_size: Res
     shift_size: Res = (0, 0, 0)
     mlp_ratio: float = 4.0
-    use_lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 8
-    lora_steps: int = 40
-    lora_mode: LoRAMode = "single"
+    lora: LoRAConfig | None = None  # None: no LoRA
     precision: Precision = None
     dtype: jnp.dtype | None = None
 
@@ -207,11 +188,7 @@ class Swin3DTransformerBlock(nn.Module):
         windows = WindowAttention(
             self.dim,
             self.num_heads,
-            use_lora=self.use_lora,
-            lora_r=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            lora_steps=self.lora_steps,
-            lora_mode=self.lora_mode,
+            lora=self.lora,
             precision=self.precision,
             dtype=self.dtype,
             name="attn",
@@ -274,11 +251,7 @@ class BasicLayer3D(nn.Module):
     window_size: Res
     mlp_ratio: float = 4.0
     resample: str | None = None  # "down", "up" or None
-    use_lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 8
-    lora_steps: int = 40
-    lora_mode: LoRAMode = "single"
+    lora: LoRAConfig | None = None  # None: no LoRA
     remat: bool = False
     precision: Precision = None
     dtype: jnp.dtype | None = None
@@ -296,11 +269,7 @@ class BasicLayer3D(nn.Module):
                 self.window_size,
                 shift_size=(0, 0, 0) if i % 2 == 0 else half,
                 mlp_ratio=self.mlp_ratio,
-                use_lora=self.use_lora,
-                lora_r=self.lora_r,
-                lora_alpha=self.lora_alpha,
-                lora_steps=self.lora_steps,
-                lora_mode=self.lora_mode,
+                lora=self.lora,
                 precision=self.precision,
                 dtype=self.dtype,
                 name=f"blocks_{i}",
@@ -322,11 +291,7 @@ class Swin3DTransformerBackbone(nn.Module):
     decoder_num_heads: tuple[int, ...] = (24, 12, 6, 3)
     window_size: Res = (2, 7, 7)
     mlp_ratio: float = 4.0
-    use_lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 8
-    lora_steps: int = 40
-    lora_mode: LoRAMode = "single"
+    lora: LoRAConfig | None = None  # None: no LoRA
     remat: bool = False
     precision: Precision = None
     dtype: jnp.dtype | None = None
@@ -349,11 +314,7 @@ class Swin3DTransformerBackbone(nn.Module):
             self.window_size,
             mlp_ratio=self.mlp_ratio,
             resample=resample,
-            use_lora=self.use_lora,
-            lora_r=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            lora_steps=self.lora_steps,
-            lora_mode=self.lora_mode,
+            lora=self.lora,
             remat=self.remat,
             precision=self.precision,
             dtype=self.dtype,
