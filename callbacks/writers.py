@@ -440,7 +440,40 @@ class WandbWriter(MetricWriter):
         self.run.finish()
 
 
-class CsvWriter(MetricWriter):
+class _LocalFileWriter(MetricWriter):
+    """Shared by the CSV and JSONL writers: one open file, and kinds of data a text file cannot hold
+    are skipped with one warning each (subclasses override what they do store)."""
+
+    _file: Any
+    _warn: _WarnOnce
+
+    def write_images(self, step, images) -> None:
+        self._warn(self, "images")
+
+    def write_videos(self, step, videos) -> None:
+        self._warn(self, "videos")
+
+    def write_audios(self, step, audios, *, sample_rate) -> None:
+        self._warn(self, "audios")
+
+    def write_texts(self, step, texts) -> None:
+        self._warn(self, "texts")
+
+    def write_histograms(self, step, arrays, num_buckets=None) -> None:
+        self._warn(self, "histograms")
+
+    def write_hparams(self, hparams) -> None:
+        self._warn(self, "hparams")
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+class CsvWriter(_LocalFileWriter):
     """Scalars as CSV rows ``step,tag,value,wall_time`` (long format; see the module docstring).
 
     Opened in append mode: a resumed run adds rows to the same file, and the header is written only
@@ -479,33 +512,8 @@ class CsvWriter(MetricWriter):
         for tag, value in scalars.items():
             self._csv.writerow((step, tag, repr(_as_float(value)), f"{now:.3f}"))
 
-    def write_images(self, step, images) -> None:
-        self._warn(self, "images")
 
-    def write_videos(self, step, videos) -> None:
-        self._warn(self, "videos")
-
-    def write_audios(self, step, audios, *, sample_rate) -> None:
-        self._warn(self, "audios")
-
-    def write_texts(self, step, texts) -> None:
-        self._warn(self, "texts")
-
-    def write_histograms(self, step, arrays, num_buckets=None) -> None:
-        self._warn(self, "histograms")
-
-    def write_hparams(self, hparams) -> None:
-        self._warn(self, "hparams")
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-
-
-class JsonlWriter(MetricWriter):
+class JsonlWriter(_LocalFileWriter):
     """One JSON object per line (see the module docstring for the record shapes); appends on resume.
 
     Lines are flushed as written: a JSONL file is what scripts tail while training runs.
@@ -532,33 +540,14 @@ class JsonlWriter(MetricWriter):
             values = {k: _as_float(v) for k, v in scalars.items()}
             self._write({"step": _as_step(step), "wall_time": time.time(), **values})
 
-    def write_images(self, step, images) -> None:
-        self._warn(self, "images")
-
-    def write_videos(self, step, videos) -> None:
-        self._warn(self, "videos")
-
-    def write_audios(self, step, audios, *, sample_rate) -> None:
-        self._warn(self, "audios")
-
     def write_texts(self, step, texts) -> None:
         if texts:
             strings = {k: str(v) for k, v in texts.items()}
             self._write({"step": _as_step(step), "wall_time": time.time(), **strings})
 
-    def write_histograms(self, step, arrays, num_buckets=None) -> None:
-        self._warn(self, "histograms")
-
     def write_hparams(self, hparams) -> None:
         flat = {k: _simple_hparam(v) for k, v in flatten_hparams(hparams).items()}
         self._write({"hparams": flat, "wall_time": time.time()})
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
 
 
 # --------------------------------------------------------------------------------------------------
