@@ -1,1 +1,20 @@
-"""Lightning-style callbacks driven by the trainer."""
+"""Lightning-style callbacks driven by the trainer (hook names in `callbacks.base`)."""
+
+from callbacks.base import Callback
+from callbacks.checkpoint import ModelCheckpoint, OnExceptionCheckpoint
+from callbacks.early_stopping import EarlyStopping
+from callbacks.grad_stop import GradStop
+from callbacks.lr_monitor import LearningRateMonitor
+from callbacks.progress import ProgressBar
+from callbacks.timer import Timer
+
+__all__ = [
+    "Callback",
+    "ModelCheckpoint",
+    "OnExceptionCheckpoint",
+    "EarlyStopping",
+    "GradStop",
+    "LearningRateMonitor",
+    "ProgressBar",
+    "Timer",
+]
