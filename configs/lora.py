@@ -1,9 +1,15 @@
 """LoRA rollout fine-tuning (Bodnar et al. 2025, Suppl. D.4) on the bundled real sample.
 
-The model of configs/demo.py with LoRA adapters on every window-attention `qkv` and `proj`; only the
-adapters train (`trainers.strategies.lora.LoRAStrategy`: the base is frozen in the optimiser and
-holds no optimiser state), against 2-step rollout targets formed by the wrapped `RolloutStrategy`.
-On the sample the base weights are random, so the run shows the mechanics, not skill.
+The model of configs/demo.py with LoRA adapters on every window-attention `qkv` and `proj`, trained
+by `trainers.strategies.lora.LoRAStrategy` against 2-step rollout targets formed by the wrapped
+`RolloutStrategy`. With pretrained weights only the adapters train (`strategy.train_base=False`,
+the paper's setting: the base is frozen in the optimiser and holds no optimiser state).
+
+Here there are no pretrained weights, and a freshly initialised Aurora's AdaLN modulation is zero
+(as in microsoft-aurora), which makes every Swin block, and so every LoRA gradient, exactly zero:
+LoRA alone would leave the loss flat. So this sample run trains the base too
+(`train_base=True`, at `optimizer.base_learning_rate`) with the adapters at their own rate
+(about 100 s for 30 steps on 2 CPU cores).
 
 `strategy.name = "lora"` is the key of `LoRAStrategy` in `trainers.run.STRATEGIES`;
 `strategy.inner` names the wrapped strategy and every other `strategy` field except the LoRA ones
@@ -21,6 +27,7 @@ For 0.25° HRES and Aurora's fine-tuned weights converted from microsoft-aurora,
       Aurora levels (configs.default.AURORA_LEVELS), surf_vars ["2t", "10u", "10v", "msl"],
       atmos_vars ["z", "u", "v", "t", "q"], static_vars ["lsm", "z", "slt"],
   --config.loss.gamma=1.0 (HRES) and loss surf/atmos weights as in configs/default.py,
+  --config.strategy.train_base=False  (adapters only, as the paper),
   --config.strategy.steps=4 (or more) with backprop "pushforward"/"last_k" to bound memory,
   --config.optimizer.lora_learning_rate  (a small value for real weights, e.g. 5e-5) and
       --config.optimizer.warmup_steps,
@@ -50,9 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.strategy.inner = "rollout"  # any STRATEGIES key or "package.module:Class"
     config.strategy.steps = 2  # the sample's splits hold 2 history + 2 target times
     config.strategy.backprop = "all"  # all | last_k | pushforward
-    config.strategy.train_base = False  # True: the base trains too, at optimizer.base_learning_rate
+    # True only because the sample run has no pretrained weights (see above); False at scale.
+    config.strategy.train_base = True
 
     # --- the optimiser: `lora_*` fields apply to the adapters, `base_*` to the base -----------------
     config.optimizer.lora_learning_rate = 1e-3
-    config.optimizer.base_learning_rate = 1e-4  # used only with strategy.train_base = True
+    config.optimizer.base_learning_rate = 1e-3  # used only with strategy.train_base = True
     return config
