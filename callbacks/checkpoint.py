@@ -98,7 +98,11 @@ class ModelCheckpoint(Callback):
 
     # --- saving -------------------------------------------------------------------------------------
     def save(self, trainer: Trainer, *, force: bool = False) -> bool:
-        """Write a checkpoint of the trainer's current state (asynchronously unless configured)."""
+        """Write a checkpoint of the trainer's current state (asynchronously unless configured).
+
+        Nothing is written under `fast_dev_run`, as in Lightning."""
+        if trainer.fast_dev_run:
+            return False
         manager = self._open(trainer)
         step = trainer.global_step
         if step == self.last_saved_step:
@@ -129,8 +133,8 @@ class ModelCheckpoint(Callback):
             self.save(trainer, force=True)
 
     def on_train_end(self, trainer: Trainer) -> None:
-        if not trainer.fast_dev_run:
-            self.save(trainer, force=True)
+        self.save(trainer, force=True)
+        if self.manager is not None:
             self.manager.wait_until_finished()
 
     # --- restoring ----------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ For 0.25° HRES and Aurora's fine-tuned weights converted from microsoft-aurora,
   --config.model.preset=Aurora  and make model.kwargs below just {"use_lora": True,
       "lora_mode": "single"} (Aurora's defaults: r = alpha = 8, lora_steps = 40, 4 surface, 3 static
       and 5 atmospheric variables),
-  --config.init.pytorch_checkpoint=/path/aurora-0.25-finetuned.ckpt  (has the LoRA weights; a
-      checkpoint without them, e.g. aurora-0.25-pretrained.ckpt, must go through
-      init.orbax_checkpoint: `LoRAStrategy.init_state` then adds fresh adapters with B = 0),
+  --config.init.pytorch_checkpoint=/path/aurora-0.25-finetuned.ckpt  (has the LoRA weights; from
+      a checkpoint without them, e.g. aurora-0.25-pretrained.ckpt, `LoRAStrategy.init_state` adds
+      fresh adapters with B = 0),
   --config.data.builder=hres  with builder_config.paths = your 0.25° HRES analyses,
       builder_config.static_paths, builder_config.resolution=0.25, builder_config.levels = the 13
       Aurora levels (configs.default.AURORA_LEVELS), surf_vars ["2t", "10u", "10v", "msl"],

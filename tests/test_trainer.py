@@ -203,3 +203,53 @@ def test_grad_window_schedule_changes_without_recompiling(tmp_path) -> None:
     trainer.fit(_data(model, n=2))
     assert seen == [1, 1, 2, 2]
     assert trainer._compiled["train"]._cache_size() == 1
+
+
+def test_fast_dev_run_runs_one_batch_and_writes_nothing(tmp_path) -> None:
+    model = tiny_model()
+    data = _data(model, n=2)
+    trainer = _trainer(model, tmp_path, max_steps=None, fast_dev_run=True, callbacks=[ModelCheckpoint(every_n_steps=1)])
+    trainer.fit(data, data)
+    assert trainer.global_step == 1
+    assert "val/loss" in trainer.callback_metrics
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_accumulated_gradients_equal_one_step_on_the_mean(tmp_path) -> None:
+    """Two micro-batches with accumulate_grad_batches=2 == one optimiser step on the mean gradient."""
+    model = tiny_model()
+    a, b = _example(model, 1), _example(model, 2)
+    optim = ml_collections.ConfigDict({"learning_rate": 1e-2, "warmup_steps": 0, "schedule": "constant"})
+    strategy = RolloutStrategy(model, steps=2, backprop="all")
+    accumulated = Trainer(strategy, optimizer=optim, workdir=tmp_path, max_steps=1, accumulate_grad_batches=2)
+    accumulated.fit(InMemoryData([a, b], shuffle=False))
+    assert accumulated.global_step == 1
+
+    from trainers.optim import make_optimizer
+
+    tx, _ = make_optimizer(optim, 1)
+    state = strategy.init_state(jax.random.PRNGKey(0), _to_device_batch(a)[0], tx)
+    grads = [jax.grad(lambda p, ex=ex: strategy.loss_fn(p, *_to_device_batch(ex), strategy.default_controls())[0])(state.params) for ex in (a, b)]
+    mean = jax.tree_util.tree_map(lambda x, y: (x + y) / 2, *grads)
+    expected, _ = state.apply_gradients(mean)
+    moved = 0.0
+    for x, y, x0 in zip(jax.tree_util.tree_leaves(expected.params), jax.tree_util.tree_leaves(accumulated.state.params), jax.tree_util.tree_leaves(state.params)):
+        # Adam's first update is ~lr * sign(g): where g is ~0, float rounding of the two ways of
+        # averaging flips a few elements by ~1e-6 (lr = 1e-2), so compare against the step size.
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5)
+        moved = max(moved, float(np.abs(np.asarray(y) - np.asarray(x0)).max()))
+    assert moved > 1e-4, "the accumulated step must actually update the parameters"
+
+
+def test_on_exception_checkpoint_saves_the_last_good_state(tmp_path) -> None:
+    from callbacks.checkpoint import OnExceptionCheckpoint
+
+    model = tiny_model()
+    data = _data(model, n=3)
+    crashed = _trainer(model, tmp_path, max_steps=8, callbacks=[ModelCheckpoint(every_n_steps=100), OnExceptionCheckpoint(), _Crash(2)])
+    with pytest.raises(RuntimeError):
+        crashed.fit(data)
+    assert (tmp_path / "checkpoints" / "2").exists(), "the state at the crash was saved"
+    resumed = _trainer(model, tmp_path, max_steps=3, callbacks=[ModelCheckpoint(every_n_steps=100)])
+    resumed.fit(data)
+    assert resumed.global_step == 3

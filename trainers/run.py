@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -26,6 +27,7 @@ from callbacks.timer import Timer
 from callbacks.writers import make_writers
 from trainers.loss import LossConfig
 from trainers.strategies.base import Strategy
+from trainers.strategies.lora import LoRAStrategy
 from trainers.strategies.rollout import RolloutStrategy
 from trainers.trainer import Trainer
 
@@ -44,7 +46,15 @@ CALLBACKS: dict[str, type[Callback]] = {
 }
 """Built-in callbacks by config name; any other `type` is imported as "package.module:Class"."""
 
-STRATEGIES: dict[str, type[Strategy]] = {"rollout": RolloutStrategy}
+
+
+def _lora(model: aurora.Aurora, *, inner: str = "rollout", loss: LossConfig | None = None, **kwargs: Any) -> Strategy:
+    """`strategy.name="lora"`: LoRA around `strategy.inner` (train_base / learning rates stay here,
+    every other field goes to the inner strategy)."""
+    return LoRAStrategy.wrapping(STRATEGIES.get(inner) or _import(inner), model, loss=loss, **kwargs)
+
+
+STRATEGIES: dict[str, Callable[..., Strategy]] = {"rollout": RolloutStrategy, "lora": _lora}
 
 
 def _plain(value: Any) -> Any:
@@ -140,9 +150,13 @@ def build_data(config: ml_collections.ConfigDict, workdir: Path, rollout_steps: 
 
 def _init_params(config: ml_collections.ConfigDict, model: aurora.Aurora) -> Any:
     if config.init.get("pytorch_checkpoint"):
-        from aurora.convert import convert_pytorch_checkpoint
+        from aurora.convert import convert_pytorch_checkpoint, load_state_dict
 
-        return convert_pytorch_checkpoint(config.init.pytorch_checkpoint, model)
+        state = load_state_dict(config.init.pytorch_checkpoint)
+        if model.use_lora and not any(".lora_" in k for k in state):
+            # Pretrained weights without adapters: the LoRA strategy adds fresh ones (B = 0).
+            model = model.clone(use_lora=False)
+        return convert_pytorch_checkpoint(state, model)
     if config.init.get("orbax_checkpoint"):
         import orbax.checkpoint as ocp
 

@@ -108,7 +108,7 @@ class Trainer:
         self.fast_dev_run = fast_dev_run
         self.max_steps = 1 if fast_dev_run else max_steps
         self.max_epochs = max_epochs
-        self.val_check_interval = val_check_interval
+        self.val_check_interval = 1 if fast_dev_run else val_check_interval
         self.limit_train_batches = limit_train_batches
         self.limit_val_batches = 1 if fast_dev_run else limit_val_batches
         self.limit_test_batches = limit_test_batches
