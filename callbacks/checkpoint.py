@@ -41,10 +41,12 @@ def _config_json(config: Any) -> Any:
 
 
 class ModelCheckpoint(Callback):
-    """Save every `every_n_steps` (and at the end of training); keep `max_to_keep`.
+    """Save every `every_n_steps` (and at the end of training); keep the latest `max_to_keep`.
 
-    With `monitor` (e.g. `"val/loss"`), the kept checkpoints are the best by that metric
-    (`mode="min"` or `"max"`), and checkpoints saved before the metric exists are kept too.
+    With `monitor` (e.g. `"val/loss"`), each save that has the metric is also written to
+    `<directory>/best`, which keeps the `save_top_k` best by that metric (`mode="min"` or
+    `"max"`). The latest checkpoints stay separate so that resuming always continues from the
+    most recent state, never from an older "best" one.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class ModelCheckpoint(Callback):
         max_to_keep: int | None = 3,
         monitor: str | None = None,
         mode: str = "min",
+        save_top_k: int | None = None,
         async_checkpointing: bool = True,
     ):
         if mode not in ("min", "max"):
@@ -63,38 +66,47 @@ class ModelCheckpoint(Callback):
         self.max_to_keep = max_to_keep
         self.monitor = monitor
         self.mode = mode
+        self.save_top_k = save_top_k if save_top_k is not None else max_to_keep
         self.async_checkpointing = async_checkpointing
         self.manager: ocp.CheckpointManager | None = None
+        self.best_manager: ocp.CheckpointManager | None = None
         self.last_saved_step: int | None = None
 
     # --- manager ------------------------------------------------------------------------------------
+    def _manager(self, directory: Path, **options: Any) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(enable_async_checkpointing=self.async_checkpointing, create=True, **options)
+        return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
     def _open(self, trainer: Trainer) -> ocp.CheckpointManager:
         if self.manager is None:
             directory = self.directory or (Path(trainer.workdir or ".") / "checkpoints")
             self.directory = Path(directory).absolute()
-            options = ocp.CheckpointManagerOptions(
-                max_to_keep=self.max_to_keep,
-                best_fn=(lambda metrics: metrics[self.monitor]) if self.monitor else None,
-                best_mode=self.mode,
-                keep_checkpoints_without_metrics=True,
-                enable_async_checkpointing=self.async_checkpointing,
-                create=True,
-            )
-            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+            self.manager = self._manager(self.directory, max_to_keep=self.max_to_keep)
+            if self.monitor:
+                self.best_manager = self._manager(
+                    self.directory / "best",
+                    max_to_keep=self.save_top_k,
+                    best_fn=lambda metrics: metrics[self.monitor],
+                    best_mode=self.mode,
+                    keep_checkpoints_without_metrics=False,
+                )
         return self.manager
 
     def setup(self, trainer: Trainer, stage: str) -> None:
         if stage == "fit" and not trainer.fast_dev_run:
             self._open(trainer)
 
+    def _managers(self) -> list[ocp.CheckpointManager]:
+        return [m for m in (self.manager, self.best_manager) if m is not None]
+
     def teardown(self, trainer: Trainer, stage: str) -> None:
-        if self.manager is not None:
-            self.manager.wait_until_finished()
+        for manager in self._managers():
+            manager.wait_until_finished()
 
     def close(self) -> None:
-        if self.manager is not None:
-            self.manager.close()
-            self.manager = None
+        for manager in self._managers():
+            manager.close()
+        self.manager = self.best_manager = None
 
     # --- saving -------------------------------------------------------------------------------------
     def save(self, trainer: Trainer, *, force: bool = False) -> bool:
@@ -115,15 +127,11 @@ class ModelCheckpoint(Callback):
             "config": _config_json(trainer.config),
         }
         trainer._call("on_save_checkpoint", meta)
-        metrics = None
-        if self.monitor and self.monitor in trainer.callback_metrics:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(trainer.state), meta=ocp.args.JsonSave(meta))
+        saved = manager.save(step, args=args, force=force)
+        if self.best_manager is not None and self.monitor in trainer.callback_metrics:
             metrics = {self.monitor: float(trainer.callback_metrics[self.monitor])}
-        saved = manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(trainer.state), meta=ocp.args.JsonSave(meta)),
-            metrics=metrics,
-            force=force,
-        )
+            self.best_manager.save(step, args=args, metrics=metrics, force=True)
         if saved:
             self.last_saved_step = step
         return saved
@@ -134,8 +142,8 @@ class ModelCheckpoint(Callback):
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.save(trainer, force=True)
-        if self.manager is not None:
-            self.manager.wait_until_finished()
+        for manager in self._managers():
+            manager.wait_until_finished()
 
     # --- restoring ----------------------------------------------------------------------------------
     def restore_latest(self, trainer: Trainer) -> dict[str, Any] | None:

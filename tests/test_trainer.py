@@ -253,3 +253,43 @@ def test_on_exception_checkpoint_saves_the_last_good_state(tmp_path) -> None:
     resumed = _trainer(model, tmp_path, max_steps=3, callbacks=[ModelCheckpoint(every_n_steps=100)])
     resumed.fit(data)
     assert resumed.global_step == 3
+
+
+def test_in_step_measurements_requested_by_callbacks(tmp_path) -> None:
+    seen = {}
+
+    class Norms(Callback):
+        measurements = ("grad_norm", "update_norm", "param_norm")
+
+        def on_train_batch_end(self, trainer, outputs, batch, batch_idx):
+            seen.update({k: float(outputs[k]) for k in self.measurements})
+
+    model = tiny_model()
+    trainer = _trainer(model, tmp_path, max_steps=3, callbacks=[Norms()])
+    trainer.fit(_data(model, n=2))
+    assert seen["grad_norm"] > 0 and seen["update_norm"] > 0 and seen["param_norm"] > 0
+    with pytest.raises(ValueError, match="Unknown in-step measurements"):
+
+        class Bad(Callback):
+            measurements = ("hessian",)
+
+        _trainer(model, tmp_path, max_steps=1, callbacks=[Bad()])
+
+
+def test_checkpoints_keep_the_best_by_a_monitored_metric(tmp_path) -> None:
+    """save_top_k=2 with monitor: the two lowest values survive in best/; the latest stay for resume."""
+
+    class FakeMetric(Callback):
+        values = {1: 0.5, 2: 0.1, 3: 0.9, 4: 0.2, 5: 0.7}
+
+        def on_train_batch_end(self, trainer, outputs, batch, batch_idx):
+            trainer.callback_metrics["val/score"] = self.values[trainer.global_step]
+
+    model = tiny_model()
+    checkpoint = ModelCheckpoint(every_n_steps=1, max_to_keep=2, monitor="val/score", mode="min", save_top_k=2)
+    # FakeMetric runs first so that each save sees the metric of its own step.
+    trainer = _trainer(model, tmp_path, max_steps=5, callbacks=[FakeMetric(), checkpoint])
+    trainer.fit(_data(model, n=5))
+    steps = lambda d: sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())  # noqa: E731
+    assert steps(tmp_path / "checkpoints" / "best") == [2, 4]
+    assert steps(tmp_path / "checkpoints") == [4, 5]
