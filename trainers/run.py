@@ -211,4 +211,5 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "fit
         if checkpoint is not None:
             checkpoint.close()
     summary["global_step"] = trainer.global_step
+    summary["outputs"] = {p.name: str(p) for p in sorted(workdir.iterdir()) if p.name != "datasets"}
     return summary

@@ -36,7 +36,7 @@ def stack_targets(targets: Sequence[Batch]) -> Batch:
 
 
 def global_norm(tree: Any) -> jax.Array:
-    return optax.global_norm(tree).astype(jnp.float32)
+    return optax.tree.norm(tree).astype(jnp.float32)
 
 
 def _all_finite(tree: Any) -> jax.Array:
