@@ -447,6 +447,12 @@ class _LocalFileWriter(MetricWriter):
     _file: Any
     _warn: _WarnOnce
 
+    def write_summaries(self, step, values, metadata=None) -> None:
+        scalars = {k: v for k, v in values.items() if np.asarray(v).size == 1}
+        if len(scalars) < len(values):
+            self._warn(self, "non-scalar summaries")
+        self.write_scalars(step, scalars)
+
     def write_images(self, step, images) -> None:
         self._warn(self, "images")
 
@@ -500,12 +506,6 @@ class CsvWriter(_LocalFileWriter):
             if tuple(first or ()) != self.HEADER:
                 raise ValueError(f"{self.path} exists with header {first}, expected {list(self.HEADER)}")
 
-    def write_summaries(self, step, values, metadata=None) -> None:
-        scalars = {k: v for k, v in values.items() if np.asarray(v).size == 1}
-        if len(scalars) < len(values):
-            self._warn(self, "non-scalar summaries")
-        self.write_scalars(step, scalars)
-
     def write_scalars(self, step, scalars) -> None:
         step = _as_step(step)
         now = time.time()
@@ -528,12 +528,6 @@ class JsonlWriter(_LocalFileWriter):
     def _write(self, record: Mapping[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-
-    def write_summaries(self, step, values, metadata=None) -> None:
-        scalars = {k: v for k, v in values.items() if np.asarray(v).size == 1}
-        if len(scalars) < len(values):
-            self._warn(self, "non-scalar summaries")
-        self.write_scalars(step, scalars)
 
     def write_scalars(self, step, scalars) -> None:
         if scalars:

@@ -57,7 +57,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +67,7 @@ import numpy as np
 import xarray as xr
 
 from data_builders.errors import DataError
+from data_builders.readers import check_netcdf3_complete
 
 __all__ = [
     "AURORA_LEVELS",
@@ -426,17 +426,10 @@ def _netcdf_magic_problem(path: Path) -> str | None:
     with open(path, "rb") as f:
         magic = f.read(8)
     if magic[:3] == b"CDF":
-        if magic[3] in (1, 2):
-            from scipy.io import netcdf_file
-
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    nc = netcdf_file(path, "r", mmap=True)
-                    nc.variables.clear()
-                    nc.close()
-            except Exception as e:  # scipy raises several types for short files
-                return f"truncated NETCDF3 file ({e})"
+        try:
+            check_netcdf3_complete(path)
+        except DataError as e:
+            return str(e).removeprefix(f"{path}: ")
         return None
     if magic.startswith(b"\x89HDF"):
         return None

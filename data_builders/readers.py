@@ -62,6 +62,7 @@ __all__ = [
     "STATIC_VARS",
     "SURFACE_VARS",
     "aurora_groups",
+    "check_netcdf3_complete",
     "nan_counts",
     "open_dataset",
     "regrid",
@@ -218,7 +219,7 @@ def _file_kind(path: Path) -> str:
     with open(path, "rb") as f:
         magic = f.read(8)
     if magic[:3] == b"CDF":
-        _check_netcdf3_complete(path)
+        check_netcdf3_complete(path)
         return "netcdf"
     if magic.startswith(b"\x89HDF"):
         return "netcdf"
@@ -227,7 +228,7 @@ def _file_kind(path: Path) -> str:
     raise DataError(f"{path}: unknown layout: not netCDF (classic or HDF5) and not a zarr store")
 
 
-def _check_netcdf3_complete(path: Path) -> None:
+def check_netcdf3_complete(path: Path) -> None:
     """Detect truncated NETCDF3 files, which netCDF-C reads as if the missing bytes were there.
 
     scipy's reader maps the data and fails when the file is shorter than its header promises;
