@@ -478,7 +478,7 @@ def _dataset_problem(ds: xr.Dataset, req: CdsRequest) -> str | None:
         da = ds[names[0]]
         if da.size == 0:
             return f"variable {key} is empty"
-        da.isel({d: -1 for d in da.dims}).values  # one value: catches data cut short
+        _ = da.isel({d: -1 for d in da.dims}).values  # read one value: catches data cut short
     if req.levels:
         lname = next((n for n in ("pressure_level", "level", "isobaricInhPa") if n in ds.coords),
                      None)
