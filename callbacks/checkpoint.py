@@ -1,10 +1,12 @@
 """Checkpoints with Orbax's `CheckpointManager`: exact resume, best-k, async writes.
 
-A checkpoint holds two items:
+A checkpoint holds two or three items:
 
 * `state`: the whole `TrainState` (params, optimiser state, step, RNG, strategy extras);
 * `meta` (JSON): global step, the data iterator's position, every callback's `state_dict()`, the
-  strategy's host state (e.g. a replay buffer) and the run's config.
+  strategy's host state (e.g. a replay buffer's index and RNG) and the run's config;
+* `strategy` (only when the strategy has any): the strategy's host arrays (`array_state()`, e.g.
+  the replay buffer's fields), as numpy arrays.
 
 A `Trainer` with a `ModelCheckpoint` resumes from the latest checkpoint in its directory
 automatically, so re-running the same command after a crash continues where it stopped, on the
@@ -30,6 +32,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["ModelCheckpoint", "OnExceptionCheckpoint"]
 
 log = logging.getLogger(__name__)
+
+ITEMS = ("state", "meta", "strategy")
 
 
 def _config_json(config: Any) -> Any:
@@ -75,7 +79,7 @@ class ModelCheckpoint(Callback):
     # --- manager ------------------------------------------------------------------------------------
     def _manager(self, directory: Path, **options: Any) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(enable_async_checkpointing=self.async_checkpointing, create=True, **options)
-        return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+        return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
     def _open(self, trainer: Trainer) -> ocp.CheckpointManager:
         if self.manager is None:
@@ -127,7 +131,11 @@ class ModelCheckpoint(Callback):
             "config": _config_json(trainer.config),
         }
         trainer._call("on_save_checkpoint", meta)
-        args = ocp.args.Composite(state=ocp.args.StandardSave(trainer.state), meta=ocp.args.JsonSave(meta))
+        items = {"state": ocp.args.StandardSave(trainer.state), "meta": ocp.args.JsonSave(meta)}
+        arrays = trainer.strategy.array_state()
+        if arrays:
+            items["strategy"] = ocp.args.PyTreeSave(arrays)
+        args = ocp.args.Composite(**items)
         saved = manager.save(step, args=args, force=force)
         if self.best_manager is not None and self.monitor in trainer.callback_metrics:
             metrics = {self.monitor: float(trainer.callback_metrics[self.monitor])}
@@ -153,9 +161,10 @@ class ModelCheckpoint(Callback):
         if step is None:
             return None
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, trainer.state)
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-        )
+        items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
+        if (self.directory / str(step) / "strategy").exists():
+            items["strategy"] = ocp.args.PyTreeRestore()  # numpy arrays, as saved
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
         meta = restored["meta"]
         trainer.state = restored["state"]
         trainer.global_step = int(meta["global_step"])
@@ -165,6 +174,7 @@ class ModelCheckpoint(Callback):
             if cb.state_key in states:
                 cb.load_state_dict(states[cb.state_key])
         trainer.strategy.load_state_dict(meta.get("strategy") or {})
+        trainer.strategy.load_array_state(restored["strategy"] if "strategy" in items else {})
         trainer._call("on_load_checkpoint", meta)
         log.info("Resumed from %s at step %d", self.directory / str(step), trainer.global_step)
         return meta["data"]

@@ -198,13 +198,13 @@ class _LoadBatch:
     def __init__(self, source: WeatherSource, step_seconds: int, rollout_steps: int) -> None:
         self._source = source
         self._offsets = np.arange(-1, rollout_steps + 1, dtype=np.int64) * step_seconds
-        self._index = {int(t): i for i, t in enumerate(source.times)}
-        self._collate = _Collate(source, rollout_steps)
+        self.index = {int(t): i for i, t in enumerate(source.times)}
+        self.collate = _Collate(source, rollout_steps)
 
     def __call__(self, nows: np.ndarray) -> tuple[Batch, list[Batch]]:
         times = [[int(now + o) for o in self._offsets] for now in nows]
         examples = self.read(sorted({t for w in times for t in w}))
-        return self._collate([[examples[t] for t in w] for w in times])
+        return self.collate([[examples[t] for t in w] for w in times])
 
     def read(self, times: list[int]) -> dict[int, Example]:
         """Records of `times` (overlapping windows share them), one after the other.
@@ -215,7 +215,7 @@ class _LoadBatch:
         """
         out = {}
         for t in times:
-            i = self._index[t]
+            i = self.index[t]
             example = self._source.records[i]
             if int(example["time"]) != t:
                 raise DataError(f"{self._source.name}: record {i} holds time {int(example['time'])}"
@@ -235,11 +235,12 @@ class _Collate:
             v.flags.writeable = False
 
     def __call__(self, windows: Sequence[Window]) -> tuple[Batch, list[Batch]]:
-        inputs = self._batch(windows, 0, 2, rollout_step=0)
-        targets = [self._batch(windows, 1 + k, 2 + k, rollout_step=k) for k in range(1, self._k + 1)]
+        inputs = self.batch(windows, 0, 2, rollout_step=0)
+        targets = [self.batch(windows, 1 + k, 2 + k, rollout_step=k) for k in range(1, self._k + 1)]
         return inputs, targets
 
-    def _batch(self, windows: Sequence[Window], lo: int, hi: int, rollout_step: int) -> Batch:
+    def batch(self, windows: Sequence[Window], lo: int, hi: int, rollout_step: int) -> Batch:
+        """Records ``lo:hi`` of each window as one Batch (history ``hi - lo``)."""
         first = windows[0][0]
         surf = {v: self._stack(windows, lo, hi, "surf", v) for v in first.get("surf", {})}
         atmos = {v: self._stack(windows, lo, hi, "atmos", v) for v in first.get("atmos", {})}
@@ -326,6 +327,24 @@ class Pipeline:
     def __len__(self) -> int:
         """Batches in the whole stream (all epochs); `sys.maxsize` when `num_epochs` is None."""
         return len(self.dataset)
+
+    def has_times(self, seconds: Sequence[int]) -> np.ndarray:
+        """Whether the source holds a state at each of `seconds` (int64 s since 1970)."""
+        return np.isin(np.asarray(seconds, np.int64), self.source.times)
+
+    def states_at(self, seconds: Sequence[int]) -> Batch:
+        """The ground truth at `seconds`, one batch row each (history 1, ``rollout_step`` 0).
+
+        Random access by valid time, e.g. for replay-buffer targets; a time the source does not
+        hold is an error (check with `has_times`).
+        """
+        seconds = [int(t) for t in seconds]
+        missing = [t for t in seconds if t not in self._load.index]
+        if missing:
+            when = np.array(missing[:5], "datetime64[s]").tolist()
+            raise DataError(f"{self.source.name}: no state at {when}")
+        examples = self._load.read(sorted(set(seconds)))
+        return self._load.collate.batch([[examples[t]] for t in seconds], 0, 1, rollout_step=0)
 
     def batch_windows(self, i: int, epoch: int = 0) -> np.ndarray:
         """The ``now`` times (int64 s) of batch i of `epoch`, without reading any data."""

@@ -28,6 +28,7 @@ from callbacks.writers import make_writers
 from trainers.loss import LossConfig
 from trainers.strategies.base import Strategy
 from trainers.strategies.lora import LoRAStrategy
+from trainers.strategies.replay import ReplayStrategy
 from trainers.strategies.rollout import RolloutStrategy
 from trainers.trainer import Trainer
 
@@ -54,7 +55,7 @@ def _lora(model: aurora.Aurora, *, inner: str = "rollout", loss: LossConfig | No
     return LoRAStrategy.wrapping(STRATEGIES.get(inner) or _import(inner), model, loss=loss, **kwargs)
 
 
-STRATEGIES: dict[str, Callable[..., Strategy]] = {"rollout": RolloutStrategy, "lora": _lora}
+STRATEGIES: dict[str, Callable[..., Strategy]] = {"rollout": RolloutStrategy, "replay": ReplayStrategy, "lora": _lora}
 
 
 def _plain(value: Any) -> Any:
@@ -96,7 +97,11 @@ def build_strategy(config: ml_collections.ConfigDict, model: aurora.Aurora) -> S
     kwargs = _plain(config.strategy)
     name = kwargs.pop("name")
     cls = STRATEGIES.get(name) or _import(name)
-    return cls(model, loss=loss, **kwargs)
+    strategy = cls(model, loss=loss, **kwargs)
+    step_hours = getattr(strategy, "step_hours", config.data.step_hours)
+    if float(step_hours) != float(config.data.step_hours):
+        raise ValueError(f"strategy.step_hours={step_hours} differs from data.step_hours={config.data.step_hours}.")
+    return strategy
 
 
 def build_callbacks(config: ml_collections.ConfigDict, workdir: Path) -> list[Callback]:

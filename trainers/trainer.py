@@ -33,7 +33,7 @@ from aurora.batch import Batch
 from callbacks.base import MEASUREMENTS, Callback
 from trainers.data import DataSource, Example
 from trainers.state import TrainState
-from trainers.strategies.base import Strategy, stack_targets
+from trainers.strategies.base import OUTPUTS, Strategy, stack_targets
 
 __all__ = ["Trainer"]
 
@@ -227,28 +227,35 @@ class Trainer:
                 self.batch_idx = int(resume.get("batch_idx", 0))
             resume = {}
             self._call("on_train_epoch_start")
-            if not self._run_train_epoch(val_data):
+            if not self._run_train_epoch(train_data, val_data):
                 break
             self._call("on_train_epoch_end")
             if val_data is not None and self.val_check_interval is None:
                 self.validate(val_data)
             self.current_epoch += 1
 
-    def _run_train_epoch(self, val_data: DataSource | None) -> bool:
-        """Train over one epoch; False if training stopped before the epoch's data ran out."""
+    def _run_train_epoch(self, train_data: DataSource, val_data: DataSource | None) -> bool:
+        """Train over one epoch; False if training stopped before the epoch's data ran out.
+
+        The strategy chooses the examples (`Strategy.train_examples`) and receives the step's
+        host-bound outputs (`Strategy.on_step_outputs`) before any callback sees the step.
+        """
         step = self._train_step()
-        for example in self._train_iterator:
+        for example in self.strategy.train_examples(self, self._train_iterator, train_data):
             if self.limit_train_batches is not None and self.batch_idx >= self.limit_train_batches:
                 break
             self._call("on_train_batch_start", example, self.batch_idx)
             self._call("on_before_optimizer_step")
             self.state, outputs = step(self.state, _to_device_batch(example), self.controls)
+            host_outputs = outputs.pop(OUTPUTS, None)
+            if host_outputs is not None:
+                self.strategy.on_step_outputs(self, host_outputs)
             self.batch_idx += 1
             if self.batch_idx % self.accumulate_grad_batches:
                 continue  # a micro-batch: the optimiser steps once per group
             self.global_step += 1
             if self.global_step % self.log_every_n_steps == 0 or self.fast_dev_run:
-                self._record({f"train/{k}": v for k, v in outputs.items()})
+                self._record({f"train/{k}": v for k, v in outputs.items()}, self.strategy.host_metrics())
             self._call("on_train_batch_end", outputs, example, self.batch_idx - 1)
             if val_data is not None and self.val_check_interval and self.global_step % self.val_check_interval == 0:
                 self.validate(val_data)
@@ -256,8 +263,9 @@ class Trainer:
                 return False
         return True
 
-    def _record(self, device_metrics: dict[str, Any]) -> None:
+    def _record(self, device_metrics: dict[str, Any], host_metrics: dict[str, float] | None = None) -> None:
         host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        host |= {f"train/{k}": float(v) for k, v in (host_metrics or {}).items()}
         self.callback_metrics.update(host)
         if not self.fast_dev_run:
             self.log_metrics(host)

@@ -7,12 +7,18 @@ else — gradients, the non-finite guard, the update, in-step measurements — i
 
 Batches are `(inputs, targets)`: `inputs` an `aurora.Batch` with history, `targets` one `Batch`
 per lead step (history 1) stacked on a leading axis of length K (see `stack_targets`).
+
+Host hooks let a strategy own more than the jitted step without the Trainer knowing what it is:
+`train_examples` chooses what each step trains on (a replay buffer draws from its buffer and pulls
+from the data only now and then), `loss_fn` may return arrays the host needs under
+`metrics[OUTPUTS]` (e.g. predictions to push back into the buffer), which the Trainer hands to
+`on_step_outputs`; `state_dict` / `array_state` are checkpointed (JSON and Orbax arrays).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +31,15 @@ from trainers.loss import LossConfig, aurora_loss
 from trainers.optim import make_optimizer
 from trainers.state import TrainState
 
-__all__ = ["Strategy", "stack_targets", "global_norm"]
+if TYPE_CHECKING:  # pragma: no cover
+    from trainers.data import Example
+
+__all__ = ["Strategy", "stack_targets", "global_norm", "OUTPUTS"]
 
 Metrics = dict[str, jax.Array]
+
+OUTPUTS = "outputs"
+"""Key under which `loss_fn` returns host-bound arrays; never averaged, measured or logged."""
 
 
 def stack_targets(targets: Sequence[Batch]) -> Batch:
@@ -71,11 +83,34 @@ class Strategy:
         not recompile."""
         return {}
 
+    def train_examples(self, trainer: Any, iterator: Iterable[Example], data: Any) -> Iterator[Example]:
+        """What the training steps of one epoch consume; the epoch ends when this is exhausted.
+
+        Default: the data iterator's examples as they come. `data` is the training `DataSource`
+        (for strategies that need random access to it) and `trainer` gives the global step.
+        """
+        return iter(iterator)
+
+    def on_step_outputs(self, trainer: Any, outputs: Any) -> None:
+        """Receives `metrics[OUTPUTS]` of each training step (device arrays), if any."""
+
+    def host_metrics(self) -> dict[str, float]:
+        """Host-side scalars logged with the training metrics (e.g. the replay buffer's size)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
-        """Host-side strategy state to checkpoint (e.g. a replay buffer)."""
+        """Host-side strategy state to checkpoint, JSON-serialisable (e.g. a replay buffer's index
+        and RNG)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def array_state(self) -> dict[str, Any]:
+        """Host-side arrays to checkpoint (a nested dict of numpy arrays; e.g. replay entries)."""
+        return {}
+
+    def load_array_state(self, arrays: dict[str, Any]) -> None:
         pass
 
     # --- pure, jitted by the trainer ---------------------------------------------------------------
@@ -101,7 +136,8 @@ class Strategy:
         measurements: tuple[str, ...] = (),
     ) -> tuple[TrainState, Metrics]:
         """Gradients, a guarded update (a non-finite gradient leaves the state unchanged but for the
-        step counter, so the update is skipped), and the requested measurements."""
+        step counter, so the update is skipped), and the requested measurements. `metrics[OUTPUTS]`
+        from `loss_fn` passes through untouched."""
         inputs, targets = self.crop(batch)
         (loss, metrics), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, inputs, targets, controls)
         finite = _all_finite(grads)
@@ -123,4 +159,5 @@ class Strategy:
     def eval_step(self, state: TrainState, batch: tuple[Batch, Batch], controls: dict[str, Any]) -> Metrics:
         inputs, targets = self.crop(batch)
         loss, metrics = self.loss_fn(state.params, inputs, targets, controls)
+        metrics = {k: v for k, v in metrics.items() if k != OUTPUTS}
         return {"loss": loss, **metrics}

@@ -248,11 +248,26 @@ class LoRAStrategy(Strategy):
     def default_controls(self) -> dict[str, Any]:
         return self.inner.default_controls()
 
+    def train_examples(self, trainer: Any, iterator: Any, data: Any) -> Any:
+        return self.inner.train_examples(trainer, iterator, data)
+
+    def on_step_outputs(self, trainer: Any, outputs: Any) -> None:
+        self.inner.on_step_outputs(trainer, outputs)
+
+    def host_metrics(self) -> dict[str, float]:
+        return self.inner.host_metrics()
+
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner.load_state_dict(state)
+
+    def array_state(self) -> dict[str, Any]:
+        return self.inner.array_state()
+
+    def load_array_state(self, arrays: dict[str, Any]) -> None:
+        self.inner.load_array_state(arrays)
 
     def crop(self, batch: tuple[Batch, Batch]) -> tuple[Batch, Batch]:
         return self.inner.crop(batch)

@@ -1,0 +1,212 @@
+"""ReplayStrategy: targets at each entry's valid time, the lead-time cap, FIFO, exact resume.
+
+Trained through the real Trainer on a TFDS dataset built from the bundled IFS HRES sample (eight
+six-hourly 10° analyses), with a tiny Aurora.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from aurora.batch import Batch
+from callbacks.base import Callback
+from callbacks.checkpoint import ModelCheckpoint
+from data_builders.pipeline import Pipeline, WeatherSource
+from data_builders.registry import load_source
+from trainers.data import InMemoryData
+from trainers.strategies.lora import LoRAStrategy
+from trainers.strategies.replay import Entry, ReplayBuffer, ReplayStrategy
+from trainers.trainer import Trainer
+from tests.helpers import tiny_model
+
+DATA = Path(__file__).parent / "data"
+OPTIM = ml_collections.ConfigDict({"learning_rate": 1e-3, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0})
+VARS = dict(surf_vars=(), atmos_vars=("z", "t"), static_vars=("lsm", "z"))
+STEP_MINUTES = 360
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> WeatherSource:
+    return load_source("hres", "train", data_dir=tmp_path_factory.mktemp("datasets"),
+                       paths=[DATA / "hres_pl_20240603T00-20240604T18_6h_10deg.nc"],
+                       static_paths=[DATA / "era5_static_z_lsm_0.25deg.nc"], levels=(500, 850), **VARS)  # fmt: skip
+
+
+def _pipeline(source: WeatherSource) -> Pipeline:
+    return Pipeline(source, rollout_steps=1, batch_size=2, num_threads=0, seed=1)
+
+
+def _model(**kwargs):
+    return tiny_model(patch_size=2, **VARS, **kwargs)
+
+
+class Record(Callback):
+    """Keeps each training example and the buffer after each step."""
+
+    def __init__(self) -> None:
+        self.examples: list[tuple[int, Batch, Batch]] = []
+        self.buffers: list[list[Entry]] = []
+
+    def on_train_batch_start(self, trainer, batch, batch_idx):
+        inputs, targets = batch
+        self.examples.append((trainer.global_step, inputs, targets[0]))
+
+    def on_train_batch_end(self, trainer, outputs, batch, batch_idx):
+        self.buffers.append(list(trainer.strategy.buffer.entries))
+
+
+def _fit(strategy, source, workdir=None, max_steps=10, callbacks=()):
+    trainer = Trainer(strategy, optimizer=OPTIM, callbacks=list(callbacks), workdir=workdir, max_steps=max_steps,
+                      log_every_n_steps=1)  # fmt: skip
+    trainer.fit(_pipeline(source))
+    return trainer
+
+
+def _record_index(source: WeatherSource) -> dict[int, int]:
+    return {int(t) // 60: i for i, t in enumerate(source.times)}
+
+
+def test_every_target_is_the_truth_at_its_entry_valid_time(source) -> None:
+    record = Record()
+    strategy = ReplayStrategy(_model(), capacity=6, refresh_every=3, max_lead_hours=((0, 24),))
+    trainer = _fit(strategy, source, max_steps=10, callbacks=[record])
+    assert trainer.global_step == 10
+
+    index = _record_index(source)
+    leads = set()
+    for _, inputs, target in record.examples:
+        np.testing.assert_array_equal(target.metadata.time, inputs.metadata.time + STEP_MINUTES)
+        np.testing.assert_array_equal(target.metadata.rollout_step, inputs.metadata.rollout_step + 1)
+        for row, minutes in enumerate(np.asarray(target.metadata.time)):
+            truth = source.records[index[int(minutes)]]
+            assert int(truth["time"]) == int(minutes) * 60
+            for v in ("z", "t"):
+                np.testing.assert_array_equal(target.atmos_vars[v][row, 0], truth["atmos"][v][:, :-1])  # cropped row
+        leads |= set((np.asarray(inputs.metadata.rollout_step) + 1).tolist())
+    assert leads > {1}, "predictions were fed back and trained on at longer leads"
+    for buffer in record.buffers:
+        for entry in buffer:
+            assert entry.target_time == entry.time + STEP_MINUTES
+            assert entry.target_time in index, "only entries whose target exists in the data enter"
+
+
+def test_pushed_back_entries_hold_the_prediction_one_step_further(source) -> None:
+    record = Record()
+    strategy = ReplayStrategy(_model(), capacity=50, refresh_every=100, max_lead_hours=((0, 48),))
+    trainer = _fit(strategy, source, max_steps=1, callbacks=[record])
+    (_, inputs, _), = record.examples
+    children = [e for e in strategy.buffer.entries if e.rollout_step == 1]
+    assert len(children) == 2
+    pred = jax.jit(strategy.predict)(trainer.state.params, inputs)  # params after the update differ...
+    for row, child in enumerate(children):
+        assert child.time == int(inputs.metadata.time[row]) + STEP_MINUTES
+        # ...so check the shifted history exactly and the new state's shape only.
+        np.testing.assert_array_equal(child.atmos["z"][0], np.asarray(inputs.atmos_vars["z"][row, 1]))
+        assert child.atmos["z"][1].shape == pred.atmos_vars["z"][row, 0].shape
+
+
+def test_lead_time_cap_is_respected_and_grows_on_schedule(source) -> None:
+    record = Record()
+    schedule = ((0, 12), (8, 30))
+    strategy = ReplayStrategy(_model(), capacity=40, refresh_every=4, max_lead_hours=schedule)
+    _fit(strategy, source, max_steps=16, callbacks=[record])
+    cap = lambda step: [h for s, h in schedule if s <= step][-1]  # noqa: E731
+    early, late = set(), set()
+    for step, inputs, _ in record.examples:
+        lead_hours = (np.asarray(inputs.metadata.rollout_step) + 1) * 6
+        assert np.all(lead_hours <= cap(step)), (step, lead_hours)
+        (early if step < 8 else late).update(lead_hours.tolist())
+    assert max(early) == 12 and max(late) > 12
+    for step, buffer in enumerate(record.buffers, start=1):
+        assert all(e.lead_steps * 6 <= cap(step - 1) for e in buffer)
+
+
+def test_buffer_is_fifo_and_samples_within_the_cap() -> None:
+    buffer = ReplayBuffer(capacity=3)
+    entries = [Entry({}, {"z": np.full((2, 1, 2, 2), i, np.float32)}, time=i, rollout_step=i % 2, target_time=i + 360) for i in range(5)]
+    for e in entries:
+        buffer.push(e)
+    assert [e.time for e in buffer.entries] == [2, 3, 4]
+    drawn = buffer.sample(np.random.default_rng(0), 50, max_lead_steps=1)
+    assert {e.time for e in drawn} == {2, 4}  # rollout_step 1 (lead 2 steps) is excluded
+    with pytest.raises(RuntimeError, match="lead-time cap"):
+        ReplayBuffer(1).sample(np.random.default_rng(0), 1, 1)
+
+
+def test_resume_restores_the_buffer_and_training_exactly(source, tmp_path) -> None:
+    def strategy():
+        return ReplayStrategy(_model(), capacity=5, refresh_every=3, max_lead_hours=((0, 24),), seed=7)
+
+    class Crash(Callback):
+        def on_train_batch_end(self, trainer, outputs, batch, batch_idx):
+            if trainer.global_step == 7:
+                raise RuntimeError("simulated crash")
+
+    straight = _fit(strategy(), source, tmp_path / "a", max_steps=11, callbacks=[ModelCheckpoint(every_n_steps=4)])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(strategy(), source, tmp_path / "b", max_steps=11, callbacks=[ModelCheckpoint(every_n_steps=4), Crash()])
+
+    # The checkpoint at step 4 restores the buffer exactly as it was then.
+    probe = strategy()
+    at_four = _fit(probe, source, tmp_path / "c", max_steps=4)
+    resumed_probe = strategy()
+    Trainer(resumed_probe, optimizer=OPTIM, callbacks=[ModelCheckpoint(directory=tmp_path / "b" / "checkpoints")],
+            workdir=tmp_path / "b", max_steps=4)._setup_state(next(iter(_pipeline(source).iterator(0))))  # fmt: skip
+    assert at_four.global_step == 4
+    assert resumed_probe.state_dict() == probe.state_dict()
+    for a, b in zip(resumed_probe.buffer.entries, probe.buffer.entries, strict=True):
+        for v in a.atmos:
+            np.testing.assert_array_equal(a.atmos[v], b.atmos[v])
+
+    resumed = _fit(strategy(), source, tmp_path / "b", max_steps=11, callbacks=[ModelCheckpoint(every_n_steps=4)])
+    assert resumed.global_step == 11
+    assert resumed.strategy.state_dict() == straight.strategy.state_dict()
+    for a, b in zip(resumed.strategy.buffer.entries, straight.strategy.buffer.entries, strict=True):
+        for v in a.atmos:
+            np.testing.assert_array_equal(a.atmos[v], b.atmos[v])
+    for a, b in zip(jax.tree_util.tree_leaves(straight.state), jax.tree_util.tree_leaves(resumed.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_rows_of_different_rollout_steps_use_their_own_adapters(source) -> None:
+    model = _model(use_lora=True, lora_mode="all", lora_steps=3)
+    strategy = ReplayStrategy(model)
+    inputs, _ = next(iter(_pipeline(source).iterator(0)))
+    inputs = inputs.crop(2)
+    params = model.init(jax.random.PRNGKey(0), inputs)["params"]
+    params = jax.tree_util.tree_map_with_path(  # non-zero B, so every adapter differs
+        lambda p, x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(len(str(p))), x.shape)
+        if "lora_B" in str(p) else x, params)  # fmt: skip
+    mixed = inputs.replace(metadata=inputs.metadata.replace(rollout_step=np.array([0, 2], np.int32)))
+    got = jax.jit(strategy.predict)(params, mixed)
+    for row, step in enumerate((0, 2)):
+        one = inputs.replace(
+            atmos_vars={v: x[row : row + 1] for v, x in inputs.atmos_vars.items()},
+            metadata=inputs.metadata.replace(time=inputs.metadata.time[row : row + 1], rollout_step=step),
+        )
+        want = model.apply({"params": params}, one)
+        for v in ("z", "t"):
+            np.testing.assert_allclose(got.atmos_vars[v][row], want.atmos_vars[v][0], rtol=2e-5, atol=1e-5 * float(np.abs(want.atmos_vars[v]).max()))
+        assert int(got.metadata.rollout_step[row]) == step + 1
+    assert not np.allclose(got.atmos_vars["t"][0], got.atmos_vars["t"][1])
+
+
+def test_lora_wraps_replay_and_trains_only_adapters(source) -> None:
+    model = _model(use_lora=True)
+    strategy = LoRAStrategy(ReplayStrategy(model, refresh_every=2, max_lead_hours=((0, 18),)), train_base=True)
+    trainer = _fit(strategy, source, max_steps=4)
+    assert len(strategy.inner.buffer) > 0 and strategy.state_dict()["updates"] == 4
+
+
+def test_needs_data_with_access_by_time(source) -> None:
+    examples = [next(iter(_pipeline(source).iterator(0)))]
+    trainer = Trainer(ReplayStrategy(_model()), optimizer=OPTIM, max_steps=1)
+    with pytest.raises(TypeError, match="by valid time"):
+        trainer.fit(InMemoryData(examples))
+    with pytest.raises(ValueError, match="strategy.steps=1"):
+        ReplayStrategy(_model(), steps=2)

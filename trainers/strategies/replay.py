@@ -1,0 +1,294 @@
+"""Replay-buffer rollout training (Bodnar et al. 2025, Suppl. D.4): long leads at one step's cost.
+
+Instead of unrolling K model calls per update, the model's own predictions are kept in a host-side
+buffer and fed back later as inputs, so every update is one forward and one backward pass whatever
+the lead time:
+
+1. The buffer holds entries: an input history (the last two states, ground truth or earlier
+   predictions), its time ("now", the newest history step), its `rollout_step` (how many model
+   calls produced the newest state; 0 for dataset samples) and the *matching* target time
+   `now + step`, the valid time of the prediction made from it.
+2. Each update samples one entry per batch row, uniformly with replacement, runs one model step
+   with gradients and scores it against the ground truth at that entry's target time, read from
+   the training data by time (`Pipeline.states_at`).
+3. The prediction (without gradients) becomes a new entry one step further: history
+   `(newest state, prediction)`, time and `rollout_step` advanced by the model, exactly as in
+   `aurora.rollout`. It enters only if the lead time of the prediction that *it* would lead to,
+   `(rollout_step + 1) * step_hours`, is within the current cap and the data holds its target.
+4. Every `refresh_every` updates a fresh dataset batch enters (10 in the paper); the data iterator
+   is read only then, so an epoch of the data lasts `refresh_every` times as many updates.
+5. The lead-time cap grows on a schedule, `max_lead_hours=((0, 96), (5000, 240))` (the paper:
+   4 days for the first 5k steps, 10 days after); entries beyond the cap are not sampled.
+6. The buffer evicts first-in first-out beyond `capacity` (the paper: 200 per device).
+
+Batch rows may come from different rollout steps; LoRA's adapter choice depends on the rollout
+step, so `predict` applies the model row by row (`jax.vmap`), each row with its own `rollout_step`
+and time. The buffer, its RNG and the update counter are checkpointed (`state_dict` and
+`array_state`) and restored on resume, so a resumed run continues identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aurora.batch import Batch
+from aurora.model.aurora import Aurora
+from trainers.data import Example
+from trainers.loss import LossConfig, aurora_loss
+from trainers.strategies.base import OUTPUTS, Metrics, Strategy
+
+__all__ = ["ReplayStrategy", "ReplayBuffer", "Entry"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One buffer entry: an input history and the time its prediction is scored at.
+
+    Fields are host numpy arrays without a batch dimension: `surf[v]` `(2, h, w)`,
+    `atmos[v]` `(2, levels, h, w)`. Times are minutes since 1970 (as `Metadata.time`).
+    """
+
+    surf: dict[str, np.ndarray]
+    atmos: dict[str, np.ndarray]
+    time: int
+    rollout_step: int
+    target_time: int
+
+    @property
+    def lead_steps(self) -> int:
+        """Model steps from the dataset state to this entry's prediction."""
+        return self.rollout_step + 1
+
+
+class ReplayBuffer:
+    """A first-in first-out buffer of `Entry`s with uniform sampling with replacement."""
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"The replay buffer needs capacity >= 1, not {capacity}.")
+        self.capacity = capacity
+        self.entries: list[Entry] = []
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def push(self, entry: Entry) -> None:
+        self.entries.append(entry)
+        del self.entries[: max(0, len(self.entries) - self.capacity)]
+
+    def sample(self, rng: np.random.Generator, n: int, max_lead_steps: int) -> list[Entry]:
+        eligible = [e for e in self.entries if e.lead_steps <= max_lead_steps]
+        if not eligible:
+            raise RuntimeError(f"No replay entry within the lead-time cap of {max_lead_steps} steps.")
+        return [eligible[i] for i in rng.integers(0, len(eligible), size=n)]
+
+    # --- checkpointing: an index in JSON, the fields as arrays ---------------------------------------
+    def index(self) -> list[dict[str, int]]:
+        return [{"time": e.time, "rollout_step": e.rollout_step, "target_time": e.target_time} for e in self.entries]
+
+    def arrays(self) -> dict[str, Any]:
+        if not self.entries:
+            return {}
+        first = self.entries[0]
+        return {
+            "surf": {v: np.stack([e.surf[v] for e in self.entries]) for v in first.surf},
+            "atmos": {v: np.stack([e.atmos[v] for e in self.entries]) for v in first.atmos},
+        }
+
+    def restore(self, index: Sequence[dict[str, int]], arrays: dict[str, Any]) -> None:
+        surf, atmos = arrays.get("surf", {}), arrays.get("atmos", {})
+        for name, stacked in [*surf.items(), *atmos.items()]:
+            if len(stacked) != len(index):
+                raise ValueError(f"Replay checkpoint: {len(stacked)} saved {name} fields for {len(index)} entries.")
+        self.entries = [
+            Entry(surf={v: np.asarray(x[i]) for v, x in surf.items()}, atmos={v: np.asarray(x[i]) for v, x in atmos.items()},
+                  time=int(e["time"]), rollout_step=int(e["rollout_step"]), target_time=int(e["target_time"]))
+            for i, e in enumerate(index)
+        ]  # fmt: skip
+
+
+def _rows(batch: Batch, group: str) -> list[dict[str, np.ndarray]]:
+    fields = getattr(batch, group)
+    n = len(np.asarray(batch.metadata.time).reshape(-1))
+    return [{v: np.asarray(x[i]) for v, x in fields.items()} for i in range(n)]
+
+
+class ReplayStrategy(Strategy):
+    """One-step updates on a replay buffer of the model's own predictions; see the module docstring.
+
+    Args:
+        model: the Aurora model.
+        capacity: buffer entries (FIFO beyond it).
+        refresh_every: updates between fresh dataset batches (the first update always takes one).
+        max_lead_hours: `(from_step, hours)` pairs: the lead-time cap from each global step on.
+        step_hours: the model's time step (must match the data's).
+        seed: seed of the sampling RNG (checkpointed with the buffer).
+        steps: the data's rollout targets; replay needs just one (the config's `strategy.steps`).
+    """
+
+    def __init__(
+        self,
+        model: Aurora,
+        capacity: int = 200,
+        refresh_every: int = 10,
+        max_lead_hours: Sequence[tuple[int, float]] = ((0, 96), (5000, 240)),
+        step_hours: float = 6,
+        seed: int = 0,
+        steps: int = 1,
+        loss: LossConfig | None = None,
+        stats: dict[str, tuple[float, float]] | None = None,
+    ):
+        super().__init__(model, loss, stats)
+        if steps != 1:
+            raise ValueError(f"ReplayStrategy makes one model step per update; set strategy.steps=1, not {steps}.")
+        if refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1, not {refresh_every}.")
+        self.schedule = sorted((int(s), float(h)) for s, h in max_lead_hours)
+        if not self.schedule or self.schedule[0][0] > 0 or min(h for _, h in self.schedule) < step_hours:
+            raise ValueError(f"max_lead_hours must start at step 0 and allow at least one step ({step_hours} h): {max_lead_hours}.")
+        self.steps = 1
+        self.step_hours = float(step_hours)
+        self.step_minutes = int(round(self.step_hours * 60))
+        self.refresh_every = refresh_every
+        self.seed = seed
+        self.buffer = ReplayBuffer(capacity)
+        self.rng = np.random.default_rng(seed)
+        self.updates = 0  # training steps taken (micro-batches), for `refresh_every`
+        self.batch_size: int | None = None  # rows per update: the dataset batches' size
+        self._pending: list[Entry] = []
+        self._data: Any = None
+        self._saved_index: list[dict[str, int]] = []
+
+    # --- the lead-time cap ---------------------------------------------------------------------------
+    def max_lead_hours(self, step: int) -> float:
+        return [h for s, h in self.schedule if s <= step][-1]
+
+    def max_lead_steps(self, step: int) -> int:
+        return int(self.max_lead_hours(step) // self.step_hours)
+
+    # --- host side -----------------------------------------------------------------------------------
+    def train_examples(self, trainer: Any, iterator: Iterable[Example], data: Any) -> Iterator[Example]:
+        """Buffer samples; a fresh dataset batch enters every `refresh_every` updates."""
+        if not all(hasattr(data, a) for a in ("states_at", "has_times")):
+            raise TypeError(
+                f"ReplayStrategy reads ground truth by valid time, which {type(data).__name__} cannot do: "
+                "train with a data_builders.pipeline.Pipeline (or anything with states_at / has_times)."
+            )
+        self._data = data
+        iterator = iter(iterator)
+        while True:
+            if self.updates % self.refresh_every == 0 or not len(self.buffer):
+                try:
+                    self.add_fresh(next(iterator))
+                except StopIteration:
+                    return
+            yield self.sample(trainer.global_step)
+
+    def add_fresh(self, example: Example) -> None:
+        """A dataset batch's inputs enter the buffer, one entry per row (cropped as the model crops,
+        so that they stack with the predictions)."""
+        inputs = example[0].crop(self.model.patch_size)
+        times = np.asarray(inputs.metadata.time, np.int64).reshape(-1)
+        step = int(np.asarray(inputs.metadata.rollout_step).reshape(-1)[0])
+        for surf, atmos, time in zip(_rows(inputs, "surf_vars"), _rows(inputs, "atmos_vars"), times, strict=True):
+            self.buffer.push(Entry(surf, atmos, int(time), step, int(time) + self.step_minutes))
+        self.batch_size = len(times)
+
+    def sample(self, global_step: int) -> Example:
+        """`(inputs, [target])`: one entry per row; each target is the truth at its entry's target time."""
+        self._pending = self.buffer.sample(self.rng, self.batch_size or 1, self.max_lead_steps(global_step))
+        truth = self._data.states_at([e.target_time * 60 for e in self._pending]).crop(self.model.patch_size)
+        steps = np.array([e.rollout_step for e in self._pending], np.int32)
+        inputs = Batch(
+            surf_vars={v: np.stack([e.surf[v] for e in self._pending]) for v in self._pending[0].surf},
+            static_vars=truth.static_vars,
+            atmos_vars={v: np.stack([e.atmos[v] for e in self._pending]) for v in self._pending[0].atmos},
+            metadata=truth.metadata.replace(time=np.array([e.time for e in self._pending], np.int32), rollout_step=steps),
+        )
+        target = truth.replace(metadata=truth.metadata.replace(rollout_step=steps + 1))
+        return inputs, [target]
+
+    def on_step_outputs(self, trainer: Any, outputs: Any) -> None:
+        """Push each row's prediction back as an entry one step further (if within the cap)."""
+        pred = jax.device_get(outputs)
+        cap = self.max_lead_steps(trainer.global_step)
+        children = []
+        for i, parent in enumerate(self._pending):
+            time, step = int(pred["time"][i]), int(pred["rollout_step"][i])
+            child = Entry(
+                surf={v: np.stack([parent.surf[v][1], pred["surf"][v][i, 0]]) for v in parent.surf},
+                atmos={v: np.stack([parent.atmos[v][1], pred["atmos"][v][i, 0]]) for v in parent.atmos},
+                time=time, rollout_step=step, target_time=time + self.step_minutes,
+            )  # fmt: skip
+            children.append(child)
+        wanted = [c for c in children if c.lead_steps <= cap]
+        present = self._data.has_times([c.target_time * 60 for c in wanted]) if wanted else []
+        for child, ok in zip(wanted, present, strict=True):
+            if ok:
+                self.buffer.push(child)
+        self._pending = []
+        self.updates += 1
+
+    def host_metrics(self) -> dict[str, float]:
+        return {"replay/buffer_size": float(len(self.buffer))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "batch_size": self.batch_size, "rng": self.rng.bit_generator.state,
+                "entries": self.buffer.index()}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        self.updates = int(state["updates"])
+        self.batch_size = state.get("batch_size")
+        self.rng.bit_generator.state = state["rng"]
+        self._saved_index = list(state["entries"])
+
+    def array_state(self) -> dict[str, Any]:
+        return self.buffer.arrays()
+
+    def load_array_state(self, arrays: dict[str, Any]) -> None:
+        if self._saved_index and not arrays:
+            raise ValueError("The checkpoint lists replay entries but holds no replay arrays (no 'strategy' item).")
+        self.buffer.restore(self._saved_index, arrays)
+
+    # --- pure, jitted by the trainer -----------------------------------------------------------------
+    def predict(self, params: Any, batch: Batch) -> Batch:
+        """One step; rows with their own `rollout_step` are applied one by one (`jax.vmap`)."""
+        meta = batch.metadata
+        if jnp.ndim(meta.rollout_step) == 0:
+            return super().predict(params, batch)
+
+        def one(surf: dict, atmos: dict, time: jax.Array, step: jax.Array) -> Batch:
+            row = batch.replace(
+                surf_vars={k: v[None] for k, v in surf.items()},
+                atmos_vars={k: v[None] for k, v in atmos.items()},
+                metadata=meta.replace(time=time[None], rollout_step=step),
+            )
+            return self.model.apply({"params": params}, row)
+
+        out = jax.vmap(one)(batch.surf_vars, batch.atmos_vars, jnp.asarray(meta.time), jnp.asarray(meta.rollout_step))
+        first = lambda x: x[:, 0]  # noqa: E731  (drop the per-row batch axis of 1)
+        return out.replace(
+            surf_vars={k: first(v) for k, v in out.surf_vars.items()},
+            atmos_vars={k: first(v) for k, v in out.atmos_vars.items()},
+            static_vars={k: v[0] for k, v in out.static_vars.items()},
+            metadata=out.metadata.replace(time=first(out.metadata.time), rollout_step=out.metadata.rollout_step),
+        )
+
+    def loss_fn(self, params: Any, inputs: Batch, targets: Batch, controls: dict[str, Any]) -> tuple[jax.Array, Metrics]:
+        """One step against the entry's target; the prediction goes back to the host (`OUTPUTS`)."""
+        pred = self.predict(params, inputs)
+        target = jax.tree_util.tree_map(lambda x: x[0], targets)
+        loss, terms = aurora_loss(pred, target, self.loss_config, self.stats)
+        lead = jnp.asarray(pred.metadata.rollout_step, jnp.float32) * self.step_hours
+        outputs = jax.lax.stop_gradient(
+            {"surf": pred.surf_vars, "atmos": pred.atmos_vars, "time": pred.metadata.time, "rollout_step": pred.metadata.rollout_step}
+        )
+        return loss, {**terms, "lead_hours": jnp.mean(lead), OUTPUTS: outputs}
