@@ -3,8 +3,8 @@
 `evaluate` starts a forecast at every time ``now`` of the source that has its two history
 states (``now - step`` and ``now``), rolls it out ``steps`` steps and scores each lead against
 the source's state at the valid time wherever that state exists (each row counts its samples in
-``n``: long leads of late inits run past the end of the data and are simply not scored). The
-same valid times score the two baselines WeatherBench2 reports:
+``n``: long leads of late inits run past the end of the data and are simply not scored; a lead
+that no init can be scored at has no rows). The same valid times score the two baselines WeatherBench2 reports:
 
 * ``persistence``: the last input state (``now``) held fixed;
 * ``climatology``: a climatological field. Without one the per-grid-point mean over all the
@@ -25,11 +25,10 @@ latitude row that `Batch.crop` drops for the patch size is dropped for the basel
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +76,7 @@ def init_times(source: WeatherSource, step_hours: float = 6) -> np.ndarray:
 
 
 def _step_seconds(step_hours: float) -> int:
-    step = int(round(float(step_hours) * 3600))
+    step = round(float(step_hours) * 3600)
     if step <= 0:
         raise ValueError(f"step_hours must be positive, not {step_hours}")
     return step
@@ -201,11 +200,17 @@ def forecasts(
         yield now, _first(inputs, len(now)), [_first(p, len(now)) for p in preds]
 
 
-@functools.lru_cache(maxsize=4)
+_LAST_APPLY: list[tuple[Any, Callable[[Any, Batch], Batch]]] = []
+
+
 def _jitted_apply(model: Aurora) -> Callable[[Any, Batch], Batch]:
-    """One jitted step per model (modules hash by value): `aurora.rollout` jits a fresh function
-    per call, which would recompile the model for every batch of inits and every job."""
-    return jax.jit(lambda p, b: model.apply({"params": p}, b))
+    """One jitted step, reused while the model stays the same (equal by value; a module holding
+    a dict is not hashable, so no lru_cache). `aurora.rollout` jits a fresh function per call,
+    which would recompile the model for every batch of inits, and again for `predict` after
+    `run_evaluation`."""
+    if not (_LAST_APPLY and _LAST_APPLY[0][0] == model):
+        _LAST_APPLY[:] = [(model, jax.jit(lambda p, b: model.apply({"params": p}, b)))]
+    return _LAST_APPLY[0][1]
 
 
 def _first(batch: Batch, n: int) -> Batch:
@@ -230,7 +235,7 @@ def _rollout(apply: Callable[[Any, Batch], Batch], params: Any, batch: Batch, st
 
 def _last_state(inputs: Batch, rows: int) -> Batch:
     """The persistence forecast: the newest input state on the first `rows` latitudes."""
-    cut = lambda x: np.asarray(x)[:, -1:, ..., :rows, :]  # noqa: E731
+    cut = lambda x: np.asarray(x)[:, -1:, ..., :rows, :]
     return Batch(surf_vars={k: cut(v) for k, v in inputs.surf_vars.items()}, static_vars={},
                  atmos_vars={k: cut(v) for k, v in inputs.atmos_vars.items()},
                  metadata=inputs.metadata.replace(lat=inputs.metadata.lat[:rows]))  # fmt: skip
@@ -287,7 +292,7 @@ def _evaluate(
     clim = source_mean(source) if climatology is None else climatology
     surf, atmos, _ = _variables(model, source)
     states = _States(source, surf, atmos)
-    score = jax.jit(score_batch)
+    score = _SCORE
     totals = {(m, k): ScoreTotals(source.levels) for m in (name, "persistence", "climatology")
               for k in range(1, steps + 1)}  # fmt: skip
     example = None
@@ -320,9 +325,12 @@ def _evaluate(
     return out, example
 
 
+_SCORE = jax.jit(score_batch)  # module level: compiled once per batch layout, not per call
+
+
 def _row(batch: Batch, i: int) -> Batch:
     """Batch row `i` on the host (for figures)."""
-    take = lambda x: np.asarray(jax.device_get(x))[i : i + 1]  # noqa: E731
+    take = lambda x: np.asarray(jax.device_get(x))[i : i + 1]
     return Batch(surf_vars={k: take(v) for k, v in batch.surf_vars.items()}, static_vars={},
                  atmos_vars={k: take(v) for k, v in batch.atmos_vars.items()},
                  metadata=batch.metadata.replace(time=np.asarray(jax.device_get(batch.metadata.time))[i : i + 1]))  # fmt: skip
@@ -347,7 +355,7 @@ def write_scores(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, provena
         "models": sorted({str(r["model"]) for r in rows}),
         "variables": sorted({_level_name(r["variable"], r.get("level")) for r in rows}),
         "lead_times_h": sorted({float(r["lead_time_h"]) for r in rows}),
-        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "written": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     summary_path.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return {"scores": csv_path, "summary": summary_path}
@@ -465,7 +473,7 @@ def predict(
 def _concat(batches: list[Batch]) -> Batch:
     """Join host batches along the batch axis."""
     first = batches[0]
-    join = lambda group, k: np.concatenate([getattr(b, group)[k] for b in batches])  # noqa: E731
+    join = lambda group, k: np.concatenate([getattr(b, group)[k] for b in batches])
     time = np.concatenate([np.asarray(b.metadata.time) for b in batches])
     return Batch(surf_vars={k: join("surf_vars", k) for k in first.surf_vars}, static_vars={},
                  atmos_vars={k: join("atmos_vars", k) for k in first.atmos_vars},

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +143,7 @@ def _encoding(ds: xr.Dataset, init: np.ndarray, lead: np.ndarray) -> dict[str, d
 
 
 def _global_attrs(provenance: Mapping[str, Any]) -> dict[str, Any]:
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    now = datetime.now(UTC).isoformat(timespec="seconds")
     prov = {str(k): _attr(v) for k, v in provenance.items()}
     preset = prov.get("model_preset", prov.get("model", "Aurora"))
     step = prov.get("checkpoint_step")

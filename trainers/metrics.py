@@ -25,16 +25,16 @@ import numpy as np
 from aurora.batch import Batch
 
 __all__ = [
+    "METRICS",
+    "ScoreTotals",
+    "acc",
+    "bias",
     "lat_weights",
-    "weighted_mean",
+    "mae",
     "mse",
     "rmse",
-    "mae",
-    "bias",
-    "acc",
     "score_batch",
-    "ScoreTotals",
-    "METRICS",
+    "weighted_mean",
 ]
 
 Array = Any  # numpy or jax array
@@ -206,9 +206,8 @@ class ScoreTotals:
         for (group, name), total in self.sums.items():
             levels: Sequence[float | None] = self.levels if group == "atmos" else (None,)
             for i, level in enumerate(levels):
-                pick = (lambda v: float(v[i])) if group == "atmos" else float  # noqa: E731
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    mean = {m: pick(v) / n if n else float("nan") for m, v in total.items()}
+                values = {m: float(v[i] if group == "atmos" else v) for m, v in total.items()}
+                mean = {m: v / n if n else float("nan") for m, v in values.items()}
                 row = {"variable": name, "level": level, "rmse": float(np.sqrt(mean["mse"])),
                        "mae": mean["mae"], "bias": mean["bias"], "acc": mean["acc"], "n": int(n)}  # fmt: skip
                 out.append(row)
