@@ -213,6 +213,23 @@ def test_evaluate_counts_gaps_and_scores_surface_variables(natl: tuple) -> None:
             assert r["n"] == p["n"] and r["rmse"] == pytest.approx(p["rmse"], rel=1e-6) and r["acc"] == pytest.approx(p["acc"], rel=1e-6)
 
 
+def test_given_climatology_fields_or_function_of_valid_time(natl: tuple) -> None:
+    """The default (source mean) passed explicitly, or as a function of valid time, scores alike."""
+    _, source = natl
+
+    def run(clim: Any) -> list[dict[str, Any]]:
+        return evaluation.evaluate(LastState(), {}, source, steps=1, step_hours=12, climatology=clim)  # type: ignore[arg-type]
+
+    mean = evaluation.source_mean(source)
+    seen: list[int] = []
+    default, fields, function = run(None), run(mean), run(lambda t: seen.append(t) or mean)
+    assert repr(default) == repr(fields) == repr(function)  # repr: NaN (climatology ACC) equals itself
+    assert sorted(set(seen)) == sorted(t + 12 * HOUR for t in evaluation.init_times(source, 12) if t + 12 * HOUR in source.times)
+    assert evaluation.climatology_kind(None, source).startswith("source mean: per-grid-point mean of the 12 states")
+    assert evaluation.climatology_kind(mean, source) == "given: time-independent fields"
+    assert evaluation.climatology_kind(lambda t: mean, source) == "given: a function of valid time"
+
+
 def test_write_scores_formats_levels_and_nan(tmp_path: Path) -> None:
     rows = [
         {"model": "aurora", "variable": "2t", "level": None, "lead_time_h": 6.0, "rmse": 1.25, "mae": 1.0,
@@ -272,12 +289,13 @@ def test_write_forecast_is_cf_and_round_trips(natl: tuple, tmp_path: Path) -> No
     inits, steps = [0, 1, 2], 2
     preds = forecast_batches(ds, inits, steps)
     path = forecast_io.write_forecast(tmp_path / "fc.nc", ds.time.values[inits], preds,
-                                      {"model_preset": "AuroraSmallPretrained", "checkpoint_step": 1200, "data": "natl"})  # fmt: skip
+                                      {"model_preset": "AuroraSmallPretrained", "checkpoint_step": 1200, "data": ["natl"]})  # fmt: skip
     with xr.open_dataset(path) as f:
         assert f.attrs["Conventions"] == "CF-1.8"
         assert "AuroraSmallPretrained" in f.attrs["source"] and "1200" in f.attrs["source"]
         assert "write_forecast" in f.attrs["history"]
-        assert json.loads(f.attrs["provenance"])["checkpoint_step"] == 1200
+        assert json.loads(f.attrs["provenance"]) == {"model_preset": "AuroraSmallPretrained", "checkpoint_step": 1200, "data": ["natl"]}
+        assert f.attrs["provenance_checkpoint_step"] == 1200 and f.attrs["provenance_data"] == '["natl"]'
         assert f["t"].dims == ("time", "prediction_timedelta", "level", "latitude", "longitude")
         assert f["msl"].dims == ("time", "prediction_timedelta", "latitude", "longitude")
         assert f["msl"].attrs["standard_name"] == "air_pressure_at_mean_sea_level" and f["msl"].attrs["units"] == "Pa"

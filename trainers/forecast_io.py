@@ -153,7 +153,7 @@ def _global_attrs(provenance: Mapping[str, Any]) -> dict[str, Any]:
         "title": "Aurora forecast",
         "source": source,
         "history": f"{now} written by trainers.forecast_io.write_forecast",
-        "provenance": json.dumps(prov, sort_keys=True),
+        "provenance": json.dumps({str(k): v for k, v in provenance.items()}, sort_keys=True, default=str),
     }
     attrs.update({f"provenance_{k}": v for k, v in prov.items()})
     return attrs
