@@ -25,8 +25,11 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# LoRA rollout fine-tuning on the bundled sample, then scores and figures on its held-back days.
+DEMO_CONFIG ?= configs/lora.py
 demo: install
-	$(PY) main.py --config=configs/demo.py --workdir=workdir/demo
+	$(PY) main.py --config=$(DEMO_CONFIG) --workdir=workdir/demo
+	$(PY) main.py --config=$(DEMO_CONFIG) --workdir=workdir/demo --mode=test
 
 clean:
 	rm -rf $(VENV) .venv-ref .cache

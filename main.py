@@ -7,7 +7,9 @@ Flags: `--config` (an ml_collections config file; override fields with `--config
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,7 +28,32 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     summary = run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+    evaluation = summary.pop("evaluation", None)
     print(json.dumps(summary, indent=1, default=str))
+    if evaluation is not None:
+        print(headline_scores(Path(evaluation["scores"])))
+        print(f"scores: {evaluation['scores']}\nsummary: {Path(evaluation['scores']).with_name('summary.json')}")
+        figures = evaluation.get("figures") or []
+        if figures:
+            print(f"figures ({len(figures)}): {Path(figures[0]).parent}")
+
+
+HEADLINE = (("z", "500"), ("t", "850"), ("u", "850"), ("2t", ""), ("msl", ""))
+
+
+def headline_scores(scores_csv: Path) -> str:
+    """RMSE of the headline variables per lead time: the model next to its baselines."""
+    with scores_csv.open() as f:
+        rows = list(csv.DictReader(f))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    lines = [f"{'RMSE':<12}" + " ".join(f"{m:>12}" for m in models)]
+    for variable, level in HEADLINE:
+        picked = [r for r in rows if r["variable"] == variable and r["level"] == level]
+        for lead in dict.fromkeys(r["lead_time_h"] for r in picked):
+            rmse = {r["model"]: float(r["rmse"]) for r in picked if r["lead_time_h"] == lead}
+            name = f"{variable}{level} +{lead}h"
+            lines.append(f"{name:<12}" + " ".join(f"{rmse.get(m, float('nan')):12.4g}" for m in models))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,13 @@ def get_config() -> ml_collections.ConfigDict:
         }
     )
 
+    # --- evaluation (--mode=test) and forecasts (--mode=predict) -----------------------------------
+    config.eval = ml_collections.ConfigDict()
+    config.eval.steps = 40  # rollout steps scored / written (40 = 10 days at 6 h)
+    config.eval.batch_size = 1  # initial times per model call
+    config.eval.split = "test"  # falls back to "validation" when the dataset has no test split
+    config.eval.figures = True  # RMSE-vs-lead plots and prediction/truth/difference maps
+
     # --- metric writers (process 0 only) --------------------------------------------------------------
     config.writers = ml_collections.ConfigDict({"tensorboard": {"type": "tensorboard"}, "csv": {"type": "csv"}})
     return config

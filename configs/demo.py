@@ -80,4 +80,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.trainer.remat = "none"
     config.trainer.log_every_n_steps = 5
     config.callbacks.checkpoint.every_n_steps = 10
+
+    config.eval.steps = 2  # the held-back validation days hold 4 times: leads of 6 and 12 h
     return config

@@ -170,6 +170,54 @@ def _init_params(config: ml_collections.ConfigDict, model: aurora.Aurora) -> Any
     return None
 
 
+def _eval_data(config: ml_collections.ConfigDict, data: dict[str, Any]) -> Any:
+    split = config.eval.get("split", "test")
+    pipeline = data.get(split) or data.get("validation")
+    if pipeline is None:
+        raise ValueError(f"The dataset has no {split!r} or 'validation' split to evaluate on.")
+    return pipeline
+
+
+def _provenance(config: ml_collections.ConfigDict, trainer: Trainer) -> dict[str, Any]:
+    """What produced a score table or forecast: model, weights (checkpoint step) and the run."""
+    checkpoint = trainer.checkpoint_callback
+    return {
+        "model_preset": config.model.preset,
+        "checkpoint_step": trainer.global_step if checkpoint and checkpoint.last_saved_step is not None else None,
+        "checkpoint_dir": str(checkpoint.directory) if checkpoint and checkpoint.directory else None,
+        "init": {k: v for k, v in _plain(config.init).items() if v},
+        "strategy": config.strategy.name,
+    }
+
+
+def _score(config: ml_collections.ConfigDict, trainer: Trainer, pipeline: Any, workdir: Path, train_source: Any = None) -> dict[str, Any]:
+    """WeatherBench2-style scores of rollouts from every initial time, with baselines and figures."""
+    from trainers.evaluation import run_evaluation, source_mean
+
+    state = trainer.load(pipeline)
+    # The climatology baseline (and ACC's reference) is the training period's mean state: never the
+    # evaluated period itself, which would leak its truth into the baseline.
+    provenance = _provenance(config, trainer)
+    climatology = None
+    if train_source is not None:
+        climatology = source_mean(train_source)
+        provenance["climatology_source"] = f"per-grid-point mean of the {len(train_source.times)} states of {train_source.name}"
+    return run_evaluation(trainer.strategy.model, state.params, pipeline.source, steps=config.eval.steps,
+                          climatology=climatology, out_dir=workdir / "eval", provenance=provenance,
+                          step_hours=config.data.step_hours, batch_size=config.eval.batch_size,
+                          figures=config.eval.figures)  # fmt: skip
+
+
+def _forecast(config: ml_collections.ConfigDict, trainer: Trainer, pipeline: Any, workdir: Path) -> Path:
+    """A CF netCDF forecast from every initial time of the evaluation split."""
+    from trainers.evaluation import predict
+
+    state = trainer.load(pipeline)
+    return predict(trainer.strategy.model, state.params, pipeline.source, steps=config.eval.steps,
+                   out_dir=workdir / "predictions", provenance=_provenance(config, trainer),
+                   step_hours=config.data.step_hours, batch_size=config.eval.batch_size)  # fmt: skip
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "fit") -> dict[str, Any]:
     """Run `mode` (fit | validate | test | predict) and return a summary of what happened."""
     workdir = Path(workdir)
@@ -196,17 +244,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "fit
         elif mode == "validate":
             summary["metrics"] = trainer.validate(data["validation"])
         elif mode == "test":
-            summary["metrics"] = trainer.test(data.get("test") or data["validation"])
+            summary["metrics"] = trainer.test(_eval_data(config, data))
+            summary["evaluation"] = _score(config, trainer, _eval_data(config, data), workdir, data["train"].source)
         elif mode == "predict":
-            out = workdir / "predictions"
-            out.mkdir(exist_ok=True)
-            count = 0
-            for i, preds in enumerate(trainer.predict(data.get("test") or data["validation"], steps=config.strategy.steps)):
-                for k, pred in enumerate(preds):
-                    pred.to_netcdf(out / f"batch{i:04d}_step{k + 1}.nc")
-                    count += 1
-            summary["predictions"] = str(out)
-            summary["files"] = count
+            summary["forecast"] = str(_forecast(config, trainer, _eval_data(config, data), workdir))
         else:
             raise ValueError(f"Unknown mode {mode!r}: use fit, validate, test or predict.")
     finally:

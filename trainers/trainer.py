@@ -271,9 +271,15 @@ class Trainer:
             self.log_metrics(host)
 
     # --- evaluation -------------------------------------------------------------------------------
-    def _evaluate(self, data: DataSource, stage: str, limit: int | None) -> dict[str, float]:
+    def load(self, data: DataSource) -> TrainState:
+        """The state to evaluate or predict with: initial (or given) parameters, replaced by the
+        workdir's latest checkpoint when a `ModelCheckpoint` callback has one."""
         if self.state is None:
             self._setup_state(next(iter(data.iterator(0))))
+        return self.state
+
+    def _evaluate(self, data: DataSource, stage: str, limit: int | None) -> dict[str, float]:
+        self.load(data)
         step = self._eval_step()
         totals: dict[str, Any] = {}
         count = 0
@@ -318,9 +324,7 @@ class Trainer:
 
         self._call("setup", "predict")
         try:
-            first = next(iter(data.iterator(0)))
-            if self.state is None:
-                self._setup_state(first)
+            self.load(data)
             self._call("on_predict_start")
             for batch_idx, example in enumerate(data.iterator(0)):
                 self._call("on_predict_batch_start", example, batch_idx)
