@@ -43,3 +43,21 @@ def test_demo_config_trains_validates_checkpoints_and_resumes(config, tmp_path) 
 
     test = run(config, tmp_path, "test")
     assert test["global_step"] == 6 and test["metrics"]["test/loss"] > 0
+
+    # --mode=test also scores rollouts from every initial time against the truth, with baselines.
+    evaluation = test["evaluation"]
+    assert evaluation["checkpoint_step"] == 6 and evaluation["model_preset"] == "Aurora"
+    assert "train" in evaluation["climatology_source"], "the climatology comes from the training period"
+    with open(evaluation["scores"]) as f:
+        scores = list(csv.DictReader(f))
+    assert {r["model"] for r in scores} == {"aurora", "persistence", "climatology"}
+    assert {r["lead_time_h"] for r in scores} == {"6", "12"}
+    assert all(p.endswith(".png") for p in evaluation["figures"]) and evaluation["figures"]
+
+    # --mode=predict writes one CF netCDF forecast, readable by plain xarray.
+    import xarray as xr
+
+    config.eval.figures = False
+    predicted = run(config, tmp_path, "predict")
+    with xr.open_dataset(predicted["forecast"]) as ds:
+        assert ds.sizes["prediction_timedelta"] == 2 and "z" in ds and ds.attrs["Conventions"].startswith("CF")
