@@ -109,6 +109,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.batch_size = 1  # initial times per model call
     config.eval.split = "test"  # falls back to "validation" when the dataset has no test split
     config.eval.figures = True  # RMSE-vs-lead plots and prediction/truth/difference maps
+    config.eval.map_variables = ("2t", "msl", "z", "t", "u")  # maps of these (empty: all) ...
+    config.eval.map_levels = (500, 850)  # ... at these levels (atmospheric variables) ...
+    config.eval.map_lead_steps = (1, 4, 20, 40)  # ... and these leads (steps), first initial time
 
     # --- metric writers (process 0 only) --------------------------------------------------------------
     config.writers = ml_collections.ConfigDict({"tensorboard": {"type": "tensorboard"}, "csv": {"type": "csv"}})

@@ -82,4 +82,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.callbacks.checkpoint.every_n_steps = 10
 
     config.eval.steps = 2  # the held-back validation days hold 4 times: leads of 6 and 12 h
+    config.eval.map_lead_steps = (1, 2)
     return config

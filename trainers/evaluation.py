@@ -286,8 +286,10 @@ def _evaluate(
     climatology: Climatology,
     batch_size: int,
     name: str,
-) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """`evaluate`, plus the first scored (prediction, truth) pair for the map figures."""
+    map_lead_steps: Sequence[int] = (1,),
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """`evaluate`, plus the first scored (prediction, truth) pair at each of `map_lead_steps`
+    (for the map figures)."""
     step = _step_seconds(step_hours)
     clim = source_mean(source) if climatology is None else climatology
     surf, atmos, _ = _variables(model, source)
@@ -295,7 +297,7 @@ def _evaluate(
     score = _SCORE
     totals = {(m, k): ScoreTotals(source.levels) for m in (name, "persistence", "climatology")
               for k in range(1, steps + 1)}  # fmt: skip
-    example = None
+    examples: dict[int, dict[str, Any]] = {}
     for now, inputs, preds in forecasts(model, params, source, steps=steps, step_hours=step_hours, batch_size=batch_size):
         rows = preds[0].spatial_shape[0]
         persistence = _last_state(inputs, rows)
@@ -312,9 +314,9 @@ def _evaluate(
             totals[(name, k)].add(score(forecast, truth, climate, mask))
             totals[("persistence", k)].add(score(persistence, truth, climate, mask))
             totals[("climatology", k)].add(score(climate, truth, climate, mask))
-            if example is None:
+            if k in map_lead_steps and k not in examples:
                 i = int(np.flatnonzero(mask)[0])
-                example = {"pred": _row(forecast, i), "truth": _row(truth, i), "lead_h": k * step / 3600}
+                examples[k] = {"pred": _row(forecast, i), "truth": _row(truth, i), "lead_h": k * step / 3600}
     out = []
     for (model_name, k), total in totals.items():
         for row in total.rows():
@@ -322,7 +324,7 @@ def _evaluate(
                         "lead_time_h": k * step / 3600, **{c: row[c] for c in COLUMNS[4:]}})  # fmt: skip
     if not out:
         log.warning("%s: no valid time of any forecast is in the source; nothing scored", source.name)
-    return out, example
+    return out, [examples[k] for k in sorted(examples)]
 
 
 _SCORE = jax.jit(score_batch)  # module level: compiled once per batch layout, not per call
@@ -406,23 +408,29 @@ def run_evaluation(
     climatology: Climatology = None,
     batch_size: int = 1,
     figures: bool = True,
+    map_variables: Sequence[str] = (),
+    map_levels: Sequence[float] = (500,),
+    map_lead_steps: Sequence[int] = (1,),
 ) -> dict[str, Any]:
-    """Evaluate, draw RMSE-vs-lead curves (every variable and level) and prediction/truth maps
-    (every variable at the first scored sample, 500 hPa or the first level), write
-    ``scores.csv`` and ``summary.json`` to `out_dir`; return the summary written."""
+    """Evaluate, draw RMSE-vs-lead curves (every variable and level) and prediction/truth maps,
+    write ``scores.csv`` and ``summary.json`` to `out_dir`; return the summary written.
+
+    Maps show the first scored sample at each of `map_lead_steps`, for `map_variables` (empty:
+    all) at `map_levels` (atmospheric variables; the first level when none of them exists)."""
     out = Path(out_dir)
-    rows, example = _evaluate(model, params, source, steps=steps, step_hours=step_hours,
-                              climatology=climatology, batch_size=batch_size, name="aurora")  # fmt: skip
+    rows, examples = _evaluate(model, params, source, steps=steps, step_hours=step_hours, climatology=climatology,
+                               batch_size=batch_size, name="aurora", map_lead_steps=tuple(map_lead_steps))  # fmt: skip
     paths: list[str] = []
     if figures:
-        paths = [str(p) for p in _figures(rows, example, out / "figures")]
+        paths = [str(p) for p in _figures(rows, examples, out / "figures", map_variables, map_levels)]
     info = {"data_source": source.name, "steps": steps, "step_hours": step_hours,
             "climatology": climatology_kind(climatology, source), "figures": paths}  # fmt: skip
     written = write_scores(rows, out, {**info, **dict(provenance or {})})
     return json.loads(written["summary"].read_text())
 
 
-def _figures(rows: list[dict[str, Any]], example: dict[str, Any] | None, out: Path) -> list[Path]:
+def _figures(rows: list[dict[str, Any]], examples: list[dict[str, Any]], out: Path,
+             variables: Sequence[str] = (), levels: Sequence[float] = (500,)) -> list[Path]:  # fmt: skip
     from trainers.figures import plot_maps, plot_rmse_vs_lead
 
     out.mkdir(parents=True, exist_ok=True)
@@ -430,14 +438,16 @@ def _figures(rows: list[dict[str, Any]], example: dict[str, Any] | None, out: Pa
     for variable, level in dict.fromkeys((r["variable"], r["level"]) for r in rows):
         path = out / f"rmse_vs_lead_{_level_name(variable, level)}.png"
         paths.append(plot_rmse_vs_lead(rows, variable, level, path))
-    if example is not None:
+    for example in examples:
         pred, truth, lead_h = example["pred"], example["truth"], example["lead_h"]
-        levels = pred.metadata.atmos_levels
-        level = 500.0 if 500.0 in levels else levels[0]
+        available = pred.metadata.atmos_levels
+        chosen = [float(x) for x in levels if float(x) in available] or list(available[:1])
         for variable in [*pred.surf_vars, *pred.atmos_vars]:
-            lev = level if variable in pred.atmos_vars else None
-            path = out / f"map_{_level_name(variable, lev)}_{lead_h:g}h.png"
-            paths.append(plot_maps(pred, truth, variable, lev, lead_h, path))
+            if variables and variable not in variables:
+                continue
+            for lev in chosen if variable in pred.atmos_vars else [None]:
+                path = out / f"map_{_level_name(variable, lev)}_{lead_h:g}h.png"
+                paths.append(plot_maps(pred, truth, variable, lev, lead_h, path))
     return paths
 
 

@@ -205,7 +205,9 @@ def _score(config: ml_collections.ConfigDict, trainer: Trainer, pipeline: Any, w
     return run_evaluation(trainer.strategy.model, state.params, pipeline.source, steps=config.eval.steps,
                           climatology=climatology, out_dir=workdir / "eval", provenance=provenance,
                           step_hours=config.data.step_hours, batch_size=config.eval.batch_size,
-                          figures=config.eval.figures)  # fmt: skip
+                          figures=config.eval.figures, map_variables=tuple(config.eval.map_variables),
+                          map_levels=tuple(config.eval.map_levels),
+                          map_lead_steps=tuple(config.eval.map_lead_steps))  # fmt: skip
 
 
 def _forecast(config: ml_collections.ConfigDict, trainer: Trainer, pipeline: Any, workdir: Path) -> Path:
