@@ -11,7 +11,10 @@ step with the `TrainState` donated. Lightning's knobs keep Lightning's meaning:
   `gradient_clip_val` clips by global norm;
 * `precision="bf16-mixed"` runs the backbone in bfloat16 with float32 master parameters;
   `remat="none" | "backbone" | "all"` rematerialises Swin blocks (and the rollout steps);
-* `log_every_n_steps` sets how often metrics are fetched from the device and written.
+* `log_every_n_steps` sets how often metrics are fetched from the device and written;
+* `mesh` (a `jax.sharding.Mesh` with axes `data`, `fsdp`; see `trainers.sharding`) shards the
+  state (FSDP rules, `sharding_rules` overrides) and the batch; the steps are jitted with those
+  in/out shardings. Without a mesh everything runs on the default device.
 
 Callbacks stop training with `trainer.should_stop = True` and log with `trainer.log_metrics`.
 """
@@ -31,6 +34,7 @@ import optax
 
 from aurora.batch import Batch
 from callbacks.base import MEASUREMENTS, Callback
+from trainers import sharding
 from trainers.data import DataSource, Example
 from trainers.state import TrainState
 from trainers.strategies.base import OUTPUTS, Strategy, stack_targets
@@ -85,6 +89,9 @@ class Trainer:
         log_every_n_steps: int = 10,
         seed: int = 0,
         init_params: Any = None,
+        mesh: Any = None,
+        sharding_rules: Sequence[tuple[str, Sequence[str | None]]] = (),
+        min_shard_size: int = 2**18,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}.")
@@ -117,6 +124,10 @@ class Trainer:
         self.log_every_n_steps = log_every_n_steps
         self.seed = seed
         self.init_params = init_params
+        self.mesh = mesh
+        self.sharding_rules = tuple(sharding_rules)
+        self.min_shard_size = min_shard_size
+        self._state_shardings: Any = None
 
         self.state: TrainState | None = None
         self.controls: dict[str, Any] = strategy.default_controls()
@@ -174,21 +185,47 @@ class Trainer:
         )
         if self.state is None:
             inputs, _ = _to_device_batch(example)
-            self.state = self.strategy.init_state(jax.random.PRNGKey(self.seed), inputs, tx, self.init_params)
+            state = self.strategy.init_state(jax.random.PRNGKey(self.seed), inputs, tx, self.init_params)
+            if self.mesh is not None:
+                self._state_shardings = sharding.state_shardings(state, self.mesh, self.sharding_rules, self.min_shard_size)
+                state = sharding.put_state(state, self._state_shardings)
+            self.state = state
         checkpoint = self.checkpoint_callback
         if checkpoint is not None and not self.fast_dev_run:
             self._resume = checkpoint.restore_latest(self)
 
-    def _train_step(self) -> Any:
-        if "train" not in self._compiled:
-            step = functools.partial(self.strategy.train_step, measurements=self._measurements())
-            self._compiled["train"] = jax.jit(step, donate_argnums=(0,))
-        return self._compiled["train"]
+    def _device_batch(self, example: Example) -> tuple[Batch, Batch]:
+        """Host example -> the step's batch: on the mesh (this process's rows of the global batch)
+        or on the default device."""
+        batch = _to_device_batch(example)
+        return sharding.shard_batch(batch, self.mesh) if self.mesh is not None else batch
 
-    def _eval_step(self) -> Any:
-        if "eval" not in self._compiled:
-            self._compiled["eval"] = jax.jit(self.strategy.eval_step)
-        return self._compiled["eval"]
+    def _jit(self, name: str, fn: Any, batch: tuple[Batch, Batch], train: bool) -> Any:
+        """`fn(state, batch, controls)` jitted once, with the mesh's in/out shardings if any."""
+        if name not in self._compiled:
+            kwargs: dict[str, Any] = {"donate_argnums": (0,)} if train else {}
+            if self.mesh is not None:
+                replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+                batch_shardings = jax.tree_util.tree_map(lambda x: x.sharding, batch)
+                kwargs["in_shardings"] = (self._state_shardings, batch_shardings, replicated)
+                kwargs["out_shardings"] = (self._state_shardings, replicated) if train else replicated
+            self._compiled[name] = jax.jit(fn, **kwargs)
+        return self._compiled[name]
+
+    def _train_step(self, batch: tuple[Batch, Batch]) -> Any:
+        step = functools.partial(self.strategy.train_step, measurements=self._measurements())
+        return self._jit("train", step, batch, train=True)
+
+    def _eval_step(self, batch: tuple[Batch, Batch]) -> Any:
+        return self._jit("eval", self.strategy.eval_step, batch, train=False)
+
+    def _agree_to_stop(self) -> bool:
+        """Every process stops at the same step if any callback on any process asked to."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            self.should_stop = bool(np.any(multihost_utils.process_allgather(np.asarray(self.should_stop))))
+        return self.should_stop
 
     # --- fit --------------------------------------------------------------------------------------
     def fit(self, train_data: DataSource, val_data: DataSource | None = None) -> TrainState:
@@ -240,13 +277,13 @@ class Trainer:
         The strategy chooses the examples (`Strategy.train_examples`) and receives the step's
         host-bound outputs (`Strategy.on_step_outputs`) before any callback sees the step.
         """
-        step = self._train_step()
         for example in self.strategy.train_examples(self, self._train_iterator, train_data):
             if self.limit_train_batches is not None and self.batch_idx >= self.limit_train_batches:
                 break
             self._call("on_train_batch_start", example, self.batch_idx)
             self._call("on_before_optimizer_step")
-            self.state, outputs = step(self.state, _to_device_batch(example), self.controls)
+            batch = self._device_batch(example)
+            self.state, outputs = self._train_step(batch)(self.state, batch, self.controls)
             host_outputs = outputs.pop(OUTPUTS, None)
             if host_outputs is not None:
                 self.strategy.on_step_outputs(self, host_outputs)
@@ -259,7 +296,7 @@ class Trainer:
             self._call("on_train_batch_end", outputs, example, self.batch_idx - 1)
             if val_data is not None and self.val_check_interval and self.global_step % self.val_check_interval == 0:
                 self.validate(val_data)
-            if self.should_stop or self._steps_done():
+            if self._agree_to_stop() or self._steps_done():
                 return False
         return True
 
@@ -280,7 +317,6 @@ class Trainer:
 
     def _evaluate(self, data: DataSource, stage: str, limit: int | None) -> dict[str, float]:
         self.load(data)
-        step = self._eval_step()
         totals: dict[str, Any] = {}
         count = 0
         self._call(f"on_{stage}_epoch_start")
@@ -288,7 +324,8 @@ class Trainer:
             if limit is not None and batch_idx >= limit:
                 break
             self._call(f"on_{stage}_batch_start", example, batch_idx)
-            outputs = step(self.state, _to_device_batch(example), self.controls)
+            batch = self._device_batch(example)
+            outputs = self._eval_step(batch)(self.state, batch, self.controls)
             totals = outputs if not totals else jax.tree_util.tree_map(jnp.add, totals, outputs)
             count += 1
             self._call(f"on_{stage}_batch_end", outputs, example, batch_idx)

@@ -1,0 +1,185 @@
+"""Sharding: one `Mesh` with axes `data` and `fsdp`, partition rules, and multi-host start-up.
+
+JAX's own machinery does the parallel work: the Trainer jits its step with `NamedSharding`s for the
+state and the batch, and XLA inserts the collectives. This module only decides *where* each array
+lives:
+
+* **Mesh** (`make_mesh`): devices arranged as `(data, fsdp)`; a size of -1 takes the devices left
+  over. `(n, 1)` is pure data parallelism, `(1, n)` pure FSDP (ZeRO-3), anything between both.
+* **Batch** (`batch_shardings`): the batch dimension is split over *both* axes, so every device
+  holds a different slice of the global batch (FSDP devices are data-parallel too, as in ZeRO).
+  Static variables and scalars are replicated.
+* **State** (`state_shardings`): every leaf of the `TrainState` (parameters and the optimiser's
+  moments alike, since Adam's moments have the parameters' shapes) follows the same rule: regex
+  overrides from the config first (matched against the leaf's path, e.g.
+  `params/backbone/.../qkv/kernel`), else FSDP (shard the largest dimension divisible by the `fsdp`
+  axis size, for leaves of at least `min_shard_size` elements), else replicated.
+
+Multi-host: `initialize_distributed` calls `jax.distributed.initialize()` when the environment or
+the config says there are several processes (SLURM, Open MPI, or an explicit coordinator); each
+process then reads only its own share of the data (`data_builders.pipeline` shards by process)
+and the Trainer assembles global arrays from process-local batches
+(`jax.make_array_from_process_local_data`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+__all__ = [
+    "AXES",
+    "BATCH_AXES",
+    "make_mesh",
+    "leaf_spec",
+    "state_shardings",
+    "batch_shardings",
+    "shard_batch",
+    "put_state",
+    "initialize_distributed",
+    "path_name",
+]
+
+log = logging.getLogger(__name__)
+
+AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over every device
+
+Rule = tuple[str, Sequence[str | None]]
+"""`(regex, spec)`: leaves whose path matches `regex` get `PartitionSpec(*spec)`."""
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `(data, fsdp)` mesh over `devices` (default: all, across every process); -1 fills."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    sizes = [data, fsdp]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"At most one mesh axis may be -1, got data={data}, fsdp={fsdp}.")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if known <= 0 or n % known:
+            raise ValueError(f"{n} devices cannot be split into data={data} x fsdp={fsdp}.")
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
+        raise ValueError(f"Mesh data={sizes[0]} x fsdp={sizes[1]} = {math.prod(sizes)} devices, but there are {n}.")
+    grid = np.asarray(devices, dtype=object).reshape(sizes)
+    return Mesh(grid, AXES)
+
+
+def path_name(path: tuple[Any, ...]) -> str:
+    """A key path as `a/b/c` (dict keys, attribute names, indices)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def leaf_spec(name: str, shape: tuple[int, ...], mesh: Mesh, rules: Sequence[Rule] = (), min_shard_size: int = 2**18) -> P:
+    """The `PartitionSpec` of one state leaf (see the module docstring)."""
+    for pattern, spec in rules:
+        if re.search(pattern, name):
+            spec = tuple(spec)
+            if len(spec) > len(shape):
+                raise ValueError(f"Sharding rule {pattern!r} gives {spec} for {name} of shape {shape}.")
+            return P(*spec)
+    fsdp = mesh.shape["fsdp"]
+    if fsdp == 1 or math.prod(shape) < min_shard_size:
+        return P()
+    candidates = [i for i in np.argsort(shape)[::-1] if shape[i] % fsdp == 0]
+    if not candidates:
+        return P()
+    spec: list[str | None] = [None] * len(shape)
+    spec[int(candidates[0])] = "fsdp"
+    return P(*spec)
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Sequence[Rule] = (), min_shard_size: int = 2**18) -> Any:
+    """A pytree of `NamedSharding`s matching `state` (arrays or shape structs)."""
+
+    def one(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+        shape = tuple(getattr(leaf, "shape", ()))
+        return NamedSharding(mesh, leaf_spec(path_name(path), shape, mesh, rules, min_shard_size))
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def put_state(state: Any, shardings: Any) -> Any:
+    """Place a (host or single-device) state on the mesh; every process holds the same values."""
+
+    def put(sharding: NamedSharding, x: Any) -> jax.Array:
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(put, shardings, state)
+
+
+def _batch_spec(leaf: Any, batch_axis: int, rows: int) -> P:
+    shape = np.shape(leaf)
+    if len(shape) > batch_axis and shape[batch_axis] == rows:
+        return P(*([None] * batch_axis), BATCH_AXES)
+    return P()
+
+
+def batch_shardings(batch: Any, mesh: Mesh) -> Any:
+    """`NamedSharding`s for a Trainer batch `(inputs, stacked targets)` (this process's rows).
+
+    Inputs carry the batch on axis 0 (fields `(b, t, ...)`, `time` `(b,)`), stacked targets on
+    axis 1 (`(K, b, ...)`); static fields and scalars are replicated. The global batch, this
+    process's rows times the number of processes, must split evenly over the mesh.
+    """
+    inputs, targets = batch
+    rows = int(np.shape(inputs.metadata.time)[0])
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (rows * jax.process_count()) % shards:
+        raise ValueError(f"The global batch of {rows * jax.process_count()} rows cannot be split over {shards} "
+                         f"devices (data x fsdp); make the global batch size a multiple of {shards}.")  # fmt: skip
+
+    def spec(axis: int, static: Any):
+        def leaf(x: Any) -> NamedSharding:
+            return NamedSharding(mesh, P() if any(x is s for s in static) else _batch_spec(x, axis, rows))
+
+        return leaf
+
+    return (
+        jax.tree_util.tree_map(spec(0, list(inputs.static_vars.values())), inputs),
+        jax.tree_util.tree_map(spec(1, list(targets.static_vars.values())), targets),
+    )
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Host batch -> global arrays on the mesh.
+
+    With one process the batch is the global batch; with several, each process passes its own rows
+    (the pipeline shards by process) and `jax.make_array_from_process_local_data` assembles them.
+    """
+    shardings = batch_shardings(batch, mesh)
+    return jax.tree_util.tree_map(lambda s, x: jax.make_array_from_process_local_data(s, np.asarray(x)), shardings, batch)
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:  # fmt: skip
+    """Start JAX's multi-controller runtime when there is more than one process.
+
+    Explicit arguments (config `distributed.*` or flags) win; otherwise `jax.distributed.initialize()`
+    detects SLURM / Open MPI / the `JAX_COORDINATOR_ADDRESS` environment itself. Returns whether it
+    initialised. Must run before any other JAX call that touches devices.
+    """
+    explicit = coordinator_address is not None
+    cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS"))
+    slurm_single = os.environ.get("SLURM_NTASKS", "2") == "1"
+    if not explicit and (not cluster or slurm_single):
+        return False
+    kwargs = {}
+    if explicit:
+        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(**kwargs)
+    log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())  # fmt: skip
+    return True
