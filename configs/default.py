@@ -100,6 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
             "grad_stop": {"type": "grad_stop", "on_nonfinite": "skip"},
             "progress": {"type": "progress"},
             "lr_monitor": {"type": "lr_monitor"},
+            "preemption": {"type": "preemption"},
         }
     )
 

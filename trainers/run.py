@@ -22,6 +22,7 @@ from callbacks.checkpoint import ModelCheckpoint, OnExceptionCheckpoint
 from callbacks.early_stopping import EarlyStopping
 from callbacks.grad_stop import GradStop
 from callbacks.lr_monitor import LearningRateMonitor
+from callbacks.preemption import Preemption
 from callbacks.progress import ProgressBar
 from callbacks.timer import Timer
 from callbacks.writers import make_writers
@@ -44,6 +45,7 @@ CALLBACKS: dict[str, type[Callback]] = {
     "lr_monitor": LearningRateMonitor,
     "early_stopping": EarlyStopping,
     "timer": Timer,
+    "preemption": Preemption,
 }
 """Built-in callbacks by config name; any other `type` is imported as "package.module:Class"."""
 
