@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from trainers.run import run
+from trainers.sharding import initialize_distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file (e.g. configs/demo.py).", lock_config=True)
@@ -27,6 +28,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    distributed = FLAGS.config.get("distributed") or {}
+    initialize_distributed(distributed.get("coordinator_address"), distributed.get("num_processes"),
+                           distributed.get("process_id"))  # fmt: skip
     summary = run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
     evaluation = summary.pop("evaluation", None)
     print(json.dumps(summary, indent=1, default=str))

@@ -4,10 +4,17 @@
 
 Same model, grid and batch (1 sample) for every row, in one run. For each K:
 
-* `all`: `RolloutStrategy(steps=K, backprop="all")`, gradients through all K model calls;
-* `pushforward`: `RolloutStrategy(steps=K, backprop="pushforward")`, each call's input detached;
+* `all`: `RolloutStrategy(steps=K, backprop="all", average_loss=False)`, the loss at lead K with
+  gradients through all K model calls;
+* `pushforward`: `RolloutStrategy(steps=K, backprop="pushforward", average_loss=False)`, the
+  loss at lead K with gradients through the last call only: K - 1 gradient-free calls first;
 * `replay`: `ReplayStrategy`, one model call per update on a buffer entry at rollout step K - 1
   (the lead time K steps is reached through the buffer, not by unrolling).
+
+* `all/no-remat`: `all` without rematerialising each step (`remat=False`): every step's
+  activations stay alive for the backward pass.
+
+All train on a lead-K target; they differ in what the gradient sees and what it costs.
 
 Reported per update: median wall time of `--repeats` jitted `train_step` calls after a warm-up
 (compile time separately), and XLA's memory plan of the compiled step (`memory_analysis()`):
@@ -41,6 +48,7 @@ from trainers.trainer import _to_device_batch  # noqa: E402
 
 OPTIM = ml_collections.ConfigDict({"learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0})
 MB = 2**20
+NAMES = ("all", "all/no-remat", "pushforward", "replay")
 
 
 def state_batch(h: int, w: int, levels: tuple[int, ...], history: int, seed: int, minutes: int, step: int) -> Batch:
@@ -119,19 +127,21 @@ def main() -> None:
 
     rows = []
     for k in ks:
-        for name in ("all", "pushforward", "replay"):
+        for name in NAMES:
             if name == "replay":
                 strategy, batch = ReplayStrategy(model, max_lead_hours=((0, 6 * max(ks)),)), example(args, 1, rollout_step=k - 1)
             else:
-                strategy, batch = RolloutStrategy(model, steps=k, backprop=name), example(args, k)
+                backprop, remat = name.split("/")[0], not name.endswith("no-remat")
+                strategy = RolloutStrategy(model, steps=k, backprop=backprop, average_loss=False, remat=remat)
+                batch = example(args, k)
             row = {"K": k, "strategy": name, **measure(strategy, batch, args.repeats, rng)}
             rows.append(row)
             print(f"K={k:<2} {name:<12} {row['seconds']:7.2f} s/update  peak {row['peak_mb']:8.1f} MB  "
                   f"(temp {row['temp_mb']:8.1f} MB, compile {row['compile_s']:.1f} s)", flush=True)  # fmt: skip
 
-    print("\n| K | all: s / peak MB | pushforward: s / peak MB | replay: s / peak MB |\n|---|---|---|---|")
+    print("\n| K | " + " | ".join(f"{n}: s / peak MB" for n in NAMES) + " |\n" + "|---" * (len(NAMES) + 1) + "|")
     for k in ks:
-        cells = [f"{r['seconds']:.2f} / {r['peak_mb']:.0f}" for name in ("all", "pushforward", "replay")
+        cells = [f"{r['seconds']:.2f} / {r['peak_mb']:.0f}" for name in NAMES
                  for r in rows if r["K"] == k and r["strategy"] == name]  # fmt: skip
         print(f"| {k} | " + " | ".join(cells) + " |")
     if args.json:

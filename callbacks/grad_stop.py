@@ -67,7 +67,12 @@ class GradStop(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, batch: Any, batch_idx: int) -> None:
         window = self.window_at(trainer.global_step)
-        if window is not None and "grad_window" in trainer.controls:
+        if window is not None and "grad_window" not in trainer.controls:
+            raise ValueError(
+                "GradStop has a gradient-window schedule but the strategy has no traced window: "
+                "use RolloutStrategy(curriculum=True) (config: strategy.curriculum=True)."
+            )
+        if window is not None:
             import jax.numpy as jnp
 
             trainer.controls["grad_window"] = jnp.int32(window)

@@ -58,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.strategy.backprop = "all"  # all | last_k | pushforward
     config.strategy.k = 1  # gradient window for last_k
     config.strategy.average_loss = True
+    config.strategy.curriculum = False  # True: traced window that GradStop's schedule changes (full backward cost)
 
     # --- loss (paper Suppl. D.1), on normalised variables --------------------------------------------
     config.loss = ml_collections.ConfigDict()
@@ -103,6 +104,18 @@ def get_config() -> ml_collections.ConfigDict:
             "preemption": {"type": "preemption"},
         }
     )
+
+    # --- devices: a (data, fsdp) mesh over every device of every process (trainers/sharding.py) ---------
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # -1: the devices left over (pure data parallelism with fsdp = 1)
+    config.mesh.fsdp = 1  # e.g. 8 shards each large parameter and its Adam moments over 8 devices
+    config.mesh.min_shard_size = 2**18  # parameters with fewer elements stay replicated
+    config.mesh.rules = []  # [(regex on "params/.../kernel", [None, "fsdp"]), ...] override FSDP's choice
+    # Multi-host: leave empty under SLURM / Open MPI (detected); else the coordinator "host:port".
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)
+    config.distributed.num_processes = ml_collections.FieldReference(None, field_type=int)
+    config.distributed.process_id = ml_collections.FieldReference(None, field_type=int)
 
     # --- evaluation (--mode=test) and forecasts (--mode=predict) -----------------------------------
     config.eval = ml_collections.ConfigDict()

@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.strategy.backprop = "last_k"
     config.strategy.k = 1
     config.strategy.average_loss = True
+    config.strategy.curriculum = True  # the window is a traced control that GradStop schedules
     config.callbacks.grad_stop = ml_collections.ConfigDict(
         {"type": "grad_stop", "on_nonfinite": "skip", "schedule": [[0, 1], [20, 2]]}
     )

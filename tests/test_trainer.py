@@ -89,11 +89,12 @@ def _manual_two_step_loss(model, params, inputs, targets, detach_second_input: b
     return (l1 + l2) / 2
 
 
+@pytest.mark.parametrize("curriculum", [False, True], ids=["static", "traced"])
 @pytest.mark.parametrize("backprop", ["all", "pushforward"])
-def test_two_step_rollout_gradient_equals_explicit_calls(setup, backprop) -> None:
+def test_two_step_rollout_gradient_equals_explicit_calls(setup, backprop, curriculum) -> None:
     model, example, params = setup
     inputs, targets = _to_device_batch(example)
-    strategy = RolloutStrategy(model, steps=2, backprop=backprop)
+    strategy = RolloutStrategy(model, steps=2, backprop=backprop, curriculum=curriculum)
     grad = jax.grad(lambda p: strategy.loss_fn(p, inputs, targets, strategy.default_controls())[0])(params)
     manual = jax.grad(lambda p: _manual_two_step_loss(model, p, inputs, example[1], backprop == "pushforward"))(params)
     for a, b in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(manual)):
@@ -105,7 +106,7 @@ def test_stop_gradient_removes_earlier_step_gradients(setup) -> None:
     model, example, params = setup
     inputs, targets = _to_device_batch(example)
     full = RolloutStrategy(model, steps=2, backprop="all", average_loss=False)
-    push = RolloutStrategy(model, steps=2, backprop="pushforward", average_loss=False)
+    push = RolloutStrategy(model, steps=2, backprop="pushforward", average_loss=False)  # gradient-free first step
     g_full = jax.grad(lambda p: full.loss_fn(p, inputs, targets, full.default_controls())[0])(params)
     g_push = jax.grad(lambda p: push.loss_fn(p, inputs, targets, push.default_controls())[0])(params)
     pred1 = model.apply({"params": params}, inputs)
@@ -117,8 +118,8 @@ def test_stop_gradient_removes_earlier_step_gradients(setup) -> None:
     assert diff > 1e-6, "backprop through both steps must differ from the detached gradient"
 
 
-def _trainer(model, workdir, *, max_steps, callbacks=(), **kwargs):
-    strategy = RolloutStrategy(model, steps=2, backprop="all")
+def _trainer(model, workdir, *, max_steps, callbacks=(), curriculum=False, **kwargs):
+    strategy = RolloutStrategy(model, steps=2, backprop="all", curriculum=curriculum)
     return Trainer(strategy, optimizer=OPTIM, callbacks=list(callbacks), workdir=workdir, max_steps=max_steps,
                    log_every_n_steps=1, **kwargs)
 
@@ -197,7 +198,7 @@ def test_grad_window_schedule_changes_without_recompiling(tmp_path) -> None:
         def on_train_batch_end(self, trainer, outputs, batch, batch_idx):
             seen.append(int(trainer.controls["grad_window"]))
 
-    trainer = _trainer(model, tmp_path, max_steps=4, callbacks=[GradStop(schedule=[(0, 1), (2, 2)]), Record()])
+    trainer = _trainer(model, tmp_path, max_steps=4, callbacks=[GradStop(schedule=[(0, 1), (2, 2)]), Record()], curriculum=True)
     trainer.fit(_data(model, n=2))
     assert seen == [1, 1, 2, 2]
     assert trainer._compiled["train"]._cache_size() == 1

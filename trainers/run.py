@@ -26,6 +26,7 @@ from callbacks.preemption import Preemption
 from callbacks.progress import ProgressBar
 from callbacks.timer import Timer
 from callbacks.writers import make_writers
+from trainers import sharding
 from trainers.loss import LossConfig
 from trainers.strategies.base import Strategy
 from trainers.strategies.lora import LoRAStrategy
@@ -172,6 +173,16 @@ def _init_params(config: ml_collections.ConfigDict, model: aurora.Aurora) -> Any
     return None
 
 
+def _mesh_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The Trainer's mesh and partition rules from `config.mesh` (every device of every process)."""
+    mesh_config = config.get("mesh") or ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    return {
+        "mesh": sharding.make_mesh(data=mesh_config.get("data", -1), fsdp=mesh_config.get("fsdp", 1)),
+        "sharding_rules": tuple((str(r[0]), tuple(r[1])) for r in _plain(mesh_config.get("rules", ()))),
+        "min_shard_size": int(mesh_config.get("min_shard_size", 2**18)),
+    }
+
+
 def _eval_data(config: ml_collections.ConfigDict, data: dict[str, Any]) -> Any:
     split = config.eval.get("split", "test")
     pipeline = data.get(split) or data.get("validation")
@@ -238,6 +249,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "fit
         config=config,
         seed=config.seed,
         init_params=_init_params(config, model),
+        **_mesh_kwargs(config),
         **_plain(config.trainer),
     )
     summary: dict[str, Any] = {"workdir": str(workdir), "mode": mode}

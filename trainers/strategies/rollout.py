@@ -5,10 +5,16 @@ adapters and time encodings see what they will see at inference. The K steps run
 (one traced model call, whatever K), rematerialised so that memory holds one step's activations
 plus the K carried states.
 
-Gradient window `w` (a traced control, so a curriculum changes it without recompiling): gradients
-flow through the last `w` model calls. Concretely, the input of step `i` (1 <= i <= K - w) is
-detached, so each of those steps trains only its own call, and the losses of the last `w` steps
-back-propagate through every call from step K - w on.
+Gradient window `w`: gradients flow through the last `w` model calls. Concretely, the input of
+step `i` (1 <= i <= K - w) is detached, so each of those steps trains only its own call, and the
+losses of the last `w` steps back-propagate through every call from step K - w on.
+
+The window is static by default: the K - w leading steps run in a scan of their own, and with
+`average_loss=False` (only the last step's loss counts) they run without any gradient, so an
+update costs K - w forward passes plus a w-step forward and backward (Brandstetter et al.'s
+pushforward trick when w = 1). With `curriculum=True` the window is a traced control instead, so
+`GradStop`'s schedule changes it without recompiling; the compiled step must then serve every
+window, so it always pays for the full backward pass.
 
 * `backprop="all"`: w = K, gradients through every step (full unrolled training).
 * `backprop="last_k"`: w = k.
@@ -57,6 +63,7 @@ class RolloutStrategy(Strategy):
         loss: LossConfig | None = None,
         stats: dict[str, tuple[float, float]] | None = None,
         remat: bool = True,
+        curriculum: bool = False,
     ):
         super().__init__(model, loss, stats)
         if backprop not in ("all", "last_k", "pushforward"):
@@ -68,32 +75,60 @@ class RolloutStrategy(Strategy):
         self.k = k
         self.average_loss = average_loss
         self.remat = remat
+        self.curriculum = curriculum
+
+    @property
+    def window(self) -> int:
+        """The configured gradient window (`GradStop` may change it when `curriculum=True`)."""
+        return {"all": self.steps, "last_k": self.k, "pushforward": 1}[self.backprop]
 
     def default_controls(self) -> dict[str, Any]:
-        window = {"all": self.steps, "last_k": self.k, "pushforward": 1}[self.backprop]
-        return {"grad_window": jnp.int32(window)}
+        return {"grad_window": jnp.int32(self.window)} if self.curriculum else {}
 
-    def rollout_losses(self, params: Any, inputs: Batch, targets: Batch, window: jax.Array) -> tuple[jax.Array, Metrics]:
-        """Per-step losses `(K,)` and per-step metrics `{name: (K,)}`."""
-        K = self.steps
-        n_targets = jax.tree_util.tree_leaves(targets)[0].shape[0]
-        if n_targets < K:
-            raise ValueError(f"The rollout has {K} steps but the batch holds {n_targets} targets.")
+    def _scan(self, params: Any, batch: Batch, targets: Batch, steps: jax.Array, detach: Any) -> tuple[Batch, tuple[jax.Array, Metrics]]:
+        """Steps `steps` of the rollout from `batch`; step i's output is detached where `detach(i)`."""
 
         def step(batch: Batch, xs: tuple[jax.Array, Batch]) -> tuple[Batch, tuple[jax.Array, Metrics]]:
             i, target = xs
             pred = self.predict(params, batch)
             loss, terms = aurora_loss(pred, target, self.loss_config, self.stats)
-            nxt = _detach_fields(advance_batch(batch, pred), (i + 1) <= K - window)
-            return nxt, (loss, terms)
+            return detach(i, advance_batch(batch, pred)), (loss, terms)
 
         body = jax.checkpoint(step) if self.remat else step
-        first_k = jax.tree_util.tree_map(lambda x: x[:K], targets)
-        _, (losses, terms) = jax.lax.scan(body, inputs, (jnp.arange(K), first_k))
+        return jax.lax.scan(body, batch, (steps, targets))
+
+    def rollout_losses(self, params: Any, inputs: Batch, targets: Batch, window: jax.Array | int) -> tuple[jax.Array, Metrics]:
+        """Per-step losses `(K,)` and per-step metrics `{name: (K,)}`.
+
+        A traced `window` detaches by `jnp.where` inside one scan; a Python int splits the rollout
+        into a detached leading scan (gradient-free when only the last loss counts) and the rest.
+        """
+        K = self.steps
+        n_targets = jax.tree_util.tree_leaves(targets)[0].shape[0]
+        if n_targets < K:
+            raise ValueError(f"The rollout has {K} steps but the batch holds {n_targets} targets.")
+        take = lambda lo, hi: jax.tree_util.tree_map(lambda x: x[lo:hi], targets)  # noqa: E731
+        if not isinstance(window, int):
+            where = lambda i, b: _detach_fields(b, (i + 1) <= K - window)  # noqa: E731
+            _, (losses, terms) = self._scan(params, inputs, take(0, K), jnp.arange(K), where)
+            return losses, terms
+
+        lead = K - min(max(window, 1), K)
+        cut = lambda i, b: _detach_fields(b, jnp.bool_(True))  # noqa: E731
+        keep = lambda i, b: b  # noqa: E731
+        parts = []
+        batch = inputs
+        if lead:
+            lead_params = params if self.average_loss else jax.lax.stop_gradient(params)
+            batch, part = self._scan(lead_params, batch, take(0, lead), jnp.arange(lead), cut)
+            parts.append(part)
+        _, part = self._scan(params, batch, take(lead, K), jnp.arange(lead, K), keep)
+        parts.append(part)
+        losses, terms = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
         return losses, terms
 
     def loss_fn(self, params: Any, inputs: Batch, targets: Batch, controls: dict[str, Any]) -> tuple[jax.Array, Metrics]:
-        window = controls.get("grad_window", self.default_controls()["grad_window"])
+        window = controls.get("grad_window", self.window)
         losses, terms = self.rollout_losses(params, inputs, targets, window)
         loss = jnp.mean(losses) if self.average_loss else losses[-1]
         metrics = {name: jnp.mean(values) for name, values in terms.items()}
