@@ -120,70 +120,56 @@ def _writers(writers: Any) -> list[Any]:
     return out
 
 
-def _rewind_csv(path: Path, step: int) -> int:
-    """Drop rows logged after `step` (and a half-written last line); returns how many went."""
+def _csv_step(line: str) -> int | None:
+    row = next(csv.reader(io.StringIO(line)), [])
+    return int(row[0]) if len(row) == 4 and row[0].lstrip("-").isdigit() else None
+
+
+def _jsonl_step(line: str) -> int | None:
+    record = json.loads(line)
+    return int(record["step"]) if "step" in record else -(2**62)  # hparams records stay
+
+
+def _rewind(path: Path, step: int, step_of: Any, header: int) -> int:
+    """Keep the first `header` lines and the lines whose step is at most `step`; the others (and a
+    line cut short by a kill, or one that does not parse) are appended to `<path>.dropped`.
+    Returns how many lines went."""
     with open(path, newline="", encoding="utf-8") as f:
-        text = f.read()
-    lines = text.splitlines(keepends=True)
-    if lines and not lines[-1].endswith(("\n", "\r")):
-        lines = lines[:-1]  # killed mid-write
-    kept, dropped = lines[:1], 0
-    for line in lines[1:]:
-        row = next(csv.reader(io.StringIO(line)), [])
+        lines = f.read().splitlines(keepends=True)
+    kept, dropped = lines[:header], []
+    for line in lines[header:]:
         try:
-            keep = len(row) == 4 and int(row[0]) <= step
+            at = step_of(line) if line.endswith("\n") else None
         except ValueError:
-            keep = False
-        if keep:
-            kept.append(line)
-        else:
-            dropped += 1
-    new = "".join(kept)
-    if new != text:
-        with open(path, "r+", newline="", encoding="utf-8") as f:
-            f.write(new)
+            at = None
+        keep = at is not None and at <= step
+        (kept if keep else dropped).append(line)
+    if dropped:
+        with open(path.with_name(path.name + ".dropped"), "a", newline="", encoding="utf-8") as f:
+            f.writelines(line if line.endswith("\n") else line + "\n" for line in dropped)
+        with open(path, "r+", newline="", encoding="utf-8") as f:  # in place: appenders keep appending
+            f.write("".join(kept))
             f.truncate()
-    return dropped
-
-
-def _rewind_jsonl(path: Path, step: int) -> int:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    lines = text.splitlines(keepends=True)
-    kept, dropped = [], 0
-    for line in lines:
-        try:
-            record = json.loads(line)
-            keep = line.endswith("\n") and ("step" not in record or int(record["step"]) <= step)
-        except ValueError:
-            keep = False
-        if keep:
-            kept.append(line)
-        else:
-            dropped += 1
-    new = "".join(kept)
-    if new != text:
-        with open(path, "r+", encoding="utf-8") as f:
-            f.write(new)
-            f.truncate()
-    return dropped
+    return len(dropped)
 
 
 def rewind_metric_files(writers: Any, step: int) -> None:
     """Make CSV / JSONL metric files end at `step`: a run killed after its last checkpoint logged
-    steps that the resumed run logs again. (TensorBoard event files cannot be rewritten; TensorBoard
-    shows the later points of a step twice.) Files are rewritten in place, so writers that hold them
-    open in append mode keep appending at the new end."""
+    steps that the resumed run logs again (`step=-1`: a run that restarts from scratch). The rows
+    taken out go to `<file>.dropped`, not lost. (TensorBoard event files cannot be rewritten;
+    TensorBoard shows the later points of a step twice.) Files are rewritten in place, so writers
+    that hold them open in append mode keep appending at the new end."""
     from callbacks.writers import CsvWriter, JsonlWriter
 
     for writer in _writers(writers):
-        rewind = {CsvWriter: _rewind_csv, JsonlWriter: _rewind_jsonl}.get(type(writer))
-        if rewind is None or not Path(writer.path).exists():
+        kind = {CsvWriter: (_csv_step, 1), JsonlWriter: (_jsonl_step, 0)}.get(type(writer))
+        if kind is None or not Path(writer.path).exists():
             continue
         writer.flush()
-        dropped = rewind(Path(writer.path), step)
+        dropped = _rewind(Path(writer.path), step, *kind)
         if dropped:
-            log.warning("Dropped %d rows logged after step %d from %s (the run resumes at step %d).", dropped, step, writer.path, step)
+            where = f"after step {step} (the run resumes there)" if step >= 0 else "before (no checkpoint: the run starts over)"
+            log.warning("Moved %d rows logged %s from %s to %s.dropped.", dropped, where, writer.path, writer.path)
 
 
 class _ModelMismatch(Exception):
@@ -379,6 +365,8 @@ class ModelCheckpoint(Callback):
         if incomplete:
             log.warning("Ignoring incomplete checkpoint writes in %s: %s", self.directory, ", ".join(incomplete))
         if not steps:
+            if self._stage == "fit" and trainer.is_global_zero:
+                rewind_metric_files(trainer.writers, -1)  # a run killed before its first checkpoint
             return None
         failures: list[str] = []
         for step in steps:
