@@ -104,10 +104,10 @@ def signature_differences(saved: dict[str, Any], current: dict[str, Any]) -> lis
     fields only one side has are not compared (older or newer signatures). The class name alone
     is not a difference (presets differ only in defaults, which the fields cover)."""
     differences = []
-    for key in saved:
-        if key != "class" and key in current and saved[key] != current[key]:
+    for key, value in saved.items():
+        if key != "class" and key in current and value != current[key]:
             name = "parameter tree" if key == "params" else key
-            differences.append(f"{name} {_show(saved[key])} vs {_show(current[key])}")
+            differences.append(f"{name} {_show(value)} vs {_show(current[key])}")
     return differences
 
 
@@ -294,7 +294,7 @@ class ModelCheckpoint(Callback):
         for writer in trainer.writers:
             try:
                 writer.flush()
-            except Exception as e:  # a writer's failure must not lose the checkpoint
+            except Exception as e:  # noqa: BLE001 - a writer's failure must not lose the checkpoint
                 log.warning("Could not flush %r: %s", writer, e)
 
     def on_train_batch_start(self, trainer: Trainer, batch: Any, batch_idx: int) -> None:

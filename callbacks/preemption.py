@@ -52,7 +52,7 @@ class Preemption(Callback):
             signals = (signals,)
         self.signals = tuple(signals)
         for name in self.signals:
-            if not isinstance(getattr(signal, name, None), signal.Signals):
+            if name not in signal.Signals.__members__:
                 raise ValueError(f"Unknown signal {name!r}; use names such as 'SIGTERM' or 'SIGINT'.")
         if sync_every_n_steps < 1:
             raise ValueError("sync_every_n_steps must be at least 1.")

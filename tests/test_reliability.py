@@ -38,10 +38,10 @@ from callbacks.base import Callback
 from callbacks.checkpoint import ITEMS, ModelCheckpoint
 from callbacks.grad_stop import GradStop
 from callbacks.preemption import Preemption
+from tests.helpers import random_batch, tiny_model
 from trainers.data import InMemoryData
 from trainers.strategies.rollout import RolloutStrategy
 from trainers.trainer import Trainer
-from tests.helpers import random_batch, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "jax"
@@ -273,11 +273,11 @@ def test_several_kills_at_random_points_including_during_a_checkpoint_write(jobs
         left_over = writes() if (workdir / "checkpoints").exists() else set()
         job = Job(config, workdir, *overrides, "--config.callbacks.pacer.sleep=0.3")
         if attempt % 2 == 0:  # kill as soon as an asynchronous checkpoint write is in progress
-            job.wait_for(lambda: (workdir / "checkpoints").exists() and bool(writes() - left_over), poll=0.001)
+            job.wait_for(lambda left_over=left_over: (workdir / "checkpoints").exists() and bool(writes() - left_over), poll=0.001)
             job.kill()
             during_write |= bool(writes() - left_over)
         else:  # kill at a random time after the first step
-            job.wait_for(lambda: job.progress() > 0)
+            job.wait_for(lambda job=job: job.progress() > 0)
             time.sleep(rng.uniform(0.0, 1.5))
             job.kill()
         assert job.finish() in (-signal.SIGKILL, 0)
@@ -334,7 +334,7 @@ def test_replay_buffer_survives_a_kill(tmp_path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 OPTIM = ml_collections.ConfigDict({"learning_rate": 1e-3, "warmup_steps": 2, "schedule": "constant", "weight_decay": 0.01})
-ONE_STAGE = dict(encoder_depths=(1,), encoder_num_heads=(2,), decoder_depths=(1,), decoder_num_heads=(2,))
+ONE_STAGE = {"encoder_depths": (1,), "encoder_num_heads": (2,), "decoder_depths": (1,), "decoder_num_heads": (2,)}
 
 
 def _model(**overrides: Any):
@@ -397,6 +397,24 @@ def test_preemption_callback_saves_stops_and_restores_the_handlers(tmp_path) -> 
 
     with pytest.raises(ValueError, match="Unknown signal"):
         Preemption(signals=("SIGNOPE",))
+
+
+def test_a_second_signal_does_what_it_would_have_done(tmp_path) -> None:
+    """Ctrl-C twice still interrupts: the second SIGINT goes to the previous handler."""
+    from types import SimpleNamespace
+
+    preemption = Preemption(signals=("SIGINT",))
+    before = signal.getsignal(signal.SIGINT)
+    preemption.setup(SimpleNamespace(), "fit")
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preemption.received == "SIGINT"
+        if before is signal.default_int_handler:
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        preemption.teardown(SimpleNamespace(), "fit")
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_preemption_waits_for_every_process(monkeypatch) -> None:
@@ -526,7 +544,7 @@ def test_no_restorable_checkpoint_is_a_clear_error(two_checkpoints, tmp_path) ->
 
 
 def test_a_checkpoint_of_another_model_is_refused(two_checkpoints, tmp_path) -> None:
-    model, original = two_checkpoints
+    _, original = two_checkpoints
     workdir = _copy(original, tmp_path)
     other = _model(atmos_vars=("z", "u", "v"))
     with pytest.raises(ValueError, match=r"atmos_vars \('z', 'u', 'v', 't', 'q'\) vs \('z', 'u', 'v'\)"):
@@ -621,7 +639,7 @@ def test_nan_input_skips_the_update_or_stops_and_the_last_checkpoint_stays_good(
         assert "Stopping training" in message
         # The last good checkpoint is intact; the one written on stopping holds the same weights.
         assert _steps(tmp_path) == [2, 3]
-        _, state2, meta2, _ = _read_checkpoint(tmp_path, 2)
+        state2 = _read_checkpoint(tmp_path, 2)[1]
         _assert_same_tree(state2["params"], record.params[2])
         _, state3, meta3, _ = _read_checkpoint(tmp_path, 3)
         _assert_same_tree(state3["params"], record.params[2])
