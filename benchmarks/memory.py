@@ -1,0 +1,96 @@
+"""Compiled peak memory of one training step, without running it (nothing is allocated).
+
+    .venv/bin/python benchmarks/memory.py [--preset Aurora --h 721 --w 1440 --levels 13]
+
+Builds the real train step (`RolloutStrategy`, one step, AdamW, the guarded update) for the preset
+on the grid, lowers it on abstract inputs (`jax.ShapeDtypeStruct`, so no parameter or batch is
+allocated) with the state donated, compiles it for the local device and prints XLA's memory plan
+(`compiled.memory_analysis()`) for each setting of precision and rematerialisation:
+
+* `fp32`: float32 everywhere, no remat;
+* `bf16`: bf16 compute (autocast), float32 master parameters, no remat;
+* `bf16+remat`: bf16 and every Swin block rematerialised (`remat="backbone"` in the Trainer).
+
+`peak` = arguments + outputs - aliased (donated) + temporaries: what the device must hold during
+the step. On a GPU this is the number to compare with microsoft-aurora's 55.4 GiB (Aurora, 0.25°,
+autocast + activation checkpointing, H100); on the CPU backend the plan is the CPU compiler's and
+only indicative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import aurora  # noqa: E402
+from aurora.batch import Batch, Metadata  # noqa: E402
+from trainers.strategies.rollout import RolloutStrategy  # noqa: E402
+
+AURORA_LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
+OPTIM = ml_collections.ConfigDict({"learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0})
+GiB = 2**30
+
+
+def abstract_batch(model: aurora.Aurora, h: int, w: int, levels: tuple[int, ...], history: int, lead: int = 0) -> Batch:
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    lead_axis = (lead,) if lead else ()
+    return Batch(
+        surf_vars={v: f32(*lead_axis, 1, history, h, w) for v in model.surf_vars},
+        static_vars={v: f32(*lead_axis, h, w) for v in model.static_vars},
+        atmos_vars={v: f32(*lead_axis, 1, history, len(levels), h, w) for v in model.atmos_vars},
+        metadata=Metadata(lat=tuple(np.linspace(90, -90, h).tolist()), lon=tuple(np.linspace(0, 360, w, endpoint=False).tolist()),
+                          time=jax.ShapeDtypeStruct((*lead_axis, 1), jnp.int32), atmos_levels=levels,
+                          rollout_step=jax.ShapeDtypeStruct(lead_axis, jnp.int32)),  # fmt: skip
+    )
+
+
+def plan(preset: str, h: int, w: int, levels: tuple[int, ...], autocast: bool, remat: bool) -> dict[str, float]:
+    model = aurora.PRESETS[preset](use_lora=False, autocast=autocast, remat=remat)
+    strategy = RolloutStrategy(model, steps=1)
+    tx, _ = strategy.make_optimizer(OPTIM, None)
+    inputs = abstract_batch(model, h, w, levels, history=2)
+    state = jax.eval_shape(lambda: strategy.init_state(jax.random.PRNGKey(0), _zeros(inputs), tx))
+    targets = abstract_batch(model, h, w, levels, history=1, lead=1)
+    start = time.perf_counter()
+    step = jax.jit(strategy.train_step, donate_argnums=(0,))
+    compiled = step.lower(state, (inputs, targets), strategy.default_controls()).compile()
+    memory = compiled.memory_analysis()
+    peak = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+    params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+    return {"params": params, "arguments_gib": memory.argument_size_in_bytes / GiB, "temp_gib": memory.temp_size_in_bytes / GiB,
+            "peak_gib": peak / GiB, "compile_s": time.perf_counter() - start}  # fmt: skip
+
+
+def _zeros(batch: Batch) -> Batch:
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), batch)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="Aurora")
+    parser.add_argument("--h", type=int, default=720, help="latitudes after the model's crop (721 -> 720)")
+    parser.add_argument("--w", type=int, default=1440)
+    parser.add_argument("--levels", type=int, default=13, help="the first N of Aurora's 13 levels")
+    parser.add_argument("--settings", default="fp32,bf16,bf16+remat")
+    args = parser.parse_args()
+    levels = AURORA_LEVELS[: args.levels]
+    print(f"{args.preset}, {args.h}x{args.w}, {len(levels)} levels, batch 1, one device: {jax.devices()[0].device_kind}")
+    for setting in args.settings.split(","):
+        row = plan(args.preset, args.h, args.w, levels, autocast=setting.startswith("bf16"), remat=setting.endswith("remat"))
+        print(f"{setting:<11} params {row['params'] / 1e9:.3f} B  arguments {row['arguments_gib']:6.2f} GiB  "
+              f"temp {row['temp_gib']:6.2f} GiB  peak {row['peak_gib']:6.2f} GiB  (compile {row['compile_s']:.0f} s)",
+              flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
