@@ -113,7 +113,8 @@ def test_optimizer_state_is_adam_moments_of_the_adapters_only(trained, initial) 
 def test_delegates_to_the_inner_strategy(trained, lora_model) -> None:
     strategy = trained.strategy
     assert strategy.model is strategy.inner.model and strategy.model.use_lora
-    assert strategy.steps == 2 and strategy.default_controls().keys() == {"grad_window"}
+    assert strategy.steps == 2 and strategy.window == 2 and strategy.default_controls() == strategy.inner.default_controls()
+    assert LoRAStrategy(RolloutStrategy(lora_model, curriculum=True)).default_controls().keys() == {"grad_window"}
     strategy.model = lora_model
     assert strategy.inner.model is lora_model
 
