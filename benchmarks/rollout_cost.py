@@ -45,41 +45,26 @@ from trainers.strategies.base import stack_targets  # noqa: E402
 from trainers.strategies.replay import ReplayStrategy  # noqa: E402
 from trainers.strategies.rollout import RolloutStrategy  # noqa: E402
 from trainers.trainer import _to_device_batch  # noqa: E402
+from tests.helpers import random_batch  # noqa: E402
 
 OPTIM = ml_collections.ConfigDict({"learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0})
 MB = 2**20
 NAMES = ("all", "all/no-remat", "pushforward", "replay")
 
 
-def state_batch(h: int, w: int, levels: tuple[int, ...], history: int, seed: int, minutes: int, step: int) -> Batch:
-    """Random fields with Aurora's normalisation statistics (so the loss is of a sensible size)."""
-    from aurora.normalisation import atmos_location_scale, surf_location_scale
-
-    rng = np.random.default_rng(seed)
-
-    def surf(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        location, scale = surf_location_scale(name)
-        return (location + scale * rng.standard_normal(shape)).astype(np.float32)
-
-    def atmos(name: str) -> np.ndarray:
-        location, scale = atmos_location_scale(name, levels)
-        return (location + scale * rng.standard_normal((1, history, len(levels), h, w))).astype(np.float32)
-
-    return Batch(
-        surf_vars={k: surf(k, (1, history, h, w)) for k in ("2t", "10u", "10v", "msl")},
-        static_vars={k: surf(k, (h, w)) for k in ("lsm", "z", "slt")},
-        atmos_vars={k: atmos(k) for k in ("z", "u", "v", "t", "q")},
-        metadata=aurora.Metadata(lat=np.linspace(90, -90, h + 1)[:-1], lon=np.linspace(0, 360, w, endpoint=False),
-                                 time=np.array([minutes], np.int32), atmos_levels=levels,
-                                 rollout_step=np.array([step], np.int32) if step >= 0 else 0),  # fmt: skip
-    )
+def state_batch(model: aurora.Aurora, args: argparse.Namespace, history: int, seed: int, minutes: int, step: int) -> Batch:
+    """Random fields with Aurora's statistics (`tests.helpers.random_batch`) at a given time and
+    rollout step (`step < 0`: a scalar 0, as the data pipeline gives)."""
+    batch = random_batch(model, batch=1, history=history, h=args.h, w=args.w, levels=args.levels, seed=seed)
+    return batch.replace(metadata=batch.metadata.replace(
+        time=np.array([minutes], np.int32), rollout_step=np.array([step], np.int32) if step >= 0 else 0))  # fmt: skip
 
 
-def example(args: argparse.Namespace, k: int, rollout_step: int = -1) -> tuple[Batch, Batch]:
+def example(model: aurora.Aurora, args: argparse.Namespace, k: int, rollout_step: int = -1) -> tuple[Batch, Batch]:
     """(inputs, stacked targets) on the device, as the Trainer passes them."""
     now = 26_000_000
-    inputs = state_batch(args.h, args.w, args.levels, 2, 0, now, rollout_step)
-    targets = [state_batch(args.h, args.w, args.levels, 1, i + 1, now + 360 * (i + 1), max(rollout_step, 0) + i + 1) for i in range(k)]
+    inputs = state_batch(model, args, 2, 0, now, rollout_step)
+    targets = [state_batch(model, args, 1, i + 1, now + 360 * (i + 1), max(rollout_step, 0) + i + 1) for i in range(k)]
     if rollout_step < 0:
         return _to_device_batch((inputs, targets))
     return inputs, stack_targets(targets)
@@ -129,11 +114,11 @@ def main() -> None:
     for k in ks:
         for name in NAMES:
             if name == "replay":
-                strategy, batch = ReplayStrategy(model, max_lead_hours=((0, 6 * max(ks)),)), example(args, 1, rollout_step=k - 1)
+                strategy, batch = ReplayStrategy(model, max_lead_hours=((0, 6 * max(ks)),)), example(model, args, 1, rollout_step=k - 1)
             else:
                 backprop, remat = name.split("/")[0], not name.endswith("no-remat")
                 strategy = RolloutStrategy(model, steps=k, backprop=backprop, average_loss=False, remat=remat)
-                batch = example(args, k)
+                batch = example(model, args, k)
             row = {"K": k, "strategy": name, **measure(strategy, batch, args.repeats, rng)}
             rows.append(row)
             print(f"K={k:<2} {name:<12} {row['seconds']:7.2f} s/update  peak {row['peak_mb']:8.1f} MB  "
