@@ -1,0 +1,78 @@
+"""microsoft-aurora side of benchmarks/gpu_step.py; runs in a Python with microsoft-aurora and
+prints one JSON line: forward fp32 / bf16-autocast and train-step (autocast + activation
+checkpointing) medians, and the train step's peak CUDA memory.
+
+    python _torch_gpu_step.py PRESET H W LEVELS REPEATS
+"""
+
+import json
+import statistics
+import sys
+import time
+from datetime import datetime
+
+import torch
+
+import aurora
+
+LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
+
+
+def main(preset: str, h: int, w: int, n_levels: int, repeats: int) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    levels = LEVELS[:n_levels]
+    model = getattr(aurora, preset)().to(device)
+    gen = torch.Generator().manual_seed(0)
+
+    def batch() -> aurora.Batch:
+        return aurora.Batch(
+            surf_vars={k: torch.randn(1, 2, h, w, generator=gen) for k in ("2t", "10u", "10v", "msl")},
+            static_vars={k: torch.randn(h, w, generator=gen) for k in ("lsm", "z", "slt")},
+            atmos_vars={k: torch.randn(1, 2, len(levels), h, w, generator=gen) for k in ("z", "u", "v", "t", "q")},
+            metadata=aurora.Metadata(lat=torch.linspace(90, -90, h), lon=torch.linspace(0, 360, w + 1)[:-1],
+                                     time=(datetime(2020, 6, 1, 12),), atmos_levels=levels),
+        ).to(device)
+
+    x = batch()
+
+    def timed(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    out = {}
+    with torch.no_grad():
+        model.eval()
+        out["forward_fp32_s"] = timed(lambda: model(x))
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            out["forward_bf16_s"] = timed(lambda: model(x))
+    model.train()
+    model.configure_activation_checkpointing()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train() -> None:
+        optimizer.zero_grad()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            pred = model(x)
+        loss = sum(v.float().abs().mean() for v in [*pred.surf_vars.values(), *pred.atmos_vars.values()])
+        loss.backward()
+        optimizer.step()
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    out["train_s"] = timed(train)
+    if device == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))

@@ -1,0 +1,144 @@
+"""One prepared GPU run: forward and train-step times, MFU and a 10-day forecast, vs microsoft-aurora.
+
+    .venv/bin/python benchmarks/gpu_step.py [--presets Aurora,AuroraSmall] [--torch-python .venv-ref/bin/python]
+
+For each preset at 0.25° (721×1440, cropped to 720 rows by the model), 13 levels, batch 1, random
+weights, it reports the median of `--repeats` calls after a warm-up (compilation reported apart):
+
+* forward in float32 and with bf16 compute (float32 master weights, the Trainer's "bf16-mixed");
+* the train step (one-step `RolloutStrategy`, AdamW, bf16 + every Swin block rematerialised);
+* MFU = model FLOPs / time / the card's peak bf16 FLOP/s. Model FLOPs are XLA's count for the
+  forward without recomputation (`cost_analysis()`), times 3 for the train step (forward plus a
+  backward of twice its cost), the usual convention (recomputation does not count);
+* a `--forecast-steps` rollout (40 = 10 days) with bf16 compute, one compiled step reused.
+
+With `--torch-python` (a Python that has microsoft-aurora and CUDA PyTorch, e.g. a venv built
+from its wheel), `_torch_gpu_step.py` times the same forward/train step there in the same run and
+the ratio is printed. Sized to finish in under 8 minutes on an H100 (about 3 for compiling).
+`--h/--w/--levels` shrink it for a CPU smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import aurora  # noqa: E402
+from aurora.rollout import advance_batch  # noqa: E402
+from benchmarks.memory import AURORA_LEVELS  # noqa: E402
+from tests.helpers import random_batch  # noqa: E402
+from trainers.strategies.rollout import RolloutStrategy  # noqa: E402
+from trainers.trainer import _to_device_batch  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "GH200": 989e12}
+OPTIM = ml_collections.ConfigDict({"learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0})
+
+
+def peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_BF16.items() if k in kind), None)
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(first call incl. compilation, median of `repeats` later calls), seconds."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def bench(preset: str, args: argparse.Namespace) -> dict[str, float]:
+    levels = AURORA_LEVELS[: args.levels]
+    model = aurora.PRESETS[preset](use_lora=False)
+    batch = random_batch(model, batch=1, h=args.h, w=args.w, levels=levels)
+    target = random_batch(model, batch=1, history=1, h=args.h, w=args.w, levels=levels, seed=1)
+    inputs, targets = _to_device_batch((batch, [target]))
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), inputs)["params"]
+    out: dict[str, float] = {"params": sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))}
+
+    for name, autocast in (("forward_fp32", False), ("forward_bf16", True)):
+        m = model.clone(autocast=autocast)
+        fwd = jax.jit(lambda p, b, m=m: m.apply({"params": p}, b))
+        if name == "forward_fp32":
+            out["forward_flops"] = float(fwd.lower(params, inputs).compile().cost_analysis().get("flops", float("nan")))
+        out[f"{name}_compile_s"], out[f"{name}_s"] = timed(lambda f=fwd: f(params, inputs), args.repeats)
+
+    strategy = RolloutStrategy(model.clone(autocast=True, remat=True), steps=1)
+    tx, _ = strategy.make_optimizer(OPTIM, None)
+    state = strategy.init_state(jax.random.PRNGKey(0), inputs, tx, params)
+    step = jax.jit(strategy.train_step, donate_argnums=(0,))
+    holder = {"state": state}
+
+    def train() -> jax.Array:
+        holder["state"], metrics = step(holder["state"], (inputs, targets), {})
+        return metrics["loss"]
+
+    out["train_compile_s"], out["train_s"] = timed(train, args.repeats)
+    peak = peak_flops()
+    if peak:
+        out["forward_bf16_mfu"] = out["forward_flops"] / out["forward_bf16_s"] / peak
+        out["train_mfu"] = 3 * out["forward_flops"] / out["train_s"] / peak
+
+    m = model.clone(autocast=True)
+    one = jax.jit(lambda p, b: m.apply({"params": p}, b))
+    x = inputs.crop(model.patch_size)
+    jax.block_until_ready(one(holder["state"].params, x))  # compile
+    start = time.perf_counter()
+    for _ in range(args.forecast_steps):
+        x = advance_batch(x, one(holder["state"].params, x))
+    jax.block_until_ready(x.atmos_vars["z"])
+    out["forecast_s"] = time.perf_counter() - start
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="Aurora,AuroraSmall")
+    parser.add_argument("--h", type=int, default=721)
+    parser.add_argument("--w", type=int, default=1440)
+    parser.add_argument("--levels", type=int, default=13)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--forecast-steps", type=int, default=40)
+    parser.add_argument("--torch-python", default=None, help="a Python with microsoft-aurora and CUDA PyTorch")
+    args = parser.parse_args()
+    print(f"{jax.devices()[0].device_kind}, {args.h}x{args.w}, {args.levels} levels, batch 1", flush=True)
+    for preset in args.presets.split(","):
+        row = bench(preset, args)
+        line = (f"{preset}: params {row['params'] / 1e9:.3f} B | forward fp32 {row['forward_fp32_s']:.3f} s | "
+                f"forward bf16 {row['forward_bf16_s']:.3f} s | train step bf16+remat {row['train_s']:.3f} s | "
+                f"{args.forecast_steps}-step forecast {row['forecast_s']:.2f} s")  # fmt: skip
+        if "train_mfu" in row:
+            line += f" | MFU forward {row['forward_bf16_mfu']:.1%}, train {row['train_mfu']:.1%}"
+        print(line, flush=True)
+        print(f"  compile: forward {row['forward_fp32_compile_s']:.0f} s, train {row['train_compile_s']:.0f} s; "
+              f"XLA forward FLOPs {row['forward_flops'] / 1e12:.1f} T", flush=True)  # fmt: skip
+        if args.torch_python:
+            cmd = [os.path.abspath(args.torch_python), str(ROOT / "benchmarks" / "_torch_gpu_step.py"), preset, str(args.h), str(args.w),
+                   str(args.levels), str(args.repeats)]  # fmt: skip
+            ref = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd="/").stdout.splitlines()[-1])
+            print(f"  microsoft-aurora: forward fp32 {ref['forward_fp32_s']:.3f} s, bf16 {ref['forward_bf16_s']:.3f} s, "
+                  f"train {ref['train_s']:.3f} s, peak {ref.get('peak_gib', float('nan')):.1f} GiB; "
+                  f"JAX speed-up on the train step {ref['train_s'] / row['train_s']:.2f}x", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
