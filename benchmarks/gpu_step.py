@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 import aurora  # noqa: E402
 from aurora.rollout import advance_batch  # noqa: E402
 from benchmarks.memory import AURORA_LEVELS  # noqa: E402
+from benchmarks.model_step import time_calls  # noqa: E402
 from tests.helpers import random_batch  # noqa: E402
 from trainers.strategies.rollout import RolloutStrategy  # noqa: E402
 from trainers.trainer import _to_device_batch  # noqa: E402
@@ -50,19 +50,6 @@ OPTIM = ml_collections.ConfigDict({"learning_rate": 1e-4, "warmup_steps": 0, "sc
 def peak_flops() -> float | None:
     kind = jax.devices()[0].device_kind
     return next((v for k, v in PEAK_BF16.items() if k in kind), None)
-
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(first call incl. compilation, median of `repeats` later calls), seconds."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
 
 
 def bench(preset: str, args: argparse.Namespace) -> dict[str, float]:
@@ -79,7 +66,7 @@ def bench(preset: str, args: argparse.Namespace) -> dict[str, float]:
         fwd = jax.jit(lambda p, b, m=m: m.apply({"params": p}, b))
         if name == "forward_fp32":
             out["forward_flops"] = float(fwd.lower(params, inputs).compile().cost_analysis().get("flops", float("nan")))
-        out[f"{name}_compile_s"], out[f"{name}_s"] = timed(lambda f=fwd: f(params, inputs), args.repeats)
+        out[f"{name}_compile_s"], out[f"{name}_s"] = time_calls(lambda f=fwd: f(params, inputs), args.repeats)
 
     strategy = RolloutStrategy(model.clone(autocast=True, remat=True), steps=1)
     tx, _ = strategy.make_optimizer(OPTIM, None)
@@ -91,7 +78,7 @@ def bench(preset: str, args: argparse.Namespace) -> dict[str, float]:
         holder["state"], metrics = step(holder["state"], (inputs, targets), {})
         return metrics["loss"]
 
-    out["train_compile_s"], out["train_s"] = timed(train, args.repeats)
+    out["train_compile_s"], out["train_s"] = time_calls(train, args.repeats)
     peak = peak_flops()
     if peak:
         out["forward_bf16_mfu"] = out["forward_flops"] / out["forward_bf16_s"] / peak
