@@ -1,12 +1,17 @@
 """Forward and forward+backward time of AuroraSmall: our JAX model vs microsoft-aurora, same run.
 
-    .venv/bin/python benchmarks/model_step.py [--h 64 --w 128 --levels 100,250,500,850 --repeats 3]
+    .venv/bin/python benchmarks/model_step.py [--h 64 --w 128 --levels 100,250,500,850 --repeats 3 --mesh 1,1]
 
 Both sides build AuroraSmallPretrained with random weights on the same grid and batch shape (1
 sample, 2 history steps), run one warm-up, then report the median of `--repeats` timed calls. JAX
 is jitted (compilation happens in the warm-up and is reported separately); the backward pass is
 `jax.grad` of the same scalar loss as PyTorch's `.backward()` (sum of the mean of every output).
 The PyTorch side runs in `.venv-ref` (see tests/reference/venv.py).
+
+The JAX side goes through the Trainer's sharding code (`--mesh`, default one device). The `floor`
+column divides XLA's FLOP count of the step by the float32 rate of one large matmul on the device:
+a float32 step cannot run faster than that, whatever the framework, which puts speed-up targets
+against PyTorch in proportion.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import aurora  # noqa: E402
 from tests.reference.venv import python as reference_python  # noqa: E402
+from trainers.sharding import example_shardings, make_mesh, put_state, state_shardings  # noqa: E402
 
 
 def make_batch(h: int, w: int, levels: tuple[int, ...]) -> aurora.Batch:
@@ -58,21 +64,44 @@ def time_calls(fn, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def run_jax(h: int, w: int, levels: tuple[int, ...], repeats: int) -> dict[str, float]:
+def run_jax(h: int, w: int, levels: tuple[int, ...], repeats: int, mesh_shape: tuple[int, int]) -> dict[str, float]:
+    """Times the model through the Trainer's sharding path: parameters placed with
+    `state_shardings`, the batch with `example_shardings`, both jitted with in/out shardings."""
     model = aurora.AuroraSmallPretrained()
-    batch = make_batch(h, w, levels)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)["params"]
+    mesh = make_mesh(*mesh_shape)
+    host_batch = make_batch(h, w, levels)
+    batch_sharding = example_shardings(host_batch, mesh)
+    batch = jax.device_put(host_batch, batch_sharding)
+    host_params = jax.jit(model.init)(jax.random.PRNGKey(0), host_batch)["params"]
+    param_sharding = state_shardings(host_params, mesh)
+    params = put_state(host_params, param_sharding)
 
-    def loss(p):
-        pred = model.apply({"params": p}, batch)
+    def loss(p, b):
+        pred = model.apply({"params": p}, b)
         return sum(jnp.mean(v) for v in [*pred.surf_vars.values(), *pred.atmos_vars.values()])
 
-    forward = jax.jit(lambda p: model.apply({"params": p}, batch))
-    grad = jax.jit(jax.grad(loss))
+    shardings = (param_sharding, batch_sharding)
+    forward = jax.jit(lambda p, b: model.apply({"params": p}, b), in_shardings=shardings)
+    grad = jax.jit(jax.grad(loss), in_shardings=shardings, out_shardings=param_sharding)
     with jax.default_matmul_precision("highest"):
-        fwd_first, fwd = time_calls(lambda: forward(params), repeats)
-        bwd_first, bwd = time_calls(lambda: grad(params), repeats)
-    return {"forward": fwd, "forward_backward": bwd, "forward_compile": fwd_first - fwd, "forward_backward_compile": bwd_first - bwd}
+        fwd_first, fwd = time_calls(lambda: forward(params, batch), repeats)
+        bwd_first, bwd = time_calls(lambda: grad(params, batch), repeats)
+        fwd_flops, bwd_flops = (flops(fn.lower(params, batch).compile()) for fn in (forward, grad))
+    return {"forward": fwd, "forward_backward": bwd, "forward_compile": fwd_first - fwd, "forward_backward_compile": bwd_first - bwd,
+            "forward_flops": fwd_flops, "forward_backward_flops": bwd_flops}  # fmt: skip
+
+
+def flops(compiled: jax.stages.Compiled) -> float:
+    """XLA's count of floating-point operations in one call."""
+    analysis = compiled.cost_analysis()
+    return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
+
+
+def matmul_peak(n: int = 4096, repeats: int = 3) -> float:
+    """FLOP/s of one large float32 matmul on this device: the practical ceiling for the model."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda x: jnp.dot(x, x, precision="highest"))
+    return 2 * n**3 / time_calls(lambda: matmul(a), repeats)[1]
 
 
 def run_torch(h: int, w: int, levels: tuple[int, ...], repeats: int) -> dict[str, float]:
@@ -92,16 +121,23 @@ def main() -> None:
     parser.add_argument("--w", type=int, default=128)
     parser.add_argument("--levels", default="100,250,500,850")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mesh", default="1,1", help="data,fsdp mesh for the JAX side (-1 fills)")
     args = parser.parse_args()
     levels = tuple(int(x) for x in args.levels.split(","))
+    mesh_shape = tuple(int(x) for x in args.mesh.split(","))
 
     print(f"AuroraSmallPretrained, batch 1, history 2, grid {args.h}x{args.w}, {len(levels)} levels, "
-          f"{jax.devices()[0].platform} ({jax.device_count()} device(s)), float32")
+          f"{jax.devices()[0].platform} ({jax.device_count()} device(s), mesh data,fsdp={args.mesh}), float32")
     torch_t = run_torch(args.h, args.w, levels, args.repeats)
-    jax_t = run_jax(args.h, args.w, levels, args.repeats)
-    print(f"{'':18} {'microsoft-aurora':>17} {'JAX':>9} {'JAX/PyTorch':>12}")
+    jax_t = run_jax(args.h, args.w, levels, args.repeats, mesh_shape)  # type: ignore[arg-type]
+    peak = matmul_peak()
+    print(f"{'':18} {'microsoft-aurora':>17} {'JAX':>9} {'JAX/PyTorch':>12} {'GFLOP':>7} {'floor':>7} {'floor/PyTorch':>14}")
     for name in ("forward", "forward_backward"):
-        print(f"{name:18} {torch_t[name]:>16.2f}s {jax_t[name]:>8.2f}s {jax_t[name] / torch_t[name]:>12.2f}")
+        floor = jax_t[f"{name}_flops"] / peak
+        print(f"{name:18} {torch_t[name]:>16.2f}s {jax_t[name]:>8.2f}s {jax_t[name] / torch_t[name]:>12.2f} "
+              f"{jax_t[f'{name}_flops'] / 1e9:>7.0f} {floor:>6.2f}s {floor / torch_t[name]:>14.2f}")  # fmt: skip
+    print(f"floor = XLA's FLOP count / the float32 matmul peak of this device ({peak / 1e9:.0f} GFLOP/s, 4096^2): "
+          "the time a float32 implementation cannot beat on it.")
     print(f"JAX compilation (one-off): forward {jax_t['forward_compile']:.1f}s, "
           f"forward+backward {jax_t['forward_backward_compile']:.1f}s; PyTorch threads: {torch_t['threads']}")
 

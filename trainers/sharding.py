@@ -43,6 +43,7 @@ __all__ = [
     "leaf_spec",
     "state_shardings",
     "batch_shardings",
+    "example_shardings",
     "shard_batch",
     "put_state",
     "initialize_distributed",
@@ -127,6 +128,18 @@ def _batch_spec(leaf: Any, batch_axis: int, rows: int) -> P:
     return P()
 
 
+def example_shardings(batch: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
+    """`NamedSharding`s for one `Batch` whose rows lie on `batch_axis`: every field that carries the
+    rows is split over the data axes; static fields and scalars are replicated."""
+    rows = int(np.shape(batch.metadata.time)[batch_axis])
+    static = list(batch.static_vars.values())
+
+    def leaf(x: Any) -> NamedSharding:
+        return NamedSharding(mesh, P() if any(x is s for s in static) else _batch_spec(x, batch_axis, rows))
+
+    return jax.tree_util.tree_map(leaf, batch)
+
+
 def batch_shardings(batch: Any, mesh: Mesh) -> Any:
     """`NamedSharding`s for a Trainer batch `(inputs, stacked targets)` (this process's rows).
 
@@ -140,17 +153,7 @@ def batch_shardings(batch: Any, mesh: Mesh) -> Any:
     if (rows * jax.process_count()) % shards:
         raise ValueError(f"The global batch of {rows * jax.process_count()} rows cannot be split over {shards} "
                          f"devices (data x fsdp); make the global batch size a multiple of {shards}.")  # fmt: skip
-
-    def spec(axis: int, static: Any):
-        def leaf(x: Any) -> NamedSharding:
-            return NamedSharding(mesh, P() if any(x is s for s in static) else _batch_spec(x, axis, rows))
-
-        return leaf
-
-    return (
-        jax.tree_util.tree_map(spec(0, list(inputs.static_vars.values())), inputs),
-        jax.tree_util.tree_map(spec(1, list(targets.static_vars.values())), targets),
-    )
+    return example_shardings(inputs, mesh, 0), example_shardings(targets, mesh, 1)
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
