@@ -1,0 +1,51 @@
+"""The hand-written pieces of aurora/model/layers.py against their textbook definitions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aurora.model.layers import LayerNorm, gelu, normalize
+
+
+def _reference_normalize(x: jax.Array, epsilon: float) -> jax.Array:
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(jnp.mean((x - mean) ** 2, axis=-1, keepdims=True) + epsilon)
+
+
+def test_normalize_value_and_gradient_match_automatic_differentiation() -> None:
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 64)) * 4.0 + 2.0
+    cotangent = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+    with jax.default_matmul_precision("highest"):
+        y, vjp = jax.vjp(lambda x: normalize(x, 1e-5), x)
+        y_ref, vjp_ref = jax.vjp(lambda x: _reference_normalize(x, 1e-5), x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(vjp(cotangent)[0], vjp_ref(cotangent)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_normalize_keeps_bfloat16_inputs_and_gradients() -> None:
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 32), jnp.bfloat16)
+    grad = jax.grad(lambda x: jnp.sum(normalize(x) * jnp.arange(32.0)))(x)
+    assert grad.dtype == jnp.bfloat16
+    ref = jax.grad(lambda x: jnp.sum(_reference_normalize(x, 1e-5) * jnp.arange(32.0)))(x.astype(jnp.float32))
+    np.testing.assert_allclose(grad.astype(jnp.float32), ref, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_layer_norm_parameters_and_output_dtype(dtype) -> None:
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8))
+    module = LayerNorm(dtype=dtype)
+    params = module.init(jax.random.PRNGKey(1), x)["params"]
+    assert {k: v.shape for k, v in params.items()} == {"scale": (8,), "bias": (8,)}
+    params = {"scale": jnp.full((8,), 2.0), "bias": jnp.full((8,), 0.5)}
+    y = module.apply({"params": params}, x)
+    assert y.dtype == (dtype or jnp.float32)
+    np.testing.assert_allclose(y.astype(jnp.float32), 2.0 * _reference_normalize(x, 1e-5) + 0.5, rtol=1e-2 if dtype else 1e-5, atol=1e-2 if dtype else 1e-6)
+
+
+def test_gelu_is_the_exact_erf_form() -> None:
+    x = jnp.linspace(-8.0, 8.0, 4001)
+    np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(x), jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x), rtol=1e-5, atol=1e-6)
