@@ -141,9 +141,13 @@ class Strategy:
         inputs, targets = self.crop(batch)
         (loss, metrics), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, inputs, targets, controls)
         finite = _all_finite(grads)
-        safe_grads = jax.tree_util.tree_map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
-        new_state, updates = state.apply_gradients(safe_grads)
-        new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        # A conditional, not an elementwise select between the new and the old state: selecting
+        # over every parameter and optimiser leaf made XLA's CPU compile of the step ~8x slower.
+        new_state, updates = jax.lax.cond(
+            finite,
+            lambda: state.apply_gradients(grads),
+            lambda: (state, jax.tree_util.tree_map(jnp.zeros_like, state.params)),
+        )
         new_state = new_state.replace(step=state.step + 1)
 
         metrics = {"loss": loss, **metrics}
