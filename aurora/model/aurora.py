@@ -130,6 +130,7 @@ class Aurora(nn.Module):
             perceiver_ln_eps=self.perceiver_ln_eps,
             stabilise_level_agg=self.stabilise_level_agg,
             precision=self.precision,
+            remat=self.remat,
             name="encoder",
         )(
             x_surf,
@@ -171,6 +172,7 @@ class Aurora(nn.Module):
             mlp_ratio=self.dec_mlp_ratio,
             perceiver_ln_eps=self.perceiver_ln_eps,
             precision=self.precision,
+            remat=self.remat,
             name="decoder",
         )(x, surf_names, atmos_names, meta.atmos_levels, (H, W), patch_res)
 
