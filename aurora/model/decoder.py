@@ -37,7 +37,7 @@ class Perceiver3DDecoder(nn.Module):
     mlp_ratio: float = 4.0
     perceiver_ln_eps: float = 1e-5
     precision: Precision = None
-    remat: bool = False  # recompute the level Perceiver in the backward pass
+    remat: bool = False  # recompute the level Perceiver in the backward pass, in chunks of patches
 
     def _heads(self, name: str, var_names: tuple[str, ...]) -> dict[str, dict[str, jax.Array]]:
         """One linear patch-reconstruction head per variable (PyTorch: `{name}.{var}.weight`)."""
@@ -92,9 +92,8 @@ class Perceiver3DDecoder(nn.Module):
         levels_embed = Dense(self.embed_dim, precision=self.precision, name="atmos_levels_embed")(levels)
         C = levels_embed.shape[0]
         queries = jnp.broadcast_to(levels_embed, (B * h * w, C, self.embed_dim))
-        resampler = nn.remat(PerceiverResampler) if self.remat else PerceiverResampler
         context = x[:, :, 1:, :].reshape(B * h * w, C_latent - 1, self.embed_dim)
-        x_atmos = resampler(
+        x_atmos = PerceiverResampler(
             self.embed_dim,
             depth=self.depth,
             head_dim=self.head_dim,
@@ -102,6 +101,7 @@ class Perceiver3DDecoder(nn.Module):
             mlp_ratio=self.mlp_ratio,
             ln_eps=self.perceiver_ln_eps,
             precision=self.precision,
+            remat=self.remat,
             name="level_decoder",
         )(queries, context).reshape(B, h * w, C, self.embed_dim)
         atmos = unpatchify(self._apply_heads(atmos_heads, atmos_names, x_atmos), len(atmos_names), H, W, P)

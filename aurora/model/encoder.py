@@ -42,7 +42,7 @@ class Perceiver3DEncoder(nn.Module):
     perceiver_ln_eps: float = 1e-5
     stabilise_level_agg: bool = False
     precision: Precision = None
-    remat: bool = False  # recompute the level Perceiver in the backward pass
+    remat: bool = False  # recompute the level Perceiver in the backward pass, in chunks of patches
 
     @nn.compact
     def __call__(
@@ -100,9 +100,8 @@ class Perceiver3DEncoder(nn.Module):
         x_atmos = x_atmos + dense("atmos_levels_embed")(levels)[None, :, None, :]
         L = x_atmos.shape[2]
         context = x_atmos.transpose(0, 2, 1, 3).reshape(B * L, C, D)
-        resampler = nn.remat(PerceiverResampler) if self.remat else PerceiverResampler
         latents = jnp.broadcast_to(atmos_latents, (B * L, *atmos_latents.shape))
-        aggregated = resampler(
+        aggregated = PerceiverResampler(
             D,
             depth=self.depth,
             head_dim=self.head_dim,
@@ -111,6 +110,7 @@ class Perceiver3DEncoder(nn.Module):
             ln_eps=self.perceiver_ln_eps,
             ln_k_q=self.stabilise_level_agg,
             precision=self.precision,
+            remat=self.remat,
             name="level_agg",
         )(latents, context)
         x_atmos = aggregated.reshape(B, L, -1, D).transpose(0, 2, 1, 3)
