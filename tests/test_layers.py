@@ -70,3 +70,7 @@ def test_perceiver_in_rematerialised_chunks_matches_the_plain_one() -> None:
     np.testing.assert_allclose(chunked_value, value, rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(chunked_grads), jax.tree_util.tree_leaves(grads)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_gelu_keeps_bfloat16() -> None:
+    assert gelu(jnp.ones((3,), jnp.bfloat16)).dtype == jnp.bfloat16

@@ -50,7 +50,7 @@ def gelu(x: jax.Array) -> jax.Array:
     `jax.nn.gelu(approximate=False)` goes through `erfc`, which XLA expands into a far longer
     polynomial than `erf`: on a CPU that made the activation cost four times PyTorch's.
     """
-    return x * 0.5 * (1.0 + jax.lax.erf(x * np.float32(1.0 / math.sqrt(2.0))))
+    return x * 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))  # weak constants keep bf16 bf16
 
 
 @jax.custom_vjp
