@@ -15,7 +15,8 @@ allocated) with the state donated, compiles it for the local device and prints X
 `peak` = arguments + outputs - aliased (donated) + temporaries: what the device must hold during
 the step. On a GPU this is the number to compare with microsoft-aurora's 55.4 GiB (Aurora, 0.25°,
 autocast + activation checkpointing, H100); on the CPU backend the plan is the CPU compiler's and
-only indicative.
+only indicative: its matmuls on bf16 operands produce float32 results (converted afterwards), so
+every bf16 activation also exists as a float32 temporary and bf16 plans come out too high.
 """
 
 from __future__ import annotations
