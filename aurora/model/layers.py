@@ -111,14 +111,12 @@ class LayerNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         features = (x.shape[-1],)
         y = normalize(x, self.epsilon)
-        param_dtypes = []
         if self.use_scale:
             y = y * self.param("scale", nn.initializers.ones_init(), features, jnp.float32)
-            param_dtypes.append(jnp.float32)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros_init(), features, jnp.float32)
-            param_dtypes.append(jnp.float32)
-        return y.astype(self.dtype or jnp.result_type(x.dtype, *param_dtypes))
+        has_params = self.use_scale or self.use_bias
+        return y.astype(self.dtype or (jnp.result_type(x.dtype, jnp.float32) if has_params else x.dtype))
 
 
 def dot_product_attention(

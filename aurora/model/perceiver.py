@@ -90,7 +90,7 @@ class PerceiverResampler(nn.Module):
             return t.reshape(n, self.chunk, *t.shape[1:])
 
         scan = nn.scan(
-            lambda module, carry, rows: (carry, layers(module, *rows)),
+            lambda module, carry, chunk: (carry, layers(module, *chunk)),
             variable_broadcast="params",
             split_rngs={"params": False},
         )
