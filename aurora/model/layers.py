@@ -9,6 +9,7 @@ which is TF32 on NVIDIA GPUs), and PyTorch's `trunc_normal_(std=0.02)` / zero-bi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -25,6 +26,7 @@ __all__ = [
     "trunc_normal",
     "torch_linear_uniform",
     "dot_product_attention",
+    "remat_in_chunks",
 ]
 
 Precision = Any  # jax.lax.Precision | str | None
@@ -136,3 +138,43 @@ def dot_product_attention(
         logits = logits + bias
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("...qk,...kd->...qd", weights, v, precision=precision)
+
+
+def remat_in_chunks(
+    fn: Callable[..., jax.Array],
+    module: nn.Module,
+    broadcast: Any,
+    inputs: Sequence[jax.Array],
+    chunk: int,
+    axis: int = 0,
+) -> jax.Array:
+    """`fn(module, broadcast, *inputs)`, rematerialised, `chunk` rows along `axis` at a time.
+
+    At 0.25° a whole-grid activation is hundreds of MiB to GiB; recomputing a layer in the backward
+    pass over the whole grid would hold many of them at once. When the rows along `axis` are
+    independent (patches, windows, tokens), a `nn.scan` over chunks holds one chunk's
+    intermediates instead. The last chunk is zero-padded and the padding dropped from the output;
+    `broadcast` (conditioning, the rollout step) goes to every chunk unchanged. Parameters are
+    shared across chunks, so the parameter tree is the one of an unchunked call.
+    """
+    body = nn.remat(fn)
+    rows = inputs[0].shape[axis]
+    if not chunk or rows <= chunk:
+        return body(module, broadcast, *inputs)
+    n = -(-rows // chunk)
+
+    def split(t: jax.Array) -> jax.Array:
+        widths = [(0, 0)] * t.ndim
+        widths[axis] = (0, n * chunk - rows)
+        t = jnp.pad(t, widths)
+        return jnp.moveaxis(t.reshape(*t.shape[:axis], n, chunk, *t.shape[axis + 1 :]), axis, 0)
+
+    scan = nn.scan(
+        lambda mdl, carry, xs: (carry, body(mdl, carry, *xs)),
+        variable_broadcast="params",
+        split_rngs={"params": False},
+    )
+    _, out = scan(module, broadcast, tuple(split(t) for t in inputs))
+    out = jnp.moveaxis(out, 0, axis)
+    out = out.reshape(*out.shape[:axis], n * chunk, *out.shape[axis + 2 :])
+    return jax.lax.slice_in_dim(out, 0, rows, axis=axis)

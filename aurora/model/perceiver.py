@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from aurora.model.layers import Dense, LayerNorm, Precision, dot_product_attention, gelu
+from aurora.model.layers import Dense, LayerNorm, Precision, dot_product_attention, gelu, remat_in_chunks
 
 __all__ = ["MLP", "PerceiverAttention", "PerceiverResampler"]
 
@@ -79,23 +79,7 @@ class PerceiverResampler(nn.Module):
         """
         if not self.remat:
             return self._layers(latents, x)
-        layers = nn.remat(lambda module, q, c: module._layers(q, c))
-        rows = latents.shape[0]
-        if not self.chunk or rows <= self.chunk:
-            return layers(self, latents, x)
-        n = -(-rows // self.chunk)
-
-        def split(t: jax.Array) -> jax.Array:
-            t = jnp.pad(t, ((0, n * self.chunk - rows),) + ((0, 0),) * (t.ndim - 1))
-            return t.reshape(n, self.chunk, *t.shape[1:])
-
-        scan = nn.scan(
-            lambda module, carry, chunk: (carry, layers(module, *chunk)),
-            variable_broadcast="params",
-            split_rngs={"params": False},
-        )
-        _, out = scan(self, None, (split(latents), split(x)))
-        return out.reshape(n * self.chunk, *out.shape[2:])[:rows]
+        return remat_in_chunks(lambda module, _, q, c: module._layers(q, c), self, None, (latents, x), self.chunk)
 
     @nn.compact
     def _layers(self, latents: jax.Array, x: jax.Array) -> jax.Array:

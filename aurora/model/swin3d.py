@@ -18,12 +18,15 @@ from flax import linen as nn
 
 from aurora.model.film import AdaptiveLayerNorm
 from aurora.model.fourier import lead_time_expansion
-from aurora.model.layers import Dense, LayerNorm, Precision, dot_product_attention, gelu
+from aurora.model.layers import Dense, LayerNorm, Precision, dot_product_attention, gelu, remat_in_chunks
 from aurora.model.lora import LoRAConfig
 
 __all__ = ["Swin3DTransformerBackbone", "compute_shifted_window_mask"]
 
 Res = tuple[int, int, int]
+
+REMAT_CHUNK_TOKENS = 32768
+"""Tokens per chunk of a rematerialised Swin block: a few hundred windows, 8 chunks at 0.25°."""
 
 
 # --- shape helpers (host side) ---------------------------------------------------------------
@@ -154,7 +157,15 @@ class WindowAttention(nn.Module):
 
 
 class Swin3DTransformerBlock(nn.Module):
-    """(Shifted-)window attention and MLP, each followed by AdaLN and a residual (post-norm)."""
+    """(Shifted-)window attention and MLP, each followed by AdaLN and a residual (post-norm).
+
+    With `chunk` > 0 the whole block runs in the windows' token order, in rematerialised chunks of
+    about `chunk` tokens (:func:`remat_in_chunks`). Everything after the attention is token-wise,
+    so it commutes with the window permutation; the padding tokens this also sends through the
+    MLP are cropped afterwards. At 0.25° one block's whole-grid intermediates (attention logits,
+    the MLP's hidden layer, layout copies) are several GiB each, and they are what the backward
+    pass of a rematerialised block would otherwise hold.
+    """
 
     dim: int
     num_heads: int
@@ -162,46 +173,67 @@ class Swin3DTransformerBlock(nn.Module):
     shift_size: Res = (0, 0, 0)
     mlp_ratio: float = 4.0
     lora: LoRAConfig | None = None  # None: no LoRA
+    chunk: int = 0
     precision: Precision = None
     dtype: jnp.dtype | None = None
 
-    @nn.compact
+    def setup(self) -> None:
+        self.attn = WindowAttention(self.dim, self.num_heads, lora=self.lora, precision=self.precision, dtype=self.dtype)
+        self.norm1 = AdaptiveLayerNorm(self.dim, precision=self.precision, dtype=self.dtype)
+        self.mlp = MLP(int(self.dim * self.mlp_ratio), self.dim, precision=self.precision, dtype=self.dtype)
+        self.norm2 = AdaptiveLayerNorm(self.dim, precision=self.precision, dtype=self.dtype)
+
     def __call__(self, x: jax.Array, c: jax.Array, res: Res, rollout_step: jax.Array | int) -> jax.Array:
-        C, H, W = res
         B, L, D = x.shape
-        if L != C * H * W:
-            raise ValueError(f"Wrong feature size: {L} vs {C}x{H}x{W}.")
+        if L != res[0] * res[1] * res[2]:
+            raise ValueError(f"Wrong feature size: {L} vs {res[0]}x{res[1]}x{res[2]}.")
+        windows, mask = self._partition(x, res)
+        if not self.chunk:
+            x = x + self.norm1(self._merge(self.attn(windows, mask, rollout_step), res, B), c)
+            return self._feed_forward(c, x)
+
+        Bw, N, _ = windows.shape
+        per_sample = windows.reshape(B, Bw // B, N, D)  # chunks split each sample's windows
+        inputs = (per_sample,) if mask is None else (per_sample, mask[None])
+        out = remat_in_chunks(Swin3DTransformerBlock._window_block, self, (c, rollout_step), inputs, max(1, self.chunk // N), axis=1)
+        return self._merge(out.reshape(Bw, N, D), res, B)
+
+    def _geometry(self, res: Res) -> tuple[Res, Res, Res]:
+        """Window size and shift for this resolution, and the padding that makes whole windows."""
         ws, ss = adjust_windows(self.window_size, self.shift_size, res)
-        shifted = any(ss)
+        pad = tuple((-n) % w for n, w in zip(res, ws))
+        return ws, ss, pad  # type: ignore[return-value]
 
-        shortcut = x
-        x = x.reshape(B, C, H, W, D)
+    def _partition(self, x: jax.Array, res: Res) -> tuple[jax.Array, np.ndarray | None]:
+        """`(B, L, D)` -> windows `(B * nW, N, D)` after the cyclic shift and padding, with the shift's mask."""
+        ws, ss, pad = self._geometry(res)
+        x = x.reshape(x.shape[0], *res, x.shape[-1])
         mask = None
-        if shifted:
+        if any(ss):
             x = jnp.roll(x, shift=(-ss[0], -ss[1], -ss[2]), axis=(1, 2, 3))
-            mask = compute_shifted_window_mask(C, H, W, ws, ss)
-        pad = ((-C) % ws[0], (-H) % ws[1], (-W) % ws[2])
-        x = pad_3d(x, pad)
-        _, Cp, Hp, Wp, _ = x.shape
+            mask = compute_shifted_window_mask(*res, ws, ss)
+        return window_partition(pad_3d(x, pad), ws), mask
 
-        windows = window_partition(x, ws)
-        windows = WindowAttention(
-            self.dim,
-            self.num_heads,
-            lora=self.lora,
-            precision=self.precision,
-            dtype=self.dtype,
-            name="attn",
-        )(windows, mask, rollout_step)
-        x = crop_3d(window_reverse(windows, ws, Cp, Hp, Wp), pad)
-        if shifted:
+    def _merge(self, windows: jax.Array, res: Res, batch: int) -> jax.Array:
+        """Inverse of :meth:`_partition`: windows -> `(B, L, D)`."""
+        ws, ss, pad = self._geometry(res)
+        padded = tuple(n + p for n, p in zip(res, pad))
+        x = crop_3d(window_reverse(windows, ws, *padded), pad)
+        if any(ss):
             x = jnp.roll(x, shift=ss, axis=(1, 2, 3))
-        x = x.reshape(B, L, D)
+        return x.reshape(batch, -1, x.shape[-1])
 
-        norm = lambda name: AdaptiveLayerNorm(self.dim, precision=self.precision, dtype=self.dtype, name=name)  # noqa: E731
-        x = shortcut + norm("norm1")(x, c)
-        mlp = MLP(int(self.dim * self.mlp_ratio), self.dim, precision=self.precision, dtype=self.dtype, name="mlp")
-        return x + norm("norm2")(mlp(x), c)
+    def _window_block(self, conditioning: tuple[jax.Array, jax.Array | int], w: jax.Array, m: jax.Array | None = None) -> jax.Array:
+        """The whole block on windows `(B, nW', N, D)` in window order (`m`: their masks, `(1, nW', N, N)`)."""
+        c, rollout_step = conditioning
+        B, nW, N, D = w.shape
+        attended = self.attn(w.reshape(B * nW, N, D), None if m is None else m[0], rollout_step)
+        tokens = w.reshape(B, nW * N, D)
+        x = tokens + self.norm1(attended.reshape(tokens.shape), c)
+        return self._feed_forward(c, x).reshape(w.shape)
+
+    def _feed_forward(self, c: jax.Array, x: jax.Array) -> jax.Array:
+        return x + self.norm2(self.mlp(x), c)
 
 
 class PatchMerging3D(nn.Module):
@@ -270,6 +302,7 @@ class BasicLayer3D(nn.Module):
                 shift_size=(0, 0, 0) if i % 2 == 0 else half,
                 mlp_ratio=self.mlp_ratio,
                 lora=self.lora,
+                chunk=REMAT_CHUNK_TOKENS if self.remat else 0,
                 precision=self.precision,
                 dtype=self.dtype,
                 name=f"blocks_{i}",
