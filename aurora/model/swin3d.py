@@ -25,7 +25,7 @@ __all__ = ["Swin3DTransformerBackbone", "compute_shifted_window_mask"]
 
 Res = tuple[int, int, int]
 
-REMAT_CHUNK_TOKENS = 32768
+REMAT_CHUNK_TOKENS = 8192
 """Tokens per chunk of a rematerialised Swin block: a few hundred windows, 8 chunks at 0.25°."""
 
 
