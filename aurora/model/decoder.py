@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,14 @@ from aurora.model.fourier import levels_expansion
 from aurora.model.layers import Dense, Precision, trunc_normal
 from aurora.model.perceiver import PerceiverResampler
 
-__all__ = ["Perceiver3DDecoder", "unpatchify"]
+__all__ = ["Perceiver3DDecoder", "apply_heads", "unpatchify"]
+
+
+def apply_heads(heads: dict, x: jax.Array, names: Sequence[str], precision: Precision) -> jax.Array:
+    """`(..., D)` -> `(..., P*P*V)`: each variable's linear head, variable last."""
+    outs = [jnp.einsum("...d,dk->...k", x, heads[n]["kernel"], precision=precision) + heads[n]["bias"] for n in names]
+    out = jnp.stack(outs, axis=-1)  # (..., P*P, V)
+    return out.reshape(*out.shape[:-2], -1)
 
 
 def unpatchify(x: jax.Array, V: int, H: int, W: int, P: int) -> jax.Array:
@@ -37,7 +45,7 @@ class Perceiver3DDecoder(nn.Module):
     mlp_ratio: float = 4.0
     perceiver_ln_eps: float = 1e-5
     precision: Precision = None
-    remat: bool = False  # recompute the level Perceiver in the backward pass, in chunks of patches
+    remat: bool = False  # recompute the level Perceiver and the heads in the backward pass, in chunks of patches
 
     def _heads(self, name: str, var_names: tuple[str, ...]) -> dict[str, dict[str, jax.Array]]:
         """One linear patch-reconstruction head per variable (PyTorch: `{name}.{var}.weight`)."""
@@ -53,14 +61,6 @@ class Perceiver3DDecoder(nn.Module):
             }
 
         return self.param(name, init)
-
-    def _apply_heads(self, heads: dict, names: Sequence[str], x: jax.Array) -> jax.Array:
-        outs = [
-            jnp.einsum("...d,dk->...k", x, heads[n]["kernel"], precision=self.precision) + heads[n]["bias"]
-            for n in names
-        ]
-        out = jnp.stack(outs, axis=-1)  # (B, L, C, P*P, V)
-        return out.reshape(*out.shape[:3], -1)
 
     @nn.compact
     def __call__(
@@ -85,15 +85,13 @@ class Perceiver3DDecoder(nn.Module):
 
         surf = None
         if surf_names:
-            x_surf = self._apply_heads(surf_heads, surf_names, x[:, :, :1, :])
+            x_surf = apply_heads(surf_heads, x[:, :, :1, :], surf_names, self.precision)
             surf = unpatchify(x_surf, len(surf_names), H, W, P)[:, :, 0]
 
         levels = jnp.asarray(levels_expansion(np.asarray(atmos_levels, dtype=np.float64), self.embed_dim))
         levels_embed = Dense(self.embed_dim, precision=self.precision, name="atmos_levels_embed")(levels)
-        C = levels_embed.shape[0]
-        queries = jnp.broadcast_to(levels_embed, (B * h * w, C, self.embed_dim))
         context = x[:, :, 1:, :].reshape(B * h * w, C_latent - 1, self.embed_dim)
-        x_atmos = PerceiverResampler(
+        atmos = PerceiverResampler(
             self.embed_dim,
             depth=self.depth,
             head_dim=self.head_dim,
@@ -103,6 +101,6 @@ class Perceiver3DDecoder(nn.Module):
             precision=self.precision,
             remat=self.remat,
             name="level_decoder",
-        )(queries, context).reshape(B, h * w, C, self.embed_dim)
-        atmos = unpatchify(self._apply_heads(atmos_heads, atmos_names, x_atmos), len(atmos_names), H, W, P)
+        )(levels_embed, context, partial(apply_heads, names=atmos_names, precision=self.precision), atmos_heads)
+        atmos = unpatchify(atmos.reshape(B, h * w, *atmos.shape[1:]), len(atmos_names), H, W, P)
         return surf, atmos

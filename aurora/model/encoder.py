@@ -100,7 +100,6 @@ class Perceiver3DEncoder(nn.Module):
         x_atmos = x_atmos + dense("atmos_levels_embed")(levels)[None, :, None, :]
         L = x_atmos.shape[2]
         context = x_atmos.transpose(0, 2, 1, 3).reshape(B * L, C, D)
-        latents = jnp.broadcast_to(atmos_latents, (B * L, *atmos_latents.shape))
         aggregated = PerceiverResampler(
             D,
             depth=self.depth,
@@ -112,7 +111,7 @@ class Perceiver3DEncoder(nn.Module):
             precision=self.precision,
             remat=self.remat,
             name="level_agg",
-        )(latents, context)
+        )(atmos_latents, context)
         x_atmos = aggregated.reshape(B, L, -1, D).transpose(0, 2, 1, 3)
 
         x = jnp.concatenate([x_surf[:, None], x_atmos], axis=1)  # (B, latent_levels, L, D)

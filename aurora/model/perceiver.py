@@ -6,6 +6,9 @@ Module and parameter names follow microsoft-aurora's PyTorch modules (`layers_{i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -69,17 +72,36 @@ class PerceiverResampler(nn.Module):
     remat: bool = False
     chunk: int = 8192
 
-    def __call__(self, latents: jax.Array, x: jax.Array) -> jax.Array:
-        """Latents `(N, Q, D)` attend to context `(N, C, D)`; the N rows are independent.
+    def __call__(
+        self,
+        latents: jax.Array,
+        x: jax.Array,
+        project: Callable[[Any, jax.Array], jax.Array] | None = None,
+        project_params: Any = None,
+    ) -> jax.Array:
+        """Latents attend to context `x` `(N, C, D)`; the N rows are independent.
+
+        `latents` are `(N, Q, D)`, or `(Q, D)` shared by every row. `project(project_params, out)`,
+        if given, maps the output rows (the decoder's patch heads) inside the same computation.
 
         With `remat`, the backward pass recomputes the layers, and more than `chunk` rows go
-        through them `chunk` at a time in a scan: at 0.25° the decoder's 64,800 patches x 13
-        levels x 1024 channels make every activation 3.2 GiB, which a whole-grid recomputation
-        would hold many of at once.
+        through them (and `project`) `chunk` at a time in a scan: at 0.25° the decoder's 64,800
+        patches x 13 levels x 1024 channels make every whole-grid activation 3.2 GiB, which a
+        whole-grid recomputation would hold many of at once.
         """
+
+        def rows(module: PerceiverResampler, shared: tuple[jax.Array | None, Any], c: jax.Array, q: jax.Array | None = None) -> jax.Array:
+            shared_latents, params = shared
+            if q is None:
+                q = jnp.broadcast_to(shared_latents, (c.shape[0], *shared_latents.shape))
+            out = module._layers(q, c)
+            return out if project is None else project(params, out)
+
+        shared = latents if latents.ndim == 2 else None
+        inputs = (x,) if shared is not None else (x, latents)
         if not self.remat:
-            return self._layers(latents, x)
-        return remat_in_chunks(lambda module, _, q, c: module._layers(q, c), self, None, (latents, x), self.chunk)
+            return rows(self, (shared, project_params), *inputs)
+        return remat_in_chunks(rows, self, (shared, project_params), inputs, self.chunk)
 
     @nn.compact
     def _layers(self, latents: jax.Array, x: jax.Array) -> jax.Array:
