@@ -70,7 +70,7 @@ class PerceiverResampler(nn.Module):
     ln_k_q: bool = False
     precision: Precision = None
     remat: bool = False
-    chunk: int = 8192
+    chunk: int = 2048
 
     def __call__(
         self,
