@@ -10,7 +10,8 @@ allocated) with the state donated, compiles it for the local device and prints X
 * `fp32`: float32 everywhere, no remat;
 * `bf16`: bf16 compute (autocast), float32 master parameters, no remat;
 * `bf16+remat`: bf16, every Swin block and the encoder's and decoder's level Perceivers
-  rematerialised (`remat="backbone"` in the Trainer).
+  rematerialised, in chunks of windows or patches (`remat="backbone"` in the Trainer);
+* `bf16+remat+stages`: also whole backbone stages (`remat="stages"`).
 
 `peak` = arguments + outputs - aliased (donated) + temporaries: what the device must hold during
 the step. On a GPU this is the number to compare with microsoft-aurora's 55.4 GiB (Aurora, 0.25°,
@@ -62,8 +63,12 @@ def abstract_batch(model: aurora.Aurora, h: int, w: int, levels: tuple[int, ...]
     )
 
 
-def plan(preset: str, h: int, w: int, levels: tuple[int, ...], autocast: bool, remat: bool) -> dict[str, float]:
-    model = aurora.PRESETS[preset](use_lora=False, autocast=autocast, remat=remat)
+def plan(preset: str, h: int, w: int, levels: tuple[int, ...], setting: str) -> dict[str, float]:
+    parts = setting.split("+")
+    if parts[0] not in ("fp32", "bf16") or not set(parts[1:]) <= {"remat", "stages"}:
+        raise ValueError(f"Unknown setting {setting!r}: fp32 or bf16, then +remat and +stages.")
+    autocast, remat, stages = parts[0] == "bf16", "remat" in parts, "stages" in parts
+    model = aurora.PRESETS[preset](use_lora=False, autocast=autocast, remat=remat or stages, remat_stages=stages)
     strategy = RolloutStrategy(model, steps=1)
     tx, _ = strategy.make_optimizer(OPTIM, None)
     inputs = abstract_batch(model, h, w, levels, history=2)
@@ -89,13 +94,13 @@ def main() -> None:
     parser.add_argument("--h", type=int, default=720, help="latitudes after the model's crop (721 -> 720)")
     parser.add_argument("--w", type=int, default=1440)
     parser.add_argument("--levels", type=int, default=13, help="the first N of Aurora's 13 levels")
-    parser.add_argument("--settings", default="fp32,bf16,bf16+remat")
+    parser.add_argument("--settings", default="fp32,bf16,bf16+remat,bf16+remat+stages")
     args = parser.parse_args()
     levels = AURORA_LEVELS[: args.levels]
     print(f"{args.preset}, {args.h}x{args.w}, {len(levels)} levels, batch 1, one device: {jax.devices()[0].device_kind}")
     for setting in args.settings.split(","):
-        row = plan(args.preset, args.h, args.w, levels, autocast=setting.startswith("bf16"), remat=setting.endswith("remat"))
-        print(f"{setting:<11} params {row['params'] / 1e9:.3f} B  arguments {row['arguments_gib']:6.2f} GiB  "
+        row = plan(args.preset, args.h, args.w, levels, setting)
+        print(f"{setting:<18} params {row['params'] / 1e9:.3f} B  arguments {row['arguments_gib']:6.2f} GiB  "
               f"temp {row['temp_gib']:6.2f} GiB  peak {row['peak_gib']:6.2f} GiB  (compile {row['compile_s']:.0f} s)",
               flush=True)  # fmt: skip
 

@@ -90,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.trainer.accumulate_grad_batches = 1
     config.trainer.gradient_clip_val = ml_collections.FieldReference(1.0, field_type=float)
     config.trainer.precision = "bf16-mixed"  # "32" | "bf16-mixed"
-    config.trainer.remat = "backbone"  # none | backbone | all
+    config.trainer.remat = "backbone"  # none | backbone | stages | all
     config.trainer.log_every_n_steps = 50
 
     # --- callbacks: name -> {type, **kwargs}; `type` is a built-in name or "package.module:Class" --------

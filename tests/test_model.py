@@ -166,7 +166,8 @@ def test_bf16_autocast_stays_close_to_float32() -> None:
     assert np.abs(np.asarray(half) - full).max() / np.abs(full).max() < 2e-2
 
 
-def test_remat_gives_the_same_values_and_gradients() -> None:
+@pytest.mark.parametrize("stages", [False, True])
+def test_remat_gives_the_same_values_and_gradients(stages) -> None:
     model = tiny_model()
     batch = random_batch(model)
     params = model.init(jax.random.PRNGKey(0), batch)["params"]
@@ -178,7 +179,7 @@ def test_remat_gives_the_same_values_and_gradients() -> None:
         return jnp.mean(m.apply({"params": p}, batch).atmos_vars["t"])
 
     plain = jax.jit(jax.value_and_grad(lambda p: loss(p, model)))(params)
-    remat = jax.jit(jax.value_and_grad(lambda p: loss(p, model.clone(remat=True))))(params)
+    remat = jax.jit(jax.value_and_grad(lambda p: loss(p, model.clone(remat=True, remat_stages=stages))))(params)
     np.testing.assert_allclose(float(plain[0]), float(remat[0]), rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(plain[1]), jax.tree_util.tree_leaves(remat[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-8)

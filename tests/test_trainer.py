@@ -292,3 +292,18 @@ def test_checkpoints_keep_the_best_by_a_monitored_metric(tmp_path) -> None:
     steps = lambda d: sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())  # noqa: E731
     assert steps(tmp_path / "checkpoints" / "best") == [2, 4]
     assert steps(tmp_path / "checkpoints") == [4, 5]
+
+
+@pytest.mark.parametrize(
+    "remat, blocks, stages, steps",
+    [("none", False, False, False), ("backbone", True, False, False), ("stages", True, True, False), ("all", True, True, True)],
+)
+def test_remat_policies_set_the_model_and_the_rollout(tmp_path, remat, blocks, stages, steps) -> None:
+    def trainer(policy: str) -> Trainer:
+        strategy = RolloutStrategy(tiny_model(), steps=2, remat=False)
+        return Trainer(strategy, optimizer=OPTIM, workdir=tmp_path, max_steps=1, remat=policy)
+
+    model = trainer(remat).strategy.model
+    assert (model.remat, model.remat_stages, trainer(remat).strategy.remat) == (blocks, stages, steps)
+    with pytest.raises(ValueError, match="remat must be one of"):
+        trainer("blocks")

@@ -10,7 +10,9 @@ step with the `TrainState` donated. Lightning's knobs keep Lightning's meaning:
 * `accumulate_grad_batches` averages gradients over micro-batches (`optax.MultiSteps`);
   `gradient_clip_val` clips by global norm;
 * `precision="bf16-mixed"` runs the backbone in bfloat16 with float32 master parameters;
-  `remat="none" | "backbone" | "all"` rematerialises Swin blocks (and the rollout steps);
+  `remat` rematerialises: `"backbone"` every Swin block and the level Perceivers (the memory
+  microsoft-aurora's activation checkpointing saves), `"stages"` also whole backbone stages (one
+  more backbone forward pass per step), `"all"` also each rollout step;
 * `log_every_n_steps` sets how often metrics are fetched from the device and written;
 * `mesh` (a `jax.sharding.Mesh` with axes `data`, `fsdp`; see `trainers.sharding`) shards the
   state (FSDP rules, `sharding_rules` overrides) and the batch; the steps are jitted with those
@@ -44,7 +46,7 @@ __all__ = ["Trainer"]
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("32", "bf16-mixed")
-REMAT = ("none", "backbone", "all")
+REMAT = ("none", "backbone", "stages", "all")
 
 
 def _to_device_batch(example: Example) -> tuple[Batch, Batch]:
@@ -103,7 +105,9 @@ class Trainer:
         if unknown:
             raise ValueError(f"Unknown in-step measurements {sorted(unknown)}; known: {sorted(MEASUREMENTS)}.")
 
-        strategy.model = strategy.model.clone(autocast=precision == "bf16-mixed", remat=remat != "none")
+        strategy.model = strategy.model.clone(
+            autocast=precision == "bf16-mixed", remat=remat != "none", remat_stages=remat in ("stages", "all")
+        )
         if hasattr(strategy, "remat"):
             strategy.remat = remat == "all" or getattr(strategy, "remat")
         self.strategy = strategy

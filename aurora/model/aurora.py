@@ -73,12 +73,16 @@ class Aurora(nn.Module):
     surf_stats: Mapping[str, tuple[float, float]] | None = None
     autocast: bool = False
     # Not in microsoft-aurora's signature: LoRA rank/alpha (hard-coded to 8 there), the precision
-    # of every matmul, the compute dtype of the backbone under `autocast`, and rematerialisation.
+    # of every matmul, the compute dtype of the backbone under `autocast`, and rematerialisation:
+    # `remat` recomputes every Swin block and the level Perceivers (with the decoder's heads) in
+    # the backward pass, in chunks of windows or patches, as microsoft-aurora's activation
+    # checkpointing does; `remat_stages` also recomputes whole backbone stages.
     lora_r: int = 8
     lora_alpha: int = 8
     precision: Precision = "highest"
     autocast_dtype: Any = jnp.bfloat16
     remat: bool = False
+    remat_stages: bool = False
 
     @property
     def timestep_minutes(self) -> int:
@@ -155,6 +159,7 @@ class Aurora(nn.Module):
             mlp_ratio=self.mlp_ratio,
             lora=LoRAConfig(self.lora_r, self.lora_alpha, self.lora_steps, self.lora_mode) if self.use_lora else None,
             remat=self.remat,
+            remat_stages=self.remat_stages,
             precision=self.precision,
             dtype=backbone_dtype,
             name="backbone",
