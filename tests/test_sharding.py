@@ -90,7 +90,10 @@ def test_data_parallel_and_fsdp_steps_equal_one_device() -> None:
         sharded = _fit(mesh)
         assert sharded.callback_metrics["train/loss"] == pytest.approx(single.callback_metrics["train/loss"], rel=1e-5)
         for a, b in zip(_host(single.state.params), _host(sharded.state.params), strict=True):
-            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)  # Adam: 1 % of a 1e-3 step
+            # 3 % of a 1e-3 Adam step. Adam divides by the gradient's own size, so where a gradient
+            # nearly cancels over the grid (the decoder's head biases), another reduction order
+            # moves the parameter by up to ~2 % of a step differently (7e-6 to 1.7e-5 measured).
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=3e-5)
         leaves = jax.tree_util.tree_leaves(sharded.state.params)
         assert all(x.sharding.mesh.shape == mesh.shape for x in leaves)
         if mesh.shape["fsdp"] > 1:
