@@ -26,7 +26,9 @@ __all__ = ["Swin3DTransformerBackbone", "compute_shifted_window_mask"]
 Res = tuple[int, int, int]
 
 REMAT_CHUNK_TOKENS = 8192
-"""Tokens per chunk of a rematerialised Swin block: a few hundred windows, 8 chunks at 0.25°."""
+"""Tokens per chunk of a rematerialised Swin block: 56 windows of 144 tokens at 0.25°, where the
+first stage's 259,200 tokens make 33 chunks and the last stage's 16,200 make 3. Without chunks the
+last stage's backward alone planned 6 GiB; the chunking cost no measurable time on the CPU."""
 
 
 # --- shape helpers (host side) ---------------------------------------------------------------
