@@ -191,8 +191,7 @@ class Swin3DTransformerBlock(nn.Module):
             raise ValueError(f"Wrong feature size: {L} vs {res[0]}x{res[1]}x{res[2]}.")
         windows, mask = self._partition(x, res)
         if not self.chunk:
-            x = x + self.norm1(self._merge(self.attn(windows, mask, rollout_step), res, B), c)
-            return self._feed_forward(c, x)
+            return self._residuals(c, x, self._merge(self.attn(windows, mask, rollout_step), res, B))
 
         Bw, N, _ = windows.shape
         per_sample = windows.reshape(B, Bw // B, N, D)  # chunks split each sample's windows
@@ -231,10 +230,11 @@ class Swin3DTransformerBlock(nn.Module):
         B, nW, N, D = w.shape
         attended = self.attn(w.reshape(B * nW, N, D), None if m is None else m[0], rollout_step)
         tokens = w.reshape(B, nW * N, D)
-        x = tokens + self.norm1(attended.reshape(tokens.shape), c)
-        return self._feed_forward(c, x).reshape(w.shape)
+        return self._residuals(c, tokens, attended.reshape(tokens.shape)).reshape(w.shape)
 
-    def _feed_forward(self, c: jax.Array, x: jax.Array) -> jax.Array:
+    def _residuals(self, c: jax.Array, x: jax.Array, attended: jax.Array) -> jax.Array:
+        """The attention's residual with AdaLN, then the MLP's: token-wise, in any token order."""
+        x = x + self.norm1(attended, c)
         return x + self.norm2(self.mlp(x), c)
 
 
