@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow demo reference clean
+.PHONY: install test test-slow demo reference clean clean-cache
 
 install: $(STAMP)
 
@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The microsoft-aurora reference lives in its own virtualenv (its package is also called `aurora`).
+# The microsoft-aurora reference lives in its own virtualenv (its package is also called `aurora`),
+# built once per machine in the per-user cache (see tests/reference/venv.py).
 reference:
 	$(PY) -m tests.reference.venv
 
@@ -32,4 +33,8 @@ demo: install
 	$(PY) main.py --config=$(DEMO_CONFIG) --workdir=workdir/demo --mode=test
 
 clean:
-	rm -rf $(VENV) .venv-ref .cache
+	rm -rf $(VENV) .cache
+
+# The reference virtualenv, its outputs and the XLA cache are shared by every clone on the machine.
+clean-cache:
+	rm -rf "$${AURORA_JAX_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/aurora-jax}"

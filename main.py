@@ -18,7 +18,9 @@ from trainers.run import run
 from trainers.sharding import initialize_distributed
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Configuration file (e.g. configs/demo.py).", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Configuration file (e.g. configs/demo.py).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, datasets and metrics.")
 flags.DEFINE_enum("mode", "fit", ["fit", "validate", "test", "predict"], "What to run.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -29,14 +31,19 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     distributed = FLAGS.config.get("distributed") or {}
-    initialize_distributed(distributed.get("coordinator_address"), distributed.get("num_processes"),
-                           distributed.get("process_id"))  # fmt: skip
+    initialize_distributed(
+        distributed.get("coordinator_address"),
+        distributed.get("num_processes"),
+        distributed.get("process_id"),
+    )
     summary = run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
     evaluation = summary.pop("evaluation", None)
     print(json.dumps(summary, indent=1, default=str))
     if evaluation is not None:
         print(headline_scores(Path(evaluation["scores"])))
-        print(f"scores: {evaluation['scores']}\nsummary: {Path(evaluation['scores']).with_name('summary.json')}")
+        print(
+            f"scores: {evaluation['scores']}\nsummary: {Path(evaluation['scores']).with_name('summary.json')}"
+        )
         figures = evaluation.get("figures") or []
         if figures:
             print(f"figures ({len(figures)}): {Path(figures[0]).parent}")
@@ -56,7 +63,9 @@ def headline_scores(scores_csv: Path) -> str:
         for lead in dict.fromkeys(r["lead_time_h"] for r in picked):
             rmse = {r["model"]: float(r["rmse"]) for r in picked if r["lead_time_h"] == lead}
             name = f"{variable}{level} +{lead}h"
-            lines.append(f"{name:<12}" + " ".join(f"{rmse.get(m, float('nan')):12.4g}" for m in models))
+            lines.append(
+                f"{name:<12}" + " ".join(f"{rmse.get(m, float('nan')):12.4g}" for m in models)
+            )
     return "\n".join(lines)
 
 

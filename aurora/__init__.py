@@ -20,13 +20,13 @@ from aurora.model.aurora import (
 from aurora.rollout import rollout
 
 __all__ = [
+    "PRESETS",
     "Aurora",
-    "AuroraPretrained",
-    "AuroraSmallPretrained",
-    "AuroraSmall",
     "Aurora12hPretrained",
     "AuroraHighRes",
-    "PRESETS",
+    "AuroraPretrained",
+    "AuroraSmall",
+    "AuroraSmallPretrained",
     "Batch",
     "Metadata",
     "rollout",

@@ -20,7 +20,7 @@ Two choices differ from the PyTorch dataclasses because the batch has to cross `
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from flax import struct
 
 from aurora.normalisation import Stats, atmos_location_scale, surf_location_scale
 
-__all__ = ["Batch", "Metadata", "to_minutes", "minutes_to_datetimes"]
+__all__ = ["Batch", "Metadata", "minutes_to_datetimes", "to_minutes"]
 
 Array = Any  # numpy or jax array
 
@@ -48,7 +48,7 @@ def to_minutes(times: Iterable[datetime | np.datetime64] | np.ndarray) -> np.nda
     for t in items:
         if isinstance(t, datetime):
             if t.tzinfo is not None:
-                t = t.astimezone(timezone.utc).replace(tzinfo=None)
+                t = t.astimezone(UTC).replace(tzinfo=None)
             t = np.datetime64(t)
         t64 = np.datetime64(t, "ns")
         minutes = t64.astype("datetime64[m]")
@@ -179,7 +179,9 @@ class Batch:
         """Drop the last latitude when `h % patch_size == 1` (721 -> 720), as microsoft-aurora does."""
         h, w = self.spatial_shape
         if w % patch_size != 0:
-            raise ValueError(f"Width of the data ({w}) must be a multiple of the patch size ({patch_size}).")
+            raise ValueError(
+                f"Width of the data ({w}) must be a multiple of the patch size ({patch_size})."
+            )
         if h % patch_size == 0:
             return self
         if h % patch_size != 1:
@@ -187,18 +189,18 @@ class Batch:
                 f"There can at most be one latitude too many, but there are {h % patch_size} too many "
                 f"(height {h}, patch size {patch_size})."
             )
-        drop_last_row = lambda _, x: x[..., :-1, :]  # noqa: E731
+        drop_last_row = lambda _, x: x[..., :-1, :]
         metadata = self.metadata.replace(lat=self.metadata.lat[:-1])
         return self._map(drop_last_row, drop_last_row, drop_last_row, metadata)
 
     def astype(self, dtype: Any) -> Batch:
         """Cast every variable (not the metadata) to `dtype`."""
-        cast = lambda _, x: jnp.asarray(x, dtype=dtype)  # noqa: E731
+        cast = lambda _, x: jnp.asarray(x, dtype=dtype)
         return self._map(cast, cast, cast)
 
     def to_numpy(self) -> Batch:
         """Copy every array to the host as numpy (for writing files or handing to other code)."""
-        host = lambda _, x: np.asarray(jax.device_get(x))  # noqa: E731
+        host = lambda _, x: np.asarray(jax.device_get(x))
         metadata = self.metadata.replace(
             time=np.asarray(jax.device_get(self.metadata.time)),
             rollout_step=int(np.asarray(jax.device_get(self.metadata.rollout_step))),
@@ -225,7 +227,11 @@ class Batch:
                     (lat[::-1], lon_wrapped), field[::-1], bounds_error=False, fill_value=None
                 )
                 out.append(rgi(tuple(mesh)))
-            return np.stack(out).reshape(*x.shape[:-2], *lat_new.shape, *lon_new.shape).astype(np.float32)
+            return (
+                np.stack(out)
+                .reshape(*x.shape[:-2], *lat_new.shape, *lon_new.shape)
+                .astype(np.float32)
+            )
 
         metadata = self.metadata.replace(lat=tuple(lat_new.tolist()), lon=tuple(lon_new.tolist()))
         return self._map(interpolate, interpolate, interpolate, metadata)
@@ -263,7 +269,9 @@ class Batch:
 
         def pick(prefix: str) -> dict[str, np.ndarray]:
             return {
-                str(k)[len(prefix) :]: ds[k].values for k in ds.data_vars if str(k).startswith(prefix)
+                str(k)[len(prefix) :]: ds[k].values
+                for k in ds.data_vars
+                if str(k).startswith(prefix)
             }
 
         return cls(
@@ -278,4 +286,3 @@ class Batch:
                 rollout_step=int(ds.rollout_step.values),
             ),
         )
-

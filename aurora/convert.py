@@ -39,12 +39,12 @@ from aurora.torch_checkpoint import load_torch_checkpoint
 
 __all__ = [
     "ConversionError",
-    "load_state_dict",
     "adapt_checkpoint",
     "convert_pytorch_checkpoint",
-    "to_pytorch_state_dict",
-    "param_shapes",
+    "load_state_dict",
     "main",
+    "param_shapes",
+    "to_pytorch_state_dict",
 ]
 
 _LORA = re.compile(r"^(.*)\.loras\.(\d+)\.(lora_[AB])$")
@@ -75,7 +75,9 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in state.items()}
 
 
-def adapt_checkpoint(state: Mapping[str, np.ndarray], patch_size: int, max_history_size: int) -> dict[str, np.ndarray]:
+def adapt_checkpoint(
+    state: Mapping[str, np.ndarray], patch_size: int, max_history_size: int
+) -> dict[str, np.ndarray]:
     """Bring a published checkpoint to the current key layout (what `load_checkpoint` does)."""
     d = {k.removeprefix("net."): np.asarray(v) for k, v in state.items()}
 
@@ -83,7 +85,9 @@ def adapt_checkpoint(state: Mapping[str, np.ndarray], patch_size: int, max_histo
         if key in d:
             weight = d.pop(key)
             if weight.shape[1] != len(names):
-                raise ConversionError(f"{key} has {weight.shape[1]} variables, expected {len(names)}.")
+                raise ConversionError(
+                    f"{key} has {weight.shape[1]} variables, expected {len(names)}."
+                )
             for i, name in enumerate(names):
                 d[f"{prefix}.{name}"] = weight[:, i : i + 1]
 
@@ -95,20 +99,30 @@ def adapt_checkpoint(state: Mapping[str, np.ndarray], patch_size: int, max_histo
                 d[f"{prefix}.{name}.weight"] = weight[:, i]
                 d[f"{prefix}.{name}.bias"] = bias[:, i]
 
-    split_columns("encoder.surf_token_embeds.weight", _DEFAULT_SURF + _DEFAULT_STATIC, "encoder.surf_token_embeds.weights")
-    split_columns("encoder.atmos_token_embeds.weight", _DEFAULT_ATMOS, "encoder.atmos_token_embeds.weights")
+    split_columns(
+        "encoder.surf_token_embeds.weight",
+        _DEFAULT_SURF + _DEFAULT_STATIC,
+        "encoder.surf_token_embeds.weights",
+    )
+    split_columns(
+        "encoder.atmos_token_embeds.weight", _DEFAULT_ATMOS, "encoder.atmos_token_embeds.weights"
+    )
     split_head("decoder.surf_head", _DEFAULT_SURF, "decoder.surf_heads")
     split_head("decoder.atmos_head", _DEFAULT_ATMOS, "decoder.atmos_heads")
 
     for key, weight in list(d.items()):
-        if key.startswith(("encoder.surf_token_embeds.weights.", "encoder.atmos_token_embeds.weights.")):
+        if key.startswith(
+            ("encoder.surf_token_embeds.weights.", "encoder.atmos_token_embeds.weights.")
+        ):
             history = weight.shape[2]
             if history > max_history_size:
                 raise ConversionError(
                     f"Cannot load {key} with history {history} into a model with max_history_size={max_history_size}."
                 )
             if history < max_history_size:  # New history slices start at zero.
-                padded = np.zeros((*weight.shape[:2], max_history_size, *weight.shape[3:]), weight.dtype)
+                padded = np.zeros(
+                    (*weight.shape[:2], max_history_size, *weight.shape[3:]), weight.dtype
+                )
                 padded[:, :, :history] = weight
                 d[key] = padded
     return d
@@ -145,9 +159,13 @@ def _example_batch(model: Any) -> Any:
     p = model.patch_size
     h, w = 2 * p, 2 * p
     return Batch(
-        surf_vars={v: np.zeros((1, model.max_history_size, h, w), np.float32) for v in model.surf_vars},
+        surf_vars={
+            v: np.zeros((1, model.max_history_size, h, w), np.float32) for v in model.surf_vars
+        },
         static_vars={v: np.zeros((h, w), np.float32) for v in model.static_vars},
-        atmos_vars={v: np.zeros((1, model.max_history_size, 1, h, w), np.float32) for v in model.atmos_vars},
+        atmos_vars={
+            v: np.zeros((1, model.max_history_size, 1, h, w), np.float32) for v in model.atmos_vars
+        },
         metadata=Metadata(
             lat=np.linspace(80, -80, h),
             lon=np.linspace(0, 360, w, endpoint=False),
@@ -157,16 +175,23 @@ def _example_batch(model: Any) -> Any:
     )
 
 
-def convert_pytorch_checkpoint(source: str | Path | Mapping[str, Any], model: Any) -> dict[str, Any]:
+def convert_pytorch_checkpoint(
+    source: str | Path | Mapping[str, Any], model: Any
+) -> dict[str, Any]:
     """A microsoft-aurora state dict (path or mapping) -> Flax `params` for `model`.
 
     Raises:
         ConversionError: listing keys without a target, parameters without a source, and shape
             mismatches.
     """
-    state = load_state_dict(source) if isinstance(source, (str, Path)) else {
-        k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v) for k, v in source.items()
-    }
+    state = (
+        load_state_dict(source)
+        if isinstance(source, (str, Path))
+        else {
+            k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+            for k, v in source.items()
+        }
+    )
     state = adapt_checkpoint(state, model.patch_size, model.max_history_size)
     targets = param_shapes(model, _example_batch(model))
 
@@ -193,15 +218,27 @@ def convert_pytorch_checkpoint(source: str | Path | Mapping[str, Any], model: An
 
     for path, value in filled.items():
         if tuple(value.shape) != targets[path]:
-            wrong_shape.append(f"{'/'.join(path)}: checkpoint {tuple(value.shape)}, model {targets[path]}")
+            wrong_shape.append(
+                f"{'/'.join(path)}: checkpoint {tuple(value.shape)}, model {targets[path]}"
+            )
     missing = sorted("/".join(p) for p in targets if p not in filled)
     if extra or missing or wrong_shape:
         lines = ["The state dict does not match the model."]
-        for title, items in (("Unused checkpoint keys", extra), ("Parameters not filled", missing), ("Shape mismatches", wrong_shape)):
+        for title, items in (
+            ("Unused checkpoint keys", extra),
+            ("Parameters not filled", missing),
+            ("Shape mismatches", wrong_shape),
+        ):
             if items:
-                lines.append(f"{title} ({len(items)}): " + ", ".join(sorted(items)[:50]) + (" ..." if len(items) > 50 else ""))
+                lines.append(
+                    f"{title} ({len(items)}): "
+                    + ", ".join(sorted(items)[:50])
+                    + (" ..." if len(items) > 50 else "")
+                )
         raise ConversionError("\n".join(lines))
-    return traverse_util.unflatten_dict({k: np.asarray(v, dtype=np.float32) for k, v in filled.items()})
+    return traverse_util.unflatten_dict(
+        {k: np.asarray(v, dtype=np.float32) for k, v in filled.items()}
+    )
 
 
 def to_pytorch_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -234,7 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     from aurora.model.aurora import PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pytorch-ckpt", required=True, help="microsoft-aurora .ckpt/.pt or .npz state dict")
+    parser.add_argument(
+        "--pytorch-ckpt", required=True, help="microsoft-aurora .ckpt/.pt or .npz state dict"
+    )
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS), help="model preset")
     parser.add_argument("--out", required=True, help="output folder for the Orbax checkpoint")
     parser.add_argument(
@@ -246,7 +285,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import orbax.checkpoint as ocp
 
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.model_kwargs).items()}
+    kwargs = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.model_kwargs).items()
+    }
     model = PRESETS[args.preset](**kwargs)
     params = convert_pytorch_checkpoint(args.pytorch_ckpt, model)
     out = Path(args.out).resolve()

@@ -19,10 +19,10 @@ import numpy as np
 
 __all__ = [
     "Stats",
+    "atmos_location_scale",
     "aurora_stats",
     "level_to_str",
     "surf_location_scale",
-    "atmos_location_scale",
 ]
 
 Stats = Mapping[str, tuple[float, float]]
@@ -34,7 +34,9 @@ def aurora_stats() -> dict[str, tuple[float, float]]:
     """Aurora's table as `{key: (location, scale)}`."""
     text = resources.files("aurora").joinpath("normalisation_stats.json").read_text()
     table = json.loads(text)
-    return {k: (float(table["locations"][k]), float(table["scales"][k])) for k in table["locations"]}
+    return {
+        k: (float(table["locations"][k]), float(table["scales"][k])) for k in table["locations"]
+    }
 
 
 def level_to_str(level: float) -> str:

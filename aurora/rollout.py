@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from aurora.batch import Batch
 from aurora.model.aurora import Aurora
 
-__all__ = ["rollout", "advance_batch"]
+__all__ = ["advance_batch", "rollout"]
 
 
 def advance_batch(batch: Batch, pred: Batch) -> Batch:
@@ -25,9 +25,17 @@ def advance_batch(batch: Batch, pred: Batch) -> Batch:
         return jnp.concatenate([old[:, 1:], new.astype(old.dtype)], axis=1)
 
     return Batch(
-        surf_vars={k: slide(batch.surf_vars[k], v) for k, v in pred.surf_vars.items() if k in batch.surf_vars},
+        surf_vars={
+            k: slide(batch.surf_vars[k], v)
+            for k, v in pred.surf_vars.items()
+            if k in batch.surf_vars
+        },
         static_vars=batch.static_vars,
-        atmos_vars={k: slide(batch.atmos_vars[k], v) for k, v in pred.atmos_vars.items() if k in batch.atmos_vars},
+        atmos_vars={
+            k: slide(batch.atmos_vars[k], v)
+            for k, v in pred.atmos_vars.items()
+            if k in batch.atmos_vars
+        },
         metadata=pred.metadata,
     )
 
@@ -38,7 +46,11 @@ def rollout(model: Aurora, params: Any, batch: Batch, steps: int) -> Iterator[Ba
     One jitted step serves every rollout step: time and `rollout_step` are traced values.
     """
     batch = batch.astype(jnp.float32).crop(model.patch_size)
-    batch = batch.replace(metadata=batch.metadata.replace(rollout_step=jnp.asarray(batch.metadata.rollout_step, jnp.int32)))
+    batch = batch.replace(
+        metadata=batch.metadata.replace(
+            rollout_step=jnp.asarray(batch.metadata.rollout_step, jnp.int32)
+        )
+    )
     step = jax.jit(lambda p, b: model.apply({"params": p}, b))
     for _ in range(steps):
         pred = step(params, batch)

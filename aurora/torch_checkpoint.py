@@ -30,6 +30,7 @@ subclassed tensors, whose rebuild functions are not on the list, as forbidden gl
 
 from __future__ import annotations
 
+import contextlib
 import io
 import mmap
 import pickle
@@ -69,7 +70,14 @@ _STORAGE_DTYPES: dict[str, np.dtype] = {
 # Floating types that numpy does not know; torch.bfloat16/float8_* become these.
 _ML_FLOATS: dict[str, np.dtype] = {
     name: np.dtype(getattr(ml_dtypes, name))
-    for name in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
+    for name in (
+        "bfloat16",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "float8_e4m3fnuz",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+    )
     if hasattr(ml_dtypes, name)
 }
 _NUMPY_NAMES = ("float64", "float32", "float16", "complex128", "complex64", "bool")
@@ -105,7 +113,7 @@ class _Sealed:
 class _Global(_Sealed):
     """An allowed callable global, e.g. `torch._utils._rebuild_tensor_v2` -> our numpy version."""
 
-    __slots__ = ("_name", "_fn")
+    __slots__ = ("_fn", "_name")
 
     def __init__(self, name: str, fn: Callable[..., Any]) -> None:
         self._name, self._fn = name, fn
@@ -120,7 +128,7 @@ class _Global(_Sealed):
 class _StorageType(_Sealed):
     """`torch.FloatStorage` & co. (and `torch.UntypedStorage`, as bytes): a storage's dtype."""
 
-    __slots__ = ("name", "dtype")
+    __slots__ = ("dtype", "name")
 
     def __init__(self, name: str, dtype: np.dtype) -> None:
         self.name, self.dtype = name, dtype
@@ -132,7 +140,7 @@ class _StorageType(_Sealed):
 class _TorchDtype(_Sealed):
     """`torch.uint16` & co., as `_rebuild_tensor_v3` receives them."""
 
-    __slots__ = ("name", "dtype")
+    __slots__ = ("dtype", "name")
 
     def __init__(self, name: str, dtype: np.dtype) -> None:
         self.name, self.dtype = name, dtype
@@ -144,7 +152,7 @@ class _TorchDtype(_Sealed):
 class _Storage(_Sealed):
     """One storage record: read-only bytes (a view of the memory-mapped file) and their dtype."""
 
-    __slots__ = ("key", "raw", "dtype", "swap")
+    __slots__ = ("dtype", "key", "raw", "swap")
 
     def __init__(self, key: str, raw: np.ndarray, dtype: np.dtype, swap: bool) -> None:
         self.key, self.raw, self.dtype, self.swap = key, raw, dtype, swap
@@ -174,21 +182,29 @@ def _check_layout(
     if 0 not in size:
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= numel:
-            _refuse(f"tensor (offset {offset}, size {size}, stride {stride}) overruns its storage of {numel} elements")
+            _refuse(
+                f"tensor (offset {offset}, size {size}, stride {stride}) overruns its storage of {numel} elements"
+            )
     elif offset > numel:
         _refuse(f"tensor offset {offset} beyond its storage of {numel} elements")
     return offset, size, stride
 
 
-def _strided_copy(storage: _Storage, dtype: np.dtype, offset: object, size: object, stride: object) -> np.ndarray:
+def _strided_copy(
+    storage: _Storage, dtype: np.dtype, offset: object, size: object, stride: object
+) -> np.ndarray:
     """The elements of a (possibly non-contiguous) view of `storage`, as a new C-contiguous array."""
     if storage.raw.size % dtype.itemsize:
-        _refuse(f"storage {storage.key!r} of {storage.raw.size} bytes does not hold whole {dtype} elements")
+        _refuse(
+            f"storage {storage.key!r} of {storage.raw.size} bytes does not hold whole {dtype} elements"
+        )
     offset, size, stride = _check_layout(storage.raw.size // dtype.itemsize, offset, size, stride)
     if 0 in size:
         return np.empty(size, dtype)
     strides = tuple(s * dtype.itemsize for s in stride)
-    view = np.ndarray(size, dtype, buffer=storage.raw, offset=offset * dtype.itemsize, strides=strides)
+    view = np.ndarray(
+        size, dtype, buffer=storage.raw, offset=offset * dtype.itemsize, strides=strides
+    )
     out = view.copy()
     if storage.swap and dtype.itemsize > 1:
         out.byteswap(inplace=True)
@@ -217,7 +233,9 @@ class _Rebuilder:
     def _finish(self, array: np.ndarray) -> np.ndarray:
         return array.astype(np.float32) if self.float32 and _is_float(array.dtype) else array
 
-    def tensor(self, storage: object, offset: object, size: object, stride: object, *_: object) -> np.ndarray:
+    def tensor(
+        self, storage: object, offset: object, size: object, stride: object, *_: object
+    ) -> np.ndarray:
         """`_rebuild_tensor(storage, offset, size, stride)`: dtype from the storage type."""
         return self.tensor_v2(storage, offset, size, stride)
 
@@ -234,7 +252,9 @@ class _Rebuilder:
         """`_rebuild_tensor_v2`: what `torch.save` writes for tensors of the classic dtypes."""
         if not isinstance(storage, _Storage):
             _refuse(f"_rebuild_tensor_v2 expects a storage, got {type(storage).__name__}")
-        return self._finish(_apply_metadata(_strided_copy(storage, storage.dtype, offset, size, stride), metadata))
+        return self._finish(
+            _apply_metadata(_strided_copy(storage, storage.dtype, offset, size, stride), metadata)
+        )
 
     def tensor_v3(
         self,
@@ -250,10 +270,14 @@ class _Rebuilder:
         """`_rebuild_tensor_v3`: untyped bytes plus a dtype (uint16/32/64, float8, ...)."""
         if not isinstance(storage, _Storage) or not isinstance(dtype, _TorchDtype):
             _refuse("_rebuild_tensor_v3 expects a storage and a dtype")
-        return self._finish(_apply_metadata(_strided_copy(storage, dtype.dtype, offset, size, stride), metadata))
+        return self._finish(
+            _apply_metadata(_strided_copy(storage, dtype.dtype, offset, size, stride), metadata)
+        )
 
     @staticmethod
-    def parameter(data: object, requires_grad: object, backward_hooks: object, state: object = None) -> np.ndarray:
+    def parameter(
+        data: object, requires_grad: object, backward_hooks: object, state: object = None
+    ) -> np.ndarray:
         """`_rebuild_parameter[_with_state]`: an `nn.Parameter` is just its data here.
 
         The state of `_with_state` holds Python attributes of Parameter subclasses, not weights.
@@ -286,7 +310,9 @@ def _allowed_globals(rebuild: _Rebuilder) -> dict[tuple[str, str], object]:
         ("torch._utils", "_rebuild_parameter"): rebuild.parameter,
         ("torch._utils", "_rebuild_parameter_with_state"): rebuild.parameter,
     }
-    allowed: dict[tuple[str, str], object] = {key: _Global(".".join(key), fn) for key, fn in callables.items()}
+    allowed: dict[tuple[str, str], object] = {
+        key: _Global(".".join(key), fn) for key, fn in callables.items()
+    }
     for name, dtype in _STORAGE_DTYPES.items():
         allowed["torch", name] = allowed["torch.cuda", name] = _StorageType(name, dtype)
     allowed["torch", "UntypedStorage"] = allowed["torch.storage", "UntypedStorage"] = _StorageType(
@@ -309,11 +335,19 @@ class _Archive:
     @staticmethod
     def _find_prefix(names: list[str]) -> str:
         """The archive's top folder, which is the file name at save time: the one with a `data.pkl`."""
-        prefixes = [n[: -len("data.pkl")] for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+        prefixes = [
+            n[: -len("data.pkl")] for n in names if n.endswith("/data.pkl") and n.count("/") == 1
+        ]
         if len(prefixes) != 1:
-            _refuse(f"expected one <folder>/data.pkl in the zip, found {len(prefixes)}: not a torch.save checkpoint")
-        if any(n.startswith(prefixes[0] + "code/") or n == prefixes[0] + "constants.pkl" for n in names):
-            _refuse("this is a TorchScript archive (torch.jit.save); save the model's state_dict() with torch.save")
+            _refuse(
+                f"expected one <folder>/data.pkl in the zip, found {len(prefixes)}: not a torch.save checkpoint"
+            )
+        if any(
+            n.startswith(prefixes[0] + "code/") or n == prefixes[0] + "constants.pkl" for n in names
+        ):
+            _refuse(
+                "this is a TorchScript archive (torch.jit.save); save the model's state_dict() with torch.save"
+            )
         return prefixes[0]
 
     def _byteorder(self) -> str:
@@ -349,7 +383,9 @@ class _Archive:
         if info is None:
             _refuse(f"missing storage record {name!r}")
         if info.file_size < nbytes:
-            _refuse(f"storage record {name!r} has {info.file_size} bytes, the checkpoint expects {nbytes}")
+            _refuse(
+                f"storage record {name!r} has {info.file_size} bytes, the checkpoint expects {nbytes}"
+            )
         if info.compress_type != zipfile.ZIP_STORED:
             return np.frombuffer(self._zip.read(name), np.uint8, count=nbytes)
         header = self._mm[info.header_offset : info.header_offset + _LOCAL_HEADER.size]
@@ -365,12 +401,16 @@ class _Archive:
 class _Unpickler(pickle.Unpickler):
     """A pickle machine that knows only `allowed` globals and reads storages from `archive`."""
 
-    def __init__(self, file: IO[bytes], archive: _Archive, allowed: dict[tuple[str, str], object]) -> None:
+    def __init__(
+        self, file: IO[bytes], archive: _Archive, allowed: dict[tuple[str, str], object]
+    ) -> None:
         super().__init__(file, encoding="utf-8")
         self._archive, self._allowed = archive, allowed
 
     def find_class(self, module: str, name: str) -> object:
-        module = "builtins" if module == "__builtin__" else module  # protocol-2 pickles from Python 2
+        module = (
+            "builtins" if module == "__builtin__" else module
+        )  # protocol-2 pickles from Python 2
         try:
             return self._allowed[module, name]
         except KeyError:
@@ -384,7 +424,12 @@ class _Unpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             _refuse(f"unsupported persistent id {pid!r}")
         _, storage_type, key, _location, numel = pid
-        if not (isinstance(storage_type, _StorageType) and isinstance(key, str) and type(numel) is int and numel >= 0):
+        if not (
+            isinstance(storage_type, _StorageType)
+            and isinstance(key, str)
+            and type(numel) is int
+            and numel >= 0
+        ):
             _refuse(f"bad storage reference {pid!r}")
         return self._archive.storage(key, storage_type, numel)
 
@@ -401,10 +446,9 @@ def _open_archive(path: Path) -> Iterator[_Archive]:
         finally:
             if archive is not None:
                 archive.release()
-            try:
+            # A view may still be referenced (e.g. by a traceback); it is unmapped with it then.
+            with contextlib.suppress(BufferError):
                 mm.close()
-            except BufferError:  # a view is still referenced (e.g. by a traceback); unmapped with it
-                pass
 
 
 def _check_format(path: Path) -> None:
@@ -417,12 +461,17 @@ def _check_format(path: Path) -> None:
         head = f.read(32)
     if head.startswith(_ZIP_MAGIC):
         return
-    if any(head.startswith(pickle.dumps(_LEGACY_MAGIC, protocol=p)) for p in range(2, pickle.HIGHEST_PROTOCOL + 1)):
+    if any(
+        head.startswith(pickle.dumps(_LEGACY_MAGIC, protocol=p))
+        for p in range(2, pickle.HIGHEST_PROTOCOL + 1)
+    ):
         _refuse(
             "legacy torch.save format (_use_new_zipfile_serialization=False, PyTorch < 1.6) is not supported; "
             "re-save it with a current PyTorch: torch.save(torch.load(p, weights_only=True), new_p)"
         )
-    _refuse("not a torch.save zip checkpoint (no zip header): truncated or corrupt, or another format")
+    _refuse(
+        "not a torch.save zip checkpoint (no zip header): truncated or corrupt, or another format"
+    )
 
 
 def load_torch_checkpoint(path: str | Path, *, float32: bool = False) -> dict[str, Any]:
@@ -448,9 +497,15 @@ def load_torch_checkpoint(path: str | Path, *, float32: bool = False) -> dict[st
     except OSError as e:
         if e.filename is not None:  # could not open the file: the error already names it
             raise
-        raise TorchCheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e})") from e
+        raise TorchCheckpointError(
+            f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e})"
+        ) from e
     except Exception as e:  # any other failure while parsing means a corrupt file
-        raise TorchCheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e})") from e
+        raise TorchCheckpointError(
+            f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(result, dict):
-        raise TorchCheckpointError(f"{path}: holds a {type(result).__name__}, expected a dict (a state dict)")
+        raise TorchCheckpointError(
+            f"{path}: holds a {type(result).__name__}, expected a dict (a state dict)"
+        )
     return result

@@ -26,11 +26,20 @@ def main(preset: str, h: int, w: int, n_levels: int, repeats: int) -> None:
 
     def batch() -> aurora.Batch:
         return aurora.Batch(
-            surf_vars={k: torch.randn(1, 2, h, w, generator=gen) for k in ("2t", "10u", "10v", "msl")},
+            surf_vars={
+                k: torch.randn(1, 2, h, w, generator=gen) for k in ("2t", "10u", "10v", "msl")
+            },
             static_vars={k: torch.randn(h, w, generator=gen) for k in ("lsm", "z", "slt")},
-            atmos_vars={k: torch.randn(1, 2, len(levels), h, w, generator=gen) for k in ("z", "u", "v", "t", "q")},
-            metadata=aurora.Metadata(lat=torch.linspace(90, -90, h), lon=torch.linspace(0, 360, w + 1)[:-1],
-                                     time=(datetime(2020, 6, 1, 12),), atmos_levels=levels),
+            atmos_vars={
+                k: torch.randn(1, 2, len(levels), h, w, generator=gen)
+                for k in ("z", "u", "v", "t", "q")
+            },
+            metadata=aurora.Metadata(
+                lat=torch.linspace(90, -90, h),
+                lon=torch.linspace(0, 360, w + 1)[:-1],
+                time=(datetime(2020, 6, 1, 12),),
+                atmos_levels=levels,
+            ),
         ).to(device)
 
     x = batch()
@@ -62,7 +71,9 @@ def main(preset: str, h: int, w: int, n_levels: int, repeats: int) -> None:
         optimizer.zero_grad()
         with torch.autocast(device_type=device, dtype=torch.bfloat16):
             pred = model(x)
-        loss = sum(v.float().abs().mean() for v in [*pred.surf_vars.values(), *pred.atmos_vars.values()])
+        loss = sum(
+            v.float().abs().mean() for v in [*pred.surf_vars.values(), *pred.atmos_vars.values()]
+        )
         loss.backward()
         optimizer.step()
 

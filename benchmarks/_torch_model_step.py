@@ -1,4 +1,4 @@
-"""microsoft-aurora side of benchmarks/model_step.py; runs inside .venv-ref and prints JSON."""
+"""microsoft-aurora side of benchmarks/model_step.py; runs inside the reference virtualenv and prints JSON."""
 
 import json
 import statistics
@@ -18,9 +18,14 @@ def main(h: int, w: int, levels: tuple[int, ...], repeats: int) -> None:
 
     def batch() -> Batch:
         return Batch(
-            surf_vars={k: torch.randn(1, 2, h, w, generator=gen) for k in ("2t", "10u", "10v", "msl")},
+            surf_vars={
+                k: torch.randn(1, 2, h, w, generator=gen) for k in ("2t", "10u", "10v", "msl")
+            },
             static_vars={k: torch.randn(h, w, generator=gen) for k in ("lsm", "z", "slt")},
-            atmos_vars={k: torch.randn(1, 2, len(levels), h, w, generator=gen) for k in ("z", "u", "v", "t", "q")},
+            atmos_vars={
+                k: torch.randn(1, 2, len(levels), h, w, generator=gen)
+                for k in ("z", "u", "v", "t", "q")
+            },
             metadata=Metadata(
                 lat=torch.linspace(90, -90, h + 1)[:-1],
                 lon=torch.linspace(0, 360, w + 1)[:-1],
@@ -56,4 +61,9 @@ def main(h: int, w: int, levels: tuple[int, ...], repeats: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), tuple(int(x) for x in sys.argv[3].split(",")), int(sys.argv[4]))
+    main(
+        int(sys.argv[1]),
+        int(sys.argv[2]),
+        tuple(int(x) for x in sys.argv[3].split(",")),
+        int(sys.argv[4]),
+    )

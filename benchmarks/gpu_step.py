@@ -1,6 +1,6 @@
 """One prepared GPU run: forward and train-step times, MFU and a 10-day forecast, vs microsoft-aurora.
 
-    .venv/bin/python benchmarks/gpu_step.py [--presets Aurora,AuroraSmall] [--torch-python .venv-ref/bin/python]
+    .venv/bin/python benchmarks/gpu_step.py [--presets Aurora,AuroraSmall] [--torch-python PATH]
 
 For each preset at 0.25° (721×1440, cropped to 720 rows by the model), 13 levels, batch 1, random
 weights, it reports the median of `--repeats` calls after a warm-up (compilation reported apart):
@@ -44,7 +44,9 @@ from trainers.strategies.rollout import RolloutStrategy  # noqa: E402
 from trainers.trainer import _to_device_batch  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "GH200": 989e12}
-OPTIM = ml_collections.ConfigDict({"learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0})
+OPTIM = ml_collections.ConfigDict(
+    {"learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0}
+)
 
 
 def peak_flops() -> float | None:
@@ -59,11 +61,15 @@ def bench(preset: str, args: argparse.Namespace) -> dict[str, float]:
     target = random_batch(model, batch=1, history=1, h=args.h, w=args.w, levels=levels, seed=1)
     inputs, targets = _to_device_batch((batch, [target]))
     params = jax.jit(model.init)(jax.random.PRNGKey(0), inputs)["params"]
-    out: dict[str, float] = {"params": sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))}
+    out: dict[str, float] = {
+        "params": sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    }
 
     for name, autocast in (("forward_fp32", False), ("forward_bf16", True)):
         m = model.clone(autocast=autocast)
-        compiled, out[f"{name}_compile_s"] = compile_timed(jax.jit(lambda p, b, m=m: m.apply({"params": p}, b)), params, inputs)
+        compiled, out[f"{name}_compile_s"] = compile_timed(
+            jax.jit(lambda p, b, m=m: m.apply({"params": p}, b)), params, inputs
+        )
         out[f"{name}_s"] = time_calls(lambda c=compiled: c(params, inputs), args.repeats)[1]
         if name == "forward_fp32":
             out["forward_flops"] = flops(compiled)
@@ -104,26 +110,50 @@ def main() -> None:
     parser.add_argument("--levels", type=int, default=13)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--forecast-steps", type=int, default=40)
-    parser.add_argument("--torch-python", default=None, help="a Python with microsoft-aurora and CUDA PyTorch")
+    parser.add_argument(
+        "--torch-python", default=None, help="a Python with microsoft-aurora and CUDA PyTorch"
+    )
     args = parser.parse_args()
-    print(f"{jax.devices()[0].device_kind}, {args.h}x{args.w}, {args.levels} levels, batch 1", flush=True)
+    print(
+        f"{jax.devices()[0].device_kind}, {args.h}x{args.w}, {args.levels} levels, batch 1",
+        flush=True,
+    )
     for preset in args.presets.split(","):
         row = bench(preset, args)
-        line = (f"{preset}: params {row['params'] / 1e9:.3f} B | forward fp32 {row['forward_fp32_s']:.3f} s | "
-                f"forward bf16 {row['forward_bf16_s']:.3f} s | train step bf16+remat {row['train_s']:.3f} s | "
-                f"{args.forecast_steps}-step forecast {row['forecast_s']:.2f} s")  # fmt: skip
+        line = (
+            f"{preset}: params {row['params'] / 1e9:.3f} B | forward fp32 {row['forward_fp32_s']:.3f} s | "
+            f"forward bf16 {row['forward_bf16_s']:.3f} s | train step bf16+remat {row['train_s']:.3f} s | "
+            f"{args.forecast_steps}-step forecast {row['forecast_s']:.2f} s"
+        )
         if "train_mfu" in row:
             line += f" | MFU forward {row['forward_bf16_mfu']:.1%}, train {row['train_mfu']:.1%}"
         print(line, flush=True)
-        print(f"  compile: forward {row['forward_fp32_compile_s']:.0f} s, train {row['train_compile_s']:.0f} s; "
-              f"XLA forward FLOPs {row['forward_flops'] / 1e12:.1f} T", flush=True)  # fmt: skip
+        print(
+            f"  compile: forward {row['forward_fp32_compile_s']:.0f} s, train {row['train_compile_s']:.0f} s; "
+            f"XLA forward FLOPs {row['forward_flops'] / 1e12:.1f} T",
+            flush=True,
+        )
         if args.torch_python:
-            cmd = [os.path.abspath(args.torch_python), str(ROOT / "benchmarks" / "_torch_gpu_step.py"), preset, str(args.h), str(args.w),
-                   str(args.levels), str(args.repeats)]  # fmt: skip
-            ref = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd="/").stdout.splitlines()[-1])
-            print(f"  microsoft-aurora: forward fp32 {ref['forward_fp32_s']:.3f} s, bf16 {ref['forward_bf16_s']:.3f} s, "
-                  f"train {ref['train_s']:.3f} s, peak {ref.get('peak_gib', float('nan')):.1f} GiB; "
-                  f"JAX speed-up on the train step {ref['train_s'] / row['train_s']:.2f}x", flush=True)  # fmt: skip
+            cmd = [
+                os.path.abspath(args.torch_python),
+                str(ROOT / "benchmarks" / "_torch_gpu_step.py"),
+                preset,
+                str(args.h),
+                str(args.w),
+                str(args.levels),
+                str(args.repeats),
+            ]
+            ref = json.loads(
+                subprocess.run(
+                    cmd, check=True, capture_output=True, text=True, cwd="/"
+                ).stdout.splitlines()[-1]
+            )
+            print(
+                f"  microsoft-aurora: forward fp32 {ref['forward_fp32_s']:.3f} s, bf16 {ref['forward_bf16_s']:.3f} s, "
+                f"train {ref['train_s']:.3f} s, peak {ref.get('peak_gib', float('nan')):.1f} GiB; "
+                f"JAX speed-up on the train step {ref['train_s'] / row['train_s']:.2f}x",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

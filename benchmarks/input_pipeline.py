@@ -46,16 +46,22 @@ import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-import tensorflow_datasets as tfds  # noqa: E402
+import tensorflow_datasets as tfds
 
-from data_builders.builders import AURORA_LEVELS, Era5, global_grid  # noqa: E402
-from data_builders.pipeline import Pipeline, WeatherSource, open_source  # noqa: E402
+from data_builders.builders import AURORA_LEVELS, Era5, global_grid
+from data_builders.pipeline import Pipeline, WeatherSource, open_source
 
 SURF = ("2t", "10u", "10v", "msl")
 ATMOS = ("z", "u", "v", "t", "q")
 START = np.datetime64("2020-01-01T00", "s")
-_MEAN_AMP = {"2t": (278.0, 25.0), "10u": (0.0, 8.0), "10v": (0.0, 6.0), "msl": (101000.0, 1500.0),
-             "u": (10.0, 15.0), "v": (0.0, 8.0)}  # fmt: skip
+_MEAN_AMP = {
+    "2t": (278.0, 25.0),
+    "10u": (0.0, 8.0),
+    "10v": (0.0, 6.0),
+    "msl": (101000.0, 1500.0),
+    "u": (10.0, 15.0),
+    "v": (0.0, 8.0),
+}
 
 
 def level_mean_amp(var: str, p: float) -> tuple[float, float]:
@@ -71,8 +77,14 @@ def level_mean_amp(var: str, p: float) -> tuple[float, float]:
     return _MEAN_AMP[var]
 
 
-def smooth_field(mean: float, amp: float, phase: float, lat: np.ndarray, lon: np.ndarray,
-                 rng: np.random.Generator) -> np.ndarray:  # fmt: skip
+def smooth_field(
+    mean: float,
+    amp: float,
+    phase: float,
+    lat: np.ndarray,
+    lon: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """mean + amp * (zonal structure + travelling waves + 0.2 % noise), float32 (lat, lon)."""
     phi, lam = np.deg2rad(lat)[:, None], np.deg2rad(lon)[None, :]
     pattern = 0.6 * np.cos(2 * phi) + 0.3 * np.cos(phi) * np.sin(3 * lam + phase)
@@ -95,14 +107,39 @@ class SyntheticEra5(Era5, skip_registration=True):
             return None
         data: dict[str, Any] = {}
         for v in SURF:
-            data[v] = (("time", "latitude", "longitude"), np.stack([
-                smooth_field(*_MEAN_AMP[v], _phase(t, v), lat, lon, _rng(t, v)) for t in times]))
+            data[v] = (
+                ("time", "latitude", "longitude"),
+                np.stack(
+                    [smooth_field(*_MEAN_AMP[v], _phase(t, v), lat, lon, _rng(t, v)) for t in times]
+                ),
+            )
         for v in ATMOS:
-            data[v] = (("time", "level", "latitude", "longitude"), np.stack([np.stack([
-                smooth_field(*level_mean_amp(v, p), _phase(t, v) + p / 300, lat, lon, _rng(t, v, p))
-                for p in AURORA_LEVELS]) for t in times]))  # fmt: skip
-        coords = {"time": np.array(times, "datetime64[ns]"), "level": list(AURORA_LEVELS),
-                  "latitude": lat, "longitude": lon}  # fmt: skip
+            data[v] = (
+                ("time", "level", "latitude", "longitude"),
+                np.stack(
+                    [
+                        np.stack(
+                            [
+                                smooth_field(
+                                    *level_mean_amp(v, p),
+                                    _phase(t, v) + p / 300,
+                                    lat,
+                                    lon,
+                                    _rng(t, v, p),
+                                )
+                                for p in AURORA_LEVELS
+                            ]
+                        )
+                        for t in times
+                    ]
+                ),
+            )
+        coords = {
+            "time": np.array(times, "datetime64[ns]"),
+            "level": list(AURORA_LEVELS),
+            "latitude": lat,
+            "longitude": lon,
+        }
         return xr.Dataset(data, coords=coords)
 
     def _read_static(self) -> xr.Dataset:
@@ -112,8 +149,10 @@ class SyntheticEra5(Era5, skip_registration=True):
         z = np.maximum(smooth_field(2000.0, 5000.0, 2.0, lat, lon, rng), 0) * lsm
         slt = np.round(smooth_field(3.0, 4.0, 3.0, lat, lon, rng)).clip(0, 7) * lsm
         dims = ("latitude", "longitude")
-        return xr.Dataset({"lsm": (dims, lsm), "z_sfc": (dims, z), "slt": (dims, slt)},
-                          coords={"latitude": lat, "longitude": lon})  # fmt: skip
+        return xr.Dataset(
+            {"lsm": (dims, lsm), "z_sfc": (dims, z), "slt": (dims, slt)},
+            coords={"latitude": lat, "longitude": lon},
+        )
 
 
 def _all_times(n: int) -> list[np.datetime64]:
@@ -148,8 +187,13 @@ class CountingRecords:
 def build(workdir: Path, n_times: int) -> tuple[Any, float]:
     """Write the dataset with the real builder; returns (builder, seconds)."""
     end = str(_all_times(n_times)[-1])
-    builder = SyntheticEra5(data_dir=workdir, paths=["<synthetic>"], resolution=0.25,
-                            splits={"train": (str(START), end)}, chunk_hours=6)  # fmt: skip
+    builder = SyntheticEra5(
+        data_dir=workdir,
+        paths=["<synthetic>"],
+        resolution=0.25,
+        splits={"train": (str(START), end)},
+        chunk_hours=6,
+    )
     t = time.perf_counter()
     builder.download_and_prepare()
     return builder, time.perf_counter() - t
@@ -158,17 +202,30 @@ def build(workdir: Path, n_times: int) -> tuple[Any, float]:
 def measure(source: WeatherSource, args: argparse.Namespace, threads: int, step_s: float) -> dict:
     """Iterate one epoch; time per batch as seen by the consumer (which sleeps `step_s`)."""
     counting = CountingRecords(source.records)
-    src = WeatherSource(records=counting, lat=source.lat, lon=source.lon, levels=source.levels,
-                        times=source.times, static=source.static, name=source.name)  # fmt: skip
-    p = Pipeline(src, rollout_steps=args.rollout_steps, batch_size=args.batch_size, seed=0,
-                 num_threads=threads, prefetch_buffer_size=args.prefetch if threads else 0)  # fmt: skip
+    src = WeatherSource(
+        records=counting,
+        lat=source.lat,
+        lon=source.lon,
+        levels=source.levels,
+        times=source.times,
+        static=source.static,
+        name=source.name,
+    )
+    p = Pipeline(
+        src,
+        rollout_steps=args.rollout_steps,
+        batch_size=args.batch_size,
+        seed=0,
+        num_threads=threads,
+        prefetch_buffer_size=args.prefetch if threads else 0,
+    )
     it = iter(p)
     waits, n = [], 0
     start = time.perf_counter()
     while True:
         t = time.perf_counter()
         try:
-            inputs, targets = next(it)
+            _inputs, _targets = next(it)
         except StopIteration:
             break
         waits.append(time.perf_counter() - t)
@@ -176,11 +233,17 @@ def measure(source: WeatherSource, args: argparse.Namespace, threads: int, step_
         if step_s:
             time.sleep(step_s)  # the accelerator step this batch would feed
     total = time.perf_counter() - start
-    return {"batches": n, "total_s": total, "batches_per_s": n / total,
-            "mean_wait_s": float(np.mean(waits)), "first_wait_s": waits[0],
-            "steady_wait_s": float(np.mean(waits[1:])) if n > 1 else float("nan"),
-            "steady_s_per_batch": float(np.mean(waits[1:])) + step_s if n > 1 else float("nan"),
-            "records_per_batch": counting.count / n, "decoded_bytes_per_batch": counting.nbytes / n}  # fmt: skip
+    return {
+        "batches": n,
+        "total_s": total,
+        "batches_per_s": n / total,
+        "mean_wait_s": float(np.mean(waits)),
+        "first_wait_s": waits[0],
+        "steady_wait_s": float(np.mean(waits[1:])) if n > 1 else float("nan"),
+        "steady_s_per_batch": float(np.mean(waits[1:])) + step_s if n > 1 else float("nan"),
+        "records_per_batch": counting.count / n,
+        "decoded_bytes_per_batch": counting.nbytes / n,
+    }
 
 
 def main() -> None:
@@ -190,9 +253,13 @@ def main() -> None:
     ap.add_argument("--rollout-steps", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="prefetch threads")
     ap.add_argument("--prefetch", type=int, default=2, help="batches prefetched")
-    ap.add_argument("--step-s", type=float, default=None,
-                    help="simulated accelerator step in s (default: 1.1 x the measured time to "
-                         "load one batch without prefetch)")
+    ap.add_argument(
+        "--step-s",
+        type=float,
+        default=None,
+        help="simulated accelerator step in s (default: 1.1 x the measured time to "
+        "load one batch without prefetch)",
+    )
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     args = ap.parse_args()
     tfds.disable_progress_bar()
@@ -205,39 +272,55 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> None:
-    print("Input pipeline benchmark: SYNTHETIC smooth fields (realistic magnitudes, 0.2 % noise) "
-          "written by the real era5 builder path to array_record")  # fmt: skip
+    print(
+        "Input pipeline benchmark: SYNTHETIC smooth fields (realistic magnitudes, 0.2 % noise) "
+        "written by the real era5 builder path to array_record"
+    )
     builder, build_s = build(workdir, args.times)
     source = open_source(builder, "train")
     files = sorted(Path(builder.data_dir).glob("*.array_record-*"))
     disk = sum(f.stat().st_size for f in files)
     raw = (len(SURF) + len(ATMOS) * len(AURORA_LEVELS)) * 721 * 1440 * 4
-    print(f"grid 721x1440, {len(SURF)} surface + {len(ATMOS)}x{len(AURORA_LEVELS)} atmospheric "
-          f"fields; {args.times} times; record {raw / 1e6:.0f} MB float32, "
-          f"{disk / args.times / 1e6:.0f} MB on disk (array_record default compression, "
-          f"ratio {disk / (raw * args.times):.2f}); build {build_s:.1f} s "
-          f"({build_s / args.times:.1f} s per time step)")  # fmt: skip
-    print(f"batch size {args.batch_size}, history 2 + {args.rollout_steps} target(s); "
-          f"{2 + args.rollout_steps} records per window; machine: {_cpus()} CPU cores")
+    print(
+        f"grid 721x1440, {len(SURF)} surface + {len(ATMOS)}x{len(AURORA_LEVELS)} atmospheric "
+        f"fields; {args.times} times; record {raw / 1e6:.0f} MB float32, "
+        f"{disk / args.times / 1e6:.0f} MB on disk (array_record default compression, "
+        f"ratio {disk / (raw * args.times):.2f}); build {build_s:.1f} s "
+        f"({build_s / args.times:.1f} s per time step)"
+    )
+    print(
+        f"batch size {args.batch_size}, history 2 + {args.rollout_steps} target(s); "
+        f"{2 + args.rollout_steps} records per window; machine: {_cpus()} CPU cores"
+    )
     rows = []
-    runs = [("no prefetch", 0, 0.0), (f"prefetch {args.threads} thr", args.threads, 0.0),
-            ("no prefetch", 0, None), ("prefetch 1 thr", 1, None),
-            (f"prefetch {args.threads} thr", args.threads, None)]  # fmt: skip
-    print(f"  {'':<16} {'step s':>6} {'batches':>7} {'batches/s':>9} {'s/batch':>7} "
-          f"{'steady s/batch':>14} {'wait first':>10} {'wait later':>10}")
+    runs = [
+        ("no prefetch", 0, 0.0),
+        (f"prefetch {args.threads} thr", args.threads, 0.0),
+        ("no prefetch", 0, None),
+        ("prefetch 1 thr", 1, None),
+        (f"prefetch {args.threads} thr", args.threads, None),
+    ]
+    print(
+        f"  {'':<16} {'step s':>6} {'batches':>7} {'batches/s':>9} {'s/batch':>7} "
+        f"{'steady s/batch':>14} {'wait first':>10} {'wait later':>10}"
+    )
     for label, threads, step in runs:
         if step is None:
             step = args.step_s if args.step_s is not None else 1.1 / rows[0][2]["batches_per_s"]
         r = measure(source, args, threads, step)
         rows.append((label, step, r))
-        print(f"  {label:<16} {step:6.2f} {r['batches']:7d} {r['batches_per_s']:9.3f} "
-              f"{1 / r['batches_per_s']:7.2f} {r['steady_s_per_batch']:14.2f} "
-              f"{r['first_wait_s']:10.2f} {r['steady_wait_s']:10.2f}")  # fmt: skip
+        print(
+            f"  {label:<16} {step:6.2f} {r['batches']:7d} {r['batches_per_s']:9.3f} "
+            f"{1 / r['batches_per_s']:7.2f} {r['steady_s_per_batch']:14.2f} "
+            f"{r['first_wait_s']:10.2f} {r['steady_wait_s']:10.2f}"
+        )
     r = rows[0][2]
     per_record_disk = disk / args.times
-    print(f"bytes read per batch: {r['records_per_batch']:.2f} records, "
-          f"{r['decoded_bytes_per_batch'] / 1e6:.0f} MB decoded float32, "
-          f"{r['records_per_batch'] * per_record_disk / 1e6:.0f} MB from disk")
+    print(
+        f"bytes read per batch: {r['records_per_batch']:.2f} records, "
+        f"{r['decoded_bytes_per_batch'] / 1e6:.0f} MB decoded float32, "
+        f"{r['records_per_batch'] * per_record_disk / 1e6:.0f} MB from disk"
+    )
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
 
 

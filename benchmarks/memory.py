@@ -31,7 +31,10 @@ from pathlib import Path
 # The CPU backend's default scheduler orders for concurrency and keeps recomputed activations alive
 # far longer than needed (remat then saved nothing); its memory-optimised scheduler is the one
 # comparable with an accelerator's memory-bounded schedule. No effect on GPU.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
+).strip()
 
 import jax
 import jax.numpy as jnp
@@ -46,20 +49,28 @@ from aurora.batch import Batch, Metadata  # noqa: E402
 from trainers.strategies.rollout import RolloutStrategy  # noqa: E402
 
 AURORA_LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
-OPTIM = ml_collections.ConfigDict({"learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0})
+OPTIM = ml_collections.ConfigDict(
+    {"learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0}
+)
 GiB = 2**30
 
 
-def abstract_batch(model: aurora.Aurora, h: int, w: int, levels: tuple[int, ...], history: int, lead: int = 0) -> Batch:
-    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+def abstract_batch(
+    model: aurora.Aurora, h: int, w: int, levels: tuple[int, ...], history: int, lead: int = 0
+) -> Batch:
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     lead_axis = (lead,) if lead else ()
     return Batch(
         surf_vars={v: f32(*lead_axis, 1, history, h, w) for v in model.surf_vars},
         static_vars={v: f32(*lead_axis, h, w) for v in model.static_vars},
         atmos_vars={v: f32(*lead_axis, 1, history, len(levels), h, w) for v in model.atmos_vars},
-        metadata=Metadata(lat=tuple(np.linspace(90, -90, h).tolist()), lon=tuple(np.linspace(0, 360, w, endpoint=False).tolist()),
-                          time=jax.ShapeDtypeStruct((*lead_axis, 1), jnp.int32), atmos_levels=levels,
-                          rollout_step=jax.ShapeDtypeStruct(lead_axis, jnp.int32)),  # fmt: skip
+        metadata=Metadata(
+            lat=tuple(np.linspace(90, -90, h).tolist()),
+            lon=tuple(np.linspace(0, 360, w, endpoint=False).tolist()),
+            time=jax.ShapeDtypeStruct((*lead_axis, 1), jnp.int32),
+            atmos_levels=levels,
+            rollout_step=jax.ShapeDtypeStruct(lead_axis, jnp.int32),
+        ),
     )
 
 
@@ -68,7 +79,9 @@ def plan(preset: str, h: int, w: int, levels: tuple[int, ...], setting: str) -> 
     if parts[0] not in ("fp32", "bf16") or not set(parts[1:]) <= {"remat", "stages"}:
         raise ValueError(f"Unknown setting {setting!r}: fp32 or bf16, then +remat and +stages.")
     autocast, remat, stages = parts[0] == "bf16", "remat" in parts, "stages" in parts
-    model = aurora.PRESETS[preset](use_lora=False, autocast=autocast, remat=remat or stages, remat_stages=stages)
+    model = aurora.PRESETS[preset](
+        use_lora=False, autocast=autocast, remat=remat or stages, remat_stages=stages
+    )
     strategy = RolloutStrategy(model, steps=1)
     tx, _ = strategy.make_optimizer(OPTIM, None)
     inputs = abstract_batch(model, h, w, levels, history=2)
@@ -78,10 +91,20 @@ def plan(preset: str, h: int, w: int, levels: tuple[int, ...], setting: str) -> 
     step = jax.jit(strategy.train_step, donate_argnums=(0,))
     compiled = step.lower(state, (inputs, targets), strategy.default_controls()).compile()
     memory = compiled.memory_analysis()
-    peak = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+    peak = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
     params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
-    return {"params": params, "arguments_gib": memory.argument_size_in_bytes / GiB, "temp_gib": memory.temp_size_in_bytes / GiB,
-            "peak_gib": peak / GiB, "compile_s": time.perf_counter() - start}  # fmt: skip
+    return {
+        "params": params,
+        "arguments_gib": memory.argument_size_in_bytes / GiB,
+        "temp_gib": memory.temp_size_in_bytes / GiB,
+        "peak_gib": peak / GiB,
+        "compile_s": time.perf_counter() - start,
+    }
 
 
 def _zeros(batch: Batch) -> Batch:
@@ -91,18 +114,24 @@ def _zeros(batch: Batch) -> Batch:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="Aurora")
-    parser.add_argument("--h", type=int, default=720, help="latitudes after the model's crop (721 -> 720)")
+    parser.add_argument(
+        "--h", type=int, default=720, help="latitudes after the model's crop (721 -> 720)"
+    )
     parser.add_argument("--w", type=int, default=1440)
     parser.add_argument("--levels", type=int, default=13, help="the first N of Aurora's 13 levels")
     parser.add_argument("--settings", default="fp32,bf16,bf16+remat,bf16+remat+stages")
     args = parser.parse_args()
     levels = AURORA_LEVELS[: args.levels]
-    print(f"{args.preset}, {args.h}x{args.w}, {len(levels)} levels, batch 1, one device: {jax.devices()[0].device_kind}")
+    print(
+        f"{args.preset}, {args.h}x{args.w}, {len(levels)} levels, batch 1, one device: {jax.devices()[0].device_kind}"
+    )
     for setting in args.settings.split(","):
         row = plan(args.preset, args.h, args.w, levels, setting)
-        print(f"{setting:<18} params {row['params'] / 1e9:.3f} B  arguments {row['arguments_gib']:6.2f} GiB  "
-              f"temp {row['temp_gib']:6.2f} GiB  peak {row['peak_gib']:6.2f} GiB  (compile {row['compile_s']:.0f} s)",
-              flush=True)  # fmt: skip
+        print(
+            f"{setting:<18} params {row['params'] / 1e9:.3f} B  arguments {row['arguments_gib']:6.2f} GiB  "
+            f"temp {row['temp_gib']:6.2f} GiB  peak {row['peak_gib']:6.2f} GiB  (compile {row['compile_s']:.0f} s)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

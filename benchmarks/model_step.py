@@ -6,7 +6,7 @@ Both sides build AuroraSmallPretrained with random weights on the same grid and 
 sample, 2 history steps), run one warm-up, then report the median of `--repeats` timed calls. JAX
 is jitted (compilation happens in the warm-up and is reported separately); the backward pass is
 `jax.grad` of the same scalar loss as PyTorch's `.backward()` (sum of the mean of every output).
-The PyTorch side runs in `.venv-ref` (see tests/reference/venv.py).
+The PyTorch side runs in the reference virtualenv (see tests/reference/venv.py).
 
 The JAX side goes through the Trainer's sharding code (`--mesh`, default one device). The `floor`
 column divides XLA's FLOP count of the step by the float32 rate of one large matmul on the device:
@@ -40,9 +40,15 @@ from trainers.sharding import example_shardings, make_mesh, put_state, state_sha
 def make_batch(h: int, w: int, levels: tuple[int, ...]) -> aurora.Batch:
     rng = np.random.default_rng(0)
     return aurora.Batch(
-        surf_vars={k: rng.standard_normal((1, 2, h, w), dtype=np.float32) for k in ("2t", "10u", "10v", "msl")},
+        surf_vars={
+            k: rng.standard_normal((1, 2, h, w), dtype=np.float32)
+            for k in ("2t", "10u", "10v", "msl")
+        },
         static_vars={k: rng.standard_normal((h, w), dtype=np.float32) for k in ("lsm", "z", "slt")},
-        atmos_vars={k: rng.standard_normal((1, 2, len(levels), h, w), dtype=np.float32) for k in ("z", "u", "v", "t", "q")},
+        atmos_vars={
+            k: rng.standard_normal((1, 2, len(levels), h, w), dtype=np.float32)
+            for k in ("z", "u", "v", "t", "q")
+        },
         metadata=aurora.Metadata(
             lat=np.linspace(90, -90, h + 1)[:-1],
             lon=np.linspace(0, 360, w, endpoint=False),
@@ -65,7 +71,9 @@ def time_calls(fn, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def run_jax(h: int, w: int, levels: tuple[int, ...], repeats: int, mesh_shape: tuple[int, int]) -> dict[str, float]:
+def run_jax(
+    h: int, w: int, levels: tuple[int, ...], repeats: int, mesh_shape: tuple[int, int]
+) -> dict[str, float]:
     """Times the model through the Trainer's sharding path: parameters placed with
     `state_shardings`, the batch with `example_shardings`, both jitted with in/out shardings."""
     model = aurora.AuroraSmallPretrained()
@@ -116,7 +124,14 @@ def matmul_peak(n: int = 4096, repeats: int = 3) -> float:
 
 def run_torch(h: int, w: int, levels: tuple[int, ...], repeats: int) -> dict[str, float]:
     out = subprocess.run(
-        [str(reference_python()), str(ROOT / "benchmarks" / "_torch_model_step.py"), str(h), str(w), ",".join(map(str, levels)), str(repeats)],
+        [
+            str(reference_python()),
+            str(ROOT / "benchmarks" / "_torch_model_step.py"),
+            str(h),
+            str(w),
+            ",".join(map(str, levels)),
+            str(repeats),
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -136,20 +151,30 @@ def main() -> None:
     levels = tuple(int(x) for x in args.levels.split(","))
     mesh_shape = tuple(int(x) for x in args.mesh.split(","))
 
-    print(f"AuroraSmallPretrained, batch 1, history 2, grid {args.h}x{args.w}, {len(levels)} levels, "
-          f"{jax.devices()[0].platform} ({jax.device_count()} device(s), mesh data,fsdp={args.mesh}), float32")
+    print(
+        f"AuroraSmallPretrained, batch 1, history 2, grid {args.h}x{args.w}, {len(levels)} levels, "
+        f"{jax.devices()[0].platform} ({jax.device_count()} device(s), mesh data,fsdp={args.mesh}), float32"
+    )
     torch_t = run_torch(args.h, args.w, levels, args.repeats)
     jax_t = run_jax(args.h, args.w, levels, args.repeats, mesh_shape)  # type: ignore[arg-type]
     peak = matmul_peak()
-    print(f"{'':18} {'microsoft-aurora':>17} {'JAX':>9} {'JAX/PyTorch':>12} {'GFLOP':>7} {'floor':>7} {'floor/PyTorch':>14}")
+    print(
+        f"{'':18} {'microsoft-aurora':>17} {'JAX':>9} {'JAX/PyTorch':>12} {'GFLOP':>7} {'floor':>7} {'floor/PyTorch':>14}"
+    )
     for name in ("forward", "forward_backward"):
         floor = jax_t[f"{name}_flops"] / peak
-        print(f"{name:18} {torch_t[name]:>16.2f}s {jax_t[name]:>8.2f}s {jax_t[name] / torch_t[name]:>12.2f} "
-              f"{jax_t[f'{name}_flops'] / 1e9:>7.0f} {floor:>6.2f}s {floor / torch_t[name]:>14.2f}")  # fmt: skip
-    print(f"floor = XLA's FLOP count / the float32 matmul peak of this device ({peak / 1e9:.0f} GFLOP/s, 4096^2): "
-          "the time a float32 implementation cannot beat on it.")
-    print(f"JAX compilation (one-off): forward {jax_t['forward_compile']:.1f}s, "
-          f"forward+backward {jax_t['forward_backward_compile']:.1f}s; PyTorch threads: {torch_t['threads']}")
+        print(
+            f"{name:18} {torch_t[name]:>16.2f}s {jax_t[name]:>8.2f}s {jax_t[name] / torch_t[name]:>12.2f} "
+            f"{jax_t[f'{name}_flops'] / 1e9:>7.0f} {floor:>6.2f}s {floor / torch_t[name]:>14.2f}"
+        )
+    print(
+        f"floor = XLA's FLOP count / the float32 matmul peak of this device ({peak / 1e9:.0f} GFLOP/s, 4096^2): "
+        "the time a float32 implementation cannot beat on it."
+    )
+    print(
+        f"JAX compilation (one-off): forward {jax_t['forward_compile']:.1f}s, "
+        f"forward+backward {jax_t['forward_backward_compile']:.1f}s; PyTorch threads: {torch_t['threads']}"
+    )
 
 
 if __name__ == "__main__":

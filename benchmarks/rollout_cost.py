@@ -41,30 +41,45 @@ sys.path.insert(0, str(ROOT))
 
 import aurora  # noqa: E402
 from aurora.batch import Batch  # noqa: E402
+from tests.helpers import random_batch  # noqa: E402
 from trainers.strategies.base import stack_targets  # noqa: E402
 from trainers.strategies.replay import ReplayStrategy  # noqa: E402
 from trainers.strategies.rollout import RolloutStrategy  # noqa: E402
 from trainers.trainer import _to_device_batch  # noqa: E402
-from tests.helpers import random_batch  # noqa: E402
 
-OPTIM = ml_collections.ConfigDict({"learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0})
+OPTIM = ml_collections.ConfigDict(
+    {"learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0}
+)
 MB = 2**20
 NAMES = ("all", "all/no-remat", "pushforward", "replay")
 
 
-def state_batch(model: aurora.Aurora, args: argparse.Namespace, history: int, seed: int, minutes: int, step: int) -> Batch:
+def state_batch(
+    model: aurora.Aurora, args: argparse.Namespace, history: int, seed: int, minutes: int, step: int
+) -> Batch:
     """Random fields with Aurora's statistics (`tests.helpers.random_batch`) at a given time and
     rollout step (`step < 0`: a scalar 0, as the data pipeline gives)."""
-    batch = random_batch(model, batch=1, history=history, h=args.h, w=args.w, levels=args.levels, seed=seed)
-    return batch.replace(metadata=batch.metadata.replace(
-        time=np.array([minutes], np.int32), rollout_step=np.array([step], np.int32) if step >= 0 else 0))  # fmt: skip
+    batch = random_batch(
+        model, batch=1, history=history, h=args.h, w=args.w, levels=args.levels, seed=seed
+    )
+    return batch.replace(
+        metadata=batch.metadata.replace(
+            time=np.array([minutes], np.int32),
+            rollout_step=np.array([step], np.int32) if step >= 0 else 0,
+        )
+    )
 
 
-def example(model: aurora.Aurora, args: argparse.Namespace, k: int, rollout_step: int = -1) -> tuple[Batch, Batch]:
+def example(
+    model: aurora.Aurora, args: argparse.Namespace, k: int, rollout_step: int = -1
+) -> tuple[Batch, Batch]:
     """(inputs, stacked targets) on the device, as the Trainer passes them."""
     now = 26_000_000
     inputs = state_batch(model, args, 2, 0, now, rollout_step)
-    targets = [state_batch(model, args, 1, i + 1, now + 360 * (i + 1), max(rollout_step, 0) + i + 1) for i in range(k)]
+    targets = [
+        state_batch(model, args, 1, i + 1, now + 360 * (i + 1), max(rollout_step, 0) + i + 1)
+        for i in range(k)
+    ]
     if rollout_step < 0:
         return _to_device_batch((inputs, targets))
     return inputs, stack_targets(targets)
@@ -87,14 +102,22 @@ def measure(strategy, batch, repeats: int, rng: jax.Array) -> dict[str, float]:
         if i:  # the first call is a warm-up
             times.append(time.perf_counter() - start)
     peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-    return {"seconds": statistics.median(times), "compile_s": compile_s,
-            "temp_mb": memory.temp_size_in_bytes / MB, "peak_mb": peak / MB}  # fmt: skip
+    return {
+        "seconds": statistics.median(times),
+        "compile_s": compile_s,
+        "temp_mb": memory.temp_size_in_bytes / MB,
+        "peak_mb": peak / MB,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="AuroraSmall")
-    parser.add_argument("--depths", default="1,1,1", help="Swin blocks per stage (AuroraSmall: 2,6,2); fewer keeps compiling quick")
+    parser.add_argument(
+        "--depths",
+        default="1,1,1",
+        help="Swin blocks per stage (AuroraSmall: 2,6,2); fewer keeps compiling quick",
+    )
     parser.add_argument("--h", type=int, default=32)
     parser.add_argument("--w", type=int, default=64)
     parser.add_argument("--levels", default="100,250,500,850")
@@ -105,29 +128,51 @@ def main() -> None:
     args.levels = tuple(int(x) for x in args.levels.split(","))
     ks = [int(k) for k in args.ks.split(",")]
     depths = tuple(int(x) for x in args.depths.split(","))
-    model = aurora.PRESETS[args.preset](use_lora=False, encoder_depths=depths, decoder_depths=depths[::-1])
+    model = aurora.PRESETS[args.preset](
+        use_lora=False, encoder_depths=depths, decoder_depths=depths[::-1]
+    )
     rng = jax.random.PRNGKey(0)
-    print(f"{args.preset} with Swin depths {depths}, {args.h}x{args.w}, {len(args.levels)} levels, batch 1, "
-          f"{jax.devices()[0].device_kind}")  # fmt: skip
+    print(
+        f"{args.preset} with Swin depths {depths}, {args.h}x{args.w}, {len(args.levels)} levels, batch 1, "
+        f"{jax.devices()[0].device_kind}"
+    )
 
     rows = []
     for k in ks:
         for name in NAMES:
             if name == "replay":
-                strategy, batch = ReplayStrategy(model, max_lead_hours=((0, 6 * max(ks)),)), example(model, args, 1, rollout_step=k - 1)
+                strategy, batch = (
+                    ReplayStrategy(model, max_lead_hours=((0, 6 * max(ks)),)),
+                    example(model, args, 1, rollout_step=k - 1),
+                )
             else:
                 backprop, remat = name.split("/")[0], not name.endswith("no-remat")
-                strategy = RolloutStrategy(model, steps=k, backprop=backprop, average_loss=False, remat=remat)
+                strategy = RolloutStrategy(
+                    model, steps=k, backprop=backprop, average_loss=False, remat=remat
+                )
                 batch = example(model, args, k)
             row = {"K": k, "strategy": name, **measure(strategy, batch, args.repeats, rng)}
             rows.append(row)
-            print(f"K={k:<2} {name:<12} {row['seconds']:7.2f} s/update  peak {row['peak_mb']:8.1f} MB  "
-                  f"(temp {row['temp_mb']:8.1f} MB, compile {row['compile_s']:.1f} s)", flush=True)  # fmt: skip
+            print(
+                f"K={k:<2} {name:<12} {row['seconds']:7.2f} s/update  peak {row['peak_mb']:8.1f} MB  "
+                f"(temp {row['temp_mb']:8.1f} MB, compile {row['compile_s']:.1f} s)",
+                flush=True,
+            )
 
-    print("\n| K | " + " | ".join(f"{n}: s / peak MB" for n in NAMES) + " |\n" + "|---" * (len(NAMES) + 1) + "|")
+    print(
+        "\n| K | "
+        + " | ".join(f"{n}: s / peak MB" for n in NAMES)
+        + " |\n"
+        + "|---" * (len(NAMES) + 1)
+        + "|"
+    )
     for k in ks:
-        cells = [f"{r['seconds']:.2f} / {r['peak_mb']:.0f}" for name in NAMES
-                 for r in rows if r["K"] == k and r["strategy"] == name]  # fmt: skip
+        cells = [
+            f"{r['seconds']:.2f} / {r['peak_mb']:.0f}"
+            for name in NAMES
+            for r in rows
+            if r["K"] == k and r["strategy"] == name
+        ]
         print(f"| {k} | " + " | ".join(cells) + " |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -10,11 +10,11 @@ from callbacks.timer import Timer
 
 __all__ = [
     "Callback",
-    "ModelCheckpoint",
-    "OnExceptionCheckpoint",
     "EarlyStopping",
     "GradStop",
     "LearningRateMonitor",
+    "ModelCheckpoint",
+    "OnExceptionCheckpoint",
     "ProgressBar",
     "Timer",
 ]

@@ -60,9 +60,21 @@ def _config_json(config: Any) -> Any:
 
 
 SIGNATURE_FIELDS = (
-    "surf_vars", "static_vars", "atmos_vars", "patch_size", "embed_dim", "num_heads", "encoder_depths",
-    "decoder_depths", "latent_levels", "max_history_size", "use_lora", "lora_mode", "lora_steps", "lora_r",
-)  # fmt: skip
+    "surf_vars",
+    "static_vars",
+    "atmos_vars",
+    "patch_size",
+    "embed_dim",
+    "num_heads",
+    "encoder_depths",
+    "decoder_depths",
+    "latent_levels",
+    "max_history_size",
+    "use_lora",
+    "lora_mode",
+    "lora_steps",
+    "lora_r",
+)
 """Model fields that the signature records readably (besides the class and the parameter tree)."""
 
 
@@ -78,7 +90,9 @@ def model_signature(model: Any, params: Any = None) -> dict[str, Any]:
         signature["timestep_hours"] = model.timestep.total_seconds() / 3600
     if params is not None:
         leaves = jax.tree_util.tree_leaves_with_path(params)
-        shapes = sorted(f"{jax.tree_util.keystr(path)}{tuple(getattr(x, 'shape', ()))}" for path, x in leaves)
+        shapes = sorted(
+            f"{jax.tree_util.keystr(path)}{tuple(getattr(x, 'shape', ()))}" for path, x in leaves
+        )
         signature["params"] = {
             "arrays": len(leaves),
             "values": int(sum(int(getattr(x, "size", 1)) for _, x in leaves)),
@@ -147,7 +161,9 @@ def _rewind(path: Path, step: int, step_of: Any, header: int) -> int:
     if dropped:
         with open(path.with_name(path.name + ".dropped"), "a", newline="", encoding="utf-8") as f:
             f.writelines(line if line.endswith("\n") else line + "\n" for line in dropped)
-        with open(path, "r+", newline="", encoding="utf-8") as f:  # in place: appenders keep appending
+        with open(
+            path, "r+", newline="", encoding="utf-8"
+        ) as f:  # in place: appenders keep appending
             f.write("".join(kept))
             f.truncate()
     return len(dropped)
@@ -168,8 +184,18 @@ def rewind_metric_files(writers: Any, step: int) -> None:
         writer.flush()
         dropped = _rewind(Path(writer.path), step, *kind)
         if dropped:
-            where = f"after step {step} (the run resumes there)" if step >= 0 else "before (no checkpoint: the run starts over)"
-            log.warning("Moved %d rows logged %s from %s to %s.dropped.", dropped, where, writer.path, writer.path)
+            where = (
+                f"after step {step} (the run resumes there)"
+                if step >= 0
+                else "before (no checkpoint: the run starts over)"
+            )
+            log.warning(
+                "Moved %d rows logged %s from %s to %s.dropped.",
+                dropped,
+                where,
+                writer.path,
+                writer.path,
+            )
 
 
 class _ModelMismatch(Exception):
@@ -212,7 +238,9 @@ class ModelCheckpoint(Callback):
 
     # --- manager ------------------------------------------------------------------------------------
     def _manager(self, directory: Path, **options: Any) -> ocp.CheckpointManager:
-        options = ocp.CheckpointManagerOptions(enable_async_checkpointing=self.async_checkpointing, create=True, **options)
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=self.async_checkpointing, create=True, **options
+        )
         return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
     def _open(self, trainer: Trainer) -> ocp.CheckpointManager:
@@ -294,7 +322,7 @@ class ModelCheckpoint(Callback):
         for writer in trainer.writers:
             try:
                 writer.flush()
-            except Exception as e:  # noqa: BLE001 - a writer's failure must not lose the checkpoint
+            except Exception as e:
                 log.warning("Could not flush %r: %s", writer, e)
 
     def on_train_batch_start(self, trainer: Trainer, batch: Any, batch_idx: int) -> None:
@@ -302,7 +330,9 @@ class ModelCheckpoint(Callback):
             self._flush(trainer)
             self._flush_writers = False
 
-    def on_train_batch_end(self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step % self.every_n_steps == 0:
             self.save(trainer, force=True)
 
@@ -311,14 +341,20 @@ class ModelCheckpoint(Callback):
         self.wait_until_finished()
 
     # --- restoring ----------------------------------------------------------------------------------
-    def _restore_step(self, trainer: Trainer, manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    def _restore_step(
+        self, trainer: Trainer, manager: ocp.CheckpointManager, step: int
+    ) -> dict[str, Any]:
         """Read one step; raises on a damaged checkpoint and ValueError on a different model."""
         path = self.directory / str(step)
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if not isinstance(meta, dict) or "global_step" not in meta or "data" not in meta:
-            raise ValueError(f"meta is incomplete (keys {sorted(meta) if isinstance(meta, dict) else type(meta).__name__})")
+            raise ValueError(
+                f"meta is incomplete (keys {sorted(meta) if isinstance(meta, dict) else type(meta).__name__})"
+            )
         if meta.get("model"):
-            differences = signature_differences(meta["model"], model_signature(trainer.strategy.model, trainer.state.params))
+            differences = signature_differences(
+                meta["model"], model_signature(trainer.strategy.model, trainer.state.params)
+            )
             if differences:
                 raise _ModelMismatch(
                     f"The checkpoint {path} holds a different model than this run's ({'; '.join(differences)}; "
@@ -330,7 +366,11 @@ class ModelCheckpoint(Callback):
         if (path / "strategy").exists():
             items["strategy"] = ocp.args.PyTreeRestore()  # numpy arrays, as saved
         restored = manager.restore(step, args=ocp.args.Composite(**items))
-        return {"meta": meta, "state": restored["state"], "strategy": restored["strategy"] if "strategy" in items else {}}
+        return {
+            "meta": meta,
+            "state": restored["state"],
+            "strategy": restored["strategy"] if "strategy" in items else {},
+        }
 
     def _set_aside(self, manager: ocp.CheckpointManager, steps: list[int]) -> None:
         """Move damaged steps newer than the restored one to `<directory>/damaged/` (kept for
@@ -363,7 +403,11 @@ class ModelCheckpoint(Callback):
         steps = sorted(manager.all_steps(), reverse=True)
         incomplete = sorted(p.name for p in self.directory.glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*"))
         if incomplete:
-            log.warning("Ignoring incomplete checkpoint writes in %s: %s", self.directory, ", ".join(incomplete))
+            log.warning(
+                "Ignoring incomplete checkpoint writes in %s: %s",
+                self.directory,
+                ", ".join(incomplete),
+            )
         if not steps:
             if self._stage == "fit" and trainer.is_global_zero:
                 rewind_metric_files(trainer.writers, -1)  # a run killed before its first checkpoint
@@ -375,11 +419,15 @@ class ModelCheckpoint(Callback):
                 break
             except _ModelMismatch as e:
                 raise ValueError(str(e)) from None
-            except Exception as e:  # noqa: BLE001 - any failure to read means a damaged checkpoint
+            except Exception as e:
                 reason = f"{type(e).__name__}: {e}".strip()
                 reason = reason if len(reason) < 500 else reason[:500] + " ..."
                 failures.append(f"{self.directory / str(step)}: {reason}")
-                log.warning("Cannot restore the checkpoint %s (%s); trying the previous one.", self.directory / str(step), reason)
+                log.warning(
+                    "Cannot restore the checkpoint %s (%s); trying the previous one.",
+                    self.directory / str(step),
+                    reason,
+                )
         else:
             raise RuntimeError(
                 f"No checkpoint in {self.directory} could be restored (steps {steps}); nothing was deleted. "

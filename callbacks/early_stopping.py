@@ -142,9 +142,14 @@ class EarlyStopping(Callback):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("monitor", self.monitor) != self.monitor or state.get("mode", self.mode) != self.mode:
+        if (
+            state.get("monitor", self.monitor) != self.monitor
+            or state.get("mode", self.mode) != self.mode
+        ):
             log.warning(
-                "EarlyStopping: checkpoint state is for %s/%s; starting afresh", state.get("monitor"), state.get("mode")
+                "EarlyStopping: checkpoint state is for %s/%s; starting afresh",
+                state.get("monitor"),
+                state.get("mode"),
             )
             return
         best = state.get("best_score")

@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 def _nonfinite_inputs(example: Any) -> list[str]:
     inputs, targets = example
     names = []
-    for role, batch in [("input", inputs), *((f"target {i + 1}", t) for i, t in enumerate(targets))]:
+    for role, batch in [
+        ("input", inputs),
+        *((f"target {i + 1}", t) for i, t in enumerate(targets)),
+    ]:
         for group in ("surf_vars", "static_vars", "atmos_vars"):
             for name, value in getattr(batch, group).items():
                 if not np.all(np.isfinite(np.asarray(value))):
@@ -49,7 +52,12 @@ class GradStop(Callback):
         max_skipped: with `"skip"`, stop anyway after this many skipped updates.
     """
 
-    def __init__(self, schedule: Sequence[tuple[int, int]] = (), on_nonfinite: str = "skip", max_skipped: int | None = None):
+    def __init__(
+        self,
+        schedule: Sequence[tuple[int, int]] = (),
+        on_nonfinite: str = "skip",
+        max_skipped: int | None = None,
+    ):
         if on_nonfinite not in ("skip", "stop"):
             raise ValueError("on_nonfinite must be 'skip' or 'stop'.")
         self.schedule = sorted((int(s), int(w)) for s, w in schedule)
@@ -77,19 +85,25 @@ class GradStop(Callback):
 
             trainer.controls["grad_window"] = jnp.int32(window)
 
-    def on_train_batch_end(self, trainer: Trainer, outputs: dict[str, Any], batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, outputs: dict[str, Any], batch: Any, batch_idx: int
+    ) -> None:
         if float(outputs["grads_finite"]) == 1.0:
             return
         inputs = batch[0]
         times = ", ".join(str(t) for t in inputs.metadata.datetimes())
-        culprits = _nonfinite_inputs(batch) or ["no input field (the loss or the model produced it)"]
+        culprits = _nonfinite_inputs(batch) or [
+            "no input field (the loss or the model produced it)"
+        ]
         message = (
             f"Non-finite gradient at step {trainer.global_step} (batch time {times}); "
             f"NaN/Inf in: {', '.join(culprits)}. The update was skipped."
         )
         self.skipped += 1
         self.events.append({"step": trainer.global_step, "times": times, "culprits": culprits})
-        if self.on_nonfinite == "stop" or (self.max_skipped is not None and self.skipped > self.max_skipped):
+        if self.on_nonfinite == "stop" or (
+            self.max_skipped is not None and self.skipped > self.max_skipped
+        ):
             log.error("%s Stopping training.", message)
             trainer.should_stop = True
         else:

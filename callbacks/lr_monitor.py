@@ -45,11 +45,13 @@ class LearningRateMonitor(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, batch: Any, batch_idx: int) -> None:
         upcoming = trainer.global_step + 1
-        if upcoming % self._interval(trainer) == 0:
-            if self._pending is None or self._pending[0] != upcoming:
-                self._pending = (upcoming, float(trainer.learning_rate()))
+        due = upcoming % self._interval(trainer) == 0
+        if due and (self._pending is None or self._pending[0] != upcoming):
+            self._pending = (upcoming, float(trainer.learning_rate()))
 
-    def on_train_batch_end(self, trainer: Trainer, outputs: Outputs, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, outputs: Outputs, batch: Any, batch_idx: int
+    ) -> None:
         if self._pending is not None and self._pending[0] == trainer.global_step:
             step, lr = self._pending
             self._pending = None

@@ -53,7 +53,9 @@ class Preemption(Callback):
         self.signals = tuple(signals)
         for name in self.signals:
             if name not in signal.Signals.__members__:
-                raise ValueError(f"Unknown signal {name!r}; use names such as 'SIGTERM' or 'SIGINT'.")
+                raise ValueError(
+                    f"Unknown signal {name!r}; use names such as 'SIGTERM' or 'SIGINT'."
+                )
         if sync_every_n_steps < 1:
             raise ValueError("sync_every_n_steps must be at least 1.")
         self.sync_every_n_steps = sync_every_n_steps
@@ -82,7 +84,9 @@ class Preemption(Callback):
         self.received = None
         self.stopped_at = None
         if threading.current_thread() is not threading.main_thread():
-            log.warning("Preemption: fit runs outside the main thread; signals cannot be handled here.")
+            log.warning(
+                "Preemption: fit runs outside the main thread; signals cannot be handled here."
+            )
             return
         for name in self.signals:
             signum = getattr(signal, name)
@@ -107,19 +111,27 @@ class Preemption(Callback):
         flags = multihost_utils.process_allgather(np.int32(self.received is not None))
         return bool(np.any(flags))
 
-    def on_train_batch_end(self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.stopped_at is not None or not self._agreed(trainer):
             return
         reason = self.received or "a signal to another process"
         checkpoint = trainer.checkpoint_callback
         if checkpoint is None or trainer.fast_dev_run:
-            log.warning("Received %s: stopping at step %d without a checkpoint (no ModelCheckpoint callback).", reason, trainer.global_step)
+            log.warning(
+                "Received %s: stopping at step %d without a checkpoint (no ModelCheckpoint callback).",
+                reason,
+                trainer.global_step,
+            )
         else:
             checkpoint.save(trainer, force=True)  # nothing new if this step was just saved
             checkpoint.wait_until_finished()
             log.warning(
                 "Received %s: saved a checkpoint of step %d in %s; stopping. Run the same command to resume.",
-                reason, trainer.global_step, checkpoint.directory,
-            )  # fmt: skip
+                reason,
+                trainer.global_step,
+                checkpoint.directory,
+            )
         self.stopped_at = trainer.global_step
         trainer.should_stop = True

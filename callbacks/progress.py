@@ -109,7 +109,9 @@ class ProgressBar(Callback):
     # --- formatting -------------------------------------------------------------------------------
     @staticmethod
     def _total(trainer: Trainer) -> int | None:
-        total = getattr(trainer, "estimated_stepping_batches", None) or getattr(trainer, "max_steps", None)
+        total = getattr(trainer, "estimated_stepping_batches", None) or getattr(
+            trainer, "max_steps", None
+        )
         return int(total) if total else None
 
     def _interval(self, trainer: Trainer) -> int:
@@ -127,7 +129,9 @@ class ProgressBar(Callback):
     def _train_line(self, trainer: Trainer, step: int, now: float, loss: float | None) -> str:
         total = self._total(trainer)
         parts = [f"epoch {trainer.current_epoch}"]
-        parts.append(f"step {step}/{total} ({100 * step / total:.0f}%)" if total else f"step {step}")
+        parts.append(
+            f"step {step}/{total} ({100 * step / total:.0f}%)" if total else f"step {step}"
+        )
         rate = None
         if self._window is not None and step > self._window[0] and now > self._window[1]:
             rate = (step - self._window[0]) / (now - self._window[1])
@@ -145,7 +149,9 @@ class ProgressBar(Callback):
         if trainer.is_global_zero:
             self._out()
 
-    def on_train_batch_end(self, trainer: Trainer, outputs: Outputs, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, outputs: Outputs, batch: Any, batch_idx: int
+    ) -> None:
         if not trainer.is_global_zero:
             return
         step, now = trainer.global_step, self._clock()

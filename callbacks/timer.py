@@ -42,7 +42,7 @@ def parse_duration(duration: Duration) -> float:
             values = [float(f) for f in fields]
         except ValueError:
             raise ValueError(f"duration {duration!r} is not DD:HH:MM:SS") from None
-        units = (86400.0, 3600.0, 60.0, 1.0)[-len(values):]
+        units = (86400.0, 3600.0, 60.0, 1.0)[-len(values) :]
         seconds = sum(v * u for v, u in zip(values, units, strict=True))
     else:
         seconds = float(duration)
@@ -99,7 +99,9 @@ class Timer(Callback):
             trainer.should_stop = True
             log.info(
                 "Timer: %.0f s of training reached the %.0f s budget at step %d; stopping",
-                elapsed, self.duration, trainer.global_step,
+                elapsed,
+                self.duration,
+                trainer.global_step,
             )
 
     # --- hooks ------------------------------------------------------------------------------------
@@ -120,7 +122,9 @@ class Timer(Callback):
             self._offset = self.time_elapsed()
             self._start = None
 
-    def on_train_batch_end(self, trainer: Trainer, outputs: Outputs, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, outputs: Outputs, batch: Any, batch_idx: int
+    ) -> None:
         if self.interval == "step":
             self._check(trainer)
 

@@ -45,15 +45,15 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "MetricWriter",
-    "TensorBoardWriter",
-    "WandbWriter",
     "CsvWriter",
     "JsonlWriter",
+    "MetricWriter",
     "MultiWriter",
     "NoopWriter",
-    "make_writers",
+    "TensorBoardWriter",
+    "WandbWriter",
     "flatten_hparams",
+    "make_writers",
 ]
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,9 @@ def _png(image: np.ndarray) -> bytes:
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
     return (
@@ -201,9 +203,13 @@ def _to_uint8_nhwc(images: Array) -> np.ndarray:
     if arr.ndim == 3:
         arr = arr[None]
     if arr.ndim != 4 or arr.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"images must be [N, H, W, C] or [H, W, C] with C in 1/3/4, got {arr.shape}")
+        raise ValueError(
+            f"images must be [N, H, W, C] or [H, W, C] with C in 1/3/4, got {arr.shape}"
+        )
     if arr.dtype != np.uint8:
-        arr = (np.clip(np.nan_to_num(arr.astype(np.float64)), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        arr = (np.clip(np.nan_to_num(arr.astype(np.float64)), 0.0, 1.0) * 255.0 + 0.5).astype(
+            np.uint8
+        )
     return arr
 
 
@@ -304,7 +310,9 @@ class TensorBoardWriter(MetricWriter):
             tensor = TensorProto(
                 dtype="DT_FLOAT",
                 float_val=arr.reshape(-1).tolist(),
-                tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=d) for d in arr.shape]),
+                tensor_shape=TensorShapeProto(
+                    dim=[TensorShapeProto.Dim(size=d) for d in arr.shape]
+                ),
             )
             md = (metadata or {}).get(tag) if isinstance(metadata, Mapping) else metadata
             if isinstance(md, bytes):
@@ -325,7 +333,9 @@ class TensorBoardWriter(MetricWriter):
             for i, img in enumerate(batch):
                 name = tag if len(batch) == 1 else f"{tag}/image/{i}"
                 h, w, c = img.shape
-                proto = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=_png(img))
+                proto = Summary.Image(
+                    height=h, width=w, colorspace=c, encoded_image_string=_png(img)
+                )
                 self._add(Summary(value=[Summary.Value(tag=name, image=proto)]), step)
 
     def write_videos(self, step, videos) -> None:
@@ -345,7 +355,9 @@ class TensorBoardWriter(MetricWriter):
             bins: Any = "tensorflow"
             if num_buckets and tag in num_buckets:
                 bins = int(num_buckets[tag])
-            self._writer.add_histogram(tag, np.asarray(values, dtype=np.float64).reshape(-1), step, bins=bins)
+            self._writer.add_histogram(
+                tag, np.asarray(values, dtype=np.float64).reshape(-1), step, bins=bins
+            )
 
     def write_hparams(self, hparams) -> None:
         from tensorboardX.summary import hparams as hparams_summaries
@@ -389,7 +401,9 @@ class WandbWriter(MetricWriter):
         if config is not None:  # W&B cannot serialise an ml_collections.ConfigDict itself
             config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         self._wandb = wandb
-        self.run = wandb.init(project=project, dir=str(self.dir), mode=mode, config=config, **init_kwargs)
+        self.run = wandb.init(
+            project=project, dir=str(self.dir), mode=mode, config=config, **init_kwargs
+        )
         self._warn = _WarnOnce()
 
     def write_summaries(self, step, values, metadata=None) -> None:
@@ -405,7 +419,9 @@ class WandbWriter(MetricWriter):
 
     def write_images(self, step, images) -> None:
         try:
-            logged = {k: [self._wandb.Image(img) for img in _to_uint8_nhwc(v)] for k, v in images.items()}
+            logged = {
+                k: [self._wandb.Image(img) for img in _to_uint8_nhwc(v)] for k, v in images.items()
+            }
         except ImportError as e:  # wandb.Image needs Pillow
             self._warn(self, "images", str(e))
             return
@@ -493,7 +509,7 @@ class CsvWriter(_LocalFileWriter):
         self.path = pathlib.Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._check_header()
-        self._file = open(self.path, "a", newline="", encoding="utf-8")
+        self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._csv = csv.writer(self._file)
         if self._file.tell() == 0:
             self._csv.writerow(self.HEADER)
@@ -504,7 +520,9 @@ class CsvWriter(_LocalFileWriter):
             with open(self.path, newline="", encoding="utf-8") as f:
                 first = next(csv.reader(f), None)
             if tuple(first or ()) != self.HEADER:
-                raise ValueError(f"{self.path} exists with header {first}, expected {list(self.HEADER)}")
+                raise ValueError(
+                    f"{self.path} exists with header {first}, expected {list(self.HEADER)}"
+                )
 
     def write_scalars(self, step, scalars) -> None:
         step = _as_step(step)
@@ -522,7 +540,7 @@ class JsonlWriter(_LocalFileWriter):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = pathlib.Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._warn = _WarnOnce()
 
     def _write(self, record: Mapping[str, Any]) -> None:
@@ -556,7 +574,9 @@ _DEFAULT_PATHS = {
 }
 
 
-def _resolve(workdir: pathlib.Path, value: str | os.PathLike[str] | None, default: str) -> pathlib.Path:
+def _resolve(
+    workdir: pathlib.Path, value: str | os.PathLike[str] | None, default: str
+) -> pathlib.Path:
     """Relative paths in configs are relative to the run's workdir, so a config is portable."""
     path = pathlib.Path(value if value is not None else default)
     return path if path.is_absolute() else workdir / path

@@ -22,7 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- model: a microsoft-aurora preset name plus overrides of its arguments ---------------------
     config.model = ml_collections.ConfigDict()
-    config.model.preset = "AuroraPretrained"  # Aurora | AuroraPretrained | AuroraSmallPretrained | ...
+    config.model.preset = (
+        "AuroraPretrained"  # Aurora | AuroraPretrained | AuroraSmallPretrained | ...
+    )
     config.model.kwargs = ml_collections.ConfigDict({"use_lora": False})
 
     # --- initial weights: a microsoft-aurora checkpoint (converted on the fly) or an Orbax folder ---
@@ -43,7 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
             "static_vars": ["lsm", "z", "slt"],
             "levels": list(AURORA_LEVELS),
             "resolution": 0.25,
-            "splits": {"train": ["2018-01-01", "2020-12-31T18"], "validation": ["2021-01-01", "2021-12-31T18"]},
+            "splits": {
+                "train": ["2018-01-01", "2020-12-31T18"],
+                "validation": ["2021-01-01", "2021-12-31T18"],
+            },
         }
     )
     config.data.step_hours = 6  # the model's time step (12 for Aurora12hPretrained)
@@ -58,15 +63,21 @@ def get_config() -> ml_collections.ConfigDict:
     config.strategy.backprop = "all"  # all | last_k | pushforward
     config.strategy.k = 1  # gradient window for last_k
     config.strategy.average_loss = True
-    config.strategy.curriculum = False  # True: traced window that GradStop's schedule changes (full backward cost)
+    config.strategy.curriculum = (
+        False  # True: traced window that GradStop's schedule changes (full backward cost)
+    )
 
     # --- loss (paper Suppl. D.1), on normalised variables --------------------------------------------
     config.loss = ml_collections.ConfigDict()
     config.loss.alpha = 0.25
     config.loss.beta = 1.0
     config.loss.gamma = 2.0  # dataset weight: ERA5 2.0, others 1.0
-    config.loss.surf_weights = ml_collections.ConfigDict({k: FINE_TUNING_WEIGHTS[k] for k in ("2t", "10u", "10v", "msl")})
-    config.loss.atmos_weights = ml_collections.ConfigDict({k: FINE_TUNING_WEIGHTS[k] for k in ("z", "u", "v", "t", "q")})
+    config.loss.surf_weights = ml_collections.ConfigDict(
+        {k: FINE_TUNING_WEIGHTS[k] for k in ("2t", "10u", "10v", "msl")}
+    )
+    config.loss.atmos_weights = ml_collections.ConfigDict(
+        {k: FINE_TUNING_WEIGHTS[k] for k in ("z", "u", "v", "t", "q")}
+    )
 
     # --- optimiser ------------------------------------------------------------------------------------
     config.optimizer = ml_collections.ConfigDict()
@@ -128,5 +139,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.map_lead_steps = (1, 4, 20, 40)  # ... and these leads (steps), first initial time
 
     # --- metric writers (process 0 only) --------------------------------------------------------------
-    config.writers = ml_collections.ConfigDict({"tensorboard": {"type": "tensorboard"}, "csv": {"type": "csv"}})
+    config.writers = ml_collections.ConfigDict(
+        {"tensorboard": {"type": "tensorboard"}, "csv": {"type": "csv"}}
+    )
     return config

@@ -55,7 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
             "static_vars": ["lsm", "z"],
             "levels": [300, 400, 500, 700, 850, 1000],
             "resolution": None,  # keep the sample's 10° grid; statics are regridded onto it
-            "splits": {"train": ["2024-06-03T00", "2024-06-03T18"], "validation": ["2024-06-04T00", "2024-06-04T18"]},
+            "splits": {
+                "train": ["2024-06-03T00", "2024-06-03T18"],
+                "validation": ["2024-06-04T00", "2024-06-04T18"],
+            },
         }
     )
     config.data.num_threads = 0
@@ -65,7 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.loss.gamma = 1.0  # IFS HRES
     config.loss.surf_weights = ml_collections.ConfigDict({})
-    config.loss.atmos_weights = ml_collections.ConfigDict({"z": 3.5, "u": 0.87, "v": 0.6, "t": 1.7, "r": 0.8})
+    config.loss.atmos_weights = ml_collections.ConfigDict(
+        {"z": 3.5, "u": 0.87, "v": 0.6, "t": 1.7, "r": 0.8}
+    )
 
     config.optimizer.learning_rate = 1e-3
     config.optimizer.warmup_steps = 5

@@ -47,7 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- the architecture: LoRA adapters are part of the model ------------------------------------
     config.model.kwargs.use_lora = True
-    config.model.kwargs.lora_mode = "single"  # single | from_second | all (microsoft-aurora's modes)
+    config.model.kwargs.lora_mode = (
+        "single"  # single | from_second | all (microsoft-aurora's modes)
+    )
     config.model.kwargs.lora_steps = 40  # rollout steps with an adapter (Aurora's default)
     config.model.kwargs.lora_r = 8
     config.model.kwargs.lora_alpha = 8

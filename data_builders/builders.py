@@ -107,8 +107,21 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-AURORA_LEVELS = (50.0, 100.0, 150.0, 200.0, 250.0, 300.0, 400.0, 500.0, 600.0, 700.0, 850.0,
-                 925.0, 1000.0)  # fmt: skip
+AURORA_LEVELS = (
+    50.0,
+    100.0,
+    150.0,
+    200.0,
+    250.0,
+    300.0,
+    400.0,
+    500.0,
+    600.0,
+    700.0,
+    850.0,
+    925.0,
+    1000.0,
+)
 FORMAT_VERSION = 1
 _STATIC_FILE = "static.npz"
 _METADATA_FILE = "metadata.json"
@@ -236,7 +249,9 @@ def _validate(config: WeatherConfig) -> None:
     if not names or len(set(names)) != len(names):
         raise DataError(f"builder config: split names must be unique and non-empty: {names}")
     if config.stats_split not in names:
-        raise DataError(f"builder config: stats_split {config.stats_split!r} is not a split {names}")
+        raise DataError(
+            f"builder config: stats_split {config.stats_split!r} is not a split {names}"
+        )
     _check_disjoint(config.splits)
 
 
@@ -324,7 +339,7 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     @tfds.core.utils.classproperty
     @classmethod
-    def code_path(cls) -> epath.Path | None:  # noqa: D102
+    def code_path(cls) -> epath.Path | None:
         return _code_path(cls)
 
     def __init__(
@@ -366,8 +381,11 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             probe = sorted({0, len(src) // 2, len(src) - 1})
             if len(src) == len(times) and all(int(src[i]["time"]) == times[i] for i in probe):
                 continue
-            log.warning("%s: record order of split %s differs from the prediction; scanning",
-                        self._source(), split)
+            log.warning(
+                "%s: record order of split %s differs from the prediction; scanning",
+                self._source(),
+                split,
+            )
             meta["times"][split] = [int(src[i]["time"]) for i in range(len(src))]
             meta.save_metadata(self.data_dir)
 
@@ -386,10 +404,18 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         cfg = self.builder_config
         meta = self.info.metadata
         meta.clear()
-        meta.update(format_version=FORMAT_VERSION, builder=self.name, times={},
-                    config=config_dict(cfg), loss_weight=self.LOSS_WEIGHT,
-                    surf_vars=list(cfg.surf_vars), atmos_vars=list(cfg.atmos_vars),
-                    static_vars=list(cfg.static_vars), stats={}, stats_split=cfg.stats_split)  # fmt: skip
+        meta.update(
+            format_version=FORMAT_VERSION,
+            builder=self.name,
+            times={},
+            config=config_dict(cfg),
+            loss_weight=self.LOSS_WEIGHT,
+            surf_vars=list(cfg.surf_vars),
+            atmos_vars=list(cfg.atmos_vars),
+            static_vars=list(cfg.static_vars),
+            stats={},
+            stats_split=cfg.stats_split,
+        )
         return {name: self._generate_examples(name, ranges) for name, ranges in cfg.splits}
 
     def _generate_examples(
@@ -445,10 +471,14 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         fill = dict(cfg.fill_nan) if isinstance(cfg.fill_nan, tuple) else cfg.fill_nan
         try:
             return open_dataset(
-                list(cfg.paths), variables=list(cfg.surf_vars) + list(cfg.atmos_vars),
-                levels=cfg.levels if cfg.atmos_vars else None, member=cfg.member,
-                fill_nan=fill, time=time, init_time=cfg.init_time,
-            )  # fmt: skip
+                list(cfg.paths),
+                variables=list(cfg.surf_vars) + list(cfg.atmos_vars),
+                levels=cfg.levels if cfg.atmos_vars else None,
+                member=cfg.member,
+                fill_nan=fill,
+                time=time,
+                init_time=cfg.init_time,
+            )
         except DataError as e:
             if _NO_TIME in str(e):
                 return None
@@ -483,8 +513,10 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             self._units = {str(k): str(v.attrs.get("units", "")) for k, v in ds.data_vars.items()}
             self._store_grid_and_static()
         elif not _same_grid(ds, *self._grid) or levels != self._levels:
-            raise DataError(f"{self._source()}: grid or levels change between time chunks "
-                            f"(at {str(ds['time'].values[0])[:19]}); regrid with resolution=")
+            raise DataError(
+                f"{self._source()}: grid or levels change between time chunks "
+                f"(at {str(ds['time'].values[0])[:19]}); regrid with resolution="
+            )
         return ds
 
     def _check_layout(self, ds: xr.Dataset) -> None:
@@ -492,12 +524,16 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         cfg = self.builder_config
         for v in cfg.surf_vars:
             if ds[v].dims != ("time", "latitude", "longitude"):
-                raise DataError(f"{self._source()}: variable {v} has dims {ds[v].dims}; "
-                                "a surface variable needs (time, latitude, longitude)")
+                raise DataError(
+                    f"{self._source()}: variable {v} has dims {ds[v].dims}; "
+                    "a surface variable needs (time, latitude, longitude)"
+                )
         for v in cfg.atmos_vars:
             if ds[v].dims != ("time", "level", "latitude", "longitude"):
-                raise DataError(f"{self._source()}: variable {v} has dims {ds[v].dims}; "
-                                "an atmospheric variable needs (time, level, latitude, longitude)")
+                raise DataError(
+                    f"{self._source()}: variable {v} has dims {ds[v].dims}; "
+                    "an atmospheric variable needs (time, level, latitude, longitude)"
+                )
 
     def _example(self, ds: xr.Dataset, i: int, seconds: int) -> dict[str, Any]:
         """One valid time as float32 arrays, grouped like the feature spec."""
@@ -516,8 +552,12 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         assert self._grid is not None
         lat, lon = self._grid
         meta = self.info.metadata
-        meta.update(lat=lat.tolist(), lon=lon.tolist(), levels=list(self._levels or ()),
-                    units=dict(self._units))  # fmt: skip
+        meta.update(
+            lat=lat.tolist(),
+            lon=lon.tolist(),
+            levels=list(self._levels or ()),
+            units=dict(self._units),
+        )
         if not self.builder_config.static_vars:
             return
         static = self._read_static()
@@ -549,16 +589,19 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         current = config_dict(self.builder_config)
         if stored is not None and stored != current:
             diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
-            raise DataError(f"{folder}: holds a dataset built from a different config "
-                            f"(differs in {diff}); use another name or delete the folder")
+            raise DataError(
+                f"{folder}: holds a dataset built from a different config "
+                f"(differs in {diff}); use another name or delete the folder"
+            )
 
     # ---- read helpers ---------------------------------------------------------------------
 
     def _built_metadata(self) -> Mapping[str, Any]:
         meta = self.info.metadata
         if not meta or "lat" not in meta:
-            raise DataError(f"{self._source()}: not built yet in {self.data_dir}; "
-                            "call download_and_prepare()")
+            raise DataError(
+                f"{self._source()}: not built yet in {self.data_dir}; call download_and_prepare()"
+            )
         return meta
 
     def stats(self) -> dict[str, tuple[float, float]]:
@@ -624,14 +667,14 @@ def record_order(split: str, times: Sequence[int]) -> list[int]:
 class _GFile:
     """The part of ``tf.io.gfile`` / ``tf.errors`` that `tfds.core.shuffle` uses, on plain files."""
 
-    class errors:  # noqa: N801 - mirrors tf.errors
+    class errors:
         class ResourceExhaustedError(OSError):
             message = ""
 
-    class io:  # noqa: N801 - mirrors tf.io
-        class gfile:  # noqa: N801 - mirrors tf.io.gfile
+    class io:
+        class gfile:
             @staticmethod
-            def GFile(path: Any, mode: str = "r") -> Any:  # noqa: N802
+            def GFile(path: Any, mode: str = "r") -> Any:
                 return epath.Path(path).open(mode)
 
             @staticmethod
@@ -688,8 +731,12 @@ def global_grid(resolution: float) -> tuple[np.ndarray, np.ndarray]:
 
 def _same_grid(ds: xr.Dataset, lat: np.ndarray, lon: np.ndarray) -> bool:
     a, b = ds["latitude"].values, ds["longitude"].values
-    return bool(a.shape == lat.shape and b.shape == lon.shape
-                and np.allclose(a, lat, atol=1e-6) and np.allclose(b, lon, atol=1e-6))  # fmt: skip
+    return bool(
+        a.shape == lat.shape
+        and b.shape == lon.shape
+        and np.allclose(a, lat, atol=1e-6)
+        and np.allclose(b, lon, atol=1e-6)
+    )
 
 
 def _time_slices(r: TimeRange, chunk_hours: int) -> Iterator[slice]:

@@ -71,11 +71,11 @@ from data_builders.readers import check_netcdf3_complete
 
 __all__ = [
     "AURORA_LEVELS",
+    "ERA5_LEVELS",
+    "WB2_STORES",
     "CdsClient",
     "CdsRequest",
     "DataError",
-    "ERA5_LEVELS",
-    "WB2_STORES",
     "ZarrPlan",
     "cds_file_problem",
     "download_era5",
@@ -104,9 +104,44 @@ ERA5_SINGLE = "reanalysis-era5-single-levels"
 ERA5_PRESSURE = "reanalysis-era5-pressure-levels"
 AURORA_LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
 ERA5_LEVELS = (
-    1, 2, 3, 5, 7, 10, 20, 30, 50, 70, 100, 125, 150, 175, 200, 225, 250, 300, 350, 400, 450,
-    500, 550, 600, 650, 700, 750, 775, 800, 825, 850, 875, 900, 925, 950, 975, 1000,
-)  # fmt: skip
+    1,
+    2,
+    3,
+    5,
+    7,
+    10,
+    20,
+    30,
+    50,
+    70,
+    100,
+    125,
+    150,
+    175,
+    200,
+    225,
+    250,
+    300,
+    350,
+    400,
+    450,
+    500,
+    550,
+    600,
+    650,
+    700,
+    750,
+    775,
+    800,
+    825,
+    850,
+    875,
+    900,
+    925,
+    950,
+    975,
+    1000,
+)
 DEFAULT_HOURS = (0, 6, 12, 18)
 DEFAULT_SURFACE = ("2t", "10u", "10v", "msl")
 DEFAULT_ATMOS = ("z", "u", "v", "t", "q")
@@ -304,9 +339,7 @@ def _base_request(product: str, grid: Sequence[float] | None, area: Sequence[flo
 def _times(
     year: int, month: int, days: Sequence[int], hours: Sequence[int]
 ) -> tuple[np.datetime64, ...]:
-    return tuple(
-        np.datetime64(dt.datetime(year, month, d, h), "ns") for d in days for h in hours
-    )
+    return tuple(np.datetime64(dt.datetime(year, month, d, h), "ns") for d in days for h in hours)
 
 
 def plan_era5(
@@ -338,8 +371,11 @@ def plan_era5(
     base = _base_request(product, grid, area)
     plan: list[CdsRequest] = []
     if static_variables:
-        plan.append(plan_era5_static(out, variables=static_variables, date=start, grid=grid,
-                                     area=area, product=product))
+        plan.append(
+            plan_era5_static(
+                out, variables=static_variables, date=start, grid=grid, area=area, product=product
+            )
+        )
     for year, month, days in month_spans(start, end):
         for group, names in (("surface", surface), ("pressure", atmos)):
             if names:
@@ -348,8 +384,15 @@ def plan_era5(
 
 
 def _month_request(
-    out: Path, group: str, names: Sequence[str], year: int, month: int, days: Sequence[int],
-    hours: Sequence[int], levels: tuple[int, ...], base: Mapping[str, Any],
+    out: Path,
+    group: str,
+    names: Sequence[str],
+    year: int,
+    month: int,
+    days: Sequence[int],
+    hours: Sequence[int],
+    levels: tuple[int, ...],
+    base: Mapping[str, Any],
 ) -> CdsRequest:
     dataset, _ = _GROUPS[group]
     resolved = _lookup(group, names)
@@ -478,10 +521,11 @@ def _dataset_problem(ds: xr.Dataset, req: CdsRequest) -> str | None:
         da = ds[names[0]]
         if da.size == 0:
             return f"variable {key} is empty"
-        _ = da.isel({d: -1 for d in da.dims}).values  # read one value: catches data cut short
+        _ = da.isel(dict.fromkeys(da.dims, -1)).values  # read one value: catches data cut short
     if req.levels:
-        lname = next((n for n in ("pressure_level", "level", "isobaricInhPa") if n in ds.coords),
-                     None)
+        lname = next(
+            (n for n in ("pressure_level", "level", "isobaricInhPa") if n in ds.coords), None
+        )
         if lname is None:
             return "no pressure-level coordinate"
         have_l = {float(x) for x in np.atleast_1d(ds[lname].values)}
@@ -719,8 +763,12 @@ def _select_levels(ds: xr.Dataset, levels: Sequence[float], url: str) -> xr.Data
 
 
 def _select_times(
-    ds: xr.Dataset, url: str, start: str | None, end: str | None,
-    hours: Sequence[int] | None, stride: int,
+    ds: xr.Dataset,
+    url: str,
+    start: str | None,
+    end: str | None,
+    hours: Sequence[int] | None,
+    stride: int,
 ) -> xr.Dataset:
     """Range (inclusive; '2020-01-31' means the whole day), then hours, then every `stride`-th."""
     if stride < 1:
@@ -738,8 +786,10 @@ def _select_times(
         values = index.values
         span = f"{str(values[0])[:16]}..{str(values[-1])[:16]}" if len(values) else "no times"
         hrs = f" at hours {list(hours)}" if hours else ""
-        raise DataError(f"{url}: no times from {start or 'the first'} to {end or 'the last'}"
-                        f"{hrs}; the store covers {span}")
+        raise DataError(
+            f"{url}: no times from {start or 'the first'} to {end or 'the last'}"
+            f"{hrs}; the store covers {span}"
+        )
     return ds
 
 
@@ -857,8 +907,12 @@ class ZarrPlan:
     def lines(self) -> list[str]:
         names = ", ".join(f"{k}={v}" if k != v else k for k, v in self.names.items())
         levels = "-" if self.levels is None else ", ".join(f"{x:g}" for x in self.levels)
-        lines = [f"source: {self.source}", f"output: {self.out}", f"variables: {names}",
-                 f"levels: {levels}"]
+        lines = [
+            f"source: {self.source}",
+            f"output: {self.out}",
+            f"variables: {names}",
+            f"levels: {levels}",
+        ]
         if "time" in self.subset.dims:
             t = self.times
             lines.append(
@@ -867,10 +921,13 @@ class ZarrPlan:
                 f"to fetch in blocks of {self.chunk_times}"
             )
         else:
-            lines.append("times: none (static store)" + ("" if self.write_static else
-                                                         "; output complete"))
-        lines.append(f"estimated bytes: {self.estimated_bytes} ({_human(self.estimated_bytes)}, "
-                     "uncompressed)")
+            lines.append(
+                "times: none (static store)" + ("" if self.write_static else "; output complete")
+            )
+        lines.append(
+            f"estimated bytes: {self.estimated_bytes} ({_human(self.estimated_bytes)}, "
+            "uncompressed)"
+        )
         return lines
 
 
@@ -916,8 +973,11 @@ def plan_zarr(
     elif "time" in sub.dims:
         sub = _select_times(sub, url, start, end, _parse_hours(hours) if hours else None, stride)
     out = Path(out)
-    times = (sub["time"].values.astype("datetime64[ns]") if "time" in sub.dims
-             else np.array([], dtype="datetime64[ns]"))
+    times = (
+        sub["time"].values.astype("datetime64[ns]")
+        if "time" in sub.dims
+        else np.array([], dtype="datetime64[ns]")
+    )
     existing = _existing_output(out)
     if existing is not None:
         _check_compatible(existing, sub, out)
@@ -1023,8 +1083,9 @@ def _load(block: xr.Dataset, url: str) -> xr.Dataset:
         raise DataError(f"{url}: cannot read data ({type(e).__name__}: {e})") from e
 
 
-def run_zarr_plan(plan: ZarrPlan, *, dry_run: bool = False,
-                  echo: Callable[[str], None] = print) -> Path:
+def run_zarr_plan(
+    plan: ZarrPlan, *, dry_run: bool = False, echo: Callable[[str], None] = print
+) -> Path:
     """Fetch the plan's missing times block by block (or print the plan with `dry_run`)."""
     if dry_run:
         for line in plan.lines():
@@ -1097,19 +1158,34 @@ def download_static(
     store's own grid)."""
     out = Path(out)
     if source == "cds":
-        req = plan_era5_static(out, variables=variables, date=date or "2018-01-01", grid=grid,
-                               area=area, product=product)
-        run_cds_requests([req], client, dry_run=dry_run, retries=retries,
-                         retry_wait_s=retry_wait_s, echo=echo)
+        req = plan_era5_static(
+            out,
+            variables=variables,
+            date=date or "2018-01-01",
+            grid=grid,
+            area=area,
+            product=product,
+        )
+        run_cds_requests(
+            [req], client, dry_run=dry_run, retries=retries, retry_wait_s=retry_wait_s, echo=echo
+        )
         return req.target
     if grid is not None or area is not None:
         raise DataError(
             f"{resolve_source(source)}: --grid/--area apply to the CDS only; a zarr store has its "
             "own grid (pick a store of the resolution you want, or regrid after reading)"
         )
-    return download_zarr(source, out / "static.zarr", variables=variables, levels=None,
-                         static=True, date=date, dry_run=dry_run, echo=echo,
-                         storage_options=storage_options)
+    return download_zarr(
+        source,
+        out / "static.zarr",
+        variables=variables,
+        levels=None,
+        static=True,
+        date=date,
+        dry_run=dry_run,
+        echo=echo,
+        storage_options=storage_options,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1129,37 +1205,60 @@ def _parser() -> argparse.ArgumentParser:
     era5.add_argument("--out", required=True, help="output directory")
     era5.add_argument("--start", required=True, help="first date, YYYY-MM-DD")
     era5.add_argument("--end", required=True, help="last date (inclusive), YYYY-MM-DD")
-    era5.add_argument("--variables", nargs="+", default=list(DEFAULT_SURFACE + DEFAULT_ATMOS),
-                      help="Aurora names (2t 10u 10v msl z u v t q r w) or CDS long names")
+    era5.add_argument(
+        "--variables",
+        nargs="+",
+        default=list(DEFAULT_SURFACE + DEFAULT_ATMOS),
+        help="Aurora names (2t 10u 10v msl z u v t q r w) or CDS long names",
+    )
     era5.add_argument("--levels", nargs="+", type=int, default=list(AURORA_LEVELS), help="hPa")
     era5.add_argument("--hours", nargs="+", default=["00", "06", "12", "18"])
-    era5.add_argument("--static-variables", nargs="*", default=list(DEFAULT_STATIC),
-                      help="static fields for OUT/era5_static.nc (lsm z slt); none to skip")
+    era5.add_argument(
+        "--static-variables",
+        nargs="*",
+        default=list(DEFAULT_STATIC),
+        help="static fields for OUT/era5_static.nc (lsm z slt); none to skip",
+    )
     _cds_args(era5)
 
-    for name, default, what in (("hres", "hres_t0", "IFS HRES T0"),
-                                ("wb2", "era5", "WeatherBench2 ERA5")):
+    for name, default, what in (
+        ("hres", "hres_t0", "IFS HRES T0"),
+        ("wb2", "era5", "WeatherBench2 ERA5"),
+    ):
         z = sub.add_parser(name, help=f"{what} (or any zarr store) to a local zarr")
         z.add_argument("--out", required=True, help="output zarr store path")
-        z.add_argument("--source", default=default,
-                       help=f"preset ({', '.join(WB2_STORES)}), zarr URL or local path "
-                       f"(default {default})")
+        z.add_argument(
+            "--source",
+            default=default,
+            help=f"preset ({', '.join(WB2_STORES)}), zarr URL or local path (default {default})",
+        )
         z.add_argument("--start", help="first time, e.g. 2020-01-01 or 2020-01-01T06")
         z.add_argument("--end", help="last time, inclusive (a date means the whole day)")
-        z.add_argument("--variables", nargs="+", default=list(DEFAULT_SURFACE + DEFAULT_ATMOS),
-                       help="Aurora names or the store's own variable names")
+        z.add_argument(
+            "--variables",
+            nargs="+",
+            default=list(DEFAULT_SURFACE + DEFAULT_ATMOS),
+            help="Aurora names or the store's own variable names",
+        )
         z.add_argument("--levels", nargs="+", type=float, default=list(AURORA_LEVELS))
         z.add_argument("--all-levels", action="store_true", help="keep every level of the store")
         z.add_argument("--hours", nargs="+", help="keep only these hours of day")
         z.add_argument("--stride", type=int, default=1, help="keep every n-th selected time")
-        z.add_argument("--chunk-times", type=int, default=4,
-                       help="times fetched and written per block (memory ~ block size)")
+        z.add_argument(
+            "--chunk-times",
+            type=int,
+            default=4,
+            help="times fetched and written per block (memory ~ block size)",
+        )
         z.add_argument("--dry-run", action="store_true", help="print the plan, download nothing")
 
     st = sub.add_parser("static", help="static fields lsm / z / slt")
     st.add_argument("--out", required=True, help="output directory")
-    st.add_argument("--source", default="cds",
-                    help=f"'cds', or a zarr preset ({', '.join(WB2_STORES)}), URL or path")
+    st.add_argument(
+        "--source",
+        default="cds",
+        help=f"'cds', or a zarr preset ({', '.join(WB2_STORES)}), URL or path",
+    )
     st.add_argument("--variables", nargs="+", default=list(DEFAULT_STATIC))
     st.add_argument("--date", help="time to take the fields at (default 2018-01-01)")
     _cds_args(st)
@@ -1167,14 +1266,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cds_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--grid", nargs="+", type=float,
-                   help="CDS output grid in degrees, e.g. 0.25 or 1.0 1.0 (default: native)")
-    p.add_argument("--area", nargs=4, type=float, metavar=("N", "W", "S", "E"),
-                   help="CDS sub-area (default: global)")
+    p.add_argument(
+        "--grid",
+        nargs="+",
+        type=float,
+        help="CDS output grid in degrees, e.g. 0.25 or 1.0 1.0 (default: native)",
+    )
+    p.add_argument(
+        "--area",
+        nargs=4,
+        type=float,
+        metavar=("N", "W", "S", "E"),
+        help="CDS sub-area (default: global)",
+    )
     p.add_argument("--product", default="reanalysis", help="CDS product_type")
     p.add_argument("--retries", type=int, default=2, help="retries per request")
-    p.add_argument("--retry-wait", type=float, default=30.0,
-                   help="seconds before the first retry (doubles each time)")
+    p.add_argument(
+        "--retry-wait",
+        type=float,
+        default=30.0,
+        help="seconds before the first retry (doubles each time)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan, download nothing")
 
 
@@ -1189,22 +1301,47 @@ def main(argv: Sequence[str] | None = None, *, client: CdsClient | None = None) 
     try:
         if args.command == "era5":
             download_era5(
-                args.out, start=args.start, end=args.end, client=client, dry_run=args.dry_run,
-                retries=args.retries, retry_wait_s=args.retry_wait, variables=args.variables,
-                levels=args.levels, hours=args.hours, static_variables=args.static_variables,
-                grid=args.grid, area=args.area, product=args.product,
+                args.out,
+                start=args.start,
+                end=args.end,
+                client=client,
+                dry_run=args.dry_run,
+                retries=args.retries,
+                retry_wait_s=args.retry_wait,
+                variables=args.variables,
+                levels=args.levels,
+                hours=args.hours,
+                static_variables=args.static_variables,
+                grid=args.grid,
+                area=args.area,
+                product=args.product,
             )
         elif args.command in ("hres", "wb2"):
             download_zarr(
-                args.source, args.out, dry_run=args.dry_run, variables=args.variables,
-                levels=None if args.all_levels else args.levels, start=args.start, end=args.end,
-                hours=args.hours, stride=args.stride, chunk_times=args.chunk_times,
+                args.source,
+                args.out,
+                dry_run=args.dry_run,
+                variables=args.variables,
+                levels=None if args.all_levels else args.levels,
+                start=args.start,
+                end=args.end,
+                hours=args.hours,
+                stride=args.stride,
+                chunk_times=args.chunk_times,
             )
         else:
             download_static(
-                args.out, source=args.source, variables=args.variables, grid=args.grid,
-                area=args.area, date=args.date, product=args.product, client=client,
-                dry_run=args.dry_run, retries=args.retries, retry_wait_s=args.retry_wait,
+                args.out,
+                source=args.source,
+                variables=args.variables,
+                grid=args.grid,
+                area=args.area,
+                date=args.date,
+                product=args.product,
+                client=client,
+                dry_run=args.dry_run,
+                retries=args.retries,
+                retry_wait_s=args.retry_wait,
             )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

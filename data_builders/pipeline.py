@@ -122,8 +122,16 @@ def open_source(builder: Any, split: str) -> WeatherSource:
         )
     lat, lon, levels = builder.grid()
     name = f"{getattr(builder, 'name', 'dataset')}/{split}"
-    return WeatherSource(records=src, lat=lat, lon=lon, levels=levels, times=builder.times(split),
-                         static=builder.static(), stats=builder.stats(), name=name)  # fmt: skip
+    return WeatherSource(
+        records=src,
+        lat=lat,
+        lon=lon,
+        levels=levels,
+        times=builder.times(split),
+        static=builder.static(),
+        stats=builder.stats(),
+        name=name,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,8 +164,16 @@ class _BatchOrder(Sequence):
     the same orders one epoch apart.
     """
 
-    def __init__(self, windows: np.ndarray, batch_size: int, drop_remainder: bool, shuffle: bool,
-                 seed: int, first_epoch: int, num_epochs: int | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        windows: np.ndarray,
+        batch_size: int,
+        drop_remainder: bool,
+        shuffle: bool,
+        seed: int,
+        first_epoch: int,
+        num_epochs: int | None,
+    ) -> None:
         n = len(windows)
         self.windows, self.batch_size, self.first_epoch = windows, batch_size, first_epoch
         self.num_epochs = num_epochs
@@ -218,8 +234,10 @@ class _LoadBatch:
             i = self.index[t]
             example = self._source.records[i]
             if int(example["time"]) != t:
-                raise DataError(f"{self._source.name}: record {i} holds time {int(example['time'])}"
-                                f", the index says {t}; the dataset's time index is stale")
+                raise DataError(
+                    f"{self._source.name}: record {i} holds time {int(example['time'])}"
+                    f", the index says {t}; the dataset's time index is stale"
+                )
             out[t] = example
         return out
 
@@ -245,12 +263,20 @@ class _Collate:
         surf = {v: self._stack(windows, lo, hi, "surf", v) for v in first.get("surf", {})}
         atmos = {v: self._stack(windows, lo, hi, "atmos", v) for v in first.get("atmos", {})}
         seconds = np.array([int(w[hi - 1]["time"]) for w in windows], np.int64)
-        metadata = Metadata(lat=self._lat, lon=self._lon, time=(seconds // 60).astype(np.int32),
-                            atmos_levels=self._source.levels, rollout_step=rollout_step)  # fmt: skip
-        return Batch(surf_vars=surf, static_vars=dict(self._static), atmos_vars=atmos,
-                     metadata=metadata)  # fmt: skip
+        metadata = Metadata(
+            lat=self._lat,
+            lon=self._lon,
+            time=(seconds // 60).astype(np.int32),
+            atmos_levels=self._source.levels,
+            rollout_step=rollout_step,
+        )
+        return Batch(
+            surf_vars=surf, static_vars=dict(self._static), atmos_vars=atmos, metadata=metadata
+        )
 
-    def _stack(self, windows: Sequence[Window], lo: int, hi: int, group: str, var: str) -> np.ndarray:
+    def _stack(
+        self, windows: Sequence[Window], lo: int, hi: int, group: str, var: str
+    ) -> np.ndarray:
         """(b, hi - lo, ...) float32, filled in place (no intermediate stacks)."""
         h, w = len(self._lat), len(self._lon)
         shape = (h, w) if group == "surf" else (len(self._source.levels), h, w)
@@ -259,8 +285,10 @@ class _Collate:
             for j in range(lo, hi):
                 x = window[j][group][var]
                 if x.shape != shape:
-                    raise DataError(f"{self._source.name}: {group} variable {var} at time "
-                                    f"{int(window[j]['time'])} has shape {x.shape}, expected {shape}")
+                    raise DataError(
+                        f"{self._source.name}: {group} variable {var} at time "
+                        f"{int(window[j]['time'])} has shape {x.shape}, expected {shape}"
+                    )
                 out[i, j - lo] = x
         return out
 
@@ -293,23 +321,32 @@ class Pipeline:
         num_threads: int = 2,
         prefetch_buffer_size: int = 2,
     ) -> None:
-        step = int(round(float(step_hours) * 3600))
+        step = round(float(step_hours) * 3600)
         if step <= 0 or rollout_steps < 1 or batch_size < 1:
             raise ValueError("step_hours, rollout_steps and batch_size must be positive")
         if num_epochs is not None and num_epochs < 1:
             raise ValueError("num_epochs must be positive or None (forever)")
         self.source, self.step_seconds, self.rollout_steps = source, step, rollout_steps
-        self.batch_size, self.num_epochs, self.drop_remainder = batch_size, num_epochs, drop_remainder
-        self.read_options = grain.ReadOptions(num_threads=num_threads,
-                                              prefetch_buffer_size=prefetch_buffer_size)  # fmt: skip
+        self.batch_size, self.num_epochs, self.drop_remainder = (
+            batch_size,
+            num_epochs,
+            drop_remainder,
+        )
+        self.read_options = grain.ReadOptions(
+            num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size
+        )
         self.all_windows = find_windows(source.times, step, rollout_steps)
         if not len(self.all_windows):
-            raise DataError(f"{source.name}: no window of 2 history steps + {rollout_steps} "
-                            f"target(s) at {step_hours} h steps among {len(source.times)} times")
+            raise DataError(
+                f"{source.name}: no window of 2 history steps + {rollout_steps} "
+                f"target(s) at {step_hours} h steps among {len(source.times)} times"
+            )
         self.windows = _shard(self.all_windows, shard_index, shard_count, drop_remainder)
-        if drop_remainder and len(self.windows) < batch_size or not len(self.windows):
-            raise DataError(f"{source.name}: {len(self.windows)} window(s) in shard {shard_index} "
-                            f"of {shard_count}, fewer than batch_size {batch_size}")
+        if (drop_remainder and len(self.windows) < batch_size) or not len(self.windows):
+            raise DataError(
+                f"{source.name}: {len(self.windows)} window(s) in shard {shard_index} "
+                f"of {shard_count}, fewer than batch_size {batch_size}"
+            )
         self._shuffle, self._seed = shuffle, seed
         self._load = _LoadBatch(source, step, rollout_steps)
         self.dataset = self.epochs_dataset(0, num_epochs)
@@ -317,8 +354,15 @@ class Pipeline:
         self.batches_per_epoch = self._order(0, 1).batches_per_epoch
 
     def _order(self, first_epoch: int, num_epochs: int | None) -> _BatchOrder:
-        return _BatchOrder(self.windows, self.batch_size, self.drop_remainder, self._shuffle,
-                           self._seed, first_epoch, num_epochs)  # fmt: skip
+        return _BatchOrder(
+            self.windows,
+            self.batch_size,
+            self.drop_remainder,
+            self._shuffle,
+            self._seed,
+            first_epoch,
+            num_epochs,
+        )
 
     def epochs_dataset(self, first_epoch: int, num_epochs: int | None) -> grain.MapDataset:
         """Grain `MapDataset` of the batches of epochs ``first_epoch ...`` (random access)."""

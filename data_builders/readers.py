@@ -46,7 +46,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -56,11 +56,11 @@ from data_builders.regrid import regrid
 
 __all__ = [
     "ATMOS_VARS",
-    "DataError",
-    "G",
     "STATIC_KEYS",
     "STATIC_VARS",
     "SURFACE_VARS",
+    "DataError",
+    "G",
     "aurora_groups",
     "check_netcdf3_complete",
     "nan_counts",
@@ -77,21 +77,42 @@ STATIC_VARS = ("lsm", "z", "slt")
 STATIC_KEYS = {"lsm": "lsm", "slt": "slt", "z": "z_sfc"}  # Aurora static name -> dataset key
 _STATIC = frozenset(STATIC_KEYS.values())
 
-PathArg = Union[str, "PathLike[str]"]
-Fill = Union[str, float]
+PathArg = str | PathLike[str]
+Fill = str | float
 
 _NAMES = {
     # ECMWF / CDS short names (and our own output, so canonical files read back unchanged)
-    "t2m": "2t", "2t": "2t", "u10": "10u", "10u": "10u", "v10": "10v", "10v": "10v",
-    "msl": "msl", "z": "z", "t": "t", "u": "u", "v": "v", "q": "q",
-    "lsm": "lsm", "slt": "slt", "z_sfc": "z_sfc",
+    "t2m": "2t",
+    "2t": "2t",
+    "u10": "10u",
+    "10u": "10u",
+    "v10": "10v",
+    "10v": "10v",
+    "msl": "msl",
+    "z": "z",
+    "t": "t",
+    "u": "u",
+    "v": "v",
+    "q": "q",
+    "lsm": "lsm",
+    "slt": "slt",
+    "z_sfc": "z_sfc",
     # CDS API / WeatherBench2 long names
-    "2m_temperature": "2t", "10m_u_component_of_wind": "10u", "10m_v_component_of_wind": "10v",
-    "mean_sea_level_pressure": "msl", "geopotential": "z", "temperature": "t",
-    "u_component_of_wind": "u", "v_component_of_wind": "v", "specific_humidity": "q",
-    "land_sea_mask": "lsm", "soil_type": "slt", "geopotential_at_surface": "z_sfc",
-    "relative_humidity": "r", "vertical_velocity": "w",
-}  # fmt: skip
+    "2m_temperature": "2t",
+    "10m_u_component_of_wind": "10u",
+    "10m_v_component_of_wind": "10v",
+    "mean_sea_level_pressure": "msl",
+    "geopotential": "z",
+    "temperature": "t",
+    "u_component_of_wind": "u",
+    "v_component_of_wind": "v",
+    "specific_humidity": "q",
+    "land_sea_mask": "lsm",
+    "soil_type": "slt",
+    "geopotential_at_surface": "z_sfc",
+    "relative_humidity": "r",
+    "vertical_velocity": "w",
+}
 _LAT = ("latitude", "lat")
 _LON = ("longitude", "lon")
 _LEVEL = ("level", "pressure_level", "isobaricInhPa", "plev")
@@ -255,7 +276,10 @@ def _open_raw(path: Path) -> xr.Dataset:
     try:
         if kind == "zarr":
             return xr.open_dataset(
-                path, engine="zarr", chunks=None, decode_timedelta=True,
+                path,
+                engine="zarr",
+                chunks=None,
+                decode_timedelta=True,
                 consolidated=_zarr_consolidated(path),
             )
         return xr.open_dataset(path, engine="netcdf4", decode_timedelta=True)
@@ -396,9 +420,9 @@ def _normalise_level(ds: xr.Dataset, path: Path) -> xr.Dataset:
     units = str(ds["level"].attrs.get("units", "")).strip().lower()
     if units in ("pa", "pascal", "pascals"):
         values = values / 100.0
-    elif units in ("hpa", "mbar", "millibars", "millibar", "mb", "hectopascal", "hectopascals"):
-        pass
-    elif units == "" and values.max() <= 1100:
+    elif units in ("hpa", "mbar", "millibars", "millibar", "mb", "hectopascal", "hectopascals") or (
+        units == "" and values.max() <= 1100
+    ):
         pass
     else:
         raise DataError(
@@ -700,8 +724,10 @@ def _handle_nans(
         attrs = {**da.attrs, "nan_count": n}
         if n:
             if how is None:
-                raise DataError(f"{path}: variable {da.attrs.get('source_name', key)} ({key}) "
-                                f"has {n} NaN values{_nan_where(da)}; pass fill_nan= to fill them")
+                raise DataError(
+                    f"{path}: variable {da.attrs.get('source_name', key)} ({key}) "
+                    f"has {n} NaN values{_nan_where(da)}; pass fill_nan= to fill them"
+                )
             values = _fill(values, how, path, key)
             attrs["nan_fill"] = str(how)
             log.warning("%s: %s: filled %d NaNs with %s", path, key, n, how)
@@ -828,6 +854,7 @@ def _check_common(
 
     Merging unequal axes would pad with NaN, which the model would then read as data.
     """
+
     def files(k: str) -> str:
         return ", ".join(str(p) for p, _ in by_var[k])
 

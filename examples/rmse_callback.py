@@ -39,7 +39,10 @@ class RmseCallback(Callback):
             tag = f"train/rmse_{self.variable}"
         else:
             i = pred.metadata.atmos_levels.index(float(self.level))
-            got, want = pred.atmos_vars[self.variable][:, :, i], targets[0].atmos_vars[self.variable][:, :, i]
+            got, want = (
+                pred.atmos_vars[self.variable][:, :, i],
+                targets[0].atmos_vars[self.variable][:, :, i],
+            )
             tag = f"train/rmse_{self.variable}{int(self.level)}"
         h = got.shape[-2]  # the model crops a surplus latitude row
         rmse = float(np.sqrt(np.mean((np.asarray(got) - np.asarray(want)[..., :h, :]) ** 2)))

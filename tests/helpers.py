@@ -46,14 +46,18 @@ def random_batch(
 
     def atmos(name: str) -> np.ndarray:
         location, scale = atmos_location_scale(name, levels)
-        return (location + scale * rng.standard_normal((batch, history, len(levels), h, w))).astype(np.float32)
+        return (location + scale * rng.standard_normal((batch, history, len(levels), h, w))).astype(
+            np.float32
+        )
 
     return Batch(
         surf_vars={v: surf(v, (batch, history, h, w)) for v in model.surf_vars},
         static_vars={v: surf(v, (h, w)) for v in model.static_vars},
         atmos_vars={v: atmos(v) for v in model.atmos_vars},
         metadata=Metadata(
-            lat=np.linspace(90, -90, h + 1)[:-1] if h % model.patch_size == 0 else np.linspace(90, -90, h),
+            lat=np.linspace(90, -90, h + 1)[:-1]
+            if h % model.patch_size == 0
+            else np.linspace(90, -90, h),
             lon=np.linspace(0, 360, w, endpoint=False),
             time=(np.datetime64(time),) * batch,
             atmos_levels=levels,

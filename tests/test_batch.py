@@ -50,8 +50,16 @@ def test_times_round_trip_as_int32_minutes() -> None:
 
 def test_time_encoding_matches_float64_reference_formula() -> None:
     """microsoft-aurora: hours since 1970 as float32, expanded in float64."""
-    times = [datetime(1979, 1, 1), datetime(2020, 6, 1, 12), datetime(2016, 9, 25, 6), datetime(2099, 3, 1, 18)]
-    hours = np.array([(np.datetime64(t) - np.datetime64("1970-01-01")) / np.timedelta64(1, "h") for t in times], np.float32)
+    times = [
+        datetime(1979, 1, 1),
+        datetime(2020, 6, 1, 12),
+        datetime(2016, 9, 25, 6),
+        datetime(2099, 3, 1, 18),
+    ]
+    hours = np.array(
+        [(np.datetime64(t) - np.datetime64("1970-01-01")) / np.timedelta64(1, "h") for t in times],
+        np.float32,
+    )
     wavelengths = np.logspace(0, np.log10(24 * 365.25), 256)
     phase = hours.astype(np.float64)[:, None] * (2 * np.pi / wavelengths)
     expected = np.concatenate([np.sin(phase), np.cos(phase)], axis=-1)
@@ -78,7 +86,11 @@ def test_normalise_uses_aurora_table_and_round_trips() -> None:
     normed = batch.normalise()
     location, scale = aurora_stats()["z_500"]
     i = batch.metadata.atmos_levels.index(500.0)
-    np.testing.assert_allclose(normed.atmos_vars["z"][:, :, i], (batch.atmos_vars["z"][:, :, i] - location) / scale, rtol=1e-5)
+    np.testing.assert_allclose(
+        normed.atmos_vars["z"][:, :, i],
+        (batch.atmos_vars["z"][:, :, i] - location) / scale,
+        rtol=1e-5,
+    )
     back = normed.unnormalise()
     np.testing.assert_allclose(back.surf_vars["msl"], batch.surf_vars["msl"], rtol=1e-6)
     assert level_to_str(7.5) == "7_5" and level_to_str(500.0) == "500"

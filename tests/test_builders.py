@@ -29,16 +29,27 @@ STATIC = DATA / "era5_static_z_lsm_0.25deg.nc"
 WB1 = DATA / "weatherbench1_era5_static_5.625deg.nc"
 
 HRES_KW = dict(
-    paths=[HRES_PL], static_paths=[STATIC], surf_vars=(), atmos_vars=("z", "t", "u", "v", "r"),
-    static_vars=("lsm", "z"), levels=(300, 500, 850),
-)  # fmt: skip
+    paths=[HRES_PL],
+    static_paths=[STATIC],
+    surf_vars=(),
+    atmos_vars=("z", "t", "u", "v", "r"),
+    static_vars=("lsm", "z"),
+    levels=(300, 500, 850),
+)
 NATL_KW = dict(
-    paths=[NATL], static_paths=[STATIC], surf_vars=("10u", "10v", "msl"),
-    atmos_vars=("t", "u", "v", "w"), static_vars=("lsm", "z"), levels=None,
-    splits={"train": ("2016-09-25", "2016-09-28T12"), "validation": ("2016-09-29", "2016-09-30"),
-            "test": ("2016-09-30T12", None)},
+    paths=[NATL],
+    static_paths=[STATIC],
+    surf_vars=("10u", "10v", "msl"),
+    atmos_vars=("t", "u", "v", "w"),
+    static_vars=("lsm", "z"),
+    levels=None,
+    splits={
+        "train": ("2016-09-25", "2016-09-28T12"),
+        "validation": ("2016-09-29", "2016-09-30"),
+        "test": ("2016-09-30T12", None),
+    },
     chunk_hours=36,
-)  # fmt: skip
+)
 
 
 def seconds(times: np.ndarray) -> list[int]:
@@ -93,8 +104,11 @@ def test_hres_stats_match_numpy(tmp_path: Path) -> None:
             np.testing.assert_allclose([mean, std], [x.mean(), x.std()], rtol=1e-10)
     static = builder.static()
     for name in ("lsm", "z"):
-        np.testing.assert_allclose(stats[name], [static[name].mean(dtype=np.float64),
-                                                 static[name].std(dtype=np.float64)], rtol=1e-10)
+        np.testing.assert_allclose(
+            stats[name],
+            [static[name].mean(dtype=np.float64), static[name].std(dtype=np.float64)],
+            rtol=1e-10,
+        )
 
 
 def test_era5_splits_surface_static_and_stats(tmp_path: Path) -> None:
@@ -106,7 +120,7 @@ def test_era5_splits_surface_static_and_stats(tmp_path: Path) -> None:
     assert got["train"] == all_times[:8]  # 25th 00 UTC .. 28th 12 UTC, 12-hourly
     assert got["validation"] == all_times[8:11]
     assert got["test"] == all_times[11:]
-    for split, times in got.items():
+    for split, _times in got.items():
         for example in read_all(builder, split):
             i = all_times.index(int(example["time"]))
             for v in ("10u", "10v", "msl"):
@@ -116,8 +130,11 @@ def test_era5_splits_surface_static_and_stats(tmp_path: Path) -> None:
     # statistics over the train split only, per level for atmospheric variables
     stats = builder.stats()
     train = ref.isel(time=slice(0, 8))
-    np.testing.assert_allclose(stats["msl"], [train["msl"].values.mean(dtype=np.float64),
-                                              train["msl"].values.std(dtype=np.float64)], rtol=1e-10)
+    np.testing.assert_allclose(
+        stats["msl"],
+        [train["msl"].values.mean(dtype=np.float64), train["msl"].values.std(dtype=np.float64)],
+        rtol=1e-10,
+    )
     w500 = train["w"].sel(level=500).values.astype(np.float64)
     np.testing.assert_allclose(stats["w_500"], [w500.mean(), w500.std()], rtol=1e-10)
     assert set(stats) >= {"10u", "10v", "msl", "t_500", "t_850", "w_850", "lsm", "z"}
@@ -164,7 +181,10 @@ def test_reopen_uses_stored_dataset_and_metadata(tmp_path: Path, monkeypatch) ->
 
 
 def test_config_names_folders_and_refuses_stale_reuse(tmp_path: Path) -> None:
-    a, b = Hres(data_dir=tmp_path, **HRES_KW), Hres(data_dir=tmp_path, **{**HRES_KW, "levels": [500]})
+    a, b = (
+        Hres(data_dir=tmp_path, **HRES_KW),
+        Hres(data_dir=tmp_path, **{**HRES_KW, "levels": [500]}),
+    )
     assert a.builder_config.name != b.builder_config.name  # content hash: separate folders
     named = Hres(data_dir=tmp_path, name="mine", **HRES_KW)
     named.download_and_prepare()
@@ -173,10 +193,14 @@ def test_config_names_folders_and_refuses_stale_reuse(tmp_path: Path) -> None:
 
 
 def test_chunked_build_equals_one_read(tmp_path: Path) -> None:
-    whole = Hres(data_dir=tmp_path, **{**HRES_KW, "splits": {"train": ("2024-06-03", "2024-06-05")},
-                                       "chunk_hours": 1000})  # fmt: skip
-    chunked = Hres(data_dir=tmp_path, **{**HRES_KW, "splits": {"train": ("2024-06-03", "2024-06-05")},
-                                         "chunk_hours": 5})  # fmt: skip
+    whole = Hres(
+        data_dir=tmp_path,
+        **{**HRES_KW, "splits": {"train": ("2024-06-03", "2024-06-05")}, "chunk_hours": 1000},
+    )
+    chunked = Hres(
+        data_dir=tmp_path,
+        **{**HRES_KW, "splits": {"train": ("2024-06-03", "2024-06-05")}, "chunk_hours": 5},
+    )
     for b in (whole, chunked):
         b.download_and_prepare()
     x, y = read_all(whole, "train"), read_all(chunked, "train")
@@ -188,8 +212,10 @@ def test_chunked_build_equals_one_read(tmp_path: Path) -> None:
 
 def test_config_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="overlaps"):
-        make_config(paths=[HRES_PL], splits={"train": ("2024-06-03", "2024-06-04"),
-                                             "test": ("2024-06-04", None)})  # fmt: skip
+        make_config(
+            paths=[HRES_PL],
+            splits={"train": ("2024-06-03", "2024-06-04"), "test": ("2024-06-04", None)},
+        )
     with pytest.raises(DataError, match="static_vars"):
         make_config(paths=[HRES_PL], static_vars=("orography",))
     with pytest.raises(DataError, match="stats_split 'train' is not a split"):
@@ -201,7 +227,9 @@ def test_config_errors(tmp_path: Path) -> None:
     missing = Hres(data_dir=tmp_path, **{**HRES_KW, "atmos_vars": ("z", "q")})
     with pytest.raises(DataError, match=r"hres_pl.*missing variable.*'q'"):
         missing.download_and_prepare()
-    empty = Hres(data_dir=tmp_path, **{**HRES_KW, "splits": {"train": ("2030-01-01", "2030-01-02")}})
+    empty = Hres(
+        data_dir=tmp_path, **{**HRES_KW, "splits": {"train": ("2030-01-01", "2030-01-02")}}
+    )
     with pytest.raises(DataError, match="no valid times in split train"):
         empty.download_and_prepare()
 

@@ -99,7 +99,9 @@ def _wandb_history(run_file: pathlib.Path) -> list[dict[str, Any]]:
             record = pb.Record.FromString(pending)
             if record.WhichOneof("record_type") == "history":
                 items = record.history.item
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
+                rows.append(
+                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+                )
     return rows
 
 
@@ -128,7 +130,7 @@ def test_tensorboard_writer_scalars_texts_histograms_hparams(tmp_path):
     assert by_tag["note/text_summary"][1].tensor.string_val == [b"hello"]
     hist_ev, hist = by_tag["weights"]
     assert hist_ev.step == 2 and hist.histo.num == 100 and hist.histo.max == 99.0
-    image_ev, image = by_tag["map"]
+    _image_ev, image = by_tag["map"]
     assert (image.image.height, image.image.width, image.image.colorspace) == (4, 5, 3)
     assert image.image.encoded_image_string.startswith(b"\x89PNG")
     hparams = [v for v in by_tag if v.startswith("_hparams_")]
@@ -190,7 +192,10 @@ def test_jsonl_writer_records_and_append(tmp_path):
     w.close()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert lines[0]["hparams"] == {"model.embed_dim": 64}
-    assert {k: v for k, v in lines[1].items() if k != "wall_time"} == {"step": 5, "train/loss": 0.25}
+    assert {k: v for k, v in lines[1].items() if k != "wall_time"} == {
+        "step": 5,
+        "train/loss": 0.25,
+    }
     assert lines[2]["step"] == 6 and lines[2]["val/rmse_2t"] == 1.5
     assert lines[3]["msg"] == "ok"
 
@@ -227,16 +232,35 @@ class _Recorder(MetricWriter):
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
-    def write_summaries(self, step, values, metadata=None): self.calls.append(("summaries", step))
-    def write_scalars(self, step, scalars): self.calls.append(("scalars", step, dict(scalars)))
-    def write_images(self, step, images): self.calls.append(("images", step))
-    def write_videos(self, step, videos): self.calls.append(("videos", step))
-    def write_audios(self, step, audios, *, sample_rate): self.calls.append(("audios", step, sample_rate))
-    def write_texts(self, step, texts): self.calls.append(("texts", step))
-    def write_histograms(self, step, arrays, num_buckets=None): self.calls.append(("histograms", step))
-    def write_hparams(self, hparams): self.calls.append(("hparams", dict(hparams)))
-    def flush(self): self.calls.append(("flush",))
-    def close(self): self.calls.append(("close",))
+    def write_summaries(self, step, values, metadata=None):
+        self.calls.append(("summaries", step))
+
+    def write_scalars(self, step, scalars):
+        self.calls.append(("scalars", step, dict(scalars)))
+
+    def write_images(self, step, images):
+        self.calls.append(("images", step))
+
+    def write_videos(self, step, videos):
+        self.calls.append(("videos", step))
+
+    def write_audios(self, step, audios, *, sample_rate):
+        self.calls.append(("audios", step, sample_rate))
+
+    def write_texts(self, step, texts):
+        self.calls.append(("texts", step))
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        self.calls.append(("histograms", step))
+
+    def write_hparams(self, hparams):
+        self.calls.append(("hparams", dict(hparams)))
+
+    def flush(self):
+        self.calls.append(("flush",))
+
+    def close(self):
+        self.calls.append(("close",))
 
 
 def test_metric_writer_is_abstract_and_multiwriter_fans_out():
@@ -250,7 +274,11 @@ def test_metric_writer_is_abstract_and_multiwriter_fans_out():
     m.flush()
     m.close()
     expected = [
-        ("scalars", 7, {"x": 1.0}), ("audios", 7, 16000), ("hparams", {"h": 1}), ("flush",), ("close",),
+        ("scalars", 7, {"x": 1.0}),
+        ("audios", 7, 16000),
+        ("hparams", {"h": 1}),
+        ("flush",),
+        ("close",),
     ]
     assert a.calls == expected and b.calls == expected
 
@@ -259,7 +287,9 @@ def test_make_writers_from_config_and_non_zero_process(tmp_path):
     import ml_collections
 
     cfg = [{"type": "tensorboard"}, {"type": "csv"}, {"type": "jsonl", "path": "logs/m.jsonl"}]
-    writers = make_writers(ml_collections.ConfigDict({"writers": cfg}).writers, tmp_path, is_global_zero=True)
+    writers = make_writers(
+        ml_collections.ConfigDict({"writers": cfg}).writers, tmp_path, is_global_zero=True
+    )
     assert [type(w) for w in writers] == [TensorBoardWriter, CsvWriter, JsonlWriter]
     for w in writers:
         w.write_scalars(1, {"train/loss": 3.0})
@@ -393,7 +423,9 @@ class FakeTrainer:
                 self.call("on_train_batch_end", outputs, None, (batch_idx + 1) * accumulate - 1)
                 if val_every and self.global_step % val_every == 0:
                     self.validate(next(val_iter))
-                if self.should_stop or (self.max_steps is not None and self.global_step >= self.max_steps):
+                if self.should_stop or (
+                    self.max_steps is not None and self.global_step >= self.max_steps
+                ):
                     stop = True
                     break
             else:
@@ -407,6 +439,7 @@ class FakeTrainer:
 # --------------------------------------------------------------------------------------------------
 # ProgressBar
 # --------------------------------------------------------------------------------------------------
+
 
 def test_progress_bar_plain_lines_when_not_a_tty(capsys):
     clock = FakeClock()
@@ -439,7 +472,9 @@ def test_progress_bar_defaults_to_log_interval_and_prints_last_step(capsys):
 def test_progress_bar_redraws_in_place_on_a_tty():
     clock, stream = FakeClock(), io.StringIO()
     bar = ProgressBar(refresh_every_n_steps=2, stream=stream, tty=True, clock=clock)
-    FakeTrainer([bar], max_steps=4, clock=clock).fit([3.0, 2.0, 1.0, 0.5], val_every=4, val_losses=[0.75])
+    FakeTrainer([bar], max_steps=4, clock=clock).fit(
+        [3.0, 2.0, 1.0, 0.5], val_every=4, val_losses=[0.75]
+    )
     out = stream.getvalue()
     assert out.startswith("\repoch 0 | step 2/4 (50%)")
     assert "\repoch 0 | step 4/4 (100%)" in out
@@ -449,7 +484,9 @@ def test_progress_bar_redraws_in_place_on_a_tty():
 
 
 def test_progress_bar_is_silent_off_process_zero(capsys):
-    FakeTrainer([ProgressBar(refresh_every_n_steps=1)], max_steps=3, is_global_zero=False).fit([1.0] * 3)
+    FakeTrainer([ProgressBar(refresh_every_n_steps=1)], max_steps=3, is_global_zero=False).fit(
+        [1.0] * 3
+    )
     assert capsys.readouterr().out == ""
 
 
@@ -465,7 +502,11 @@ def test_early_stopping_stops_after_patience_checks_without_improvement():
     trainer.fit([1.0] * 100, val_every=5, val_losses=[1.0, 0.8, 0.78, 0.9, 0.1, 0.1])
     assert trainer.should_stop and trainer.global_step == 20
     assert es.state_dict() == {
-        "monitor": "val/loss", "mode": "min", "best_score": 0.8, "wait_count": 2, "stopped_step": 20,
+        "monitor": "val/loss",
+        "mode": "min",
+        "best_score": 0.8,
+        "wait_count": 2,
+        "stopped_step": 20,
     }
 
 
@@ -535,9 +576,12 @@ def test_early_stopping_strict_missing_metric_and_standalone_validate():
 
 def test_lr_monitor_logs_the_rate_of_each_logged_update(tmp_path):
     writer = JsonlWriter(tmp_path / "m.jsonl")
-    schedule = lambda count: 0.01 * (count + 1)  # noqa: E731  (optax: update k uses schedule(k-1))
+    schedule = lambda count: 0.01 * (count + 1)
     trainer = FakeTrainer(
-        [LearningRateMonitor(logging_interval_steps=2)], max_steps=6, writers=[writer], lr_fn=schedule
+        [LearningRateMonitor(logging_interval_steps=2)],
+        max_steps=6,
+        writers=[writer],
+        lr_fn=schedule,
     )
     trainer.fit([1.0] * 6, accumulate=2)
     writer.close()
@@ -549,11 +593,17 @@ def test_lr_monitor_logs_the_rate_of_each_logged_update(tmp_path):
 def test_lr_monitor_defaults_to_log_every_n_steps():
     rec = _Recorder()
     trainer = FakeTrainer(
-        [LearningRateMonitor(name="train/lr")], max_steps=9, log_every_n_steps=3, writers=[rec], lr_fn=float
+        [LearningRateMonitor(name="train/lr")],
+        max_steps=9,
+        log_every_n_steps=3,
+        writers=[rec],
+        lr_fn=float,
     )
     trainer.fit([1.0] * 9)
     assert [c[1:] for c in rec.calls if "train/lr" in c[2]] == [
-        (3, {"train/lr": 2.0}), (6, {"train/lr": 5.0}), (9, {"train/lr": 8.0}),
+        (3, {"train/lr": 2.0}),
+        (6, {"train/lr": 5.0}),
+        (9, {"train/lr": 8.0}),
     ]
 
 
@@ -613,14 +663,18 @@ def test_timer_stops_at_budget_and_resumed_run_counts_on():
 
 def test_callbacks_together_write_csv_a_user_can_pivot(tmp_path, capsys):
     clock = FakeClock()
-    writers = make_writers([{"type": "csv"}, {"type": "tensorboard"}], tmp_path, is_global_zero=True)
+    writers = make_writers(
+        [{"type": "csv"}, {"type": "tensorboard"}], tmp_path, is_global_zero=True
+    )
     callbacks = [
         ProgressBar(refresh_every_n_steps=4, clock=clock),
         LearningRateMonitor(logging_interval_steps=4),
         EarlyStopping(patience=1),
         Timer(duration=3600, clock=clock),
     ]
-    trainer = FakeTrainer(callbacks, max_steps=40, log_every_n_steps=4, writers=writers, clock=clock)
+    trainer = FakeTrainer(
+        callbacks, max_steps=40, log_every_n_steps=4, writers=writers, clock=clock
+    )
     trainer.fit([1.0 / (k + 1) for k in range(40)], val_every=8, val_losses=[0.5, 0.4, 0.45, 0.3])
     for w in writers:
         w.close()
@@ -628,6 +682,8 @@ def test_callbacks_together_write_csv_a_user_can_pivot(tmp_path, capsys):
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     tags = {(int(r["step"]), r["tag"]) for r in rows}
     assert {(8, "train/loss"), (8, "lr"), (8, "val/loss"), (24, "val/loss")} <= tags
-    steps, values = zip(*_tb_scalars(tmp_path / "tensorboard")["val/loss"], strict=True)  # float32 in event files
+    steps, values = zip(
+        *_tb_scalars(tmp_path / "tensorboard")["val/loss"], strict=True
+    )  # float32 in event files
     assert steps == (8, 16, 24) and values == pytest.approx([0.5, 0.4, 0.45])
     assert "validation @ step 24 | val/loss 0.45" in capsys.readouterr().out

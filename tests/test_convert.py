@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from aurora.convert import ConversionError, adapt_checkpoint, convert_pytorch_checkpoint, to_pytorch_state_dict
+from aurora.convert import (
+    ConversionError,
+    adapt_checkpoint,
+    convert_pytorch_checkpoint,
+    to_pytorch_state_dict,
+)
 from tests.helpers import random_batch, tiny_model
 
 
@@ -88,9 +93,14 @@ def test_published_layout_is_adapted() -> None:
 
     converted = convert_pytorch_checkpoint(old, model)
     embed = converted["encoder"]["surf_token_embeds"]["weights"]
-    np.testing.assert_array_equal(embed["lsm"][:, :, 0], params["encoder"]["surf_token_embeds"]["weights"]["lsm"][:, :, 0])
+    np.testing.assert_array_equal(
+        embed["lsm"][:, :, 0], params["encoder"]["surf_token_embeds"]["weights"]["lsm"][:, :, 0]
+    )
     assert np.all(embed["lsm"][:, :, 1] == 0), "the new history slice starts at zero"
-    np.testing.assert_array_equal(converted["decoder"]["surf_heads"]["msl"]["kernel"], params["decoder"]["surf_heads"]["msl"]["kernel"])
+    np.testing.assert_array_equal(
+        converted["decoder"]["surf_heads"]["msl"]["kernel"],
+        params["decoder"]["surf_heads"]["msl"]["kernel"],
+    )
 
 
 def test_longer_history_than_model_is_refused() -> None:
@@ -106,15 +116,34 @@ def test_cli_writes_an_orbax_checkpoint(tmp_path, lora_model_and_params) -> None
 
     from aurora.convert import main
 
-    model, params = lora_model_and_params
+    _model, params = lora_model_and_params
     source = tmp_path / "state_dict.npz"
     np.savez(source, **to_pytorch_state_dict(params))
     kwargs = {
-        "encoder_depths": [1, 2], "encoder_num_heads": [2, 4], "decoder_depths": [2, 1], "decoder_num_heads": [4, 2],
-        "embed_dim": 32, "num_heads": 4, "window_size": [2, 2, 4], "use_lora": True, "lora_mode": "all", "lora_steps": 3,
+        "encoder_depths": [1, 2],
+        "encoder_num_heads": [2, 4],
+        "decoder_depths": [2, 1],
+        "decoder_num_heads": [4, 2],
+        "embed_dim": 32,
+        "num_heads": 4,
+        "window_size": [2, 2, 4],
+        "use_lora": True,
+        "lora_mode": "all",
+        "lora_steps": 3,
     }
     out = tmp_path / "orbax"
-    main(["--pytorch-ckpt", str(source), "--preset", "Aurora", "--out", str(out), "--model-kwargs", json.dumps(kwargs)])
+    main(
+        [
+            "--pytorch-ckpt",
+            str(source),
+            "--preset",
+            "Aurora",
+            "--out",
+            str(out),
+            "--model-kwargs",
+            json.dumps(kwargs),
+        ]
+    )
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(out.resolve())
     a, b = _flat(params), _flat(restored)

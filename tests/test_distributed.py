@@ -19,13 +19,15 @@ import numpy as np
 import pytest
 
 from aurora.batch import Batch
+from tests.helpers import random_batch, tiny_model
 from trainers.data import InMemoryData
 from trainers.strategies.rollout import RolloutStrategy
 from trainers.trainer import Trainer
-from tests.helpers import random_batch, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIM = ml_collections.ConfigDict({"learning_rate": 1e-3, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.01})
+OPTIM = ml_collections.ConfigDict(
+    {"learning_rate": 1e-3, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.01}
+)
 ROWS = 4
 STEPS = 3
 
@@ -36,12 +38,18 @@ def global_examples() -> list[tuple[Batch, list[Batch]]]:
     for seed in range(STEPS):
         inputs = random_batch(model, batch=ROWS, h=8, w=16, seed=seed)
         target = random_batch(model, batch=ROWS, history=1, h=8, w=16, seed=seed + 10)
-        target = target.replace(metadata=target.metadata.replace(time=np.asarray(inputs.metadata.time) + 360, rollout_step=1))
+        target = target.replace(
+            metadata=target.metadata.replace(
+                time=np.asarray(inputs.metadata.time) + 360, rollout_step=1
+            )
+        )
         examples.append((inputs, [target]))
     return examples
 
 
-def local_rows(example: tuple[Batch, list[Batch]], process: int, processes: int) -> tuple[Batch, list[Batch]]:
+def local_rows(
+    example: tuple[Batch, list[Batch]], process: int, processes: int
+) -> tuple[Batch, list[Batch]]:
     """Process `process`'s contiguous block of rows (the mesh's device order across processes)."""
     n = ROWS // processes
     rows = slice(process * n, (process + 1) * n)
@@ -58,7 +66,13 @@ def local_rows(example: tuple[Batch, list[Batch]], process: int, processes: int)
 
 
 def fit(examples: list, mesh=None) -> Trainer:
-    trainer = Trainer(RolloutStrategy(tiny_model()), optimizer=OPTIM, mesh=mesh, max_steps=STEPS, log_every_n_steps=1)
+    trainer = Trainer(
+        RolloutStrategy(tiny_model()),
+        optimizer=OPTIM,
+        mesh=mesh,
+        max_steps=STEPS,
+        log_every_n_steps=1,
+    )
     trainer.fit(InMemoryData(examples, shuffle=False))
     return trainer
 
@@ -74,8 +88,22 @@ def test_two_processes_train_like_one(tmp_path) -> None:
     port, out = _free_port(), tmp_path / "params.npz"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     workers = [
-        subprocess.Popen([sys.executable, "-m", "tests.workers.distributed_fit", str(i), "2", str(port), str(out)],
-                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.workers.distributed_fit",
+                str(i),
+                "2",
+                str(port),
+                str(out),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(2)
     ]
     logs = []

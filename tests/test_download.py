@@ -73,35 +73,54 @@ def _surface_fields(pl: xr.Dataset) -> dict[str, xr.DataArray]:
         "t2m": at["t"].assign_attrs(units="K", long_name="2 metre temperature"),
         "u10": at["u"].assign_attrs(units="m s**-1", long_name="10 metre U wind component"),
         "v10": at["v"].assign_attrs(units="m s**-1", long_name="10 metre V wind component"),
-        "msl": (100000.0 + 1.2 * at["z"]).astype(np.float32).assign_attrs(
-            units="Pa", long_name="Mean sea level pressure"),
+        "msl": (100000.0 + 1.2 * at["z"])
+        .astype(np.float32)
+        .assign_attrs(units="Pa", long_name="Mean sea level pressure"),
     }
 
 
 def _pressure_fields(pl: xr.Dataset) -> dict[str, xr.DataArray]:
     q = (pl["r"].clip(0, 100) * 1e-4).astype(np.float32)  # 0..0.01 kg/kg from relative humidity
-    return {"z": pl["z"], "t": pl["t"], "u": pl["u"], "v": pl["v"], "r": pl["r"],
-            "q": q.assign_attrs(units="kg kg**-1", long_name="Specific humidity")}
+    return {
+        "z": pl["z"],
+        "t": pl["t"],
+        "u": pl["u"],
+        "v": pl["v"],
+        "r": pl["r"],
+        "q": q.assign_attrs(units="kg kg**-1", long_name="Specific humidity"),
+    }
 
 
 def _static_fields() -> dict[str, xr.DataArray]:
     """The real WeatherBench static fields, taken at the nearest points of the 10 deg grid of
     the other fields, so that static and dynamic files of one download share a grid."""
     grid = _sample_pl()
-    st = _sample_static().sel(latitude=grid["latitude"], longitude=grid["longitude"],
-                              method="nearest")
+    st = _sample_static().sel(
+        latitude=grid["latitude"], longitude=grid["longitude"], method="nearest"
+    )
     st = st.assign_coords(latitude=grid["latitude"], longitude=grid["longitude"])
-    z = (st["orography"] * G).astype(np.float32).assign_attrs(units="m**2 s**-2",
-                                                                long_name="Geopotential")
+    z = (
+        (st["orography"] * G)
+        .astype(np.float32)
+        .assign_attrs(units="m**2 s**-2", long_name="Geopotential")
+    )
     return {"lsm": st["lsm"], "slt": st["slt"], "z": z}
 
 
 _SHORT = {  # CDS long name -> short name in the file
-    "2m_temperature": "t2m", "10m_u_component_of_wind": "u10", "10m_v_component_of_wind": "v10",
-    "mean_sea_level_pressure": "msl", "geopotential": "z", "temperature": "t",
-    "u_component_of_wind": "u", "v_component_of_wind": "v", "specific_humidity": "q",
-    "relative_humidity": "r", "land_sea_mask": "lsm", "soil_type": "slt",
-}  # fmt: skip
+    "2m_temperature": "t2m",
+    "10m_u_component_of_wind": "u10",
+    "10m_v_component_of_wind": "v10",
+    "mean_sea_level_pressure": "msl",
+    "geopotential": "z",
+    "temperature": "t",
+    "u_component_of_wind": "u",
+    "v_component_of_wind": "v",
+    "specific_humidity": "q",
+    "relative_humidity": "r",
+    "land_sea_mask": "lsm",
+    "soil_type": "slt",
+}
 
 
 class FakeCds:
@@ -112,8 +131,14 @@ class FakeCds:
     out of every file (a service returning less than asked); `as_zip` wraps the file in a zip.
     """
 
-    def __init__(self, *, fail_first: int = 0, interrupt_at: int | None = None,
-                 drop: tuple[str, ...] = (), as_zip: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        fail_first: int = 0,
+        interrupt_at: int | None = None,
+        drop: tuple[str, ...] = (),
+        as_zip: bool = False,
+    ) -> None:
         self.calls: list[tuple[str, dict[str, Any], str]] = []
         self.fail_first = fail_first
         self.interrupt_at = interrupt_at
@@ -140,8 +165,11 @@ class FakeCds:
 
     def _netcdf_bytes(self, name: str, request: dict[str, Any]) -> bytes:
         year, month = int(request["year"][0]), int(request["month"][0])
-        times = [np.datetime64(f"{year:04d}-{month:02d}-{d}T{t}", "ns")
-                 for d in request["day"] for t in request["time"]]
+        times = [
+            np.datetime64(f"{year:04d}-{month:02d}-{d}T{t}", "ns")
+            for d in request["day"]
+            for t in request["time"]
+        ]
         if "land_sea_mask" in request["variable"] or "soil_type" in request["variable"]:
             fields = _static_fields()
         elif name == dl.ERA5_PRESSURE:
@@ -184,9 +212,15 @@ def _files(out: Path) -> list[str]:
 
 
 def _era5(out: Path, client: FakeCds, **kw: Any) -> list[Path]:
-    args: dict[str, Any] = dict(start="2024-01-30", end="2024-02-02", variables=["2t", "msl", "z",
-                                "t", "q"], levels=[500, 850], hours=["00", "12"],
-                                retry_wait_s=0.0, echo=lambda s: None)
+    args: dict[str, Any] = dict(
+        start="2024-01-30",
+        end="2024-02-02",
+        variables=["2t", "msl", "z", "t", "q"],
+        levels=[500, 850],
+        hours=["00", "12"],
+        retry_wait_s=0.0,
+        echo=lambda s: None,
+    )
     return download_era5(out, client=client, **{**args, **kw})
 
 
@@ -197,19 +231,35 @@ def _era5(out: Path, client: FakeCds, **kw: Any) -> list[Path]:
 
 def test_month_spans_cover_the_range_inclusive() -> None:
     assert month_spans("2023-12-30", "2024-02-02") == [
-        (2023, 12, [30, 31]), (2024, 1, list(range(1, 32))), (2024, 2, [1, 2])]
+        (2023, 12, [30, 31]),
+        (2024, 1, list(range(1, 32))),
+        (2024, 2, [1, 2]),
+    ]
     assert month_spans("2024-02-01", "2024-02-29")[0][2][-1] == 29  # leap day
 
 
 def test_plan_splits_by_month_and_group(tmp_path: Path) -> None:
-    plan = plan_era5(tmp_path, start="2024-01-30", end="2024-03-02", variables=["2t", "z", "t"],
-                     levels=[850, 500], hours=["00", "6", "12:00", "18"], grid=[1.0],
-                     area=[90, 0, -90, 359], product="reanalysis")
+    plan = plan_era5(
+        tmp_path,
+        start="2024-01-30",
+        end="2024-03-02",
+        variables=["2t", "z", "t"],
+        levels=[850, 500],
+        hours=["00", "6", "12:00", "18"],
+        grid=[1.0],
+        area=[90, 0, -90, 359],
+        product="reanalysis",
+    )
     names = [r.target.name for r in plan]
-    assert names == ["era5_static.nc",
-                     "era5_surface_2024-01.nc", "era5_pressure_2024-01.nc",
-                     "era5_surface_2024-02.nc", "era5_pressure_2024-02.nc",
-                     "era5_surface_2024-03.nc", "era5_pressure_2024-03.nc"]
+    assert names == [
+        "era5_static.nc",
+        "era5_surface_2024-01.nc",
+        "era5_pressure_2024-01.nc",
+        "era5_surface_2024-02.nc",
+        "era5_pressure_2024-02.nc",
+        "era5_surface_2024-03.nc",
+        "era5_pressure_2024-03.nc",
+    ]
     static, sfc_jan, pl_jan, _, pl_feb, *_ = plan
     assert static.dataset == dl.ERA5_SINGLE
     assert static.request["variable"] == ["land_sea_mask", "geopotential", "soil_type"]
@@ -231,20 +281,44 @@ def test_plan_splits_by_month_and_group(tmp_path: Path) -> None:
 
 
 def test_plan_accepts_cds_long_names_and_no_static(tmp_path: Path) -> None:
-    plan = plan_era5(tmp_path, start="2024-01-01", end="2024-01-01",
-                     variables=["2m_temperature", "geopotential"], levels=[500],
-                     static_variables=[])
+    plan = plan_era5(
+        tmp_path,
+        start="2024-01-01",
+        end="2024-01-01",
+        variables=["2m_temperature", "geopotential"],
+        levels=[500],
+        static_variables=[],
+    )
     assert [r.group for r in plan] == ["surface", "pressure"]
     assert plan[0].variables == ("2t",) and plan[1].variables == ("z",)
 
 
-def test_dry_run_prints_plan_and_calls_nothing(tmp_path: Path, capsys: pytest.CaptureFixture
-                                               ) -> None:
+def test_dry_run_prints_plan_and_calls_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     fake = FakeCds()
     out = tmp_path / "era5"
-    rc = main(["era5", "--out", str(out), "--start", "2024-01-31", "--end", "2024-02-01",
-               "--variables", "2t", "z", "--levels", "500", "--hours", "00", "12", "--dry-run"],
-              client=fake)
+    rc = main(
+        [
+            "era5",
+            "--out",
+            str(out),
+            "--start",
+            "2024-01-31",
+            "--end",
+            "2024-02-01",
+            "--variables",
+            "2t",
+            "z",
+            "--levels",
+            "500",
+            "--hours",
+            "00",
+            "12",
+            "--dry-run",
+        ],
+        client=fake,
+    )
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 + 4 + 1  # static, 2 months x 2 groups, summary
@@ -265,14 +339,27 @@ def test_download_writes_files_that_readers_open(tmp_path: Path) -> None:
     fake = FakeCds()
     files = _era5(tmp_path, fake)
     assert len(fake.calls) == 5 and all(f.exists() for f in files)
-    assert _files(tmp_path) == ["era5_pressure_2024-01.nc", "era5_pressure_2024-02.nc",
-                                "era5_static.nc", "era5_surface_2024-01.nc",
-                                "era5_surface_2024-02.nc"]
-    ds = open_dataset([tmp_path / "era5_surface_2024-01.nc", tmp_path / "era5_pressure_2024-01.nc",
-                       tmp_path / "era5_static.nc"])
+    assert _files(tmp_path) == [
+        "era5_pressure_2024-01.nc",
+        "era5_pressure_2024-02.nc",
+        "era5_static.nc",
+        "era5_surface_2024-01.nc",
+        "era5_surface_2024-02.nc",
+    ]
+    ds = open_dataset(
+        [
+            tmp_path / "era5_surface_2024-01.nc",
+            tmp_path / "era5_pressure_2024-01.nc",
+            tmp_path / "era5_static.nc",
+        ]
+    )
     assert set(ds.data_vars) == {"2t", "msl", "z", "t", "q", "lsm", "slt", "z_sfc"}
     assert [str(t)[:13] for t in ds["time"].values] == [
-        "2024-01-30T00", "2024-01-30T12", "2024-01-31T00", "2024-01-31T12"]
+        "2024-01-30T00",
+        "2024-01-30T12",
+        "2024-01-31T00",
+        "2024-01-31T12",
+    ]
     assert list(ds["level"].values) == [500.0, 850.0]
     feb = open_dataset([tmp_path / "era5_pressure_2024-02.nc"])
     assert feb.sizes["time"] == 4
@@ -301,9 +388,18 @@ def test_damaged_file_is_downloaded_again(tmp_path: Path, damage: str) -> None:
         with xr.open_dataset(target) as ds:
             short = ds.isel(valid_time=slice(0, -1)).load()
         short.to_netcdf(target)
-    req = next(r for r in plan_era5(tmp_path, start="2024-01-30", end="2024-02-02",
-                                    variables=["2t", "msl", "z", "t", "q"], levels=[500, 850],
-                                    hours=["00", "12"]) if r.target == target)
+    req = next(
+        r
+        for r in plan_era5(
+            tmp_path,
+            start="2024-01-30",
+            end="2024-02-02",
+            variables=["2t", "msl", "z", "t", "q"],
+            levels=[500, 850],
+            hours=["00", "12"],
+        )
+        if r.target == target
+    )
     assert cds_file_problem(target, req) is not None
     fake = FakeCds()
     _era5(tmp_path, fake)
@@ -323,8 +419,10 @@ def test_static_file_of_another_date_is_kept(tmp_path: Path) -> None:
     _era5(tmp_path, FakeCds(), start="2024-01-30", end="2024-01-30")
     later = FakeCds()
     _era5(tmp_path, later, start="2024-02-01", end="2024-02-01")
-    assert [Path(c[2]).name for c in later.calls] == ["era5_surface_2024-02.nc.part",
-                                                      "era5_pressure_2024-02.nc.part"]
+    assert [Path(c[2]).name for c in later.calls] == [
+        "era5_surface_2024-02.nc.part",
+        "era5_pressure_2024-02.nc.part",
+    ]
 
 
 def test_interrupted_download_leaves_no_final_file(tmp_path: Path) -> None:
@@ -353,15 +451,17 @@ def test_persistent_failure_names_the_request(tmp_path: Path) -> None:
 
 def test_file_without_a_requested_variable_is_refused(tmp_path: Path) -> None:
     fake = FakeCds(drop=("q",))
-    with pytest.raises(DataError, match=r"era5_pressure_2024-01\.nc.*variable q "
-                                        r"\(specific_humidity\) missing"):
+    with pytest.raises(
+        DataError,
+        match=r"era5_pressure_2024-01\.nc.*variable q "
+        r"\(specific_humidity\) missing",
+    ):
         _era5(tmp_path, fake, static_variables=[], retries=0)
     assert not (tmp_path / "era5_pressure_2024-01.nc").exists()
 
 
 def test_zipped_response_is_unpacked(tmp_path: Path) -> None:
-    _era5(tmp_path, FakeCds(as_zip=True), start="2024-01-30", end="2024-01-30",
-          static_variables=[])
+    _era5(tmp_path, FakeCds(as_zip=True), start="2024-01-30", end="2024-01-30", static_variables=[])
     assert open_dataset(tmp_path / "era5_surface_2024-01.nc").sizes["time"] == 2
 
 
@@ -386,24 +486,42 @@ def test_static_from_cds(tmp_path: Path) -> None:
         ({"area": [90, 0, -90]}, r"area must be 4 numbers"),
     ],
 )
-def test_plan_errors_name_the_problem(tmp_path: Path, kwargs: dict[str, Any], message: str
-                                      ) -> None:
+def test_plan_errors_name_the_problem(tmp_path: Path, kwargs: dict[str, Any], message: str) -> None:
     args: dict[str, Any] = {"start": "2024-01-01", "end": "2024-01-02", **kwargs}
     with pytest.raises(DataError, match=message):
         plan_era5(tmp_path, **args)
 
 
-def test_cli_reports_errors_with_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture
-                                             ) -> None:
-    rc = main(["era5", "--out", str(tmp_path), "--start", "2024-01-01", "--end", "2024-01-01",
-               "--variables", "2t", "tcc", "--dry-run"], client=FakeCds())
+def test_cli_reports_errors_with_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = main(
+        [
+            "era5",
+            "--out",
+            str(tmp_path),
+            "--start",
+            "2024-01-01",
+            "--end",
+            "2024-01-01",
+            "--variables",
+            "2t",
+            "tcc",
+            "--dry-run",
+        ],
+        client=FakeCds(),
+    )
     assert rc == 2
     assert "unknown ERA5 variable(s) ['tcc']" in capsys.readouterr().err
 
 
 def test_run_without_work_needs_no_client(tmp_path: Path) -> None:
-    plan = plan_era5(tmp_path, start="2024-01-30", end="2024-01-30", variables=["2t"],
-                     static_variables=[], hours=["00"])
+    plan = plan_era5(
+        tmp_path,
+        start="2024-01-30",
+        end="2024-01-30",
+        variables=["2t"],
+        static_variables=[],
+        hours=["00"],
+    )
     run_cds_requests(plan, FakeCds())
     run_cds_requests(plan, None)  # everything complete: cdsapi.Client() is never created
 
@@ -412,8 +530,13 @@ def test_run_without_work_needs_no_client(tmp_path: Path) -> None:
 # WeatherBench2 / HRES zarr stores
 # --------------------------------------------------------------------------------------------
 
-_WB2 = {"t": "temperature", "u": "u_component_of_wind", "v": "v_component_of_wind",
-        "z": "geopotential", "r": "relative_humidity"}
+_WB2 = {
+    "t": "temperature",
+    "u": "u_component_of_wind",
+    "v": "v_component_of_wind",
+    "z": "geopotential",
+    "r": "relative_humidity",
+}
 
 
 def _wb2_like(offset: float = 0.0) -> xr.Dataset:
@@ -427,9 +550,13 @@ def _wb2_like(offset: float = 0.0) -> xr.Dataset:
 
 
 def _write_store(ds: xr.Dataset, path: Path) -> Path:
-    ds.drop_encoding().to_zarr(path, mode="w", zarr_format=2, consolidated=True,
-                               encoding={v: {"chunks": (1,) + ds[v].shape[1:]}
-                                         for v in ds.data_vars})
+    ds.drop_encoding().to_zarr(
+        path,
+        mode="w",
+        zarr_format=2,
+        consolidated=True,
+        encoding={v: {"chunks": (1, *ds[v].shape[1:])} for v in ds.data_vars},
+    )
     return path
 
 
@@ -445,15 +572,24 @@ def _read(path: Path) -> xr.Dataset:
 
 def test_zarr_subset_selects_variables_levels_times(wb2_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "hres.zarr"
-    download_zarr(str(wb2_store), out, variables=["2t", "z", "t"], levels=[850, 500],
-                  start="2024-06-03T06", end="2024-06-04", stride=2, chunk_times=3)
+    download_zarr(
+        str(wb2_store),
+        out,
+        variables=["2t", "z", "t"],
+        levels=[850, 500],
+        start="2024-06-03T06",
+        end="2024-06-04",
+        stride=2,
+        chunk_times=3,
+    )
     got, src = _read(out), _wb2_like()
     assert sorted(got.data_vars) == ["2m_temperature", "geopotential", "temperature"]
     assert list(got["level"].values) == [500, 850]
     want_t = src["time"].values[1::2]
     np.testing.assert_array_equal(got["time"].values, want_t)
-    expect = src[["2m_temperature", "geopotential", "temperature"]].sel(time=want_t,
-                                                                        level=[500, 850])
+    expect = src[["2m_temperature", "geopotential", "temperature"]].sel(
+        time=want_t, level=[500, 850]
+    )
     xr.testing.assert_equal(got.drop_encoding(), expect)
     ds = open_dataset(out)  # the canonical reader understands the output
     assert set(ds.data_vars) == {"2t", "z", "t"} and ds["latitude"].values[0] == 90.0
@@ -461,13 +597,15 @@ def test_zarr_subset_selects_variables_levels_times(wb2_store: Path, tmp_path: P
 
 
 def test_zarr_hours_filter(wb2_store: Path, tmp_path: Path) -> None:
-    out = download_zarr(str(wb2_store), tmp_path / "o.zarr", variables=["t"], levels=[500],
-                        hours=["00", "12"])
+    out = download_zarr(
+        str(wb2_store), tmp_path / "o.zarr", variables=["t"], levels=[500], hours=["00", "12"]
+    )
     assert [str(t)[11:13] for t in _read(out)["time"].values] == ["00", "12"] * 2
 
 
-def test_zarr_resume_skips_present_times(wb2_store: Path, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture) -> None:
+def test_zarr_resume_skips_present_times(
+    wb2_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "hres.zarr"
     kw: dict[str, Any] = dict(variables=["t"], levels=[500], chunk_times=2)
     download_zarr(str(wb2_store), out, end="2024-06-03", **kw)
@@ -502,8 +640,9 @@ def test_zarr_append_cut_short_is_undone(wb2_store: Path, tmp_path: Path) -> Non
     assert not (tmp_path / "hres.zarr.journal.json").exists()
 
 
-def test_zarr_append_failure_keeps_committed_times(wb2_store: Path, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_zarr_append_failure_keeps_committed_times(
+    wb2_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "hres.zarr"
     kw: dict[str, Any] = dict(variables=["t"], levels=[500], chunk_times=2)
     real = xr.Dataset.to_zarr
@@ -523,19 +662,40 @@ def test_zarr_append_failure_keeps_committed_times(wb2_store: Path, tmp_path: Pa
     assert _read(out).sizes["time"] == 8
 
 
-def test_zarr_dry_run_prints_plan_and_writes_nothing(wb2_store: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture) -> None:
+def test_zarr_dry_run_prints_plan_and_writes_nothing(
+    wb2_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "hres.zarr"
-    rc = main(["hres", "--source", str(wb2_store), "--out", str(out), "--variables", "2t", "z",
-               "t", "--levels", "500", "850", "--start", "2024-06-03", "--end", "2024-06-03",
-               "--dry-run"])
+    rc = main(
+        [
+            "hres",
+            "--source",
+            str(wb2_store),
+            "--out",
+            str(out),
+            "--variables",
+            "2t",
+            "z",
+            "t",
+            "--levels",
+            "500",
+            "850",
+            "--start",
+            "2024-06-03",
+            "--end",
+            "2024-06-03",
+            "--dry-run",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert f"source: {wb2_store}" in text
     assert "variables: 2t=2m_temperature, z=geopotential, t=temperature" in text
     assert "levels: 500, 850" in text
-    assert "times: 4 selected (2024-06-03T00:00..2024-06-03T18:00, stride 1); 0 already present"\
+    assert (
+        "times: 4 selected (2024-06-03T00:00..2024-06-03T18:00, stride 1); 0 already present"
         in text
+    )
     per_time = 19 * 36 * 4 * (1 + 2 + 2)  # float32: 2t, and z, t on two levels
     assert f"estimated bytes: {4 * per_time} " in text
     assert not out.exists()
@@ -546,14 +706,17 @@ def test_zarr_dry_run_prints_plan_and_writes_nothing(wb2_store: Path, tmp_path: 
     [
         ({"variables": ["t", "q"]}, r"variable 'q' \(looked for \['specific_humidity', 'q'\]\)"),
         ({"variables": ["t"], "levels": [500, 925]}, r"variable temperature has no level 925"),
-        ({"variables": ["t"], "levels": [500], "start": "2030-01-01"},
-         r"no times from 2030-01-01 to the last; "
-         r"the store covers 2024-06-03T00:00\.\.2024-06-04T18"),
+        (
+            {"variables": ["t"], "levels": [500], "start": "2030-01-01"},
+            r"no times from 2030-01-01 to the last; "
+            r"the store covers 2024-06-03T00:00\.\.2024-06-04T18",
+        ),
         ({"variables": ["t"], "levels": [500], "stride": 0}, r"stride must be >= 1"),
     ],
 )
-def test_zarr_errors_name_the_problem(wb2_store: Path, tmp_path: Path, kwargs: dict[str, Any],
-                                      message: str) -> None:
+def test_zarr_errors_name_the_problem(
+    wb2_store: Path, tmp_path: Path, kwargs: dict[str, Any], message: str
+) -> None:
     with pytest.raises(DataError, match=message):
         download_zarr(str(wb2_store), tmp_path / "o.zarr", **kwargs)
     assert not (tmp_path / "o.zarr").exists()
@@ -572,9 +735,15 @@ def test_zarr_missing_store_and_mismatched_output(wb2_store: Path, tmp_path: Pat
 
 def test_static_from_zarr_store(tmp_path: Path) -> None:
     st = _sample_static()  # WeatherBench grids run south to north, as WeatherBench2 stores do
-    src = xr.Dataset({"land_sea_mask": st["lsm"], "soil_type": st["slt"],
-                      "geopotential_at_surface": (st["orography"] * G).astype(np.float32)
-                      .assign_attrs(units="m**2 s**-2")})
+    src = xr.Dataset(
+        {
+            "land_sea_mask": st["lsm"],
+            "soil_type": st["slt"],
+            "geopotential_at_surface": (st["orography"] * G)
+            .astype(np.float32)
+            .assign_attrs(units="m**2 s**-2"),
+        }
+    )
     store = _write_store(src, tmp_path / "src" / "wb2_static.zarr")
     out_dir = tmp_path / "static"
     path = download_static(out_dir, source=str(store))
@@ -617,11 +786,11 @@ def http_root(tmp_path: Path):
 def test_zarr_over_http(wb2_store: Path, http_root: str, tmp_path: Path) -> None:
     out = tmp_path / "http.zarr"
     url = f"{http_root}/{wb2_store.name}"
-    download_zarr(url, out, variables=["2t", "z"], levels=[500], end="2024-06-03T12",
-                  chunk_times=2)
+    download_zarr(url, out, variables=["2t", "z"], levels=[500], end="2024-06-03T12", chunk_times=2)
     got, src = _read(out), _wb2_like()
-    np.testing.assert_array_equal(got["geopotential"].values,
-                                  src["geopotential"].sel(level=[500]).values[:3])
+    np.testing.assert_array_equal(
+        got["geopotential"].values, src["geopotential"].sel(level=[500]).values[:3]
+    )
     with pytest.raises(DataError, match=r"cannot open zarr store"):
         download_zarr(f"{http_root}/missing.zarr", tmp_path / "x.zarr", variables=["t"])
 
@@ -629,12 +798,49 @@ def test_zarr_over_http(wb2_store: Path, http_root: str, tmp_path: Path) -> None
 def test_cli_end_to_end(wb2_store: Path, tmp_path: Path) -> None:
     fake = FakeCds()
     out = tmp_path / "era5"
-    assert main(["era5", "--out", str(out), "--start", "2024-01-31", "--end", "2024-01-31",
-                 "--variables", "2t", "t", "--levels", "850", "--hours", "00",
-                 "--static-variables", "--retry-wait", "0"], client=fake) == 0
+    assert (
+        main(
+            [
+                "era5",
+                "--out",
+                str(out),
+                "--start",
+                "2024-01-31",
+                "--end",
+                "2024-01-31",
+                "--variables",
+                "2t",
+                "t",
+                "--levels",
+                "850",
+                "--hours",
+                "00",
+                "--static-variables",
+                "--retry-wait",
+                "0",
+            ],
+            client=fake,
+        )
+        == 0
+    )
     assert _files(out) == ["era5_pressure_2024-01.nc", "era5_surface_2024-01.nc"]
-    assert main(["wb2", "--source", str(wb2_store), "--out", str(tmp_path / "w.zarr"),
-                 "--variables", "t", "--all-levels", "--end", "2024-06-03T00"]) == 0
+    assert (
+        main(
+            [
+                "wb2",
+                "--source",
+                str(wb2_store),
+                "--out",
+                str(tmp_path / "w.zarr"),
+                "--variables",
+                "t",
+                "--all-levels",
+                "--end",
+                "2024-06-03T00",
+            ]
+        )
+        == 0
+    )
     assert _read(tmp_path / "w.zarr").sizes["level"] == 6
 
 
@@ -642,6 +848,11 @@ def test_module_entry_point_runs() -> None:
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-m", "data_builders.download", "era5", "--help"],
-                         capture_output=True, text=True, timeout=60, check=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "data_builders.download", "era5", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert "--dry-run" in res.stdout and "--static-variables" in res.stdout

@@ -31,20 +31,52 @@ HRES_PL = DATA / "hres_pl_20240603T00-20240604T18_6h_10deg.nc"
 NATL = DATA / "hres_an_sfc_pl_20160925-20161001_12h_10deg_natlantic.nc"
 STATIC = DATA / "era5_static_z_lsm_0.25deg.nc"
 HOUR = 3600
-ONE_STAGE = {"encoder_depths": (1,), "encoder_num_heads": (2,), "decoder_depths": (1,), "decoder_num_heads": (2,)}
+ONE_STAGE = {
+    "encoder_depths": (1,),
+    "encoder_num_heads": (2,),
+    "decoder_depths": (1,),
+    "decoder_num_heads": (2,),
+}
 """A one-stage Swin: the same evaluation code paths, a third less compile time on 2 cores."""
 
 
-def make_source(ds: xr.Dataset, surf: tuple[str, ...], atmos: tuple[str, ...], static: dict, name: str, drop: int | None = None) -> WeatherSource:
+def make_source(
+    ds: xr.Dataset,
+    surf: tuple[str, ...],
+    atmos: tuple[str, ...],
+    static: dict,
+    name: str,
+    drop: int | None = None,
+) -> WeatherSource:
     secs = ds.time.values.astype("datetime64[s]").astype(np.int64)
     keep = [i for i in range(len(secs)) if i != drop]
-    records = [{"time": int(secs[i]), "surf": {k: ds[k].values[i] for k in surf},
-                "atmos": {k: ds[k].values[i] for k in atmos}} for i in keep]  # fmt: skip
+    records = [
+        {
+            "time": int(secs[i]),
+            "surf": {k: ds[k].values[i] for k in surf},
+            "atmos": {k: ds[k].values[i] for k in atmos},
+        }
+        for i in keep
+    ]
     levels = tuple(ds.level.values.tolist())
-    stats = {f"r_{lev:g}": (float(ds.r.values[:, j].mean()), float(ds.r.values[:, j].std()))
-             for j, lev in enumerate(levels)} if "r" in atmos else {}  # fmt: skip
-    return WeatherSource(records=records, lat=ds.latitude.values, lon=ds.longitude.values, levels=levels,
-                         times=secs[keep], static=static, stats=stats, name=name)  # fmt: skip
+    stats = (
+        {
+            f"r_{lev:g}": (float(ds.r.values[:, j].mean()), float(ds.r.values[:, j].std()))
+            for j, lev in enumerate(levels)
+        }
+        if "r" in atmos
+        else {}
+    )
+    return WeatherSource(
+        records=records,
+        lat=ds.latitude.values,
+        lon=ds.longitude.values,
+        levels=levels,
+        times=secs[keep],
+        static=static,
+        stats=stats,
+        name=name,
+    )
 
 
 def init(model: Any, source: WeatherSource) -> Any:
@@ -54,7 +86,12 @@ def init(model: Any, source: WeatherSource) -> Any:
         surf_vars={k: np.stack([v, v])[None] for k, v in rec["surf"].items()},
         static_vars={k: np.asarray(v, np.float32) for k, v in source.static.items()},
         atmos_vars={k: np.stack([v, v])[None] for k, v in rec["atmos"].items()},
-        metadata=Metadata(lat=source.lat, lon=source.lon, time=np.array([rec["time"] // 60], np.int32), atmos_levels=source.levels),
+        metadata=Metadata(
+            lat=source.lat,
+            lon=source.lon,
+            time=np.array([rec["time"] // 60], np.int32),
+            atmos_levels=source.levels,
+        ),
     )
     return jax.jit(model.init)(jax.random.key(0), inputs)["params"]
 
@@ -84,17 +121,35 @@ def hres() -> tuple[xr.Dataset, WeatherSource]:
 
 
 @pytest.fixture(scope="module")
-def hres_run(hres: tuple[xr.Dataset, WeatherSource], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def hres_run(
+    hres: tuple[xr.Dataset, WeatherSource], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
     """run_evaluation once: 7 inits, 3 steps of 6 h, batches of 4 (the last one short)."""
     _, source = hres
-    model = tiny_model(surf_vars=(), static_vars=("lsm", "z"), atmos_vars=("z", "u", "v", "t", "r"), patch_size=2,
-                       window_size=(2, 3, 6), surf_stats=source.stats, **ONE_STAGE)  # fmt: skip
+    model = tiny_model(
+        surf_vars=(),
+        static_vars=("lsm", "z"),
+        atmos_vars=("z", "u", "v", "t", "r"),
+        patch_size=2,
+        window_size=(2, 3, 6),
+        surf_stats=source.stats,
+        **ONE_STAGE,
+    )
     params = init(model, source)
     out = tmp_path_factory.mktemp("eval")
     prov = {"model_preset": "tiny", "checkpoint_step": 0}
-    summary = evaluation.run_evaluation(model, params, source, steps=3, out_dir=out, provenance=prov, batch_size=4)
+    summary = evaluation.run_evaluation(
+        model, params, source, steps=3, out_dir=out, provenance=prov, batch_size=4
+    )
     header, rows = read_csv(out / "scores.csv")
-    return {"out": out, "summary": summary, "header": header, "rows": rows, "model": model, "params": params}
+    return {
+        "out": out,
+        "summary": summary,
+        "header": header,
+        "rows": rows,
+        "model": model,
+        "params": params,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +158,15 @@ def natl() -> tuple[xr.Dataset, WeatherSource]:
     return ds, make_source(ds, ("msl", "10u", "10v"), ("t", "u", "v"), {}, "natl_gap", drop=4)
 
 
-def pick(rows: list[dict[str, str]], model: str, variable: str, level: str, lead: str) -> dict[str, str]:
-    (row,) = [r for r in rows if (r["model"], r["variable"], r["level"], r["lead_time_h"]) == (model, variable, level, lead)]
+def pick(
+    rows: list[dict[str, str]], model: str, variable: str, level: str, lead: str
+) -> dict[str, str]:
+    (row,) = [
+        r
+        for r in rows
+        if (r["model"], r["variable"], r["level"], r["lead_time_h"])
+        == (model, variable, level, lead)
+    ]
     return row
 
 
@@ -115,7 +177,9 @@ def test_scores_csv_has_the_columns_models_and_counts(hres_run: dict) -> None:
     assert tuple(hres_run["header"]) == COLUMNS
     rows = hres_run["rows"]
     assert {r["model"] for r in rows} == {"aurora", "persistence", "climatology"}
-    assert {(r["variable"], r["level"]) for r in rows} == {(v, lev) for v in "zuvtr" for lev in ("500", "850")}
+    assert {(r["variable"], r["level"]) for r in rows} == {
+        (v, lev) for v in "zuvtr" for lev in ("500", "850")
+    }
     # 8 states 6 h apart: inits 1..7; lead k has a truth for 7 - k of them
     for r in rows:
         assert int(r["n"]) == 7 - int(r["lead_time_h"]) // 6, r
@@ -136,10 +200,17 @@ def test_persistence_and_climatology_match_numpy(hres: tuple, hres_run: dict) ->
                 err = [np.mean(w * (x[i, j] - x[i + k, j]) ** 2) for i in inits]
                 row = pick(hres_run["rows"], "persistence", name, level, f"{6 * k}")
                 assert float(row["rmse"]) == pytest.approx(np.sqrt(np.mean(err)), rel=1e-5)
-                assert float(row["bias"]) == pytest.approx(np.mean([np.mean(w * (x[i, j] - x[i + k, j])) for i in inits]), rel=1e-4, abs=1e-3)
+                assert float(row["bias"]) == pytest.approx(
+                    np.mean([np.mean(w * (x[i, j] - x[i + k, j])) for i in inits]),
+                    rel=1e-4,
+                    abs=1e-3,
+                )
                 fa = [x[i, j] - clim[j] for i in inits]
                 oa = [x[i + k, j] - clim[j] for i in inits]
-                accs = [np.mean(w * f * o) / np.sqrt(np.mean(w * f**2) * np.mean(w * o**2)) for f, o in zip(fa, oa)]
+                accs = [
+                    np.mean(w * f * o) / np.sqrt(np.mean(w * f**2) * np.mean(w * o**2))
+                    for f, o in zip(fa, oa)
+                ]
                 assert float(row["acc"]) == pytest.approx(np.mean(accs), rel=1e-4)
                 cerr = [np.mean(w * (clim[j] - x[i + k, j]) ** 2) for i in inits]
                 crow = pick(hres_run["rows"], "climatology", name, level, f"{6 * k}")
@@ -178,8 +249,14 @@ class LastState:
     def apply(self, variables: Any, batch: Batch) -> Batch:
         last = lambda d: {k: v[:, -1:] for k, v in d.items()}
         meta = batch.metadata
-        return Batch(surf_vars=last(batch.surf_vars), static_vars={}, atmos_vars=last(batch.atmos_vars),
-                     metadata=meta.replace(time=meta.time + self.timestep_minutes, rollout_step=meta.rollout_step + 1))  # fmt: skip
+        return Batch(
+            surf_vars=last(batch.surf_vars),
+            static_vars={},
+            atmos_vars=last(batch.atmos_vars),
+            metadata=meta.replace(
+                time=meta.time + self.timestep_minutes, rollout_step=meta.rollout_step + 1
+            ),
+        )
 
 
 def test_evaluate_counts_gaps_and_scores_surface_variables(natl: tuple) -> None:
@@ -199,18 +276,29 @@ def test_evaluate_counts_gaps_and_scores_surface_variables(natl: tuple) -> None:
     # persistence of msl at 12 h, against numpy on the regional grid (rows 80..30N, cos weights)
     x = ds["msl"].values.astype(np.float64)[:, :-1]
     keep = [i for i in range(13) if i != 4]
-    idx = {int(t): i for t, i in zip(ds.time.values.astype("datetime64[s]").astype(np.int64), range(13))}
+    idx = {
+        int(t): i
+        for t, i in zip(ds.time.values.astype("datetime64[s]").astype(np.int64), range(13))
+    }
     pairs = [(idx[t], idx[t + 12 * HOUR]) for t in inits if t + 12 * HOUR in times]
     assert all(a in keep and b in keep for a, b in pairs)
     w = band_weights(ds.latitude.values[:-1], 5.0)[:, None]
     want = np.sqrt(np.mean([np.mean(w * (x[a] - x[b]) ** 2) for a, b in pairs]))
     (row,) = [r for r in surface if r["model"] == "persistence" and r["lead_time_h"] == 12]
     assert row["rmse"] == pytest.approx(want, rel=1e-5)
-    persistence = {(r["variable"], r["level"], r["lead_time_h"]): r for r in rows if r["model"] == "persistence"}
+    persistence = {
+        (r["variable"], r["level"], r["lead_time_h"]): r
+        for r in rows
+        if r["model"] == "persistence"
+    }
     for r in rows:
         if r["model"] == "aurora":
             p = persistence[(r["variable"], r["level"], r["lead_time_h"])]
-            assert r["n"] == p["n"] and r["rmse"] == pytest.approx(p["rmse"], rel=1e-6) and r["acc"] == pytest.approx(p["acc"], rel=1e-6)
+            assert (
+                r["n"] == p["n"]
+                and r["rmse"] == pytest.approx(p["rmse"], rel=1e-6)
+                and r["acc"] == pytest.approx(p["acc"], rel=1e-6)
+            )
 
 
 def test_given_climatology_fields_or_function_of_valid_time(natl: tuple) -> None:
@@ -218,26 +306,54 @@ def test_given_climatology_fields_or_function_of_valid_time(natl: tuple) -> None
     _, source = natl
 
     def run(clim: Any) -> list[dict[str, Any]]:
-        return evaluation.evaluate(LastState(), {}, source, steps=1, step_hours=12, climatology=clim)  # type: ignore[arg-type]
+        return evaluation.evaluate(
+            LastState(), {}, source, steps=1, step_hours=12, climatology=clim
+        )  # type: ignore[arg-type]
 
     mean = evaluation.source_mean(source)
     seen: list[int] = []
     default, fields, function = run(None), run(mean), run(lambda t: seen.append(t) or mean)
-    assert repr(default) == repr(fields) == repr(function)  # repr: NaN (climatology ACC) equals itself
-    assert sorted(set(seen)) == sorted(t + 12 * HOUR for t in evaluation.init_times(source, 12) if t + 12 * HOUR in source.times)
-    assert evaluation.climatology_kind(None, source).startswith("source mean: per-grid-point mean of the 12 states")
+    assert (
+        repr(default) == repr(fields) == repr(function)
+    )  # repr: NaN (climatology ACC) equals itself
+    assert sorted(set(seen)) == sorted(
+        t + 12 * HOUR for t in evaluation.init_times(source, 12) if t + 12 * HOUR in source.times
+    )
+    assert evaluation.climatology_kind(None, source).startswith(
+        "source mean: per-grid-point mean of the 12 states"
+    )
     assert evaluation.climatology_kind(mean, source) == "given: time-independent fields"
     assert evaluation.climatology_kind(lambda t: mean, source) == "given: a function of valid time"
 
 
 def test_write_scores_formats_levels_and_nan(tmp_path: Path) -> None:
     rows = [
-        {"model": "aurora", "variable": "2t", "level": None, "lead_time_h": 6.0, "rmse": 1.25, "mae": 1.0,
-         "bias": -0.5, "acc": 0.9, "n": 3},
-        {"model": "climatology", "variable": "z", "level": 500.0, "lead_time_h": 12.0, "rmse": 300.0, "mae": 250.0,
-         "bias": 1.0, "acc": float("nan"), "n": 2},
-    ]  # fmt: skip
-    paths = evaluation.write_scores(rows, tmp_path / "o", {"model_preset": "AuroraSmallPretrained", "checkpoint": tmp_path})
+        {
+            "model": "aurora",
+            "variable": "2t",
+            "level": None,
+            "lead_time_h": 6.0,
+            "rmse": 1.25,
+            "mae": 1.0,
+            "bias": -0.5,
+            "acc": 0.9,
+            "n": 3,
+        },
+        {
+            "model": "climatology",
+            "variable": "z",
+            "level": 500.0,
+            "lead_time_h": 12.0,
+            "rmse": 300.0,
+            "mae": 250.0,
+            "bias": 1.0,
+            "acc": float("nan"),
+            "n": 2,
+        },
+    ]
+    paths = evaluation.write_scores(
+        rows, tmp_path / "o", {"model_preset": "AuroraSmallPretrained", "checkpoint": tmp_path}
+    )
     header, back = read_csv(paths["scores"])
     assert tuple(header) == COLUMNS
     assert [r["level"] for r in back] == ["", "500"] and back[1]["acc"] == "nan"
@@ -255,8 +371,12 @@ def test_plot_maps_surface_variable_on_regional_grid(natl: tuple, tmp_path: Path
     msl = ds["msl"].values
 
     def batch(i: int) -> Batch:
-        return Batch(surf_vars={"msl": msl[i][None, None]}, static_vars={}, atmos_vars={},
-                     metadata=Metadata(lat=lat, lon=lon, time=[ds.time.values[i]], atmos_levels=()))  # fmt: skip
+        return Batch(
+            surf_vars={"msl": msl[i][None, None]},
+            static_vars={},
+            atmos_vars={},
+            metadata=Metadata(lat=lat, lon=lon, time=[ds.time.values[i]], atmos_levels=()),
+        )
 
     path = figures.plot_maps(batch(1), batch(0), "msl", None, 12, tmp_path / "m" / "msl.png")
     img = imread(path)
@@ -275,12 +395,16 @@ def forecast_batches(ds: xr.Dataset, inits: list[int], steps: int) -> list[Batch
     out = []
     for k in range(1, steps + 1):
         rows = [i + k for i in inits]
-        out.append(Batch(
-            surf_vars={v: ds[v].values[rows][:, None] for v in ("msl", "10u")},
-            static_vars={},
-            atmos_vars={v: ds[v].values[rows][:, None] for v in ("t", "u")},
-            metadata=Metadata(lat=lat, lon=lon, time=minutes[rows].astype(np.int32), atmos_levels=levels),
-        ))  # fmt: skip
+        out.append(
+            Batch(
+                surf_vars={v: ds[v].values[rows][:, None] for v in ("msl", "10u")},
+                static_vars={},
+                atmos_vars={v: ds[v].values[rows][:, None] for v in ("t", "u")},
+                metadata=Metadata(
+                    lat=lat, lon=lon, time=minutes[rows].astype(np.int32), atmos_levels=levels
+                ),
+            )
+        )
     return out
 
 
@@ -288,28 +412,49 @@ def test_write_forecast_is_cf_and_round_trips(natl: tuple, tmp_path: Path) -> No
     ds, _ = natl
     inits, steps = [0, 1, 2], 2
     preds = forecast_batches(ds, inits, steps)
-    path = forecast_io.write_forecast(tmp_path / "fc.nc", ds.time.values[inits], preds,
-                                      {"model_preset": "AuroraSmallPretrained", "checkpoint_step": 1200, "data": ["natl"]})  # fmt: skip
+    path = forecast_io.write_forecast(
+        tmp_path / "fc.nc",
+        ds.time.values[inits],
+        preds,
+        {"model_preset": "AuroraSmallPretrained", "checkpoint_step": 1200, "data": ["natl"]},
+    )
     with xr.open_dataset(path) as f:
         assert f.attrs["Conventions"] == "CF-1.8"
         assert "AuroraSmallPretrained" in f.attrs["source"] and "1200" in f.attrs["source"]
         assert "write_forecast" in f.attrs["history"]
-        assert json.loads(f.attrs["provenance"]) == {"model_preset": "AuroraSmallPretrained", "checkpoint_step": 1200, "data": ["natl"]}
-        assert f.attrs["provenance_checkpoint_step"] == 1200 and f.attrs["provenance_data"] == '["natl"]'
+        assert json.loads(f.attrs["provenance"]) == {
+            "model_preset": "AuroraSmallPretrained",
+            "checkpoint_step": 1200,
+            "data": ["natl"],
+        }
+        assert (
+            f.attrs["provenance_checkpoint_step"] == 1200
+            and f.attrs["provenance_data"] == '["natl"]'
+        )
         assert f["t"].dims == ("time", "prediction_timedelta", "level", "latitude", "longitude")
         assert f["msl"].dims == ("time", "prediction_timedelta", "latitude", "longitude")
-        assert f["msl"].attrs["standard_name"] == "air_pressure_at_mean_sea_level" and f["msl"].attrs["units"] == "Pa"
+        assert (
+            f["msl"].attrs["standard_name"] == "air_pressure_at_mean_sea_level"
+            and f["msl"].attrs["units"] == "Pa"
+        )
         assert f["10u"].attrs["standard_name"] == "eastward_wind"
-        assert f.latitude.attrs["units"] == "degrees_north" and f.longitude.attrs["units"] == "degrees_east"
+        assert (
+            f.latitude.attrs["units"] == "degrees_north"
+            and f.longitude.attrs["units"] == "degrees_east"
+        )
         assert f.level.attrs["units"] == "hPa"
         assert f.time.encoding["units"].startswith("hours since 1970-01-01")
         np.testing.assert_array_equal(f.time.values, ds.time.values[inits])
-        np.testing.assert_array_equal(f.prediction_timedelta.values, np.array([12, 24], "timedelta64[h]"))
+        np.testing.assert_array_equal(
+            f.prediction_timedelta.values, np.array([12, 24], "timedelta64[h]")
+        )
         np.testing.assert_array_equal(f.valid_time.values[:, 1], ds.time.values[[2, 3, 4]])
         for v in ("msl", "10u", "t", "u"):
             assert f[v].dtype == np.float32
             for k in range(steps):
-                np.testing.assert_array_equal(f[v].values[:, k], ds[v].values[[i + k + 1 for i in inits]])
+                np.testing.assert_array_equal(
+                    f[v].values[:, k], ds[v].values[[i + k + 1 for i in inits]]
+                )
     # our reader flattens (init, lead) to valid time; overlapping inits are read one at a time
     back = open_dataset(path, init_time=ds.time.values[1])
     np.testing.assert_array_equal(back.time.values, ds.time.values[[2, 3]])
@@ -327,10 +472,21 @@ def test_write_forecast_rejects_mismatched_leads(natl: tuple, tmp_path: Path) ->
 
 def test_predict_writes_a_forecast_of_every_init(hres: tuple, hres_run: dict) -> None:
     _, source = hres
-    path = evaluation.predict(hres_run["model"], hres_run["params"], source, steps=2, out_dir=hres_run["out"] / "pred",
-                              provenance={"model_preset": "tiny"}, batch_size=4)  # fmt: skip
+    path = evaluation.predict(
+        hres_run["model"],
+        hres_run["params"],
+        source,
+        steps=2,
+        out_dir=hres_run["out"] / "pred",
+        provenance={"model_preset": "tiny"},
+        batch_size=4,
+    )
     with xr.open_dataset(path) as f:
-        assert f.sizes["time"] == 7 and f.sizes["prediction_timedelta"] == 2 and f.sizes["latitude"] == 18
+        assert (
+            f.sizes["time"] == 7
+            and f.sizes["prediction_timedelta"] == 2
+            and f.sizes["latitude"] == 18
+        )
         assert set(f.data_vars) == {"z", "u", "v", "t", "r"}
         assert f.attrs["provenance_data_source"] == "hres_sample"
         assert np.isfinite(f["z"].values).all()

@@ -32,7 +32,9 @@ def test_normalize_keeps_bfloat16_inputs_and_gradients() -> None:
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 32), jnp.bfloat16)
     grad = jax.grad(lambda x: jnp.sum(normalize(x) * jnp.arange(32.0)))(x)
     assert grad.dtype == jnp.bfloat16
-    ref = jax.grad(lambda x: jnp.sum(_reference_normalize(x, 1e-5) * jnp.arange(32.0)))(x.astype(jnp.float32))
+    ref = jax.grad(lambda x: jnp.sum(_reference_normalize(x, 1e-5) * jnp.arange(32.0)))(
+        x.astype(jnp.float32)
+    )
     np.testing.assert_allclose(grad.astype(jnp.float32), ref, rtol=0.05, atol=0.05)
 
 
@@ -45,13 +47,23 @@ def test_layer_norm_parameters_and_output_dtype(dtype) -> None:
     params = {"scale": jnp.full((8,), 2.0), "bias": jnp.full((8,), 0.5)}
     y = module.apply({"params": params}, x)
     assert y.dtype == (dtype or jnp.float32)
-    np.testing.assert_allclose(y.astype(jnp.float32), 2.0 * _reference_normalize(x, 1e-5) + 0.5, rtol=1e-2 if dtype else 1e-5, atol=1e-2 if dtype else 1e-6)
+    np.testing.assert_allclose(
+        y.astype(jnp.float32),
+        2.0 * _reference_normalize(x, 1e-5) + 0.5,
+        rtol=1e-2 if dtype else 1e-5,
+        atol=1e-2 if dtype else 1e-6,
+    )
 
 
 def test_gelu_is_the_exact_erf_form() -> None:
     x = jnp.linspace(-8.0, 8.0, 4001)
     np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(x), jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        jax.vmap(jax.grad(gelu))(x),
+        jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -61,7 +73,7 @@ def test_perceiver_in_rematerialised_chunks_matches_the_plain_one(shared) -> Non
     latents = jax.random.normal(jax.random.PRNGKey(0), (3, 16) if shared else (12, 3, 16))
     context = jax.random.normal(jax.random.PRNGKey(1), (12, 4, 16))
     head = jax.random.normal(jax.random.PRNGKey(3), (16, 2))
-    project = lambda w, out: jnp.einsum("...d,dk->...k", out, w, precision="highest")  # noqa: E731
+    project = lambda w, out: jnp.einsum("...d,dk->...k", out, w, precision="highest")
     plain = PerceiverResampler(16, depth=2, head_dim=4, num_heads=2, precision="highest")
     chunked = plain.clone(remat=True, chunk=5)
     params = plain.init(jax.random.PRNGKey(2), latents, context)["params"]
@@ -74,10 +86,14 @@ def test_perceiver_in_rematerialised_chunks_matches_the_plain_one(shared) -> Non
         return jnp.sum(jnp.sin(out))
 
     value, grads = jax.value_and_grad(lambda p, w: loss(plain, p, w), argnums=(0, 1))(params, head)
-    chunked_value, chunked_grads = jax.value_and_grad(lambda p, w: loss(chunked, p, w), argnums=(0, 1))(params, head)
+    chunked_value, chunked_grads = jax.value_and_grad(
+        lambda p, w: loss(chunked, p, w), argnums=(0, 1)
+    )(params, head)
     np.testing.assert_allclose(chunked_value, value, rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(chunked_grads), jax.tree_util.tree_leaves(grads)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max()))  # summed in another order
+        np.testing.assert_allclose(
+            a, b, rtol=1e-4, atol=1e-6 * float(jnp.abs(b).max())
+        )  # summed in another order
 
 
 def test_gelu_keeps_bfloat16() -> None:
@@ -90,12 +106,23 @@ def test_swin_block_in_rematerialised_window_chunks_matches_the_plain_one(shift)
     res = (2, 7, 13)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, np.prod(res), 16))
     c = jax.random.normal(jax.random.PRNGKey(1), (2, 16))
-    plain = Swin3DTransformerBlock(16, 2, (2, 3, 6), shift_size=shift, lora=LoRAConfig(r=2, steps=3, mode="all"), precision="highest")
+    plain = Swin3DTransformerBlock(
+        16,
+        2,
+        (2, 3, 6),
+        shift_size=shift,
+        lora=LoRAConfig(r=2, steps=3, mode="all"),
+        precision="highest",
+    )
     chunked = plain.clone(chunk=2 * 36)
     params = plain.init(jax.random.PRNGKey(2), x, c, res, 1)["params"]
-    assert jax.tree_util.tree_structure(chunked.init(jax.random.PRNGKey(2), x, c, res, 1)["params"]) == jax.tree_util.tree_structure(params)
+    assert jax.tree_util.tree_structure(
+        chunked.init(jax.random.PRNGKey(2), x, c, res, 1)["params"]
+    ) == jax.tree_util.tree_structure(params)
     leaves, tree = jax.tree_util.tree_flatten(params)  # non-zero LoRA and modulation weights
-    params = tree.unflatten([p + 0.1 * jax.random.normal(jax.random.PRNGKey(i), p.shape) for i, p in enumerate(leaves)])
+    params = tree.unflatten(
+        [p + 0.1 * jax.random.normal(jax.random.PRNGKey(i), p.shape) for i, p in enumerate(leaves)]
+    )
 
     def loss(module, p, x, step):
         return jnp.sum(jnp.sin(module.apply({"params": p}, x, c, res, step)))

@@ -10,45 +10,65 @@ import pytest
 from flax import traverse_util
 
 import aurora
+from tests.helpers import random_batch, tiny_model
 from trainers.data import InMemoryData
 from trainers.strategies.lora import LoRAStrategy, is_lora_path, lora_counts, parameter_counts
 from trainers.strategies.rollout import RolloutStrategy
 from trainers.trainer import Trainer
-from tests.helpers import random_batch, tiny_model
 
 LORA_LR, BASE_LR = 1e-2, 1e-4
 OPTIM = ml_collections.ConfigDict(
-    {"learning_rate": 1e-3, "lora_learning_rate": LORA_LR, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0}
+    {
+        "learning_rate": 1e-3,
+        "lora_learning_rate": LORA_LR,
+        "warmup_steps": 0,
+        "schedule": "constant",
+        "weight_decay": 0.0,
+    }
 )
 
 
 def _example(model: aurora.Aurora, seed: int, k: int = 2):
     """(inputs with history 2, k one-step targets 6 h apart), as in tests/test_trainer.py."""
     series = random_batch(model, history=2 + k, seed=seed)
-    window = lambda lo, hi: series.replace(  # noqa: E731
+    window = lambda lo, hi: series.replace(
         surf_vars={n: v[:, lo:hi] for n, v in series.surf_vars.items()},
         atmos_vars={n: v[:, lo:hi] for n, v in series.atmos_vars.items()},
     )
     targets = []
     for i in range(k):
         t = window(2 + i, 3 + i)
-        targets.append(t.replace(metadata=t.metadata.replace(time=np.asarray(t.metadata.time) + 360 * (i + 1))))
+        targets.append(
+            t.replace(metadata=t.metadata.replace(time=np.asarray(t.metadata.time) + 360 * (i + 1)))
+        )
     return window(0, 2), targets
 
 
 def _flat(params) -> dict[tuple[str, ...], np.ndarray]:
-    return {k: np.array(v) for k, v in traverse_util.flatten_dict(dict(jax.device_get(params))).items()}
+    return {
+        k: np.array(v) for k, v in traverse_util.flatten_dict(dict(jax.device_get(params))).items()
+    }
 
 
 def _float_elements(tree) -> int:
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating))
+    return sum(
+        int(x.size)
+        for x in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.floating)
+    )
 
 
 def _fit(strategy: LoRAStrategy, params, steps: int, tmp_path) -> Trainer:
     """Train `steps` optimiser steps from `params` (host copies: the trainer donates its state)."""
     model = strategy.model
-    trainer = Trainer(strategy, optimizer=OPTIM, workdir=tmp_path, max_steps=steps, log_every_n_steps=1,
-                      init_params=jax.tree_util.tree_map(np.array, params))
+    trainer = Trainer(
+        strategy,
+        optimizer=OPTIM,
+        workdir=tmp_path,
+        max_steps=steps,
+        log_every_n_steps=1,
+        init_params=jax.tree_util.tree_map(np.array, params),
+    )
     trainer.fit(InMemoryData([_example(model, seed) for seed in range(2)], seed=3))
     return trainer
 
@@ -69,7 +89,12 @@ def _perturbed(model: aurora.Aurora, inputs, *, adapters: bool, seed: int = 1):
     flat = traverse_util.flatten_dict(params)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(flat))
     return traverse_util.unflatten_dict(
-        {k: (v + 0.05 * jax.random.normal(key, v.shape) if adapters or not is_lora_path(k) else v) for (k, v), key in zip(flat.items(), keys)}
+        {
+            k: (
+                v + 0.05 * jax.random.normal(key, v.shape) if adapters or not is_lora_path(k) else v
+            )
+            for (k, v), key in zip(flat.items(), keys)
+        }
     )
 
 
@@ -113,24 +138,41 @@ def test_optimizer_state_is_adam_moments_of_the_adapters_only(trained, initial) 
 def test_delegates_to_the_inner_strategy(trained, lora_model) -> None:
     strategy = trained.strategy
     assert strategy.model is strategy.inner.model and strategy.model.use_lora
-    assert strategy.steps == 2 and strategy.window == 2 and strategy.default_controls() == strategy.inner.default_controls()
-    assert LoRAStrategy(RolloutStrategy(lora_model, curriculum=True)).default_controls().keys() == {"grad_window"}
+    assert (
+        strategy.steps == 2
+        and strategy.window == 2
+        and strategy.default_controls() == strategy.inner.default_controls()
+    )
+    assert LoRAStrategy(RolloutStrategy(lora_model, curriculum=True)).default_controls().keys() == {
+        "grad_window"
+    }
     strategy.model = lora_model
     assert strategy.inner.model is lora_model
 
 
 def test_train_base_uses_its_own_learning_rate(lora_model, initial, tmp_path) -> None:
     """One Adam step moves each element by at most its learning rate (and about that much)."""
-    strategy = LoRAStrategy(RolloutStrategy(lora_model, steps=1, remat=False), train_base=True, base_learning_rate=BASE_LR)
+    strategy = LoRAStrategy(
+        RolloutStrategy(lora_model, steps=1, remat=False),
+        train_base=True,
+        base_learning_rate=BASE_LR,
+    )
     trainer = _fit(strategy, traverse_util.unflatten_dict(initial), 1, tmp_path)
     after = _flat(trainer.state.params)
     moved = {
-        group: max(float(np.abs(after[k] - initial[k]).max()) for k in initial if is_lora_path(k) == (group == "lora"))
+        group: max(
+            float(np.abs(after[k] - initial[k]).max())
+            for k in initial
+            if is_lora_path(k) == (group == "lora")
+        )
         for group in ("lora", "base")
     }
     assert moved["lora"] == pytest.approx(LORA_LR, rel=1e-2)
     assert moved["base"] == pytest.approx(BASE_LR, rel=1e-2)
-    assert _float_elements(trainer.state.opt_state) == 2 * parameter_counts(trainer.state.params)["total"]
+    assert (
+        _float_elements(trainer.state.opt_state)
+        == 2 * parameter_counts(trainer.state.params)["total"]
+    )
 
 
 def test_pretrained_params_without_adapters_get_fresh_ones(lora_model) -> None:
@@ -142,7 +184,9 @@ def test_pretrained_params_without_adapters_get_fresh_ones(lora_model) -> None:
     state = strategy.init_state(jax.random.PRNGKey(1), inputs, tx, base)
     flat = _flat(state.params)
     assert any(is_lora_path(k) for k in flat)
-    assert all(not v.any() for k, v in flat.items() if k[-1] == "lora_B"), "B = 0: the base model's output"
+    assert all(not v.any() for k, v in flat.items() if k[-1] == "lora_B"), (
+        "B = 0: the base model's output"
+    )
     assert all(np.array_equal(flat[k], v) for k, v in _flat(base).items())
 
 
@@ -151,10 +195,14 @@ def _assert_same_prediction(a: aurora.Batch, b: aurora.Batch) -> None:
     for fields_a, fields_b in ((a.surf_vars, b.surf_vars), (a.atmos_vars, b.atmos_vars)):
         for name, x in fields_a.items():
             x, y = np.asarray(x), np.asarray(fields_b[name])
-            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5 * float(np.abs(y).max()), err_msg=name)
+            np.testing.assert_allclose(
+                x, y, rtol=1e-5, atol=1e-5 * float(np.abs(y).max()), err_msg=name
+            )
 
 
-@pytest.mark.parametrize(("mode", "merge_step", "check_steps"), [("single", None, (0, 3)), ("all", 1, (1,))])
+@pytest.mark.parametrize(
+    ("mode", "merge_step", "check_steps"), [("single", None, (0, 3)), ("all", 1, (1,))]
+)
 def test_merged_model_predicts_like_the_lora_model(mode, merge_step, check_steps) -> None:
     model = tiny_model(use_lora=True, lora_mode=mode, lora_steps=4)
     inputs = _example(model, 0)[0]
@@ -162,7 +210,9 @@ def test_merged_model_predicts_like_the_lora_model(mode, merge_step, check_steps
     strategy = LoRAStrategy(RolloutStrategy(model, steps=2))
     merged_model = strategy.merged_model()
     merged = strategy.merge(params, step=merge_step)
-    assert not merged_model.use_lora and not any(is_lora_path(k) for k in traverse_util.flatten_dict(merged))
+    assert not merged_model.use_lora and not any(
+        is_lora_path(k) for k in traverse_util.flatten_dict(merged)
+    )
     lora_apply = jax.jit(lambda b: model.apply({"params": params}, b))
     merged_apply = jax.jit(lambda b: merged_model.apply({"params": merged}, b))
     for step in check_steps:
@@ -177,7 +227,9 @@ def test_merged_model_predicts_like_the_lora_model(mode, merge_step, check_steps
 
 @pytest.mark.parametrize("mode", ["from_second", "all"])
 def test_merge_needs_a_step_when_adapters_differ_by_step(mode) -> None:
-    strategy = LoRAStrategy(RolloutStrategy(tiny_model(use_lora=True, lora_mode=mode, lora_steps=4)))
+    strategy = LoRAStrategy(
+        RolloutStrategy(tiny_model(use_lora=True, lora_mode=mode, lora_steps=4))
+    )
     with pytest.raises(ValueError, match="step="):
         strategy.merge({})
     assert strategy.adapter_index(0) == (None if mode == "from_second" else 0)
@@ -217,7 +269,9 @@ def test_lora_config_describes_a_lora_rollout() -> None:
     strategy = LoRAStrategy.wrapping(RolloutStrategy, model, **kwargs)
     assert isinstance(strategy.inner, RolloutStrategy) and strategy.steps == config.strategy.steps
     _, schedule = strategy.make_optimizer(config.optimizer, config.trainer.max_steps)
-    assert float(schedule(config.optimizer.warmup_steps)) == pytest.approx(config.optimizer.lora_learning_rate)
+    assert float(schedule(config.optimizer.warmup_steps)) == pytest.approx(
+        config.optimizer.lora_learning_rate
+    )
 
 
 @pytest.mark.slow
@@ -226,5 +280,7 @@ def test_lora_is_a_small_fraction_of_full_size_models(preset) -> None:
     model = aurora.PRESETS[preset](use_lora=True)
     counts = lora_counts(model, random_batch(model, h=16, w=32, levels=(500,)))
     ratio = counts["lora"] / counts["total"]
-    print(f"{preset}: LoRA {counts['lora']:,} of {counts['total']:,} parameters ({ratio:.4%}); Adam state {2 * counts['lora']:,}")
+    print(
+        f"{preset}: LoRA {counts['lora']:,} of {counts['total']:,} parameters ({ratio:.4%}); Adam state {2 * counts['lora']:,}"
+    )
     assert 0 < ratio < 0.01

@@ -18,7 +18,12 @@ def config():
     config.trainer.log_every_n_steps = 1
     config.callbacks.checkpoint.every_n_steps = 2
     # A user-written callback, added through the config only (examples/rmse_callback.py).
-    config.callbacks.z500_rmse = {"type": "examples.rmse_callback:RmseCallback", "variable": "z", "level": 500, "every_n_steps": 2}
+    config.callbacks.z500_rmse = {
+        "type": "examples.rmse_callback:RmseCallback",
+        "variable": "z",
+        "level": 500,
+        "every_n_steps": 2,
+    }
     return config
 
 
@@ -26,7 +31,10 @@ def test_demo_config_trains_validates_checkpoints_and_resumes(config, tmp_path) 
     summary = run(config, tmp_path, "fit")
     assert summary["global_step"] == 4
     assert summary["metrics"]["val/loss"] > 0
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "2",
+        "4",
+    ]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -47,7 +55,9 @@ def test_demo_config_trains_validates_checkpoints_and_resumes(config, tmp_path) 
     # --mode=test also scores rollouts from every initial time against the truth, with baselines.
     evaluation = test["evaluation"]
     assert evaluation["checkpoint_step"] == 6 and evaluation["model_preset"] == "Aurora"
-    assert "train" in evaluation["climatology_source"], "the climatology comes from the training period"
+    assert "train" in evaluation["climatology_source"], (
+        "the climatology comes from the training period"
+    )
     with open(evaluation["scores"]) as f:
         scores = list(csv.DictReader(f))
     assert {r["model"] for r in scores} == {"aurora", "persistence", "climatology"}
@@ -60,4 +70,8 @@ def test_demo_config_trains_validates_checkpoints_and_resumes(config, tmp_path) 
     config.eval.figures = False
     predicted = run(config, tmp_path, "predict")
     with xr.open_dataset(predicted["forecast"]) as ds:
-        assert ds.sizes["prediction_timedelta"] == 2 and "z" in ds and ds.attrs["Conventions"].startswith("CF")
+        assert (
+            ds.sizes["prediction_timedelta"] == 2
+            and "z" in ds
+            and ds.attrs["Conventions"].startswith("CF")
+        )

@@ -46,7 +46,8 @@ def ref_scores(f: np.ndarray, o: np.ndarray, c: np.ndarray, w_lat: np.ndarray) -
         "rmse": np.sqrt(np.average((f - o) ** 2, weights=w)),
         "mae": np.average(np.abs(f - o), weights=w),
         "bias": np.average(f - o, weights=w),
-        "acc": np.average(fa * oa, weights=w) / np.sqrt(np.average(fa**2, weights=w) * np.average(oa**2, weights=w)),
+        "acc": np.average(fa * oa, weights=w)
+        / np.sqrt(np.average(fa**2, weights=w) * np.average(oa**2, weights=w)),
     }
 
 
@@ -67,17 +68,32 @@ def hres() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def natl() -> dict[str, np.ndarray]:
     ds = open_dataset(NATL, variables=["msl", "10u", "t"])
-    return {"lat": ds.latitude.values, "lon": ds.longitude.values, "levels": tuple(ds.level.values.tolist()),
-            **{k: ds[k].values for k in ("msl", "10u", "t")}}  # fmt: skip
+    return {
+        "lat": ds.latitude.values,
+        "lon": ds.longitude.values,
+        "levels": tuple(ds.level.values.tolist()),
+        **{k: ds[k].values for k in ("msl", "10u", "t")},
+    }
 
 
-def make_batch(d: dict, surf: tuple[str, ...], atmos: tuple[str, ...], times: list[int], rows: slice = slice(None)) -> Batch:
+def make_batch(
+    d: dict,
+    surf: tuple[str, ...],
+    atmos: tuple[str, ...],
+    times: list[int],
+    rows: slice = slice(None),
+) -> Batch:
     """Batch of the given time indices (batch axis), history 1, latitude rows `rows`."""
     return Batch(
         surf_vars={k: d[k][times][:, None, rows] for k in surf},
         static_vars={},
         atmos_vars={k: d[k][times][:, None, :, rows] for k in atmos},
-        metadata=Metadata(lat=d["lat"][rows], lon=d["lon"], time=np.zeros(len(times), np.int32), atmos_levels=d["levels"]),
+        metadata=Metadata(
+            lat=d["lat"][rows],
+            lon=d["lon"],
+            time=np.zeros(len(times), np.int32),
+            atmos_levels=d["levels"],
+        ),
     )
 
 
@@ -110,7 +126,9 @@ def test_lat_weights_on_cropped_grid_are_cos_latitude(hres: dict) -> None:
 # ---- field metrics ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rows", [slice(None), slice(1, -1), slice(2, 9)], ids=["poles", "cropped", "northern"])
+@pytest.mark.parametrize(
+    "rows", [slice(None), slice(1, -1), slice(2, 9)], ids=["poles", "cropped", "northern"]
+)
 def test_field_metrics_match_numpy_reference(hres: dict, rows: slice) -> None:
     """z, t, u at every level: forecast = state at t, truth = state 6 h later, clim = time mean."""
     lat = hres["lat"][rows]
@@ -133,7 +151,12 @@ def test_surface_metrics_on_regional_grid_match_numpy_reference(natl: dict) -> N
     for name in ("msl", "10u"):
         x = natl[name]
         f, o, c = x[:-1], x[1:], x.mean(axis=0)  # every 12 h pair
-        got = metrics.rmse(f, o, w), metrics.mae(f, o, w), metrics.bias(f, o, w), metrics.acc(f, o, c, w)
+        got = (
+            metrics.rmse(f, o, w),
+            metrics.mae(f, o, w),
+            metrics.bias(f, o, w),
+            metrics.acc(f, o, c, w),
+        )
         for k, m in enumerate(("rmse", "mae", "bias", "acc")):
             want = [ref_scores(f[i], o[i], c, w)[m] for i in range(len(f))]
             np.testing.assert_allclose(got[k], want, rtol=1e-10, err_msg=f"{name} {m}")
@@ -150,9 +173,21 @@ def test_bias_sign_and_perfect_forecast(hres: dict) -> None:
 def test_jit_matches_numpy(hres: dict) -> None:
     w = metrics.lat_weights(hres["lat"])
     f, o, c = hres["z"][4], hres["z"][5], hres["z"].mean(0)
-    jitted = jax.jit(lambda f, o, c: [metrics.rmse(f, o, w), metrics.mae(f, o, w), metrics.bias(f, o, w), metrics.acc(f, o, c, w)])
+    jitted = jax.jit(
+        lambda f, o, c: [
+            metrics.rmse(f, o, w),
+            metrics.mae(f, o, w),
+            metrics.bias(f, o, w),
+            metrics.acc(f, o, c, w),
+        ]
+    )
     got = jitted(f, o, c)
-    want = [metrics.rmse(f, o, w), metrics.mae(f, o, w), metrics.bias(f, o, w), metrics.acc(f, o, c, w)]
+    want = [
+        metrics.rmse(f, o, w),
+        metrics.mae(f, o, w),
+        metrics.bias(f, o, w),
+        metrics.acc(f, o, c, w),
+    ]
     for g, x in zip(got, want):
         assert isinstance(g, jax.Array)
         np.testing.assert_allclose(np.asarray(g), x, rtol=2e-5, atol=1e-3)
@@ -168,7 +203,12 @@ def test_score_batch_and_totals_aggregate_like_weatherbench2(natl: dict) -> None
         surf_vars={k: natl[k].mean(0)[None, None] for k in ("msl", "10u")},
         static_vars={},
         atmos_vars={"t": natl["t"].mean(0)[None, None]},
-        metadata=Metadata(lat=natl["lat"], lon=natl["lon"], time=np.zeros(1, np.int32), atmos_levels=natl["levels"]),
+        metadata=Metadata(
+            lat=natl["lat"],
+            lon=natl["lon"],
+            time=np.zeros(1, np.int32),
+            atmos_levels=natl["levels"],
+        ),
     )
     totals = metrics.ScoreTotals(natl["levels"])
     pairs = [([0, 1, 2], [1, 2, 3]), ([5, 6], [6, 7])]
@@ -190,26 +230,42 @@ def test_score_batch_and_totals_aggregate_like_weatherbench2(natl: dict) -> None
                 fields.append(ref_scores(f, o, c, w))
         assert row["n"] == 5
         assert row["rmse"] == pytest.approx(np.sqrt(np.mean([s["mse"] for s in fields])), rel=1e-10)
-        assert row["rmse"] != pytest.approx(np.mean([s["rmse"] for s in fields]), rel=1e-6)  # not the mean RMSE
+        assert row["rmse"] != pytest.approx(
+            np.mean([s["rmse"] for s in fields]), rel=1e-6
+        )  # not the mean RMSE
         for m in ("mae", "bias", "acc"):
-            assert row[m] == pytest.approx(np.mean([s[m] for s in fields]), rel=1e-10), (name, level, m)
+            assert row[m] == pytest.approx(np.mean([s[m] for s in fields]), rel=1e-10), (
+                name,
+                level,
+                m,
+            )
 
 
 def test_score_batch_jit_matches_numpy_and_mask_drops_rows(hres: dict) -> None:
     pred = make_batch(hres, (), ("z", "t"), [1, 2, 3], rows=slice(0, -1))
     truth = make_batch(hres, (), ("z", "t"), [2, 3, 4], rows=slice(0, -1))
-    clim = make_batch({**hres, "z": hres["z"].mean(0, keepdims=True), "t": hres["t"].mean(0, keepdims=True)},
-                      (), ("z", "t"), [0], rows=slice(0, -1))  # fmt: skip
+    clim = make_batch(
+        {**hres, "z": hres["z"].mean(0, keepdims=True), "t": hres["t"].mean(0, keepdims=True)},
+        (),
+        ("z", "t"),
+        [0],
+        rows=slice(0, -1),
+    )
     mask = np.array([1, 0, 1], np.float32)
     host = metrics.score_batch(pred, truth, clim, mask)
     dev = jax.jit(metrics.score_batch)(pred, truth, clim, mask)
     assert float(dev["n"]) == host["n"] == 2
     for name in ("z", "t"):
         for m in ("mse", "mae", "bias", "acc"):
-            np.testing.assert_allclose(np.asarray(dev["atmos"][name][m]), host["atmos"][name][m], rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(
+                np.asarray(dev["atmos"][name][m]), host["atmos"][name][m], rtol=1e-5, atol=1e-4
+            )
     # the masked-out middle row contributes nothing
-    keep = metrics.score_batch(make_batch(hres, (), ("z",), [1, 3], rows=slice(0, -1)),
-                               make_batch(hres, (), ("z",), [2, 4], rows=slice(0, -1)), clim)  # fmt: skip
+    keep = metrics.score_batch(
+        make_batch(hres, (), ("z",), [1, 3], rows=slice(0, -1)),
+        make_batch(hres, (), ("z",), [2, 4], rows=slice(0, -1)),
+        clim,
+    )
     for m in ("mse", "mae", "bias", "acc"):
         np.testing.assert_allclose(host["atmos"]["z"][m], keep["atmos"]["z"][m], rtol=1e-12)
 

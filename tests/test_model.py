@@ -47,7 +47,9 @@ def lora_setup():
     # no-op: perturb every parameter so that each adapter changes the output.
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    params = tree.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    params = tree.unflatten(
+        [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    )
     return model, batch, params
 
 
@@ -63,7 +65,10 @@ def test_lora_modes_select_adapters_by_rollout_step(lora_setup) -> None:
     assert not np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[1], outs[2])
     no_lora = model.clone(use_lora=False)
     base_out = np.asarray(
-        no_lora.apply({"params": _strip_lora(params)}, batch.replace(metadata=batch.metadata.replace(rollout_step=3))).surf_vars["2t"]
+        no_lora.apply(
+            {"params": _strip_lora(params)},
+            batch.replace(metadata=batch.metadata.replace(rollout_step=3)),
+        ).surf_vars["2t"]
     )
     np.testing.assert_allclose(outs[3], base_out, rtol=0, atol=0)
 
@@ -71,15 +76,25 @@ def test_lora_modes_select_adapters_by_rollout_step(lora_setup) -> None:
     single = model.clone(lora_mode="single")
     p1 = _first_adapter_only(params)
     a = np.asarray(single.apply({"params": p1}, batch).surf_vars["2t"])
-    b = np.asarray(single.apply({"params": p1}, batch.replace(metadata=batch.metadata.replace(rollout_step=2))).surf_vars["2t"])
-    no_step_effect = np.asarray(no_lora.apply({"params": _strip_lora(params)}, batch).surf_vars["2t"])
+    b = np.asarray(
+        single.apply(
+            {"params": p1}, batch.replace(metadata=batch.metadata.replace(rollout_step=2))
+        ).surf_vars["2t"]
+    )
+    no_step_effect = np.asarray(
+        no_lora.apply({"params": _strip_lora(params)}, batch).surf_vars["2t"]
+    )
     assert not np.array_equal(a, no_step_effect)
     np.testing.assert_allclose(a, b, rtol=0, atol=0)
 
     # "from_second": no adapter at step 0, the shared adapter from step 1 on.
     second = model.clone(lora_mode="from_second")
     c0 = np.asarray(second.apply({"params": p1}, batch).surf_vars["2t"])
-    c1 = np.asarray(second.apply({"params": p1}, batch.replace(metadata=batch.metadata.replace(rollout_step=1))).surf_vars["2t"])
+    c1 = np.asarray(
+        second.apply(
+            {"params": p1}, batch.replace(metadata=batch.metadata.replace(rollout_step=1))
+        ).surf_vars["2t"]
+    )
     np.testing.assert_allclose(c0, no_step_effect, rtol=0, atol=0)
     np.testing.assert_allclose(c1, a, rtol=0, atol=0)
 
@@ -88,7 +103,9 @@ def _strip_lora(params):
     from flax import traverse_util
 
     flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if not k[-1].startswith("lora_")})
+    return traverse_util.unflatten_dict(
+        {k: v for k, v in flat.items() if not k[-1].startswith("lora_")}
+    )
 
 
 def _first_adapter_only(params):
@@ -106,8 +123,14 @@ def test_rollout_advances_time_and_step_and_compiles_once() -> None:
             return super().__call__(batch)
 
     model = Counting(
-        encoder_depths=(1, 2), encoder_num_heads=(2, 4), decoder_depths=(2, 1), decoder_num_heads=(4, 2),
-        embed_dim=32, num_heads=4, window_size=(2, 2, 4), use_lora=False,
+        encoder_depths=(1, 2),
+        encoder_num_heads=(2, 4),
+        decoder_depths=(2, 1),
+        decoder_num_heads=(4, 2),
+        embed_dim=32,
+        num_heads=4,
+        window_size=(2, 2, 4),
+        use_lora=False,
     )
     batch = random_batch(model)
     params = model.init(jax.random.PRNGKey(0), batch)["params"]
@@ -128,17 +151,28 @@ def test_rollout_advances_time_and_step_and_compiles_once() -> None:
 
 def test_configurable_variable_sets_and_short_history() -> None:
     """No surface variables (statics only), an extra atmospheric variable with dataset statistics."""
-    model = tiny_model(surf_vars=(), static_vars=("lsm", "z"), atmos_vars=("z", "t", "r"), surf_stats={
-        "r_100": (20.0, 20.0), "r_500": (50.0, 30.0), "r_850": (70.0, 20.0)})
+    model = tiny_model(
+        surf_vars=(),
+        static_vars=("lsm", "z"),
+        atmos_vars=("z", "t", "r"),
+        surf_stats={"r_100": (20.0, 20.0), "r_500": (50.0, 30.0), "r_850": (70.0, 20.0)},
+    )
     rng = np.random.default_rng(0)
     levels = (100, 500, 850)
     batch = aurora.Batch(
         surf_vars={},
-        static_vars={"lsm": rng.random((16, 32), dtype=np.float32), "z": rng.random((16, 32), dtype=np.float32)},
-        atmos_vars={v: rng.standard_normal((2, 1, 3, 16, 32)).astype(np.float32) for v in ("z", "t", "r")},
+        static_vars={
+            "lsm": rng.random((16, 32), dtype=np.float32),
+            "z": rng.random((16, 32), dtype=np.float32),
+        },
+        atmos_vars={
+            v: rng.standard_normal((2, 1, 3, 16, 32)).astype(np.float32) for v in ("z", "t", "r")
+        },
         metadata=aurora.Metadata(
-            lat=np.linspace(90, -90, 17)[:-1], lon=np.linspace(0, 360, 32, endpoint=False),
-            time=(np.datetime64("2016-09-25T00:00"),) * 2, atmos_levels=levels,
+            lat=np.linspace(90, -90, 17)[:-1],
+            lon=np.linspace(0, 360, 32, endpoint=False),
+            time=(np.datetime64("2016-09-25T00:00"),) * 2,
+            atmos_levels=levels,
         ),
     )
     params = model.init(jax.random.PRNGKey(0), batch)["params"]
@@ -173,13 +207,17 @@ def test_remat_gives_the_same_values_and_gradients(stages) -> None:
     params = model.init(jax.random.PRNGKey(0), batch)["params"]
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    params = tree.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    params = tree.unflatten(
+        [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    )
 
     def loss(p, m):
         return jnp.mean(m.apply({"params": p}, batch).atmos_vars["t"])
 
     plain = jax.jit(jax.value_and_grad(lambda p: loss(p, model)))(params)
-    remat = jax.jit(jax.value_and_grad(lambda p: loss(p, model.clone(remat=True, remat_stages=stages))))(params)
+    remat = jax.jit(
+        jax.value_and_grad(lambda p: loss(p, model.clone(remat=True, remat_stages=stages)))
+    )(params)
     np.testing.assert_allclose(float(plain[0]), float(remat[0]), rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(plain[1]), jax.tree_util.tree_leaves(remat[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-8)

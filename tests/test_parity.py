@@ -1,6 +1,6 @@
 """Parity with microsoft-aurora 2.0.1: same weights, same batch, same numbers.
 
-Each case builds the PyTorch model in `.venv-ref` with random weights (plus noise on every
+Each case builds the PyTorch model in the reference virtualenv with random weights (plus noise on every
 parameter, so that zero-initialised LoRA and AdaLN weights matter), runs a rollout there, converts
 the state dict with `aurora.convert`, runs our rollout and compares every output variable at every
 step: max |jax - torch| / max |torch| <= 1e-4 in float32 with matmul precision "highest".
@@ -35,7 +35,16 @@ TINY = {
 }
 
 
-def _spec(preset: str, kwargs: dict[str, Any], *, steps: int, h: int = 17, w: int = 32, levels=(100, 500, 850), **extra: Any) -> dict[str, Any]:
+def _spec(
+    preset: str,
+    kwargs: dict[str, Any],
+    *,
+    steps: int,
+    h: int = 17,
+    w: int = 32,
+    levels=(100, 500, 850),
+    **extra: Any,
+) -> dict[str, Any]:
     return {
         "preset": preset,
         "kwargs": kwargs,
@@ -91,14 +100,17 @@ def _compare(spec: dict[str, Any]) -> dict[str, float]:
         for step, pred in enumerate(aurora.rollout(model, params, batch, spec["steps"])):
             assert int(pred.metadata.rollout_step) == int(ref[f"{step}/rollout_step"])
             assert np.array_equal(
-                np.array(pred.metadata.datetimes(), dtype="datetime64[m]"), ref[f"{step}/time"].astype("datetime64[m]")
+                np.array(pred.metadata.datetimes(), dtype="datetime64[m]"),
+                ref[f"{step}/time"].astype("datetime64[m]"),
             )
             for kind, variables in (("surf", pred.surf_vars), ("atmos", pred.atmos_vars)):
                 for name, value in variables.items():
                     expected = ref[f"{step}/{kind}/{name}"]
                     value = np.asarray(value)
                     assert value.shape == expected.shape, (name, value.shape, expected.shape)
-                    errors[f"{step}/{kind}/{name}"] = float(np.abs(value - expected).max() / np.abs(expected).max())
+                    errors[f"{step}/{kind}/{name}"] = float(
+                        np.abs(value - expected).max() / np.abs(expected).max()
+                    )
     return errors
 
 
@@ -139,14 +151,22 @@ def test_tiny_12h_timestep_and_odd_patches_match_reference() -> None:
 @pytest.mark.reference
 def test_aurora_small_matches_reference() -> None:
     """AuroraSmallPretrained as published (LoRA off) on a 33x64 grid, 4 levels."""
-    _assert_close(_compare(_spec("AuroraSmallPretrained", {}, steps=1, h=33, w=64, levels=(100, 250, 500, 850))))
+    _assert_close(
+        _compare(
+            _spec("AuroraSmallPretrained", {}, steps=1, h=33, w=64, levels=(100, 250, 500, 850))
+        )
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.reference
 def test_aurora_small_with_lora_rollout_matches_reference() -> None:
     kwargs = {"use_lora": True, "lora_mode": "single"}
-    _assert_close(_compare(_spec("AuroraSmallPretrained", kwargs, steps=3, h=33, w=64, levels=(100, 250, 500, 850))))
+    _assert_close(
+        _compare(
+            _spec("AuroraSmallPretrained", kwargs, steps=3, h=33, w=64, levels=(100, 250, 500, 850))
+        )
+    )
 
 
 @pytest.mark.slow
@@ -165,4 +185,6 @@ def test_full_025_grid_matches_reference() -> None:
     alone (it was killed); its architecture is covered on a small grid above, and the grid-only
     code paths (encodings, padding, windows at 180x360 patches) are the same for both presets."""
     levels = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
-    _assert_close(_compare(_spec("AuroraSmallPretrained", {}, steps=1, h=721, w=1440, levels=levels)))
+    _assert_close(
+        _compare(_spec("AuroraSmallPretrained", {}, steps=1, h=721, w=1440, levels=levels))
+    )

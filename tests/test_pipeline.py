@@ -35,9 +35,13 @@ STATIC = DATA / "era5_static_z_lsm_0.25deg.nc"
 HOUR = 3600
 T0 = int(np.datetime64("2024-06-03T00", "s").astype(np.int64))  # first sample time
 CONFIG = dict(
-    paths=[HRES_PL], static_paths=[STATIC], surf_vars=(), atmos_vars=("z", "t", "r"),
-    static_vars=("lsm", "z"), levels=(500, 850),
-)  # fmt: skip
+    paths=[HRES_PL],
+    static_paths=[STATIC],
+    surf_vars=(),
+    atmos_vars=("z", "t", "r"),
+    static_vars=("lsm", "z"),
+    levels=(500, 850),
+)
 HOLE = {"train": [("2024-06-03T00", "2024-06-03T12"), ("2024-06-04T00", "2024-06-04T18")]}
 
 
@@ -60,7 +64,9 @@ def leaves(batch: tuple[Batch, list[Batch]]) -> list[np.ndarray]:
     inputs, targets = batch
     out = []
     for b in (inputs, *targets):
-        out += [b.atmos_vars[k] for k in sorted(b.atmos_vars)] + [b.surf_vars[k] for k in sorted(b.surf_vars)]
+        out += [b.atmos_vars[k] for k in sorted(b.atmos_vars)] + [
+            b.surf_vars[k] for k in sorted(b.surf_vars)
+        ]
         out += [np.asarray(b.metadata.time), np.asarray(b.metadata.rollout_step)]
     return out
 
@@ -108,7 +114,9 @@ def test_batch_contract_and_values(source: WeatherSource) -> None:
     np.testing.assert_array_equal(inputs.metadata.time.astype(np.int64) * 60, nows)
     assert len(targets) == K
     for k, target in enumerate(targets, start=1):
-        assert target.atmos_vars["t"].shape == (2, 1, 2, 19, 36) and target.metadata.rollout_step == k
+        assert (
+            target.atmos_vars["t"].shape == (2, 1, 2, 19, 36) and target.metadata.rollout_step == k
+        )
         np.testing.assert_array_equal(target.metadata.time.astype(np.int64) * 60, nows + k * step)
         for b, now in enumerate(nows):
             i = ref_s.index(int(now + k * step))
@@ -120,8 +128,16 @@ def test_batch_contract_and_values(source: WeatherSource) -> None:
 
 
 def test_twelve_hour_step_on_twelve_hourly_data(data_dir: Path) -> None:
-    src = load_source("era5", "train", data_dir=data_dir, paths=[NATL], surf_vars=("msl",),
-                      atmos_vars=("t",), static_vars=(), levels=None)  # fmt: skip
+    src = load_source(
+        "era5",
+        "train",
+        data_dir=data_dir,
+        paths=[NATL],
+        surf_vars=("msl",),
+        atmos_vars=("t",),
+        static_vars=(),
+        levels=None,
+    )
     p = Pipeline(src, step_hours=12, rollout_steps=3, shuffle=False, num_threads=0)
     assert len(p.all_windows) == 13 - (2 + 3) + 1  # 13 consecutive times, windows of 5
     inputs, targets = p.dataset[0]
@@ -159,7 +175,9 @@ def test_shuffle_is_seeded_and_reshuffled_each_epoch(source: WeatherSource) -> N
         return [int(p.batch_windows(i, epoch)[0]) for i in range(p.batches_per_epoch)]
 
     assert order(1, 0) == order(1, 0)
-    assert sorted(order(1, 0)) == sorted(order(1, 1)) == sorted(Pipeline(source).all_windows.tolist())
+    assert (
+        sorted(order(1, 0)) == sorted(order(1, 1)) == sorted(Pipeline(source).all_windows.tolist())
+    )
     assert order(1, 0) != order(1, 1)  # a new permutation every epoch
     assert order(1, 1) != order(2, 0)  # seeds are not epochs shifted (grain's seed + epoch)
     sync = [int(x.metadata.time[0]) * 60 for x, _ in Pipeline(source, seed=1, num_threads=0)]
@@ -187,14 +205,24 @@ def test_shards_are_disjoint_cover_all_and_read_only_their_records(source: Weath
         seen: list[int] = []
         for i in range(4):
             counting = CountingRecords(source.records)
-            shard_src = WeatherSource(records=counting, lat=source.lat, lon=source.lon,
-                                      levels=source.levels, times=source.times,
-                                      static=source.static)  # fmt: skip
-            p = Pipeline(shard_src, shard_index=i, shard_count=4, drop_remainder=even, num_threads=0)
+            shard_src = WeatherSource(
+                records=counting,
+                lat=source.lat,
+                lon=source.lon,
+                levels=source.levels,
+                times=source.times,
+                static=source.static,
+            )
+            p = Pipeline(
+                shard_src, shard_index=i, shard_count=4, drop_remainder=even, num_threads=0
+            )
             mine = [int(x.metadata.time[0]) * 60 for x, _ in p]
             assert sorted(mine) == sorted(p.windows.tolist())
-            needed = {int(np.flatnonzero(source.times == w + o)[0])
-                      for w in mine for o in (-6 * HOUR, 0, 6 * HOUR)}  # fmt: skip
+            needed = {
+                int(np.flatnonzero(source.times == w + o)[0])
+                for w in mine
+                for o in (-6 * HOUR, 0, 6 * HOUR)
+            }
             assert counting.read == needed
             seen += mine
         assert len(seen) == len(set(seen))  # disjoint
@@ -213,12 +241,22 @@ def synthetic_source(split: str, n_times: int = 6, step_hours: int = 6) -> Weath
     base = 1_600_000_000 if split == "train" else 1_700_000_000
     times = base + np.arange(n_times) * step_hours * HOUR
     records = [
-        {"time": int(t), "surf": {"2t": np.full((5, 8), 250 + i, np.float32)},
-         "atmos": {"q": np.full((2, 5, 8), i * 1e-4, np.float32)}}
+        {
+            "time": int(t),
+            "surf": {"2t": np.full((5, 8), 250 + i, np.float32)},
+            "atmos": {"q": np.full((2, 5, 8), i * 1e-4, np.float32)},
+        }
         for i, t in enumerate(times)
     ][::-1]  # record order need not be time order
-    return WeatherSource(records=records, lat=lat, lon=lon, levels=(500, 850),
-                         times=times[::-1], stats={"q_500": (1e-3, 1e-3)}, name=f"synthetic/{split}")  # fmt: skip
+    return WeatherSource(
+        records=records,
+        lat=lat,
+        lon=lon,
+        levels=(500, 850),
+        times=times[::-1],
+        stats={"q_500": (1e-3, 1e-3)},
+        name=f"synthetic/{split}",
+    )
 
 
 def test_register_function_builder_and_read_through_pipeline() -> None:
@@ -242,23 +280,30 @@ class TinyHres(WeatherBuilder, skip_registration=True):
     """A user's builder: HRES sample, one variable, its own defaults; registered by decorator."""
 
     name = "tiny_hres"
-    DEFAULTS = dict(paths=[HRES_PL], surf_vars=(), atmos_vars=("t",), static_vars=(),
-                    levels=(850,), splits={"train": ("2024-06-03", "2024-06-04T06"),
-                                           "test": ("2024-06-04T12", None)})  # fmt: skip
+    DEFAULTS = dict(
+        paths=[HRES_PL],
+        surf_vars=(),
+        atmos_vars=("t",),
+        static_vars=(),
+        levels=(850,),
+        splits={"train": ("2024-06-03", "2024-06-04T06"), "test": ("2024-06-04T12", None)},
+    )
 
 
 def test_register_tfds_builder_subclass(data_dir: Path) -> None:
     src = load_source("test_tiny_hres", "train", data_dir=data_dir)
     assert len(src.times) == 6 and src.levels == (850.0,)
     assert set(src.stats) == {"t_850"}
-    inputs, targets = Pipeline(src, shuffle=False, num_threads=0).dataset[0]
+    inputs, _targets = Pipeline(src, shuffle=False, num_threads=0).dataset[0]
     ref = open_dataset(HRES_PL, variables=["t"], levels=[850])
     np.testing.assert_array_equal(inputs.atmos_vars["t"][0, :, 0], ref["t"].values[:2, 0])
     assert len(load_source("test_tiny_hres", "test", data_dir=data_dir).times) == 2
 
 
 def test_registry_errors() -> None:
-    with pytest.raises(UnknownBuilderError, match="unknown dataset builder 'nope'; registered: .*era5.*hres"):
+    with pytest.raises(
+        UnknownBuilderError, match="unknown dataset builder 'nope'; registered: .*era5.*hres"
+    ):
         get_builder("nope")
     with pytest.raises(ValueError, match="taken"):
         register_builder("era5", synthetic_source)

@@ -39,12 +39,30 @@ def files(draw: st.DrawFn) -> dict:
     if draw(st.integers(0, 9)) == 0:
         lon = np.asarray(draw(st.permutations(lon.tolist())))  # scrambled: must be refused or fixed
     unique = draw(st.integers(0, 3)) > 0  # sometimes duplicate times
-    hours = draw(st.lists(st.integers(0, 8).map(lambda k: 6 * k), min_size=1, max_size=5, unique=unique))
+    hours = draw(
+        st.lists(st.integers(0, 8).map(lambda k: 6 * k), min_size=1, max_size=5, unique=unique)
+    )
     times = pd.Timestamp("2022-01-01") + pd.to_timedelta(hours, "h")
     surf = draw(st.sets(st.sampled_from(["2t", "msl"]), max_size=2))
     atmos = draw(st.sets(st.sampled_from(["t", "z"]), max_size=2))
-    nan_at = draw(st.one_of(st.none(), st.none(), st.none(), st.tuples(st.integers(0, len(hours) - 1), st.integers(0, n_lat - 1), st.integers(0, n_lon - 1))))
-    return {"lat": lat, "lon": np.asarray(lon), "times": times, "surf": sorted(surf), "atmos": sorted(atmos), "nan_at": nan_at}
+    nan_at = draw(
+        st.one_of(
+            st.none(),
+            st.none(),
+            st.none(),
+            st.tuples(
+                st.integers(0, len(hours) - 1), st.integers(0, n_lat - 1), st.integers(0, n_lon - 1)
+            ),
+        )
+    )
+    return {
+        "lat": lat,
+        "lon": np.asarray(lon),
+        "times": times,
+        "surf": sorted(surf),
+        "atmos": sorted(atmos),
+        "nan_at": nan_at,
+    }
 
 
 def _field(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -63,13 +81,23 @@ def _write(spec: dict, path: Path) -> xr.Dataset:
     for v in spec["surf"]:
         data[v] = (("time", "latitude", "longitude"), _field(v, (nt, ny, nx), rng))
     for v in spec["atmos"]:
-        data[v] = (("time", "level", "latitude", "longitude"), _field(v, (nt, len(LEVELS), ny, nx), rng))
+        data[v] = (
+            ("time", "level", "latitude", "longitude"),
+            _field(v, (nt, len(LEVELS), ny, nx), rng),
+        )
     if spec["nan_at"] is not None and data:
         first = next(iter(data.values()))[1]
         i, y, x = spec["nan_at"]
         first[(i, ..., y, x)] = np.nan
-    ds = xr.Dataset(data, coords={"time": spec["times"], "level": ("level", np.array(LEVELS), {"units": "hPa"}),
-                                  "latitude": spec["lat"], "longitude": spec["lon"]})  # fmt: skip
+    ds = xr.Dataset(
+        data,
+        coords={
+            "time": spec["times"],
+            "level": ("level", np.array(LEVELS), {"units": "hPa"}),
+            "latitude": spec["lat"],
+            "longitude": spec["lon"],
+        },
+    )
     for v in spec["surf"] + spec["atmos"]:
         ds[v].attrs["units"] = {"2t": "K", "msl": "Pa", "t": "K", "z": "m**2 s**-2"}[v]
     ds.to_netcdf(path)
@@ -92,7 +120,11 @@ def test_readers_and_pipeline_give_canonical_data_or_our_error(spec: dict) -> No
 
         # Canonical orientation.
         assert np.all(np.diff(ds.latitude.values) < 0)
-        assert np.all(np.diff(ds.longitude.values) > 0) and ds.longitude.min() >= 0 and ds.longitude.max() < 360
+        assert (
+            np.all(np.diff(ds.longitude.values) > 0)
+            and ds.longitude.min() >= 0
+            and ds.longitude.max() < 360
+        )
         assert np.all(np.diff(ds.time.values.astype("int64")) > 0)
         # Every value where it belongs: the original at (time, lat, lon) equals the canonical value
         # at the same time and latitude and the longitude taken modulo 360.
@@ -108,20 +140,29 @@ def test_readers_and_pipeline_give_canonical_data_or_our_error(spec: dict) -> No
         if not (spec["surf"] or spec["atmos"]):
             return
         records = [
-            {"time": int(pd.Timestamp(t).timestamp()), "surf": {v: ds[v].sel(time=t).values for v in spec["surf"]},
-             "atmos": {v: ds[v].sel(time=t).values for v in spec["atmos"]}}
+            {
+                "time": int(pd.Timestamp(t).timestamp()),
+                "surf": {v: ds[v].sel(time=t).values for v in spec["surf"]},
+                "atmos": {v: ds[v].sel(time=t).values for v in spec["atmos"]},
+            }
             for t in ds.time.values
-        ]  # fmt: skip
-        source = WeatherSource(records=records, lat=ds.latitude.values, lon=ds.longitude.values, levels=LEVELS)
+        ]
+        source = WeatherSource(
+            records=records, lat=ds.latitude.values, lon=ds.longitude.values, levels=LEVELS
+        )
         try:
             pipeline = Pipeline(source, rollout_steps=1, batch_size=1, shuffle=False, num_threads=0)
         except DataError:
-            seconds = set(int(r["time"]) for r in records)
-            assert not any(t - 21600 in seconds and t + 21600 in seconds for t in seconds), "a window existed"
+            seconds = {int(r["time"]) for r in records}
+            assert not any(t - 21600 in seconds and t + 21600 in seconds for t in seconds), (
+                "a window existed"
+            )
             return
         event("pipeline batches")
         for inputs, targets in pipeline.iterator(0):
             now = int(inputs.metadata.time[0]) * 60
             assert int(targets[0].metadata.time[0]) * 60 == now + 21600
             for v, x in inputs.atmos_vars.items():
-                np.testing.assert_array_equal(x[0, 1], ds[v].sel(time=pd.Timestamp(now, unit="s")).values)
+                np.testing.assert_array_equal(
+                    x[0, 1], ds[v].sel(time=pd.Timestamp(now, unit="s")).values
+                )

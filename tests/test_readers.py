@@ -14,8 +14,8 @@ import pytest
 import xarray as xr
 
 from data_builders.readers import (
-    G,
     DataError,
+    G,
     aurora_groups,
     nan_counts,
     open_dataset,
@@ -94,13 +94,11 @@ def test_cf_netcdf_pressure_levels() -> None:
     assert set(ds.data_vars) == {"z", "t", "u", "v", "r"}  # r keeps its ECMWF short name
     assert list(ds["level"].values) == [300.0, 400.0, 500.0, 700.0, 850.0, 1000.0]
     assert ds.sizes == {"time": 8, "level": 6, "latitude": 19, "longitude": 36}
-    np.testing.assert_array_equal(
-        ds["z"].sel(level=500).values, src["z"].sel(level=500).values
-    )
+    np.testing.assert_array_equal(ds["z"].sel(level=500).values, src["z"].sel(level=500).values)
     assert ds["z"].attrs["units"] == "m**2 s**-2"
     assert "lead_time" in ds.coords and "forecast_reference_time" in ds.coords
     assert ds.attrs["source_repository"] == src.attrs["source_repository"]  # provenance kept
-    assert nan_counts(ds) == {k: 0 for k in ds.data_vars}
+    assert nan_counts(ds) == dict.fromkeys(ds.data_vars, 0)
 
 
 def test_regional_file_with_negative_longitudes() -> None:
@@ -130,7 +128,7 @@ def test_cds_legacy_packed_values_are_unpacked() -> None:
         assert packed.dtype == np.int16
         expected = packed * var.scale_factor + var.add_offset
     np.testing.assert_allclose(ds["2t"].values, expected.astype(np.float32), rtol=1e-6)
-    assert 200 < float(ds["2t"].min()) and float(ds["2t"].max()) < 320
+    assert float(ds["2t"].min()) > 200 and float(ds["2t"].max()) < 320
     assert ds["time"].values[0] == np.datetime64("2021-03-01T12:00", "ns")
 
 
@@ -163,7 +161,7 @@ def test_static_quarter_degree_file() -> None:
     assert_canonical(ds)
     assert ds.sizes == {"latitude": 721, "longitude": 1440}
     assert ds["latitude"].values[0] == 90 and ds["longitude"].values[-1] == 359.75
-    assert 0 <= float(ds["lsm"].min()) and float(ds["lsm"].max()) <= 1
+    assert float(ds["lsm"].min()) >= 0 and float(ds["lsm"].max()) <= 1
     assert float(ds["z_sfc"].max()) > 40000  # Himalaya: geopotential, not height
 
 
@@ -265,9 +263,7 @@ def test_weatherbench1_static_orography_becomes_geopotential() -> None:
     assert_canonical(ds)
     assert set(ds.data_vars) == {"lsm", "slt", "z_sfc"}
     assert ds["latitude"].values[0] == pytest.approx(87.1875)
-    np.testing.assert_allclose(
-        ds["z_sfc"].values, G * src["orography"].values[::-1], rtol=1e-6
-    )
+    np.testing.assert_allclose(ds["z_sfc"].values, G * src["orography"].values[::-1], rtol=1e-6)
     assert ds["z_sfc"].attrs["units"] == "m**2 s**-2"
     np.testing.assert_array_equal(ds["slt"].values, src["slt"].values[::-1])
 
@@ -565,7 +561,7 @@ def test_conservative_coarsening_preserves_area_mean(
     lat, lon = ds["latitude"].values, ds["longitude"].values
     new_step = step * factor
     if lat[0] == 90:
-        new_lat = np.linspace(90, -90, int(round(180 / new_step)) + 1)
+        new_lat = np.linspace(90, -90, round(180 / new_step) + 1)
     else:
         new_lat = np.arange(90 - new_step / 2, -90, -new_step)
     new_lon = np.arange(lon[0], 360, new_step)

@@ -38,13 +38,13 @@ from callbacks.base import Callback
 from callbacks.checkpoint import ITEMS, ModelCheckpoint
 from callbacks.grad_stop import GradStop
 from callbacks.preemption import Preemption
+from tests.conftest import CACHE
 from tests.helpers import random_batch, tiny_model
 from trainers.data import InMemoryData
 from trainers.strategies.rollout import RolloutStrategy
 from trainers.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".cache" / "jax"
 STARTUP_TIMEOUT = 240  # seconds until the first step (a cold compilation cache on a busy machine)
 
 
@@ -74,7 +74,7 @@ class Pacer(Callback):
             time.sleep(self.sleep)
 
 
-CONFIG = '''
+CONFIG = """
 from configs import demo
 
 
@@ -93,7 +93,7 @@ def get_config():
     config.callbacks.pacer = {{"type": "tests.test_reliability:Pacer", "sleep": 0.0, "hold_at": 0}}
     config.writers = {{"tensorboard": {{"type": "tensorboard"}}, "csv": {{"type": "csv"}}, "jsonl": {{"type": "jsonl"}}}}
     return config
-'''
+"""
 
 
 class Job:
@@ -103,9 +103,20 @@ class Job:
         self.workdir = workdir
         self.out = workdir.with_name(workdir.name + ".out")
         self.err = workdir.with_name(workdir.name + ".err")
-        env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(CACHE), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-                   JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")  # fmt: skip
-        command = [sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}", *overrides]
+        env = dict(
+            os.environ,
+            JAX_COMPILATION_CACHE_DIR=str(CACHE),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+            JAX_PLATFORMS="cpu",
+            PYTHONUNBUFFERED="1",
+        )
+        command = [
+            sys.executable,
+            "main.py",
+            f"--config={config}",
+            f"--workdir={workdir}",
+            *overrides,
+        ]
         with open(self.out, "a") as out, open(self.err, "a") as err:
             self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err)
 
@@ -121,7 +132,9 @@ class Job:
         deadline = time.monotonic() + timeout
         while not condition():
             if self.process.poll() is not None:
-                raise AssertionError(f"main.py ended ({self.process.returncode}) early:\n{self.tail()}")
+                raise AssertionError(
+                    f"main.py ended ({self.process.returncode}) early:\n{self.tail()}"
+                )
             if time.monotonic() > deadline:
                 self.kill()
                 raise AssertionError(f"timed out waiting in {self.workdir}:\n{self.tail()}")
@@ -145,20 +158,30 @@ class Job:
 
 def _steps(workdir: Path) -> list[int]:
     directory = workdir / "checkpoints"
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+    return (
+        sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+        if directory.exists()
+        else []
+    )
 
 
-def _read_checkpoint(workdir: Path, step: int | None = None) -> tuple[int, Any, dict[str, Any], Any]:
+def _read_checkpoint(
+    workdir: Path, step: int | None = None
+) -> tuple[int, Any, dict[str, Any], Any]:
     """(step, state as numpy arrays, meta, strategy arrays or None) of a step (default: latest)."""
     step = max(_steps(workdir)) if step is None else step
     options = ocp.CheckpointManagerOptions(read_only=True)
-    with ocp.CheckpointManager(workdir / "checkpoints", options=options, item_names=ITEMS) as manager:
+    with ocp.CheckpointManager(
+        workdir / "checkpoints", options=options, item_names=ITEMS
+    ) as manager:
         items = {"state": ocp.args.StandardRestore(), "meta": ocp.args.JsonRestore()}
         if (workdir / "checkpoints" / str(step) / "strategy").exists():
             items["strategy"] = ocp.args.PyTreeRestore()
         restored = manager.restore(step, args=ocp.args.Composite(**items))
     state = jax.tree_util.tree_map(np.asarray, restored["state"])
-    strategy = jax.tree_util.tree_map(np.asarray, restored["strategy"]) if "strategy" in items else None
+    strategy = (
+        jax.tree_util.tree_map(np.asarray, restored["strategy"]) if "strategy" in items else None
+    )
     return step, state, restored["meta"], strategy
 
 
@@ -172,7 +195,10 @@ def _flat(tree: Any) -> dict[str, np.ndarray]:
                 return str(getattr(entry, field))
         return str(entry)
 
-    return {"/".join(map(name, path)): np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        "/".join(map(name, path)): np.asarray(x)
+        for path, x in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def _assert_same_tree(a: Any, b: Any) -> None:
@@ -192,7 +218,9 @@ def _assert_same_result(run: Path, reference: Path) -> None:
     if ref_strategy is not None:
         _assert_same_tree(strategy, ref_strategy)
     losses, ref_losses = _losses(run / "metrics.csv"), _losses(reference / "metrics.csv")
-    assert [s for s, _ in losses] == list(range(1, step + 1)), "train/loss: no duplicated or missing steps"
+    assert [s for s, _ in losses] == list(range(1, step + 1)), (
+        "train/loss: no duplicated or missing steps"
+    )
     assert losses == ref_losses, "the same loss, bit for bit, at every step"
     with open(run / "metrics.jsonl") as f:
         jsonl_steps = [r["step"] for r in map(json.loads, f) if "train/loss" in r]
@@ -224,7 +252,9 @@ def test_sigkill_between_checkpoints_then_rerun_matches_an_uninterrupted_run(job
     job.kill()
     assert job.finish() == -signal.SIGKILL
     assert _steps(workdir) == [3]
-    assert max(s for s, _ in _losses(workdir / "metrics.csv")) == 5, "rows after the checkpoint are on disk"
+    assert max(s for s, _ in _losses(workdir / "metrics.csv")) == 5, (
+        "rows after the checkpoint are on disk"
+    )
 
     rerun = Job(config, workdir)
     assert rerun.finish() == 0, rerun.tail()
@@ -273,7 +303,12 @@ def test_several_kills_at_random_points_including_during_a_checkpoint_write(jobs
         left_over = writes() if (workdir / "checkpoints").exists() else set()
         job = Job(config, workdir, *overrides, "--config.callbacks.pacer.sleep=0.3")
         if attempt % 2 == 0:  # kill as soon as an asynchronous checkpoint write is in progress
-            job.wait_for(lambda left_over=left_over: (workdir / "checkpoints").exists() and bool(writes() - left_over), poll=0.001)
+            job.wait_for(
+                lambda left_over=left_over: (
+                    (workdir / "checkpoints").exists() and bool(writes() - left_over)
+                ),
+                poll=0.001,
+            )
             job.kill()
             during_write |= bool(writes() - left_over)
         else:  # kill at a random time after the first step
@@ -289,7 +324,7 @@ def test_several_kills_at_random_points_including_during_a_checkpoint_write(jobs
     _assert_same_result(workdir, root / "reference12")
 
 
-REPLAY_CONFIG = '''
+REPLAY_CONFIG = """
 from configs import replay
 
 
@@ -307,7 +342,7 @@ def get_config():
     config.callbacks.pacer = {{"type": "tests.test_reliability:Pacer", "sleep": 0.0, "hold_at": 0}}
     config.writers = {{"csv": {{"type": "csv"}}, "jsonl": {{"type": "jsonl"}}}}
     return config
-'''
+"""
 
 
 @pytest.mark.slow
@@ -333,8 +368,15 @@ def test_replay_buffer_survives_a_kill(tmp_path) -> None:
 # In-process: a tiny model, the Trainer and its callbacks
 # --------------------------------------------------------------------------------------------------
 
-OPTIM = ml_collections.ConfigDict({"learning_rate": 1e-3, "warmup_steps": 2, "schedule": "constant", "weight_decay": 0.01})
-ONE_STAGE = {"encoder_depths": (1,), "encoder_num_heads": (2,), "decoder_depths": (1,), "decoder_num_heads": (2,)}
+OPTIM = ml_collections.ConfigDict(
+    {"learning_rate": 1e-3, "warmup_steps": 2, "schedule": "constant", "weight_decay": 0.01}
+)
+ONE_STAGE = {
+    "encoder_depths": (1,),
+    "encoder_num_heads": (2,),
+    "decoder_depths": (1,),
+    "decoder_num_heads": (2,),
+}
 
 
 def _model(**overrides: Any):
@@ -353,14 +395,23 @@ def _example(model, seed: int, time: str = "2020-06-01T12:00"):
         surf_vars={n: v[:, 2:] for n, v in series.surf_vars.items()},
         atmos_vars={n: v[:, 2:] for n, v in series.atmos_vars.items()},
     )
-    target = target.replace(metadata=target.metadata.replace(time=np.asarray(target.metadata.time) + 360))
+    target = target.replace(
+        metadata=target.metadata.replace(time=np.asarray(target.metadata.time) + 360)
+    )
     return inputs, [target]
 
 
 def _trainer(model, workdir, *, max_steps, callbacks=(), **kwargs) -> Trainer:
     strategy = RolloutStrategy(model, steps=1, backprop="all")
-    return Trainer(strategy, optimizer=OPTIM, callbacks=list(callbacks), workdir=workdir, max_steps=max_steps,
-                   log_every_n_steps=1, **kwargs)  # fmt: skip
+    return Trainer(
+        strategy,
+        optimizer=OPTIM,
+        callbacks=list(callbacks),
+        workdir=workdir,
+        max_steps=max_steps,
+        log_every_n_steps=1,
+        **kwargs,
+    )
 
 
 def _data(model, n: int = 3) -> InMemoryData:
@@ -386,9 +437,16 @@ def test_preemption_callback_saves_stops_and_restores_the_handlers(tmp_path) -> 
     model = _model()
     before = signal.getsignal(signal.SIGTERM)
     preemption = Preemption()
-    trainer = _trainer(model, tmp_path, max_steps=6, callbacks=[ModelCheckpoint(every_n_steps=3), _SignalAt(4), preemption])
+    trainer = _trainer(
+        model,
+        tmp_path,
+        max_steps=6,
+        callbacks=[ModelCheckpoint(every_n_steps=3), _SignalAt(4), preemption],
+    )
     trainer.fit(_data(model))
-    assert trainer.global_step == 4 and preemption.received == "SIGTERM" and preemption.stopped_at == 4
+    assert (
+        trainer.global_step == 4 and preemption.received == "SIGTERM" and preemption.stopped_at == 4
+    )
     assert _steps(tmp_path) == [3, 4]
     step, state, meta, _ = _read_checkpoint(tmp_path)
     assert step == meta["global_step"] == 4
@@ -425,13 +483,21 @@ def test_preemption_waits_for_every_process(monkeypatch) -> None:
 
     gathered = []
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: gathered.append(int(x)) or np.array([int(x), 1]))
-    trainer = SimpleNamespace(global_step=7, checkpoint_callback=None, fast_dev_run=False, should_stop=False)
+    monkeypatch.setattr(
+        multihost_utils,
+        "process_allgather",
+        lambda x: gathered.append(int(x)) or np.array([int(x), 1]),
+    )
+    trainer = SimpleNamespace(
+        global_step=7, checkpoint_callback=None, fast_dev_run=False, should_stop=False
+    )
     preemption = Preemption(sync_every_n_steps=1)
     preemption.on_train_batch_end(trainer, {}, None, 0)
     assert gathered == [0] and trainer.should_stop and preemption.stopped_at == 7
 
-    quiet = SimpleNamespace(global_step=7, checkpoint_callback=None, fast_dev_run=False, should_stop=False)
+    quiet = SimpleNamespace(
+        global_step=7, checkpoint_callback=None, fast_dev_run=False, should_stop=False
+    )
     monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.array([0, 0]))
     Preemption(sync_every_n_steps=2).on_train_batch_end(quiet, {}, None, 0)  # step 7: no sync point
     Preemption().on_train_batch_end(quiet, {}, None, 0)
@@ -443,7 +509,12 @@ def two_checkpoints(tmp_path_factory):
     """A run with checkpoints at steps 2 and 4 (copy the folder before damaging it)."""
     model = _model()
     workdir = tmp_path_factory.mktemp("two_checkpoints")
-    trainer = _trainer(model, workdir, max_steps=4, callbacks=[ModelCheckpoint(every_n_steps=2, async_checkpointing=False)])
+    trainer = _trainer(
+        model,
+        workdir,
+        max_steps=4,
+        callbacks=[ModelCheckpoint(every_n_steps=2, async_checkpointing=False)],
+    )
     trainer.fit(_data(model))
     trainer.checkpoint_callback.close()
     assert _steps(workdir) == [2, 4]
@@ -497,8 +568,12 @@ def _delete_meta(step_dir: Path) -> str:
     return "meta"
 
 
-@pytest.mark.parametrize("damage", [_truncate_array_file, _delete_array_files, _corrupt_meta, _delete_meta])
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_step(two_checkpoints, tmp_path, caplog, damage) -> None:
+@pytest.mark.parametrize(
+    "damage", [_truncate_array_file, _delete_array_files, _corrupt_meta, _delete_meta]
+)
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_step(
+    two_checkpoints, tmp_path, caplog, damage
+) -> None:
     model, original = two_checkpoints
     workdir = _copy(original, tmp_path)
     expected = _read_checkpoint(workdir, 2)[1]
@@ -509,7 +584,9 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_step(two_checkpo
     assert trainer.global_step == 2
     _assert_same_tree(_numpy(trainer.state), expected)
     damaged = str(workdir / "checkpoints" / "4")
-    assert any(damaged in r.getMessage() and "Cannot restore" in r.getMessage() for r in caplog.records), caplog.text
+    assert any(
+        damaged in r.getMessage() and "Cannot restore" in r.getMessage() for r in caplog.records
+    ), caplog.text
     # Nothing deleted: the damaged step is kept aside, and step 4 can be written again.
     assert (workdir / "checkpoints" / "damaged" / "4").is_dir() and _steps(workdir) == [2]
     if damage is not _truncate_array_file:
@@ -529,7 +606,10 @@ def test_an_unfinished_write_is_ignored(two_checkpoints, tmp_path, caplog) -> No
     (checkpoints / f"4{ocp.utils.TMP_DIR_SUFFIX}" / "commit_success.txt").unlink()
     with caplog.at_level(logging.WARNING, logger="callbacks.checkpoint"):
         assert _restore(model, workdir).global_step == 2
-    assert f"Ignoring incomplete checkpoint writes in {checkpoints}: 4{ocp.utils.TMP_DIR_SUFFIX}" in caplog.text
+    assert (
+        f"Ignoring incomplete checkpoint writes in {checkpoints}: 4{ocp.utils.TMP_DIR_SUFFIX}"
+        in caplog.text
+    )
 
 
 def test_no_restorable_checkpoint_is_a_clear_error(two_checkpoints, tmp_path) -> None:
@@ -537,7 +617,9 @@ def test_no_restorable_checkpoint_is_a_clear_error(two_checkpoints, tmp_path) ->
     workdir = _copy(original, tmp_path)
     for step in (2, 4):
         _corrupt_meta(workdir / "checkpoints" / str(step))
-    with pytest.raises(RuntimeError, match="No checkpoint in .*checkpoints could be restored") as error:
+    with pytest.raises(
+        RuntimeError, match="No checkpoint in .*checkpoints could be restored"
+    ) as error:
         _restore(model, workdir)
     assert "/checkpoints/2" in str(error.value) and "/checkpoints/4" in str(error.value)
     assert _steps(workdir) == [2, 4], "nothing moved or deleted"
@@ -547,7 +629,9 @@ def test_a_checkpoint_of_another_model_is_refused(two_checkpoints, tmp_path) -> 
     _, original = two_checkpoints
     workdir = _copy(original, tmp_path)
     other = _model(atmos_vars=("z", "u", "v"))
-    with pytest.raises(ValueError, match=r"atmos_vars \('z', 'u', 'v', 't', 'q'\) vs \('z', 'u', 'v'\)"):
+    with pytest.raises(
+        ValueError, match=r"atmos_vars \('z', 'u', 'v', 't', 'q'\) vs \('z', 'u', 'v'\)"
+    ):
         _restore(other, workdir)
     with pytest.raises(ValueError, match=r"embed_dim 32 vs 64"):
         _restore(_model(embed_dim=64), workdir)
@@ -559,7 +643,10 @@ def test_checkpoints_without_a_model_signature_still_restore(two_checkpoints, tm
     workdir = _copy(original, tmp_path)
     path = workdir / "checkpoints" / "4" / "meta" / "metadata"
     meta = json.loads(path.read_text())
-    assert meta["model"]["atmos_vars"] == ["z", "u", "v", "t", "q"] and meta["model"]["params"]["digest"]
+    assert (
+        meta["model"]["atmos_vars"] == ["z", "u", "v", "t", "q"]
+        and meta["model"]["params"]["digest"]
+    )
     del meta["model"]
     path.write_text(json.dumps(meta))
     assert _restore(model, workdir).global_step == 4
@@ -614,25 +701,37 @@ class _RecordParams(Callback):
 
 
 @pytest.mark.parametrize("policy", ["skip", "stop"])
-def test_nan_input_skips_the_update_or_stops_and_the_last_checkpoint_stays_good(tmp_path, caplog, policy) -> None:
+def test_nan_input_skips_the_update_or_stops_and_the_last_checkpoint_stays_good(
+    tmp_path, caplog, policy
+) -> None:
     model = _model()
     good = [_example(model, seed, time="2020-06-01T12:00") for seed in range(3)]
     bad = _with_nan(_example(model, 7, time="2021-03-04T18:00"))
-    data = InMemoryData([good[0], good[1], bad, good[2]], shuffle=False)  # the NaN is in step 3's input
+    data = InMemoryData(
+        [good[0], good[1], bad, good[2]], shuffle=False
+    )  # the NaN is in step 3's input
     record = _RecordParams()
     callbacks = [ModelCheckpoint(every_n_steps=2), GradStop(on_nonfinite=policy), record]
     trainer = _trainer(model, tmp_path, max_steps=4, callbacks=callbacks)
     with caplog.at_level(logging.WARNING, logger="callbacks.grad_stop"):
         trainer.fit(data)
 
-    message = next(r.getMessage() for r in caplog.records if "Non-finite gradient" in r.getMessage())
+    message = next(
+        r.getMessage() for r in caplog.records if "Non-finite gradient" in r.getMessage()
+    )
     assert "at step 3" in message and "input u" in message and "2021-03-04" in message, message
     _assert_same_tree(record.params[3], record.params[2])  # the update was skipped
     for leaf in jax.tree_util.tree_leaves(record.params[3]):
         assert np.all(np.isfinite(leaf))
     if policy == "skip":
         assert trainer.global_step == 4 and not trainer.should_stop
-        assert any(np.any(a != b) for a, b in zip(jax.tree_util.tree_leaves(record.params[4]), jax.tree_util.tree_leaves(record.params[3])))
+        assert any(
+            np.any(a != b)
+            for a, b in zip(
+                jax.tree_util.tree_leaves(record.params[4]),
+                jax.tree_util.tree_leaves(record.params[3]),
+            )
+        )
         assert _steps(tmp_path) == [2, 4]
     else:
         assert trainer.global_step == 3 and trainer.should_stop

@@ -19,23 +19,31 @@ from callbacks.base import Callback
 from callbacks.checkpoint import ModelCheckpoint
 from data_builders.pipeline import Pipeline, WeatherSource
 from data_builders.registry import load_source
+from tests.helpers import tiny_model
 from trainers.data import InMemoryData
 from trainers.strategies.lora import LoRAStrategy
 from trainers.strategies.replay import Entry, ReplayBuffer, ReplayStrategy
 from trainers.trainer import Trainer
-from tests.helpers import tiny_model
 
 DATA = Path(__file__).parent / "data"
-OPTIM = ml_collections.ConfigDict({"learning_rate": 1e-3, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0})
+OPTIM = ml_collections.ConfigDict(
+    {"learning_rate": 1e-3, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0}
+)
 VARS = dict(surf_vars=(), atmos_vars=("z", "t"), static_vars=("lsm", "z"))
 STEP_MINUTES = 360
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> WeatherSource:
-    return load_source("hres", "train", data_dir=tmp_path_factory.mktemp("datasets"),
-                       paths=[DATA / "hres_pl_20240603T00-20240604T18_6h_10deg.nc"],
-                       static_paths=[DATA / "era5_static_z_lsm_0.25deg.nc"], levels=(500, 850), **VARS)  # fmt: skip
+    return load_source(
+        "hres",
+        "train",
+        data_dir=tmp_path_factory.mktemp("datasets"),
+        paths=[DATA / "hres_pl_20240603T00-20240604T18_6h_10deg.nc"],
+        static_paths=[DATA / "era5_static_z_lsm_0.25deg.nc"],
+        levels=(500, 850),
+        **VARS,
+    )
 
 
 def _pipeline(source: WeatherSource) -> Pipeline:
@@ -62,8 +70,14 @@ class Record(Callback):
 
 
 def _fit(strategy, source, workdir=None, max_steps=10, callbacks=()):
-    trainer = Trainer(strategy, optimizer=OPTIM, callbacks=list(callbacks), workdir=workdir, max_steps=max_steps,
-                      log_every_n_steps=1)  # fmt: skip
+    trainer = Trainer(
+        strategy,
+        optimizer=OPTIM,
+        callbacks=list(callbacks),
+        workdir=workdir,
+        max_steps=max_steps,
+        log_every_n_steps=1,
+    )
     trainer.fit(_pipeline(source))
     return trainer
 
@@ -80,21 +94,27 @@ def test_targets_lead_time_cap_and_pushed_back_predictions(source) -> None:
     strategy = ReplayStrategy(_model(), capacity=40, refresh_every=4, max_lead_hours=schedule)
     trainer = _fit(strategy, source, max_steps=16, callbacks=[record])
     assert trainer.global_step == 16 and strategy.updates == 16
-    cap = lambda step: [h for s, h in schedule if s <= step][-1]  # noqa: E731
+    cap = lambda step: [h for s, h in schedule if s <= step][-1]
 
     index = _record_index(source)
     early, late = set(), set()
     for step, inputs, target in record.examples:
         np.testing.assert_array_equal(target.metadata.time, inputs.metadata.time + STEP_MINUTES)
-        np.testing.assert_array_equal(target.metadata.rollout_step, inputs.metadata.rollout_step + 1)
+        np.testing.assert_array_equal(
+            target.metadata.rollout_step, inputs.metadata.rollout_step + 1
+        )
         for row, minutes in enumerate(np.asarray(target.metadata.time)):
             truth = source.records[index[int(minutes)]]
             for v in ("z", "t"):
-                np.testing.assert_array_equal(target.atmos_vars[v][row, 0], truth["atmos"][v][:, :-1])  # cropped row
+                np.testing.assert_array_equal(
+                    target.atmos_vars[v][row, 0], truth["atmos"][v][:, :-1]
+                )  # cropped row
         lead_hours = (np.asarray(inputs.metadata.rollout_step) + 1) * 6
         assert np.all(lead_hours <= cap(step)), (step, lead_hours)
         (early if step < 8 else late).update(lead_hours.tolist())
-    assert max(early) == 12 and max(late) > 12, "the cap bounds leads, and raising it lets them grow"
+    assert max(early) == 12 and max(late) > 12, (
+        "the cap bounds leads, and raising it lets them grow"
+    )
 
     for step, buffer in enumerate(record.buffers, start=1):
         for entry in buffer:
@@ -105,17 +125,30 @@ def test_targets_lead_time_cap_and_pushed_back_predictions(source) -> None:
     # After the first update, each sampled entry has a child one step further whose history is
     # (the entry's newest state, the prediction).
     (_, inputs, _) = record.examples[0]
-    children = [e for e in record.buffers[0] if e.rollout_step == int(inputs.metadata.rollout_step[0]) + 1]
+    children = [
+        e for e in record.buffers[0] if e.rollout_step == int(inputs.metadata.rollout_step[0]) + 1
+    ]
     assert len(children) == 2
     for row, child in enumerate(children):
         assert child.time == int(inputs.metadata.time[row]) + STEP_MINUTES
-        np.testing.assert_array_equal(child.atmos["z"][0], np.asarray(inputs.atmos_vars["z"][row, 1]))
+        np.testing.assert_array_equal(
+            child.atmos["z"][0], np.asarray(inputs.atmos_vars["z"][row, 1])
+        )
         assert not np.array_equal(child.atmos["z"][1], child.atmos["z"][0])
 
 
 def test_buffer_is_fifo_and_samples_within_the_cap() -> None:
     buffer = ReplayBuffer(capacity=3)
-    entries = [Entry({}, {"z": np.full((2, 1, 2, 2), i, np.float32)}, time=i, rollout_step=i % 2, target_time=i + 360) for i in range(5)]
+    entries = [
+        Entry(
+            {},
+            {"z": np.full((2, 1, 2, 2), i, np.float32)},
+            time=i,
+            rollout_step=i % 2,
+            target_time=i + 360,
+        )
+        for i in range(5)
+    ]
     for e in entries:
         buffer.push(e)
     assert [e.time for e in buffer.entries] == [2, 3, 4]
@@ -127,7 +160,9 @@ def test_buffer_is_fifo_and_samples_within_the_cap() -> None:
 
 def test_resume_restores_the_buffer_and_training_exactly(source, tmp_path) -> None:
     def strategy():
-        return ReplayStrategy(_model(), capacity=5, refresh_every=3, max_lead_hours=((0, 24),), seed=7)
+        return ReplayStrategy(
+            _model(), capacity=5, refresh_every=3, max_lead_hours=((0, 24),), seed=7
+        )
 
     class Crash(Callback):
         def on_train_batch_end(self, trainer, outputs, batch, batch_idx):
@@ -143,24 +178,45 @@ def test_resume_restores_the_buffer_and_training_exactly(source, tmp_path) -> No
     snapshot = Snapshot()
     straight = _fit(strategy(), source, tmp_path / "a", max_steps=11, callbacks=[snapshot])
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit(strategy(), source, tmp_path / "b", max_steps=11, callbacks=[ModelCheckpoint(every_n_steps=4), Crash()])
+        _fit(
+            strategy(),
+            source,
+            tmp_path / "b",
+            max_steps=11,
+            callbacks=[ModelCheckpoint(every_n_steps=4), Crash()],
+        )
 
     # The checkpoint at step 4 restores the buffer exactly as the uninterrupted run had it then.
     probe = strategy()
-    Trainer(probe, optimizer=OPTIM, callbacks=[ModelCheckpoint(directory=tmp_path / "b" / "checkpoints")],
-            workdir=tmp_path / "b", max_steps=4)._setup_state(next(iter(_pipeline(source).iterator(0))))  # fmt: skip
+    Trainer(
+        probe,
+        optimizer=OPTIM,
+        callbacks=[ModelCheckpoint(directory=tmp_path / "b" / "checkpoints")],
+        workdir=tmp_path / "b",
+        max_steps=4,
+    )._setup_state(next(iter(_pipeline(source).iterator(0))))
     assert probe.state_dict() == snapshot.state
     assert len(probe.buffer) == len(snapshot.arrays["atmos"]["z"])
     for v, stacked in snapshot.arrays["atmos"].items():
         np.testing.assert_array_equal(probe.buffer.arrays()["atmos"][v], stacked)
 
-    resumed = _fit(strategy(), source, tmp_path / "b", max_steps=11, callbacks=[ModelCheckpoint(every_n_steps=4)])
+    resumed = _fit(
+        strategy(),
+        source,
+        tmp_path / "b",
+        max_steps=11,
+        callbacks=[ModelCheckpoint(every_n_steps=4)],
+    )
     assert resumed.global_step == 11
     assert resumed.strategy.state_dict() == straight.strategy.state_dict()
     for a, b in zip(resumed.strategy.buffer.entries, straight.strategy.buffer.entries, strict=True):
         for v in a.atmos:
             np.testing.assert_array_equal(a.atmos[v], b.atmos[v])
-    for a, b in zip(jax.tree_util.tree_leaves(straight.state), jax.tree_util.tree_leaves(resumed.state), strict=True):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(straight.state),
+        jax.tree_util.tree_leaves(resumed.state),
+        strict=True,
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -171,26 +227,42 @@ def test_rows_of_different_rollout_steps_use_their_own_adapters(source) -> None:
     inputs = inputs.crop(2)
     params = model.init(jax.random.PRNGKey(0), inputs)["params"]
     params = jax.tree_util.tree_map_with_path(  # non-zero B, so every adapter differs
-        lambda p, x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(len(str(p))), x.shape)
-        if "lora_B" in str(p) else x, params)  # fmt: skip
-    mixed = inputs.replace(metadata=inputs.metadata.replace(rollout_step=np.array([0, 2], np.int32)))
+        lambda p, x: (
+            x + 0.05 * jax.random.normal(jax.random.PRNGKey(len(str(p))), x.shape)
+            if "lora_B" in str(p)
+            else x
+        ),
+        params,
+    )
+    mixed = inputs.replace(
+        metadata=inputs.metadata.replace(rollout_step=np.array([0, 2], np.int32))
+    )
     got = jax.jit(strategy.predict)(params, mixed)
     apply = jax.jit(lambda batch: model.apply({"params": params}, batch))
     for row, step in enumerate((0, 2)):
         one = inputs.replace(
             atmos_vars={v: x[row : row + 1] for v, x in inputs.atmos_vars.items()},
-            metadata=inputs.metadata.replace(time=inputs.metadata.time[row : row + 1], rollout_step=np.int32(step)),
+            metadata=inputs.metadata.replace(
+                time=inputs.metadata.time[row : row + 1], rollout_step=np.int32(step)
+            ),
         )
         want = apply(one)
         for v in ("z", "t"):
-            np.testing.assert_allclose(got.atmos_vars[v][row], want.atmos_vars[v][0], rtol=2e-5, atol=1e-5 * float(np.abs(want.atmos_vars[v]).max()))
+            np.testing.assert_allclose(
+                got.atmos_vars[v][row],
+                want.atmos_vars[v][0],
+                rtol=2e-5,
+                atol=1e-5 * float(np.abs(want.atmos_vars[v]).max()),
+            )
         assert int(got.metadata.rollout_step[row]) == step + 1
     assert not np.allclose(got.atmos_vars["t"][0], got.atmos_vars["t"][1])
 
 
 def test_lora_wraps_replay_and_trains_only_adapters(source) -> None:
     model = _model(use_lora=True)
-    strategy = LoRAStrategy(ReplayStrategy(model, refresh_every=2, max_lead_hours=((0, 18),)), train_base=True)
+    strategy = LoRAStrategy(
+        ReplayStrategy(model, refresh_every=2, max_lead_hours=((0, 18),)), train_base=True
+    )
     _fit(strategy, source, max_steps=2)
     assert len(strategy.inner.buffer) > 2 and strategy.state_dict()["updates"] == 2
 

@@ -1,7 +1,7 @@
 """The torch-free `torch.save` reader against checkpoints written by PyTorch itself, and against forged ones.
 
 The fixtures come from `tests/reference/make_torch_checkpoint_fixture.py` (real `torch.save`, in
-`.venv-ref`); everything else is built here from them or by hand, so no test needs PyTorch.
+the reference virtualenv); everything else is built here from them or by hand, so no test needs PyTorch.
 """
 
 from __future__ import annotations
@@ -30,11 +30,21 @@ EXPECTED = DATA / "torch_checkpoint_fixture.npz"
 
 # Bytes per scalar component of each storage element: what a byte-order swap reverses.
 COMPONENT_BYTES = {
-    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
-    "ComplexDoubleStorage": 8, "ComplexFloatStorage": 4, "LongStorage": 8, "IntStorage": 4,
-    "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1, "BoolStorage": 1,
-    "uint16": 2, "float8_e4m3fn": 1,
-}  # fmt: skip
+    "DoubleStorage": 8,
+    "FloatStorage": 4,
+    "HalfStorage": 2,
+    "BFloat16Storage": 2,
+    "ComplexDoubleStorage": 8,
+    "ComplexFloatStorage": 4,
+    "LongStorage": 8,
+    "IntStorage": 4,
+    "ShortStorage": 2,
+    "CharStorage": 1,
+    "ByteStorage": 1,
+    "BoolStorage": 1,
+    "uint16": 2,
+    "float8_e4m3fn": 1,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,7 +60,9 @@ def expected(prefix: str) -> dict[str, tuple[np.ndarray, np.dtype]]:
     """name -> (values, dtype the reader must return); bfloat16/float8 values are their float32 form."""
     with np.load(EXPECTED) as npz:
         names = [k.split("/", 1)[1] for k in npz.files if k.startswith(prefix + "/")]
-        return {n: (npz[f"{prefix}/{n}"], dtype_named(str(npz[f"dtype/{prefix}/{n}"]))) for n in names}
+        return {
+            n: (npz[f"{prefix}/{n}"], dtype_named(str(npz[f"dtype/{prefix}/{n}"]))) for n in names
+        }
 
 
 def assert_identical(a: np.ndarray, b: np.ndarray) -> None:
@@ -79,7 +91,9 @@ def rewrite_zip(
     return dst
 
 
-def make_archive(path: Path, pkl: bytes, records: dict[str, bytes] | None = None, prefix: str = "archive") -> Path:
+def make_archive(
+    path: Path, pkl: bytes, records: dict[str, bytes] | None = None, prefix: str = "archive"
+) -> Path:
     """A torch-style zip from a hand-written `data.pkl` and storage records."""
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(f"{prefix}/data.pkl", pkl)
@@ -111,7 +125,16 @@ def tensor_pickle(
     """`{"w": _rebuild_tensor_v2(storage '0', offset, size, stride, False, OrderedDict())}`, as torch.save writes it."""
     pid = b"(" + p("storage") + g("torch", storage) + p("0") + p("cpu") + p(numel) + b"tQ"
     size_ops = g("torch", "Size") + b"(" + p(list(size)) + b"tR" if size_global else p(size)  # type: ignore[arg-type]
-    args = b"(" + pid + p(offset) + size_ops + p(stride) + p(False) + g("collections", "OrderedDict") + b")Rt"
+    args = (
+        b"("
+        + pid
+        + p(offset)
+        + size_ops
+        + p(stride)
+        + p(False)
+        + g("collections", "OrderedDict")
+        + b")Rt"
+    )
     return b"\x80\x02}" + p("w") + g("torch._utils", "_rebuild_tensor_v2") + args + b"Rs."
 
 
@@ -124,7 +147,9 @@ class StorageComponents(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if name == "_rebuild_tensor_v3":
-            return lambda storage, *args: self.sizes.__setitem__(storage[0], COMPONENT_BYTES[args[5]])
+            return lambda storage, *args: self.sizes.__setitem__(
+                storage[0], COMPONENT_BYTES[args[5]]
+            )
         if module == "torch":
             return name
         return lambda *args: OrderedDict() if name == "OrderedDict" else None
@@ -181,13 +206,18 @@ def test_sequential_state_dict_matches_torch() -> None:
     for name, (values, dtype) in want.items():
         assert dtype == np.float32
         assert_identical(state[name], values)
-    assert state._metadata == OrderedDict([("", {"version": 1}), ("0", {"version": 1}), ("1", {"version": 1})])
+    assert state._metadata == OrderedDict(
+        [("", {"version": 1}), ("0", {"version": 1}), ("1", {"version": 1})]
+    )
 
 
 def test_float32_flag_casts_every_floating_array() -> None:
     state = load_torch_checkpoint(LIGHTNING, float32=True)["state_dict"]
     for name, (values, dtype) in expected("lightning").items():
-        floating = np.issubdtype(dtype, np.floating) or dtype.type in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn)
+        floating = np.issubdtype(dtype, np.floating) or dtype.type in (
+            ml_dtypes.bfloat16,
+            ml_dtypes.float8_e4m3fn,
+        )
         assert state[name].dtype == (np.float32 if floating else dtype), name
         assert_identical(state[name], values.astype(state[name].dtype))
 
@@ -208,33 +238,58 @@ def test_no_torch_needed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_archive_folder_name_may_vary(tmp_path: Path) -> None:
-    renamed = rewrite_zip(LIGHTNING, tmp_path / "x.pt", lambda n, d: ("some-other_name/" + n.partition("/")[2], d))
-    assert_same_state(load_torch_checkpoint(renamed)["state_dict"], load_torch_checkpoint(LIGHTNING)["state_dict"])
+    renamed = rewrite_zip(
+        LIGHTNING, tmp_path / "x.pt", lambda n, d: ("some-other_name/" + n.partition("/")[2], d)
+    )
+    assert_same_state(
+        load_torch_checkpoint(renamed)["state_dict"], load_torch_checkpoint(LIGHTNING)["state_dict"]
+    )
 
 
 def test_compressed_records_are_read_too(tmp_path: Path) -> None:
     """torch stores records uncompressed (and they are memory-mapped); a re-zipped file still loads."""
     deflated = rewrite_zip(LIGHTNING, tmp_path / "deflated.pt", compression=zipfile.ZIP_DEFLATED)
-    assert_same_state(load_torch_checkpoint(deflated)["state_dict"], load_torch_checkpoint(LIGHTNING)["state_dict"])
+    assert_same_state(
+        load_torch_checkpoint(deflated)["state_dict"],
+        load_torch_checkpoint(LIGHTNING)["state_dict"],
+    )
 
 
 def test_big_endian_checkpoint(tmp_path: Path) -> None:
     big = big_endian_copy(LIGHTNING, tmp_path / "big.pt")
     record = "torch_checkpoint_fixture/data/0"  # the float32 tensor
     with zipfile.ZipFile(big) as z_big, zipfile.ZipFile(LIGHTNING) as z_little:
-        assert z_big.read(record) == np.frombuffer(z_little.read(record), "<f4").astype(">f4").tobytes()
-    assert_same_state(load_torch_checkpoint(big)["state_dict"], load_torch_checkpoint(LIGHTNING)["state_dict"])
+        assert (
+            z_big.read(record)
+            == np.frombuffer(z_little.read(record), "<f4").astype(">f4").tobytes()
+        )
+    assert_same_state(
+        load_torch_checkpoint(big)["state_dict"], load_torch_checkpoint(LIGHTNING)["state_dict"]
+    )
 
 
 def test_missing_byteorder_record_means_little_endian(tmp_path: Path) -> None:
-    old = rewrite_zip(LIGHTNING, tmp_path / "old.pt", lambda n, d: (n.replace("/byteorder", "/ignored"), d))
-    assert_same_state(load_torch_checkpoint(old)["state_dict"], load_torch_checkpoint(LIGHTNING)["state_dict"])
+    old = rewrite_zip(
+        LIGHTNING, tmp_path / "old.pt", lambda n, d: (n.replace("/byteorder", "/ignored"), d)
+    )
+    assert_same_state(
+        load_torch_checkpoint(old)["state_dict"], load_torch_checkpoint(LIGHTNING)["state_dict"]
+    )
 
 
 def test_plain_builtin_values_round_trip(tmp_path: Path) -> None:
     """Non-tensor entries of a checkpoint (bytes via `_codecs.encode`, sets, complex, nesting)."""
-    value = {"bytes": b"\x00\xffab", "set": {1, 2}, "complex": 1 + 2j, "list": [1, (2.5, None)], "nested": {"a": "b"}}
-    assert load_torch_checkpoint(make_archive(tmp_path / "plain.pt", pickle.dumps(value, protocol=2))) == value
+    value = {
+        "bytes": b"\x00\xffab",
+        "set": {1, 2},
+        "complex": 1 + 2j,
+        "list": [1, (2.5, None)],
+        "nested": {"a": "b"},
+    }
+    assert (
+        load_torch_checkpoint(make_archive(tmp_path / "plain.pt", pickle.dumps(value, protocol=2)))
+        == value
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +318,9 @@ def test_hand_written_tensor_pickle(tmp_path: Path) -> None:
         (0, [2], [1]),  # not a tuple
     ],
 )
-def test_views_outside_their_storage_are_refused(tmp_path: Path, offset: object, size: object, stride: object) -> None:
+def test_views_outside_their_storage_are_refused(
+    tmp_path: Path, offset: object, size: object, stride: object
+) -> None:
     path = make_archive(tmp_path / "bad.pt", tensor_pickle(offset, size, stride), {"0": bytes(16)})
     with pytest.raises(TorchCheckpointError, match="bad.pt: .*(overruns|beyond|bad tensor)"):
         load_torch_checkpoint(path)
@@ -273,7 +330,9 @@ def test_missing_or_short_storage_record(tmp_path: Path) -> None:
     with pytest.raises(TorchCheckpointError, match="missing storage record 'archive/data/0'"):
         load_torch_checkpoint(make_archive(tmp_path / "a.pt", tensor_pickle(0, (4,), (1,))))
     with pytest.raises(TorchCheckpointError, match="has 8 bytes, the checkpoint expects 16"):
-        load_torch_checkpoint(make_archive(tmp_path / "b.pt", tensor_pickle(0, (4,), (1,)), {"0": bytes(8)}))
+        load_torch_checkpoint(
+            make_archive(tmp_path / "b.pt", tensor_pickle(0, (4,), (1,)), {"0": bytes(8)})
+        )
 
 
 @pytest.mark.parametrize(
@@ -307,7 +366,9 @@ class RunsCommand:
 
 def test_os_system_global_is_refused_without_running(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
-    pkl = g("os", "system") + b"(V" + f"touch {marker}".encode() + b"\ntR."  # protocol 0, `os.system(...)`
+    pkl = (
+        g("os", "system") + b"(V" + f"touch {marker}".encode() + b"\ntR."
+    )  # protocol 0, `os.system(...)`
     path = make_archive(tmp_path / "evil.pt", pkl)
     with pytest.raises(pickle.UnpicklingError, match=r"evil.pt: forbidden global os\.system"):
         load_torch_checkpoint(path)
@@ -319,7 +380,9 @@ def test_reduce_to_os_system_is_refused_in_every_protocol(tmp_path: Path, protoc
     """pickle.dumps writes `posix.system` (GLOBAL or STACK_GLOBAL), nested inside a state dict."""
     marker = tmp_path / "pwned"
     state = OrderedDict(w=[RunsCommand(f"touch {marker}")])
-    path = make_archive(tmp_path / "evil.pt", pickle.dumps({"state_dict": state}, protocol=protocol))
+    path = make_archive(
+        tmp_path / "evil.pt", pickle.dumps({"state_dict": state}, protocol=protocol)
+    )
     with pytest.raises(TorchCheckpointError, match=r"forbidden global \w+\.system"):
         load_torch_checkpoint(path)
     assert not marker.exists()
@@ -347,11 +410,19 @@ def test_other_globals_are_refused(tmp_path: Path, module: str, name: str) -> No
 
 @pytest.mark.parametrize(
     "target",
-    [g("torch._utils", "_rebuild_tensor_v2"), g("torch", "FloatStorage"), g("collections", "OrderedDict")],
+    [
+        g("torch._utils", "_rebuild_tensor_v2"),
+        g("torch", "FloatStorage"),
+        g("collections", "OrderedDict"),
+    ],
     ids=["rebuild", "storage-type", "OrderedDict"],
 )
-@pytest.mark.parametrize("state", [p({"_fn": 1}), p((None, {"_fn": 1}))], ids=["dict-state", "slot-state"])
-def test_allowed_globals_cannot_be_tampered_with(tmp_path: Path, target: bytes, state: bytes) -> None:
+@pytest.mark.parametrize(
+    "state", [p({"_fn": 1}), p((None, {"_fn": 1}))], ids=["dict-state", "slot-state"]
+)
+def test_allowed_globals_cannot_be_tampered_with(
+    tmp_path: Path, target: bytes, state: bytes
+) -> None:
     """The pickle BUILD opcode on an allowed global (to replace what it calls) is refused."""
     path = make_archive(tmp_path / "evil.pt", b"\x80\x02" + target + state + b"b.")
     with pytest.raises(TorchCheckpointError, match="set the state of"):
@@ -367,29 +438,41 @@ def test_truncated_file(tmp_path: Path, keep: float) -> None:
     data = LIGHTNING.read_bytes()
     path = tmp_path / "truncated.pt"
     path.write_bytes(data[: int(len(data) * keep) if keep > 0 else keep])
-    with pytest.raises(TorchCheckpointError, match=rf"^{re.escape(str(path))}: .*(truncated|corrupt)"):
+    with pytest.raises(
+        TorchCheckpointError, match=rf"^{re.escape(str(path))}: .*(truncated|corrupt)"
+    ):
         load_torch_checkpoint(path)
 
 
 def test_corrupt_pickle_record(tmp_path: Path) -> None:
     data = bytearray(LIGHTNING.read_bytes())
-    at = data.index(b"_rebuild_tensor_v2")  # inside data.pkl, stored uncompressed: the CRC no longer matches
+    at = data.index(
+        b"_rebuild_tensor_v2"
+    )  # inside data.pkl, stored uncompressed: the CRC no longer matches
     data[at] ^= 0xFF
     path = tmp_path / "flipped.pt"
     path.write_bytes(bytes(data))
-    with pytest.raises(TorchCheckpointError, match=rf"^{re.escape(str(path))}: corrupt .*\(BadZipFile: Bad CRC-32"):
+    with pytest.raises(
+        TorchCheckpointError, match=rf"^{re.escape(str(path))}: corrupt .*\(BadZipFile: Bad CRC-32"
+    ):
         load_torch_checkpoint(path)
-    half_pickle = lambda n, d: (n, d[: len(d) // 2] if n.endswith("data.pkl") else d)  # noqa: E731
+    half_pickle = lambda n, d: (n, d[: len(d) // 2] if n.endswith("data.pkl") else d)
     cut = rewrite_zip(LIGHTNING, tmp_path / "cut.pt", half_pickle)
-    with pytest.raises(TorchCheckpointError, match=rf"^{re.escape(str(cut))}: corrupt or truncated checkpoint"):
+    with pytest.raises(
+        TorchCheckpointError, match=rf"^{re.escape(str(cut))}: corrupt or truncated checkpoint"
+    ):
         load_torch_checkpoint(cut)
 
 
 def test_legacy_format_is_refused_with_advice(tmp_path: Path) -> None:
     """`torch.save(..., _use_new_zipfile_serialization=False)` writes the magic number, then more pickles."""
     path = tmp_path / "legacy.pt"
-    path.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1001, protocol=2) + b"...")
-    with pytest.raises(TorchCheckpointError, match=r"legacy\.pt: legacy torch\.save format .* re-save it"):
+    path.write_bytes(
+        pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1001, protocol=2) + b"..."
+    )
+    with pytest.raises(
+        TorchCheckpointError, match=r"legacy\.pt: legacy torch\.save format .* re-save it"
+    ):
         load_torch_checkpoint(path)
 
 

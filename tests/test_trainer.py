@@ -12,13 +12,15 @@ from aurora.rollout import advance_batch
 from callbacks.base import Callback
 from callbacks.checkpoint import ModelCheckpoint
 from callbacks.grad_stop import GradStop
+from tests.helpers import random_batch, tiny_model
 from trainers.data import InMemoryData
 from trainers.loss import LossConfig, aurora_loss
 from trainers.strategies.rollout import RolloutStrategy
 from trainers.trainer import Trainer, _to_device_batch
-from tests.helpers import random_batch, tiny_model
 
-OPTIM = ml_collections.ConfigDict({"learning_rate": 1e-3, "warmup_steps": 2, "schedule": "constant", "weight_decay": 0.01})
+OPTIM = ml_collections.ConfigDict(
+    {"learning_rate": 1e-3, "warmup_steps": 2, "schedule": "constant", "weight_decay": 0.01}
+)
 
 
 def _example(model, seed: int, k: int = 2):
@@ -34,7 +36,9 @@ def _example(model, seed: int, k: int = 2):
             surf_vars={n: v[:, 2 + i : 3 + i] for n, v in series.surf_vars.items()},
             atmos_vars={n: v[:, 2 + i : 3 + i] for n, v in series.atmos_vars.items()},
         )
-        targets.append(t.replace(metadata=t.metadata.replace(time=np.asarray(t.metadata.time) + 360 * (i + 1))))
+        targets.append(
+            t.replace(metadata=t.metadata.replace(time=np.asarray(t.metadata.time) + 360 * (i + 1)))
+        )
     return inputs, targets
 
 
@@ -45,7 +49,9 @@ def setup():
     params = model.init(jax.random.PRNGKey(0), example[0])["params"]
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    params = tree.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    params = tree.unflatten(
+        [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    )
     return model, example, params
 
 
@@ -70,7 +76,18 @@ def test_loss_matches_independent_numpy(setup) -> None:
         loc, scale = atmos_location_scale(name, levels)
         p = (np.asarray(pred.atmos_vars[name], np.float64) - loc) / scale
         t = (np.asarray(target.atmos_vars[name], np.float64) - loc) / scale
-        weights = np.array([2.0 if (name == "z" and lv == 500) else (1.7 if name == "t" else (1.0 if name == "z" else config.atmos_weights.get(name, 1.0))) for lv in levels])
+        weights = np.array(
+            [
+                2.0
+                if (name == "z" and lv == 500)
+                else (
+                    1.7
+                    if name == "t"
+                    else (1.0 if name == "z" else config.atmos_weights.get(name, 1.0))
+                )
+                for lv in levels
+            ]
+        )
         per_level = np.abs(p - t).mean(axis=(0, 1, 3, 4))
         atmos_terms.append((weights * per_level).mean())
     expected = 2.0 / 9 * (0.25 * sum(surf_terms) + 1.0 * sum(atmos_terms))
@@ -83,7 +100,10 @@ def _manual_two_step_loss(model, params, inputs, targets, detach_second_input: b
     l1, _ = aurora_loss(pred1, targets[0], config)
     nxt = advance_batch(inputs, pred1)
     if detach_second_input:
-        nxt = nxt.replace(surf_vars=jax.lax.stop_gradient(nxt.surf_vars), atmos_vars=jax.lax.stop_gradient(nxt.atmos_vars))
+        nxt = nxt.replace(
+            surf_vars=jax.lax.stop_gradient(nxt.surf_vars),
+            atmos_vars=jax.lax.stop_gradient(nxt.atmos_vars),
+        )
     pred2 = model.apply({"params": params}, nxt)
     l2, _ = aurora_loss(pred2, targets[1], config)
     return (l1 + l2) / 2
@@ -95,8 +115,12 @@ def test_two_step_rollout_gradient_equals_explicit_calls(setup, backprop, curric
     model, example, params = setup
     inputs, targets = _to_device_batch(example)
     strategy = RolloutStrategy(model, steps=2, backprop=backprop, curriculum=curriculum)
-    grad = jax.grad(lambda p: strategy.loss_fn(p, inputs, targets, strategy.default_controls())[0])(params)
-    manual = jax.grad(lambda p: _manual_two_step_loss(model, p, inputs, example[1], backprop == "pushforward"))(params)
+    grad = jax.grad(lambda p: strategy.loss_fn(p, inputs, targets, strategy.default_controls())[0])(
+        params
+    )
+    manual = jax.grad(
+        lambda p: _manual_two_step_loss(model, p, inputs, example[1], backprop == "pushforward")
+    )(params)
     for a, b in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(manual)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-7)
 
@@ -106,22 +130,40 @@ def test_stop_gradient_removes_earlier_step_gradients(setup) -> None:
     model, example, params = setup
     inputs, targets = _to_device_batch(example)
     full = RolloutStrategy(model, steps=2, backprop="all", average_loss=False)
-    push = RolloutStrategy(model, steps=2, backprop="pushforward", average_loss=False)  # gradient-free first step
-    g_full = jax.grad(lambda p: full.loss_fn(p, inputs, targets, full.default_controls())[0])(params)
-    g_push = jax.grad(lambda p: push.loss_fn(p, inputs, targets, push.default_controls())[0])(params)
+    push = RolloutStrategy(
+        model, steps=2, backprop="pushforward", average_loss=False
+    )  # gradient-free first step
+    g_full = jax.grad(lambda p: full.loss_fn(p, inputs, targets, full.default_controls())[0])(
+        params
+    )
+    g_push = jax.grad(lambda p: push.loss_fn(p, inputs, targets, push.default_controls())[0])(
+        params
+    )
     pred1 = model.apply({"params": params}, inputs)
     detached = jax.lax.stop_gradient(advance_batch(inputs, pred1))
-    g_one = jax.grad(lambda p: aurora_loss(model.apply({"params": p}, detached), example[1][1], LossConfig())[0])(params)
+    g_one = jax.grad(
+        lambda p: aurora_loss(model.apply({"params": p}, detached), example[1][1], LossConfig())[0]
+    )(params)
     for a, b in zip(jax.tree_util.tree_leaves(g_push), jax.tree_util.tree_leaves(g_one)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-7)
-    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(g_full), jax.tree_util.tree_leaves(g_push)))
+    diff = max(
+        float(jnp.abs(a - b).max())
+        for a, b in zip(jax.tree_util.tree_leaves(g_full), jax.tree_util.tree_leaves(g_push))
+    )
     assert diff > 1e-6, "backprop through both steps must differ from the detached gradient"
 
 
 def _trainer(model, workdir, *, max_steps, callbacks=(), curriculum=False, **kwargs):
     strategy = RolloutStrategy(model, steps=2, backprop="all", curriculum=curriculum)
-    return Trainer(strategy, optimizer=OPTIM, callbacks=list(callbacks), workdir=workdir, max_steps=max_steps,
-                   log_every_n_steps=1, **kwargs)
+    return Trainer(
+        strategy,
+        optimizer=OPTIM,
+        callbacks=list(callbacks),
+        workdir=workdir,
+        max_steps=max_steps,
+        log_every_n_steps=1,
+        **kwargs,
+    )
 
 
 def _data(model, n=4):
@@ -153,24 +195,34 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path) -> None:
     model = tiny_model()
     data = _data(model, n=3)  # 3 batches per epoch: the run crosses epochs
 
-    straight = _trainer(model, tmp_path / "a", max_steps=8, callbacks=[ModelCheckpoint(every_n_steps=3)])
+    straight = _trainer(
+        model, tmp_path / "a", max_steps=8, callbacks=[ModelCheckpoint(every_n_steps=3)]
+    )
     straight.fit(data)
 
-    crashed = _trainer(model, tmp_path / "b", max_steps=8, callbacks=[ModelCheckpoint(every_n_steps=3), _Crash(5)])
+    crashed = _trainer(
+        model, tmp_path / "b", max_steps=8, callbacks=[ModelCheckpoint(every_n_steps=3), _Crash(5)]
+    )
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashed.fit(data)
-    resumed = _trainer(model, tmp_path / "b", max_steps=8, callbacks=[ModelCheckpoint(every_n_steps=3)])
+    resumed = _trainer(
+        model, tmp_path / "b", max_steps=8, callbacks=[ModelCheckpoint(every_n_steps=3)]
+    )
     resumed.fit(data)
     assert resumed.global_step == 8
 
-    for a, b in zip(jax.tree_util.tree_leaves(straight.state), jax.tree_util.tree_leaves(resumed.state)):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(straight.state), jax.tree_util.tree_leaves(resumed.state)
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_nonfinite_gradients_skip_the_update_or_stop(tmp_path) -> None:
     model = tiny_model()
     good = _example(model, 0)
-    bad_inputs = good[0].replace(surf_vars={**good[0].surf_vars, "2t": np.full_like(good[0].surf_vars["2t"], np.nan)})
+    bad_inputs = good[0].replace(
+        surf_vars={**good[0].surf_vars, "2t": np.full_like(good[0].surf_vars["2t"], np.nan)}
+    )
     data = InMemoryData([(bad_inputs, good[1])], shuffle=False)
 
     guard = GradStop(on_nonfinite="skip")
@@ -198,7 +250,13 @@ def test_grad_window_schedule_changes_without_recompiling(tmp_path) -> None:
         def on_train_batch_end(self, trainer, outputs, batch, batch_idx):
             seen.append(int(trainer.controls["grad_window"]))
 
-    trainer = _trainer(model, tmp_path, max_steps=4, callbacks=[GradStop(schedule=[(0, 1), (2, 2)]), Record()], curriculum=True)
+    trainer = _trainer(
+        model,
+        tmp_path,
+        max_steps=4,
+        callbacks=[GradStop(schedule=[(0, 1), (2, 2)]), Record()],
+        curriculum=True,
+    )
     trainer.fit(_data(model, n=2))
     assert seen == [1, 1, 2, 2]
     assert trainer._compiled["train"]._cache_size() == 1
@@ -207,7 +265,13 @@ def test_grad_window_schedule_changes_without_recompiling(tmp_path) -> None:
 def test_fast_dev_run_runs_one_batch_and_writes_nothing(tmp_path) -> None:
     model = tiny_model()
     data = _data(model, n=2)
-    trainer = _trainer(model, tmp_path, max_steps=None, fast_dev_run=True, callbacks=[ModelCheckpoint(every_n_steps=1)])
+    trainer = _trainer(
+        model,
+        tmp_path,
+        max_steps=None,
+        fast_dev_run=True,
+        callbacks=[ModelCheckpoint(every_n_steps=1)],
+    )
     trainer.fit(data, data)
     assert trainer.global_step == 1
     assert "val/loss" in trainer.callback_metrics
@@ -218,9 +282,13 @@ def test_accumulated_gradients_equal_one_step_on_the_mean(tmp_path) -> None:
     """Two micro-batches with accumulate_grad_batches=2 == one optimiser step on the mean gradient."""
     model = tiny_model()
     a, b = _example(model, 1), _example(model, 2)
-    optim = ml_collections.ConfigDict({"learning_rate": 1e-2, "warmup_steps": 0, "schedule": "constant"})
+    optim = ml_collections.ConfigDict(
+        {"learning_rate": 1e-2, "warmup_steps": 0, "schedule": "constant"}
+    )
     strategy = RolloutStrategy(model, steps=2, backprop="all")
-    accumulated = Trainer(strategy, optimizer=optim, workdir=tmp_path, max_steps=1, accumulate_grad_batches=2)
+    accumulated = Trainer(
+        strategy, optimizer=optim, workdir=tmp_path, max_steps=1, accumulate_grad_batches=2
+    )
     accumulated.fit(InMemoryData([a, b], shuffle=False))
     assert accumulated.global_step == 1
 
@@ -228,11 +296,22 @@ def test_accumulated_gradients_equal_one_step_on_the_mean(tmp_path) -> None:
 
     tx, _ = make_optimizer(optim, 1)
     state = strategy.init_state(jax.random.PRNGKey(0), _to_device_batch(a)[0], tx)
-    grads = [jax.grad(lambda p, ex=ex: strategy.loss_fn(p, *_to_device_batch(ex), strategy.default_controls())[0])(state.params) for ex in (a, b)]
+    grads = [
+        jax.grad(
+            lambda p, ex=ex: strategy.loss_fn(
+                p, *_to_device_batch(ex), strategy.default_controls()
+            )[0]
+        )(state.params)
+        for ex in (a, b)
+    ]
     mean = jax.tree_util.tree_map(lambda x, y: (x + y) / 2, *grads)
     expected, _ = state.apply_gradients(mean)
     moved = 0.0
-    for x, y, x0 in zip(jax.tree_util.tree_leaves(expected.params), jax.tree_util.tree_leaves(accumulated.state.params), jax.tree_util.tree_leaves(state.params)):
+    for x, y, x0 in zip(
+        jax.tree_util.tree_leaves(expected.params),
+        jax.tree_util.tree_leaves(accumulated.state.params),
+        jax.tree_util.tree_leaves(state.params),
+    ):
         # Adam's first update is ~lr * sign(g): where g is ~0, float rounding of the two ways of
         # averaging flips a few elements by ~1e-6 (lr = 1e-2), so compare against the step size.
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5)
@@ -245,7 +324,12 @@ def test_on_exception_checkpoint_saves_the_last_good_state(tmp_path) -> None:
 
     model = tiny_model()
     data = _data(model, n=3)
-    crashed = _trainer(model, tmp_path, max_steps=8, callbacks=[ModelCheckpoint(every_n_steps=100), OnExceptionCheckpoint(), _Crash(2)])
+    crashed = _trainer(
+        model,
+        tmp_path,
+        max_steps=8,
+        callbacks=[ModelCheckpoint(every_n_steps=100), OnExceptionCheckpoint(), _Crash(2)],
+    )
     with pytest.raises(RuntimeError):
         crashed.fit(data)
     assert (tmp_path / "checkpoints" / "2").exists(), "the state at the crash was saved"
@@ -285,25 +369,38 @@ def test_checkpoints_keep_the_best_by_a_monitored_metric(tmp_path) -> None:
             trainer.callback_metrics["val/score"] = self.values[trainer.global_step]
 
     model = tiny_model()
-    checkpoint = ModelCheckpoint(every_n_steps=1, max_to_keep=2, monitor="val/score", mode="min", save_top_k=2)
+    checkpoint = ModelCheckpoint(
+        every_n_steps=1, max_to_keep=2, monitor="val/score", mode="min", save_top_k=2
+    )
     # FakeMetric runs first so that each save sees the metric of its own step.
     trainer = _trainer(model, tmp_path, max_steps=5, callbacks=[FakeMetric(), checkpoint])
     trainer.fit(_data(model, n=5))
-    steps = lambda d: sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())  # noqa: E731
+    steps = lambda d: sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())
     assert steps(tmp_path / "checkpoints" / "best") == [2, 4]
     assert steps(tmp_path / "checkpoints") == [4, 5]
 
 
 @pytest.mark.parametrize(
     "remat, blocks, stages, steps",
-    [("none", False, False, False), ("backbone", True, False, False), ("stages", True, True, False), ("all", True, True, True)],
+    [
+        ("none", False, False, False),
+        ("backbone", True, False, False),
+        ("stages", True, True, False),
+        ("all", True, True, True),
+    ],
 )
-def test_remat_policies_set_the_model_and_the_rollout(tmp_path, remat, blocks, stages, steps) -> None:
+def test_remat_policies_set_the_model_and_the_rollout(
+    tmp_path, remat, blocks, stages, steps
+) -> None:
     def trainer(policy: str) -> Trainer:
         strategy = RolloutStrategy(tiny_model(), steps=2, remat=False)
         return Trainer(strategy, optimizer=OPTIM, workdir=tmp_path, max_steps=1, remat=policy)
 
     model = trainer(remat).strategy.model
-    assert (model.remat, model.remat_stages, trainer(remat).strategy.remat) == (blocks, stages, steps)
+    assert (model.remat, model.remat_stages, trainer(remat).strategy.remat) == (
+        blocks,
+        stages,
+        steps,
+    )
     with pytest.raises(ValueError, match="remat must be one of"):
         trainer("blocks")

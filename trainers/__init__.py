@@ -1,6 +1,6 @@
 """Trainer, TrainState and the training strategies.
 
-    from trainers import Trainer, RolloutStrategy
+from trainers import Trainer, RolloutStrategy
 """
 
 from trainers.state import TrainState
@@ -8,4 +8,4 @@ from trainers.strategies.base import Strategy
 from trainers.strategies.rollout import RolloutStrategy
 from trainers.trainer import Trainer
 
-__all__ = ["Trainer", "TrainState", "Strategy", "RolloutStrategy"]
+__all__ = ["RolloutStrategy", "Strategy", "TrainState", "Trainer"]

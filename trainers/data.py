@@ -16,7 +16,7 @@ import numpy as np
 
 from aurora.batch import Batch
 
-__all__ = ["DataSource", "StatefulIterator", "InMemoryData", "Example"]
+__all__ = ["DataSource", "Example", "InMemoryData", "StatefulIterator"]
 
 Example = tuple[Batch, Sequence[Batch]]
 

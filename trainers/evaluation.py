@@ -59,7 +59,9 @@ log = logging.getLogger(__name__)
 COLUMNS = ("model", "variable", "level", "lead_time_h", "rmse", "mae", "bias", "acc", "n")
 """Columns of every score row and of ``scores.csv``."""
 
-Fields = Mapping[str, Mapping[str, np.ndarray]]  # {"surf": {name: (h, w)}, "atmos": {name: (c, h, w)}}
+Fields = Mapping[
+    str, Mapping[str, np.ndarray]
+]  # {"surf": {name: (h, w)}, "atmos": {name: (c, h, w)}}
 Climatology = Fields | Callable[[int], Fields] | None
 """Fields on the source's grid; or a function of the valid time (int seconds since 1970), e.g.
 WB2's day-of-year/hour climatology; None: the source's mean (`source_mean`)."""
@@ -92,7 +94,9 @@ class _States:
     def has(self, t: int) -> bool:
         return int(t) in self.index
 
-    def stack(self, times: np.ndarray, rows: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def stack(
+        self, times: np.ndarray, rows: int | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """`times` of shape (b, T) -> surface (b, T, h, w) and atmospheric (b, T, c, h, w)
         float32 arrays, cut to the first `rows` latitudes; a time not in the source is zeros."""
         cache: dict[int, Any] = {}
@@ -105,7 +109,9 @@ class _States:
                     fields = []
                     for t in row:
                         record = self._record(int(t), cache)
-                        fields.append(None if record is None else np.asarray(record[group][name], np.float32))
+                        fields.append(
+                            None if record is None else np.asarray(record[group][name], np.float32)
+                        )
                     shape = next((f.shape for f in fields if f is not None), None)
                     shape = shape or self._shape(group)
                     fields = [np.zeros(shape, np.float32) if f is None else f for f in fields]
@@ -119,7 +125,9 @@ class _States:
         if t not in cache:
             record = self.source.records[self.index[t]]
             if int(record["time"]) != t:
-                raise ValueError(f"{self.source.name}: record for {t} holds time {int(record['time'])}")
+                raise ValueError(
+                    f"{self.source.name}: record for {t} holds time {int(record['time'])}"
+                )
             cache[t] = record
         return cache[t]
 
@@ -135,7 +143,9 @@ def _variables(model: Aurora, source: WeatherSource) -> tuple[list[str], list[st
     atmos = [v for v in model.atmos_vars if v in first.get("atmos", {})]
     static = [v for v in model.static_vars if v in source.static]
     if not atmos:
-        raise ValueError(f"{source.name}: none of the model's atmospheric variables {model.atmos_vars}")
+        raise ValueError(
+            f"{source.name}: none of the model's atmospheric variables {model.atmos_vars}"
+        )
     return surf, atmos, static
 
 
@@ -154,8 +164,10 @@ def source_mean(source: WeatherSource) -> Fields:
 def climatology_kind(climatology: Climatology, source: WeatherSource) -> str:
     """Human-readable description of the climatology `evaluate` uses (for the summary)."""
     if climatology is None:
-        return (f"source mean: per-grid-point mean of the {len(source.times)} states of "
-                f"{source.name} (in-sample, not a multi-year climatology)")  # fmt: skip
+        return (
+            f"source mean: per-grid-point mean of the {len(source.times)} states of "
+            f"{source.name} (in-sample, not a multi-year climatology)"
+        )
     if callable(climatology):
         return "given: a function of valid time"
     return "given: time-independent fields"
@@ -179,7 +191,9 @@ def forecasts(
     `inputs` the 2-state input `Batch`, `predictions[k - 1]` the `Batch` at lead `k * step`."""
     step = _step_seconds(step_hours)
     if model.timestep_minutes * 60 != step:
-        raise ValueError(f"The model steps {model.timestep_minutes / 60:g} h but step_hours is {step_hours}")
+        raise ValueError(
+            f"The model steps {model.timestep_minutes / 60:g} h but step_hours is {step_hours}"
+        )
     if steps < 1 or batch_size < 1:
         raise ValueError("steps and batch_size must be positive")
     inits = init_times(source, step_hours)
@@ -193,8 +207,12 @@ def forecasts(
         now = inits[lo : lo + batch_size]
         padded = np.concatenate([now, np.repeat(now[-1:], batch_size - len(now))])  # one shape
         s, a = states.stack(np.stack([padded - step, padded], axis=1))
-        metadata = Metadata(lat=source.lat, lon=source.lon, time=(padded // 60).astype(np.int32),
-                            atmos_levels=source.levels)  # fmt: skip
+        metadata = Metadata(
+            lat=source.lat,
+            lon=source.lon,
+            time=(padded // 60).astype(np.int32),
+            atmos_levels=source.levels,
+        )
         inputs = Batch(surf_vars=s, static_vars=statics, atmos_vars=a, metadata=metadata)
         preds = _rollout(apply, params, inputs, steps, model.patch_size)
         yield now, _first(inputs, len(now)), [_first(p, len(now)) for p in preds]
@@ -217,12 +235,17 @@ def _first(batch: Batch, n: int) -> Batch:
     """The first `n` batch rows (drops the padding of a short last batch)."""
     if batch.metadata.time.shape[0] == n:
         return batch
-    return Batch(surf_vars={k: v[:n] for k, v in batch.surf_vars.items()}, static_vars=batch.static_vars,
-                 atmos_vars={k: v[:n] for k, v in batch.atmos_vars.items()},
-                 metadata=batch.metadata.replace(time=batch.metadata.time[:n]))  # fmt: skip
+    return Batch(
+        surf_vars={k: v[:n] for k, v in batch.surf_vars.items()},
+        static_vars=batch.static_vars,
+        atmos_vars={k: v[:n] for k, v in batch.atmos_vars.items()},
+        metadata=batch.metadata.replace(time=batch.metadata.time[:n]),
+    )
 
 
-def _rollout(apply: Callable[[Any, Batch], Batch], params: Any, batch: Batch, steps: int, patch_size: int) -> list[Batch]:
+def _rollout(
+    apply: Callable[[Any, Batch], Batch], params: Any, batch: Batch, steps: int, patch_size: int
+) -> list[Batch]:
     """`aurora.rollout`'s loop around a step the caller jitted once."""
     batch = batch.astype(jnp.float32).crop(patch_size)
     batch = batch.replace(metadata=batch.metadata.replace(rollout_step=jnp.asarray(0, jnp.int32)))
@@ -236,9 +259,12 @@ def _rollout(apply: Callable[[Any, Batch], Batch], params: Any, batch: Batch, st
 def _last_state(inputs: Batch, rows: int) -> Batch:
     """The persistence forecast: the newest input state on the first `rows` latitudes."""
     cut = lambda x: np.asarray(x)[:, -1:, ..., :rows, :]
-    return Batch(surf_vars={k: cut(v) for k, v in inputs.surf_vars.items()}, static_vars={},
-                 atmos_vars={k: cut(v) for k, v in inputs.atmos_vars.items()},
-                 metadata=inputs.metadata.replace(lat=inputs.metadata.lat[:rows]))  # fmt: skip
+    return Batch(
+        surf_vars={k: cut(v) for k, v in inputs.surf_vars.items()},
+        static_vars={},
+        atmos_vars={k: cut(v) for k, v in inputs.atmos_vars.items()},
+        metadata=inputs.metadata.replace(lat=inputs.metadata.lat[:rows]),
+    )
 
 
 def _climatology_batch(clim: Climatology, valid: np.ndarray, like: Batch) -> Batch:
@@ -249,8 +275,12 @@ def _climatology_batch(clim: Climatology, valid: np.ndarray, like: Batch) -> Bat
         fields = [(clim(int(t)) if callable(clim) else clim)[group][name] for t in valid]
         return np.stack([np.asarray(f, np.float32)[..., :rows, :] for f in fields])[:, None]
 
-    return Batch(surf_vars={k: pick("surf", k) for k in like.surf_vars}, static_vars={},
-                 atmos_vars={k: pick("atmos", k) for k in like.atmos_vars}, metadata=like.metadata)  # fmt: skip
+    return Batch(
+        surf_vars={k: pick("surf", k) for k in like.surf_vars},
+        static_vars={},
+        atmos_vars={k: pick("atmos", k) for k in like.atmos_vars},
+        metadata=like.metadata,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,8 +301,16 @@ def evaluate(
 ) -> list[dict[str, Any]]:
     """Score rows (`COLUMNS`) for the model (as `name`), persistence and climatology, per
     variable, level (None for surface variables) and lead time; see the module docstring."""
-    rows, _ = _evaluate(model, params, source, steps=steps, step_hours=step_hours,
-                        climatology=climatology, batch_size=batch_size, name=name)  # fmt: skip
+    rows, _ = _evaluate(
+        model,
+        params,
+        source,
+        steps=steps,
+        step_hours=step_hours,
+        climatology=climatology,
+        batch_size=batch_size,
+        name=name,
+    )
     return rows
 
 
@@ -295,10 +333,15 @@ def _evaluate(
     surf, atmos, _ = _variables(model, source)
     states = _States(source, surf, atmos)
     score = _SCORE
-    totals = {(m, k): ScoreTotals(source.levels) for m in (name, "persistence", "climatology")
-              for k in range(1, steps + 1)}  # fmt: skip
+    totals = {
+        (m, k): ScoreTotals(source.levels)
+        for m in (name, "persistence", "climatology")
+        for k in range(1, steps + 1)
+    }
     examples: dict[int, dict[str, Any]] = {}
-    for now, inputs, preds in forecasts(model, params, source, steps=steps, step_hours=step_hours, batch_size=batch_size):
+    for now, inputs, preds in forecasts(
+        model, params, source, steps=steps, step_hours=step_hours, batch_size=batch_size
+    ):
         rows = preds[0].spatial_shape[0]
         persistence = _last_state(inputs, rows)
         for k, pred in enumerate(preds, start=1):
@@ -316,14 +359,27 @@ def _evaluate(
             totals[("climatology", k)].add(score(climate, truth, climate, mask))
             if k in map_lead_steps and k not in examples:
                 i = int(np.flatnonzero(mask)[0])
-                examples[k] = {"pred": _row(forecast, i), "truth": _row(truth, i), "lead_h": k * step / 3600}
+                examples[k] = {
+                    "pred": _row(forecast, i),
+                    "truth": _row(truth, i),
+                    "lead_h": k * step / 3600,
+                }
     out = []
     for (model_name, k), total in totals.items():
         for row in total.rows():
-            out.append({"model": model_name, "variable": row["variable"], "level": row["level"],
-                        "lead_time_h": k * step / 3600, **{c: row[c] for c in COLUMNS[4:]}})  # fmt: skip
+            out.append(
+                {
+                    "model": model_name,
+                    "variable": row["variable"],
+                    "level": row["level"],
+                    "lead_time_h": k * step / 3600,
+                    **{c: row[c] for c in COLUMNS[4:]},
+                }
+            )
     if not out:
-        log.warning("%s: no valid time of any forecast is in the source; nothing scored", source.name)
+        log.warning(
+            "%s: no valid time of any forecast is in the source; nothing scored", source.name
+        )
     return out, [examples[k] for k in sorted(examples)]
 
 
@@ -333,12 +389,19 @@ _SCORE = jax.jit(score_batch)  # module level: compiled once per batch layout, n
 def _row(batch: Batch, i: int) -> Batch:
     """Batch row `i` on the host (for figures)."""
     take = lambda x: np.asarray(jax.device_get(x))[i : i + 1]
-    return Batch(surf_vars={k: take(v) for k, v in batch.surf_vars.items()}, static_vars={},
-                 atmos_vars={k: take(v) for k, v in batch.atmos_vars.items()},
-                 metadata=batch.metadata.replace(time=np.asarray(jax.device_get(batch.metadata.time))[i : i + 1]))  # fmt: skip
+    return Batch(
+        surf_vars={k: take(v) for k, v in batch.surf_vars.items()},
+        static_vars={},
+        atmos_vars={k: take(v) for k, v in batch.atmos_vars.items()},
+        metadata=batch.metadata.replace(
+            time=np.asarray(jax.device_get(batch.metadata.time))[i : i + 1]
+        ),
+    )
 
 
-def write_scores(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, provenance: Mapping[str, Any]) -> dict[str, Path]:
+def write_scores(
+    rows: Sequence[Mapping[str, Any]], out_dir: str | Path, provenance: Mapping[str, Any]
+) -> dict[str, Path]:
     """Write ``scores.csv`` (columns `COLUMNS`; empty level for surface variables) and
     ``summary.json`` (`provenance`, e.g. model preset, checkpoint step, data source, steps,
     climatology kind and figure paths, plus what the CSV holds). Returns both paths."""
@@ -418,19 +481,40 @@ def run_evaluation(
     Maps show the first scored sample at each of `map_lead_steps`, for `map_variables` (empty:
     all) at `map_levels` (atmospheric variables; the first level when none of them exists)."""
     out = Path(out_dir)
-    rows, examples = _evaluate(model, params, source, steps=steps, step_hours=step_hours, climatology=climatology,
-                               batch_size=batch_size, name="aurora", map_lead_steps=tuple(map_lead_steps))  # fmt: skip
+    rows, examples = _evaluate(
+        model,
+        params,
+        source,
+        steps=steps,
+        step_hours=step_hours,
+        climatology=climatology,
+        batch_size=batch_size,
+        name="aurora",
+        map_lead_steps=tuple(map_lead_steps),
+    )
     paths: list[str] = []
     if figures:
-        paths = [str(p) for p in _figures(rows, examples, out / "figures", map_variables, map_levels)]
-    info = {"data_source": source.name, "steps": steps, "step_hours": step_hours,
-            "climatology": climatology_kind(climatology, source), "figures": paths}  # fmt: skip
+        paths = [
+            str(p) for p in _figures(rows, examples, out / "figures", map_variables, map_levels)
+        ]
+    info = {
+        "data_source": source.name,
+        "steps": steps,
+        "step_hours": step_hours,
+        "climatology": climatology_kind(climatology, source),
+        "figures": paths,
+    }
     written = write_scores(rows, out, {**info, **dict(provenance or {})})
     return json.loads(written["summary"].read_text())
 
 
-def _figures(rows: list[dict[str, Any]], examples: list[dict[str, Any]], out: Path,
-             variables: Sequence[str] = (), levels: Sequence[float] = (500,)) -> list[Path]:  # fmt: skip
+def _figures(
+    rows: list[dict[str, Any]],
+    examples: list[dict[str, Any]],
+    out: Path,
+    variables: Sequence[str] = (),
+    levels: Sequence[float] = (500,),
+) -> list[Path]:
     from trainers.figures import plot_maps, plot_rmse_vs_lead
 
     out.mkdir(parents=True, exist_ok=True)
@@ -467,7 +551,9 @@ def predict(
     from trainers.forecast_io import write_forecast
 
     inits, per_lead = [], [[] for _ in range(steps)]
-    for now, _, preds in forecasts(model, params, source, steps=steps, step_hours=step_hours, batch_size=batch_size):
+    for now, _, preds in forecasts(
+        model, params, source, steps=steps, step_hours=step_hours, batch_size=batch_size
+    ):
         inits.append(now)
         for k, pred in enumerate(preds):
             per_lead[k].append(pred.replace(static_vars={}).to_numpy())
@@ -485,6 +571,9 @@ def _concat(batches: list[Batch]) -> Batch:
     first = batches[0]
     join = lambda group, k: np.concatenate([getattr(b, group)[k] for b in batches])
     time = np.concatenate([np.asarray(b.metadata.time) for b in batches])
-    return Batch(surf_vars={k: join("surf_vars", k) for k in first.surf_vars}, static_vars={},
-                 atmos_vars={k: join("atmos_vars", k) for k in first.atmos_vars},
-                 metadata=first.metadata.replace(time=time))  # fmt: skip
+    return Batch(
+        surf_vars={k: join("surf_vars", k) for k in first.surf_vars},
+        static_vars={},
+        atmos_vars={k: join("atmos_vars", k) for k in first.atmos_vars},
+        metadata=first.metadata.replace(time=time),
+    )

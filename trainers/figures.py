@@ -25,7 +25,9 @@ __all__ = ["plot_maps", "plot_rmse_vs_lead"]
 
 def _label(variable: str, level: float | None) -> str:
     name = variable_attrs(variable)["long_name"]
-    return f"{name} ({variable})" if level is None else f"{name} ({variable}) at {float(level):g} hPa"
+    return (
+        f"{name} ({variable})" if level is None else f"{name} ({variable}) at {float(level):g} hPa"
+    )
 
 
 def _units(variable: str) -> str:
@@ -37,7 +39,9 @@ def _field(batch: Batch, variable: str, level: float | None) -> np.ndarray:
     """The newest state of batch row 0 as a (lat, lon) float64 array."""
     if level is None:
         if variable not in batch.surf_vars:
-            raise KeyError(f"No surface variable {variable!r} (have {sorted(batch.surf_vars)}); pass a level?")
+            raise KeyError(
+                f"No surface variable {variable!r} (have {sorted(batch.surf_vars)}); pass a level?"
+            )
         return np.asarray(batch.surf_vars[variable], np.float64)[0, -1]
     if variable not in batch.atmos_vars:
         raise KeyError(f"No atmospheric variable {variable!r} (have {sorted(batch.atmos_vars)})")
@@ -60,7 +64,9 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def plot_maps(pred: Batch, truth: Batch, variable: str, level: float | None, lead_h: float, path: str | Path) -> Path:
+def plot_maps(
+    pred: Batch, truth: Batch, variable: str, level: float | None, lead_h: float, path: str | Path
+) -> Path:
     """Prediction | truth | prediction − truth for batch row 0 on the prediction's grid.
 
     `level` is None for surface variables. Prediction and truth share one colour scale; the
@@ -79,8 +85,11 @@ def plot_maps(pred: Batch, truth: Batch, variable: str, level: float | None, lea
     valid = _valid_time(pred)
     fig = Figure(figsize=(16, 4.6), layout="constrained")
     axes = fig.subplots(1, 3, sharey=True)
-    panels = [("Prediction", p, "viridis", lo, hi), ("Truth", t, "viridis", lo, hi),
-              ("Prediction − truth", diff, "RdBu_r", -span, span)]  # fmt: skip
+    panels = [
+        ("Prediction", p, "viridis", lo, hi),
+        ("Truth", t, "viridis", lo, hi),
+        ("Prediction − truth", diff, "RdBu_r", -span, span),
+    ]
     for ax, (title, x, cmap, vmin, vmax) in zip(axes, panels):
         mesh = ax.pcolormesh(lon, lat, x, cmap=cmap, vmin=vmin, vmax=vmax, shading="nearest")
         fig.colorbar(mesh, ax=ax, shrink=0.9, label=f"{variable}{_units(variable)}")
@@ -88,14 +97,16 @@ def plot_maps(pred: Batch, truth: Batch, variable: str, level: float | None, lea
         ax.set_xlabel("longitude [°E]")
         ax.set_aspect("equal")
     axes[0].set_ylabel("latitude [°N]")
-    fig.suptitle(f"{_label(variable, level)}, lead {lead_h:g} h" + (f", valid {valid}" if valid else ""))
+    fig.suptitle(
+        f"{_label(variable, level)}, lead {lead_h:g} h" + (f", valid {valid}" if valid else "")
+    )
     return _save(fig, path)
 
 
 def _valid_time(batch: Batch) -> str:
     try:
         t: datetime = batch.metadata.datetimes()[0]
-    except Exception:  # noqa: BLE001 - a title detail, never worth failing a figure for
+    except Exception:
         return ""
     return t.strftime("%Y-%m-%d %H:%M UTC")
 
@@ -106,7 +117,9 @@ def _same_level(a: Any, b: float | None) -> bool:
     return b is not None and b != "" and float(a) == float(b)
 
 
-def plot_rmse_vs_lead(rows: Sequence[Mapping[str, Any]], variable: str, level: float | None, path: str | Path) -> Path:
+def plot_rmse_vs_lead(
+    rows: Sequence[Mapping[str, Any]], variable: str, level: float | None, path: str | Path
+) -> Path:
     """RMSE against lead time for one variable (and level), one line per model in `rows`
     (baselines included). Returns `path` (a PNG)."""
     mine = [r for r in rows if r["variable"] == variable and _same_level(r.get("level"), level)]
@@ -116,9 +129,18 @@ def plot_rmse_vs_lead(rows: Sequence[Mapping[str, Any]], variable: str, level: f
     ax = fig.subplots()
     styles = {"persistence": ("tab:gray", "--", "s"), "climatology": ("tab:olive", ":", "^")}
     for model in dict.fromkeys(str(r["model"]) for r in mine):
-        pts = sorted((float(r["lead_time_h"]), float(r["rmse"])) for r in mine if r["model"] == model)
+        pts = sorted(
+            (float(r["lead_time_h"]), float(r["rmse"])) for r in mine if r["model"] == model
+        )
         color, style, marker = styles.get(model, (None, "-", "o"))
-        ax.plot([x for x, _ in pts], [y for _, y in pts], linestyle=style, marker=marker, color=color, label=model)
+        ax.plot(
+            [x for x, _ in pts],
+            [y for _, y in pts],
+            linestyle=style,
+            marker=marker,
+            color=color,
+            label=model,
+        )
     leads = sorted({float(r["lead_time_h"]) for r in mine})
     if len(leads) <= 20:
         ax.set_xticks(leads)

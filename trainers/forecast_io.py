@@ -30,19 +30,39 @@ __all__ = ["VARIABLES", "variable_attrs", "write_forecast"]
 
 VARIABLES: dict[str, dict[str, str]] = {
     "2t": {"long_name": "2 metre temperature", "units": "K", "standard_name": "air_temperature"},
-    "10u": {"long_name": "10 metre U wind component", "units": "m s-1", "standard_name": "eastward_wind"},
-    "10v": {"long_name": "10 metre V wind component", "units": "m s-1", "standard_name": "northward_wind"},
-    "msl": {"long_name": "Mean sea level pressure", "units": "Pa", "standard_name": "air_pressure_at_mean_sea_level"},
+    "10u": {
+        "long_name": "10 metre U wind component",
+        "units": "m s-1",
+        "standard_name": "eastward_wind",
+    },
+    "10v": {
+        "long_name": "10 metre V wind component",
+        "units": "m s-1",
+        "standard_name": "northward_wind",
+    },
+    "msl": {
+        "long_name": "Mean sea level pressure",
+        "units": "Pa",
+        "standard_name": "air_pressure_at_mean_sea_level",
+    },
     "z": {"long_name": "Geopotential", "units": "m2 s-2", "standard_name": "geopotential"},
     "u": {"long_name": "U component of wind", "units": "m s-1", "standard_name": "eastward_wind"},
     "v": {"long_name": "V component of wind", "units": "m s-1", "standard_name": "northward_wind"},
     "t": {"long_name": "Temperature", "units": "K", "standard_name": "air_temperature"},
-    "q": {"long_name": "Specific humidity", "units": "kg kg-1", "standard_name": "specific_humidity"},
+    "q": {
+        "long_name": "Specific humidity",
+        "units": "kg kg-1",
+        "standard_name": "specific_humidity",
+    },
     "r": {"long_name": "Relative humidity", "units": "%", "standard_name": "relative_humidity"},
-    "w": {"long_name": "Vertical velocity", "units": "Pa s-1", "standard_name": "lagrangian_tendency_of_air_pressure"},
+    "w": {
+        "long_name": "Vertical velocity",
+        "units": "Pa s-1",
+        "standard_name": "lagrangian_tendency_of_air_pressure",
+    },
     "lsm": {"long_name": "Land-sea mask", "units": "1", "standard_name": "land_binary_mask"},
     "slt": {"long_name": "Soil type", "units": "1"},
-}  # fmt: skip
+}
 """CF metadata by ECMWF short name (units as udunits spells them)."""
 
 
@@ -76,8 +96,11 @@ def write_forecast(
     for group, dims in (("surf", ()), ("atmos", ("level",))):
         for name in getattr(first, f"{group}_vars"):
             stack = np.stack([_values(p, group, name, len(init)) for p in predictions], axis=1)
-            data[name] = xr.Variable(("time", "prediction_timedelta", *dims, "latitude", "longitude"),
-                                     stack, variable_attrs(name))  # fmt: skip
+            data[name] = xr.Variable(
+                ("time", "prediction_timedelta", *dims, "latitude", "longitude"),
+                stack,
+                variable_attrs(name),
+            )
     lead = np.asarray(leads, "timedelta64[m]")
     coords = _coords(init, lead, levels if first.atmos_vars else None, lat, lon)
     ds = xr.Dataset(data, coords=coords, attrs=_global_attrs(provenance))
@@ -92,7 +115,9 @@ def _lead(init: np.ndarray, pred: Batch) -> np.timedelta64:
         raise ValueError(f"{valid.size} valid times for {init.size} init times")
     lead = valid - init.astype(np.int64)
     if np.any(lead != lead[0]):
-        raise ValueError(f"Leads differ between inits within one step: {sorted(set(lead.tolist()))} minutes")
+        raise ValueError(
+            f"Leads differ between inits within one step: {sorted(set(lead.tolist()))} minutes"
+        )
     return np.timedelta64(int(lead[0]), "m")
 
 
@@ -104,22 +129,62 @@ def _values(pred: Batch, group: str, name: str, n_init: int) -> np.ndarray:
     return x[:, 0].astype(np.float32, copy=False)
 
 
-def _coords(init: np.ndarray, lead: np.ndarray, levels: np.ndarray | None, lat: np.ndarray, lon: np.ndarray) -> dict[str, Any]:
+def _coords(
+    init: np.ndarray, lead: np.ndarray, levels: np.ndarray | None, lat: np.ndarray, lon: np.ndarray
+) -> dict[str, Any]:
     coords: dict[str, Any] = {
-        "time": ("time", init.astype("datetime64[ns]"),
-                 {"standard_name": "forecast_reference_time", "long_name": "initialisation time", "axis": "T"}),
-        "prediction_timedelta": ("prediction_timedelta", lead.astype("timedelta64[ns]"),
-                                 {"standard_name": "forecast_period", "long_name": "lead time"}),
-        "valid_time": (("time", "prediction_timedelta"), (init[:, None] + lead[None, :]).astype("datetime64[ns]"),
-                       {"standard_name": "time", "long_name": "valid time"}),
-        "latitude": ("latitude", lat.astype(np.float64),
-                     {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north", "axis": "Y"}),
-        "longitude": ("longitude", lon.astype(np.float64),
-                      {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east", "axis": "X"}),
-    }  # fmt: skip
+        "time": (
+            "time",
+            init.astype("datetime64[ns]"),
+            {
+                "standard_name": "forecast_reference_time",
+                "long_name": "initialisation time",
+                "axis": "T",
+            },
+        ),
+        "prediction_timedelta": (
+            "prediction_timedelta",
+            lead.astype("timedelta64[ns]"),
+            {"standard_name": "forecast_period", "long_name": "lead time"},
+        ),
+        "valid_time": (
+            ("time", "prediction_timedelta"),
+            (init[:, None] + lead[None, :]).astype("datetime64[ns]"),
+            {"standard_name": "time", "long_name": "valid time"},
+        ),
+        "latitude": (
+            "latitude",
+            lat.astype(np.float64),
+            {
+                "standard_name": "latitude",
+                "long_name": "latitude",
+                "units": "degrees_north",
+                "axis": "Y",
+            },
+        ),
+        "longitude": (
+            "longitude",
+            lon.astype(np.float64),
+            {
+                "standard_name": "longitude",
+                "long_name": "longitude",
+                "units": "degrees_east",
+                "axis": "X",
+            },
+        ),
+    }
     if levels is not None:
-        coords["level"] = ("level", levels, {"standard_name": "air_pressure", "long_name": "pressure level",
-                                             "units": "hPa", "positive": "down", "axis": "Z"})  # fmt: skip
+        coords["level"] = (
+            "level",
+            levels,
+            {
+                "standard_name": "air_pressure",
+                "long_name": "pressure level",
+                "units": "hPa",
+                "positive": "down",
+                "axis": "Z",
+            },
+        )
     return coords
 
 
@@ -128,10 +193,18 @@ def _encoding(ds: xr.Dataset, init: np.ndarray, lead: np.ndarray) -> dict[str, d
     minutes = np.concatenate([init.astype(np.int64), lead.astype(np.int64)])
     unit = "hours" if np.all(minutes % 60 == 0) else "minutes"
     enc: dict[str, dict[str, Any]] = {
-        "time": {"units": f"{unit} since 1970-01-01 00:00:00", "calendar": "proleptic_gregorian", "dtype": "int64"},
-        "valid_time": {"units": f"{unit} since 1970-01-01 00:00:00", "calendar": "proleptic_gregorian", "dtype": "int64"},
+        "time": {
+            "units": f"{unit} since 1970-01-01 00:00:00",
+            "calendar": "proleptic_gregorian",
+            "dtype": "int64",
+        },
+        "valid_time": {
+            "units": f"{unit} since 1970-01-01 00:00:00",
+            "calendar": "proleptic_gregorian",
+            "dtype": "int64",
+        },
         "prediction_timedelta": {"units": unit, "dtype": "int64"},
-    }  # fmt: skip
+    }
     for name in ("latitude", "longitude", "level"):
         if name in ds.coords:
             enc[name] = {"_FillValue": None}
@@ -147,13 +220,17 @@ def _global_attrs(provenance: Mapping[str, Any]) -> dict[str, Any]:
     prov = {str(k): _attr(v) for k, v in provenance.items()}
     preset = prov.get("model_preset", prov.get("model", "Aurora"))
     step = prov.get("checkpoint_step")
-    source = f"Aurora (JAX/Flax) {preset}" + (f", checkpoint step {step}" if step is not None else "")
+    source = f"Aurora (JAX/Flax) {preset}" + (
+        f", checkpoint step {step}" if step is not None else ""
+    )
     attrs = {
         "Conventions": "CF-1.8",
         "title": "Aurora forecast",
         "source": source,
         "history": f"{now} written by trainers.forecast_io.write_forecast",
-        "provenance": json.dumps({str(k): v for k, v in provenance.items()}, sort_keys=True, default=str),
+        "provenance": json.dumps(
+            {str(k): v for k, v in provenance.items()}, sort_keys=True, default=str
+        ),
     }
     attrs.update({f"provenance_{k}": v for k, v in prov.items()})
     return attrs

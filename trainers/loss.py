@@ -22,11 +22,18 @@ import numpy as np
 from aurora.batch import Batch
 from aurora.normalisation import Stats
 
-__all__ = ["LossConfig", "FINE_TUNING_WEIGHTS", "aurora_loss", "dataset_weight"]
+__all__ = ["FINE_TUNING_WEIGHTS", "LossConfig", "aurora_loss", "dataset_weight"]
 
 FINE_TUNING_WEIGHTS: dict[str, float] = {
-    "2t": 3.5, "10u": 0.77, "10v": 0.66, "msl": 1.6,
-    "z": 3.5, "q": 0.8, "t": 1.7, "u": 0.87, "v": 0.6,
+    "2t": 3.5,
+    "10u": 0.77,
+    "10v": 0.66,
+    "msl": 1.6,
+    "z": 3.5,
+    "q": 0.8,
+    "t": 1.7,
+    "u": 0.87,
+    "v": 0.6,
 }
 """The paper's fine-tuning variable weights (surface and atmospheric)."""
 
@@ -49,7 +56,15 @@ class LossConfig:
     gamma: float = 1.0
 
     def __hash__(self) -> int:  # usable as a static jit argument
-        return hash((tuple(sorted(self.surf_weights.items())), repr(sorted(self.atmos_weights.items())), self.alpha, self.beta, self.gamma))
+        return hash(
+            (
+                tuple(sorted(self.surf_weights.items())),
+                repr(sorted(self.atmos_weights.items())),
+                self.alpha,
+                self.beta,
+                self.gamma,
+            )
+        )
 
 
 def _level_weights(weight: Any, levels: tuple[float, ...]) -> np.ndarray:
@@ -59,7 +74,9 @@ def _level_weights(weight: Any, levels: tuple[float, ...]) -> np.ndarray:
     return np.full(len(levels), float(weight), dtype=np.float32)
 
 
-def aurora_loss(pred: Batch, target: Batch, config: LossConfig, stats: Stats | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def aurora_loss(
+    pred: Batch, target: Batch, config: LossConfig, stats: Stats | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The loss and its per-variable MAEs (`mae/<var>`), both on normalised values.
 
     `pred` and `target` are physical-unit batches with the same variables, grid and levels;
@@ -75,7 +92,9 @@ def aurora_loss(pred: Batch, target: Batch, config: LossConfig, stats: Stats | N
         surf_total += config.surf_weights.get(name, 1.0) * mae
     atmos_total = jnp.float32(0.0)
     for name in p.atmos_vars:
-        per_level = jnp.mean(jnp.abs(p.atmos_vars[name] - t.atmos_vars[name]), axis=(0, 1, 3, 4))  # (C,)
+        per_level = jnp.mean(
+            jnp.abs(p.atmos_vars[name] - t.atmos_vars[name]), axis=(0, 1, 3, 4)
+        )  # (C,)
         terms[f"mae/{name}"] = jnp.mean(per_level)
         weights = _level_weights(config.atmos_weights.get(name, 1.0), levels)
         atmos_total += jnp.mean(weights * per_level)

@@ -123,7 +123,9 @@ def acc(forecast: Array, truth: Array, climatology: Array, weights: Array) -> Ar
     xp = _xp(forecast, truth, climatology)
     forecast, truth, climatology = _cast(xp, forecast, truth, climatology)
     fa, ta = forecast - climatology, truth - climatology
-    return weighted_mean(fa * ta, weights) / xp.sqrt(weighted_mean(fa**2, weights) * weighted_mean(ta**2, weights))
+    return weighted_mean(fa * ta, weights) / xp.sqrt(
+        weighted_mean(fa**2, weights) * weighted_mean(ta**2, weights)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,7 +152,9 @@ def _field_sums(
     return out
 
 
-def score_batch(pred: Batch, truth: Batch, climatology: Batch | None = None, mask: Array | None = None) -> Sums:
+def score_batch(
+    pred: Batch, truth: Batch, climatology: Batch | None = None, mask: Array | None = None
+) -> Sums:
     """Scores of `pred` against `truth` (physical units, same grid), summed over samples.
 
     Returns `{"n": samples, "surf": {var: {"mse", "mae", "bias", "acc"}}, "atmos": {var:
@@ -162,7 +166,9 @@ def score_batch(pred: Batch, truth: Batch, climatology: Batch | None = None, mas
     call keeps its shapes. Sums rather than means: add them up over batches with `ScoreTotals`.
     """
     if pred.spatial_shape != truth.spatial_shape:
-        raise ValueError(f"Prediction grid {pred.spatial_shape} != truth grid {truth.spatial_shape}; crop first.")
+        raise ValueError(
+            f"Prediction grid {pred.spatial_shape} != truth grid {truth.spatial_shape}; crop first."
+        )
     weights = lat_weights(pred.metadata.lat)
     leaves = [*pred.surf_vars.values(), *pred.atmos_vars.values()]
     xp = _xp(*leaves, *truth.surf_vars.values(), *truth.atmos_vars.values())
@@ -208,7 +214,14 @@ class ScoreTotals:
             for i, level in enumerate(levels):
                 values = {m: float(v[i] if group == "atmos" else v) for m, v in total.items()}
                 mean = {m: v / n if n else float("nan") for m, v in values.items()}
-                row = {"variable": name, "level": level, "rmse": float(np.sqrt(mean["mse"])),
-                       "mae": mean["mae"], "bias": mean["bias"], "acc": mean["acc"], "n": int(n)}  # fmt: skip
+                row = {
+                    "variable": name,
+                    "level": level,
+                    "rmse": float(np.sqrt(mean["mse"])),
+                    "mae": mean["mae"],
+                    "bias": mean["bias"],
+                    "acc": mean["acc"],
+                    "n": int(n),
+                }
                 out.append(row)
         return out

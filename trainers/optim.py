@@ -6,7 +6,7 @@ from typing import Any
 
 import optax
 
-__all__ = ["make_schedule", "make_optimizer"]
+__all__ = ["make_optimizer", "make_schedule"]
 
 
 def make_schedule(config: Any, total_steps: int | None) -> optax.Schedule:
@@ -18,9 +18,13 @@ def make_schedule(config: Any, total_steps: int | None) -> optax.Schedule:
         after = optax.constant_schedule(lr)
     elif kind == "cosine":
         if not total_steps:
-            raise ValueError("A cosine schedule needs max_steps (or max_epochs with a known epoch length).")
+            raise ValueError(
+                "A cosine schedule needs max_steps (or max_epochs with a known epoch length)."
+            )
         decay_steps = max(total_steps - warmup, 1)
-        after = optax.cosine_decay_schedule(lr, decay_steps, alpha=float(config.get("min_lr_ratio", 0.0)))
+        after = optax.cosine_decay_schedule(
+            lr, decay_steps, alpha=float(config.get("min_lr_ratio", 0.0))
+        )
     else:
         raise ValueError(f"Unknown schedule {kind!r}: use 'constant' or 'cosine'.")
     if warmup <= 0:
@@ -28,8 +32,13 @@ def make_schedule(config: Any, total_steps: int | None) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
-def make_optimizer(config: Any, total_steps: int | None, *, gradient_clip_val: float | None = None,
-                   accumulate_grad_batches: int = 1) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    config: Any,
+    total_steps: int | None,
+    *,
+    gradient_clip_val: float | None = None,
+    accumulate_grad_batches: int = 1,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW (`b1`, `b2`, `eps`, `weight_decay` from config) behind optional global-norm clipping.
 
     `accumulate_grad_batches > 1` wraps everything in `optax.MultiSteps`: gradients are averaged

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import importlib
 import logging
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -34,7 +34,15 @@ from trainers.strategies.replay import ReplayStrategy
 from trainers.strategies.rollout import RolloutStrategy
 from trainers.trainer import Trainer
 
-__all__ = ["run", "build_model", "build_callbacks", "build_strategy", "build_data", "CALLBACKS", "STRATEGIES"]
+__all__ = [
+    "CALLBACKS",
+    "STRATEGIES",
+    "build_callbacks",
+    "build_data",
+    "build_model",
+    "build_strategy",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +59,21 @@ CALLBACKS: dict[str, type[Callback]] = {
 """Built-in callbacks by config name; any other `type` is imported as "package.module:Class"."""
 
 
-
-def _lora(model: aurora.Aurora, *, inner: str = "rollout", loss: LossConfig | None = None, **kwargs: Any) -> Strategy:
+def _lora(
+    model: aurora.Aurora, *, inner: str = "rollout", loss: LossConfig | None = None, **kwargs: Any
+) -> Strategy:
     """`strategy.name="lora"`: LoRA around `strategy.inner` (train_base / learning rates stay here,
     every other field goes to the inner strategy)."""
-    return LoRAStrategy.wrapping(STRATEGIES.get(inner) or _import(inner), model, loss=loss, **kwargs)
+    return LoRAStrategy.wrapping(
+        STRATEGIES.get(inner) or _import(inner), model, loss=loss, **kwargs
+    )
 
 
-STRATEGIES: dict[str, Callable[..., Strategy]] = {"rollout": RolloutStrategy, "replay": ReplayStrategy, "lora": _lora}
+STRATEGIES: dict[str, Callable[..., Strategy]] = {
+    "rollout": RolloutStrategy,
+    "replay": ReplayStrategy,
+    "lora": _lora,
+}
 
 
 def _plain(value: Any) -> Any:
@@ -77,7 +92,9 @@ def _import(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def build_model(config: ml_collections.ConfigDict, data_stats: dict[str, tuple[float, float]] | None = None) -> aurora.Aurora:
+def build_model(
+    config: ml_collections.ConfigDict, data_stats: dict[str, tuple[float, float]] | None = None
+) -> aurora.Aurora:
     """The preset with its overrides; dataset statistics fill in variables outside Aurora's table."""
     kwargs = _plain(config.model.get("kwargs", {}))
     table = aurora_stats()
@@ -85,7 +102,9 @@ def build_model(config: ml_collections.ConfigDict, data_stats: dict[str, tuple[f
     if extra:
         kwargs["surf_stats"] = {**extra, **kwargs.get("surf_stats", {})}
     if config.model.preset not in aurora.PRESETS:
-        raise ValueError(f"Unknown model preset {config.model.preset!r}; choose from {sorted(aurora.PRESETS)}.")
+        raise ValueError(
+            f"Unknown model preset {config.model.preset!r}; choose from {sorted(aurora.PRESETS)}."
+        )
     return aurora.PRESETS[config.model.preset](**kwargs)
 
 
@@ -103,7 +122,9 @@ def build_strategy(config: ml_collections.ConfigDict, model: aurora.Aurora) -> S
     strategy = cls(model, loss=loss, **kwargs)
     step_hours = getattr(strategy, "step_hours", config.data.step_hours)
     if float(step_hours) != float(config.data.step_hours):
-        raise ValueError(f"strategy.step_hours={step_hours} differs from data.step_hours={config.data.step_hours}.")
+        raise ValueError(
+            f"strategy.step_hours={step_hours} differs from data.step_hours={config.data.step_hours}."
+        )
     return strategy
 
 
@@ -117,7 +138,9 @@ def build_callbacks(config: ml_collections.ConfigDict, workdir: Path) -> list[Ca
     return callbacks
 
 
-def build_data(config: ml_collections.ConfigDict, workdir: Path, rollout_steps: int) -> dict[str, Any]:
+def build_data(
+    config: ml_collections.ConfigDict, workdir: Path, rollout_steps: int
+) -> dict[str, Any]:
     """Build (or reuse) the dataset and return `{"stats", "train", "validation"}` pipelines."""
     from data_builders.pipeline import Pipeline, open_source
     from data_builders.registry import get_builder
@@ -177,8 +200,12 @@ def _mesh_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The Trainer's mesh and partition rules from `config.mesh` (every device of every process)."""
     mesh_config = config.get("mesh") or ml_collections.ConfigDict({"data": -1, "fsdp": 1})
     return {
-        "mesh": sharding.make_mesh(data=mesh_config.get("data", -1), fsdp=mesh_config.get("fsdp", 1)),
-        "sharding_rules": tuple((str(r[0]), tuple(r[1])) for r in _plain(mesh_config.get("rules", ()))),
+        "mesh": sharding.make_mesh(
+            data=mesh_config.get("data", -1), fsdp=mesh_config.get("fsdp", 1)
+        ),
+        "sharding_rules": tuple(
+            (str(r[0]), tuple(r[1])) for r in _plain(mesh_config.get("rules", ()))
+        ),
         "min_shard_size": int(mesh_config.get("min_shard_size", 2**18)),
     }
 
@@ -196,14 +223,24 @@ def _provenance(config: ml_collections.ConfigDict, trainer: Trainer) -> dict[str
     checkpoint = trainer.checkpoint_callback
     return {
         "model_preset": config.model.preset,
-        "checkpoint_step": trainer.global_step if checkpoint and checkpoint.last_saved_step is not None else None,
-        "checkpoint_dir": str(checkpoint.directory) if checkpoint and checkpoint.directory else None,
+        "checkpoint_step": trainer.global_step
+        if checkpoint and checkpoint.last_saved_step is not None
+        else None,
+        "checkpoint_dir": str(checkpoint.directory)
+        if checkpoint and checkpoint.directory
+        else None,
         "init": {k: v for k, v in _plain(config.init).items() if v},
         "strategy": config.strategy.name,
     }
 
 
-def _score(config: ml_collections.ConfigDict, trainer: Trainer, pipeline: Any, workdir: Path, train_source: Any = None) -> dict[str, Any]:
+def _score(
+    config: ml_collections.ConfigDict,
+    trainer: Trainer,
+    pipeline: Any,
+    workdir: Path,
+    train_source: Any = None,
+) -> dict[str, Any]:
     """WeatherBench2-style scores of rollouts from every initial time, with baselines and figures."""
     from trainers.evaluation import run_evaluation, source_mean
 
@@ -214,26 +251,48 @@ def _score(config: ml_collections.ConfigDict, trainer: Trainer, pipeline: Any, w
     climatology = None
     if train_source is not None:
         climatology = source_mean(train_source)
-        provenance["climatology_source"] = f"per-grid-point mean of the {len(train_source.times)} states of {train_source.name}"
-    return run_evaluation(trainer.strategy.model, state.params, pipeline.source, steps=config.eval.steps,
-                          climatology=climatology, out_dir=workdir / "eval", provenance=provenance,
-                          step_hours=config.data.step_hours, batch_size=config.eval.batch_size,
-                          figures=config.eval.figures, map_variables=tuple(config.eval.map_variables),
-                          map_levels=tuple(config.eval.map_levels),
-                          map_lead_steps=tuple(config.eval.map_lead_steps))  # fmt: skip
+        provenance["climatology_source"] = (
+            f"per-grid-point mean of the {len(train_source.times)} states of {train_source.name}"
+        )
+    return run_evaluation(
+        trainer.strategy.model,
+        state.params,
+        pipeline.source,
+        steps=config.eval.steps,
+        climatology=climatology,
+        out_dir=workdir / "eval",
+        provenance=provenance,
+        step_hours=config.data.step_hours,
+        batch_size=config.eval.batch_size,
+        figures=config.eval.figures,
+        map_variables=tuple(config.eval.map_variables),
+        map_levels=tuple(config.eval.map_levels),
+        map_lead_steps=tuple(config.eval.map_lead_steps),
+    )
 
 
-def _forecast(config: ml_collections.ConfigDict, trainer: Trainer, pipeline: Any, workdir: Path) -> Path:
+def _forecast(
+    config: ml_collections.ConfigDict, trainer: Trainer, pipeline: Any, workdir: Path
+) -> Path:
     """A CF netCDF forecast from every initial time of the evaluation split."""
     from trainers.evaluation import predict
 
     state = trainer.load(pipeline)
-    return predict(trainer.strategy.model, state.params, pipeline.source, steps=config.eval.steps,
-                   out_dir=workdir / "predictions", provenance=_provenance(config, trainer),
-                   step_hours=config.data.step_hours, batch_size=config.eval.batch_size)  # fmt: skip
+    return predict(
+        trainer.strategy.model,
+        state.params,
+        pipeline.source,
+        steps=config.eval.steps,
+        out_dir=workdir / "predictions",
+        provenance=_provenance(config, trainer),
+        step_hours=config.data.step_hours,
+        batch_size=config.eval.batch_size,
+    )
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "fit") -> dict[str, Any]:
+def run(
+    config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "fit"
+) -> dict[str, Any]:
     """Run `mode` (fit | validate | test | predict) and return a summary of what happened."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -244,7 +303,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "fit
         strategy,
         optimizer=config.optimizer,
         callbacks=build_callbacks(config, workdir),
-        writers=make_writers(list(_plain(config.get("writers", {})).values()), workdir, jax.process_index() == 0),
+        writers=make_writers(
+            list(_plain(config.get("writers", {})).values()), workdir, jax.process_index() == 0
+        ),
         workdir=workdir,
         config=config,
         seed=config.seed,
@@ -261,7 +322,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "fit
             summary["metrics"] = trainer.validate(data["validation"])
         elif mode == "test":
             summary["metrics"] = trainer.test(_eval_data(config, data))
-            summary["evaluation"] = _score(config, trainer, _eval_data(config, data), workdir, data["train"].source)
+            summary["evaluation"] = _score(
+                config, trainer, _eval_data(config, data), workdir, data["train"].source
+            )
         elif mode == "predict":
             summary["forecast"] = str(_forecast(config, trainer, _eval_data(config, data), workdir))
         else:

@@ -39,15 +39,15 @@ from jax.sharding import PartitionSpec as P
 __all__ = [
     "AXES",
     "BATCH_AXES",
-    "make_mesh",
-    "leaf_spec",
-    "state_shardings",
     "batch_shardings",
     "example_shardings",
-    "shard_batch",
-    "put_state",
     "initialize_distributed",
+    "leaf_spec",
+    "make_mesh",
     "path_name",
+    "put_state",
+    "shard_batch",
+    "state_shardings",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
             raise ValueError(f"{n} devices cannot be split into data={data} x fsdp={fsdp}.")
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
-        raise ValueError(f"Mesh data={sizes[0]} x fsdp={sizes[1]} = {math.prod(sizes)} devices, but there are {n}.")
+        raise ValueError(
+            f"Mesh data={sizes[0]} x fsdp={sizes[1]} = {math.prod(sizes)} devices, but there are {n}."
+        )
     grid = np.asarray(devices, dtype=object).reshape(sizes)
     return Mesh(grid, AXES)
 
@@ -82,13 +84,21 @@ def path_name(path: tuple[Any, ...]) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def leaf_spec(name: str, shape: tuple[int, ...], mesh: Mesh, rules: Sequence[Rule] = (), min_shard_size: int = 2**18) -> P:
+def leaf_spec(
+    name: str,
+    shape: tuple[int, ...],
+    mesh: Mesh,
+    rules: Sequence[Rule] = (),
+    min_shard_size: int = 2**18,
+) -> P:
     """The `PartitionSpec` of one state leaf (see the module docstring)."""
     for pattern, spec in rules:
         if re.search(pattern, name):
             spec = tuple(spec)
             if len(spec) > len(shape):
-                raise ValueError(f"Sharding rule {pattern!r} gives {spec} for {name} of shape {shape}.")
+                raise ValueError(
+                    f"Sharding rule {pattern!r} gives {spec} for {name} of shape {shape}."
+                )
             return P(*spec)
     fsdp = mesh.shape["fsdp"]
     if fsdp == 1 or math.prod(shape) < min_shard_size:
@@ -101,7 +111,9 @@ def leaf_spec(name: str, shape: tuple[int, ...], mesh: Mesh, rules: Sequence[Rul
     return P(*spec)
 
 
-def state_shardings(state: Any, mesh: Mesh, rules: Sequence[Rule] = (), min_shard_size: int = 2**18) -> Any:
+def state_shardings(
+    state: Any, mesh: Mesh, rules: Sequence[Rule] = (), min_shard_size: int = 2**18
+) -> Any:
     """A pytree of `NamedSharding`s matching `state` (arrays or shape structs)."""
 
     def one(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
@@ -135,7 +147,9 @@ def example_shardings(batch: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
     static = list(batch.static_vars.values())
 
     def leaf(x: Any) -> NamedSharding:
-        return NamedSharding(mesh, P() if any(x is s for s in static) else _batch_spec(x, batch_axis, rows))
+        return NamedSharding(
+            mesh, P() if any(x is s for s in static) else _batch_spec(x, batch_axis, rows)
+        )
 
     return jax.tree_util.tree_map(leaf, batch)
 
@@ -151,8 +165,10 @@ def batch_shardings(batch: Any, mesh: Mesh) -> Any:
     rows = int(np.shape(inputs.metadata.time)[0])
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if (rows * jax.process_count()) % shards:
-        raise ValueError(f"The global batch of {rows * jax.process_count()} rows cannot be split over {shards} "
-                         f"devices (data x fsdp); make the global batch size a multiple of {shards}.")  # fmt: skip
+        raise ValueError(
+            f"The global batch of {rows * jax.process_count()} rows cannot be split over {shards} "
+            f"devices (data x fsdp); make the global batch size a multiple of {shards}."
+        )
     return example_shardings(inputs, mesh, 0), example_shardings(targets, mesh, 1)
 
 
@@ -163,11 +179,16 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     (the pipeline shards by process) and `jax.make_array_from_process_local_data` assembles them.
     """
     shardings = batch_shardings(batch, mesh)
-    return jax.tree_util.tree_map(lambda s, x: jax.make_array_from_process_local_data(s, np.asarray(x)), shardings, batch)
+    return jax.tree_util.tree_map(
+        lambda s, x: jax.make_array_from_process_local_data(s, np.asarray(x)), shardings, batch
+    )
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:  # fmt: skip
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
     """Start JAX's multi-controller runtime when there is more than one process.
 
     Explicit arguments (config `distributed.*` or flags) win; otherwise `jax.distributed.initialize()`
@@ -175,14 +196,25 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     initialised. Must run before any other JAX call that touches devices.
     """
     explicit = coordinator_address is not None
-    cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS"))
+    cluster = any(
+        k in os.environ for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
+    )
     slurm_single = os.environ.get("SLURM_NTASKS", "2") == "1"
     if not explicit and (not cluster or slurm_single):
         return False
     kwargs = {}
     if explicit:
-        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+        kwargs = dict(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
     jax.distributed.initialize(**kwargs)
-    log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())  # fmt: skip
+    log.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True

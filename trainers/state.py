@@ -28,7 +28,9 @@ class TrainState:
     tx: optax.GradientTransformation = struct.field(pytree_node=False, default=None)
 
     @classmethod
-    def create(cls, params: Any, tx: optax.GradientTransformation, rng: jax.Array, extras: Any = None) -> TrainState:
+    def create(
+        cls, params: Any, tx: optax.GradientTransformation, rng: jax.Array, extras: Any = None
+    ) -> TrainState:
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,

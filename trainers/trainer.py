@@ -103,13 +103,17 @@ class Trainer:
             raise ValueError("Set max_steps or max_epochs.")
         unknown = {m for cb in callbacks for m in cb.measurements} - set(MEASUREMENTS)
         if unknown:
-            raise ValueError(f"Unknown in-step measurements {sorted(unknown)}; known: {sorted(MEASUREMENTS)}.")
+            raise ValueError(
+                f"Unknown in-step measurements {sorted(unknown)}; known: {sorted(MEASUREMENTS)}."
+            )
 
         strategy.model = strategy.model.clone(
-            autocast=precision == "bf16-mixed", remat=remat != "none", remat_stages=remat in ("stages", "all")
+            autocast=precision == "bf16-mixed",
+            remat=remat != "none",
+            remat_stages=remat in ("stages", "all"),
         )
         if hasattr(strategy, "remat"):
-            strategy.remat = remat == "all" or getattr(strategy, "remat")
+            strategy.remat = remat == "all" or strategy.remat
         self.strategy = strategy
         self.optimizer_config = optimizer
         self.callbacks = list(callbacks)
@@ -150,7 +154,9 @@ class Trainer:
     # --- small services for callbacks -------------------------------------------------------------
     def learning_rate(self) -> float:
         """The learning rate the next optimiser step uses."""
-        return float(self._schedule(self.global_step)) if self._schedule is not None else float("nan")
+        return (
+            float(self._schedule(self.global_step)) if self._schedule is not None else float("nan")
+        )
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Write scalars to every writer (process 0 only) at `step` (default: the global step)."""
@@ -162,8 +168,14 @@ class Trainer:
 
     def data_state(self) -> dict[str, Any]:
         """Where the training data iterator stands (saved in checkpoints)."""
-        iterator_state = self._train_iterator.get_state() if self._train_iterator is not None else None
-        return {"epoch": self.current_epoch, "batch_idx": self.batch_idx, "iterator": iterator_state}
+        iterator_state = (
+            self._train_iterator.get_state() if self._train_iterator is not None else None
+        )
+        return {
+            "epoch": self.current_epoch,
+            "batch_idx": self.batch_idx,
+            "iterator": iterator_state,
+        }
 
     @property
     def checkpoint_callback(self) -> Any:
@@ -189,9 +201,13 @@ class Trainer:
         )
         if self.state is None:
             inputs, _ = _to_device_batch(example)
-            state = self.strategy.init_state(jax.random.PRNGKey(self.seed), inputs, tx, self.init_params)
+            state = self.strategy.init_state(
+                jax.random.PRNGKey(self.seed), inputs, tx, self.init_params
+            )
             if self.mesh is not None:
-                self._state_shardings = sharding.state_shardings(state, self.mesh, self.sharding_rules, self.min_shard_size)
+                self._state_shardings = sharding.state_shardings(
+                    state, self.mesh, self.sharding_rules, self.min_shard_size
+                )
                 state = sharding.put_state(state, self._state_shardings)
             self.state = state
         checkpoint = self.checkpoint_callback
@@ -212,7 +228,9 @@ class Trainer:
                 replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
                 batch_shardings = jax.tree_util.tree_map(lambda x: x.sharding, batch)
                 kwargs["in_shardings"] = (self._state_shardings, batch_shardings, replicated)
-                kwargs["out_shardings"] = (self._state_shardings, replicated) if train else replicated
+                kwargs["out_shardings"] = (
+                    (self._state_shardings, replicated) if train else replicated
+                )
             self._compiled[name] = jax.jit(fn, **kwargs)
         return self._compiled[name]
 
@@ -228,7 +246,9 @@ class Trainer:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            self.should_stop = bool(np.any(multihost_utils.process_allgather(np.asarray(self.should_stop))))
+            self.should_stop = bool(
+                np.any(multihost_utils.process_allgather(np.asarray(self.should_stop)))
+            )
         return self.should_stop
 
     # --- fit --------------------------------------------------------------------------------------
@@ -296,15 +316,23 @@ class Trainer:
                 continue  # a micro-batch: the optimiser steps once per group
             self.global_step += 1
             if self.global_step % self.log_every_n_steps == 0 or self.fast_dev_run:
-                self._record({f"train/{k}": v for k, v in outputs.items()}, self.strategy.host_metrics())
+                self._record(
+                    {f"train/{k}": v for k, v in outputs.items()}, self.strategy.host_metrics()
+                )
             self._call("on_train_batch_end", outputs, example, self.batch_idx - 1)
-            if val_data is not None and self.val_check_interval and self.global_step % self.val_check_interval == 0:
+            if (
+                val_data is not None
+                and self.val_check_interval
+                and self.global_step % self.val_check_interval == 0
+            ):
                 self.validate(val_data)
             if self._agree_to_stop() or self._steps_done():
                 return False
         return True
 
-    def _record(self, device_metrics: dict[str, Any], host_metrics: dict[str, float] | None = None) -> None:
+    def _record(
+        self, device_metrics: dict[str, Any], host_metrics: dict[str, float] | None = None
+    ) -> None:
         host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         host |= {f"train/{k}": float(v) for k, v in (host_metrics or {}).items()}
         self.callback_metrics.update(host)
@@ -334,7 +362,11 @@ class Trainer:
             count += 1
             self._call(f"on_{stage}_batch_end", outputs, example, batch_idx)
         prefix = {"validation": "val", "test": "test"}[stage]
-        means = {f"{prefix}/{k}": float(v) / count for k, v in jax.device_get(totals).items()} if count else {}
+        means = (
+            {f"{prefix}/{k}": float(v) / count for k, v in jax.device_get(totals).items()}
+            if count
+            else {}
+        )
         self.callback_metrics.update(means)
         if not self.fast_dev_run:
             self.log_metrics(means)
@@ -370,7 +402,10 @@ class Trainer:
             for batch_idx, example in enumerate(data.iterator(0)):
                 self._call("on_predict_batch_start", example, batch_idx)
                 inputs, _ = _to_device_batch(example)
-                preds = [p.to_numpy() for p in rollout(self.strategy.model, self.state.params, inputs, steps)]
+                preds = [
+                    p.to_numpy()
+                    for p in rollout(self.strategy.model, self.state.params, inputs, steps)
+                ]
                 self._call("on_predict_batch_end", preds, example, batch_idx)
                 yield preds
             self._call("on_predict_end")

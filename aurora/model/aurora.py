@@ -24,13 +24,13 @@ from aurora.model.lora import LoRAConfig, LoRAMode
 from aurora.model.swin3d import Swin3DTransformerBackbone
 
 __all__ = [
+    "PRESETS",
     "Aurora",
-    "AuroraPretrained",
-    "AuroraSmallPretrained",
-    "AuroraSmall",
     "Aurora12hPretrained",
     "AuroraHighRes",
-    "PRESETS",
+    "AuroraPretrained",
+    "AuroraSmall",
+    "AuroraSmallPretrained",
 ]
 
 
@@ -38,7 +38,9 @@ def _ordered(configured: tuple[str, ...], present: Mapping[str, Any], kind: str)
     """The batch's variables in the model's order; unknown variables are an error."""
     unknown = sorted(set(present) - set(configured))
     if unknown:
-        raise ValueError(f"The batch has {kind} variables {unknown} that the model does not know ({configured}).")
+        raise ValueError(
+            f"The batch has {kind} variables {unknown} that the model does not know ({configured})."
+        )
     return tuple(v for v in configured if v in present)
 
 
@@ -93,7 +95,9 @@ class Aurora(nn.Module):
 
     def _check_supported(self) -> None:
         if self.drop_path or self.drop_rate:
-            raise NotImplementedError("Drop-out and drop-path are not supported (all presets use 0).")
+            raise NotImplementedError(
+                "Drop-out and drop-path are not supported (all presets use 0)."
+            )
         if not self.surf_vars and not self.static_vars:
             raise ValueError("The surface level needs at least one surface or static variable.")
 
@@ -114,9 +118,13 @@ class Aurora(nn.Module):
         patch_res = (self.latent_levels, H // self.patch_size, W // self.patch_size)
 
         surface_fields = [normed.surf_vars[v] for v in surf_names]
-        surface_fields += [jnp.broadcast_to(normed.static_vars[v], (B, T, H, W)) for v in static_names]
+        surface_fields += [
+            jnp.broadcast_to(normed.static_vars[v], (B, T, H, W)) for v in static_names
+        ]
         x_surf = jnp.stack(surface_fields, axis=2)  # (B, T, V_S + V_static, H, W)
-        x_atmos = jnp.stack([normed.atmos_vars[v] for v in atmos_names], axis=2)  # (B, T, V_A, C, H, W)
+        x_atmos = jnp.stack(
+            [normed.atmos_vars[v] for v in atmos_names], axis=2
+        )  # (B, T, V_A, C, H, W)
 
         lead_hours = self.timestep.total_seconds() / 3600
         x = Perceiver3DEncoder(
@@ -157,13 +165,17 @@ class Aurora(nn.Module):
             decoder_num_heads=self.decoder_num_heads,
             window_size=self.window_size,
             mlp_ratio=self.mlp_ratio,
-            lora=LoRAConfig(self.lora_r, self.lora_alpha, self.lora_steps, self.lora_mode) if self.use_lora else None,
+            lora=LoRAConfig(self.lora_r, self.lora_alpha, self.lora_steps, self.lora_mode)
+            if self.use_lora
+            else None,
             remat=self.remat,
             remat_stages=self.remat_stages,
             precision=self.precision,
             dtype=backbone_dtype,
             name="backbone",
-        )(x, lead_hours, meta.rollout_step, patch_res)  # the residual stream stays float32, as under torch.autocast
+        )(
+            x, lead_hours, meta.rollout_step, patch_res
+        )  # the residual stream stays float32, as under torch.autocast
         x = x.astype(jnp.float32)
 
         surf, atmos = Perceiver3DDecoder(

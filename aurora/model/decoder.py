@@ -19,7 +19,10 @@ __all__ = ["Perceiver3DDecoder", "apply_heads", "unpatchify"]
 
 def apply_heads(heads: dict, x: jax.Array, names: Sequence[str], precision: Precision) -> jax.Array:
     """`(..., D)` -> `(..., P*P*V)`: each variable's linear head, variable last."""
-    outs = [jnp.einsum("...d,dk->...k", x, heads[n]["kernel"], precision=precision) + heads[n]["bias"] for n in names]
+    outs = [
+        jnp.einsum("...d,dk->...k", x, heads[n]["kernel"], precision=precision) + heads[n]["bias"]
+        for n in names
+    ]
     out = jnp.stack(outs, axis=-1)  # (..., P*P, V)
     return out.reshape(*out.shape[:-2], -1)
 
@@ -88,8 +91,12 @@ class Perceiver3DDecoder(nn.Module):
             x_surf = apply_heads(surf_heads, x[:, :, :1, :], surf_names, self.precision)
             surf = unpatchify(x_surf, len(surf_names), H, W, P)[:, :, 0]
 
-        levels = jnp.asarray(levels_expansion(np.asarray(atmos_levels, dtype=np.float64), self.embed_dim))
-        levels_embed = Dense(self.embed_dim, precision=self.precision, name="atmos_levels_embed")(levels)
+        levels = jnp.asarray(
+            levels_expansion(np.asarray(atmos_levels, dtype=np.float64), self.embed_dim)
+        )
+        levels_embed = Dense(self.embed_dim, precision=self.precision, name="atmos_levels_embed")(
+            levels
+        )
         context = x[:, :, 1:, :].reshape(B * h * w, C_latent - 1, self.embed_dim)
         atmos = PerceiverResampler(
             self.embed_dim,
@@ -101,6 +108,11 @@ class Perceiver3DDecoder(nn.Module):
             precision=self.precision,
             remat=self.remat,
             name="level_decoder",
-        )(levels_embed, context, partial(apply_heads, names=atmos_names, precision=self.precision), atmos_heads)
+        )(
+            levels_embed,
+            context,
+            partial(apply_heads, names=atmos_names, precision=self.precision),
+            atmos_heads,
+        )
         atmos = unpatchify(atmos.reshape(B, h * w, *atmos.shape[1:]), len(atmos_names), H, W, P)
         return surf, atmos

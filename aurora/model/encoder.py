@@ -74,19 +74,26 @@ class Perceiver3DEncoder(nn.Module):
             raise ValueError("At least two latent levels are required.")
         D, P = self.embed_dim, self.patch_size
         B, T, _, C, H, W = x_atmos.shape
-        dense = lambda name: Dense(D, precision=self.precision, name=name)  # noqa: E731
+        dense = lambda name: Dense(D, precision=self.precision, name=name)
 
         atmos_latents = self.param("atmos_latents", trunc_normal, (self.latent_levels - 1, D))
         surf_level_encoding = self.param("surf_level_encoding", trunc_normal, (D,))
 
         # Patch-embed the surface level: (B, T, V, H, W) -> (B, V, T, H, W) -> (B, L, D).
         surf_embed = LevelPatchEmbed(
-            self.surf_vars + self.static_vars, P, D, self.max_history_size, self.precision, name="surf_token_embeds"
+            self.surf_vars + self.static_vars,
+            P,
+            D,
+            self.max_history_size,
+            self.precision,
+            name="surf_token_embeds",
         )
         x_surf = surf_embed(x_surf.transpose(0, 2, 1, 3, 4), surf_names)
 
         # Patch-embed every pressure level: (B, T, V, C, H, W) -> (B*C, V, T, H, W) -> (B, C, L, D).
-        atmos_embed = LevelPatchEmbed(self.atmos_vars, P, D, self.max_history_size, self.precision, name="atmos_token_embeds")
+        atmos_embed = LevelPatchEmbed(
+            self.atmos_vars, P, D, self.max_history_size, self.precision, name="atmos_token_embeds"
+        )
         x_atmos = x_atmos.transpose(0, 3, 2, 1, 4, 5).reshape(B * C, -1, T, H, W)
         x_atmos = atmos_embed(x_atmos, atmos_names).reshape(B, C, -1, D)
 

@@ -30,16 +30,16 @@ import numpy as np
 from aurora.model.sleef import cos_f64, sin_f64
 
 __all__ = [
-    "radius_earth",
+    "Expansion",
+    "absolute_time_expansion",
     "area",
     "fourier_expansion",
-    "Expansion",
-    "pos_expansion",
-    "scale_expansion",
     "lead_time_expansion",
     "lead_time_expansion_v3",
     "levels_expansion",
-    "absolute_time_expansion",
+    "pos_expansion",
+    "radius_earth",
+    "scale_expansion",
 ]
 
 radius_earth = 6378137 / 1000

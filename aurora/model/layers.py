@@ -18,15 +18,15 @@ import numpy as np
 from flax import linen as nn
 
 __all__ = [
-    "Precision",
     "Dense",
     "LayerNorm",
+    "Precision",
+    "dot_product_attention",
     "gelu",
     "normalize",
-    "trunc_normal",
-    "torch_linear_uniform",
-    "dot_product_attention",
     "remat_in_chunks",
+    "torch_linear_uniform",
+    "trunc_normal",
 ]
 
 Precision = Any  # jax.lax.Precision | str | None
@@ -52,7 +52,9 @@ def gelu(x: jax.Array) -> jax.Array:
     `jax.nn.gelu(approximate=False)` goes through `erfc`, which XLA expands into a far longer
     polynomial than `erf`: on a CPU that made the activation cost four times PyTorch's.
     """
-    return x * 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))  # weak constants keep bf16 bf16
+    return (
+        x * 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+    )  # weak constants keep bf16 bf16
 
 
 @jax.custom_vjp
@@ -118,7 +120,9 @@ class LayerNorm(nn.Module):
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros_init(), features, jnp.float32)
         has_params = self.use_scale or self.use_bias
-        return y.astype(self.dtype or (jnp.result_type(x.dtype, jnp.float32) if has_params else x.dtype))
+        return y.astype(
+            self.dtype or (jnp.result_type(x.dtype, jnp.float32) if has_params else x.dtype)
+        )
 
 
 def dot_product_attention(

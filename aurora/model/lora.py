@@ -22,7 +22,7 @@ from flax import linen as nn
 
 from aurora.model.layers import Precision, torch_linear_uniform
 
-__all__ = ["LoRAConfig", "LoRAMode", "LoRARollout", "LORA_MODES"]
+__all__ = ["LORA_MODES", "LoRAConfig", "LoRAMode", "LoRARollout"]
 
 LoRAMode = Literal["single", "from_second", "all"]
 LORA_MODES = ("single", "from_second", "all")
@@ -41,9 +41,26 @@ class LoRAConfig:
         if self.mode not in LORA_MODES:
             raise ValueError(f"Invalid LoRA mode {self.mode!r}; choose one of {LORA_MODES}.")
 
-    def adapter(self, in_features: int, out_features: int, *, name: str, precision: Precision, dtype: jnp.dtype | None) -> LoRARollout:
-        return LoRARollout(in_features, out_features, r=self.r, alpha=self.alpha, max_steps=self.steps,
-                           mode=self.mode, precision=precision, dtype=dtype, name=name)
+    def adapter(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        name: str,
+        precision: Precision,
+        dtype: jnp.dtype | None,
+    ) -> LoRARollout:
+        return LoRARollout(
+            in_features,
+            out_features,
+            r=self.r,
+            alpha=self.alpha,
+            max_steps=self.steps,
+            mode=self.mode,
+            precision=precision,
+            dtype=dtype,
+            name=name,
+        )
 
 
 class LoRARollout(nn.Module):
@@ -67,7 +84,9 @@ class LoRARollout(nn.Module):
         if self.mode not in LORA_MODES:
             raise ValueError(f"Invalid LoRA mode {self.mode!r}; choose one of {LORA_MODES}.")
         n = self.max_steps if self.mode == "all" else 1
-        lora_a = self.param("lora_A", torch_linear_uniform(self.in_features), (n, self.r, self.in_features))
+        lora_a = self.param(
+            "lora_A", torch_linear_uniform(self.in_features), (n, self.r, self.in_features)
+        )
         lora_b = self.param("lora_B", nn.initializers.zeros_init(), (n, self.out_features, self.r))
 
         step = jnp.asarray(step, dtype=jnp.int32)
@@ -76,7 +95,9 @@ class LoRARollout(nn.Module):
         a = lora_a[index].astype(dtype)
         b = lora_b[index].astype(dtype)
         delta = jnp.einsum("...i,ri->...r", x.astype(dtype), a, precision=self.precision)
-        delta = jnp.einsum("...r,or->...o", delta, b, precision=self.precision) * (self.alpha / self.r)
+        delta = jnp.einsum("...r,or->...o", delta, b, precision=self.precision) * (
+            self.alpha / self.r
+        )
 
         active = step < self.max_steps
         if self.mode == "from_second":

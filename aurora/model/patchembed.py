@@ -47,13 +47,17 @@ class LevelPatchEmbed(nn.Module):
             raise ValueError(f"Expected {V} distinct variable names, got {tuple(var_names)}.")
         unknown = [n for n in var_names if n not in weights]
         if unknown:
-            raise ValueError(f"Variables {unknown} have no patch embedding; the model knows {self.var_names}.")
-        if T > self.history_size:
+            raise ValueError(
+                f"Variables {unknown} have no patch embedding; the model knows {self.var_names}."
+            )
+        if self.history_size < T:
             raise ValueError(f"History of {T} steps exceeds max_history_size={self.history_size}.")
         if H % P or W % P:
             raise ValueError(f"Grid {H}x{W} is not divisible by the patch size {P}.")
 
         w = jnp.concatenate([weights[n][:, :, :T] for n in var_names], axis=1)  # (D, V, T, P, P)
         patches = x.reshape(B, V, T, H // P, P, W // P, P)
-        out = jnp.einsum("bvthpwq,dvtpq->bhwd", patches, w.astype(x.dtype), precision=self.precision)
+        out = jnp.einsum(
+            "bvthpwq,dvtpq->bhwd", patches, w.astype(x.dtype), precision=self.precision
+        )
         return out.reshape(B, (H // P) * (W // P), self.embed_dim) + bias.astype(x.dtype)

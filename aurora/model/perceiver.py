@@ -13,7 +13,14 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from aurora.model.layers import Dense, LayerNorm, Precision, dot_product_attention, gelu, remat_in_chunks
+from aurora.model.layers import (
+    Dense,
+    LayerNorm,
+    Precision,
+    dot_product_attention,
+    gelu,
+    remat_in_chunks,
+)
 
 __all__ = ["MLP", "PerceiverAttention", "PerceiverResampler"]
 
@@ -45,7 +52,9 @@ class PerceiverAttention(nn.Module):
     def __call__(self, latents: jax.Array, x: jax.Array) -> jax.Array:
         inner = self.head_dim * self.num_heads
         q = Dense(inner, use_bias=False, precision=self.precision, name="to_q")(latents)
-        k, v = jnp.split(Dense(2 * inner, use_bias=False, precision=self.precision, name="to_kv")(x), 2, axis=-1)
+        k, v = jnp.split(
+            Dense(2 * inner, use_bias=False, precision=self.precision, name="to_kv")(x), 2, axis=-1
+        )
         if self.ln_k_q:  # Normalise before splitting the heads, as the reference does.
             k = LayerNorm(name="ln_k")(k)
             q = LayerNorm(name="ln_q")(q)
@@ -90,7 +99,12 @@ class PerceiverResampler(nn.Module):
         whole-grid recomputation would hold many of at once.
         """
 
-        def rows(module: PerceiverResampler, shared: tuple[jax.Array | None, Any], c: jax.Array, q: jax.Array | None = None) -> jax.Array:
+        def rows(
+            module: PerceiverResampler,
+            shared: tuple[jax.Array | None, Any],
+            c: jax.Array,
+            q: jax.Array | None = None,
+        ) -> jax.Array:
             shared_latents, params = shared
             if q is None:
                 q = jnp.broadcast_to(shared_latents, (c.shape[0], *shared_latents.shape))

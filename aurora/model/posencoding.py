@@ -82,11 +82,15 @@ def patch_root_area(
         np.asarray(a, dtype=np.float32) for a in (lat_min, lon_min, lat_max, lon_max)
     )
     if not np.all(lat_max > lat_min):
-        raise ValueError(f"Every patch must span latitudes: min(lat_max - lat_min) = "
-                         f"{np.min(lat_max - lat_min)}.")
+        raise ValueError(
+            f"Every patch must span latitudes: min(lat_max - lat_min) = "
+            f"{np.min(lat_max - lat_min)}."
+        )
     if not np.all(lon_max > lon_min):
-        raise ValueError(f"Every patch must span longitudes: min(lon_max - lon_min) = "
-                         f"{np.min(lon_max - lon_min)}.")
+        raise ValueError(
+            f"Every patch must span longitudes: min(lon_max - lon_min) = "
+            f"{np.min(lon_max - lon_min)}."
+        )
     if not (np.all(np.abs(lat_max) <= 90) and np.all(np.abs(lat_min) <= 90)):
         raise ValueError("Latitudes must lie in [-90, 90].")
     if not (np.all(lon_max <= 360) and np.all(lon_min <= 360)):

@@ -43,15 +43,15 @@ import warnings
 import numpy as np
 
 __all__ = [
-    "sin_f32",
-    "sqrt_f32",
-    "sin_f64",
     "cos_f64",
-    "sin_backend",
+    "fma_f32",
     "mkl_available",
     "mkl_vml",
+    "sin_backend",
+    "sin_f32",
+    "sin_f64",
     "sleef_sin_f32",
-    "fma_f32",
+    "sqrt_f32",
 ]
 
 _f32 = np.float32

@@ -18,7 +18,14 @@ from flax import linen as nn
 
 from aurora.model.film import AdaptiveLayerNorm
 from aurora.model.fourier import lead_time_expansion
-from aurora.model.layers import Dense, LayerNorm, Precision, dot_product_attention, gelu, remat_in_chunks
+from aurora.model.layers import (
+    Dense,
+    LayerNorm,
+    Precision,
+    dot_product_attention,
+    gelu,
+    remat_in_chunks,
+)
 from aurora.model.lora import LoRAConfig
 
 __all__ = ["Swin3DTransformerBackbone", "compute_shifted_window_mask"]
@@ -78,7 +85,9 @@ def adjust_windows(window: Res, shift: Res, res: Res) -> tuple[Res, Res]:
 
 
 @lru_cache(maxsize=64)
-def compute_shifted_window_mask(C: int, H: int, W: int, ws: Res, ss: Res, warped: bool = True) -> np.ndarray:
+def compute_shifted_window_mask(
+    C: int, H: int, W: int, ws: Res, ss: Res, warped: bool = True
+) -> np.ndarray:
     """Additive attention mask `(nW, N, N)`: 0 within a communication group, -100 across groups.
 
     Regions created by the cyclic shift form groups; with `warped`, the regions that wrap around in
@@ -117,7 +126,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = Dense(self.hidden_features, precision=self.precision, dtype=self.dtype, name="fc1")(x)
-        return Dense(self.out_features, precision=self.precision, dtype=self.dtype, name="fc2")(gelu(x))
+        return Dense(self.out_features, precision=self.precision, dtype=self.dtype, name="fc2")(
+            gelu(x)
+        )
 
 
 class WindowAttention(nn.Module):
@@ -130,12 +141,16 @@ class WindowAttention(nn.Module):
     dtype: jnp.dtype | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: np.ndarray | None, rollout_step: jax.Array | int) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, mask: np.ndarray | None, rollout_step: jax.Array | int
+    ) -> jax.Array:
         """`x`: `(B * nW, N, D)`; `mask`: `(nW, N, N)` or `None`."""
-        dense = lambda n, name: Dense(n, precision=self.precision, dtype=self.dtype, name=name)  # noqa: E731
+        dense = lambda n, name: Dense(n, precision=self.precision, dtype=self.dtype, name=name)
         qkv = dense(3 * self.dim, "qkv")(x)
         if self.lora is not None:
-            lora = self.lora.adapter(self.dim, 3 * self.dim, name="lora_qkv", precision=self.precision, dtype=self.dtype)
+            lora = self.lora.adapter(
+                self.dim, 3 * self.dim, name="lora_qkv", precision=self.precision, dtype=self.dtype
+            )
             qkv = qkv + lora(x, rollout_step)
         Bw, N, _ = x.shape
         head_dim = self.dim // self.num_heads
@@ -146,14 +161,18 @@ class WindowAttention(nn.Module):
             out = dot_product_attention(q, k, v, precision=self.precision)
         else:
             nW = mask.shape[0]
-            split = lambda t: t.reshape(Bw // nW, nW, *t.shape[1:])  # noqa: E731
-            out = dot_product_attention(split(q), split(k), split(v), bias=mask[:, None], precision=self.precision)
+            split = lambda t: t.reshape(Bw // nW, nW, *t.shape[1:])
+            out = dot_product_attention(
+                split(q), split(k), split(v), bias=mask[:, None], precision=self.precision
+            )
             out = out.reshape(Bw, *out.shape[2:])
 
         out = out.transpose(0, 2, 1, 3).reshape(Bw, N, self.dim)
         y = dense(self.dim, "proj")(out)
         if self.lora is not None:
-            lora = self.lora.adapter(self.dim, self.dim, name="lora_proj", precision=self.precision, dtype=self.dtype)
+            lora = self.lora.adapter(
+                self.dim, self.dim, name="lora_proj", precision=self.precision, dtype=self.dtype
+            )
             y = y + lora(out, rollout_step)
         return y
 
@@ -180,23 +199,38 @@ class Swin3DTransformerBlock(nn.Module):
     dtype: jnp.dtype | None = None
 
     def setup(self) -> None:
-        self.attn = WindowAttention(self.dim, self.num_heads, lora=self.lora, precision=self.precision, dtype=self.dtype)
+        self.attn = WindowAttention(
+            self.dim, self.num_heads, lora=self.lora, precision=self.precision, dtype=self.dtype
+        )
         self.norm1 = AdaptiveLayerNorm(self.dim, precision=self.precision, dtype=self.dtype)
-        self.mlp = MLP(int(self.dim * self.mlp_ratio), self.dim, precision=self.precision, dtype=self.dtype)
+        self.mlp = MLP(
+            int(self.dim * self.mlp_ratio), self.dim, precision=self.precision, dtype=self.dtype
+        )
         self.norm2 = AdaptiveLayerNorm(self.dim, precision=self.precision, dtype=self.dtype)
 
-    def __call__(self, x: jax.Array, c: jax.Array, res: Res, rollout_step: jax.Array | int) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, c: jax.Array, res: Res, rollout_step: jax.Array | int
+    ) -> jax.Array:
         B, L, D = x.shape
-        if L != res[0] * res[1] * res[2]:
+        if res[0] * res[1] * res[2] != L:
             raise ValueError(f"Wrong feature size: {L} vs {res[0]}x{res[1]}x{res[2]}.")
         windows, mask = self._partition(x, res)
         if not self.chunk:
-            return self._residuals(c, x, self._merge(self.attn(windows, mask, rollout_step), res, B))
+            return self._residuals(
+                c, x, self._merge(self.attn(windows, mask, rollout_step), res, B)
+            )
 
         Bw, N, _ = windows.shape
         per_sample = windows.reshape(B, Bw // B, N, D)  # chunks split each sample's windows
         inputs = (per_sample,) if mask is None else (per_sample, mask[None])
-        out = remat_in_chunks(Swin3DTransformerBlock._window_block, self, (c, rollout_step), inputs, max(1, self.chunk // N), axis=1)
+        out = remat_in_chunks(
+            Swin3DTransformerBlock._window_block,
+            self,
+            (c, rollout_step),
+            inputs,
+            max(1, self.chunk // N),
+            axis=1,
+        )
         return self._merge(out.reshape(Bw, N, D), res, B)
 
     def _geometry(self, res: Res) -> tuple[Res, Res, Res]:
@@ -224,7 +258,12 @@ class Swin3DTransformerBlock(nn.Module):
             x = jnp.roll(x, shift=ss, axis=(1, 2, 3))
         return x.reshape(batch, -1, x.shape[-1])
 
-    def _window_block(self, conditioning: tuple[jax.Array, jax.Array | int], w: jax.Array, m: jax.Array | None = None) -> jax.Array:
+    def _window_block(
+        self,
+        conditioning: tuple[jax.Array, jax.Array | int],
+        w: jax.Array,
+        m: jax.Array | None = None,
+    ) -> jax.Array:
         """The whole block on windows `(B, nW', N, D)` in window order (`m`: their masks, `(1, nW', N, N)`)."""
         c, rollout_step = conditioning
         B, nW, N, D = w.shape
@@ -254,7 +293,13 @@ class PatchMerging3D(nn.Module):
         x = x.reshape(B, C, H2, 2, W2, 2, D).transpose(0, 1, 2, 4, 3, 5, 6)
         x = x.reshape(B, C * H2 * W2, 4 * D)
         x = LayerNorm(dtype=self.dtype, name="norm")(x)
-        return Dense(2 * self.dim, use_bias=False, precision=self.precision, dtype=self.dtype, name="reduction")(x)
+        return Dense(
+            2 * self.dim,
+            use_bias=False,
+            precision=self.precision,
+            dtype=self.dtype,
+            name="reduction",
+        )(x)
 
 
 class PatchSplitting3D(nn.Module):
@@ -269,11 +314,15 @@ class PatchSplitting3D(nn.Module):
         C, H, W = res
         B = x.shape[0]
         out = self.dim // 2
-        x = Dense(4 * out, use_bias=False, precision=self.precision, dtype=self.dtype, name="lin1")(x)
+        x = Dense(4 * out, use_bias=False, precision=self.precision, dtype=self.dtype, name="lin1")(
+            x
+        )
         x = x.reshape(B, C, H, W, 2, 2, out).transpose(0, 1, 2, 4, 3, 5, 6)
         x = crop_3d(x.reshape(B, C, 2 * H, 2 * W, out), crop)
         x = LayerNorm(dtype=self.dtype, name="norm")(x.reshape(B, -1, out))
-        return Dense(out, use_bias=False, precision=self.precision, dtype=self.dtype, name="lin2")(x)
+        return Dense(out, use_bias=False, precision=self.precision, dtype=self.dtype, name="lin2")(
+            x
+        )
 
 
 class BasicLayer3D(nn.Module):
@@ -294,7 +343,11 @@ class BasicLayer3D(nn.Module):
     def __call__(
         self, x: jax.Array, c: jax.Array, res: Res, crop: Res, rollout_step: jax.Array | int
     ) -> tuple[jax.Array, jax.Array]:
-        block_cls = nn.remat(Swin3DTransformerBlock, static_argnums=(3,)) if self.remat else Swin3DTransformerBlock
+        block_cls = (
+            nn.remat(Swin3DTransformerBlock, static_argnums=(3,))
+            if self.remat
+            else Swin3DTransformerBlock
+        )
         half = tuple(w // 2 for w in self.window_size)
         for i in range(self.depth):
             x = block_cls(
@@ -310,9 +363,13 @@ class BasicLayer3D(nn.Module):
                 name=f"blocks_{i}",
             )(x, c, res, rollout_step)
         if self.resample == "down":
-            return PatchMerging3D(self.dim, self.precision, self.dtype, name="downsample")(x, res), x
+            return PatchMerging3D(self.dim, self.precision, self.dtype, name="downsample")(
+                x, res
+            ), x
         if self.resample == "up":
-            return PatchSplitting3D(self.dim, self.precision, self.dtype, name="upsample")(x, res, crop), x
+            return PatchSplitting3D(self.dim, self.precision, self.dtype, name="upsample")(
+                x, res, crop
+            ), x
         return x, x
 
 
@@ -344,7 +401,9 @@ class Swin3DTransformerBackbone(nn.Module):
         padded.append((0, 0, 0))
         return all_res, padded
 
-    def _stage(self, dim: int, depth: int, heads: int, resample: str | None, name: str) -> BasicLayer3D:
+    def _stage(
+        self, dim: int, depth: int, heads: int, resample: str | None, name: str
+    ) -> BasicLayer3D:
         layer = nn.remat(BasicLayer3D, static_argnums=(3, 4)) if self.remat_stages else BasicLayer3D
         return layer(
             dim,
@@ -361,19 +420,29 @@ class Swin3DTransformerBackbone(nn.Module):
         )
 
     @nn.compact
-    def __call__(self, x: jax.Array, lead_time_hours: float, rollout_step: jax.Array | int, patch_res: Res) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, lead_time_hours: float, rollout_step: jax.Array | int, patch_res: Res
+    ) -> jax.Array:
         if x.shape[1] != patch_res[0] * patch_res[1] * patch_res[2]:
             raise ValueError("Input shape does not match the patch resolution.")
         if patch_res[0] % self.window_size[0]:
-            raise ValueError(f"Latent levels ({patch_res[0]}) must be divisible by window size {self.window_size[0]}.")
+            raise ValueError(
+                f"Latent levels ({patch_res[0]}) must be divisible by window size {self.window_size[0]}."
+            )
         if sum(self.encoder_depths) != sum(self.decoder_depths):
             raise ValueError("Encoder and decoder depths must have the same sum.")
         n_enc, n_dec = len(self.encoder_depths), len(self.decoder_depths)
         all_res, padded = self.encoder_specs(patch_res)
 
-        lead = jnp.asarray(lead_time_expansion(np.array([lead_time_hours]), self.embed_dim), dtype=x.dtype)
-        dense = lambda name: Dense(self.embed_dim, precision=self.precision, dtype=self.dtype, name=name)  # noqa: E731
-        c = dense("time_mlp_2")(nn.silu(dense("time_mlp_0")(lead)))  # (1, D): the same for every sample
+        lead = jnp.asarray(
+            lead_time_expansion(np.array([lead_time_hours]), self.embed_dim), dtype=x.dtype
+        )
+        dense = lambda name: Dense(
+            self.embed_dim, precision=self.precision, dtype=self.dtype, name=name
+        )
+        c = dense("time_mlp_2")(
+            nn.silu(dense("time_mlp_0")(lead))
+        )  # (1, D): the same for every sample
         c = jnp.broadcast_to(c, (x.shape[0], self.embed_dim))
 
         skips = []

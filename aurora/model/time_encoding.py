@@ -33,7 +33,9 @@ _BITS = 32
 def _phase_table(dim: int) -> np.ndarray:
     """`(32, dim // 2)` uint32: `2³² · frac(w_k / (60 λ_j))`, `w_k = 2^k` (and `-2³¹` for the sign bit)."""
     lower, upper = ABSOLUTE_TIME_RANGE_HOURS
-    wavelengths = np.logspace(np.log10(lower), np.log10(upper), dim // 2, base=10.0, dtype=np.float64)
+    wavelengths = np.logspace(
+        np.log10(lower), np.log10(upper), dim // 2, base=10.0, dtype=np.float64
+    )
     table = np.zeros((_BITS, dim // 2), dtype=np.uint32)
     for j, wavelength in enumerate(wavelengths):
         period_minutes = 60 * Fraction(float(wavelength))

@@ -15,7 +15,7 @@ Writes
 Regenerate (needs the reference virtualenv, see ``tests/reference/venv.py``, and gcc) from the
 repository root with::
 
-    .venv-ref/bin/python tests/reference/make_posenc_fixtures.py
+    $(python -m tests.reference.venv) tests/reference/make_posenc_fixtures.py
 
 Run it as a script, not with ``-m``: the reference package is also called ``aurora``, and the
 script's own folder, not the repository root, must come first on ``sys.path``.
@@ -93,8 +93,11 @@ def sleef_sin(x: np.ndarray) -> tuple[np.ndarray, str]:
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty_like(x)
         rc = shim.call_sleef(
-            lib.encode(), sym.encode(), ctypes.c_int(width),
-            x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p),
+            lib.encode(),
+            sym.encode(),
+            ctypes.c_int(width),
+            x.ctypes.data_as(ctypes.c_void_p),
+            out.ctypes.data_as(ctypes.c_void_p),
             ctypes.c_int64(x.size),
         )
     if rc != 0:
@@ -106,7 +109,7 @@ def grid_latitudes() -> np.ndarray:
     """Latitudes of regular global grids at several resolutions, built in two common ways."""
     lats = []
     for res in RESOLUTIONS:
-        n = int(round(180 / res)) + 1
+        n = round(180 / res) + 1
         lats.append(np.linspace(90, -90, n).astype(np.float32))
         lats.append(np.float32(90) - np.float32(res) * np.arange(n, dtype=np.float32))
     return np.unique(np.concatenate(lats))
@@ -130,11 +133,15 @@ def make_sin_table() -> None:
         sleef_minus_torch_ulp=offset.astype(np.int8),
         sqrt_x=sqrt_x,
         torch_sqrt=torch.sqrt(torch.from_numpy(sqrt_x)).numpy(),
-        info=np.array(f"torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()}, "
-                      f"mkl {torch.backends.mkl.is_available()}, sleef symbol {sym}"),
+        info=np.array(
+            f"torch {torch.__version__}, cpu {torch.backends.cpu.get_cpu_capability()}, "
+            f"mkl {torch.backends.mkl.is_available()}, sleef symbol {sym}"
+        ),
     )
-    print(f"torch_sin_f32.npz: {x.size} sines ({len(grid)} grid latitudes), "
-          f"{(offset != 0).mean():.2%} differ from {sym}")
+    print(
+        f"torch_sin_f32.npz: {x.size} sines ({len(grid)} grid latitudes), "
+        f"{(offset != 0).mean():.2%} differ from {sym}"
+    )
 
 
 def crop(lat: np.ndarray, p: int) -> np.ndarray:
@@ -150,11 +157,12 @@ def reference_parts(lat: np.ndarray, lon: np.ndarray, p: int) -> dict[str, np.nd
     lon_max = F.max_pool2d(grid[:, 1], (p, p))
     lon_min = -F.max_pool2d(-grid[:, 1], (p, p))
     root_area = patch_root_area(lat_min, lon_min, lat_max, lon_max).reshape(-1)
-    sin_in = torch.unique(torch.cat([torch.deg2rad(lat_max).reshape(-1),
-                                     torch.deg2rad(lat_min).reshape(-1)]))
+    sin_in = torch.unique(
+        torch.cat([torch.deg2rad(lat_max).reshape(-1), torch.deg2rad(lat_min).reshape(-1)])
+    )
     # The areas under the square root, evaluated as `patch_root_area` evaluates them.
     sin_span = torch.sin(torch.deg2rad(lat_max)) - torch.sin(torch.deg2rad(lat_min))
-    area = (6371**2 * torch.pi * sin_span * (torch.deg2rad(lon_max) - torch.deg2rad(lon_min)))
+    area = 6371**2 * torch.pi * sin_span * (torch.deg2rad(lon_max) - torch.deg2rad(lon_min))
     area = area.reshape(-1)
     assert torch.equal(torch.sqrt(area), root_area)
     sqrt_in = torch.unique(area)
@@ -190,11 +198,19 @@ def make_posenc_table() -> None:
     names = []
     for name, (lat, lon, p, dim) in full.items():
         lat, lon = crop(np.asarray(lat).astype(f32), p), np.asarray(lon).astype(f32)
-        pos, scale = pos_scale_enc(dim, torch.from_numpy(lat), torch.from_numpy(lon), p,
-                                   pos_expansion, scale_expansion)
-        out.update({f"{name}/lat": lat, f"{name}/lon": lon, f"{name}/patch_size": np.array(p),
-                    f"{name}/dim": np.array(dim), f"{name}/pos": pos.numpy(),
-                    f"{name}/scale": scale.numpy()})
+        pos, scale = pos_scale_enc(
+            dim, torch.from_numpy(lat), torch.from_numpy(lon), p, pos_expansion, scale_expansion
+        )
+        out.update(
+            {
+                f"{name}/lat": lat,
+                f"{name}/lon": lon,
+                f"{name}/patch_size": np.array(p),
+                f"{name}/dim": np.array(dim),
+                f"{name}/pos": pos.numpy(),
+                f"{name}/scale": scale.numpy(),
+            }
+        )
         out.update({f"{name}/{k}": v for k, v in reference_parts(lat, lon, p).items()})
         names.append(name)
     for name, (lat, lon, p) in areas_only.items():
@@ -208,15 +224,17 @@ def make_posenc_table() -> None:
     levels = torch.tensor([50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000])
     lead = torch.tensor([1 / 60, 1.0, 6.0, 12.0, 504.0], dtype=torch.float32)
     hours = torch.tensor([0.0, 1.5, 420768.0, 473352.5], dtype=torch.float32)
-    out.update({
-        "expansion/levels_in": levels.numpy(),
-        "expansion/levels": levels_expansion(levels, 512).numpy(),
-        "expansion/lead_in": lead.numpy(),
-        "expansion/lead": lead_time_expansion(lead, 512).numpy(),
-        "expansion/lead_v3": lead_time_expansion_v3(lead, 512).numpy(),
-        "expansion/time_in": hours.numpy(),
-        "expansion/time": absolute_time_expansion(hours, 512).numpy(),
-    })
+    out.update(
+        {
+            "expansion/levels_in": levels.numpy(),
+            "expansion/levels": levels_expansion(levels, 512).numpy(),
+            "expansion/lead_in": lead.numpy(),
+            "expansion/lead": lead_time_expansion(lead, 512).numpy(),
+            "expansion/lead_v3": lead_time_expansion_v3(lead, 512).numpy(),
+            "expansion/time_in": hours.numpy(),
+            "expansion/time": absolute_time_expansion(hours, 512).numpy(),
+        }
+    )
     np.savez_compressed(DATA / "reference_posenc.npz", **out)
     print(f"reference_posenc.npz: {len(names)} grids")
 

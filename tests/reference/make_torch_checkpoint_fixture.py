@@ -20,7 +20,7 @@ Writes
 Regenerate (needs the reference virtualenv, see ``tests/reference/venv.py``) from the repository
 root with::
 
-    .venv-ref/bin/python tests/reference/make_torch_checkpoint_fixture.py
+    $(python -m tests.reference.venv) tests/reference/make_torch_checkpoint_fixture.py
 
 Run it as a script, not with ``-m``: the reference virtualenv's ``aurora`` is another package.
 """
@@ -84,7 +84,9 @@ def expected(t: torch.Tensor) -> tuple[np.ndarray, str]:
 def main() -> None:
     lightning = {"state_dict": lightning_state_dict(), "epoch": 3}
     sd = lightning["state_dict"]
-    assert sd["shared_a"].untyped_storage().data_ptr() == sd["shared_b"].untyped_storage().data_ptr()
+    assert (
+        sd["shared_a"].untyped_storage().data_ptr() == sd["shared_b"].untyped_storage().data_ptr()
+    )
     assert not sd["transposed"].is_contiguous() and not sd["strided"].is_contiguous()
     assert sd["conj"].is_conj() and isinstance(sd["param"], torch.nn.Parameter)
     torch.save(lightning, DATA / "torch_checkpoint_fixture.pt")

@@ -1,6 +1,6 @@
 """Run microsoft-aurora on one test case and write everything the JAX side needs to compare.
 
-Runs inside `.venv-ref` (never imports our project). Usage: `run_reference.py SPEC.json OUT_DIR`.
+Runs inside the reference virtualenv (tests/reference/venv.py) (never imports our project). Usage: `run_reference.py SPEC.json OUT_DIR`.
 
 Spec keys: `preset` (a microsoft-aurora class name), `kwargs` (constructor arguments; lists become
 tuples, `timestep_hours` becomes `timestep`), `seed`, `noise` (std of Gaussian noise added to every
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import aurora
-from aurora.normalisation import locations, scales, level_to_str
+from aurora.normalisation import level_to_str, locations, scales
 
 
 def build_model(spec):

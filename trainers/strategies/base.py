@@ -34,7 +34,7 @@ from trainers.state import TrainState
 if TYPE_CHECKING:  # pragma: no cover
     from trainers.data import Example
 
-__all__ = ["Strategy", "stack_targets", "global_norm", "OUTPUTS"]
+__all__ = ["OUTPUTS", "Strategy", "global_norm", "stack_targets"]
 
 Metrics = dict[str, jax.Array]
 
@@ -59,20 +59,31 @@ def _all_finite(tree: Any) -> jax.Array:
 class Strategy:
     """Base strategy: one-step prediction of the first target. Subclasses override `loss_fn`."""
 
-    def __init__(self, model: Aurora, loss: LossConfig | None = None, stats: dict[str, tuple[float, float]] | None = None):
+    def __init__(
+        self,
+        model: Aurora,
+        loss: LossConfig | None = None,
+        stats: dict[str, tuple[float, float]] | None = None,
+    ):
         self.model = model
         self.loss_config = loss or LossConfig()
-        self.stats = stats if stats is not None else (dict(model.surf_stats) if model.surf_stats else None)
+        self.stats = (
+            stats if stats is not None else (dict(model.surf_stats) if model.surf_stats else None)
+        )
 
     # --- host side --------------------------------------------------------------------------------
     def init_params(self, rng: jax.Array, inputs: Batch) -> Any:
         return jax.jit(self.model.init)(rng, inputs)["params"]
 
-    def make_optimizer(self, optim_config: Any, total_steps: int | None, **kwargs: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    def make_optimizer(
+        self, optim_config: Any, total_steps: int | None, **kwargs: Any
+    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
         """Which parameters train and how. The base strategy trains everything."""
         return make_optimizer(optim_config, total_steps, **kwargs)
 
-    def init_state(self, rng: jax.Array, inputs: Batch, tx: optax.GradientTransformation, params: Any = None) -> TrainState:
+    def init_state(
+        self, rng: jax.Array, inputs: Batch, tx: optax.GradientTransformation, params: Any = None
+    ) -> TrainState:
         init_rng, state_rng = jax.random.split(rng)
         if params is None:
             params = self.init_params(init_rng, inputs)
@@ -83,7 +94,9 @@ class Strategy:
         not recompile."""
         return {}
 
-    def train_examples(self, trainer: Any, iterator: Iterable[Example], data: Any) -> Iterator[Example]:
+    def train_examples(
+        self, trainer: Any, iterator: Iterable[Example], data: Any
+    ) -> Iterator[Example]:
         """What the training steps of one epoch consume; the epoch ends when this is exhausted.
 
         Default: the data iterator's examples as they come. `data` is the training `DataSource`
@@ -122,7 +135,9 @@ class Strategy:
     def predict(self, params: Any, batch: Batch) -> Batch:
         return self.model.apply({"params": params}, batch)
 
-    def loss_fn(self, params: Any, inputs: Batch, targets: Batch, controls: dict[str, Any]) -> tuple[jax.Array, Metrics]:
+    def loss_fn(
+        self, params: Any, inputs: Batch, targets: Batch, controls: dict[str, Any]
+    ) -> tuple[jax.Array, Metrics]:
         """Scalar loss and metrics. Default: one step against the first target."""
         first = jax.tree_util.tree_map(lambda x: x[0], targets)
         loss, terms = aurora_loss(self.predict(params, inputs), first, self.loss_config, self.stats)
@@ -139,7 +154,9 @@ class Strategy:
         step counter, so the update is skipped), and the requested measurements. `metrics[OUTPUTS]`
         from `loss_fn` passes through untouched."""
         inputs, targets = self.crop(batch)
-        (loss, metrics), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state.params, inputs, targets, controls)
+        (loss, metrics), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
+            state.params, inputs, targets, controls
+        )
         finite = _all_finite(grads)
         # A conditional, not an elementwise select between the new and the old state: selecting
         # over every parameter and optimiser leaf made XLA's CPU compile of the step ~8x slower.
@@ -160,7 +177,9 @@ class Strategy:
         metrics["grads_finite"] = finite.astype(jnp.float32)
         return new_state, metrics
 
-    def eval_step(self, state: TrainState, batch: tuple[Batch, Batch], controls: dict[str, Any]) -> Metrics:
+    def eval_step(
+        self, state: TrainState, batch: tuple[Batch, Batch], controls: dict[str, Any]
+    ) -> Metrics:
         inputs, targets = self.crop(batch)
         loss, metrics = self.loss_fn(state.params, inputs, targets, controls)
         metrics = {k: v for k, v in metrics.items() if k != OUTPUTS}

@@ -44,7 +44,14 @@ from trainers.optim import make_optimizer
 from trainers.state import TrainState
 from trainers.strategies.base import Metrics, Strategy
 
-__all__ = ["LoRAStrategy", "LORA_LEAVES", "is_lora_path", "parameter_labels", "parameter_counts", "lora_counts"]
+__all__ = [
+    "LORA_LEAVES",
+    "LoRAStrategy",
+    "is_lora_path",
+    "lora_counts",
+    "parameter_counts",
+    "parameter_labels",
+]
 
 LORA_LEAVES = ("lora_A", "lora_B")
 """Names of the adapter parameters (`aurora.model.lora.LoRARollout`)."""
@@ -73,7 +80,9 @@ def parameter_labels(params: Params, train_base: bool = False) -> Params:
     Works on any tree with the parameters' structure (arrays, shape structs, masked trees).
     """
     base = "base" if train_base else "frozen"
-    return jax.tree_util.tree_map_with_path(lambda p, _: "lora" if is_lora_path(_key_names(p)) else base, params)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: "lora" if is_lora_path(_key_names(p)) else base, params
+    )
 
 
 def parameter_counts(params: Params) -> dict[str, int]:
@@ -91,10 +100,14 @@ def _blocks_are_silent(params: Params) -> bool:
     """
     flat = traverse_util.flatten_dict(dict(params))
     modulation = [v for k, v in flat.items() if any(part.startswith("ln_modulation") for part in k)]
-    return bool(modulation) and not any(bool(np.any(np.asarray(jax.device_get(v)))) for v in modulation)
+    return bool(modulation) and not any(
+        bool(np.any(np.asarray(jax.device_get(v)))) for v in modulation
+    )
 
 
-def _group_config(config: Any, prefix: str, learning_rate: float | None) -> ml_collections.ConfigDict:
+def _group_config(
+    config: Any, prefix: str, learning_rate: float | None
+) -> ml_collections.ConfigDict:
     """The optimiser config one parameter group sees: `<prefix>_<field>` overrides `<field>`.
 
     Lets `trainers.optim.make_optimizer` build each group's AdamW and schedule unchanged.
@@ -155,8 +168,12 @@ class LoRAStrategy(Strategy):
         `trainers.run.build_strategy` passes the strategy config's fields; those that are not the
         wrapper's own go to the inner strategy (`steps`, `backprop`, `loss`, ...).
         """
-        return cls(inner(model, **inner_kwargs), lora_learning_rate=lora_learning_rate,
-                   train_base=train_base, base_learning_rate=base_learning_rate)
+        return cls(
+            inner(model, **inner_kwargs),
+            lora_learning_rate=lora_learning_rate,
+            train_base=train_base,
+            base_learning_rate=base_learning_rate,
+        )
 
     # --- the wrapped strategy's model and attributes ------------------------------------------------
     @property
@@ -186,7 +203,9 @@ class LoRAStrategy(Strategy):
     # --- which parameters train ----------------------------------------------------------------------
     def trainable(self, params: Params) -> Params:
         """A boolean tree: which leaves the optimiser updates."""
-        return jax.tree_util.tree_map(lambda label: label != "frozen", parameter_labels(params, self.train_base))
+        return jax.tree_util.tree_map(
+            lambda label: label != "frozen", parameter_labels(params, self.train_base)
+        )
 
     def make_optimizer(
         self,
@@ -202,37 +221,55 @@ class LoRAStrategy(Strategy):
         the trained leaves only) run inside the trained branch, and nothing is allocated for the
         frozen base.
         """
-        lora_tx, lora_schedule = make_optimizer(_group_config(optim_config, "lora_", self.lora_learning_rate), total_steps)
+        lora_tx, lora_schedule = make_optimizer(
+            _group_config(optim_config, "lora_", self.lora_learning_rate), total_steps
+        )
         groups: optax.GradientTransformation = lora_tx
         if self.train_base:
-            base_tx, _ = make_optimizer(_group_config(optim_config, "base_", self.base_learning_rate), total_steps)
-            groups = optax.multi_transform({"lora": lora_tx, "base": base_tx}, lambda p: parameter_labels(p, train_base=True))
+            base_tx, _ = make_optimizer(
+                _group_config(optim_config, "base_", self.base_learning_rate), total_steps
+            )
+            groups = optax.multi_transform(
+                {"lora": lora_tx, "base": base_tx}, lambda p: parameter_labels(p, train_base=True)
+            )
         trained = groups
         if gradient_clip_val:
             trained = optax.chain(optax.clip_by_global_norm(float(gradient_clip_val)), trained)
         if accumulate_grad_batches > 1:
-            trained = optax.MultiSteps(trained, every_k_schedule=accumulate_grad_batches).gradient_transformation()
+            trained = optax.MultiSteps(
+                trained, every_k_schedule=accumulate_grad_batches
+            ).gradient_transformation()
         tx = optax.multi_transform(
             {"trained": trained, "frozen": optax.set_to_zero()},
-            lambda params: jax.tree_util.tree_map(lambda t: "trained" if t else "frozen", self.trainable(params)),
+            lambda params: jax.tree_util.tree_map(
+                lambda t: "trained" if t else "frozen", self.trainable(params)
+            ),
         )
         return tx, lora_schedule
 
     def _freeze(self, params: Params) -> Params:
         """`stop_gradient` on frozen leaves: their gradient is a symbolic zero, never computed."""
-        return jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, self.trainable(params))
+        return jax.tree_util.tree_map(
+            lambda p, t: p if t else jax.lax.stop_gradient(p), params, self.trainable(params)
+        )
 
     # --- delegated to the inner strategy -------------------------------------------------------------
     def init_params(self, rng: jax.Array, inputs: Batch) -> Params:
         return self.inner.init_params(rng, inputs)
 
-    def init_state(self, rng: jax.Array, inputs: Batch, tx: optax.GradientTransformation, params: Params = None) -> TrainState:
+    def init_state(
+        self, rng: jax.Array, inputs: Batch, tx: optax.GradientTransformation, params: Params = None
+    ) -> TrainState:
         """The inner strategy's state; `params` without adapters (pretrained weights) get fresh ones.
 
         Fresh adapters start at `B = 0`, so the model initially predicts exactly as the base did.
         """
-        if params is not None and not any(is_lora_path(k) for k in traverse_util.flatten_dict(dict(params))):
-            fresh = traverse_util.flatten_dict(dict(self.init_params(jax.random.fold_in(rng, 1), inputs)))
+        if params is not None and not any(
+            is_lora_path(k) for k in traverse_util.flatten_dict(dict(params))
+        ):
+            fresh = traverse_util.flatten_dict(
+                dict(self.init_params(jax.random.fold_in(rng, 1), inputs))
+            )
             flat = traverse_util.flatten_dict(dict(params))
             flat |= {k: v for k, v in fresh.items() if is_lora_path(k)}
             params = traverse_util.unflatten_dict(flat)
@@ -275,7 +312,9 @@ class LoRAStrategy(Strategy):
     def predict(self, params: Params, batch: Batch) -> Batch:
         return self.inner.predict(params, batch)
 
-    def loss_fn(self, params: Params, inputs: Batch, targets: Batch, controls: dict[str, Any]) -> tuple[jax.Array, Metrics]:
+    def loss_fn(
+        self, params: Params, inputs: Batch, targets: Batch, controls: dict[str, Any]
+    ) -> tuple[jax.Array, Metrics]:
         """The inner loss, with frozen leaves behind `stop_gradient`."""
         return self.inner.loss_fn(self._freeze(params), inputs, targets, controls)
 
@@ -322,17 +361,23 @@ class LoRAStrategy(Strategy):
             module, name = path[:-2], path[-2]
             kernel_path = (*module, name.removeprefix("lora_"), "kernel")
             if kernel_path not in flat:
-                raise KeyError(f"No base kernel {'/'.join(kernel_path)} for the adapter {'/'.join(path[:-1])}.")
+                raise KeyError(
+                    f"No base kernel {'/'.join(kernel_path)} for the adapter {'/'.join(path[:-1])}."
+                )
             if index is None:
                 continue
             a = np.asarray(jax.device_get(flat[path]), np.float64)[index]  # (r, in)
-            b = np.asarray(jax.device_get(flat[(*path[:-1], "lora_B")]), np.float64)[index]  # (out, r)
+            b = np.asarray(jax.device_get(flat[(*path[:-1], "lora_B")]), np.float64)[
+                index
+            ]  # (out, r)
             kernel = flat[kernel_path]
             w = np.asarray(jax.device_get(kernel), np.float64) + (b @ a).T * scale
             merged[kernel_path] = w.astype(np.dtype(kernel.dtype))
         return traverse_util.unflatten_dict(merged)
 
-    def export(self, params: Params, directory: str | Path, step: int | None = None) -> dict[str, Path]:
+    def export(
+        self, params: Params, directory: str | Path, step: int | None = None
+    ) -> dict[str, Path]:
         """Write the merged parameters: `<directory>/params` (Orbax) and `pytorch_state_dict.npz`.
 
         The Orbax folder restores with `ocp.StandardCheckpointer().restore(path)` for
@@ -357,4 +402,3 @@ def lora_counts(model: Aurora, batch: Batch) -> dict[str, int]:
     """LoRA and total parameter counts of `model` without allocating it (`jax.eval_shape`)."""
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch))["params"]
     return parameter_counts(shapes)
-

@@ -43,7 +43,7 @@ from trainers.data import Example
 from trainers.loss import LossConfig, aurora_loss
 from trainers.strategies.base import OUTPUTS, Metrics, Strategy
 
-__all__ = ["ReplayStrategy", "ReplayBuffer", "Entry"]
+__all__ = ["Entry", "ReplayBuffer", "ReplayStrategy"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +85,17 @@ class ReplayBuffer:
     def sample(self, rng: np.random.Generator, n: int, max_lead_steps: int) -> list[Entry]:
         eligible = [e for e in self.entries if e.lead_steps <= max_lead_steps]
         if not eligible:
-            raise RuntimeError(f"No replay entry within the lead-time cap of {max_lead_steps} steps.")
+            raise RuntimeError(
+                f"No replay entry within the lead-time cap of {max_lead_steps} steps."
+            )
         return [eligible[i] for i in rng.integers(0, len(eligible), size=n)]
 
     # --- checkpointing: an index in JSON, the fields as arrays ---------------------------------------
     def index(self) -> list[dict[str, int]]:
-        return [{"time": e.time, "rollout_step": e.rollout_step, "target_time": e.target_time} for e in self.entries]
+        return [
+            {"time": e.time, "rollout_step": e.rollout_step, "target_time": e.target_time}
+            for e in self.entries
+        ]
 
     def arrays(self) -> dict[str, Any]:
         if not self.entries:
@@ -105,12 +110,19 @@ class ReplayBuffer:
         surf, atmos = arrays.get("surf", {}), arrays.get("atmos", {})
         for name, stacked in [*surf.items(), *atmos.items()]:
             if len(stacked) != len(index):
-                raise ValueError(f"Replay checkpoint: {len(stacked)} saved {name} fields for {len(index)} entries.")
+                raise ValueError(
+                    f"Replay checkpoint: {len(stacked)} saved {name} fields for {len(index)} entries."
+                )
         self.entries = [
-            Entry(surf={v: np.asarray(x[i]) for v, x in surf.items()}, atmos={v: np.asarray(x[i]) for v, x in atmos.items()},
-                  time=int(e["time"]), rollout_step=int(e["rollout_step"]), target_time=int(e["target_time"]))
+            Entry(
+                surf={v: np.asarray(x[i]) for v, x in surf.items()},
+                atmos={v: np.asarray(x[i]) for v, x in atmos.items()},
+                time=int(e["time"]),
+                rollout_step=int(e["rollout_step"]),
+                target_time=int(e["target_time"]),
+            )
             for i, e in enumerate(index)
-        ]  # fmt: skip
+        ]
 
 
 def _rows(batch: Batch, group: str) -> list[dict[str, np.ndarray]]:
@@ -146,15 +158,23 @@ class ReplayStrategy(Strategy):
     ):
         super().__init__(model, loss, stats)
         if steps != 1:
-            raise ValueError(f"ReplayStrategy makes one model step per update; set strategy.steps=1, not {steps}.")
+            raise ValueError(
+                f"ReplayStrategy makes one model step per update; set strategy.steps=1, not {steps}."
+            )
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, not {refresh_every}.")
         self.schedule = sorted((int(s), float(h)) for s, h in max_lead_hours)
-        if not self.schedule or self.schedule[0][0] > 0 or min(h for _, h in self.schedule) < step_hours:
-            raise ValueError(f"max_lead_hours must start at step 0 and allow at least one step ({step_hours} h): {max_lead_hours}.")
+        if (
+            not self.schedule
+            or self.schedule[0][0] > 0
+            or min(h for _, h in self.schedule) < step_hours
+        ):
+            raise ValueError(
+                f"max_lead_hours must start at step 0 and allow at least one step ({step_hours} h): {max_lead_hours}."
+            )
         self.steps = 1
         self.step_hours = float(step_hours)
-        self.step_minutes = int(round(self.step_hours * 60))
+        self.step_minutes = round(self.step_hours * 60)
         self.refresh_every = refresh_every
         self.seed = seed
         self.buffer = ReplayBuffer(capacity)
@@ -173,7 +193,9 @@ class ReplayStrategy(Strategy):
         return int(self.max_lead_hours(step) // self.step_hours)
 
     # --- host side -----------------------------------------------------------------------------------
-    def train_examples(self, trainer: Any, iterator: Iterable[Example], data: Any) -> Iterator[Example]:
+    def train_examples(
+        self, trainer: Any, iterator: Iterable[Example], data: Any
+    ) -> Iterator[Example]:
         """Buffer samples; a fresh dataset batch enters every `refresh_every` updates."""
         if not all(hasattr(data, a) for a in ("states_at", "has_times")):
             raise TypeError(
@@ -196,20 +218,32 @@ class ReplayStrategy(Strategy):
         inputs = example[0].crop(self.model.patch_size)
         times = np.asarray(inputs.metadata.time, np.int64).reshape(-1)
         step = int(np.asarray(inputs.metadata.rollout_step).reshape(-1)[0])
-        for surf, atmos, time in zip(_rows(inputs, "surf_vars"), _rows(inputs, "atmos_vars"), times, strict=True):
+        for surf, atmos, time in zip(
+            _rows(inputs, "surf_vars"), _rows(inputs, "atmos_vars"), times, strict=True
+        ):
             self.buffer.push(Entry(surf, atmos, int(time), step, int(time) + self.step_minutes))
         self.batch_size = len(times)
 
     def sample(self, global_step: int) -> Example:
         """`(inputs, [target])`: one entry per row; each target is the truth at its entry's target time."""
-        self._pending = self.buffer.sample(self.rng, self.batch_size or 1, self.max_lead_steps(global_step))
-        truth = self._data.states_at([e.target_time * 60 for e in self._pending]).crop(self.model.patch_size)
+        self._pending = self.buffer.sample(
+            self.rng, self.batch_size or 1, self.max_lead_steps(global_step)
+        )
+        truth = self._data.states_at([e.target_time * 60 for e in self._pending]).crop(
+            self.model.patch_size
+        )
         steps = np.array([e.rollout_step for e in self._pending], np.int32)
         inputs = Batch(
-            surf_vars={v: np.stack([e.surf[v] for e in self._pending]) for v in self._pending[0].surf},
+            surf_vars={
+                v: np.stack([e.surf[v] for e in self._pending]) for v in self._pending[0].surf
+            },
             static_vars=truth.static_vars,
-            atmos_vars={v: np.stack([e.atmos[v] for e in self._pending]) for v in self._pending[0].atmos},
-            metadata=truth.metadata.replace(time=np.array([e.time for e in self._pending], np.int32), rollout_step=steps),
+            atmos_vars={
+                v: np.stack([e.atmos[v] for e in self._pending]) for v in self._pending[0].atmos
+            },
+            metadata=truth.metadata.replace(
+                time=np.array([e.time for e in self._pending], np.int32), rollout_step=steps
+            ),
         )
         target = truth.replace(metadata=truth.metadata.replace(rollout_step=steps + 1))
         return inputs, [target]
@@ -223,9 +257,13 @@ class ReplayStrategy(Strategy):
             time, step = int(pred["time"][i]), int(pred["rollout_step"][i])
             child = Entry(
                 surf={v: np.stack([parent.surf[v][1], pred["surf"][v][i, 0]]) for v in parent.surf},
-                atmos={v: np.stack([parent.atmos[v][1], pred["atmos"][v][i, 0]]) for v in parent.atmos},
-                time=time, rollout_step=step, target_time=time + self.step_minutes,
-            )  # fmt: skip
+                atmos={
+                    v: np.stack([parent.atmos[v][1], pred["atmos"][v][i, 0]]) for v in parent.atmos
+                },
+                time=time,
+                rollout_step=step,
+                target_time=time + self.step_minutes,
+            )
             children.append(child)
         wanted = [c for c in children if c.lead_steps <= cap]
         present = self._data.has_times([c.target_time * 60 for c in wanted]) if wanted else []
@@ -239,8 +277,12 @@ class ReplayStrategy(Strategy):
         return {"replay/buffer_size": float(len(self.buffer))}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.updates, "batch_size": self.batch_size, "rng": self.rng.bit_generator.state,
-                "entries": self.buffer.index()}  # fmt: skip
+        return {
+            "updates": self.updates,
+            "batch_size": self.batch_size,
+            "rng": self.rng.bit_generator.state,
+            "entries": self.buffer.index(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
@@ -255,7 +297,9 @@ class ReplayStrategy(Strategy):
 
     def load_array_state(self, arrays: dict[str, Any]) -> None:
         if self._saved_index and not arrays:
-            raise ValueError("The checkpoint lists replay entries but holds no replay arrays (no 'strategy' item).")
+            raise ValueError(
+                "The checkpoint lists replay entries but holds no replay arrays (no 'strategy' item)."
+            )
         self.buffer.restore(self._saved_index, arrays)
 
     # --- pure, jitted by the trainer -----------------------------------------------------------------
@@ -273,22 +317,36 @@ class ReplayStrategy(Strategy):
             )
             return self.model.apply({"params": params}, row)
 
-        out = jax.vmap(one)(batch.surf_vars, batch.atmos_vars, jnp.asarray(meta.time), jnp.asarray(meta.rollout_step))
-        first = lambda x: x[:, 0]  # noqa: E731  (drop the per-row batch axis of 1)
+        out = jax.vmap(one)(
+            batch.surf_vars,
+            batch.atmos_vars,
+            jnp.asarray(meta.time),
+            jnp.asarray(meta.rollout_step),
+        )
+        first = lambda x: x[:, 0]
         return out.replace(
             surf_vars={k: first(v) for k, v in out.surf_vars.items()},
             atmos_vars={k: first(v) for k, v in out.atmos_vars.items()},
             static_vars={k: v[0] for k, v in out.static_vars.items()},
-            metadata=out.metadata.replace(time=first(out.metadata.time), rollout_step=out.metadata.rollout_step),
+            metadata=out.metadata.replace(
+                time=first(out.metadata.time), rollout_step=out.metadata.rollout_step
+            ),
         )
 
-    def loss_fn(self, params: Any, inputs: Batch, targets: Batch, controls: dict[str, Any]) -> tuple[jax.Array, Metrics]:
+    def loss_fn(
+        self, params: Any, inputs: Batch, targets: Batch, controls: dict[str, Any]
+    ) -> tuple[jax.Array, Metrics]:
         """One step against the entry's target; the prediction goes back to the host (`OUTPUTS`)."""
         pred = self.predict(params, inputs)
         target = jax.tree_util.tree_map(lambda x: x[0], targets)
         loss, terms = aurora_loss(pred, target, self.loss_config, self.stats)
         lead = jnp.asarray(pred.metadata.rollout_step, jnp.float32) * self.step_hours
         outputs = jax.lax.stop_gradient(
-            {"surf": pred.surf_vars, "atmos": pred.atmos_vars, "time": pred.metadata.time, "rollout_step": pred.metadata.rollout_step}
+            {
+                "surf": pred.surf_vars,
+                "atmos": pred.atmos_vars,
+                "time": pred.metadata.time,
+                "rollout_step": pred.metadata.rollout_step,
+            }
         )
         return loss, {**terms, "lead_hours": jnp.mean(lead), OUTPUTS: outputs}

@@ -36,14 +36,14 @@ from aurora.rollout import advance_batch
 from trainers.loss import LossConfig, aurora_loss
 from trainers.strategies.base import Metrics, Strategy
 
-__all__ = ["RolloutStrategy", "Backprop"]
+__all__ = ["Backprop", "RolloutStrategy"]
 
 Backprop = Literal["all", "last_k", "pushforward"]
 
 
 def _detach_fields(batch: Batch, detach: jax.Array) -> Batch:
     """Stop gradients through the fields (not the metadata) where `detach` is true."""
-    cut = lambda x: jnp.where(detach, jax.lax.stop_gradient(x), x)  # noqa: E731
+    cut = lambda x: jnp.where(detach, jax.lax.stop_gradient(x), x)
     return batch.replace(
         surf_vars={k: cut(v) for k, v in batch.surf_vars.items()},
         atmos_vars={k: cut(v) for k, v in batch.atmos_vars.items()},
@@ -67,7 +67,9 @@ class RolloutStrategy(Strategy):
     ):
         super().__init__(model, loss, stats)
         if backprop not in ("all", "last_k", "pushforward"):
-            raise ValueError(f"backprop must be 'all', 'last_k' or 'pushforward', not {backprop!r}.")
+            raise ValueError(
+                f"backprop must be 'all', 'last_k' or 'pushforward', not {backprop!r}."
+            )
         if steps < 1 or not 1 <= k <= steps:
             raise ValueError(f"Need steps >= 1 and 1 <= k <= steps (steps={steps}, k={k}).")
         self.steps = steps
@@ -85,10 +87,14 @@ class RolloutStrategy(Strategy):
     def default_controls(self) -> dict[str, Any]:
         return {"grad_window": jnp.int32(self.window)} if self.curriculum else {}
 
-    def _scan(self, params: Any, batch: Batch, targets: Batch, steps: jax.Array, detach: Any) -> tuple[Batch, tuple[jax.Array, Metrics]]:
+    def _scan(
+        self, params: Any, batch: Batch, targets: Batch, steps: jax.Array, detach: Any
+    ) -> tuple[Batch, tuple[jax.Array, Metrics]]:
         """Steps `steps` of the rollout from `batch`; step i's output is detached where `detach(i)`."""
 
-        def step(batch: Batch, xs: tuple[jax.Array, Batch]) -> tuple[Batch, tuple[jax.Array, Metrics]]:
+        def step(
+            batch: Batch, xs: tuple[jax.Array, Batch]
+        ) -> tuple[Batch, tuple[jax.Array, Metrics]]:
             i, target = xs
             pred = self.predict(params, batch)
             loss, terms = aurora_loss(pred, target, self.loss_config, self.stats)
@@ -97,7 +103,9 @@ class RolloutStrategy(Strategy):
         body = jax.checkpoint(step) if self.remat else step
         return jax.lax.scan(body, batch, (steps, targets))
 
-    def rollout_losses(self, params: Any, inputs: Batch, targets: Batch, window: jax.Array | int) -> tuple[jax.Array, Metrics]:
+    def rollout_losses(
+        self, params: Any, inputs: Batch, targets: Batch, window: jax.Array | int
+    ) -> tuple[jax.Array, Metrics]:
         """Per-step losses `(K,)` and per-step metrics `{name: (K,)}`.
 
         A traced `window` detaches by `jnp.where` inside one scan; a Python int splits the rollout
@@ -107,15 +115,15 @@ class RolloutStrategy(Strategy):
         n_targets = jax.tree_util.tree_leaves(targets)[0].shape[0]
         if n_targets < K:
             raise ValueError(f"The rollout has {K} steps but the batch holds {n_targets} targets.")
-        take = lambda lo, hi: jax.tree_util.tree_map(lambda x: x[lo:hi], targets)  # noqa: E731
+        take = lambda lo, hi: jax.tree_util.tree_map(lambda x: x[lo:hi], targets)
         if not isinstance(window, int):
-            where = lambda i, b: _detach_fields(b, (i + 1) <= K - window)  # noqa: E731
+            where = lambda i, b: _detach_fields(b, (i + 1) <= K - window)
             _, (losses, terms) = self._scan(params, inputs, take(0, K), jnp.arange(K), where)
             return losses, terms
 
         lead = K - min(max(window, 1), K)
-        cut = lambda i, b: _detach_fields(b, jnp.bool_(True))  # noqa: E731
-        keep = lambda i, b: b  # noqa: E731
+        cut = lambda i, b: _detach_fields(b, jnp.bool_(True))
+        keep = lambda i, b: b
         parts = []
         batch = inputs
         if lead:
@@ -127,10 +135,14 @@ class RolloutStrategy(Strategy):
         losses, terms = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *parts)
         return losses, terms
 
-    def loss_fn(self, params: Any, inputs: Batch, targets: Batch, controls: dict[str, Any]) -> tuple[jax.Array, Metrics]:
+    def loss_fn(
+        self, params: Any, inputs: Batch, targets: Batch, controls: dict[str, Any]
+    ) -> tuple[jax.Array, Metrics]:
         window = controls.get("grad_window", self.window)
         losses, terms = self.rollout_losses(params, inputs, targets, window)
         loss = jnp.mean(losses) if self.average_loss else losses[-1]
         metrics = {name: jnp.mean(values) for name, values in terms.items()}
-        metrics |= {f"loss/step{i + 1}": losses[i] for i in range(self.steps)} if self.steps > 1 else {}
+        metrics |= (
+            {f"loss/step{i + 1}": losses[i] for i in range(self.steps)} if self.steps > 1 else {}
+        )
         return loss, metrics
