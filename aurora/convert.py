@@ -36,6 +36,7 @@ import numpy as np
 from flax import traverse_util
 
 from aurora.torch_checkpoint import load_torch_checkpoint
+from aurora.variables import ATMOS_VARS, STATIC_VARS, SURF_VARS
 
 __all__ = [
     "ConversionError",
@@ -49,9 +50,6 @@ __all__ = [
 
 _LORA = re.compile(r"^(.*)\.loras\.(\d+)\.(lora_[AB])$")
 _VAR_CONTAINERS = {"weights", "surf_heads", "atmos_heads"}  # children are variable names
-_DEFAULT_SURF = ("2t", "10u", "10v", "msl")
-_DEFAULT_STATIC = ("lsm", "z", "slt")
-_DEFAULT_ATMOS = ("z", "u", "v", "t", "q")
 
 
 class ConversionError(ValueError):
@@ -101,14 +99,14 @@ def adapt_checkpoint(
 
     split_columns(
         "encoder.surf_token_embeds.weight",
-        _DEFAULT_SURF + _DEFAULT_STATIC,
+        SURF_VARS + STATIC_VARS,
         "encoder.surf_token_embeds.weights",
     )
     split_columns(
-        "encoder.atmos_token_embeds.weight", _DEFAULT_ATMOS, "encoder.atmos_token_embeds.weights"
+        "encoder.atmos_token_embeds.weight", ATMOS_VARS, "encoder.atmos_token_embeds.weights"
     )
-    split_head("decoder.surf_head", _DEFAULT_SURF, "decoder.surf_heads")
-    split_head("decoder.atmos_head", _DEFAULT_ATMOS, "decoder.atmos_heads")
+    split_head("decoder.surf_head", SURF_VARS, "decoder.surf_heads")
+    split_head("decoder.atmos_head", ATMOS_VARS, "decoder.atmos_heads")
 
     for key, weight in list(d.items()):
         if key.startswith(
@@ -117,7 +115,8 @@ def adapt_checkpoint(
             history = weight.shape[2]
             if history > max_history_size:
                 raise ConversionError(
-                    f"Cannot load {key} with history {history} into a model with max_history_size={max_history_size}."
+                    f"Cannot load {key} with history {history} into a model with "
+                    f"max_history_size={max_history_size}."
                 )
             if history < max_history_size:  # New history slices start at zero.
                 padded = np.zeros(
@@ -279,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--model-kwargs",
         default="{}",
-        help='JSON overrides of the preset\'s arguments, e.g. \'{"use_lora": true, "atmos_vars": ["z", "t"]}\'',
+        help="JSON overrides of the preset's arguments, "
+        'e.g. \'{"use_lora": true, "atmos_vars": ["z", "t"]}\'',
     )
     args = parser.parse_args(argv)
 

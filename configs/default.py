@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from aurora.variables import ATMOS_VARS, AURORA_LEVELS, STATIC_VARS, SURF_VARS
 from trainers.loss import FINE_TUNING_WEIGHTS
-
-AURORA_LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -40,9 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
             "data_dir": "",  # default: <workdir>/datasets
             "paths": [],  # ERA5 / HRES files or zarr stores (anything readers.open_dataset reads)
             "static_paths": [],
-            "surf_vars": ["2t", "10u", "10v", "msl"],
-            "atmos_vars": ["z", "u", "v", "t", "q"],
-            "static_vars": ["lsm", "z", "slt"],
+            "surf_vars": list(SURF_VARS),
+            "atmos_vars": list(ATMOS_VARS),
+            "static_vars": list(STATIC_VARS),
             "levels": list(AURORA_LEVELS),
             "resolution": 0.25,
             "splits": {
@@ -73,10 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss.beta = 1.0
     config.loss.gamma = 2.0  # dataset weight: ERA5 2.0, others 1.0
     config.loss.surf_weights = ml_collections.ConfigDict(
-        {k: FINE_TUNING_WEIGHTS[k] for k in ("2t", "10u", "10v", "msl")}
+        {k: FINE_TUNING_WEIGHTS[k] for k in SURF_VARS}
     )
     config.loss.atmos_weights = ml_collections.ConfigDict(
-        {k: FINE_TUNING_WEIGHTS[k] for k in ("z", "u", "v", "t", "q")}
+        {k: FINE_TUNING_WEIGHTS[k] for k in ATMOS_VARS}
     )
 
     # --- optimiser ------------------------------------------------------------------------------------

@@ -82,9 +82,11 @@ from etils import epath
 from tensorflow_datasets.core import hashing as tfds_hashing
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
+from aurora import variables
 from data_builders.readers import (
     ATMOS_VARS,
     STATIC_KEYS,
+    STATIC_VARS,
     SURFACE_VARS,
     DataError,
     open_dataset,
@@ -107,21 +109,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-AURORA_LEVELS = (
-    50.0,
-    100.0,
-    150.0,
-    200.0,
-    250.0,
-    300.0,
-    400.0,
-    500.0,
-    600.0,
-    700.0,
-    850.0,
-    925.0,
-    1000.0,
-)
+# Floats, as `make_config` stores levels (the default is hashed into the dataset folder name).
+AURORA_LEVELS = tuple(float(p) for p in variables.AURORA_LEVELS)
 FORMAT_VERSION = 1
 _STATIC_FILE = "static.npz"
 _METADATA_FILE = "metadata.json"
@@ -147,7 +136,7 @@ class WeatherConfig(tfds.core.BuilderConfig):
     static_paths: tuple[str, ...] = ()
     surf_vars: tuple[str, ...] = SURFACE_VARS
     atmos_vars: tuple[str, ...] = ATMOS_VARS
-    static_vars: tuple[str, ...] = ("lsm", "z", "slt")
+    static_vars: tuple[str, ...] = STATIC_VARS
     levels: tuple[float, ...] | None = AURORA_LEVELS
     resolution: float | None = None
     regrid_method: str = "bilinear"

@@ -66,6 +66,10 @@ from typing import Any, Protocol
 import numpy as np
 import xarray as xr
 
+from aurora.variables import ATMOS_VARS as DEFAULT_ATMOS
+from aurora.variables import AURORA_LEVELS
+from aurora.variables import STATIC_VARS as DEFAULT_STATIC
+from aurora.variables import SURF_VARS as DEFAULT_SURFACE
 from data_builders.errors import DataError
 from data_builders.readers import check_netcdf3_complete
 
@@ -102,7 +106,6 @@ log = logging.getLogger(__name__)
 
 ERA5_SINGLE = "reanalysis-era5-single-levels"
 ERA5_PRESSURE = "reanalysis-era5-pressure-levels"
-AURORA_LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
 ERA5_LEVELS = (
     1,
     2,
@@ -143,9 +146,6 @@ ERA5_LEVELS = (
     1000,
 )
 DEFAULT_HOURS = (0, 6, 12, 18)
-DEFAULT_SURFACE = ("2t", "10u", "10v", "msl")
-DEFAULT_ATMOS = ("z", "u", "v", "t", "q")
-DEFAULT_STATIC = ("lsm", "z", "slt")
 
 # Public WeatherBench2 stores (0.25 deg, 13 levels, 6-hourly), over HTTPS so that only aiohttp is
 # needed; the same objects are gs://weatherbench2/datasets/... for gcsfs users.

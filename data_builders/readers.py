@@ -51,6 +51,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from aurora.variables import ATMOS_VARS, STATIC_VARS
+from aurora.variables import SURF_VARS as SURFACE_VARS
 from data_builders.errors import DataError
 from data_builders.regrid import regrid
 
@@ -71,9 +73,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 G = 9.80665  # standard gravity, m s**-2: WeatherBench's orography = z_sfc / G
-SURFACE_VARS = ("2t", "10u", "10v", "msl")
-ATMOS_VARS = ("z", "u", "v", "t", "q")
-STATIC_VARS = ("lsm", "z", "slt")
 STATIC_KEYS = {"lsm": "lsm", "slt": "slt", "z": "z_sfc"}  # Aurora static name -> dataset key
 _STATIC = frozenset(STATIC_KEYS.values())
 

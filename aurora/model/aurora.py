@@ -22,6 +22,7 @@ from aurora.model.encoder import Perceiver3DEncoder
 from aurora.model.layers import Precision
 from aurora.model.lora import LoRAConfig, LoRAMode
 from aurora.model.swin3d import Swin3DTransformerBackbone
+from aurora.variables import ATMOS_VARS, STATIC_VARS, SURF_VARS
 
 __all__ = [
     "PRESETS",
@@ -47,9 +48,9 @@ def _ordered(configured: tuple[str, ...], present: Mapping[str, Any], kind: str)
 class Aurora(nn.Module):
     """Aurora. Defaults are the 1.3 B-parameter 0.25° fine-tuned configuration (LoRA on)."""
 
-    surf_vars: tuple[str, ...] = ("2t", "10u", "10v", "msl")
-    static_vars: tuple[str, ...] = ("lsm", "z", "slt")
-    atmos_vars: tuple[str, ...] = ("z", "u", "v", "t", "q")
+    surf_vars: tuple[str, ...] = SURF_VARS
+    static_vars: tuple[str, ...] = STATIC_VARS
+    atmos_vars: tuple[str, ...] = ATMOS_VARS
     window_size: tuple[int, int, int] = (2, 6, 12)
     encoder_depths: tuple[int, ...] = (6, 10, 8)
     encoder_num_heads: tuple[int, ...] = (8, 16, 32)
