@@ -1,48 +1,36 @@
 """Metric writers with CLU's `MetricWriter` interface, without TensorFlow.
 
-Why our own: in clu 0.0.12 `import clu.metric_writers` imports TensorFlow, far too heavy for a
-trainer that otherwise needs none. The abstract class below keeps CLU's method names and signatures
-(`write_scalars(step, scalars)`, `write_hparams(hparams)`, `flush()`, ...), so code written against
-CLU's writers, including a CLU writer itself, drops in.
+`import clu.metric_writers` imports TensorFlow, so the interface is re-declared here with CLU's
+method names and signatures; a CLU writer drops in. Every write takes an explicit integer `step`,
+so curves line up across writers and across resumed runs.
 
-Every write takes an explicit integer `step` (the trainer passes `state.step`), so curves line up
-across writers and across resumed runs whatever order the calls come in.
+Writers: :class:`TensorBoardWriter` (tensorboardX event files), :class:`WandbWriter` (Weights &
+Biases, `wandb` imported only when one is built), :class:`CsvWriter` (long format,
+``step,tag,value,wall_time``), :class:`JsonlWriter` (one JSON object per call),
+:class:`MultiWriter` (fans out) and :class:`NoopWriter` (processes other than 0).
+:func:`make_writers` builds them from config dicts such as ``{"type": "tensorboard"}``.
 
-Writers:
-
-* :class:`TensorBoardWriter` -- TensorBoard event files through `tensorboardX` (no TensorFlow).
-* :class:`WandbWriter` -- Weights & Biases; `mode="offline"` writes a local run directory and needs
-  no network (sync later with `wandb sync DIR`). `wandb` is imported only when one is built.
-* :class:`CsvWriter` -- long format, one row per scalar: ``step,tag,value,wall_time``. Long rather
-  than wide because train and validation metrics arrive at different steps and new tags may appear
-  mid-run; a wide file would need its header rewritten. Pivot with
-  ``pandas.read_csv(p).pivot_table(index="step", columns="tag", values="value")``. Reopening an
-  existing file appends rows and never writes a second header (resume).
-* :class:`JsonlWriter` -- one JSON object per call: ``{"step": 10, "wall_time": ..., "train/loss":
-  0.5}`` for scalars (texts likewise, with string values) and ``{"hparams": {...}, "wall_time":
-  ...}`` for hyper-parameters. Non-finite floats are written as Python's `json` writes them
-  (``NaN``, ``Infinity``), so a diverged loss stays visible.
-* :class:`MultiWriter` fans every call out; :class:`NoopWriter` is what processes other than 0 get.
-
-:func:`make_writers` builds writers from simple config dicts such as ``{"type": "tensorboard"}``.
+On resume the trainer calls :meth:`MetricWriter.rewind` with the restored step: the CSV and JSONL
+writers move rows logged after it to ``<file>.dropped``. Image encoding is in `callbacks.images`.
 """
 
 from __future__ import annotations
 
 import abc
 import csv
+import io
 import json
 import logging
 import operator
 import os
 import pathlib
-import struct
 import time
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from callbacks.images import encode_png, to_uint8_nhwc
 
 __all__ = [
     "CsvWriter",
@@ -68,13 +56,15 @@ Scalar = Any  # int, float, numpy scalar, 0-d numpy/jax array
 
 
 class MetricWriter(abc.ABC):
-    """CLU's writer interface. A writer that cannot store a kind of data ignores it (logging once)."""
+    """CLU's writer interface. A writer that cannot store a kind of data ignores it (logging
+    once)."""
 
     @abc.abstractmethod
     def write_summaries(
         self, step: int, values: Mapping[str, Array], metadata: Mapping[str, Any] | None = None
     ) -> None:
-        """Saves arbitrary tensors (custom plugins); writers without tensor support store scalars."""
+        """Saves arbitrary tensors (custom plugins); writers without tensor support store
+        scalars."""
 
     @abc.abstractmethod
     def write_scalars(self, step: int, scalars: Mapping[str, Scalar]) -> None:
@@ -82,7 +72,8 @@ class MetricWriter(abc.ABC):
 
     @abc.abstractmethod
     def write_images(self, step: int, images: Mapping[str, Array]) -> None:
-        """Writes images shaped [N, H, W, C] or [H, W, C] (C = 1 or 3; floats in [0, 1] or uint8)."""
+        """Writes images shaped [N, H, W, C] or [H, W, C] (C = 1, 3 or 4; floats in [0, 1] or
+        uint8)."""
 
     @abc.abstractmethod
     def write_videos(self, step: int, videos: Mapping[str, Array]) -> None:
@@ -113,6 +104,19 @@ class MetricWriter(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Flushes and releases files; calling the writer afterwards is undefined."""
+
+    def rewind(self, step: int) -> None:
+        """Forget what was logged after `step`, because the run resumes from a checkpoint of
+        `step` and logs the later steps again (`step=-1`: it starts over, nothing was saved).
+
+        Not part of CLU's interface, hence not abstract: the default keeps everything, which is
+        what writers that cannot rewrite their output (TensorBoard event files) or that drop
+        repeated steps themselves (W&B) do.
+
+        Args:
+            step: the restored global step; records of later steps go.
+        """
+        del step  # nothing to forget
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,43 +178,6 @@ class _WarnOnce:
         if kind not in self._seen:
             self._seen.add(kind)
             log.warning("%s ignores %s%s", type(writer).__name__, kind, f" ({why})" if why else "")
-
-
-def _png(image: np.ndarray) -> bytes:
-    """Encodes an [H, W, C] uint8 image (C = 1, 3 or 4) as PNG; avoids a Pillow dependency."""
-    height, width, channels = image.shape
-    color_type = {1: 0, 3: 2, 4: 6}[channels]
-    raw = b"".join(b"\x00" + image[row].tobytes() for row in range(height))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return (
-            struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, 6))
-        + chunk(b"IEND", b"")
-    )
-
-
-def _to_uint8_nhwc(images: Array) -> np.ndarray:
-    """[N, H, W, C] uint8 from CLU's image convention ([H, W, C] allowed; floats in [0, 1])."""
-    arr = np.asarray(images)
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[-1] not in (1, 3, 4):
-        raise ValueError(
-            f"images must be [N, H, W, C] or [H, W, C] with C in 1/3/4, got {arr.shape}"
-        )
-    if arr.dtype != np.uint8:
-        arr = (np.clip(np.nan_to_num(arr.astype(np.float64)), 0.0, 1.0) * 255.0 + 0.5).astype(
-            np.uint8
-        )
-    return arr
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,26 +246,49 @@ class MultiWriter(MetricWriter):
         for w in self.writers:
             w.close()
 
+    def rewind(self, step: int) -> None:
+        for w in self.writers:
+            rewind = getattr(w, "rewind", None)  # a CLU writer has none
+            if rewind is not None:
+                rewind(step)
+
+
+def _tensorflow_bins() -> list[float]:
+    """TensorFlow's default histogram bucket edges (what tensorboardX's `bins="tensorflow"` uses):
+    +-1e-12 growing by 10% up to 1e20 in magnitude, and 0."""
+    edges, v = [], 1e-12
+    while v < 1e20:
+        edges.append(v)
+        v *= 1.1
+    return [-e for e in reversed(edges)] + [0.0] + edges
+
+
+_TENSORFLOW_BINS = _tensorflow_bins()
+
 
 class TensorBoardWriter(MetricWriter):
     """TensorBoard event files in `logdir`, written by tensorboardX (no TensorFlow needed).
 
     Hyper-parameters go into the same run directory (tensorboardX's `add_hparams` would open a
-    sub-run), so the HPARAMS tab shows them next to this run's scalars. Images are PNG-encoded here
-    (no Pillow). Videos and audio are ignored: they need moviepy / soundfile and no Aurora workflow
-    writes them.
+    sub-run), so the HPARAMS tab shows them next to this run's scalars. Summaries are built with
+    `tensorboardX.summary` and written by tensorboardX's `FileWriter`. Videos and audio are
+    ignored: they need moviepy / soundfile and no Aurora workflow writes them.
+
+    Args:
+        logdir: the run directory (created if missing).
+        flush_secs: how often buffered events are written out.
     """
 
     def __init__(self, logdir: str | os.PathLike[str], flush_secs: int = 30) -> None:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import FileWriter
 
         self.logdir = pathlib.Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
-        self._writer = SummaryWriter(logdir=str(self.logdir), flush_secs=flush_secs)
+        self._writer = FileWriter(str(self.logdir), flush_secs=flush_secs)
         self._warn = _WarnOnce()
 
-    def _add(self, summary: Any, step: int) -> None:
-        self._writer._get_file_writer().add_summary(summary, _as_step(step))
+    def _add(self, summary: Any, step: int | None) -> None:
+        self._writer.add_summary(summary, None if step is None else _as_step(step))
 
     def write_summaries(self, step, values, metadata=None) -> None:
         from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
@@ -321,20 +311,22 @@ class TensorBoardWriter(MetricWriter):
             self._add(Summary(value=[Summary.Value(tag=tag, tensor=tensor, **kwargs)]), step)
 
     def write_scalars(self, step, scalars) -> None:
+        from tensorboardX.summary import scalar
+
         step = _as_step(step)
         for tag, value in scalars.items():
-            self._writer.add_scalar(tag, _as_float(value), global_step=step)
+            self._add(scalar(tag, _as_float(value)), step)
 
     def write_images(self, step, images) -> None:
         from tensorboardX.proto.summary_pb2 import Summary
 
         for tag, value in images.items():
-            batch = _to_uint8_nhwc(value)
+            batch = to_uint8_nhwc(value)
             for i, img in enumerate(batch):
                 name = tag if len(batch) == 1 else f"{tag}/image/{i}"
                 h, w, c = img.shape
                 proto = Summary.Image(
-                    height=h, width=w, colorspace=c, encoded_image_string=_png(img)
+                    height=h, width=w, colorspace=c, encoded_image_string=encode_png(img)
                 )
                 self._add(Summary(value=[Summary.Value(tag=name, image=proto)]), step)
 
@@ -345,26 +337,29 @@ class TensorBoardWriter(MetricWriter):
         self._warn(self, "audios", "needs soundfile")
 
     def write_texts(self, step, texts) -> None:
+        from tensorboardX.summary import text
+
         step = _as_step(step)
-        for tag, text in texts.items():
-            self._writer.add_text(tag, str(text), global_step=step)
+        for tag, value in texts.items():
+            self._add(text(tag, str(value)), step)
 
     def write_histograms(self, step, arrays, num_buckets=None) -> None:
+        from tensorboardX.summary import histogram
+
         step = _as_step(step)
         for tag, values in arrays.items():
-            bins: Any = "tensorflow"
+            bins: Any = _TENSORFLOW_BINS
             if num_buckets and tag in num_buckets:
                 bins = int(num_buckets[tag])
-            self._writer.add_histogram(
-                tag, np.asarray(values, dtype=np.float64).reshape(-1), step, bins=bins
-            )
+            values = np.asarray(values, dtype=np.float64).reshape(-1)
+            self._add(histogram(tag, values, bins), step)
 
     def write_hparams(self, hparams) -> None:
         from tensorboardX.summary import hparams as hparams_summaries
 
         flat = {k: _simple_hparam(v) for k, v in flatten_hparams(hparams).items()}
         for summary in hparams_summaries(flat, {}):
-            self._writer._get_file_writer().add_summary(summary)
+            self._add(summary, None)
 
     def flush(self) -> None:
         self._writer.flush()
@@ -420,7 +415,7 @@ class WandbWriter(MetricWriter):
     def write_images(self, step, images) -> None:
         try:
             logged = {
-                k: [self._wandb.Image(img) for img in _to_uint8_nhwc(v)] for k, v in images.items()
+                k: [self._wandb.Image(img) for img in to_uint8_nhwc(v)] for k, v in images.items()
             }
         except ImportError as e:  # wandb.Image needs Pillow
             self._warn(self, "images", str(e))
@@ -460,8 +455,52 @@ class _LocalFileWriter(MetricWriter):
     """Shared by the CSV and JSONL writers: one open file, and kinds of data a text file cannot hold
     are skipped with one warning each (subclasses override what they do store)."""
 
+    path: pathlib.Path
     _file: Any
     _warn: _WarnOnce
+    _header_lines = 0
+    """Leading lines that `rewind` always keeps."""
+
+    @staticmethod
+    def _step_of(line: str) -> int | None:
+        """The step a complete line records; None for a line that is not a record."""
+        raise NotImplementedError
+
+    def rewind(self, step: int) -> None:
+        """Move the lines logged after `step` (and any line cut short or unreadable, as a killed
+        run leaves) to ``<path>.dropped``, so that a resumed run logs every step exactly once.
+
+        The file is rewritten in place, so the open append handle keeps appending at the new end.
+
+        Args:
+            step: the restored global step (`-1`: the run starts over; every step goes).
+        """
+        self.flush()
+        if not self.path.exists():
+            return
+        with open(self.path, newline="", encoding="utf-8") as f:
+            lines = f.read().splitlines(keepends=True)
+        kept, dropped = lines[: self._header_lines], []
+        for line in lines[self._header_lines :]:
+            try:
+                at = self._step_of(line) if line.endswith("\n") else None
+            except ValueError:
+                at = None
+            (kept if at is not None and at <= step else dropped).append(line)
+        if not dropped:
+            return
+        aside = self.path.with_name(self.path.name + ".dropped")
+        with open(aside, "a", newline="", encoding="utf-8") as f:
+            f.writelines(line if line.endswith("\n") else line + "\n" for line in dropped)
+        with open(self.path, "r+", newline="", encoding="utf-8") as f:
+            f.write("".join(kept))
+            f.truncate()
+        where = (
+            f"after step {step} (the run resumes there)"
+            if step >= 0
+            else "before (no checkpoint: the run starts over)"
+        )
+        log.warning("Moved %d rows logged %s from %s to %s.", len(dropped), where, self.path, aside)
 
     def write_summaries(self, step, values, metadata=None) -> None:
         scalars = {k: v for k, v in values.items() if np.asarray(v).size == 1}
@@ -496,7 +535,11 @@ class _LocalFileWriter(MetricWriter):
 
 
 class CsvWriter(_LocalFileWriter):
-    """Scalars as CSV rows ``step,tag,value,wall_time`` (long format; see the module docstring).
+    """Scalars as CSV rows ``step,tag,value,wall_time``, one row per scalar.
+
+    Long rather than wide because train and validation metrics arrive at different steps and new
+    tags may appear mid-run; a wide file would need its header rewritten. Pivot with
+    ``pandas.read_csv(p).pivot_table(index="step", columns="tag", values="value")``.
 
     Opened in append mode: a resumed run adds rows to the same file, and the header is written only
     when the file is new or empty. A file whose header differs is refused rather than corrupted.
@@ -504,6 +547,12 @@ class CsvWriter(_LocalFileWriter):
     """
 
     HEADER = ("step", "tag", "value", "wall_time")
+    _header_lines = 1
+
+    @staticmethod
+    def _step_of(line: str) -> int | None:
+        row = next(csv.reader(io.StringIO(line)), [])
+        return int(row[0]) if len(row) == 4 and row[0].lstrip("-").isdigit() else None
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = pathlib.Path(path)
@@ -532,10 +581,19 @@ class CsvWriter(_LocalFileWriter):
 
 
 class JsonlWriter(_LocalFileWriter):
-    """One JSON object per line (see the module docstring for the record shapes); appends on resume.
+    """One JSON object per line; appends on resume.
 
-    Lines are flushed as written: a JSONL file is what scripts tail while training runs.
+    Records: ``{"step": 10, "wall_time": ..., "train/loss": 0.5}`` for scalars (texts likewise,
+    with string values) and ``{"hparams": {...}, "wall_time": ...}`` for hyper-parameters.
+    Non-finite floats are written as Python's `json` writes them (``NaN``, ``Infinity``), so a
+    diverged loss stays visible. Lines are flushed as written: a JSONL file is what scripts tail
+    while training runs.
     """
+
+    @staticmethod
+    def _step_of(line: str) -> int | None:
+        record = json.loads(line)
+        return int(record["step"]) if "step" in record else -(2**62)  # hparams records stay
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = pathlib.Path(path)

@@ -1,4 +1,4 @@
-"""Metric writers, ProgressBar, EarlyStopping, LearningRateMonitor and Timer, driven by a fake trainer.
+"""Metric writers, ProgressBar, EarlyStopping, LearningRateMonitor and Timer, with a fake trainer.
 
 The fake trainer has the attributes the real one exposes to callbacks and calls the hooks in the
 order the real loop does (see `_fit`); each test checks an effect a user would see: files read back,
@@ -142,6 +142,35 @@ def test_tensorboard_writer_scalars_texts_histograms_hparams(tmp_path):
     assert start.hparams["optim.lr"].number_value == pytest.approx(1e-3)
     assert start.hparams["optim.schedule"].string_value == "cosine"
     assert start.hparams["shape"].string_value == "(2, 3)"
+
+
+def test_images_encode_as_png_with_their_pixels_and_channels(tmp_path):
+    from PIL import Image
+
+    from callbacks.images import encode_png, to_uint8_nhwc
+
+    floats = np.linspace(0, 1, 4 * 5 * 3).reshape(4, 5, 3)
+    (pixels,) = to_uint8_nhwc(floats)
+    assert pixels.dtype == np.uint8 and pixels[0, 0, 0] == 0 and pixels[-1, -1, -1] == 255
+    np.testing.assert_array_equal(pixels, np.round(floats * 255).astype(np.uint8))
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4, 1) * 20
+    rgba = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4) * 10
+    for image, mode in ((pixels, "RGB"), (grey, "L"), (rgba, "RGBA")):
+        decoded = Image.open(io.BytesIO(encode_png(image)))
+        assert decoded.mode == mode
+        np.testing.assert_array_equal(np.asarray(decoded).reshape(image.shape), image)
+
+    w = TensorBoardWriter(tmp_path / "tb")
+    w.write_images(3, {"grey": grey[None].repeat(2, axis=0)})
+    w.write_histograms(3, {"weights": np.array([-2.0, 0.5, 0.5, 3.0])})  # TensorFlow's buckets
+    w.close()
+    by_tag = {v.tag: v for ev in _tb_events(tmp_path / "tb") for v in ev.summary.value}
+    assert sorted(by_tag) == ["grey/image/0", "grey/image/1", "weights"]
+    histo = by_tag["weights"].histo
+    assert histo.num == 4 and sum(histo.bucket) == 4 and (histo.min, histo.max) == (-2.0, 3.0)
+    assert by_tag["grey/image/1"].image.colorspace == 1
+    decoded = Image.open(io.BytesIO(by_tag["grey/image/1"].image.encoded_image_string))
+    np.testing.assert_array_equal(np.asarray(decoded), grey[..., 0])
 
 
 def test_writers_refuse_non_integer_step(tmp_path):
@@ -329,8 +358,8 @@ class FakeTrainer:
 
     Per optimiser step: `on_train_batch_start` and `on_before_optimizer_step` per micro-batch, the
     (fake) step advancing the clock by `step_seconds`, then `global_step += 1`, `train/loss` into
-    `callback_metrics` every `log_every_n_steps`, `on_train_batch_end`, and every `val_every` steps a
-    validation whose mean metrics land in `callback_metrics` before `on_validation_epoch_end` /
+    `callback_metrics` every `log_every_n_steps`, `on_train_batch_end`, and every `val_every` steps
+    a validation whose mean metrics land in `callback_metrics` before `on_validation_epoch_end` /
     `on_validation_end`; the loop ends when `should_stop` is set or `max_steps` is reached.
     """
 

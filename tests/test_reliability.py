@@ -91,7 +91,11 @@ def get_config():
     config.trainer.log_every_n_steps = 1
     config.callbacks.checkpoint.every_n_steps = 3
     config.callbacks.pacer = {{"type": "tests.test_reliability:Pacer", "sleep": 0.0, "hold_at": 0}}
-    config.writers = {{"tensorboard": {{"type": "tensorboard"}}, "csv": {{"type": "csv"}}, "jsonl": {{"type": "jsonl"}}}}
+    config.writers = {{
+        "tensorboard": {{"type": "tensorboard"}},
+        "csv": {{"type": "csv"}},
+        "jsonl": {{"type": "jsonl"}},
+    }}
     return config
 """
 
@@ -347,7 +351,8 @@ def get_config():
 
 @pytest.mark.slow
 def test_replay_buffer_survives_a_kill(tmp_path) -> None:
-    """LoRA + replay: the buffer (checkpoint item "strategy" and meta["strategy"]) resumes exactly."""
+    """LoRA + replay: the buffer (checkpoint item "strategy" and meta["strategy"]) resumes
+    exactly."""
     config = tmp_path / "replay_config.py"
     config.write_text(REPLAY_CONFIG.format(data_dir=str(tmp_path / "datasets")))
     reference = Job(config, tmp_path / "reference")
@@ -476,7 +481,8 @@ def test_a_second_signal_does_what_it_would_have_done(tmp_path) -> None:
 
 
 def test_preemption_waits_for_every_process(monkeypatch) -> None:
-    """Multi-host: a process that was not signalled stops with the others (an all-gather of flags)."""
+    """Multi-host: a process that was not signalled stops with the others (an all-gather of
+    flags)."""
     from types import SimpleNamespace
 
     from jax.experimental import multihost_utils
@@ -653,8 +659,7 @@ def test_checkpoints_without_a_model_signature_still_restore(two_checkpoints, tm
 
 
 def test_rewind_drops_rows_after_the_restored_step(tmp_path) -> None:
-    from callbacks.checkpoint import rewind_metric_files
-    from callbacks.writers import CsvWriter, JsonlWriter
+    from callbacks.writers import CsvWriter, JsonlWriter, MultiWriter
 
     csv_writer, jsonl_writer = CsvWriter(tmp_path / "m.csv"), JsonlWriter(tmp_path / "m.jsonl")
     jsonl_writer.write_hparams({"lr": 1.0})
@@ -664,7 +669,7 @@ def test_rewind_drops_rows_after_the_restored_step(tmp_path) -> None:
     csv_writer.flush()
     with open(tmp_path / "m.csv", "a") as f:
         f.write("6,train/lo")  # killed mid-row
-    rewind_metric_files([csv_writer, jsonl_writer], 3)
+    MultiWriter([csv_writer, jsonl_writer]).rewind(3)
     csv_writer.write_scalars(4, {"train/loss": 4.5})
     jsonl_writer.write_scalars(4, {"train/loss": 4.5})
     csv_writer.close()
@@ -676,7 +681,7 @@ def test_rewind_drops_rows_after_the_restored_step(tmp_path) -> None:
     dropped = (tmp_path / "m.csv.dropped").read_text().splitlines()
     assert [line.split(",")[0] for line in dropped] == ["4", "5", "6"]
     # A run that restarts from scratch (no checkpoint yet) takes out every step.
-    rewind_metric_files([JsonlWriter(tmp_path / "m.jsonl")], -1)
+    JsonlWriter(tmp_path / "m.jsonl").rewind(-1)
     assert list(json.loads((tmp_path / "m.jsonl").read_text())) == ["hparams", "wall_time"]
 
 
