@@ -48,11 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import tensorflow_datasets as tfds
 
+from aurora.variables import ATMOS_VARS as ATMOS
+from aurora.variables import SURF_VARS as SURF
 from data_builders.builders import AURORA_LEVELS, Era5, global_grid
 from data_builders.pipeline import Pipeline, WeatherSource, open_source
 
-SURF = ("2t", "10u", "10v", "msl")
-ATMOS = ("z", "u", "v", "t", "q")
 START = np.datetime64("2020-01-01T00", "s")
 _MEAN_AMP = {
     "2t": (278.0, 25.0),

@@ -46,9 +46,9 @@ sys.path.insert(0, str(ROOT))
 
 import aurora  # noqa: E402
 from aurora.batch import Batch, Metadata  # noqa: E402
+from aurora.variables import AURORA_LEVELS  # noqa: E402
 from trainers.strategies.rollout import RolloutStrategy  # noqa: E402
 
-AURORA_LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
 OPTIM = ml_collections.ConfigDict(
     {"learning_rate": 1e-4, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0}
 )

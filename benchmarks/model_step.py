@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import aurora  # noqa: E402
+from aurora.variables import ATMOS_VARS, STATIC_VARS, SURF_VARS  # noqa: E402
 from tests.reference.venv import python as reference_python  # noqa: E402
 from trainers.sharding import example_shardings, make_mesh, put_state, state_shardings  # noqa: E402
 
@@ -40,14 +41,10 @@ from trainers.sharding import example_shardings, make_mesh, put_state, state_sha
 def make_batch(h: int, w: int, levels: tuple[int, ...]) -> aurora.Batch:
     rng = np.random.default_rng(0)
     return aurora.Batch(
-        surf_vars={
-            k: rng.standard_normal((1, 2, h, w), dtype=np.float32)
-            for k in ("2t", "10u", "10v", "msl")
-        },
-        static_vars={k: rng.standard_normal((h, w), dtype=np.float32) for k in ("lsm", "z", "slt")},
+        surf_vars={k: rng.standard_normal((1, 2, h, w), dtype=np.float32) for k in SURF_VARS},
+        static_vars={k: rng.standard_normal((h, w), dtype=np.float32) for k in STATIC_VARS},
         atmos_vars={
-            k: rng.standard_normal((1, 2, len(levels), h, w), dtype=np.float32)
-            for k in ("z", "u", "v", "t", "q")
+            k: rng.standard_normal((1, 2, len(levels), h, w), dtype=np.float32) for k in ATMOS_VARS
         },
         metadata=aurora.Metadata(
             lat=np.linspace(90, -90, h + 1)[:-1],
