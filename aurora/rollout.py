@@ -1,8 +1,13 @@
-"""Autoregressive inference rollout, advancing time and rollout step exactly as microsoft-aurora."""
+"""Autoregressive inference rollout, advancing time and rollout step exactly as microsoft-aurora.
+
+`ModelStep` is one jitted model step; build it once per model and hand it to `rollout` as many
+times as needed (as graphcast's `chunked_prediction` takes a predictor), so the model compiles
+once per input layout instead of once per call. `rollout(model, ...)` builds a fresh step.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -11,7 +16,40 @@ import jax.numpy as jnp
 from aurora.batch import Batch
 from aurora.model.aurora import Aurora
 
-__all__ = ["advance_batch", "rollout"]
+__all__ = ["ModelStep", "advance_batch", "rollout"]
+
+Step = Callable[[Any, Batch], Batch]
+"""One model step: `(params, batch) -> prediction`, the prediction one step ahead (history 1)."""
+
+
+class ModelStep:
+    """`model.apply` jitted once: `step(params, batch)` is the prediction one step ahead.
+
+    Build one per model and reuse it: the compiled program is kept for each input layout (shapes,
+    dtypes, grid), and time and `rollout_step` are traced values, so every rollout step and every
+    later call with the same layout reuses it.
+
+    Args:
+        model: an `Aurora` (or anything with its `apply` and `patch_size`).
+    """
+
+    def __init__(self, model: Aurora) -> None:
+        self.model = model
+        self.patch_size: int = model.patch_size
+        self._apply = jax.jit(lambda params, batch: model.apply({"params": params}, batch))
+
+    def __call__(self, params: Any, batch: Batch) -> Batch:
+        """The prediction one step ahead.
+
+        Args:
+            params: the model's parameters (the ``"params"`` collection).
+            batch: the input, variables of shape `(b, t, h, w)` / `(b, t, c, h, w)`.
+
+        Returns:
+            The prediction, variables of shape `(b, 1, h, w)` / `(b, 1, c, h, w)` (`h` cropped to
+            a multiple of the patch size), time and `rollout_step` advanced by one step.
+        """
+        return self._apply(params, batch)
 
 
 def advance_batch(batch: Batch, pred: Batch) -> Batch:
@@ -19,6 +57,14 @@ def advance_batch(batch: Batch, pred: Batch) -> Batch:
 
     Time and `rollout_step` come from the prediction (the model advanced them). Variables the
     prediction has but the input had not are dropped, as in microsoft-aurora.
+
+    Args:
+        batch: the current input, variables of shape `(b, t, h, w)` / `(b, t, c, h, w)`.
+        pred: the model's prediction for it, variables of shape `(b, 1, h, w)` /
+            `(b, 1, c, h, w)` on the same grid.
+
+    Returns:
+        The input for the next step, of the same shapes as `batch`.
     """
 
     def slide(old: jax.Array, new: jax.Array) -> jax.Array:
@@ -40,18 +86,54 @@ def advance_batch(batch: Batch, pred: Batch) -> Batch:
     )
 
 
-def rollout(model: Aurora, params: Any, batch: Batch, steps: int) -> Iterator[Batch]:
+def rollout(
+    step: Aurora | ModelStep | Step,
+    params: Any,
+    batch: Batch,
+    steps: int,
+    *,
+    patch_size: int | None = None,
+) -> Iterator[Batch]:
     """Yield `steps` predictions, each fed back as the newest history step.
 
-    One jitted step serves every rollout step: time and `rollout_step` are traced values.
+    The input is cast to float32 and cropped to the patch size first; one compiled step serves
+    every rollout step (time and `rollout_step` are traced values). Reuse a `ModelStep` across
+    calls to compile once::
+
+        step = ModelStep(model)
+        preds = [list(rollout(step, params, b, steps=4)) for b in batches]
+
+    Args:
+        step: a `ModelStep`; an `Aurora` (a new `ModelStep` is built for this call); or any
+            `(params, batch) -> prediction` callable, then with `patch_size`.
+        params: the model's parameters (the ``"params"`` collection).
+        batch: the input, variables of shape `(b, t, h, w)` / `(b, t, c, h, w)`.
+        steps: how many predictions to make.
+        patch_size: the model's patch size; by default the step's or model's own.
+
+    Returns:
+        An iterator over the `steps` predictions, variables of shape `(b, 1, h, w)` /
+        `(b, 1, c, h, w)`, the `k`-th (from 1) at time `batch time + k * timestep` with
+        `rollout_step` advanced by `k`.
+
+    Raises:
+        TypeError: a plain callable without `patch_size`.
     """
-    batch = batch.astype(jnp.float32).crop(model.patch_size)
+    if not isinstance(step, ModelStep) and hasattr(step, "apply"):
+        step = ModelStep(step)  # a model
+    patch_size = getattr(step, "patch_size", None) if patch_size is None else patch_size
+    if patch_size is None:
+        raise TypeError("rollout with a step function needs the model's patch_size")
+    batch = batch.astype(jnp.float32).crop(patch_size)
     batch = batch.replace(
         metadata=batch.metadata.replace(
             rollout_step=jnp.asarray(batch.metadata.rollout_step, jnp.int32)
         )
     )
-    step = jax.jit(lambda p, b: model.apply({"params": p}, b))
+    return _predictions(step, params, batch, steps)
+
+
+def _predictions(step: Step, params: Any, batch: Batch, steps: int) -> Iterator[Batch]:
     for _ in range(steps):
         pred = step(params, batch)
         yield pred

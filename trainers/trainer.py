@@ -107,14 +107,7 @@ class Trainer:
                 f"Unknown in-step measurements {sorted(unknown)}; known: {sorted(MEASUREMENTS)}."
             )
 
-        strategy.model = strategy.model.clone(
-            autocast=precision == "bf16-mixed",
-            remat=remat != "none",
-            remat_stages=remat in ("stages", "all"),
-        )
-        if hasattr(strategy, "remat"):
-            strategy.remat = remat == "all" or strategy.remat
-        self.strategy = strategy
+        self.strategy = strategy.with_model_options(precision=precision, remat=remat)
         self.optimizer_config = optimizer
         self.callbacks = list(callbacks)
         self.writers = list(writers)
@@ -393,19 +386,17 @@ class Trainer:
 
     def predict(self, data: DataSource, steps: int = 1) -> Iterable[list[Batch]]:
         """Roll out `steps` predictions from every input; yields host-side predictions per batch."""
-        from aurora.rollout import rollout
+        from aurora.rollout import ModelStep, rollout
 
         self._call("setup", "predict")
         try:
             self.load(data)
+            step = ModelStep(self.strategy.model)  # compiled once, not once per batch
             self._call("on_predict_start")
             for batch_idx, example in enumerate(data.iterator(0)):
                 self._call("on_predict_batch_start", example, batch_idx)
                 inputs, _ = _to_device_batch(example)
-                preds = [
-                    p.to_numpy()
-                    for p in rollout(self.strategy.model, self.state.params, inputs, steps)
-                ]
+                preds = [p.to_numpy() for p in rollout(step, self.state.params, inputs, steps)]
                 self._call("on_predict_batch_end", preds, example, batch_idx)
                 yield preds
             self._call("on_predict_end")
