@@ -83,6 +83,7 @@ from tensorflow_datasets.core import hashing as tfds_hashing
 from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from aurora import variables
+from aurora.jsonable import jsonable
 from data_builders.readers import (
     ATMOS_VARS,
     STATIC_KEYS,
@@ -278,7 +279,7 @@ class WeatherMetadata(tfds.core.Metadata):
         """Write both files into the (incomplete) dataset folder TFDS is finishing."""
         path = epath.Path(data_dir)
         items = {k: v for k, v in self.items() if k != "static"}
-        (path / _METADATA_FILE).write_text(json.dumps(items, default=_jsonable))
+        (path / _METADATA_FILE).write_text(json.dumps(items, default=jsonable))
         static = self.get("static") or {}
         if static:
             buf = io.BytesIO()
@@ -294,14 +295,6 @@ class WeatherMetadata(tfds.core.Metadata):
         if static_path.exists():
             with np.load(io.BytesIO(static_path.read_bytes())) as npz:
                 self["static"] = {k: npz[k] for k in npz.files}
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
 # --------------------------------------------------------------------------------------------

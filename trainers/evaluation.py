@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aurora.batch import Batch, Metadata
+from aurora.jsonable import jsonable
 from aurora.model.aurora import Aurora
 from aurora.rollout import advance_batch
 from data_builders.pipeline import WeatherSource, find_windows
@@ -414,7 +415,7 @@ def write_scores(
         for row in rows:
             writer.writerow([_csv_value(c, row.get(c)) for c in COLUMNS])
     summary = {
-        **{k: _jsonable(v) for k, v in provenance.items()},
+        **{k: jsonable(v) for k, v in provenance.items()},
         "scores": str(csv_path),
         "rows": len(rows),
         "models": sorted({str(r["model"]) for r in rows}),
@@ -438,20 +439,6 @@ def _csv_value(column: str, value: Any) -> str:
 
 def _level_name(variable: str, level: float | None) -> str:
     return variable if level is None or level == "" else f"{variable}{float(level):g}"
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
 
 
 # --------------------------------------------------------------------------------------------
