@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aurora.model import posencoding, sleef
+from aurora.model import posencoding, trig
 from aurora.model.fourier import (
     _min_patch_area,
     absolute_time_expansion,
@@ -24,8 +24,9 @@ from aurora.model.fourier import (
     pos_expansion,
     scale_expansion,
 )
+from aurora.model.mkl import mkl_available
 from aurora.model.posencoding import patch_root_area, pos_scale_encoding
-from aurora.model.sleef import fma_f32, mkl_available, sleef_sin_f32
+from aurora.model.sleef import fma_f32, sleef_sin_f32
 
 DATA = Path(__file__).parent / "data"
 needs_mkl = pytest.mark.skipif(not mkl_available(), reason="no Intel MKL runtime (libmkl_rt)")
@@ -63,12 +64,12 @@ def test_sleef_port_matches_sleef(sin_table):
 
 @needs_mkl
 def test_mkl_sin_matches_torch(sin_table):
-    assert_same_bits(sleef.sin_f32(sin_table["x"], backend="mkl"), sin_table["torch_sin"])
+    assert_same_bits(trig.sin_f32(sin_table["x"], backend="mkl"), sin_table["torch_sin"])
 
 
 @needs_mkl
 def test_mkl_sqrt_matches_torch(sin_table):
-    assert_same_bits(sleef.sqrt_f32(sin_table["sqrt_x"], backend="mkl"), sin_table["torch_sqrt"])
+    assert_same_bits(trig.sqrt_f32(sin_table["sqrt_x"], backend="mkl"), sin_table["torch_sqrt"])
 
 
 def test_sleef_port_special_values():
@@ -110,13 +111,13 @@ def test_fma_f32_is_correctly_rounded():
 
 def test_backend_choice(monkeypatch):
     monkeypatch.setenv("AURORA_SIN_BACKEND", "sleef")
-    assert sleef.sin_backend() == "sleef"
+    assert trig.sin_backend() == "sleef"
     x = np.array([0.3, 1.2], np.float32)
-    assert_same_bits(sleef.sin_f32(x), sleef_sin_f32(x))
-    assert_same_bits(sleef.sqrt_f32(x), np.sqrt(x))
+    assert_same_bits(trig.sin_f32(x), sleef_sin_f32(x))
+    assert_same_bits(trig.sqrt_f32(x), np.sqrt(x))
     monkeypatch.setenv("AURORA_SIN_BACKEND", "nonsense")
     with pytest.raises(ValueError):
-        sleef.sin_backend()
+        trig.sin_backend()
 
 
 # --- Fourier expansions ----------------------------------------------------------------------

@@ -16,7 +16,7 @@ Details that matter for bit-exactness with PyTorch:
   second half backwards from ``end`` and raises 10 to them with the C library's ``pow``;
 * ``2 * pi / w`` on a tensor is evaluated by PyTorch as ``reciprocal(w) * (2 * pi)``;
 * ``sin``/``cos`` in ``float64``: PyTorch's x86 builds call Intel MKL's vector math library. We use
-  the same library when it can be loaded (see :mod:`aurora.model.sleef`) and numpy otherwise. The
+  the same library when it can be loaded (see :mod:`aurora.model.trig`) and numpy otherwise. The
   two differ in the last bit of about 0.1 % of ``float64`` results, which survives the rounding to
   ``float32`` only in the rare cases where a value sits almost exactly halfway between two
   ``float32`` numbers (none in 15 million samples).
@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from aurora.model.sleef import cos_f64, sin_f64
+from aurora.model.trig import cos_f64, sin_f64
 
 __all__ = [
     "Expansion",

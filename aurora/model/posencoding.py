@@ -10,8 +10,8 @@ operation by operation:
 * root areas: ``sqrt(6371**2 * pi * (sin(lat_max) - sin(lat_min)) * (lon_max - lon_min))`` with
   angles converted to radians, where PyTorch turns the Python constant ``6371**2 * pi`` into a
   ``float32`` before multiplying, and takes the ``float32`` sines and the square root from its
-  vector math library (see :func:`aurora.model.sleef.sin_f32` and
-  :func:`aurora.model.sleef.sqrt_f32`).
+  vector math library (see :func:`aurora.model.trig.sin_f32` and
+  :func:`aurora.model.trig.sqrt_f32`).
 
 The Fourier expansions of the centres and root areas are then formed in ``float64`` by
 :mod:`aurora.model.fourier`.
@@ -20,7 +20,7 @@ The Fourier expansions of the centres and root areas are then formed in ``float6
 import numpy as np
 
 from aurora.model.fourier import pos_expansion, scale_expansion
-from aurora.model.sleef import sin_f32, sqrt_f32
+from aurora.model.trig import sin_f32, sqrt_f32
 
 __all__ = ["patch_root_area", "pos_scale_encoding"]
 
