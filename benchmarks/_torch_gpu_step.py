@@ -1,6 +1,7 @@
 """microsoft-aurora side of benchmarks/gpu_step.py; runs in a Python with microsoft-aurora and
 prints one JSON line: forward fp32 / bf16-autocast and train-step (autocast + activation
-checkpointing) medians, and the train step's peak CUDA memory.
+checkpointing) medians, the train step's peak CUDA memory, and torch's and microsoft-aurora's
+versions.
 
     python _torch_gpu_step.py PRESET H W LEVELS REPEATS
 """
@@ -12,6 +13,7 @@ import time
 from datetime import datetime
 
 import torch
+from results import torch_versions  # benchmarks/results.py: this script's directory is on sys.path
 
 import aurora
 
@@ -82,6 +84,7 @@ def main(preset: str, h: int, w: int, n_levels: int, repeats: int) -> None:
     out["train_s"] = timed(train)
     if device == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    out["versions"] = torch_versions()
     print(json.dumps(out))
 
 

@@ -1,4 +1,5 @@
-"""microsoft-aurora side of benchmarks/model_step.py; runs inside the reference virtualenv and prints JSON."""
+"""microsoft-aurora side of benchmarks/model_step.py: runs inside the reference virtualenv and
+prints one JSON line (forward and forward+backward medians, threads, versions) to its caller."""
 
 import json
 import statistics
@@ -7,6 +8,7 @@ import time
 from datetime import datetime
 
 import torch
+from results import torch_versions  # benchmarks/results.py: this script's directory is on sys.path
 
 from aurora import AuroraSmallPretrained, Batch, Metadata
 
@@ -57,6 +59,7 @@ def main(h: int, w: int, levels: tuple[int, ...], repeats: int) -> None:
             times.append(time.perf_counter() - start)
         results[name] = statistics.median(times)
     results["threads"] = torch.get_num_threads()
+    results["versions"] = torch_versions()
     print(json.dumps(results))
 
 

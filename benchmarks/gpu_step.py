@@ -1,4 +1,4 @@
-"""One prepared GPU run: forward and train-step times, MFU and a 10-day forecast, vs microsoft-aurora.
+"""One prepared GPU run: forward and train-step times, MFU and a 10-day forecast.
 
     .venv/bin/python benchmarks/gpu_step.py [--presets Aurora,AuroraSmall] [--torch-python PATH]
 
@@ -12,10 +12,9 @@ weights, it reports the median of `--repeats` calls after a warm-up (compilation
   backward of twice its cost), the usual convention (recomputation does not count);
 * a `--forecast-steps` rollout (40 = 10 days) with bf16 compute, one compiled step reused.
 
-With `--torch-python` (a Python that has microsoft-aurora and CUDA PyTorch, e.g. a venv built
-from its wheel), `_torch_gpu_step.py` times the same forward/train step there in the same run and
-the ratio is printed. Sized to finish in under 8 minutes on an H100 (about 3 for compiling).
-`--h/--w/--levels` shrink it for a CPU smoke test.
+With `--torch-python` (a Python that has microsoft-aurora and CUDA PyTorch), `_torch_gpu_step.py`
+times the same forward and train step there in the same run and the ratio is reported.
+`--h/--w/--levels` shrink it for a CPU smoke test. Writes a result file (`benchmarks/results.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import aurora  # noqa: E402
 from aurora.rollout import advance_batch  # noqa: E402
+from benchmarks import results  # noqa: E402
 from benchmarks.memory import AURORA_LEVELS  # noqa: E402
 from benchmarks.model_step import compile_timed, flops, time_calls  # noqa: E402
 from tests.helpers import random_batch  # noqa: E402
@@ -50,11 +50,13 @@ OPTIM = ml_collections.ConfigDict(
 
 
 def peak_flops() -> float | None:
+    """The device's peak dense bf16 FLOP/s from PEAK_BF16, None for an unknown device."""
     kind = jax.devices()[0].device_kind
     return next((v for k, v in PEAK_BF16.items() if k in kind), None)
 
 
 def bench(preset: str, args: argparse.Namespace) -> dict[str, float]:
+    """Times one preset (forward fp32 and bf16, train step, forecast); seconds, FLOPs, MFU."""
     levels = AURORA_LEVELS[: args.levels]
     model = aurora.PRESETS[preset](use_lora=False)
     batch = random_batch(model, batch=1, h=args.h, w=args.w, levels=levels)
@@ -113,23 +115,28 @@ def main() -> None:
     parser.add_argument(
         "--torch-python", default=None, help="a Python with microsoft-aurora and CUDA PyTorch"
     )
+    results.add_out_argument(parser)
     args = parser.parse_args()
     print(
         f"{jax.devices()[0].device_kind}, {args.h}x{args.w}, {args.levels} levels, batch 1",
         flush=True,
     )
+    figures, torch_versions = {}, None
     for preset in args.presets.split(","):
-        row = bench(preset, args)
+        figures[preset] = row = bench(preset, args)
         line = (
-            f"{preset}: params {row['params'] / 1e9:.3f} B | forward fp32 {row['forward_fp32_s']:.3f} s | "
-            f"forward bf16 {row['forward_bf16_s']:.3f} s | train step bf16+remat {row['train_s']:.3f} s | "
+            f"{preset}: params {row['params'] / 1e9:.3f} B | "
+            f"forward fp32 {row['forward_fp32_s']:.3f} s | "
+            f"forward bf16 {row['forward_bf16_s']:.3f} s | "
+            f"train step bf16+remat {row['train_s']:.3f} s | "
             f"{args.forecast_steps}-step forecast {row['forecast_s']:.2f} s"
         )
         if "train_mfu" in row:
             line += f" | MFU forward {row['forward_bf16_mfu']:.1%}, train {row['train_mfu']:.1%}"
         print(line, flush=True)
         print(
-            f"  compile: forward {row['forward_fp32_compile_s']:.0f} s, train {row['train_compile_s']:.0f} s; "
+            f"  compile: forward {row['forward_fp32_compile_s']:.0f} s, "
+            f"train {row['train_compile_s']:.0f} s; "
             f"XLA forward FLOPs {row['forward_flops'] / 1e12:.1f} T",
             flush=True,
         )
@@ -148,12 +155,17 @@ def main() -> None:
                     cmd, check=True, capture_output=True, text=True, cwd="/"
                 ).stdout.splitlines()[-1]
             )
+            torch_versions = ref.pop("versions", None)
+            row["torch"] = ref
+            row["torch_train_over_jax_train"] = ref["train_s"] / row["train_s"]
             print(
-                f"  microsoft-aurora: forward fp32 {ref['forward_fp32_s']:.3f} s, bf16 {ref['forward_bf16_s']:.3f} s, "
-                f"train {ref['train_s']:.3f} s, peak {ref.get('peak_gib', float('nan')):.1f} GiB; "
+                f"  microsoft-aurora: forward fp32 {ref['forward_fp32_s']:.3f} s, "
+                f"bf16 {ref['forward_bf16_s']:.3f} s, train {ref['train_s']:.3f} s, "
+                f"peak {ref.get('peak_gib', float('nan')):.1f} GiB; "
                 f"JAX speed-up on the train step {ref['train_s'] / row['train_s']:.2f}x",
                 flush=True,
             )
+    results.write("gpu_step", args, figures, extra_versions=torch_versions)
 
 
 if __name__ == "__main__":

@@ -1,33 +1,18 @@
 """Input pipeline throughput at Aurora's 0.25 degree size: batches per second, data wait, bytes.
 
-    python benchmarks/input_pipeline.py [--times 8] [--batch-size 1] [--rollout-steps 1]
+    python benchmarks/input_pipeline.py [--times 6] [--batch-size 1] [--rollout-steps 1]
 
-What it does:
+Writes ``--times`` 6-hourly states (721 x 1440, 4 surface and 5 atmospheric variables on 13
+levels, plus statics) as array_record with the `era5` builder's own writing path; the fields are
+**synthetic** (smooth patterns with realistic magnitudes plus 0.2 % noise, so the low mantissa
+bits are as incompressible as real data's). Then reads one epoch with `Pipeline` without prefetch
+(``num_threads=0``) and with prefetch, with and without a consumer that "trains" (a ``--step-s``
+sleep standing in for an accelerator step, by default 1.1 x the time to load a batch), and reports
+batches/s, the consumer's wait in ``next()`` (first batch and later ones) and the bytes read per
+batch (decoded float32 and on disk). Writes a result file (`benchmarks/results.py`).
 
-1. Writes a real array_record dataset with the `era5` builder's own writing path
-   (`data_builders.builders.Era5`, only its two reading hooks replaced): ``--times`` 6-hourly
-   states on the 721 x 1440 grid with 4 surface variables (2t 10u 10v msl) and 5 atmospheric
-   variables (z u v t q) on Aurora's 13 levels, plus the static companion (lsm z slt). The fields
-   are **synthetic**: smooth large-scale patterns with realistic magnitudes per variable and
-   level, plus small noise so the low mantissa bits are as incompressible as in real data.
-2. Reads it with `data_builders.pipeline.Pipeline` (windows of 2 history steps + K targets,
-   shuffled, batched into `aurora.Batch`) without prefetch (``num_threads=0``: reading and
-   decoding happen when the consumer asks) and with prefetch (``--threads`` threads,
-   ``--prefetch`` batches ahead), and prints:
-   * batches/s when the consumer does nothing else (pure input throughput);
-   * batches/s and the consumer's wait for data per batch while it "trains": a ``--step-s`` sleep
-     (default: 1.1 x the time to load a batch) stands in for an accelerator step and releases the
-     GIL, as waiting on a device does. With prefetch the wait after the first batch should be ~0;
-     without it, every step waits for a full load;
-   * bytes read per batch: decoded float32 bytes, and the on-disk (compressed) bytes of the
-     records read.
-
-   "steady s/batch" leaves out the first batch (the pipeline filling up); "wait" is how long the
-   consumer blocked in ``next()``.
-
-microsoft-aurora has no input pipeline (it takes a `Batch`), so there is nothing of it to run
-here. Keep ``--times`` small: each time step is ~290 MB of float32 (about 1 GB of peak memory per
-in-flight batch with K = 1).
+microsoft-aurora has no input pipeline, so there is no reference side. Each time step is ~290 MB of
+float32 (about 1 GB of peak memory per in-flight batch with K = 1): keep ``--times`` small.
 """
 
 from __future__ import annotations
@@ -50,6 +35,7 @@ import tensorflow_datasets as tfds
 
 from aurora.variables import ATMOS_VARS as ATMOS
 from aurora.variables import SURF_VARS as SURF
+from benchmarks import results
 from data_builders.builders import AURORA_LEVELS, Era5, global_grid
 from data_builders.pipeline import Pipeline, WeatherSource, open_source
 
@@ -261,17 +247,20 @@ def main() -> None:
         "load one batch without prefetch)",
     )
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
+    results.add_out_argument(ap)
     args = ap.parse_args()
     tfds.disable_progress_bar()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="aurora_input_bench_"))
     try:
-        run(args, workdir)
+        figures = run(args, workdir)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+    results.write("input_pipeline", args, figures)
 
 
-def run(args: argparse.Namespace, workdir: Path) -> None:
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Builds the dataset, measures every reading setting, prints and returns the figures."""
     print(
         "Input pipeline benchmark: SYNTHETIC smooth fields (realistic magnitudes, 0.2 % noise) "
         "written by the real era5 builder path to array_record"
@@ -290,7 +279,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     )
     print(
         f"batch size {args.batch_size}, history 2 + {args.rollout_steps} target(s); "
-        f"{2 + args.rollout_steps} records per window; machine: {_cpus()} CPU cores"
+        f"{2 + args.rollout_steps} records per window; machine: {results.cpu_count()} CPU cores"
     )
     rows = []
     runs = [
@@ -306,28 +295,35 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     )
     for label, threads, step in runs:
         if step is None:
-            step = args.step_s if args.step_s is not None else 1.1 / rows[0][2]["batches_per_s"]
+            step = args.step_s if args.step_s is not None else 1.1 / rows[0][3]["batches_per_s"]
         r = measure(source, args, threads, step)
-        rows.append((label, step, r))
+        rows.append((label, threads, step, r))
         print(
             f"  {label:<16} {step:6.2f} {r['batches']:7d} {r['batches_per_s']:9.3f} "
             f"{1 / r['batches_per_s']:7.2f} {r['steady_s_per_batch']:14.2f} "
             f"{r['first_wait_s']:10.2f} {r['steady_wait_s']:10.2f}"
         )
-    r = rows[0][2]
+    r = rows[0][3]
     per_record_disk = disk / args.times
     print(
         f"bytes read per batch: {r['records_per_batch']:.2f} records, "
         f"{r['decoded_bytes_per_batch'] / 1e6:.0f} MB decoded float32, "
         f"{r['records_per_batch'] * per_record_disk / 1e6:.0f} MB from disk"
     )
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(f"peak RSS {peak_rss_gb:.2f} GB")
+    return {
+        "record_mb_float32": raw / 1e6,
+        "record_mb_on_disk": per_record_disk / 1e6,
+        "compression_ratio": disk / (raw * args.times),
+        "build_s": build_s,
+        "build_s_per_time_step": build_s / args.times,
+        "records_per_batch": r["records_per_batch"],
+        "decoded_mb_per_batch": r["decoded_bytes_per_batch"] / 1e6,
+        "disk_mb_per_batch": r["records_per_batch"] * per_record_disk / 1e6,
+        "peak_rss_gb": peak_rss_gb,
+        "runs": [{"label": label, "threads": t, "step_s": step, **r} for label, t, step, r in rows],
+    }
 
 
 if __name__ == "__main__":

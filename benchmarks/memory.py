@@ -1,23 +1,17 @@
 """Compiled peak memory of one training step, without running it (nothing is allocated).
 
-    .venv/bin/python benchmarks/memory.py [--preset Aurora --h 721 --w 1440 --levels 13]
+    .venv/bin/python benchmarks/memory.py [--preset Aurora --h 720 --w 1440 --levels 13]
 
 Builds the real train step (`RolloutStrategy`, one step, AdamW, the guarded update) for the preset
-on the grid, lowers it on abstract inputs (`jax.ShapeDtypeStruct`, so no parameter or batch is
-allocated) with the state donated, compiles it for the local device and prints XLA's memory plan
-(`compiled.memory_analysis()`) for each setting of precision and rematerialisation:
+on the grid, lowers it on abstract inputs (`jax.ShapeDtypeStruct`) with the state donated,
+compiles it for the local device and reports XLA's memory plan (`compiled.memory_analysis()`) for
+each `--settings` entry: `fp32` (no remat), `bf16` (autocast, float32 master parameters),
+`bf16+remat` (Swin blocks and level Perceivers rematerialised, `remat="backbone"` in the Trainer)
+and `bf16+remat+stages` (also whole backbone stages, `remat="stages"`).
 
-* `fp32`: float32 everywhere, no remat;
-* `bf16`: bf16 compute (autocast), float32 master parameters, no remat;
-* `bf16+remat`: bf16, every Swin block and the encoder's and decoder's level Perceivers
-  rematerialised, in chunks of windows or patches (`remat="backbone"` in the Trainer);
-* `bf16+remat+stages`: also whole backbone stages (`remat="stages"`).
-
-`peak` = arguments + outputs - aliased (donated) + temporaries: what the device must hold during
-the step. On a GPU this is the number to compare with microsoft-aurora's 55.4 GiB (Aurora, 0.25°,
-autocast + activation checkpointing, H100); on the CPU backend the plan is the CPU compiler's and
-only indicative: its matmuls on bf16 operands produce float32 results (converted afterwards), so
-every bf16 activation also exists as a float32 temporary and bf16 plans come out too high.
+`peak` = arguments + outputs - aliased (donated) + temporaries: what the device holds during the
+step. The CPU backend's plan is only indicative: its matmuls on bf16 operands produce float32
+results, so bf16 plans come out too high there. Writes a result file (`benchmarks/results.py`).
 """
 
 from __future__ import annotations
@@ -47,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 import aurora  # noqa: E402
 from aurora.batch import Batch, Metadata  # noqa: E402
 from aurora.variables import AURORA_LEVELS  # noqa: E402
+from benchmarks import results  # noqa: E402
 from trainers.strategies.rollout import RolloutStrategy  # noqa: E402
 
 OPTIM = ml_collections.ConfigDict(
@@ -120,18 +115,21 @@ def main() -> None:
     parser.add_argument("--w", type=int, default=1440)
     parser.add_argument("--levels", type=int, default=13, help="the first N of Aurora's 13 levels")
     parser.add_argument("--settings", default="fp32,bf16,bf16+remat,bf16+remat+stages")
+    results.add_out_argument(parser)
     args = parser.parse_args()
     levels = AURORA_LEVELS[: args.levels]
-    print(
-        f"{args.preset}, {args.h}x{args.w}, {len(levels)} levels, batch 1, one device: {jax.devices()[0].device_kind}"
-    )
+    device = jax.devices()[0].device_kind
+    print(f"{args.preset}, {args.h}x{args.w}, {len(levels)} levels, batch 1, one device: {device}")
+    rows = {}
     for setting in args.settings.split(","):
-        row = plan(args.preset, args.h, args.w, levels, setting)
+        rows[setting] = row = plan(args.preset, args.h, args.w, levels, setting)
         print(
-            f"{setting:<18} params {row['params'] / 1e9:.3f} B  arguments {row['arguments_gib']:6.2f} GiB  "
-            f"temp {row['temp_gib']:6.2f} GiB  peak {row['peak_gib']:6.2f} GiB  (compile {row['compile_s']:.0f} s)",
+            f"{setting:<18} params {row['params'] / 1e9:.3f} B  "
+            f"arguments {row['arguments_gib']:6.2f} GiB  temp {row['temp_gib']:6.2f} GiB  "
+            f"peak {row['peak_gib']:6.2f} GiB  (compile {row['compile_s']:.0f} s)",
             flush=True,
         )
+    results.write("memory", args, {"levels": list(levels), "settings": rows})
 
 
 if __name__ == "__main__":

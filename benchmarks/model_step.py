@@ -1,6 +1,7 @@
 """Forward and forward+backward time of AuroraSmall: our JAX model vs microsoft-aurora, same run.
 
-    .venv/bin/python benchmarks/model_step.py [--h 64 --w 128 --levels 100,250,500,850 --repeats 3 --mesh 1,1]
+    .venv/bin/python benchmarks/model_step.py [--h 64 --w 128 --levels 100,250,500,850]
+        [--repeats 3 --mesh 1,1]
 
 Both sides build AuroraSmallPretrained with random weights on the same grid and batch shape (1
 sample, 2 history steps), run one warm-up, then report the median of `--repeats` timed calls. JAX
@@ -11,7 +12,7 @@ The PyTorch side runs in the reference virtualenv (see tests/reference/venv.py).
 The JAX side goes through the Trainer's sharding code (`--mesh`, default one device). The `floor`
 column divides XLA's FLOP count of the step by the float32 rate of one large matmul on the device:
 a float32 step cannot run faster than that, whatever the framework, which puts speed-up targets
-against PyTorch in proportion.
+against PyTorch in proportion. Writes a result file (`benchmarks/results.py`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import aurora  # noqa: E402
 from aurora.variables import ATMOS_VARS, STATIC_VARS, SURF_VARS  # noqa: E402
+from benchmarks import results  # noqa: E402
 from tests.reference.venv import python as reference_python  # noqa: E402
 from trainers.sharding import example_shardings, make_mesh, put_state, state_shardings  # noqa: E402
 
@@ -119,7 +121,8 @@ def matmul_peak(n: int = 4096, repeats: int = 3) -> float:
     return 2 * n**3 / time_calls(lambda: matmul(a), repeats)[1]
 
 
-def run_torch(h: int, w: int, levels: tuple[int, ...], repeats: int) -> dict[str, float]:
+def run_torch(h: int, w: int, levels: tuple[int, ...], repeats: int) -> dict[str, Any]:
+    """microsoft-aurora's medians (`_torch_model_step.py` in the reference virtualenv)."""
     out = subprocess.run(
         [
             str(reference_python()),
@@ -144,34 +147,54 @@ def main() -> None:
     parser.add_argument("--levels", default="100,250,500,850")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mesh", default="1,1", help="data,fsdp mesh for the JAX side (-1 fills)")
+    results.add_out_argument(parser)
     args = parser.parse_args()
     levels = tuple(int(x) for x in args.levels.split(","))
     mesh_shape = tuple(int(x) for x in args.mesh.split(","))
 
+    device = f"{jax.devices()[0].platform} ({jax.device_count()} device(s)"
     print(
         f"AuroraSmallPretrained, batch 1, history 2, grid {args.h}x{args.w}, {len(levels)} levels, "
-        f"{jax.devices()[0].platform} ({jax.device_count()} device(s), mesh data,fsdp={args.mesh}), float32"
+        f"{device}, mesh data,fsdp={args.mesh}), float32"
     )
     torch_t = run_torch(args.h, args.w, levels, args.repeats)
+    torch_versions = torch_t.pop("versions", None)
     jax_t = run_jax(args.h, args.w, levels, args.repeats, mesh_shape)  # type: ignore[arg-type]
     peak = matmul_peak()
     print(
-        f"{'':18} {'microsoft-aurora':>17} {'JAX':>9} {'JAX/PyTorch':>12} {'GFLOP':>7} {'floor':>7} {'floor/PyTorch':>14}"
+        f"{'':18} {'microsoft-aurora':>17} {'JAX':>9} {'JAX/PyTorch':>12} {'GFLOP':>7} "
+        f"{'floor':>7} {'floor/PyTorch':>14}"
     )
+    figures: dict[str, Any] = {
+        "matmul_peak_gflops": peak / 1e9,
+        "torch_threads": torch_t["threads"],
+    }
     for name in ("forward", "forward_backward"):
         floor = jax_t[f"{name}_flops"] / peak
+        figures[name] = {
+            "torch_s": torch_t[name],
+            "jax_s": jax_t[name],
+            "jax_over_torch": jax_t[name] / torch_t[name],
+            "jax_compile_s": jax_t[f"{name}_compile"],
+            "gflop": jax_t[f"{name}_flops"] / 1e9,
+            "floor_s": floor,
+            "floor_over_torch": floor / torch_t[name],
+        }
         print(
-            f"{name:18} {torch_t[name]:>16.2f}s {jax_t[name]:>8.2f}s {jax_t[name] / torch_t[name]:>12.2f} "
-            f"{jax_t[f'{name}_flops'] / 1e9:>7.0f} {floor:>6.2f}s {floor / torch_t[name]:>14.2f}"
+            f"{name:18} {torch_t[name]:>16.2f}s {jax_t[name]:>8.2f}s "
+            f"{jax_t[name] / torch_t[name]:>12.2f} {jax_t[f'{name}_flops'] / 1e9:>7.0f} "
+            f"{floor:>6.2f}s {floor / torch_t[name]:>14.2f}"
         )
     print(
-        f"floor = XLA's FLOP count / the float32 matmul peak of this device ({peak / 1e9:.0f} GFLOP/s, 4096^2): "
-        "the time a float32 implementation cannot beat on it."
+        f"floor = XLA's FLOP count / the float32 matmul peak of this device "
+        f"({peak / 1e9:.0f} GFLOP/s, 4096^2): the time a float32 implementation cannot beat on it."
     )
     print(
         f"JAX compilation (one-off): forward {jax_t['forward_compile']:.1f}s, "
-        f"forward+backward {jax_t['forward_backward_compile']:.1f}s; PyTorch threads: {torch_t['threads']}"
+        f"forward+backward {jax_t['forward_backward_compile']:.1f}s; "
+        f"PyTorch threads: {torch_t['threads']}"
     )
+    results.write("model_step", args, figures, extra_versions=torch_versions)
 
 
 if __name__ == "__main__":

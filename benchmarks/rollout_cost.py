@@ -2,25 +2,18 @@
 
     .venv/bin/python benchmarks/rollout_cost.py [--preset AuroraSmall --h 32 --w 64 --ks 1,2,4,8]
 
-Same model, grid and batch (1 sample) for every row, in one run. For each K:
+Same model, grid and batch (1 sample) for every row, in one run; all train on a lead-K target and
+differ in what the gradient sees and what it costs. For each K:
 
-* `all`: `RolloutStrategy(steps=K, backprop="all", average_loss=False)`, the loss at lead K with
-  gradients through all K model calls;
-* `pushforward`: `RolloutStrategy(steps=K, backprop="pushforward", average_loss=False)`, the
-  loss at lead K with gradients through the last call only: K - 1 gradient-free calls first;
-* `replay`: `ReplayStrategy`, one model call per update on a buffer entry at rollout step K - 1
-  (the lead time K steps is reached through the buffer, not by unrolling).
-
-* `all/no-remat`: `all` without rematerialising each step (`remat=False`): every step's
-  activations stay alive for the backward pass.
-
-All train on a lead-K target; they differ in what the gradient sees and what it costs.
+* `all`: `RolloutStrategy(steps=K, backprop="all", average_loss=False)`, gradients through all K
+  model calls, each step rematerialised; `all/no-remat`: the same without remat;
+* `pushforward`: `backprop="pushforward"`, K - 1 gradient-free calls, gradients through the last;
+* `replay`: `ReplayStrategy`, one model call per update on a buffer entry at rollout step K - 1.
 
 Reported per update: median wall time of `--repeats` jitted `train_step` calls after a warm-up
-(compile time separately), and XLA's memory plan of the compiled step (`memory_analysis()`):
-`temp` is the scratch memory the step needs beyond its inputs and outputs (activations kept for
-the backward pass and the like), `peak` = arguments + outputs + temp, an upper bound on device
-memory during the update (the state is donated, so arguments and outputs alias in practice).
+(compile time apart) and XLA's memory plan (`memory_analysis()`): `temp` (scratch beyond inputs
+and outputs) and `peak` = arguments + outputs + temp, an upper bound (the state is donated, so
+arguments and outputs alias in practice). Writes a result file (`benchmarks/results.py`).
 """
 
 from __future__ import annotations
@@ -41,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import aurora  # noqa: E402
 from aurora.batch import Batch  # noqa: E402
+from benchmarks import results  # noqa: E402
 from tests.helpers import random_batch  # noqa: E402
 from trainers.strategies.base import stack_targets  # noqa: E402
 from trainers.strategies.replay import ReplayStrategy  # noqa: E402
@@ -86,6 +80,7 @@ def example(
 
 
 def measure(strategy, batch, repeats: int, rng: jax.Array) -> dict[str, float]:
+    """Compiles `strategy.train_step` for `batch`; median seconds per update and memory plan."""
     tx, _ = strategy.make_optimizer(OPTIM, None)
     state = strategy.init_state(rng, jax.tree_util.tree_map(lambda x: x, batch[0]), tx)
     controls = strategy.default_controls()
@@ -124,6 +119,7 @@ def main() -> None:
     parser.add_argument("--ks", default="1,2,4,8")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    results.add_out_argument(parser)
     args = parser.parse_args()
     args.levels = tuple(int(x) for x in args.levels.split(","))
     ks = [int(k) for k in args.ks.split(",")]
@@ -133,8 +129,8 @@ def main() -> None:
     )
     rng = jax.random.PRNGKey(0)
     print(
-        f"{args.preset} with Swin depths {depths}, {args.h}x{args.w}, {len(args.levels)} levels, batch 1, "
-        f"{jax.devices()[0].device_kind}"
+        f"{args.preset} with Swin depths {depths}, {args.h}x{args.w}, {len(args.levels)} levels, "
+        f"batch 1, {jax.devices()[0].device_kind}"
     )
 
     rows = []
@@ -154,7 +150,8 @@ def main() -> None:
             row = {"K": k, "strategy": name, **measure(strategy, batch, args.repeats, rng)}
             rows.append(row)
             print(
-                f"K={k:<2} {name:<12} {row['seconds']:7.2f} s/update  peak {row['peak_mb']:8.1f} MB  "
+                f"K={k:<2} {name:<12} {row['seconds']:7.2f} s/update  "
+                f"peak {row['peak_mb']:8.1f} MB  "
                 f"(temp {row['temp_mb']:8.1f} MB, compile {row['compile_s']:.1f} s)",
                 flush=True,
             )
@@ -176,6 +173,7 @@ def main() -> None:
         print(f"| {k} | " + " | ".join(cells) + " |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    results.write("rollout_cost", args, {"depths": list(depths), "rows": rows})
 
 
 if __name__ == "__main__":
