@@ -23,8 +23,8 @@ from aurora.batch import Batch, Metadata
 from data_builders.pipeline import WeatherSource
 from data_builders.readers import open_dataset, regrid
 from tests.helpers import tiny_model
-from trainers import evaluation, figures, forecast_io
-from trainers.evaluation import COLUMNS
+from trainers import evaluation
+from trainers.evaluation import COLUMNS, figures, forecast_io
 
 DATA = Path(__file__).parent / "data"
 HRES_PL = DATA / "hres_pl_20240603T00-20240604T18_6h_10deg.nc"

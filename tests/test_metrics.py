@@ -15,7 +15,7 @@ import pytest
 
 from aurora.batch import Batch, Metadata
 from data_builders.readers import open_dataset
-from trainers import metrics
+from trainers.evaluation import metrics
 
 DATA = Path(__file__).parent / "data"
 HRES_PL = DATA / "hres_pl_20240603T00-20240604T18_6h_10deg.nc"

@@ -227,7 +227,7 @@ def _global_attrs(provenance: Mapping[str, Any]) -> dict[str, Any]:
         "Conventions": "CF-1.8",
         "title": "Aurora forecast",
         "source": source,
-        "history": f"{now} written by trainers.forecast_io.write_forecast",
+        "history": f"{now} written by trainers.evaluation.forecast_io.write_forecast",
         "provenance": json.dumps(
             {str(k): v for k, v in provenance.items()}, sort_keys=True, default=str
         ),

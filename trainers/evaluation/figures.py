@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from aurora.batch import Batch
-from trainers.forecast_io import variable_attrs
+from trainers.evaluation.forecast_io import variable_attrs
 
 __all__ = ["plot_maps", "plot_rmse_vs_lead"]
 
