@@ -2,9 +2,11 @@
 
 Public interface::
 
-    from aurora import AuroraSmall, Aurora, Batch, Metadata, rollout
+    from aurora import AuroraSmall, Aurora, Batch, Metadata, ModelStep, rollout
     params = model.init(rng, batch)["params"]
     pred = model.apply({"params": params}, batch)
+    step = ModelStep(model)  # jitted once; reuse it for every rollout
+    preds = list(rollout(step, params, batch, steps=4))
 """
 
 from aurora.batch import Batch, Metadata
@@ -17,7 +19,7 @@ from aurora.model.aurora import (
     AuroraSmall,
     AuroraSmallPretrained,
 )
-from aurora.rollout import rollout
+from aurora.rollout import ModelStep, rollout
 
 __all__ = [
     "PRESETS",
@@ -29,5 +31,6 @@ __all__ = [
     "AuroraSmallPretrained",
     "Batch",
     "Metadata",
+    "ModelStep",
     "rollout",
 ]
