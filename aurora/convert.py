@@ -12,14 +12,7 @@ Conversion is strict: every source key is used once, every Flax parameter is fil
 match, and the error lists everything missing, extra or mis-shaped. Published checkpoints are
 accepted as microsoft-aurora's `load_checkpoint` accepts them: the `net.` prefix and the older
 ID-based embedding/head keys are adapted, and a checkpoint with a shorter history is zero-padded.
-
-CLI::
-
-    python -m aurora.convert --pytorch-ckpt aurora-0.25-small-pretrained.ckpt \
-        --preset AuroraSmallPretrained --out checkpoints/aurora-small
-
-PyTorch checkpoints are read without PyTorch by `aurora.torch_checkpoint` (a restricted unpickler:
-tensors only, like `torch.load(weights_only=True)`); `.npz` state dicts work too.
+PyTorch itself is not needed (`load_state_dict`); `main` is the command line.
 """
 
 from __future__ import annotations
@@ -62,6 +55,12 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     PyTorch files are read by :mod:`aurora.torch_checkpoint`, without PyTorch and as safely as
     `torch.load(weights_only=True)`: only tensor-rebuilding globals are allowed. A Lightning-style
     checkpoint's `"state_dict"` entry is unwrapped.
+
+    Args:
+        path: A `.ckpt`/`.pt` file or a `.npz` archive.
+
+    Returns:
+        Key -> float32 array (`.npz` arrays keep their dtype).
     """
     path = Path(path)
     if path.suffix == ".npz":
@@ -76,7 +75,23 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 def adapt_checkpoint(
     state: Mapping[str, np.ndarray], patch_size: int, max_history_size: int
 ) -> dict[str, np.ndarray]:
-    """Bring a published checkpoint to the current key layout (what `load_checkpoint` does)."""
+    """Bring a published checkpoint to the current key layout (what `load_checkpoint` does).
+
+    Strips the `net.` prefix, splits the older single embedding and head matrices into one entry
+    per variable (in the default variable order, `aurora.variables`) and zero-pads the history
+    axis of embedding kernels up to `max_history_size`.
+
+    Args:
+        state: A microsoft-aurora state dict.
+        patch_size: The model's patch size.
+        max_history_size: The model's history length.
+
+    Returns:
+        A new state dict in the current layout.
+
+    Raises:
+        ConversionError: If a matrix has the wrong number of variables or a longer history.
+    """
     d = {k.removeprefix("net."): np.asarray(v) for k, v in state.items()}
 
     def split_columns(key: str, names: tuple[str, ...], prefix: str) -> None:
@@ -145,7 +160,15 @@ def _flax_path(torch_key: str, ndim: int) -> tuple[tuple[str, ...], bool]:
 
 
 def param_shapes(model: Any, batch: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Flat `{path: shape}` of the model's parameters, without allocating them."""
+    """Flat `{path: shape}` of the model's parameters, without allocating them.
+
+    Args:
+        model: An `aurora.Aurora` module.
+        batch: A batch it accepts (only shapes matter).
+
+    Returns:
+        Parameter path (tuple of names) -> shape.
+    """
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch))
     flat = traverse_util.flatten_dict(variables["params"])
     return {k: tuple(v.shape) for k, v in flat.items()}
@@ -178,6 +201,13 @@ def convert_pytorch_checkpoint(
     source: str | Path | Mapping[str, Any], model: Any
 ) -> dict[str, Any]:
     """A microsoft-aurora state dict (path or mapping) -> Flax `params` for `model`.
+
+    Args:
+        source: A checkpoint path (see `load_state_dict`) or a state dict.
+        model: The `aurora.Aurora` module to fill.
+
+    Returns:
+        The nested Flax `params` dict, numpy arrays.
 
     Raises:
         ConversionError: listing keys without a target, parameters without a source, and shape
@@ -241,7 +271,14 @@ def convert_pytorch_checkpoint(
 
 
 def to_pytorch_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Flax params -> a microsoft-aurora state dict (numpy), the inverse of the rule above."""
+    """Flax params -> a microsoft-aurora state dict (numpy), the inverse of the naming rule.
+
+    Args:
+        params: Nested Flax `params`.
+
+    Returns:
+        PyTorch key -> numpy array in PyTorch's layout.
+    """
     out: dict[str, np.ndarray] = {}
     for path, value in traverse_util.flatten_dict(dict(params)).items():
         value = np.asarray(jax.device_get(value))
@@ -266,7 +303,14 @@ def to_pytorch_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The `python -m aurora.convert` command line."""
+    """The `python -m aurora.convert` command line: a PyTorch checkpoint to an Orbax folder::
+
+        python -m aurora.convert --pytorch-ckpt aurora-0.25-small-pretrained.ckpt \
+            --preset AuroraSmallPretrained --out checkpoints/aurora-small
+
+    Args:
+        argv: Arguments; None reads `sys.argv`.
+    """
     from aurora.model.aurora import PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -1,64 +1,13 @@
 """TFDS builders `era5` and `hres`: canonical files -> array_record datasets, one example per time.
 
-Both are `tfds.core.GeneratorBasedBuilder` subclasses that write ``array_record`` files and work
-without TensorFlow: build with ``download_and_prepare()``, read with ``as_data_source(split)``
-(random access). Never call ``as_dataset()`` or ``tfds.list_builders()``: they import TensorFlow.
-They are defined in a plain module, so `_info` builds `tfds.core.DatasetInfo` directly, and they are
-kept out of TFDS's global registry (configs name them through `data_builders.registry`).
-
-Configuration (`WeatherConfig`, or the same fields as keyword arguments)::
-
-    builder = Era5(
-        data_dir="~/aurora_data",
-        paths=["era5_sfc_2020.nc", "era5_pl_2020.nc"],     # anything readers.open_dataset reads
-        static_paths=["era5_static.nc"],                   # lsm / z (surface) / slt
-        surf_vars=("2t", "10u", "10v", "msl"), atmos_vars=("z", "u", "v", "t", "q"),
-        static_vars=("lsm", "z", "slt"), levels=(50, ..., 1000),
-        resolution=0.25,                                   # None keeps the source grid
-        splits={"train": ("2020-01-01", "2020-10-31T18"),  # inclusive; a list of ranges is a union
-                "validation": ("2020-11-01", "2020-12-31T18")},
-    )
-    builder.download_and_prepare()
-    records = builder.as_data_source("train")             # len(records), records[i]
-
-Without a `name`, the config is named by a hash of its content (``c1a2b3c4d5e6``), so two
-different configs never share a folder; a named config whose folder holds a dataset built from a
-different config is refused (`DataError`), never silently reused.
-
-Example schema (one per valid time)::
-
-    {"time": int64 seconds since 1970-01-01T00 UTC,
-     "surf":  {"2t": float32 (h, w), ...},              # present when surf_vars is not empty
-     "atmos": {"z": float32 (levels, h, w), ...}}       # present when atmos_vars is not empty
-
-Tensors are stored as raw bytes (TFDS ``encoding="bytes"``). Records are shuffled at write time
-(TFDS's default: its shuffler sorts examples by an md5 hash of key and split name, which also
-keeps the memory of a build bounded: it spills to 1000 buckets on disk). The example key is the
-timestamp, so the record order is known when the split is written: it is stored in the metadata
-(``times``) and checked right after the build (first, middle and last record; on a mismatch the
-split is scanned instead) and again by the pipeline on every record it reads.
-
-TFDS 4.9 writes those spill buckets with ``tf.io.gfile`` (a split over 1 GB needs TensorFlow);
-`download_and_prepare` lends TFDS's shuffler plain-file equivalents while it runs, when
-TensorFlow is not installed (`_tf_free_shuffler`).
-
-Where the rest lives (``<data_dir>/<builder>/<config>/<version>/``, `WeatherMetadata`):
-
-* ``metadata.json`` (``builder.info.metadata``): ``stats`` -- ``{"2t": [mean, std], "z_500": [...],
-  "lsm": [...]}`` computed during the build over the ``stats_split`` (default ``train``) with
-  `data_builders.stats.RunningStats` (float64, population std, unweighted); ``times`` --
-  ``{split: [seconds, ...]}`` in record order (shuffled); the grid (``lat``, ``lon``), ``levels``, the
-  variable lists, ``units``, ``loss_weight`` (Aurora's dataset weight gamma: ERA5 2.0, others 1.0),
-  and the ``config`` it was built from.
-* ``static.npz``: the static companion -- ``lsm``, ``z`` (surface geopotential; ``z_sfc`` in
-  readers), ``slt`` as float32 ``(h, w)`` on the dataset's grid (regridded with the same method),
-  keyed by Aurora name. Statics are one small file next to the records rather than a second
-  builder, so they can never be paired with a dataset on another grid.
-* ``builder.stats()``, ``builder.static()``, ``builder.grid()``, ``builder.times(split)`` read them.
-
-Large sources are read in time chunks of ``chunk_hours`` (default one day) through
-``readers.open_dataset(..., time=slice)``, so a year at 0.25 degrees never sits in memory at once
-(a split range with an open end is read in one go).
+Weather files are big and slow to decode; the training pipeline wants random access to one valid
+time at a time. The builders read sources through `readers.open_dataset` in time chunks, regrid
+them, and write one example per valid time to ``array_record`` files, with normalisation
+statistics, the time index and the static fields alongside (`WeatherMetadata`). They work without
+TensorFlow: build with ``download_and_prepare()``, read with ``as_data_source(split)``; never call
+``as_dataset()`` or ``tfds.list_builders()``, which import it. The builders stay out of TFDS's
+global registry; configs name them through `data_builders.registry`. See `WeatherBuilder` for an
+example, the example schema and how records are ordered.
 """
 
 from __future__ import annotations
@@ -153,7 +102,14 @@ _BASE_FIELDS = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
 
 
 def config_dict(config: WeatherConfig) -> dict[str, Any]:
-    """The content fields of a config as JSON-able data (what the folder hash and check use)."""
+    """The content fields of a config as JSON-able data (what the folder hash and check use).
+
+    Args:
+        config: A builder config.
+
+    Returns:
+        Field name -> value, with tuples turned into lists as in ``metadata.json``.
+    """
     out = {}
     for f in dataclasses.fields(config):
         if f.name not in _BASE_FIELDS:
@@ -162,7 +118,20 @@ def config_dict(config: WeatherConfig) -> dict[str, Any]:
 
 
 def make_config(name: str | None = None, **fields: Any) -> WeatherConfig:
-    """Normalise user input (lists, paths, dict splits, numbers) into a hashable `WeatherConfig`."""
+    """Normalise user input (lists, paths, dict splits, numbers) into a hashable `WeatherConfig`.
+
+    Args:
+        name: The config (and dataset folder) name; None names it by a hash of its content.
+        **fields: `WeatherConfig` fields; lists, paths, ``{split: (start, end)}`` mappings and
+            numbers are accepted and normalised (absolute paths, ISO times, float levels).
+
+    Returns:
+        The validated config.
+
+    Raises:
+        TypeError: For an unknown field.
+        DataError: For a config that cannot be built (e.g. overlapping splits, a bad time).
+    """
     unknown = set(fields) - {f.name for f in dataclasses.fields(WeatherConfig)} - _BASE_FIELDS
     if unknown:
         known = sorted({f.name for f in dataclasses.fields(WeatherConfig)} - _BASE_FIELDS)
@@ -209,7 +178,7 @@ def _iso(t: Any) -> str:
 
 
 def _normalise_splits(splits: Any) -> tuple[tuple[str, tuple[TimeRange, ...]], ...]:
-    """{"train": (start, end) | [(start, end), ...]} -> sorted-by-insertion tuples of ISO strings."""
+    """{"train": (start, end) | [(start, end), ...]} -> tuples of ISO strings, in given order."""
     items = splits.items() if isinstance(splits, Mapping) else splits
     out = []
     for name, ranges in items:
@@ -270,6 +239,19 @@ def _check_disjoint(splits: tuple[tuple[str, tuple[TimeRange, ...]], ...]) -> No
 class WeatherMetadata(tfds.core.Metadata):
     """`builder.info.metadata`: JSON items in ``metadata.json``, static fields in ``static.npz``.
 
+    Both live in ``<data_dir>/<builder>/<config>/<version>/``:
+
+    * ``metadata.json``: ``stats`` (``{"2t": [mean, std], "z_500": [...], "lsm": [...]}`` over
+      the ``stats_split`` with `data_builders.stats.RunningStats`: float64, population std,
+      unweighted), ``times`` (``{split: [seconds, ...]}`` in record order), the grid (``lat``,
+      ``lon``), ``levels``, the variable lists, ``units``, ``loss_weight`` (Aurora's dataset
+      weight gamma: ERA5 2.0, others 1.0) and the ``config`` it was built from.
+    * ``static.npz``: ``lsm``, ``z`` (surface geopotential; ``z_sfc`` in readers) and ``slt`` as
+      float32 ``(h, w)`` on the dataset's grid, keyed by Aurora name. One small file next to the
+      records rather than a second builder, so statics are never paired with another grid.
+
+    `WeatherBuilder.stats`, `static`, `grid` and `times` read them.
+
     A `tfds.core.MetadataDict` would be replaced by a JSON-only lazy dict when a built dataset is
     reopened, losing the static arrays; a direct `tfds.core.Metadata` subclass is reloaded with
     its own `load_metadata`.
@@ -304,6 +286,38 @@ class WeatherMetadata(tfds.core.Metadata):
 
 class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared builder: canonical files -> one array_record example per valid time.
+
+    Configured by a `WeatherConfig` or by its fields as keyword arguments::
+
+        builder = Era5(
+            data_dir="~/aurora_data",
+            paths=["era5_sfc_2020.nc", "era5_pl_2020.nc"],  # anything readers.open_dataset reads
+            static_paths=["era5_static.nc"],  # lsm / z (surface) / slt
+            resolution=0.25,  # None keeps the source grid
+            splits={"train": ("2020-01-01", "2020-10-31T18"),  # inclusive; a list is a union
+                    "validation": ("2020-11-01", "2020-12-31T18")},
+        )  # variables and levels default to Aurora's (aurora.variables)
+        builder.download_and_prepare()
+        records = builder.as_data_source("train")  # len(records), records[i]
+
+    Without a `name`, the config is named by a hash of its content (``c1a2b3c4d5e6``), so two
+    different configs never share a folder; a named config whose folder holds a dataset built
+    from a different config is refused (`DataError`), never silently reused.
+
+    Example schema (one per valid time; tensors stored as raw bytes, TFDS ``encoding="bytes"``)::
+
+        {"time": int64 seconds since 1970-01-01T00 UTC,
+         "surf":  {"2t": float32 (h, w), ...},         # present when surf_vars is not empty
+         "atmos": {"z": float32 (levels, h, w), ...}}  # present when atmos_vars is not empty
+
+    Records are shuffled at write time by TFDS's shuffler (sorted by an md5 hash of key and split
+    name; it spills to buckets on disk, so a build's memory stays bounded). The key is the
+    timestamp, so the record order is known when a split is written: it is stored in the
+    metadata (``times``) and checked after the build and by the pipeline on every record it reads.
+    TFDS spills with ``tf.io.gfile``; without TensorFlow `download_and_prepare` lends it
+    plain-file equivalents (`_tf_free_shuffler`). Sources are read in time chunks of
+    ``chunk_hours`` (default one day), so a year at 0.25 degrees never sits in memory at once (a
+    split range with an open end is read in one go).
 
     Subclasses set `name`, `DESCRIPTION`, `LOSS_WEIGHT` and may change config defaults through
     `DEFAULTS`. `_read_dynamic` / `_read_static` are the two reading hooks (the benchmark and
@@ -641,6 +655,13 @@ def record_order(split: str, times: Sequence[int]) -> list[int]:
 
     This is `tfds.core.hashing.Hasher` with the split name as salt, as TFDS's writer uses it
     (TFDS treats a change of it as a major version bump of every dataset).
+
+    Args:
+        split: The split name.
+        times: The example keys, int seconds since 1970.
+
+    Returns:
+        The keys in record order.
     """
     hasher = tfds_hashing.Hasher(split)
     return sorted((int(t) for t in times), key=hasher.hash_key)
@@ -697,14 +718,31 @@ def _code_path(cls: type) -> epath.Path | None:
 
 
 def patch_code_path(cls: type) -> type:
-    """Give a TFDS builder class the `code_path` workaround above (returns the class)."""
+    """Give a TFDS builder class the `code_path` workaround of `_code_path`.
+
+    Args:
+        cls: A `tfds.core.DatasetBuilder` subclass; changed in place.
+
+    Returns:
+        `cls`, so that this can be used as a decorator.
+    """
     if "code_path" not in cls.__dict__:
         cls.code_path = tfds.core.utils.classproperty(classmethod(_code_path))
     return cls
 
 
 def global_grid(resolution: float) -> tuple[np.ndarray, np.ndarray]:
-    """Aurora's global grid: latitude 90 -> -90 inclusive, longitude 0 -> 360 - res."""
+    """Aurora's global grid: latitude 90 -> -90 inclusive, longitude 0 -> 360 - res.
+
+    Args:
+        resolution: Grid spacing in degrees; must divide 180 and 360.
+
+    Returns:
+        `(lat, lon)`: float64 arrays of shapes ``(180 / res + 1,)`` and ``(360 / res,)``.
+
+    Raises:
+        DataError: If `resolution` does not divide 180 and 360 degrees.
+    """
     n_lat, n_lon = round(180 / resolution) + 1, round(360 / resolution)
     if abs(180 / resolution - (n_lat - 1)) > 1e-6 or abs(360 / resolution - n_lon) > 1e-6:
         raise DataError(f"resolution {resolution:g} does not divide 180 and 360 degrees")
