@@ -6,35 +6,7 @@ forecast stores with `prediction_timedelta`), ensemble files, WeatherBench1 stat
 own CF conversions. Wrong orientation or units ruin training silently, so everything is checked
 here, once, and every problem raises `DataError` naming the file and the variable.
 
-Canonical form (what `open_dataset` returns)
---------------------------------------------
-* Dimensions ``(time, level, latitude, longitude)`` for atmospheric variables,
-  ``(time, latitude, longitude)`` for surface variables, ``(latitude, longitude)`` for static ones.
-* ``latitude`` strictly decreasing (90 -> -90; ascending files are flipped), ``longitude``
-  ascending in [0, 360) (-180..180 and regional grids are wrapped and sorted, so a North-Atlantic
-  file with lon -70..40 becomes 0..40, 290..350), both float64.
-* ``level`` in hPa, float64, ascending (Pa is converted when the level's ``units`` say Pa);
-  ``levels=`` selects, it does not reorder.
-* ``time`` is datetime64[ns], strictly increasing, no duplicates.
-* Data variables are float32 in the source's units (checked, see below), named by Aurora:
-  surface ``2t 10u 10v msl``, atmospheric ``z u v t q``, static ``lsm slt z``. Other variables keep
-  their ECMWF short names (``r``, ``w``, ...); WeatherBench2/CDS long names are mapped.
-* Static variables: ``lsm``, ``slt`` and surface geopotential, i.e. a ``z`` **without a level
-  dimension** (also ``geopotential_at_surface``, and WeatherBench1 ``orography`` times 9.80665).
-  They lose their time dimension (old-CDS static downloads carry one time; several times must be
-  identical). Because Aurora's static ``z`` and atmospheric ``z`` share a name, the static one is
-  stored under the key ``z_sfc`` (attribute ``aurora_name = "z"``); `aurora_groups` returns all
-  three groups keyed by Aurora names.
-* Forecast stores (dimension ``prediction_timedelta``, ``step`` or ``lead_time`` next to an init
-  ``time``) are flattened to valid times: ``time = init + lead``, with the coordinates
-  ``forecast_reference_time`` and ``lead_time`` kept along ``time``. If several inits give the
-  same valid time that is a duplicate-time error; pass ``init_time=`` to read one forecast.
-* Ensemble files (dimension or scalar coordinate ``member``, ``number`` or ``realization``): the
-  member whose label equals ``member`` (default 0, the control) is selected.
-* Each variable carries ``nan_count`` (NaNs in the source, before any fill), ``source_file`` and
-  ``source_name``; ``ds.attrs["nan_counts"]`` summarises them. A NaN is an error naming file,
-  variable and times unless ``fill_nan`` says how to fill ("zero", "mean" = mean of that 2-D
-  field, a float, or a mapping from variable key to one of those).
+The canonical form is described in `open_dataset`.
 """
 
 from __future__ import annotations
@@ -139,11 +111,54 @@ def open_dataset(
     """Read one or more files (netCDF or zarr) and return them as one canonical dataset.
 
     Surface, pressure-level and static files are merged on their common grid; files holding the
-    same variables at different times are concatenated along time. `variables` are dataset keys
-    (``2t``, ``z``, ``lsm``, ``z_sfc``, ``r`` ...; default: all); `levels` in hPa; `time` selects
-    valid times (a slice or labels) before data are read, so big stores can be subset;
-    `init_time` picks one initialisation of a forecast store. The selected data are loaded into
-    memory. Raises `DataError` for anything that cannot be made canonical.
+    same variables at different times are concatenated along time. Selections are applied
+    before data are read, so big stores can be subset; the selected data are loaded into memory.
+
+    Args:
+        paths: One path or several (netCDF files, zarr stores).
+        variables: Dataset keys (``2t``, ``z``, ``lsm``, ``z_sfc``, ``r`` ...); None: all.
+        levels: Pressure levels in hPa to keep; None: all.
+        member: Ensemble member label to select in ensemble files (0, the control).
+        fill_nan: How to fill NaNs ("zero", "mean", a float, or a mapping from variable key to
+            one of those); None: a NaN is an error.
+        time: Valid times to keep, a slice or labels; None: all.
+        init_time: The initialisation to read from a forecast store whose forecasts overlap.
+
+    Returns:
+        xr.Dataset: The canonical dataset:
+
+        * Dimensions ``(time, level, latitude, longitude)`` for atmospheric variables,
+          ``(time, latitude, longitude)`` for surface variables, ``(latitude, longitude)`` for
+          static ones.
+        * ``latitude`` strictly decreasing (90 -> -90; ascending files are flipped), ``longitude``
+          ascending in [0, 360) (-180..180 and regional grids are wrapped and sorted, so a
+          North-Atlantic file with lon -70..40 becomes 0..40, 290..350), both float64.
+        * ``level`` in hPa, float64, ascending (Pa is converted when the level's ``units`` say Pa);
+          ``levels=`` selects, it does not reorder.
+        * ``time`` is datetime64[ns], strictly increasing, no duplicates.
+        * Data variables are float32 in the source's units (checked), named by Aurora: surface
+          ``2t 10u 10v msl``, atmospheric ``z u v t q``, static ``lsm slt z``. Other variables keep
+          their ECMWF short names (``r``, ``w``, ...); WeatherBench2/CDS long names are mapped.
+        * Static variables: ``lsm``, ``slt`` and surface geopotential, i.e. a ``z`` **without a
+          level dimension** (also ``geopotential_at_surface``, and WeatherBench1 ``orography`` times
+          9.80665). They lose their time dimension (old-CDS static downloads carry one time; several
+          times must be identical). Because Aurora's static ``z`` and atmospheric ``z`` share a
+          name, the static one is stored under the key ``z_sfc`` (attribute ``aurora_name = "z"``);
+          `aurora_groups` returns all three groups keyed by Aurora names.
+        * Forecast stores (dimension ``prediction_timedelta``, ``step`` or ``lead_time`` next to an
+          init ``time``) are flattened to valid times: ``time = init + lead``, with the coordinates
+          ``forecast_reference_time`` and ``lead_time`` kept along ``time``. If several inits give
+          the same valid time that is a duplicate-time error; pass ``init_time=`` to read one
+          forecast.
+        * Ensemble files (dimension or scalar coordinate ``member``, ``number`` or ``realization``):
+          the member whose label equals ``member`` (default 0, the control) is selected.
+        * Each variable carries ``nan_count`` (NaNs in the source, before any fill), ``source_file``
+          and ``source_name``; ``ds.attrs["nan_counts"]`` summarises them. A NaN is an error naming
+          file, variable and times unless ``fill_nan`` says how to fill ("zero", "mean" = mean of
+          that 2-D field, a float, or a mapping from variable key to one of those).
+
+    Raises:
+        DataError: For anything that cannot be made canonical, naming the file and variable.
     """
     path_list = [Path(paths)] if isinstance(paths, (str, PathLike)) else [Path(p) for p in paths]
     if not path_list:
@@ -181,6 +196,13 @@ def aurora_groups(ds: xr.Dataset) -> dict[str, dict[str, xr.DataArray]]:
     """Split a canonical dataset into Aurora's surf/atmos/static groups, keyed by Aurora name.
 
     This is where the ``z_sfc`` key becomes static ``z`` again.
+
+    Args:
+        ds: A dataset from `open_dataset`.
+
+    Returns:
+        ``{"surf": {name: (time, lat, lon)}, "atmos": {name: (time, level, lat, lon)},
+        "static": {name: (lat, lon)}}`` of data arrays.
     """
     groups: dict[str, dict[str, xr.DataArray]] = {"surf": {}, "atmos": {}, "static": {}}
     for key, da in ds.data_vars.items():
@@ -194,7 +216,14 @@ def aurora_groups(ds: xr.Dataset) -> dict[str, dict[str, xr.DataArray]]:
 
 
 def nan_counts(ds: xr.Dataset) -> dict[str, int]:
-    """NaNs found in the source of each variable (before any fill)."""
+    """NaNs found in the source of each variable (before any fill).
+
+    Args:
+        ds: A dataset from `open_dataset`.
+
+    Returns:
+        Variable key -> number of NaNs.
+    """
     return {str(k): int(v.attrs.get("nan_count", 0)) for k, v in ds.data_vars.items()}
 
 
@@ -253,6 +282,12 @@ def check_netcdf3_complete(path: Path) -> None:
 
     scipy's reader maps the data and fails when the file is shorter than its header promises;
     with mmap nothing is read, so the check is cheap even for big old-CDS files.
+
+    Args:
+        path: A NETCDF3 (classic or 64-bit offset) file.
+
+    Raises:
+        DataError: If the file is shorter than its header says.
     """
     from scipy.io import netcdf_file
 
