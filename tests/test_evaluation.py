@@ -20,6 +20,7 @@ import xarray as xr
 from matplotlib.image import imread
 
 from aurora.batch import Batch, Metadata
+from aurora.rollout import ModelStep
 from data_builders.pipeline import WeatherSource
 from data_builders.readers import open_dataset, regrid
 from tests.helpers import tiny_model
@@ -299,6 +300,27 @@ def test_evaluate_counts_gaps_and_scores_surface_variables(natl: tuple) -> None:
                 and r["rmse"] == pytest.approx(p["rmse"], rel=1e-6)
                 and r["acc"] == pytest.approx(p["acc"], rel=1e-6)
             )
+
+
+def test_one_model_step_serves_evaluate_and_predict(natl: tuple, tmp_path: Path) -> None:
+    """A `ModelStep` passed in place of the model is compiled once for both jobs."""
+    _, source = natl
+
+    class Counting(LastState):
+        traces = 0
+
+        def apply(self, variables: Any, batch: Batch) -> Batch:
+            Counting.traces += 1  # runs only while tracing
+            return super().apply(variables, batch)
+
+    step = ModelStep(Counting())  # type: ignore[arg-type]
+    kwargs = dict(steps=2, step_hours=12, batch_size=4)
+    rows = evaluation.evaluate(step, {}, source, **kwargs)
+    assert repr(rows) == repr(evaluation.evaluate(LastState(), {}, source, **kwargs))  # type: ignore[arg-type]
+    path = evaluation.predict(step, {}, source, out_dir=tmp_path, **kwargs)
+    with xr.open_dataset(path) as f:
+        assert f.sizes["time"] == len(evaluation.init_times(source, 12))
+    assert Counting.traces == 1
 
 
 def test_given_climatology_fields_or_function_of_valid_time(natl: tuple) -> None:

@@ -69,8 +69,23 @@ def plot_maps(
 ) -> Path:
     """Prediction | truth | prediction − truth for batch row 0 on the prediction's grid.
 
-    `level` is None for surface variables. Prediction and truth share one colour scale; the
-    difference has its own, symmetric about zero. Returns `path` (a PNG).
+    Prediction and truth share one colour scale; the difference has its own, symmetric about
+    zero. The newest history step of each is drawn.
+
+    Args:
+        pred: the prediction, variables of shape `(b, t, h, w)` / `(b, t, c, h, w)`.
+        truth: the truth on the same grid.
+        variable: the variable to draw.
+        level: its pressure level in hPa; None for a surface variable.
+        lead_h: the lead time in hours (for the title).
+        path: where to write the PNG.
+
+    Returns:
+        `path`.
+
+    Raises:
+        KeyError: the variable or level is not in the batches.
+        ValueError: prediction and truth are on different grids.
     """
     p, t = _field(pred, variable, level), _field(truth, variable, level)
     if p.shape != t.shape:
@@ -120,8 +135,20 @@ def _same_level(a: Any, b: float | None) -> bool:
 def plot_rmse_vs_lead(
     rows: Sequence[Mapping[str, Any]], variable: str, level: float | None, path: str | Path
 ) -> Path:
-    """RMSE against lead time for one variable (and level), one line per model in `rows`
-    (baselines included). Returns `path` (a PNG)."""
+    """RMSE against lead time for one variable (and level), one line per model in `rows`.
+
+    Args:
+        rows: score rows (`trainers.evaluation.COLUMNS`), baselines included.
+        variable: the variable to draw.
+        level: its pressure level in hPa; None for a surface variable.
+        path: where to write the PNG.
+
+    Returns:
+        `path`.
+
+    Raises:
+        ValueError: no row has the variable at the level.
+    """
     mine = [r for r in rows if r["variable"] == variable and _same_level(r.get("level"), level)]
     if not mine:
         raise ValueError(f"No rows for {variable} at level {level}")

@@ -67,8 +67,15 @@ VARIABLES: dict[str, dict[str, str]] = {
 
 
 def variable_attrs(name: str) -> dict[str, str]:
-    """`long_name`, `units` and (if CF has one) `standard_name` of a variable; unknown names
-    get their own name as long name and no units claim."""
+    """CF attributes of a variable.
+
+    Args:
+        name: the ECMWF short name, e.g. ``2t`` or ``z``.
+
+    Returns:
+        `long_name`, `units` and (if CF has one) `standard_name`; an unknown name gets itself as
+        long name and no units claim.
+    """
     return dict(VARIABLES.get(name, {"long_name": name}))
 
 
@@ -80,10 +87,22 @@ def write_forecast(
 ) -> Path:
     """Write `predictions` to a CF netCDF file at `path` (see the module docstring).
 
-    `init_times` (datetimes or `datetime64`, one per batch row) are the forecasts' start times;
-    `predictions[k]` is the `Batch` of the k-th rollout step for all of them (batch dimension =
-    init, history 1, as `aurora.rollout` yields for a batch of inits). The lead of each step is
-    its valid time (`metadata.time`) minus the init time and must be the same for every init.
+    The lead of each step is its valid time (`metadata.time`) minus the init time and must be
+    the same for every init.
+
+    Args:
+        path: the file to write.
+        init_times: the forecasts' start times (datetimes or `datetime64`), shape `(n,)`.
+        predictions: per rollout step, the `Batch` for all inits (as `aurora.rollout` yields
+            for a batch of inits): variables of shape `(n, 1, h, w)` / `(n, 1, c, h, w)`.
+        provenance: what produced the forecast (model preset, checkpoint step, data, ...).
+
+    Returns:
+        `path`.
+
+    Raises:
+        ValueError: no predictions, shapes that do not match the inits, or leads that differ
+            between inits.
     """
     if not predictions:
         raise ValueError("write_forecast: no predictions")

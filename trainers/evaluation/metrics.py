@@ -55,6 +55,12 @@ def lat_weights(lat: Sequence[float] | np.ndarray) -> np.ndarray:
     stretches the outermost bands to the poles; on a regional or cropped grid that would make
     the edge rows dominate, so here they keep their half spacing (on an evenly spaced grid
     without poles the weights are then exactly `cos(lat)` normalised to mean 1).
+
+    Args:
+        lat: latitudes in degrees, shape `(h,)`, in grid order.
+
+    Returns:
+        The weights, float64, shape `(h,)`.
     """
     phi = np.asarray(lat, dtype=np.float64).ravel()
     if phi.size == 1:
@@ -80,7 +86,15 @@ def _cast(xp: Any, *arrays: Array) -> list[Array]:
 
 
 def weighted_mean(x: Array, weights: Array) -> Array:
-    """Latitude-weighted mean over the last two axes (weights of mean 1, shape `(h,)`)."""
+    """Latitude-weighted mean over the last two axes.
+
+    Args:
+        x: fields of shape `(..., h, w)`.
+        weights: latitude weights of mean 1, shape `(h,)` (`lat_weights`).
+
+    Returns:
+        The means, shape `(...)`.
+    """
     xp = _xp(x)
     (x,) = _cast(xp, x)
     w = xp.asarray(weights, dtype=x.dtype)[:, None]
@@ -88,26 +102,56 @@ def weighted_mean(x: Array, weights: Array) -> Array:
 
 
 def mse(forecast: Array, truth: Array, weights: Array) -> Array:
-    """Weighted mean squared error per field."""
+    """Weighted mean squared error per field.
+
+    Args:
+        forecast: fields of shape `(..., h, w)`.
+        truth: fields of the same shape.
+        weights: latitude weights, shape `(h,)`.
+
+    Returns:
+        The scores, shape `(...)`.
+    """
     xp = _xp(forecast, truth)
     forecast, truth = _cast(xp, forecast, truth)
     return weighted_mean((forecast - truth) ** 2, weights)
 
 
 def rmse(forecast: Array, truth: Array, weights: Array) -> Array:
-    """Weighted RMSE of one field; over many samples use `sqrt(mean(mse))` (see module doc)."""
+    """Weighted RMSE per field; over many samples use `sqrt(mean(mse))` (see module doc).
+
+    Args:
+        forecast, truth, weights: as `mse`.
+
+    Returns:
+        The scores, shape `(...)`.
+    """
     return _xp(forecast, truth).sqrt(mse(forecast, truth, weights))
 
 
 def mae(forecast: Array, truth: Array, weights: Array) -> Array:
-    """Weighted mean absolute error per field."""
+    """Weighted mean absolute error per field.
+
+    Args:
+        forecast, truth, weights: as `mse`.
+
+    Returns:
+        The scores, shape `(...)`.
+    """
     xp = _xp(forecast, truth)
     forecast, truth = _cast(xp, forecast, truth)
     return weighted_mean(xp.abs(forecast - truth), weights)
 
 
 def bias(forecast: Array, truth: Array, weights: Array) -> Array:
-    """Weighted mean of forecast − truth per field (positive: the forecast is too high)."""
+    """Weighted mean of forecast − truth per field (positive: the forecast is too high).
+
+    Args:
+        forecast, truth, weights: as `mse`.
+
+    Returns:
+        The scores, shape `(...)`.
+    """
     xp = _xp(forecast, truth)
     forecast, truth = _cast(xp, forecast, truth)
     return weighted_mean(forecast - truth, weights)
@@ -119,6 +163,14 @@ def acc(forecast: Array, truth: Array, climatology: Array, weights: Array) -> Ar
     `ACC = <f' o'> / sqrt(<f'^2> <o'^2>)` with anomalies `f' = forecast - climatology`,
     `o' = truth - climatology` and `<.>` the weighted spatial mean. The anomalies' spatial mean
     is not removed, as in WB2. A forecast equal to the climatology has no anomaly: NaN.
+
+    Args:
+        forecast, truth: fields of shape `(..., h, w)`.
+        climatology: fields of the same shape.
+        weights: latitude weights, shape `(h,)`.
+
+    Returns:
+        The scores, shape `(...)`.
     """
     xp = _xp(forecast, truth, climatology)
     forecast, truth, climatology = _cast(xp, forecast, truth, climatology)
@@ -157,13 +209,20 @@ def score_batch(
 ) -> Sums:
     """Scores of `pred` against `truth` (physical units, same grid), summed over samples.
 
-    Returns `{"n": samples, "surf": {var: {"mse", "mae", "bias", "acc"}}, "atmos": {var:
-    {...}}}` where surface entries are scalars and atmospheric ones have one value per pressure
-    level, each a sum over batch and history entries (a sample is one `(b, t)` field).
-    Variables in `pred` but not in `truth` are not scored. `climatology` (optional, for ACC)
-    holds fields that broadcast against `truth`'s (e.g. shape `(1, 1, h, w)`); without it ACC is
-    NaN. `mask` (shape `(b,)`, 0 or 1) leaves out batch rows that have no truth, so a jitted
-    call keeps its shapes. Sums rather than means: add them up over batches with `ScoreTotals`.
+    A sample is one `(b, t)` field. Sums rather than means: add them up over batches with
+    `ScoreTotals`. Variables in `pred` but not in `truth` are not scored.
+
+    Args:
+        pred: the forecast, variables of shape `(b, t, h, w)` / `(b, t, c, h, w)`.
+        truth: the truth on the same grid and levels.
+        climatology: for ACC, fields that broadcast against `truth`'s (e.g. shape
+            `(1, 1, h, w)`); without it ACC is NaN.
+        mask: shape `(b,)`, 0 or 1: leaves out batch rows that have no truth, so a jitted call
+            keeps its shapes.
+
+    Returns:
+        `{"n": samples, "surf": {var: {"mse", "mae", "bias", "acc"}}, "atmos": {var: {...}}}`,
+        surface entries scalars and atmospheric ones of shape `(c,)` (one per pressure level).
     """
     if pred.spatial_shape != truth.spatial_shape:
         raise ValueError(
@@ -186,7 +245,11 @@ def score_batch(
 
 
 class ScoreTotals:
-    """Running sums of `score_batch` results -> one row of mean scores per variable and level."""
+    """Running sums of `score_batch` results -> one row of mean scores per variable and level.
+
+    Args:
+        levels: the pressure levels of the atmospheric scores, in order.
+    """
 
     def __init__(self, levels: Sequence[float] = ()) -> None:
         self.levels = tuple(float(x) for x in levels)
@@ -194,7 +257,11 @@ class ScoreTotals:
         self.sums: dict[tuple[str, str], dict[str, np.ndarray]] = {}
 
     def add(self, sums: Sums) -> None:
-        """Add one `score_batch` result (device arrays are fetched; totals are float64)."""
+        """Add one `score_batch` result (device arrays are fetched; totals are float64).
+
+        Args:
+            sums: what `score_batch` returned.
+        """
         sums = jax.device_get(sums)
         self.n += float(sums["n"])
         for group in ("surf", "atmos"):
@@ -205,8 +272,12 @@ class ScoreTotals:
                     total[metric] = total.get(metric, 0.0) + value
 
     def rows(self) -> list[dict[str, Any]]:
-        """`{variable, level, rmse, mae, bias, acc, n}` per variable (and level); `level` is
-        None for surface variables. RMSE is `sqrt(mean MSE)` over samples, as WB2."""
+        """Mean scores over all samples added; RMSE is `sqrt(mean MSE)`, as WB2.
+
+        Returns:
+            `{variable, level, rmse, mae, bias, acc, n}` per variable (and level); `level` is
+            None for surface variables.
+        """
         out = []
         n = self.n
         for (group, name), total in self.sums.items():

@@ -231,5 +231,13 @@ def _csv_value(column: str, value: Any) -> str:
 
 
 def level_name(variable: str, level: float | None) -> str:
-    """The variable's name with its level, e.g. ``z500``; just the name for a surface one."""
+    """The variable's name with its level, as in file names and the summary.
+
+    Args:
+        variable: the variable's short name.
+        level: its pressure level in hPa; None (or "", as read from CSV) for a surface one.
+
+    Returns:
+        e.g. ``z500``; just the name for a surface variable.
+    """
     return variable if level is None or level == "" else f"{variable}{float(level):g}"
