@@ -10,7 +10,16 @@ __all__ = ["make_optimizer", "make_schedule"]
 
 
 def make_schedule(config: Any, total_steps: int | None) -> optax.Schedule:
-    """`config`: `learning_rate`, `warmup_steps`, `schedule` ("constant" | "cosine"), `min_lr_ratio`."""
+    """The learning rate per optimiser step: linear warm-up, then constant or cosine decay.
+
+    Args:
+        config: `learning_rate`, `warmup_steps`, `schedule` ("constant" | "cosine"),
+            `min_lr_ratio` (the cosine's final fraction of the peak).
+        total_steps: optimiser steps of the run (required for "cosine").
+
+    Returns:
+        An optax schedule.
+    """
     lr = float(config.learning_rate)
     warmup = int(config.get("warmup_steps", 0))
     kind = config.get("schedule", "constant")
@@ -43,6 +52,15 @@ def make_optimizer(
 
     `accumulate_grad_batches > 1` wraps everything in `optax.MultiSteps`: gradients are averaged
     over that many micro-batches and the optimiser (and its schedule) steps once per group.
+
+    Args:
+        config: the schedule's fields (`make_schedule`) and AdamW's.
+        total_steps: optimiser steps of the run, or None.
+        gradient_clip_val: the global gradient norm to clip to, or None.
+        accumulate_grad_batches: micro-batches per optimiser step.
+
+    Returns:
+        The transformation and its learning-rate schedule.
     """
     schedule = make_schedule(config, total_steps)
     tx = optax.adamw(

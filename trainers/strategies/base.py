@@ -1,35 +1,35 @@
 """The strategy protocol and the optimisation step every strategy shares.
 
 A strategy decides what one optimisation step is: how targets are formed (`loss_fn`), which
-parameters train (`make_optimizer`), and whether host-side state exists (`state_dict`). Everything
-else — gradients, the non-finite guard, the update, in-step measurements — is this module's
-`train_step`, written once. The Trainer jits `train_step` with the state donated.
+parameters train (its `trainable`, a `Trainable`), and whether host-side state exists. The rest
+(gradients, the non-finite guard, the update, in-step measurements) is `train_step`, written once;
+the Trainer jits it with the state donated and runs it on a configured copy of the strategy
+(`with_model_options`), never on the strategy it was given.
 
 Batches are `(inputs, targets)`: `inputs` an `aurora.Batch` with history, `targets` one `Batch`
-per lead step (history 1) stacked on a leading axis of length K (see `stack_targets`).
-
-Host hooks let a strategy own more than the jitted step without the Trainer knowing what it is:
-`train_examples` chooses what each step trains on (a replay buffer draws from its buffer and pulls
-from the data only now and then), `loss_fn` may return arrays the host needs under
-`metrics[OUTPUTS]` (e.g. predictions to push back into the buffer), which the Trainer hands to
-`on_step_outputs`; `state_dict` / `array_state` are checkpointed (JSON and Orbax arrays).
+per lead step (history 1) stacked on a leading axis of length K (see `stack_targets`). Host hooks
+(`train_examples`, `on_step_outputs`, `state_dict`, `array_state`) let a strategy own more than
+the jitted step, e.g. a replay buffer, without the Trainer knowing what it is.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from aurora.batch import Batch
 from aurora.model.aurora import Aurora
 from trainers.loss import LossConfig, aurora_loss
-from trainers.optim import make_optimizer
 from trainers.state import TrainState
+from trainers.strategies.trainable import Trainable, TrainableSpec, is_lora_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainers.data import Example
@@ -38,16 +38,26 @@ __all__ = ["OUTPUTS", "Strategy", "global_norm", "stack_targets"]
 
 Metrics = dict[str, jax.Array]
 
+log = logging.getLogger(__name__)
+
 OUTPUTS = "outputs"
 """Key under which `loss_fn` returns host-bound arrays; never averaged, measured or logged."""
 
 
 def stack_targets(targets: Sequence[Batch]) -> Batch:
-    """K target batches -> one Batch whose leaves have a leading K axis (scan-ready)."""
+    """Stack K target batches for `lax.scan`.
+
+    Args:
+        targets: K batches of one time step each, fields `(b, 1, ...)`.
+
+    Returns:
+        One Batch whose leaves have a leading K axis, fields `(K, b, 1, ...)`.
+    """
     return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *targets)
 
 
 def global_norm(tree: Any) -> jax.Array:
+    """The L2 norm over every leaf of `tree`, a float32 scalar."""
     return optax.tree.norm(tree).astype(jnp.float32)
 
 
@@ -56,37 +66,145 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+def _has_adapters(params: Any) -> bool:
+    return any(is_lora_path(k) for k in traverse_util.flatten_dict(dict(params)))
+
+
+def _blocks_are_silent(params: Any) -> bool:
+    """Whether every AdaLN modulation (`ln_modulation*`) is zero, as at Aurora's initialisation.
+
+    The modulation scales each Swin block's branch (AdaLN-Zero, as in microsoft-aurora), so with it
+    zero the attention, and the LoRA adapters inside it, have no effect on the output.
+    """
+    flat = traverse_util.flatten_dict(dict(params))
+    modulation = [v for k, v in flat.items() if any(part.startswith("ln_modulation") for part in k)]
+    return bool(modulation) and not any(
+        bool(np.any(np.asarray(jax.device_get(v)))) for v in modulation
+    )
+
+
 class Strategy:
-    """Base strategy: one-step prediction of the first target. Subclasses override `loss_fn`."""
+    """Base strategy: one-step prediction of the first target. Subclasses override `loss_fn`.
+
+    Args:
+        model: the Aurora model.
+        loss: the loss weights (default `LossConfig()`).
+        stats: normalisation statistics beyond Aurora's table (default the model's `surf_stats`).
+        trainable: which parameters train: "all" (default), "lora" (the adapters only), a
+            predicate over parameter paths, or a `Trainable` (e.g. `Trainable.lora(1e-4,
+            train_base=True)`); see `trainers.strategies.trainable`.
+    """
 
     def __init__(
         self,
         model: Aurora,
         loss: LossConfig | None = None,
         stats: dict[str, tuple[float, float]] | None = None,
+        trainable: TrainableSpec = "all",
     ):
         self.model = model
         self.loss_config = loss or LossConfig()
         self.stats = (
             stats if stats is not None else (dict(model.surf_stats) if model.surf_stats else None)
         )
+        self.trainable = self._checked_trainable(trainable)
+
+    # --- configured copies ------------------------------------------------------------------------
+    def _checked_trainable(self, trainable: TrainableSpec) -> Trainable:
+        trainable = Trainable.of(trainable)
+        if trainable.uses_adapters and not getattr(self.model, "use_lora", False):
+            raise ValueError(
+                "Training LoRA adapters needs a model with them: build it with use_lora=True "
+                "(config: model.kwargs.use_lora=True); this model has use_lora=False."
+            )
+        return trainable
+
+    def _replace(self, **changes: Any) -> Self:
+        """A copy with `changes` set; host state is copied too, the model is shared."""
+        new = copy.deepcopy(self, {id(self.model): self.model})
+        for name, value in changes.items():
+            setattr(new, name, value)
+        return new
+
+    def with_trainable(self, trainable: TrainableSpec) -> Self:
+        """This strategy, copied, with other trainable parameters (see the class's `trainable`)."""
+        return self._replace(trainable=self._checked_trainable(trainable))
+
+    def with_model_options(self, *, precision: str = "32", remat: str = "none") -> Self:
+        """A copy whose model runs at `precision` and rematerialises per `remat`.
+
+        Args:
+            precision: "32", or "bf16-mixed" (the backbone computes in bfloat16).
+            remat: "none"; "backbone" (Swin blocks and level Perceivers); "stages" (also whole
+                backbone stages); "all" (also each rollout step, for strategies that roll out).
+
+        Returns:
+            A strategy of the same class; this one is left unchanged.
+        """
+        model = self.model.clone(
+            autocast=precision == "bf16-mixed",
+            remat=remat != "none",
+            remat_stages=remat in ("stages", "all"),
+        )
+        return self._replace(model=model)
 
     # --- host side --------------------------------------------------------------------------------
     def init_params(self, rng: jax.Array, inputs: Batch) -> Any:
+        """Fresh parameters of the model for batches like `inputs`."""
         return jax.jit(self.model.init)(rng, inputs)["params"]
 
     def make_optimizer(
-        self, optim_config: Any, total_steps: int | None, **kwargs: Any
+        self,
+        optim_config: Any,
+        total_steps: int | None,
+        *,
+        gradient_clip_val: float | None = None,
+        accumulate_grad_batches: int = 1,
     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-        """Which parameters train and how. The base strategy trains everything."""
-        return make_optimizer(optim_config, total_steps, **kwargs)
+        """The optimiser of the trainable parameters (`Trainable.make_optimizer`).
+
+        Args:
+            optim_config: `trainers.optim.make_optimizer`'s fields (and any per-group prefixed
+                ones, e.g. `lora_learning_rate`).
+            total_steps: optimiser steps of the run, or None.
+            gradient_clip_val: global-norm clipping of the trained gradients, or None.
+            accumulate_grad_batches: micro-batches per optimiser step.
+
+        Returns:
+            The transformation and the (first group's) learning-rate schedule.
+        """
+        return self.trainable.make_optimizer(
+            optim_config,
+            total_steps,
+            gradient_clip_val=gradient_clip_val,
+            accumulate_grad_batches=accumulate_grad_batches,
+        )
 
     def init_state(
         self, rng: jax.Array, inputs: Batch, tx: optax.GradientTransformation, params: Any = None
     ) -> TrainState:
+        """The first training state: `params` (default fresh ones), `tx`'s state and an RNG.
+
+        Pretrained `params` without LoRA adapters, for a model with them, get fresh adapters;
+        these start at `B = 0`, so the model initially predicts exactly as the base did.
+        """
         init_rng, state_rng = jax.random.split(rng)
         if params is None:
             params = self.init_params(init_rng, inputs)
+        elif getattr(self.model, "use_lora", False) and not _has_adapters(params):
+            fresh = traverse_util.flatten_dict(
+                dict(self.init_params(jax.random.fold_in(rng, 1), inputs))
+            )
+            flat = traverse_util.flatten_dict(dict(params))
+            flat |= {k: v for k, v in fresh.items() if is_lora_path(k)}
+            params = traverse_util.unflatten_dict(flat)
+        if self.trainable.adapters_only and _blocks_are_silent(params):
+            log.warning(
+                "Only the LoRA adapters train, but the base looks freshly initialised (every AdaLN "
+                "modulation is zero, so every Swin block's output and every LoRA gradient is "
+                "exactly zero): the adapters cannot learn. Start from pretrained weights "
+                "(config.init) or train the base too (train_base=True)."
+            )
         return TrainState.create(params, tx, state_rng)
 
     def default_controls(self) -> dict[str, Any]:
@@ -126,19 +244,30 @@ class Strategy:
     def load_array_state(self, arrays: dict[str, Any]) -> None:
         pass
 
-    # --- pure, jitted by the trainer ---------------------------------------------------------------
+    # --- pure, jitted by the trainer --------------------------------------------------------------
     def crop(self, batch: tuple[Batch, Batch]) -> tuple[Batch, Batch]:
-        """Drop a surplus latitude row (721 -> 720) from inputs and targets alike, as the model does."""
+        """Drop a surplus latitude row (721 -> 720) from inputs and targets, as the model does."""
         inputs, targets = batch
         return inputs.crop(self.model.patch_size), targets.crop(self.model.patch_size)
 
     def predict(self, params: Any, batch: Batch) -> Batch:
+        """One model step from `batch` (fields `(b, 2, ...)`): the next state, `(b, 1, ...)`."""
         return self.model.apply({"params": params}, batch)
 
     def loss_fn(
         self, params: Any, inputs: Batch, targets: Batch, controls: dict[str, Any]
     ) -> tuple[jax.Array, Metrics]:
-        """Scalar loss and metrics. Default: one step against the first target."""
+        """Scalar loss and metrics. Default: one step against the first target.
+
+        Args:
+            params: the model parameters.
+            inputs: the input batch, fields `(b, history, ...)`.
+            targets: the targets stacked on a leading axis, fields `(K, b, 1, ...)`.
+            controls: traced per-step inputs.
+
+        Returns:
+            The loss (a scalar) and named metrics (scalars; host-bound arrays under `OUTPUTS`).
+        """
         first = jax.tree_util.tree_map(lambda x: x[0], targets)
         loss, terms = aurora_loss(self.predict(params, inputs), first, self.loss_config, self.stats)
         return loss, terms
@@ -150,11 +279,24 @@ class Strategy:
         controls: dict[str, Any],
         measurements: tuple[str, ...] = (),
     ) -> tuple[TrainState, Metrics]:
-        """Gradients, a guarded update (a non-finite gradient leaves the state unchanged but for the
-        step counter, so the update is skipped), and the requested measurements. `metrics[OUTPUTS]`
-        from `loss_fn` passes through untouched."""
+        """One optimisation step: gradients, a guarded update and the requested measurements.
+
+        A non-finite gradient leaves the state unchanged but for the step counter (the update is
+        skipped). Frozen parameters reach `loss_fn` behind `stop_gradient` (`Trainable.freeze`).
+
+        Args:
+            state: the training state (donated by the Trainer).
+            batch: `(inputs, targets)`, targets stacked on a leading K axis.
+            controls: traced per-step inputs (`default_controls`, changed by callbacks).
+            measurements: extra scalars to compute: "grad_norm", "update_norm", "param_norm".
+
+        Returns:
+            The new state and scalar metrics (`loss`, `loss_fn`'s terms, the measurements,
+            `grads_finite`); `metrics[OUTPUTS]` from `loss_fn` passes through untouched.
+        """
         inputs, targets = self.crop(batch)
-        (loss, metrics), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
+        frozen_loss = lambda params, *args: self.loss_fn(self.trainable.freeze(params), *args)
+        (loss, metrics), grads = jax.value_and_grad(frozen_loss, has_aux=True)(
             state.params, inputs, targets, controls
         )
         finite = _all_finite(grads)
@@ -180,6 +322,7 @@ class Strategy:
     def eval_step(
         self, state: TrainState, batch: tuple[Batch, Batch], controls: dict[str, Any]
     ) -> Metrics:
+        """`loss` and `loss_fn`'s scalar terms on `batch`, without gradients or host outputs."""
         inputs, targets = self.crop(batch)
         loss, metrics = self.loss_fn(state.params, inputs, targets, controls)
         metrics = {k: v for k, v in metrics.items() if k != OUTPUTS}

@@ -1,404 +1,258 @@
-"""LoRA fine-tuning: train only the adapters of a model, forming targets like any other strategy.
+"""LoRA fine-tuning: any strategy with only its LoRA adapters trainable; merge and export.
 
-`LoRAStrategy` wraps a strategy (usually a `RolloutStrategy`) instead of copying it: targets, loss,
-cropping, prediction, controls and host state all come from the wrapped strategy, so LoRA rollout
-fine-tuning sees exactly the rollouts, time stepping and gradient window of plain rollout training
-(Bodnar et al. 2025, Suppl. D.4). What the wrapper changes is which parameters train:
+LoRA is a property of a strategy, not a wrapper around one: `LoRAStrategy(RolloutStrategy(...))`
+is that RolloutStrategy with `trainable=Trainable.lora(...)`, so it trains on exactly the
+rollouts, time stepping and gradient window of plain rollout training (Bodnar et al. 2025,
+Suppl. D.4). The adapters train with AdamW at their own learning rate (optimiser fields `lora_*`,
+e.g. `lora_learning_rate`); the base is frozen, or trains too with `train_base=True` (fields
+`base_*`). The LoRA mode, rank, alpha and `lora_steps` are the model's (`Aurora(use_lora=True,
+...)`), because they decide the architecture.
 
-* the LoRA leaves (`lora_A`, `lora_B`) train with AdamW at their own learning rate and schedule;
-* every other leaf is frozen with `optax.set_to_zero()` inside `optax.multi_transform`, so the
-  optimiser holds no state for it (Adam's `mu`/`nu` exist for the adapters only), and the loss
-  sees it through `stop_gradient`, so the backward pass never forms its weight gradients;
-* `train_base=True` trains the base too, with AdamW at a separate learning rate.
-
-The LoRA modes (`single` / `from_second` / `all`), rank, alpha and `lora_steps` are the model's
-(`Aurora(use_lora=True, lora_mode=..., lora_r=..., lora_alpha=..., lora_steps=...)`), because they
-decide the architecture; the strategy only needs `model.use_lora`.
-
-`merge` folds a trained adapter into the `qkv` / `proj` kernels (`W' = W + (B A)ᵀ · alpha / r`) and
-returns parameters of the same model with `use_lora=False`; `export` writes them as an Orbax
-checkpoint and a microsoft-aurora state dict (`.npz`).
-
-Optimiser fields (on the optimiser config, next to `trainers.optim.make_optimizer`'s): any field of
-that function prefixed `lora_` (e.g. `lora_learning_rate`, `lora_warmup_steps`, `lora_schedule`,
-`lora_weight_decay`) applies to the adapters only, any prefixed `base_` to the base only; the
-constructor's `lora_learning_rate` / `base_learning_rate` take precedence over the config.
+`merge_adapters` folds a trained adapter into the `qkv` / `proj` kernels and `export_merged`
+writes the result as an Orbax checkpoint and a microsoft-aurora state dict (`.npz`).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
-import ml_collections
 import numpy as np
-import optax
 from flax import traverse_util
 
 from aurora.batch import Batch
 from aurora.model.aurora import Aurora
-from trainers.optim import make_optimizer
-from trainers.state import TrainState
-from trainers.strategies.base import Metrics, Strategy
+from trainers.strategies.base import Strategy
+from trainers.strategies.trainable import LORA_LEAVES, Trainable, is_lora_path
 
 __all__ = [
     "LORA_LEAVES",
     "LoRAStrategy",
+    "adapter_index",
+    "export_merged",
     "is_lora_path",
     "lora_counts",
+    "merge_adapters",
+    "merged_model",
     "parameter_counts",
     "parameter_labels",
 ]
 
-LORA_LEAVES = ("lora_A", "lora_B")
-"""Names of the adapter parameters (`aurora.model.lora.LoRARollout`)."""
-
-_GROUP_PREFIXES = ("lora_", "base_")
-
-log = logging.getLogger(__name__)
-
 Params = Any
-KeyPath = tuple[str, ...]
-
-
-def _key_names(path: tuple[Any, ...]) -> KeyPath:
-    """A `jax.tree_util` key path -> plain names (dict keys / attribute names)."""
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def is_lora_path(path: KeyPath) -> bool:
-    """Whether a parameter path names an adapter leaf (`.../lora_qkv/lora_A` and the like)."""
-    return bool(path) and path[-1] in LORA_LEAVES
+S = TypeVar("S", bound=Strategy)
 
 
 def parameter_labels(params: Params, train_base: bool = False) -> Params:
-    """Optimiser group per leaf: "lora" for adapters, "base" (trained) or "frozen" for the rest.
+    """The optimiser group of every leaf under LoRA training.
 
-    Works on any tree with the parameters' structure (arrays, shape structs, masked trees).
+    Args:
+        params: any tree with the parameters' structure (arrays, shape structs, masked trees).
+        train_base: whether the base trains too.
+
+    Returns:
+        A tree of "lora" (adapters), "base" (trained base) or "frozen" per leaf.
     """
-    base = "base" if train_base else "frozen"
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: "lora" if is_lora_path(_key_names(p)) else base, params
-    )
+    return Trainable.lora(train_base=train_base).labels(params)
 
 
 def parameter_counts(params: Params) -> dict[str, int]:
-    """`{"lora": n, "total": n}` element counts; works on `jax.eval_shape` output (no allocation)."""
+    """Element counts of the adapters and of everything.
+
+    Args:
+        params: the parameters, or their `jax.eval_shape` (nothing is allocated).
+
+    Returns:
+        `{"lora": n, "total": n}`.
+    """
     flat = traverse_util.flatten_dict(dict(params))
     lora = sum(int(np.prod(v.shape)) for k, v in flat.items() if is_lora_path(k))
     return {"lora": lora, "total": sum(int(np.prod(v.shape)) for v in flat.values())}
 
 
-def _blocks_are_silent(params: Params) -> bool:
-    """Whether every AdaLN modulation (`ln_modulation*`) is zero, as at Aurora's initialisation.
+class LoRAStrategy:
+    """Ask for LoRA fine-tuning of a strategy; returns that strategy with LoRA trainables.
 
-    The modulation scales each Swin block's branch (AdaLN-Zero, as in microsoft-aurora), so with it
-    zero the attention, and the LoRA adapters inside it, have no effect on the output.
-    """
-    flat = traverse_util.flatten_dict(dict(params))
-    modulation = [v for k, v in flat.items() if any(part.startswith("ln_modulation") for part in k)]
-    return bool(modulation) and not any(
-        bool(np.any(np.asarray(jax.device_get(v)))) for v in modulation
-    )
-
-
-def _group_config(
-    config: Any, prefix: str, learning_rate: float | None
-) -> ml_collections.ConfigDict:
-    """The optimiser config one parameter group sees: `<prefix>_<field>` overrides `<field>`.
-
-    Lets `trainers.optim.make_optimizer` build each group's AdamW and schedule unchanged.
-    """
-    items = dict(config.items())
-    group = {k: v for k, v in items.items() if not k.startswith(_GROUP_PREFIXES)}
-    group |= {k[len(prefix) :]: v for k, v in items.items() if k.startswith(prefix)}
-    if learning_rate is not None:
-        group["learning_rate"] = float(learning_rate)
-    return ml_collections.ConfigDict(group)
-
-
-class LoRAStrategy(Strategy):
-    """Train the LoRA adapters of `inner.model` (optionally the base too); see the module docstring.
+    Not a wrapper, and never an instance of this class: `LoRAStrategy(strategy, ...)` is
+    `strategy.with_trainable(Trainable.lora(...))`, a copy of `strategy` of the same class whose
+    `trainable` is the adapters (and, with `train_base`, the base in a group of its own).
 
     Args:
-        inner: the strategy whose targets and loss to use, e.g. `RolloutStrategy(model, steps=4)`.
-            Its model must have `use_lora=True`.
+        strategy: the strategy whose targets and loss to use, e.g.
+            `RolloutStrategy(model, steps=4)`. Its model must have `use_lora=True`.
         lora_learning_rate: the adapters' peak learning rate; default the optimiser config's
             `lora_learning_rate`, else its `learning_rate`.
         train_base: also train the base parameters (AdamW at `base_learning_rate`).
         base_learning_rate: the base's peak learning rate; default the optimiser config's
             `base_learning_rate`, else its `learning_rate`.
+
+    Returns:
+        A strategy of `strategy`'s class; `strategy` itself is left unchanged.
     """
 
-    def __init__(
-        self,
-        inner: Strategy,
+    def __new__(
+        cls,
+        strategy: S,
         *,
         lora_learning_rate: float | None = None,
         train_base: bool = False,
         base_learning_rate: float | None = None,
-    ):
-        # Deliberately no `Strategy.__init__`: model, loss and statistics live in `inner` only.
-        if not getattr(inner.model, "use_lora", False):
-            raise ValueError(
-                "LoRAStrategy needs a model with LoRA adapters: build it with use_lora=True "
-                "(config: model.kwargs.use_lora=True); this model has use_lora=False."
+    ) -> S:
+        return strategy.with_trainable(
+            Trainable.lora(
+                lora_learning_rate, train_base=train_base, base_learning_rate=base_learning_rate
             )
-        self.inner = inner
-        self.lora_learning_rate = lora_learning_rate
-        self.train_base = train_base
-        self.base_learning_rate = base_learning_rate
+        )
 
-    @classmethod
+    @staticmethod
     def wrapping(
-        cls,
-        inner: Callable[..., Strategy],
+        inner: Callable[..., S],
         model: Aurora,
         *,
         lora_learning_rate: float | None = None,
         train_base: bool = False,
         base_learning_rate: float | None = None,
         **inner_kwargs: Any,
-    ) -> LoRAStrategy:
-        """Build `inner(model, **inner_kwargs)` and wrap it: the config-driven constructor.
+    ) -> S:
+        """`inner(model, **inner_kwargs)` with LoRA trainables: the config-driven constructor.
 
-        `trainers.run.build_strategy` passes the strategy config's fields; those that are not the
-        wrapper's own go to the inner strategy (`steps`, `backprop`, `loss`, ...).
+        `trainers.run.build_strategy` passes the strategy config's fields; those that are not
+        LoRA's own go to `inner` (`steps`, `backprop`, `loss`, ...).
+
+        Args:
+            inner: a strategy class (or factory), e.g. `RolloutStrategy` or `ReplayStrategy`.
+            model: the Aurora model, with `use_lora=True`.
+            lora_learning_rate: as for `LoRAStrategy`.
+            train_base: as for `LoRAStrategy`.
+            base_learning_rate: as for `LoRAStrategy`.
+            **inner_kwargs: `inner`'s other arguments.
+
+        Returns:
+            The strategy `inner` builds, training the adapters.
         """
-        return cls(
+        return LoRAStrategy(
             inner(model, **inner_kwargs),
             lora_learning_rate=lora_learning_rate,
             train_base=train_base,
             base_learning_rate=base_learning_rate,
         )
 
-    # --- the wrapped strategy's model and attributes ------------------------------------------------
-    @property
-    def model(self) -> Aurora:
-        """The inner strategy's model; assignments (the Trainer's precision/remat clone) go there."""
-        return self.inner.model
 
-    @model.setter
-    def model(self, model: Aurora) -> None:
-        self.inner.model = model
+# --- merge and export -----------------------------------------------------------------------------
+def adapter_index(model: Aurora, step: int | None) -> int | None:
+    """Which adapter `model` applies at rollout `step`.
 
-    @property
-    def remat(self) -> bool:
-        """The inner strategy's `remat` (AttributeError if it has none, so `hasattr` is honest)."""
-        return self.inner.remat
+    Merging is exact only where one adapter is fixed: in mode "single" the same adapter runs at
+    every step `< lora_steps`, so `step` may be omitted. In "from_second" step 0 runs without the
+    adapter and in "all" every step has its own, so a merged model can match one rollout step
+    (or, for "from_second", steps 1 .. lora_steps - 1) only: `step` is required.
 
-    @remat.setter
-    def remat(self, value: bool) -> None:
-        self.inner.remat = value
+    Args:
+        model: an Aurora with `use_lora=True`.
+        step: the rollout step, or None (mode "single" only).
 
-    def __getattr__(self, name: str) -> Any:
-        """Anything else a caller reads (`steps`, `loss_config`, `stats`, ...) is the inner one's."""
-        if name.startswith("__") or name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    # --- which parameters train ----------------------------------------------------------------------
-    def trainable(self, params: Params) -> Params:
-        """A boolean tree: which leaves the optimiser updates."""
-        return jax.tree_util.tree_map(
-            lambda label: label != "frozen", parameter_labels(params, self.train_base)
-        )
-
-    def make_optimizer(
-        self,
-        optim_config: Any,
-        total_steps: int | None,
-        gradient_clip_val: float | None = None,
-        accumulate_grad_batches: int = 1,
-    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-        """AdamW per trained group, `set_to_zero` for frozen leaves; returns the adapters' schedule.
-
-        Frozen leaves are split off first, so clipping (global norm over the trained leaves only,
-        as Lightning clips the optimiser's parameters) and `MultiSteps` accumulation (buffers for
-        the trained leaves only) run inside the trained branch, and nothing is allocated for the
-        frozen base.
-        """
-        lora_tx, lora_schedule = make_optimizer(
-            _group_config(optim_config, "lora_", self.lora_learning_rate), total_steps
-        )
-        groups: optax.GradientTransformation = lora_tx
-        if self.train_base:
-            base_tx, _ = make_optimizer(
-                _group_config(optim_config, "base_", self.base_learning_rate), total_steps
+    Returns:
+        The index into the adapters' leading axis, or None where no adapter runs.
+    """
+    mode, n = model.lora_mode, model.lora_steps
+    if step is None:
+        if mode != "single":
+            raise ValueError(
+                f"LoRA mode {mode!r} applies different adapters at different rollout steps, so "
+                "no single merged model is exact at every step; pass step= to merge the adapter "
+                "of one rollout step (the merged model is then exact at that step only)."
             )
-            groups = optax.multi_transform(
-                {"lora": lora_tx, "base": base_tx}, lambda p: parameter_labels(p, train_base=True)
+        step = 0
+    if step < 0 or step >= n or (mode == "from_second" and step == 0):
+        return None
+    return step if mode == "all" else 0
+
+
+def merged_model(model: Aurora) -> Aurora:
+    """The architecture `merge_adapters`'s parameters belong to: `model` without LoRA."""
+    return model.clone(use_lora=False)
+
+
+def merge_adapters(model: Aurora, params: Params, step: int | None = None) -> Params:
+    """Fold the adapter of rollout `step` into the base kernels and drop the LoRA leaves.
+
+    LoRA adds `x Aᵀ Bᵀ · alpha / r` to a Dense layer `x W + b`, with Flax's kernel `W` laid out
+    `(in, out)` and LoRA's `A (r, in)`, `B (out, r)`, so `W' = W + (B A)ᵀ · alpha / r`. Computed
+    in float64 on the host and cast back to the kernel's dtype. In mode "single" the result
+    equals the LoRA model at every rollout step `< lora_steps` (beyond that the LoRA model runs
+    without adapters); see `adapter_index` for the other modes.
+
+    Args:
+        model: the Aurora with `use_lora=True` that `params` belong to.
+        params: its parameters; adapters `lora_A` `(n, r, in)` and `lora_B` `(n, out, r)`.
+        step: the rollout step whose adapter to merge (None: mode "single" only).
+
+    Returns:
+        Parameters of `merged_model(model)`.
+    """
+    index = adapter_index(model, step)
+    scale = model.lora_alpha / model.lora_r
+    flat = traverse_util.flatten_dict(dict(params))
+    merged = {k: v for k, v in flat.items() if not is_lora_path(k)}
+    for path in [k for k in flat if k[-1] == "lora_A"]:
+        module, name = path[:-2], path[-2]
+        kernel_path = (*module, name.removeprefix("lora_"), "kernel")
+        if kernel_path not in flat:
+            raise KeyError(
+                f"No base kernel {'/'.join(kernel_path)} for the adapter {'/'.join(path[:-1])}."
             )
-        trained = groups
-        if gradient_clip_val:
-            trained = optax.chain(optax.clip_by_global_norm(float(gradient_clip_val)), trained)
-        if accumulate_grad_batches > 1:
-            trained = optax.MultiSteps(
-                trained, every_k_schedule=accumulate_grad_batches
-            ).gradient_transformation()
-        tx = optax.multi_transform(
-            {"trained": trained, "frozen": optax.set_to_zero()},
-            lambda params: jax.tree_util.tree_map(
-                lambda t: "trained" if t else "frozen", self.trainable(params)
-            ),
-        )
-        return tx, lora_schedule
+        if index is None:
+            continue
+        a = np.asarray(jax.device_get(flat[path]), np.float64)[index]  # (r, in)
+        b = np.asarray(jax.device_get(flat[(*path[:-1], "lora_B")]), np.float64)[index]  # (out, r)
+        kernel = flat[kernel_path]
+        w = np.asarray(jax.device_get(kernel), np.float64) + (b @ a).T * scale
+        merged[kernel_path] = w.astype(np.dtype(kernel.dtype))
+    return traverse_util.unflatten_dict(merged)
 
-    def _freeze(self, params: Params) -> Params:
-        """`stop_gradient` on frozen leaves: their gradient is a symbolic zero, never computed."""
-        return jax.tree_util.tree_map(
-            lambda p, t: p if t else jax.lax.stop_gradient(p), params, self.trainable(params)
-        )
 
-    # --- delegated to the inner strategy -------------------------------------------------------------
-    def init_params(self, rng: jax.Array, inputs: Batch) -> Params:
-        return self.inner.init_params(rng, inputs)
+def export_merged(
+    model: Aurora, params: Params, directory: str | Path, step: int | None = None
+) -> dict[str, Path]:
+    """Write the merged parameters (`merge_adapters`) for use without LoRA.
 
-    def init_state(
-        self, rng: jax.Array, inputs: Batch, tx: optax.GradientTransformation, params: Params = None
-    ) -> TrainState:
-        """The inner strategy's state; `params` without adapters (pretrained weights) get fresh ones.
+    The Orbax folder restores with `ocp.StandardCheckpointer().restore(path)` for
+    `merged_model(model)`; the `.npz` loads with microsoft-aurora's `load_state_dict` for the same
+    preset with `use_lora=False` (or with `aurora.convert.convert_pytorch_checkpoint`).
 
-        Fresh adapters start at `B = 0`, so the model initially predicts exactly as the base did.
-        """
-        if params is not None and not any(
-            is_lora_path(k) for k in traverse_util.flatten_dict(dict(params))
-        ):
-            fresh = traverse_util.flatten_dict(
-                dict(self.init_params(jax.random.fold_in(rng, 1), inputs))
-            )
-            flat = traverse_util.flatten_dict(dict(params))
-            flat |= {k: v for k, v in fresh.items() if is_lora_path(k)}
-            params = traverse_util.unflatten_dict(flat)
-        state = self.inner.init_state(rng, inputs, tx, params)
-        if not self.train_base and _blocks_are_silent(state.params):
-            log.warning(
-                "LoRAStrategy: the base looks freshly initialised (every AdaLN modulation is zero, so "
-                "every Swin block's output and every LoRA gradient is exactly zero): the adapters "
-                "cannot learn. Start from pretrained weights (config.init) or set train_base=True."
-            )
-        return state
+    Args:
+        model: the Aurora with `use_lora=True` that `params` belong to.
+        params: its parameters.
+        directory: where to write (created if missing).
+        step: the rollout step whose adapter to merge, as for `merge_adapters`.
 
-    def default_controls(self) -> dict[str, Any]:
-        return self.inner.default_controls()
+    Returns:
+        `{"orbax": <directory>/params, "pytorch": <directory>/pytorch_state_dict.npz}`.
+    """
+    import orbax.checkpoint as ocp
 
-    def train_examples(self, trainer: Any, iterator: Any, data: Any) -> Any:
-        return self.inner.train_examples(trainer, iterator, data)
+    from aurora.convert import to_pytorch_state_dict
 
-    def on_step_outputs(self, trainer: Any, outputs: Any) -> None:
-        self.inner.on_step_outputs(trainer, outputs)
-
-    def host_metrics(self) -> dict[str, float]:
-        return self.inner.host_metrics()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
-
-    def array_state(self) -> dict[str, Any]:
-        return self.inner.array_state()
-
-    def load_array_state(self, arrays: dict[str, Any]) -> None:
-        self.inner.load_array_state(arrays)
-
-    def crop(self, batch: tuple[Batch, Batch]) -> tuple[Batch, Batch]:
-        return self.inner.crop(batch)
-
-    def predict(self, params: Params, batch: Batch) -> Batch:
-        return self.inner.predict(params, batch)
-
-    def loss_fn(
-        self, params: Params, inputs: Batch, targets: Batch, controls: dict[str, Any]
-    ) -> tuple[jax.Array, Metrics]:
-        """The inner loss, with frozen leaves behind `stop_gradient`."""
-        return self.inner.loss_fn(self._freeze(params), inputs, targets, controls)
-
-    # --- merge and export ----------------------------------------------------------------------------
-    def adapter_index(self, step: int | None) -> int | None:
-        """Which adapter the model applies at rollout `step` (None: no adapter there).
-
-        Merging is exact only where one adapter is fixed: in mode "single" the same adapter runs at
-        every step `< lora_steps`, so `step` may be omitted. In "from_second" step 0 runs without
-        the adapter and in "all" every step has its own, so a merged model can match one rollout
-        step (or, for "from_second", steps 1 .. lora_steps - 1) only: `step` is required.
-        """
-        mode, n = self.model.lora_mode, self.model.lora_steps
-        if step is None:
-            if mode != "single":
-                raise ValueError(
-                    f"LoRA mode {mode!r} applies different adapters at different rollout steps, so no "
-                    "single merged model is exact at every step; pass step= to merge the adapter of "
-                    "one rollout step (the merged model is then exact at that step only)."
-                )
-            step = 0
-        if step < 0 or step >= n or (mode == "from_second" and step == 0):
-            return None
-        return step if mode == "all" else 0
-
-    def merged_model(self) -> Aurora:
-        """The architecture `merge`'s parameters belong to: this model without LoRA."""
-        return self.model.clone(use_lora=False)
-
-    def merge(self, params: Params, step: int | None = None) -> Params:
-        """Fold the adapter of rollout `step` into the base kernels and drop the LoRA leaves.
-
-        LoRA adds `x Aᵀ Bᵀ · alpha / r` to a Dense layer `x W + b`, with Flax's kernel `W` laid out
-        `(in, out)` and LoRA's `A (r, in)`, `B (out, r)`, so `W' = W + (B A)ᵀ · alpha / r`. Computed
-        in float64 on the host and cast back to the kernel's dtype. In mode "single" the result
-        equals the LoRA model at every rollout step `< lora_steps` (beyond that the LoRA model runs
-        without adapters); see `adapter_index` for the other modes.
-        """
-        index = self.adapter_index(step)
-        scale = self.model.lora_alpha / self.model.lora_r
-        flat = traverse_util.flatten_dict(dict(params))
-        merged = {k: v for k, v in flat.items() if not is_lora_path(k)}
-        for path in [k for k in flat if k[-1] == "lora_A"]:
-            module, name = path[:-2], path[-2]
-            kernel_path = (*module, name.removeprefix("lora_"), "kernel")
-            if kernel_path not in flat:
-                raise KeyError(
-                    f"No base kernel {'/'.join(kernel_path)} for the adapter {'/'.join(path[:-1])}."
-                )
-            if index is None:
-                continue
-            a = np.asarray(jax.device_get(flat[path]), np.float64)[index]  # (r, in)
-            b = np.asarray(jax.device_get(flat[(*path[:-1], "lora_B")]), np.float64)[
-                index
-            ]  # (out, r)
-            kernel = flat[kernel_path]
-            w = np.asarray(jax.device_get(kernel), np.float64) + (b @ a).T * scale
-            merged[kernel_path] = w.astype(np.dtype(kernel.dtype))
-        return traverse_util.unflatten_dict(merged)
-
-    def export(
-        self, params: Params, directory: str | Path, step: int | None = None
-    ) -> dict[str, Path]:
-        """Write the merged parameters: `<directory>/params` (Orbax) and `pytorch_state_dict.npz`.
-
-        The Orbax folder restores with `ocp.StandardCheckpointer().restore(path)` for
-        `merged_model()`; the `.npz` loads with microsoft-aurora's `load_state_dict` for the same
-        preset with `use_lora=False` (or with `aurora.convert.convert_pytorch_checkpoint`).
-        """
-        import orbax.checkpoint as ocp
-
-        from aurora.convert import to_pytorch_state_dict
-
-        directory = Path(directory).absolute()
-        directory.mkdir(parents=True, exist_ok=True)
-        merged = self.merge(params, step)
-        paths = {"orbax": directory / "params", "pytorch": directory / "pytorch_state_dict.npz"}
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(paths["orbax"], jax.tree_util.tree_map(np.asarray, merged))
-        np.savez(paths["pytorch"], **to_pytorch_state_dict(merged))
-        return paths
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    merged = merge_adapters(model, params, step)
+    paths = {"orbax": directory / "params", "pytorch": directory / "pytorch_state_dict.npz"}
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(paths["orbax"], jax.tree_util.tree_map(np.asarray, merged))
+    np.savez(paths["pytorch"], **to_pytorch_state_dict(merged))
+    return paths
 
 
 def lora_counts(model: Aurora, batch: Batch) -> dict[str, int]:
-    """LoRA and total parameter counts of `model` without allocating it (`jax.eval_shape`)."""
+    """LoRA and total parameter counts of `model` without allocating it (`jax.eval_shape`).
+
+    Args:
+        model: the Aurora.
+        batch: a batch it accepts (only shapes matter).
+
+    Returns:
+        `{"lora": n, "total": n}`.
+    """
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch))["params"]
     return parameter_counts(shapes)

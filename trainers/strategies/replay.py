@@ -42,6 +42,7 @@ from aurora.model.aurora import Aurora
 from trainers.data import Example
 from trainers.loss import LossConfig, aurora_loss
 from trainers.strategies.base import OUTPUTS, Metrics, Strategy
+from trainers.strategies.trainable import TrainableSpec
 
 __all__ = ["Entry", "ReplayBuffer", "ReplayStrategy"]
 
@@ -90,7 +91,7 @@ class ReplayBuffer:
             )
         return [eligible[i] for i in rng.integers(0, len(eligible), size=n)]
 
-    # --- checkpointing: an index in JSON, the fields as arrays ---------------------------------------
+    # --- checkpointing: an index in JSON, the fields as arrays ------------------------------------
     def index(self) -> list[dict[str, int]]:
         return [
             {"time": e.time, "rollout_step": e.rollout_step, "target_time": e.target_time}
@@ -111,7 +112,8 @@ class ReplayBuffer:
         for name, stacked in [*surf.items(), *atmos.items()]:
             if len(stacked) != len(index):
                 raise ValueError(
-                    f"Replay checkpoint: {len(stacked)} saved {name} fields for {len(index)} entries."
+                    f"Replay checkpoint: {len(stacked)} saved {name} fields for "
+                    f"{len(index)} entries."
                 )
         self.entries = [
             Entry(
@@ -142,6 +144,10 @@ class ReplayStrategy(Strategy):
         step_hours: the model's time step (must match the data's).
         seed: seed of the sampling RNG (checkpointed with the buffer).
         steps: the data's rollout targets; replay needs just one (the config's `strategy.steps`).
+        loss: the loss weights.
+        stats: normalisation statistics beyond Aurora's table.
+        trainable: which parameters train: "all" (default), "lora" (the adapters only, as in the
+            paper's replay fine-tuning), a path predicate or a `Trainable`.
     """
 
     def __init__(
@@ -155,11 +161,13 @@ class ReplayStrategy(Strategy):
         steps: int = 1,
         loss: LossConfig | None = None,
         stats: dict[str, tuple[float, float]] | None = None,
+        trainable: TrainableSpec = "all",
     ):
-        super().__init__(model, loss, stats)
+        super().__init__(model, loss, stats, trainable)
         if steps != 1:
             raise ValueError(
-                f"ReplayStrategy makes one model step per update; set strategy.steps=1, not {steps}."
+                "ReplayStrategy makes one model step per update; set strategy.steps=1, "
+                f"not {steps}."
             )
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, not {refresh_every}.")
@@ -170,7 +178,8 @@ class ReplayStrategy(Strategy):
             or min(h for _, h in self.schedule) < step_hours
         ):
             raise ValueError(
-                f"max_lead_hours must start at step 0 and allow at least one step ({step_hours} h): {max_lead_hours}."
+                "max_lead_hours must start at step 0 and allow at least one step "
+                f"({step_hours} h): {max_lead_hours}."
             )
         self.steps = 1
         self.step_hours = float(step_hours)
@@ -185,22 +194,23 @@ class ReplayStrategy(Strategy):
         self._data: Any = None
         self._saved_index: list[dict[str, int]] = []
 
-    # --- the lead-time cap ---------------------------------------------------------------------------
+    # --- the lead-time cap ------------------------------------------------------------------------
     def max_lead_hours(self, step: int) -> float:
         return [h for s, h in self.schedule if s <= step][-1]
 
     def max_lead_steps(self, step: int) -> int:
         return int(self.max_lead_hours(step) // self.step_hours)
 
-    # --- host side -----------------------------------------------------------------------------------
+    # --- host side --------------------------------------------------------------------------------
     def train_examples(
         self, trainer: Any, iterator: Iterable[Example], data: Any
     ) -> Iterator[Example]:
         """Buffer samples; a fresh dataset batch enters every `refresh_every` updates."""
         if not all(hasattr(data, a) for a in ("states_at", "has_times")):
             raise TypeError(
-                f"ReplayStrategy reads ground truth by valid time, which {type(data).__name__} cannot do: "
-                "train with a data_builders.pipeline.Pipeline (or anything with states_at / has_times)."
+                "ReplayStrategy reads ground truth by valid time, which "
+                f"{type(data).__name__} cannot do: train with a data_builders.pipeline.Pipeline "
+                "(or anything with states_at / has_times)."
             )
         self._data = data
         iterator = iter(iterator)
@@ -225,7 +235,15 @@ class ReplayStrategy(Strategy):
         self.batch_size = len(times)
 
     def sample(self, global_step: int) -> Example:
-        """`(inputs, [target])`: one entry per row; each target is the truth at its entry's target time."""
+        """A training example drawn from the buffer.
+
+        Args:
+            global_step: the trainer's step (for the lead-time cap).
+
+        Returns:
+            `(inputs, [target])`: one entry per row; each row's target is the truth at its
+            entry's target time.
+        """
         self._pending = self.buffer.sample(
             self.rng, self.batch_size or 1, self.max_lead_steps(global_step)
         )
@@ -298,11 +316,12 @@ class ReplayStrategy(Strategy):
     def load_array_state(self, arrays: dict[str, Any]) -> None:
         if self._saved_index and not arrays:
             raise ValueError(
-                "The checkpoint lists replay entries but holds no replay arrays (no 'strategy' item)."
+                "The checkpoint lists replay entries but holds no replay arrays "
+                "(no 'strategy' item)."
             )
         self.buffer.restore(self._saved_index, arrays)
 
-    # --- pure, jitted by the trainer -----------------------------------------------------------------
+    # --- pure, jitted by the trainer --------------------------------------------------------------
     def predict(self, params: Any, batch: Batch) -> Batch:
         """One step; rows with their own `rollout_step` are applied one by one (`jax.vmap`)."""
         meta = batch.metadata

@@ -25,7 +25,7 @@ window, so it always pays for the full backward pass.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ from aurora.model.aurora import Aurora
 from aurora.rollout import advance_batch
 from trainers.loss import LossConfig, aurora_loss
 from trainers.strategies.base import Metrics, Strategy
+from trainers.strategies.trainable import TrainableSpec
 
 __all__ = ["Backprop", "RolloutStrategy"]
 
@@ -51,7 +52,20 @@ def _detach_fields(batch: Batch, detach: jax.Array) -> Batch:
 
 
 class RolloutStrategy(Strategy):
-    """Train on K-step rollouts against K targets."""
+    """Train on K-step rollouts against K targets; see the module docstring.
+
+    Args:
+        model: the Aurora model.
+        steps: K, the rollout's model calls (the batch must hold at least K targets).
+        backprop: the gradient window: "all" (K), "last_k" (`k`) or "pushforward" (1).
+        k: the window for `backprop="last_k"`.
+        average_loss: average the K step losses (else only the last one counts).
+        loss: the loss weights.
+        stats: normalisation statistics beyond Aurora's table.
+        remat: rematerialise each rollout step (activations of one step in memory).
+        curriculum: make the window a traced control (`GradStop` changes it without recompiling).
+        trainable: which parameters train ("all", "lora", a path predicate or a `Trainable`).
+    """
 
     def __init__(
         self,
@@ -64,8 +78,9 @@ class RolloutStrategy(Strategy):
         stats: dict[str, tuple[float, float]] | None = None,
         remat: bool = True,
         curriculum: bool = False,
+        trainable: TrainableSpec = "all",
     ):
-        super().__init__(model, loss, stats)
+        super().__init__(model, loss, stats, trainable)
         if backprop not in ("all", "last_k", "pushforward"):
             raise ValueError(
                 f"backprop must be 'all', 'last_k' or 'pushforward', not {backprop!r}."
@@ -85,12 +100,19 @@ class RolloutStrategy(Strategy):
         return {"all": self.steps, "last_k": self.k, "pushforward": 1}[self.backprop]
 
     def default_controls(self) -> dict[str, Any]:
+        """`{"grad_window": w}` with `curriculum=True`, else nothing."""
         return {"grad_window": jnp.int32(self.window)} if self.curriculum else {}
+
+    def with_model_options(self, *, precision: str = "32", remat: str = "none") -> Self:
+        """As `Strategy.with_model_options`; `remat="all"` also rematerialises each rollout step."""
+        new = super().with_model_options(precision=precision, remat=remat)
+        new.remat = remat == "all" or self.remat
+        return new
 
     def _scan(
         self, params: Any, batch: Batch, targets: Batch, steps: jax.Array, detach: Any
     ) -> tuple[Batch, tuple[jax.Array, Metrics]]:
-        """Steps `steps` of the rollout from `batch`; step i's output is detached where `detach(i)`."""
+        """Steps `steps` of the rollout from `batch`; `detach(i, .)` cuts step i's output."""
 
         def step(
             batch: Batch, xs: tuple[jax.Array, Batch]
@@ -106,10 +128,19 @@ class RolloutStrategy(Strategy):
     def rollout_losses(
         self, params: Any, inputs: Batch, targets: Batch, window: jax.Array | int
     ) -> tuple[jax.Array, Metrics]:
-        """Per-step losses `(K,)` and per-step metrics `{name: (K,)}`.
+        """The loss of every rollout step.
 
         A traced `window` detaches by `jnp.where` inside one scan; a Python int splits the rollout
         into a detached leading scan (gradient-free when only the last loss counts) and the rest.
+
+        Args:
+            params: the model parameters.
+            inputs: the first input batch, fields `(b, history, ...)`.
+            targets: at least K targets stacked on a leading axis, fields `(>=K, b, 1, ...)`.
+            window: the gradient window, a Python int or a traced int32 scalar.
+
+        Returns:
+            Per-step losses `(K,)` and per-step metrics `{name: (K,)}`.
         """
         K = self.steps
         n_targets = jax.tree_util.tree_leaves(targets)[0].shape[0]
@@ -138,6 +169,7 @@ class RolloutStrategy(Strategy):
     def loss_fn(
         self, params: Any, inputs: Batch, targets: Batch, controls: dict[str, Any]
     ) -> tuple[jax.Array, Metrics]:
+        """The mean (or last) step loss, metrics averaged over steps and `loss/step<i>` per step."""
         window = controls.get("grad_window", self.window)
         losses, terms = self.rollout_losses(params, inputs, targets, window)
         loss = jnp.mean(losses) if self.average_loss else losses[-1]
