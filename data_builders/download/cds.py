@@ -118,6 +118,16 @@ def month_spans(start: str | dt.date, end: str | dt.date) -> list[tuple[int, int
 
     One request per month keeps each CDS job under the service's size limit and makes a failure
     cost one month, not the whole range.
+
+    Args:
+        start: First date, ``YYYY-MM-DD`` or a date.
+        end: Last date (inclusive).
+
+    Returns:
+        ``[(year, month, [day, ...]), ...]`` in calendar order.
+
+    Raises:
+        DataError: For a bad date or `end` before `start`.
     """
     first, last = _parse_date(start), _parse_date(end)
     if last < first:
@@ -218,6 +228,24 @@ def plan_era5(
 
     Validating names and levels here means a typo fails in a second, not after hours in the
     CDS queue.
+
+    Args:
+        out: Output directory.
+        start: First date (``YYYY-MM-DD``).
+        end: Last date (inclusive).
+        variables: Surface and atmospheric variables, Aurora names or CDS long names.
+        levels: Pressure levels in hPa (ERA5's levels only).
+        hours: Hours of day (UTC).
+        static_variables: Static fields for ``OUT/era5_static.nc``; empty: no static request.
+        grid: Output grid in degrees (one number or lat/lon); None: the CDS's native grid.
+        area: Sub-area ``[N, W, S, E]``; None: global.
+        product: CDS ``product_type``.
+
+    Returns:
+        The requests, static first, then by month (surface before pressure).
+
+    Raises:
+        DataError: For unknown variables, levels that ERA5 does not have, bad dates or hours.
     """
     out = Path(out)
     surface, atmos = _split_variables(variables)
@@ -289,6 +317,17 @@ def plan_era5_static(
 
     ERA5's invariant fields are the same at every time, so one 00 UTC field is enough, and an
     existing static file taken at another date counts as complete.
+
+    Args:
+        out: Output directory.
+        variables: Static fields (``lsm``, ``z``, ``slt``) or their CDS long names.
+        date: The day whose 00 UTC field is taken.
+        grid: Output grid in degrees; None: native.
+        area: Sub-area ``[N, W, S, E]``; None: global.
+        product: CDS ``product_type``.
+
+    Returns:
+        The request.
     """
     day = _parse_date(date)
     resolved = _lookup("static", variables)
@@ -347,6 +386,13 @@ def cds_file_problem(path: str | Path, req: CdsRequest) -> str | None:
 
     Opens the file with xarray, checks every requested variable, level and valid time, and reads
     one value per variable at the last time (which fails on HDF5 files cut short).
+
+    Args:
+        path: The file to check.
+        req: The request it should answer.
+
+    Returns:
+        A short reason (``"missing"``, ``"empty file"``, ``"3 of 124 times missing ..."``) or None.
     """
     path = Path(path)
     if not path.is_file():
@@ -423,8 +469,19 @@ def retrieve(
 
     The rename is the commit: a final file exists only if it passed `cds_file_problem`, so an
     interrupted or failed download never leaves a file that a rerun would skip. Failures
-    (network, CDS errors, bad files) are retried with exponential backoff; the last one is
-    raised as `DataError` naming the request.
+    (network, CDS errors, bad files) are retried with exponential backoff.
+
+    Args:
+        client: A `cdsapi.Client` or a stand-in with its `retrieve` method.
+        req: The request.
+        retries: Attempts after the first.
+        retry_wait_s: Seconds before the first retry; doubled for each further one.
+
+    Returns:
+        The target file.
+
+    Raises:
+        DataError: After the last failed attempt, naming the request and the last error.
     """
     part = part_path(req.target)
     req.target.parent.mkdir(parents=True, exist_ok=True)
@@ -457,7 +514,14 @@ def retrieve(
 
 
 def request_status(req: CdsRequest) -> str:
-    """'done', 'todo' or 'redo (<why>)': what a run would do with this request."""
+    """What a run would do with this request.
+
+    Args:
+        req: A planned request.
+
+    Returns:
+        ``"done"``, ``"todo"`` (no file yet) or ``"redo (<why>)"``.
+    """
     if not req.target.exists():
         return "todo"
     problem = cds_file_problem(req.target, req)
@@ -475,8 +539,19 @@ def run_cds_requests(
 ) -> list[Path]:
     """Run (or, with `dry_run`, print) a plan; complete files are skipped, others fetched.
 
-    Returns the target files (all of them, skipped ones included). The client is created only
-    when something must be downloaded, so dry runs and finished plans need no CDS account.
+    The client is created only when something must be downloaded, so dry runs and finished
+    plans need no CDS account.
+
+    Args:
+        plan: Requests from `plan_era5` / `plan_era5_static`.
+        client: The CDS client; None: a `cdsapi.Client()` made when first needed.
+        dry_run: Print each request and its status instead of downloading.
+        retries: Retries per request (see `retrieve`).
+        retry_wait_s: Seconds before the first retry.
+        echo: Where dry-run lines go.
+
+    Returns:
+        The target files, all of them (skipped ones included).
     """
     if dry_run:
         for req in plan:
@@ -515,7 +590,22 @@ def download_era5(
     echo: Callable[[str], None] = print,
     **plan_kwargs: Any,
 ) -> list[Path]:
-    """`plan_era5` then `run_cds_requests`: the whole ``era5`` command as a function."""
+    """`plan_era5` then `run_cds_requests`: the whole ``era5`` command as a function.
+
+    Args:
+        out: Output directory.
+        start: First date.
+        end: Last date (inclusive).
+        client: The CDS client; None: `cdsapi.Client()` when needed.
+        dry_run: Print the plan instead of downloading.
+        retries: Retries per request.
+        retry_wait_s: Seconds before the first retry.
+        echo: Where dry-run lines go.
+        **plan_kwargs: Further arguments of `plan_era5`.
+
+    Returns:
+        The target files.
+    """
     plan = plan_era5(out, start=start, end=end, **plan_kwargs)
     return run_cds_requests(
         plan, client, dry_run=dry_run, retries=retries, retry_wait_s=retry_wait_s, echo=echo

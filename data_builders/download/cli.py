@@ -119,9 +119,14 @@ def _cds_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None, *, client: CdsClient | None = None) -> int:
-    """Entry point of ``python -m data_builders.download``; `client` replaces cdsapi in tests.
+    """Entry point of ``python -m data_builders.download``.
 
-    Returns 0 on success and 2 on a `DataError`, printed as one line that names the problem.
+    Args:
+        argv: Command-line arguments; None reads `sys.argv`.
+        client: Replaces `cdsapi.Client()` (tests).
+
+    Returns:
+        0 on success, 2 on a `DataError` (printed as one line that names the problem).
     """
     args = _parser().parse_args(argv)
     if not logging.getLogger().handlers:

@@ -30,9 +30,30 @@ def download_static(
     storage_options: Mapping[str, Any] | None = None,
     echo: Callable[[str], None] = print,
 ) -> Path:
-    """lsm / z / slt into directory `out`: ``era5_static.nc`` from the CDS (``source="cds"``,
-    on `grid`/`area`) or ``static.zarr`` from a zarr store (a preset name, URL or path; the
-    store's own grid)."""
+    """Static fields into directory `out`, from the CDS or from a zarr store.
+
+    Args:
+        out: Output directory.
+        source: ``"cds"`` (writes ``era5_static.nc`` on `grid` / `area`), or a zarr preset name,
+            URL or path (writes ``static.zarr`` on the store's own grid).
+        variables: Static fields (``lsm``, ``z``, ``slt``).
+        grid: CDS output grid in degrees; None: native. Not for zarr stores.
+        area: CDS sub-area ``[N, W, S, E]``; None: global. Not for zarr stores.
+        date: The time to take the fields at; None: 2018-01-01 (CDS) or the first (zarr).
+        product: CDS ``product_type``.
+        client: The CDS client; None: `cdsapi.Client()` when needed.
+        dry_run: Print the plan instead of downloading.
+        retries: CDS retries.
+        retry_wait_s: Seconds before the first CDS retry.
+        storage_options: fsspec options for zarr URLs.
+        echo: Where dry-run lines go.
+
+    Returns:
+        The file or store written.
+
+    Raises:
+        DataError: For unknown variables, or `grid` / `area` with a zarr store.
+    """
     out = Path(out)
     if source == "cds":
         req = plan_era5_static(

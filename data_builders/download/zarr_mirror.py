@@ -48,7 +48,14 @@ _LEVEL_DIMS = ("level", "pressure_level", "isobaricInhPa", "plev")
 
 
 def resolve_source(source: str) -> str:
-    """A preset name (``era5``, ``hres_t0``) becomes its URL; anything else is used as given."""
+    """A preset name (``era5``, ``hres_t0``) becomes its URL; anything else is used as given.
+
+    Args:
+        source: A preset name, URL or path.
+
+    Returns:
+        The URL or path to open.
+    """
     return WB2_STORES.get(source, source)
 
 
@@ -61,6 +68,16 @@ def open_store(source: str, storage_options: Mapping[str, Any] | None = None) ->
 
     Lazy matters: WeatherBench2 stores are tens of terabytes, and only the selected chunks may
     ever be fetched.
+
+    Args:
+        source: A preset name (see `resolve_source`), URL or local path.
+        storage_options: fsspec options for URLs (``gs://`` defaults to anonymous access).
+
+    Returns:
+        The lazily opened dataset.
+
+    Raises:
+        DataError: If the store is missing, unreadable, or needs a package that is not installed.
     """
     url = resolve_source(source)
     kwargs: dict[str, Any] = {"chunks": None, "decode_timedelta": True}
@@ -322,9 +339,27 @@ def plan_zarr(
 ) -> ZarrPlan:
     """Select from a store (lazily) and compare with what the output already holds.
 
-    `levels` in hPa (None: all); `start`/`end` inclusive (dates or datetimes); `hours` keeps those
-    hours of day; `stride` keeps every n-th selected time. With `static`, names are static fields
-    (``z`` is ``geopotential_at_surface``) and one time is taken if the store has a time axis.
+    Args:
+        source: A preset name, URL or local path of a zarr store.
+        out: The local zarr store to write.
+        variables: Aurora names or the store's own variable names.
+        levels: Pressure levels in hPa; None: all.
+        start: First time (a date or datetime); None: the store's first.
+        end: Last time, inclusive (a date means the whole day); None: the store's last.
+        hours: Hours of day to keep; None: all.
+        stride: Keep every n-th selected time.
+        chunk_times: Times fetched and written per block.
+        static: Names are static fields (``z`` is ``geopotential_at_surface``), and one time is
+            taken if the store has a time axis.
+        date: With `static`, the time to take (nearest); None: the first.
+        storage_options: fsspec options for URLs.
+
+    Returns:
+        The plan: what is selected, what is still missing from `out`, and its size.
+
+    Raises:
+        DataError: For unknown variables, missing levels or times, or an `out` holding other
+            variables or levels.
     """
     if chunk_times < 1:
         raise DataError(f"chunk_times must be >= 1, got {chunk_times}")
@@ -452,7 +487,16 @@ def _load(block: xr.Dataset, url: str) -> xr.Dataset:
 def run_zarr_plan(
     plan: ZarrPlan, *, dry_run: bool = False, echo: Callable[[str], None] = print
 ) -> Path:
-    """Fetch the plan's missing times block by block (or print the plan with `dry_run`)."""
+    """Fetch the plan's missing times block by block (or print the plan with `dry_run`).
+
+    Args:
+        plan: From `plan_zarr`.
+        dry_run: Print the plan instead of downloading.
+        echo: Where dry-run lines go.
+
+    Returns:
+        The output store's path.
+    """
     if dry_run:
         for line in plan.lines():
             echo(line)
@@ -492,7 +536,18 @@ def download_zarr(
     echo: Callable[[str], None] = print,
     **plan_kwargs: Any,
 ) -> Path:
-    """`plan_zarr` then `run_zarr_plan`: the whole ``hres``/``wb2`` command as a function."""
+    """`plan_zarr` then `run_zarr_plan`: the whole ``hres``/``wb2`` command as a function.
+
+    Args:
+        source: A preset name, URL or local path of a zarr store.
+        out: The local zarr store to write.
+        dry_run: Print the plan instead of downloading.
+        echo: Where dry-run lines go.
+        **plan_kwargs: Further arguments of `plan_zarr`.
+
+    Returns:
+        The output store's path.
+    """
     if not dry_run:
         _recover(Path(out))  # so the plan sees the committed times only
     return run_zarr_plan(plan_zarr(source, out, **plan_kwargs), dry_run=dry_run, echo=echo)
