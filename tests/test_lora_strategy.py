@@ -1,4 +1,8 @@
-"""LoRAStrategy: only adapters train, no optimiser state for the frozen base, exact merge, export."""
+"""LoRA training: only adapters train, no optimiser state for the frozen base, exact merge, export.
+
+Also: `trainable` is a property of any strategy (a path predicate through the real Trainer), and
+the Trainer trains a configured copy of its strategy, leaving the one it was given unchanged.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,19 @@ from flax import traverse_util
 import aurora
 from tests.helpers import random_batch, tiny_model
 from trainers.data import InMemoryData
-from trainers.strategies.lora import LoRAStrategy, is_lora_path, lora_counts, parameter_counts
+from trainers.strategies.base import Strategy
+from trainers.strategies.lora import (
+    LoRAStrategy,
+    adapter_index,
+    export_merged,
+    is_lora_path,
+    lora_counts,
+    merge_adapters,
+    merged_model,
+    parameter_counts,
+)
 from trainers.strategies.rollout import RolloutStrategy
+from trainers.strategies.trainable import Trainable
 from trainers.trainer import Trainer
 
 LORA_LR, BASE_LR = 1e-2, 1e-4
@@ -58,7 +73,7 @@ def _float_elements(tree) -> int:
     )
 
 
-def _fit(strategy: LoRAStrategy, params, steps: int, tmp_path) -> Trainer:
+def _fit(strategy: Strategy, params, steps: int, tmp_path, **trainer_kwargs) -> Trainer:
     """Train `steps` optimiser steps from `params` (host copies: the trainer donates its state)."""
     model = strategy.model
     trainer = Trainer(
@@ -68,6 +83,7 @@ def _fit(strategy: LoRAStrategy, params, steps: int, tmp_path) -> Trainer:
         max_steps=steps,
         log_every_n_steps=1,
         init_params=jax.tree_util.tree_map(np.array, params),
+        **trainer_kwargs,
     )
     trainer.fit(InMemoryData([_example(model, seed) for seed in range(2)], seed=3))
     return trainer
@@ -135,19 +151,17 @@ def test_optimizer_state_is_adam_moments_of_the_adapters_only(trained, initial) 
     assert ratio == pytest.approx(2 * counts["lora"] / counts["total"]) and ratio < 0.1
 
 
-def test_delegates_to_the_inner_strategy(trained, lora_model) -> None:
+def test_lora_is_the_rollout_strategy_with_lora_trainables(trained, lora_model) -> None:
     strategy = trained.strategy
-    assert strategy.model is strategy.inner.model and strategy.model.use_lora
-    assert (
-        strategy.steps == 2
-        and strategy.window == 2
-        and strategy.default_controls() == strategy.inner.default_controls()
-    )
+    assert type(strategy) is RolloutStrategy and strategy.model.use_lora
+    assert strategy.trainable == Trainable.lora()
+    assert strategy.steps == 2 and strategy.window == 2 and strategy.default_controls() == {}
     assert LoRAStrategy(RolloutStrategy(lora_model, curriculum=True)).default_controls().keys() == {
         "grad_window"
     }
-    strategy.model = lora_model
-    assert strategy.inner.model is lora_model
+    plain = RolloutStrategy(lora_model, steps=3)
+    assert LoRAStrategy(plain).trainable == Trainable.lora() and plain.trainable == Trainable.all()
+    assert RolloutStrategy(lora_model, trainable="lora").trainable == Trainable.lora()
 
 
 def test_train_base_uses_its_own_learning_rate(lora_model, initial, tmp_path) -> None:
@@ -173,6 +187,41 @@ def test_train_base_uses_its_own_learning_rate(lora_model, initial, tmp_path) ->
         _float_elements(trainer.state.opt_state)
         == 2 * parameter_counts(trainer.state.params)["total"]
     )
+
+
+def test_a_path_predicate_trains_only_its_parameters(tmp_path) -> None:
+    """`trainable` is any strategy's: here a RolloutStrategy that trains the decoder only."""
+    model = tiny_model()
+    initial = _flat(_perturbed(model, _example(model, 0)[0], adapters=True))
+    in_decoder = lambda path: path[0] == "decoder"
+    strategy = RolloutStrategy(model, steps=2, remat=False, trainable=in_decoder)
+    trainer = _fit(strategy, traverse_util.unflatten_dict(initial), 2, tmp_path)
+    after = _flat(trainer.state.params)
+    decoder = [k for k in initial if in_decoder(k)]
+    assert decoder and len(decoder) < len(initial)
+    for k in initial:
+        if not in_decoder(k):
+            assert after[k].tobytes() == initial[k].tobytes(), f"frozen {'/'.join(k)} changed"
+    assert all(not np.array_equal(after[k], initial[k]) for k in decoder if k[-1] == "kernel")
+    trained_elements = sum(initial[k].size for k in decoder)
+    assert _float_elements(trainer.state.opt_state) == 2 * trained_elements
+
+
+def test_the_trainer_leaves_the_given_strategy_unchanged(lora_model, tmp_path) -> None:
+    strategy = LoRAStrategy(RolloutStrategy(lora_model, steps=1, remat=False))
+    trainer = Trainer(
+        strategy,
+        optimizer=OPTIM,
+        workdir=tmp_path,
+        max_steps=1,
+        precision="bf16-mixed",
+        remat="all",
+    )
+    assert strategy.model is lora_model and strategy.remat is False
+    configured = trainer.strategy
+    assert type(configured) is RolloutStrategy and configured.trainable == Trainable.lora()
+    assert configured.model.autocast and configured.model.remat and configured.model.remat_stages
+    assert configured.remat and configured.steps == 1
 
 
 def test_pretrained_params_without_adapters_get_fresh_ones(lora_model) -> None:
@@ -207,34 +256,31 @@ def test_merged_model_predicts_like_the_lora_model(mode, merge_step, check_steps
     model = tiny_model(use_lora=True, lora_mode=mode, lora_steps=4)
     inputs = _example(model, 0)[0]
     params = _perturbed(model, inputs, adapters=True)
-    strategy = LoRAStrategy(RolloutStrategy(model, steps=2))
-    merged_model = strategy.merged_model()
-    merged = strategy.merge(params, step=merge_step)
-    assert not merged_model.use_lora and not any(
+    merged_arch = merged_model(model)
+    merged = merge_adapters(model, params, step=merge_step)
+    assert not merged_arch.use_lora and not any(
         is_lora_path(k) for k in traverse_util.flatten_dict(merged)
     )
     lora_apply = jax.jit(lambda b: model.apply({"params": params}, b))
-    merged_apply = jax.jit(lambda b: merged_model.apply({"params": merged}, b))
+    merged_apply = jax.jit(lambda b: merged_arch.apply({"params": merged}, b))
     for step in check_steps:
         batch = inputs.replace(metadata=inputs.metadata.replace(rollout_step=np.int32(step)))
         with_lora = lora_apply(batch)
         _assert_same_prediction(with_lora, merged_apply(batch))
-    without = strategy.merge(params, step=model.lora_steps)  # no adapter runs at that step
-    base_only = merged_model.apply({"params": without}, batch)
+    without = merge_adapters(model, params, step=model.lora_steps)  # no adapter runs there
+    base_only = merged_arch.apply({"params": without}, batch)
     effect = float(jnp.abs(base_only.atmos_vars["z"] - with_lora.atmos_vars["z"]).max())
     assert effect > 1.0, "the adapters must change the prediction (else the check above is vacuous)"
 
 
 @pytest.mark.parametrize("mode", ["from_second", "all"])
 def test_merge_needs_a_step_when_adapters_differ_by_step(mode) -> None:
-    strategy = LoRAStrategy(
-        RolloutStrategy(tiny_model(use_lora=True, lora_mode=mode, lora_steps=4))
-    )
+    model = tiny_model(use_lora=True, lora_mode=mode, lora_steps=4)
     with pytest.raises(ValueError, match="step="):
-        strategy.merge({})
-    assert strategy.adapter_index(0) == (None if mode == "from_second" else 0)
-    assert strategy.adapter_index(2) == (0 if mode == "from_second" else 2)
-    assert strategy.adapter_index(4) is None
+        merge_adapters(model, {})
+    assert adapter_index(model, 0) == (None if mode == "from_second" else 0)
+    assert adapter_index(model, 2) == (0 if mode == "from_second" else 2)
+    assert adapter_index(model, 4) is None
 
 
 def test_export_writes_orbax_and_a_pytorch_state_dict(tmp_path) -> None:
@@ -244,12 +290,11 @@ def test_export_writes_orbax_and_a_pytorch_state_dict(tmp_path) -> None:
 
     model = tiny_model(use_lora=True)
     params = _perturbed(model, _example(model, 0)[0], adapters=True)
-    strategy = LoRAStrategy(RolloutStrategy(model))
-    paths = strategy.export(params, tmp_path / "export")
-    merged = _flat(strategy.merge(params))
+    paths = export_merged(model, params, tmp_path / "export")
+    merged = _flat(merge_adapters(model, params))
     with ocp.StandardCheckpointer() as checkpointer:
         restored = _flat(checkpointer.restore(paths["orbax"]))
-    from_torch = _flat(convert_pytorch_checkpoint(paths["pytorch"], strategy.merged_model()))
+    from_torch = _flat(convert_pytorch_checkpoint(paths["pytorch"], merged_model(model)))
     assert restored.keys() == merged.keys() == from_torch.keys()
     for k in merged:
         np.testing.assert_array_equal(restored[k], merged[k])
@@ -267,7 +312,7 @@ def test_lora_config_describes_a_lora_rollout() -> None:
     kwargs = {k: v for k, v in config.strategy.items() if k not in ("name", "inner")}
     model = tiny_model(use_lora=True)
     strategy = LoRAStrategy.wrapping(RolloutStrategy, model, **kwargs)
-    assert isinstance(strategy.inner, RolloutStrategy) and strategy.steps == config.strategy.steps
+    assert isinstance(strategy, RolloutStrategy) and strategy.steps == config.strategy.steps
     _, schedule = strategy.make_optimizer(config.optimizer, config.trainer.max_steps)
     assert float(schedule(config.optimizer.warmup_steps)) == pytest.approx(
         config.optimizer.lora_learning_rate
@@ -281,6 +326,7 @@ def test_lora_is_a_small_fraction_of_full_size_models(preset) -> None:
     counts = lora_counts(model, random_batch(model, h=16, w=32, levels=(500,)))
     ratio = counts["lora"] / counts["total"]
     print(
-        f"{preset}: LoRA {counts['lora']:,} of {counts['total']:,} parameters ({ratio:.4%}); Adam state {2 * counts['lora']:,}"
+        f"{preset}: LoRA {counts['lora']:,} of {counts['total']:,} parameters ({ratio:.4%}); "
+        f"Adam state {2 * counts['lora']:,}"
     )
     assert 0 < ratio < 0.01

@@ -13,6 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from aurora.batch import Batch
 from callbacks.base import Callback
@@ -23,6 +24,7 @@ from tests.helpers import tiny_model
 from trainers.data import InMemoryData
 from trainers.strategies.lora import LoRAStrategy
 from trainers.strategies.replay import Entry, ReplayBuffer, ReplayStrategy
+from trainers.strategies.trainable import Trainable, is_lora_path
 from trainers.trainer import Trainer
 
 DATA = Path(__file__).parent / "data"
@@ -93,7 +95,8 @@ def test_targets_lead_time_cap_and_pushed_back_predictions(source) -> None:
     schedule = ((0, 12), (8, 30))
     strategy = ReplayStrategy(_model(), capacity=40, refresh_every=4, max_lead_hours=schedule)
     trainer = _fit(strategy, source, max_steps=16, callbacks=[record])
-    assert trainer.global_step == 16 and strategy.updates == 16
+    assert trainer.global_step == 16 and trainer.strategy.updates == 16
+    assert strategy.updates == 0 and not len(strategy.buffer), "the given strategy is unchanged"
     cap = lambda step: [h for s, h in schedule if s <= step][-1]
 
     index = _record_index(source)
@@ -187,14 +190,15 @@ def test_resume_restores_the_buffer_and_training_exactly(source, tmp_path) -> No
         )
 
     # The checkpoint at step 4 restores the buffer exactly as the uninterrupted run had it then.
-    probe = strategy()
-    Trainer(
-        probe,
+    probe = Trainer(
+        strategy(),
         optimizer=OPTIM,
         callbacks=[ModelCheckpoint(directory=tmp_path / "b" / "checkpoints")],
         workdir=tmp_path / "b",
         max_steps=4,
-    )._setup_state(next(iter(_pipeline(source).iterator(0))))
+    )
+    probe._setup_state(next(iter(_pipeline(source).iterator(0))))
+    probe = probe.strategy
     assert probe.state_dict() == snapshot.state
     assert len(probe.buffer) == len(snapshot.arrays["atmos"]["z"])
     for v, stacked in snapshot.arrays["atmos"].items():
@@ -263,8 +267,43 @@ def test_lora_wraps_replay_and_trains_only_adapters(source) -> None:
     strategy = LoRAStrategy(
         ReplayStrategy(model, refresh_every=2, max_lead_hours=((0, 18),)), train_base=True
     )
-    _fit(strategy, source, max_steps=2)
-    assert len(strategy.inner.buffer) > 2 and strategy.state_dict()["updates"] == 2
+    assert type(strategy) is ReplayStrategy
+    assert strategy.trainable == Trainable.lora(train_base=True)
+    trainer = _fit(strategy, source, max_steps=2)
+    assert len(trainer.strategy.buffer) > 2 and trainer.strategy.state_dict()["updates"] == 2
+
+
+def test_replay_with_lora_trainables_keeps_the_base_bit_identical(source) -> None:
+    """`trainable="lora"`: adapters train, the base does not; Adam holds adapter moments only."""
+    model = _model(use_lora=True)
+    inputs, _ = next(iter(_pipeline(source).iterator(0)))
+    params = model.init(jax.random.PRNGKey(0), inputs.crop(2))["params"]
+    params = jax.tree_util.tree_map(  # non-zero AdaLN modulation and B, so the adapters matter
+        lambda x: np.asarray(x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape)),
+        params,
+    )
+    strategy = ReplayStrategy(model, refresh_every=2, max_lead_hours=((0, 18),), trainable="lora")
+    trainer = Trainer(
+        strategy,
+        optimizer=OPTIM,
+        max_steps=2,
+        log_every_n_steps=1,
+        init_params=jax.tree_util.tree_map(np.copy, params),
+    )
+    trainer.fit(_pipeline(source))
+    before = traverse_util.flatten_dict(params)
+    after = traverse_util.flatten_dict(jax.device_get(trainer.state.params))
+    lora = [k for k in before if is_lora_path(k)]
+    assert lora and len(lora) < len(before)
+    for k, v in before.items():
+        moved = not np.array_equal(np.asarray(after[k]), v)
+        assert moved == is_lora_path(k), f"{'/'.join(k)} moved={moved}"
+    moments = sum(
+        x.size
+        for x in jax.tree_util.tree_leaves(trainer.state.opt_state)
+        if np.issubdtype(x.dtype, np.floating)
+    )
+    assert moments == 2 * sum(before[k].size for k in lora)
 
 
 def test_needs_data_with_access_by_time(source) -> None:
