@@ -4,9 +4,9 @@
 
 with MAE over batch, latitude and longitude (and, for atmospheric variables, the mean over
 pressure levels, as the paper's `1 / (C·H·W)`), no latitude weighting, computed on **normalised**
-prediction and target (the earlier JAX port computed it on physical units, which lets geopotential
-dominate everything). `V_S`, `V_A` count the variables present. Per-level weights can be given as
-`{"z": {500: 2.0}}`; a missing weight is 1.
+prediction and target (on physical units geopotential would dominate everything). `V_S`, `V_A`
+count the variables present. Per-level weights can be given as `{"z": {500: 2.0}}`; a missing
+weight is 1.
 """
 
 from __future__ import annotations
@@ -77,10 +77,16 @@ def _level_weights(weight: Any, levels: tuple[float, ...]) -> np.ndarray:
 def aurora_loss(
     pred: Batch, target: Batch, config: LossConfig, stats: Stats | None = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The loss and its per-variable MAEs (`mae/<var>`), both on normalised values.
+    """The loss and its per-variable MAEs, both on normalised values.
 
-    `pred` and `target` are physical-unit batches with the same variables, grid and levels;
-    `stats` extends Aurora's normalisation table (as the model's `surf_stats`).
+    Args:
+        pred: the prediction in physical units, fields `(b, 1, h, w)` / `(b, 1, C, h, w)`.
+        target: the target, with the same variables, grid and levels.
+        config: the weights.
+        stats: extends Aurora's normalisation table (as the model's `surf_stats`).
+
+    Returns:
+        The scalar loss and `{"mae/<var>": scalar}`.
     """
     p, t = pred.normalise(stats), target.normalise(stats)
     levels = pred.metadata.atmos_levels

@@ -31,6 +31,17 @@ class TrainState:
     def create(
         cls, params: Any, tx: optax.GradientTransformation, rng: jax.Array, extras: Any = None
     ) -> TrainState:
+        """The state at step 0.
+
+        Args:
+            params: the parameters.
+            tx: the optimiser (its state is initialised here).
+            rng: a PRNG key for the strategy's randomness.
+            extras: strategy-owned device state, default none.
+
+        Returns:
+            The new state.
+        """
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -41,7 +52,14 @@ class TrainState:
         )
 
     def apply_gradients(self, grads: Any) -> tuple[TrainState, Any]:
-        """One optimiser update; returns the new state and the update (for measurements)."""
+        """One optimiser update.
+
+        Args:
+            grads: gradients with the parameters' structure.
+
+        Returns:
+            The new state (step advanced) and the update applied (for measurements).
+        """
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
         params = optax.apply_updates(self.params, updates)
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state), updates

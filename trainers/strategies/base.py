@@ -217,13 +217,23 @@ class Strategy:
     ) -> Iterator[Example]:
         """What the training steps of one epoch consume; the epoch ends when this is exhausted.
 
-        Default: the data iterator's examples as they come. `data` is the training `DataSource`
-        (for strategies that need random access to it) and `trainer` gives the global step.
+        Args:
+            trainer: the Trainer (for the global step).
+            iterator: the training data's examples for this epoch.
+            data: the training `DataSource` (for strategies that need random access to it).
+
+        Returns:
+            Examples `(inputs, targets)`; by default the iterator's, as they come.
         """
         return iter(iterator)
 
     def on_step_outputs(self, trainer: Any, outputs: Any) -> None:
-        """Receives `metrics[OUTPUTS]` of each training step (device arrays), if any."""
+        """Receives `metrics[OUTPUTS]` of each training step (device arrays), if any.
+
+        Args:
+            trainer: the Trainer (for the global step).
+            outputs: the arrays `loss_fn` returned under `OUTPUTS`.
+        """
 
     def host_metrics(self) -> dict[str, float]:
         """Host-side scalars logged with the training metrics (e.g. the replay buffer's size)."""
@@ -301,7 +311,7 @@ class Strategy:
         )
         finite = _all_finite(grads)
         # A conditional, not an elementwise select between the new and the old state: selecting
-        # over every parameter and optimiser leaf made XLA's CPU compile of the step ~8x slower.
+        # over every parameter and optimiser leaf makes XLA's compile of the step much slower.
         new_state, updates = jax.lax.cond(
             finite,
             lambda: state.apply_gradients(grads),

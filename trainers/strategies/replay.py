@@ -1,30 +1,16 @@
 """Replay-buffer rollout training (Bodnar et al. 2025, Suppl. D.4): long leads at one step's cost.
 
-Instead of unrolling K model calls per update, the model's own predictions are kept in a host-side
-buffer and fed back later as inputs, so every update is one forward and one backward pass whatever
-the lead time:
+The model's own predictions are kept in a host buffer and fed back later as inputs, so every
+update is one forward and backward pass whatever the lead time. Each update samples one entry per
+batch row (uniformly, with replacement, within a lead-time cap that grows on `max_lead_hours`),
+makes one model step and scores it against the ground truth at the entry's valid time
+(`Pipeline.states_at`). The prediction becomes a new entry one step further (time and
+`rollout_step` advanced as in `aurora.rollout`) if its target is in the data and within the cap.
+A fresh dataset batch enters every `refresh_every` updates; the buffer is first-in first-out.
 
-1. The buffer holds entries: an input history (the last two states, ground truth or earlier
-   predictions), its time ("now", the newest history step), its `rollout_step` (how many model
-   calls produced the newest state; 0 for dataset samples) and the *matching* target time
-   `now + step`, the valid time of the prediction made from it.
-2. Each update samples one entry per batch row, uniformly with replacement, runs one model step
-   with gradients and scores it against the ground truth at that entry's target time, read from
-   the training data by time (`Pipeline.states_at`).
-3. The prediction (without gradients) becomes a new entry one step further: history
-   `(newest state, prediction)`, time and `rollout_step` advanced by the model, exactly as in
-   `aurora.rollout`. It enters only if the lead time of the prediction that *it* would lead to,
-   `(rollout_step + 1) * step_hours`, is within the current cap and the data holds its target.
-4. Every `refresh_every` updates a fresh dataset batch enters (10 in the paper); the data iterator
-   is read only then, so an epoch of the data lasts `refresh_every` times as many updates.
-5. The lead-time cap grows on a schedule, `max_lead_hours=((0, 96), (5000, 240))` (the paper:
-   4 days for the first 5k steps, 10 days after); entries beyond the cap are not sampled.
-6. The buffer evicts first-in first-out beyond `capacity` (the paper: 200 per device).
-
-Batch rows may come from different rollout steps; LoRA's adapter choice depends on the rollout
-step, so `predict` applies the model row by row (`jax.vmap`), each row with its own `rollout_step`
-and time. The buffer, its RNG and the update counter are checkpointed (`state_dict` and
-`array_state`) and restored on resume, so a resumed run continues identically.
+Rows may come from different rollout steps, and LoRA's adapter depends on the step, so `predict`
+applies the model row by row (`jax.vmap`). Buffer, RNG and update counter are checkpointed, so a
+resumed run continues identically.
 """
 
 from __future__ import annotations
@@ -80,10 +66,21 @@ class ReplayBuffer:
         return len(self.entries)
 
     def push(self, entry: Entry) -> None:
+        """Add `entry`, evicting the oldest entries beyond `capacity`."""
         self.entries.append(entry)
         del self.entries[: max(0, len(self.entries) - self.capacity)]
 
     def sample(self, rng: np.random.Generator, n: int, max_lead_steps: int) -> list[Entry]:
+        """Draw entries uniformly with replacement among those within the lead-time cap.
+
+        Args:
+            rng: the sampling RNG (advanced).
+            n: entries to draw.
+            max_lead_steps: the cap on `Entry.lead_steps`.
+
+        Returns:
+            `n` entries.
+        """
         eligible = [e for e in self.entries if e.lead_steps <= max_lead_steps]
         if not eligible:
             raise RuntimeError(
@@ -93,12 +90,15 @@ class ReplayBuffer:
 
     # --- checkpointing: an index in JSON, the fields as arrays ------------------------------------
     def index(self) -> list[dict[str, int]]:
+        """The entries' times and rollout steps, JSON-serialisable, in buffer order."""
         return [
             {"time": e.time, "rollout_step": e.rollout_step, "target_time": e.target_time}
             for e in self.entries
         ]
 
     def arrays(self) -> dict[str, Any]:
+        """The entries' fields stacked in buffer order: `{"surf": {v: (n, 2, h, w)}, "atmos":
+        {v: (n, 2, levels, h, w)}}` (empty for an empty buffer)."""
         if not self.entries:
             return {}
         first = self.entries[0]
@@ -108,6 +108,7 @@ class ReplayBuffer:
         }
 
     def restore(self, index: Sequence[dict[str, int]], arrays: dict[str, Any]) -> None:
+        """Replace the entries with those of a checkpoint (`index()` and `arrays()` output)."""
         surf, atmos = arrays.get("surf", {}), arrays.get("atmos", {})
         for name, stacked in [*surf.items(), *atmos.items()]:
             if len(stacked) != len(index):
@@ -196,16 +197,27 @@ class ReplayStrategy(Strategy):
 
     # --- the lead-time cap ------------------------------------------------------------------------
     def max_lead_hours(self, step: int) -> float:
+        """The lead-time cap in hours at global step `step`."""
         return [h for s, h in self.schedule if s <= step][-1]
 
     def max_lead_steps(self, step: int) -> int:
+        """The lead-time cap in model steps at global step `step`."""
         return int(self.max_lead_hours(step) // self.step_hours)
 
     # --- host side --------------------------------------------------------------------------------
     def train_examples(
         self, trainer: Any, iterator: Iterable[Example], data: Any
     ) -> Iterator[Example]:
-        """Buffer samples; a fresh dataset batch enters every `refresh_every` updates."""
+        """Buffer samples; a fresh dataset batch enters every `refresh_every` updates.
+
+        Args:
+            trainer: gives the global step (for the lead-time cap).
+            iterator: the training data's examples, read only when a fresh batch enters.
+            data: the training data, read by valid time (`states_at`, `has_times`).
+
+        Returns:
+            Examples `(inputs, [target])`, until `iterator` is exhausted.
+        """
         if not all(hasattr(data, a) for a in ("states_at", "has_times")):
             raise TypeError(
                 "ReplayStrategy reads ground truth by valid time, which "
@@ -223,8 +235,12 @@ class ReplayStrategy(Strategy):
             yield self.sample(trainer.global_step)
 
     def add_fresh(self, example: Example) -> None:
-        """A dataset batch's inputs enter the buffer, one entry per row (cropped as the model crops,
-        so that they stack with the predictions)."""
+        """A dataset example's inputs enter the buffer, one entry per row.
+
+        Args:
+            example: `(inputs, targets)` from the data; the inputs are cropped as the model crops,
+                so that they stack with the predictions.
+        """
         inputs = example[0].crop(self.model.patch_size)
         times = np.asarray(inputs.metadata.time, np.int64).reshape(-1)
         step = int(np.asarray(inputs.metadata.rollout_step).reshape(-1)[0])
@@ -267,7 +283,13 @@ class ReplayStrategy(Strategy):
         return inputs, [target]
 
     def on_step_outputs(self, trainer: Any, outputs: Any) -> None:
-        """Push each row's prediction back as an entry one step further (if within the cap)."""
+        """Push each row's prediction back as an entry one step further (if within the cap).
+
+        Args:
+            trainer: gives the global step (for the lead-time cap).
+            outputs: `loss_fn`'s `metrics[OUTPUTS]`: predicted `surf` `{v: (b, 1, h, w)}`,
+                `atmos` `{v: (b, 1, levels, h, w)}`, `time` `(b,)`, `rollout_step` `(b,)`.
+        """
         pred = jax.device_get(outputs)
         cap = self.max_lead_steps(trainer.global_step)
         children = []
@@ -323,7 +345,15 @@ class ReplayStrategy(Strategy):
 
     # --- pure, jitted by the trainer --------------------------------------------------------------
     def predict(self, params: Any, batch: Batch) -> Batch:
-        """One step; rows with their own `rollout_step` are applied one by one (`jax.vmap`)."""
+        """One model step; rows with their own `rollout_step` are applied one by one (`jax.vmap`).
+
+        Args:
+            params: the model parameters.
+            batch: fields `(b, 2, ...)`; `metadata.rollout_step` a scalar or `(b,)`.
+
+        Returns:
+            The prediction, fields `(b, 1, ...)`, with time and `rollout_step` advanced.
+        """
         meta = batch.metadata
         if jnp.ndim(meta.rollout_step) == 0:
             return super().predict(params, batch)
@@ -355,7 +385,17 @@ class ReplayStrategy(Strategy):
     def loss_fn(
         self, params: Any, inputs: Batch, targets: Batch, controls: dict[str, Any]
     ) -> tuple[jax.Array, Metrics]:
-        """One step against the entry's target; the prediction goes back to the host (`OUTPUTS`)."""
+        """One step against each entry's target; the prediction goes back to the host.
+
+        Args:
+            params: the model parameters.
+            inputs: the sampled entries, fields `(b, 2, ...)`, `rollout_step` `(b,)`.
+            targets: one target on a leading axis, fields `(1, b, 1, ...)`.
+            controls: unused.
+
+        Returns:
+            The loss and metrics (the MAEs, `lead_hours`, and the prediction under `OUTPUTS`).
+        """
         pred = self.predict(params, inputs)
         target = jax.tree_util.tree_map(lambda x: x[0], targets)
         loss, terms = aurora_loss(pred, target, self.loss_config, self.stats)

@@ -1,26 +1,15 @@
 """Multi-step rollout training: each prediction becomes the next input, as in inference.
 
-Time and `rollout_step` advance exactly as in `aurora.rollout` (the same `advance_batch`), so LoRA
-adapters and time encodings see what they will see at inference. The K steps run in `lax.scan`
-(one traced model call, whatever K), rematerialised so that memory holds one step's activations
-plus the K carried states.
+Time and `rollout_step` advance as in `aurora.rollout` (the same `advance_batch`), so LoRA adapters
+and time encodings see what they will see at inference. The K steps run in a rematerialised
+`lax.scan`: one traced model call whatever K, one step's activations in memory.
 
-Gradient window `w`: gradients flow through the last `w` model calls. Concretely, the input of
-step `i` (1 <= i <= K - w) is detached, so each of those steps trains only its own call, and the
-losses of the last `w` steps back-propagate through every call from step K - w on.
-
-The window is static by default: the K - w leading steps run in a scan of their own, and with
-`average_loss=False` (only the last step's loss counts) they run without any gradient, so an
-update costs K - w forward passes plus a w-step forward and backward (Brandstetter et al.'s
-pushforward trick when w = 1). With `curriculum=True` the window is a traced control instead, so
-`GradStop`'s schedule changes it without recompiling; the compiled step must then serve every
-window, so it always pays for the full backward pass.
-
-* `backprop="all"`: w = K, gradients through every step (full unrolled training).
-* `backprop="last_k"`: w = k.
-* `backprop="pushforward"`: w = 1, every call sees its input detached (Brandstetter et al. 2022).
-
-`average_loss=True` averages the K per-step losses; otherwise only the last step's loss counts.
+Gradient window `w` (`backprop`: "all" w = K, "last_k" w = k, "pushforward" w = 1, Brandstetter
+et al. 2022): the inputs of steps 1 .. K - w are detached, so each of those steps trains only its
+own call, and the last w steps back-propagate through every call from step K - w on. A static
+window runs the leading steps in a scan of their own, without gradients when only the last loss
+counts (`average_loss=False`). With `curriculum=True` the window is a traced control that
+`GradStop` changes without recompiling, so the step always pays for the full backward pass.
 """
 
 from __future__ import annotations
