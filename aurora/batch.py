@@ -1,20 +1,17 @@
-"""`Batch` and `Metadata`: the pytrees that flow through the model, the trainer and the data pipeline.
+"""`Batch` and `Metadata`: the pytrees that flow through the model, trainer and data pipeline.
 
-Same fields and conventions as microsoft-aurora's `Batch` / `Metadata`:
+Same fields and conventions as microsoft-aurora's: `surf_vars[name]` has shape `(b, t, h, w)`,
+`static_vars[name]` `(h, w)`, `atmos_vars[name]` `(b, t, c, h, w)`; history index `t = -1` is
+the current time; `lat` strictly decreasing in `[-90, 90]`, `lon` strictly increasing in `[0, 360)`.
 
-* `surf_vars[name]` has shape `(b, t, h, w)`, `static_vars[name]` `(h, w)`, `atmos_vars[name]`
-  `(b, t, c, h, w)`; history index `t = -1` is the current time.
-* `lat` is strictly decreasing in `[-90, 90]`, `lon` strictly increasing in `[0, 360)`.
+Two choices differ from the PyTorch dataclasses because the batch crosses `jax.jit`:
 
-Two choices differ from the PyTorch dataclasses because the batch has to cross `jax.jit`:
-
-* The grid (`lat`, `lon`) and `atmos_levels` are static pytree fields (tuples). The model computes
+* The grid (`lat`, `lon`) and `atmos_levels` are static pytree fields (tuples): the model computes
   its position, scale and level encodings from them on the host in float64, exactly like the
   reference, and a jitted step recompiles only when the grid changes.
-* `time` is a pytree leaf: an int32 array of shape `(b,)` holding **minutes since
-  1970-01-01T00:00 UTC**, so that a rollout can advance it inside `jit` and no `JAX_ENABLE_X64` is
-  needed. `Metadata(time=...)` also accepts datetimes or `numpy.datetime64` values;
-  `Metadata.datetimes()` converts back. `rollout_step` is a leaf too (a scalar int).
+* `time` is a leaf: int32 **minutes since 1970-01-01T00:00 UTC**, shape `(b,)`, so that a rollout
+  advances it inside `jit` without `JAX_ENABLE_X64` (`Metadata(time=...)` also accepts datetimes;
+  `Metadata.datetimes()` converts back). `rollout_step` is a leaf too (a scalar int).
 """
 
 from __future__ import annotations
@@ -40,7 +37,17 @@ _EPOCH = np.datetime64("1970-01-01T00:00", "m")
 
 
 def to_minutes(times: Iterable[datetime | np.datetime64] | np.ndarray) -> np.ndarray:
-    """Datetimes (naive = UTC) -> int32 minutes since 1970-01-01, rejecting sub-minute times."""
+    """Datetimes (naive = UTC) -> int32 minutes since 1970-01-01, rejecting sub-minute times.
+
+    Args:
+        times (Iterable[datetime | np.datetime64] | np.ndarray): Times, any shape.
+
+    Returns:
+        np.ndarray: int32 minutes of shape `(n,)`, the times flattened.
+
+    Raises:
+        ValueError: For a time that is not a whole minute or lies beyond int32 minutes.
+    """
     items = times.ravel().tolist() if isinstance(times, np.ndarray) else list(times)
     if isinstance(times, np.ndarray) and np.issubdtype(times.dtype, np.datetime64):
         items = list(times.ravel())  # keep nanosecond precision (tolist() gives integers)
@@ -62,7 +69,14 @@ def to_minutes(times: Iterable[datetime | np.datetime64] | np.ndarray) -> np.nda
 
 
 def minutes_to_datetimes(minutes: Array) -> tuple[datetime, ...]:
-    """Inverse of :func:`to_minutes`: naive UTC datetimes."""
+    """Inverse of :func:`to_minutes`.
+
+    Args:
+        minutes (Array): Minutes since 1970, any shape (numpy or jax).
+
+    Returns:
+        tuple[datetime, ...]: Naive UTC datetimes, flattened.
+    """
     values = np.asarray(jax.device_get(minutes)).astype(np.int64).ravel()
     return tuple((_EPOCH + np.timedelta64(int(m), "m")).astype(datetime) for m in values)
 
@@ -98,7 +112,15 @@ def _as_float_tuple(values: Any) -> tuple[float, ...]:
 
 @struct.dataclass
 class Metadata:
-    """Grid, times, pressure levels and rollout step of a batch (see the module docstring)."""
+    """Grid, times, pressure levels and rollout step of a batch (see the module docstring).
+
+    Attributes:
+        lat (tuple[float, ...]): The `h` latitudes, strictly decreasing (static).
+        lon (tuple[float, ...]): The `w` longitudes in `[0, 360)`, strictly increasing (static).
+        time (Array): int32 minutes since 1970 of shape `(b,)`; datetimes are converted.
+        atmos_levels (tuple[float, ...]): The `c` pressure levels in hPa (static).
+        rollout_step (Array): Model calls since the data (a scalar int or `(b,)` array).
+    """
 
     lat: tuple[float, ...] = struct.field(pytree_node=False)
     lon: tuple[float, ...] = struct.field(pytree_node=False)
@@ -123,7 +145,14 @@ class Metadata:
 
 @struct.dataclass
 class Batch:
-    """A batch of weather states (see the module docstring for shapes)."""
+    """A batch of weather states.
+
+    Attributes:
+        surf_vars (dict[str, Array]): Surface variables, each of shape `(b, t, h, w)`.
+        static_vars (dict[str, Array]): Static variables, each of shape `(h, w)`.
+        atmos_vars (dict[str, Array]): Atmospheric variables, each of shape `(b, t, c, h, w)`.
+        metadata (Metadata): Grid, times, levels and rollout step.
+    """
 
     surf_vars: dict[str, Array]
     static_vars: dict[str, Array]
@@ -150,7 +179,15 @@ class Batch:
         )
 
     def normalise(self, surf_stats: Stats | None = None) -> Batch:
-        """`(x - location) / scale` with Aurora's table; `surf_stats` overrides or extends it."""
+        """`(x - location) / scale` per variable (and level), shapes unchanged.
+
+        Args:
+            surf_stats (Stats, optional): `{name: (location, scale)}` overriding or extending
+                Aurora's table (atmospheric keys as `"z_500"`).
+
+        Returns:
+            Batch: The normalised batch.
+        """
 
         def surf(name: str, x: Array) -> Array:
             location, scale = surf_location_scale(name, surf_stats)
@@ -176,7 +213,17 @@ class Batch:
         return self._map(surf, surf, atmos)
 
     def crop(self, patch_size: int) -> Batch:
-        """Drop the last latitude when `h % patch_size == 1` (721 -> 720), as microsoft-aurora does."""
+        """Drop the last latitude when `h % patch_size == 1` (721 -> 720), as microsoft-aurora does.
+
+        Args:
+            patch_size (int): The model's patch size.
+
+        Returns:
+            Batch: The batch with `h` a multiple of `patch_size` (itself if it already was).
+
+        Raises:
+            ValueError: If `w` is not a multiple, or `h` more than one row over a multiple.
+        """
         h, w = self.spatial_shape
         if w % patch_size != 0:
             raise ValueError(
@@ -186,8 +233,8 @@ class Batch:
             return self
         if h % patch_size != 1:
             raise ValueError(
-                f"There can at most be one latitude too many, but there are {h % patch_size} too many "
-                f"(height {h}, patch size {patch_size})."
+                "There can at most be one latitude too many, but there are "
+                f"{h % patch_size} too many (height {h}, patch size {patch_size})."
             )
         drop_last_row = lambda _, x: x[..., :-1, :]
         metadata = self.metadata.replace(lat=self.metadata.lat[:-1])
@@ -208,7 +255,15 @@ class Batch:
         return self._map(host, host, host, metadata)
 
     def regrid(self, res: float) -> Batch:
-        """Bilinearly regrid to a global `res`-degree grid (host-side, float64 internally)."""
+        """Bilinearly regrid to a global `res`-degree grid (host-side, float64 internally).
+
+        Args:
+            res (float): Grid spacing in degrees.
+
+        Returns:
+            Batch: numpy float32 fields on `180 / res + 1` latitudes (90 to -90) and `360 / res`
+            longitudes (from 0).
+        """
         from scipy.interpolate import RegularGridInterpolator
 
         lat, lon = np.asarray(self.metadata.lat), np.asarray(self.metadata.lon)

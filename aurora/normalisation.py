@@ -67,7 +67,17 @@ def surf_location_scale(name: str, extra: Stats | None = None) -> tuple[float, f
 def atmos_location_scale(
     name: str, levels: Sequence[float], extra: Stats | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-level `(location, scale)` arrays of shape `(len(levels), 1, 1)` (broadcast over lat/lon)."""
+    """Per-level `(location, scale)` of an atmospheric variable.
+
+    Args:
+        name (str): Variable name, e.g. `"z"`.
+        levels (Sequence[float]): The `C` pressure levels in hPa.
+        extra (Stats, optional): Statistics overriding or extending Aurora's table.
+
+    Returns:
+        tuple[np.ndarray, np.ndarray]: float32 location and scale of shape `(C, 1, 1)`
+        (broadcast over lat/lon).
+    """
     pairs = [_lookup(f"{name}_{level_to_str(level)}", extra) for level in levels]
     location = np.array([p[0] for p in pairs], dtype=np.float32)[:, None, None]
     scale = np.array([p[1] for p in pairs], dtype=np.float32)[:, None, None]

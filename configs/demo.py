@@ -1,6 +1,6 @@
 """`make demo`: a small Aurora trained with 2-step rollouts on the bundled real IFS HRES sample.
 
-Runs unmodified on 2 CPU cores in a few minutes. The sample (tests/data, see its README) is 8
+Runs unmodified on a CPU (docs/benchmarks.md has its time). The sample (tests/data) is 8
 six-hourly global analyses at 10° with z, u, v, t and relative humidity r on 6 levels; r is not in
 Aurora's normalisation table, so its statistics come from the dataset. There is no surface file
 with those times, so this model has static variables but no surface variables.

@@ -4,11 +4,9 @@ Every update is one model step whatever the lead time: `trainers.strategies.repl
 keeps the model's own predictions in a host buffer and trains on them against the ground truth at
 their valid time; a fresh dataset sample enters every `refresh_every` updates and the lead-time cap
 grows on `max_lead_hours`. `LoRAStrategy` wraps it, as in the paper, so that (with pretrained
-weights) only the adapters train. Runs unmodified on 2 CPU cores in about two minutes.
-
-The sample has eight six-hourly times; training uses the first five (leads up to 18 h can be
-scored there), validation the last three. The cap starts at 12 h and opens to 24 h at step 15, so
-the run shows the schedule at work (`train/lead_hours`, `train/replay/buffer_size` in the logs).
+weights) only the adapters train. Of the sample's eight six-hourly times, training uses the first
+five, validation the last three; the lead cap opens from 12 h to 24 h at step 15, so the run shows
+the schedule at work (`train/lead_hours`, `train/replay/buffer_size` in the logs).
 
 For the paper's setting with 0.25° HRES and Aurora weights converted from microsoft-aurora, change
 (besides the model/data fields listed in configs/lora.py):
@@ -17,11 +15,10 @@ For the paper's setting with 0.25° HRES and Aurora weights converted from micro
   --config.strategy.max_lead_hours='((0, 96), (5000, 240))'   (4 days, then 10 days)
   --config.strategy.train_base=False           (adapters only)
   --config.model.preset=Aurora --config.init.pytorch_checkpoint=/path/aurora-0.25-finetuned.ckpt
-  --config.data.builder_config.splits=...      (a long training period: targets up to 10 days
-                                                ahead must be in the training split)
+  --config.data.builder_config.splits=...      (targets up to 10 days ahead in the training split)
   --config.trainer.precision=bf16-mixed --config.trainer.remat=backbone
-Host memory: each entry holds two full states (about 0.57 GB at 0.25° with 4 + 5x13 variables),
-so 200 entries need about 115 GB of host RAM per device, and so does their checkpoint.
+Each entry holds two full states (0.57 GB at 0.25° with 4 + 5x13 variables): 200 entries need
+115 GB of host RAM per device, and so does their checkpoint.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Gradients first flow through the last rollout step only, then (from step 20) thr
 the GraphCast-style curriculum that `GradStop` schedules without recompiling.
 
 For 0.25° ERA5 / HRES and real weights, change as in configs/demo.py, e.g.
-  --config.model.preset=AuroraPretrained --config.init.pytorch_checkpoint=/path/aurora-0.25-pretrained.ckpt
+  --config.model.preset=AuroraPretrained
+  --config.init.pytorch_checkpoint=/path/aurora-0.25-pretrained.ckpt
   --config.data.builder=era5 --config.data.builder_config.resolution=0.25 (and its paths/levels)
   --config.trainer.precision=bf16-mixed --config.trainer.remat=all
 """

@@ -1,54 +1,10 @@
 """Input pipeline: a built dataset (random access by record, indexed by time) -> `aurora.Batch`.
 
-Contract
---------
-``Pipeline(source, step_hours=6, rollout_steps=K, batch_size=b, ...)`` iterates over
-``(inputs, targets)`` with numpy arrays on the host:
-
-* ``inputs``: `aurora.Batch` with history 2 -- ``surf_vars[v]`` ``(b, 2, h, w)``,
-  ``atmos_vars[v]`` ``(b, 2, levels, h, w)``, ``static_vars[v]`` ``(h, w)`` (shared, read-only),
-  all float32; ``metadata.time`` int32 ``(b,)`` minutes since 1970 of the **last** history step
-  (index 1, "now"); history index 0 is ``now - step``; ``metadata.rollout_step == 0``.
-* ``targets``: a list of K `aurora.Batch`, one per lead: ``targets[k-1]`` holds the state at
-  ``now + k * step`` with history dimension 1 (``(b, 1, h, w)``), its own valid time in
-  ``metadata.time`` and ``metadata.rollout_step == k`` (the step of the rollout prediction it
-  is compared with). Static variables as in ``inputs``.
-
-A window (``now - step, now, now + step, ..., now + K * step``) is used only if **every** one of
-those times exists exactly in the source: gaps are skipped, never bridged. ``step_hours`` is the
-model step (6 h, or 12 h for 12-hourly data); a source sampled more finely just has more windows.
-
-Order, epochs, sharding, resume (all deterministic given ``seed``):
-
-* Multi-host: process ``shard_index`` of ``shard_count`` owns the windows
-  ``all_windows[shard_index::shard_count]`` (time-sorted), and reads only the records those need.
-  With ``drop_remainder=True`` every shard is cut to ``len(all_windows) // shard_count`` windows
-  so all processes run the same number of steps. ``batch_size`` is per process.
-* Each epoch is a fresh permutation of the shard's windows (Grain's ``index_shuffle``, the
-  permutation behind ``MapDataset.shuffle``, seeded from ``(seed, epoch)``). With
-  ``drop_remainder=True`` (training) an epoch is ``len(windows) // batch_size`` full batches and
-  the few windows left over differ from epoch to epoch; with ``drop_remainder=False``
-  (evaluation) an epoch's last batch may be short. Batches never span two epochs.
-  ``num_epochs=None`` repeats forever.
-* Batching happens on window indices (`_BatchOrder`), then one Grain ``map`` reads each record
-  a batch needs once (overlapping windows share records) and collates straight into the output
-  arrays; Grain's element-wise ``.batch`` would stack twice and could not keep epochs apart.
-* ``iter(pipeline)`` runs all ``num_epochs``; ``pipeline.iterator(epoch)`` runs one epoch (the
-  Trainer's ``DataSource.iterator(epoch)`` protocol, `trainers.data`). Both are Grain
-  `DatasetIterator`s: ``it.get_state()`` is a small dict to store in the checkpoint; a fresh
-  iterator given ``it.set_state(state)`` yields exactly the batches the first one would have
-  yielded next. ``pipeline.dataset[i]`` is batch i, by random access.
-* Host prefetch: ``num_threads`` threads build up to ``prefetch_buffer_size`` batches ahead of
-  the consumer, so the accelerator does not wait on reading and decoding as long as a step takes
-  longer than loading a batch (``benchmarks/input_pipeline.py`` measures both);
-  ``num_threads=0`` is synchronous, for debugging and for measuring the difference.
-
-Sources: `open_source(builder, split)` turns a built `data_builders.builders.WeatherBuilder` (or
-a registered function builder that returns a `WeatherSource`) into a `WeatherSource`: the
-records (anything with ``len`` and ``[i]`` returning ``{"time": seconds, "surf": {...},
-"atmos": {...}}``), the timestamp of each record, the grid, the levels, the static fields and
-the dataset's statistics (``source.stats``, ``{"r_500": (mean, std), ...}``, for variables outside
-Aurora's normalisation table).
+`open_source(builder, split)` turns a built dataset into a `WeatherSource`: the records, their
+times, the grid, the levels, the static fields and the dataset's statistics. `Pipeline` turns a
+source's windows of 2 history steps + K targets into shuffled, sharded, batched and prefetched
+``(inputs, targets)`` pairs of `aurora.Batch`, with a Grain iterator whose state is checkpointed
+so that a resumed run sees the same batches. `Pipeline`'s docstring states the contract.
 """
 
 from __future__ import annotations
@@ -80,8 +36,19 @@ Window = list[Example]  # the 2 + K records of one window, in time order
 class WeatherSource:
     """A random-access dataset of weather states plus what is needed to make `Batch`es of it.
 
-    `times` are int64 seconds since 1970 per record, in record order; when None they are read
-    from the records once (one pass; builders store them so that pass is not needed).
+    Attributes:
+        records (Any): Anything with ``len`` and ``[i]`` returning ``{"time": seconds,
+            "surf": {name: (h, w)}, "atmos": {name: (levels, h, w)}}``.
+        lat (np.ndarray): Latitudes of shape `(h,)`, decreasing.
+        lon (np.ndarray): Longitudes of shape `(w,)`, increasing in `[0, 360)`.
+        levels (tuple[float, ...]): Pressure levels in hPa.
+        times (np.ndarray, optional): int64 seconds since 1970 of shape `(len(records),)`, in
+            record order; when None they are read from the records once (one pass; builders
+            store them so that pass is not needed).
+        static (Mapping[str, np.ndarray]): Static fields, each of shape `(h, w)`.
+        stats (Mapping[str, tuple[float, float]]): The dataset's `(mean, std)` per table key
+            (``"r_500"``), for variables outside Aurora's normalisation table.
+        name (str): For error messages.
     """
 
     records: Any
@@ -111,14 +78,24 @@ class WeatherSource:
 
 
 def open_source(builder: Any, split: str) -> WeatherSource:
-    """The `WeatherSource` of a built dataset's split (TFDS builder or function builder)."""
+    """The `WeatherSource` of a built dataset's split.
+
+    Args:
+        builder (Any): A built `data_builders.builders.WeatherBuilder`, or a registered function
+            builder whose ``as_data_source`` returns a `WeatherSource`.
+        split (str): Split name, e.g. ``"train"``.
+
+    Returns:
+        WeatherSource: The split's records, times, grid, levels, static fields and statistics.
+    """
     src = builder.as_data_source(split)
     if isinstance(src, WeatherSource):
         return src
     if not all(hasattr(builder, a) for a in ("grid", "times", "static", "stats")):
         raise TypeError(
             f"{type(builder).__name__}: cannot make a WeatherSource; subclass "
-            "data_builders.builders.WeatherBuilder, or register a function returning a WeatherSource"
+            "data_builders.builders.WeatherBuilder, or register a function returning a "
+            "WeatherSource"
         )
     lat, lon, levels = builder.grid()
     name = f"{getattr(builder, 'name', 'dataset')}/{split}"
@@ -140,7 +117,16 @@ def open_source(builder: Any, split: str) -> WeatherSource:
 
 
 def find_windows(times: np.ndarray, step_seconds: int, rollout_steps: int) -> np.ndarray:
-    """Sorted times ``now`` for which ``now + j * step`` exists for every j in -1..K."""
+    """Sorted times ``now`` for which ``now + j * step`` exists for every j in -1..K.
+
+    Args:
+        times (np.ndarray): Available times (any integer unit, e.g. seconds), shape `(n,)`.
+        step_seconds (int): The model step, in the unit of `times`.
+        rollout_steps (int): K, the targets per window.
+
+    Returns:
+        np.ndarray: int64 ``now`` times of the complete windows, shape `(n_windows,)`.
+    """
     t = np.unique(np.asarray(times, np.int64))
     offsets = np.arange(-1, rollout_steps + 1, dtype=np.int64) * int(step_seconds)
     ok = np.isin(t[:, None] + offsets[None, :], t).all(axis=1)
@@ -227,7 +213,7 @@ class _LoadBatch:
 
         Reads are sequential on purpose: parallelism comes from the prefetch threads (one batch
         per thread); array_record's parallel ``__getitems__`` on top of them only oversubscribes
-        the cores (it was 1.6x slower than sequential reads on the 2-core benchmark machine).
+        the cores (docs/design.md).
         """
         out = {}
         for t in times:
@@ -301,8 +287,60 @@ class _Collate:
 class Pipeline:
     """Windows of a `WeatherSource` -> shuffled, sharded, batched, prefetched `(inputs, targets)`.
 
-    See the module docstring for the contract. `dataset` is the Grain `MapDataset` of batches
-    (random access: ``pipeline.dataset[i]`` is batch i of this process's stream).
+    Iterating yields ``(inputs, targets)`` with numpy arrays on the host:
+
+    * ``inputs``: `aurora.Batch` with history 2 -- ``surf_vars[v]`` ``(b, 2, h, w)``,
+      ``atmos_vars[v]`` ``(b, 2, levels, h, w)``, ``static_vars[v]`` ``(h, w)`` (shared,
+      read-only), all float32; ``metadata.time`` int32 ``(b,)`` minutes since 1970 of the
+      **last** history step (index 1, "now"); history index 0 is ``now - step``;
+      ``metadata.rollout_step == 0``.
+    * ``targets``: a list of K `aurora.Batch`, one per lead: ``targets[k-1]`` holds the state at
+      ``now + k * step`` with history dimension 1 (``(b, 1, h, w)``), its own valid time in
+      ``metadata.time`` and ``metadata.rollout_step == k`` (the step of the rollout prediction it
+      is compared with). Static variables as in ``inputs``.
+
+    A window (``now - step, now, now + step, ..., now + K * step``) is used only if **every** one
+    of those times exists exactly in the source: gaps are skipped, never bridged. A source sampled
+    more finely than ``step_hours`` just has more windows.
+
+    Order, epochs, sharding, resume (all deterministic given ``seed``):
+
+    * Process ``shard_index`` of ``shard_count`` owns the windows
+      ``all_windows[shard_index::shard_count]`` (time-sorted) and reads only the records those
+      need. With ``drop_remainder=True`` every shard is cut to ``len(all_windows) //
+      shard_count`` windows so all processes run the same number of steps.
+    * Each epoch is a fresh permutation of the shard's windows (Grain's ``index_shuffle``, seeded
+      from ``(seed, epoch)``). With ``drop_remainder=True`` (training) an epoch is
+      ``len(windows) // batch_size`` full batches and the few windows left over differ from epoch
+      to epoch; with ``drop_remainder=False`` (evaluation) an epoch's last batch may be short.
+      Batches never span two epochs.
+    * Batching happens on window indices (`_BatchOrder`), then one Grain ``map`` reads each record
+      a batch needs once (overlapping windows share records) and collates straight into the
+      output arrays; Grain's element-wise ``.batch`` would stack twice and could not keep epochs
+      apart.
+    * ``iter(pipeline)`` runs all ``num_epochs``; ``pipeline.iterator(epoch)`` runs one epoch (the
+      Trainer's ``DataSource.iterator(epoch)`` protocol, `trainers.data`). Both are Grain
+      `DatasetIterator`s: ``it.get_state()`` is a small dict to store in the checkpoint; a fresh
+      iterator given ``it.set_state(state)`` yields exactly the batches the first one would have
+      yielded next. `dataset` is the Grain `MapDataset` of batches: ``pipeline.dataset[i]`` is
+      batch i of this process's stream.
+    * Host prefetch: ``num_threads`` threads build up to ``prefetch_buffer_size`` batches ahead
+      of the consumer, so the accelerator does not wait on reading and decoding as long as a step
+      takes longer than loading a batch (``benchmarks/input_pipeline.py`` measures both).
+
+    Args:
+        source (WeatherSource): The dataset split.
+        step_hours (float): The model step (6 h, or 12 h for 12-hourly data).
+        rollout_steps (int): K, the targets per window.
+        batch_size (int): Windows per batch, per process.
+        shuffle (bool): Permute the windows every epoch.
+        seed (int): Seed of the permutations.
+        num_epochs (int, optional): Epochs to run; None repeats forever.
+        shard_index (int): This process's index.
+        shard_count (int): The number of processes.
+        drop_remainder (bool): Full batches only, and equal-sized shards.
+        num_threads (int): Prefetch threads; 0 reads synchronously, in ``next()``.
+        prefetch_buffer_size (int): Batches prefetched ahead.
     """
 
     def __init__(

@@ -18,7 +18,17 @@ __all__ = ["Perceiver3DDecoder", "apply_heads", "unpatchify"]
 
 
 def apply_heads(heads: dict, x: jax.Array, names: Sequence[str], precision: Precision) -> jax.Array:
-    """`(..., D)` -> `(..., P*P*V)`: each variable's linear head, variable last."""
+    """Each variable's linear patch head, variable last.
+
+    Args:
+        heads (dict): Per variable name, `{"kernel": (D, P*P), "bias": (P*P,)}`.
+        x (jax.Array): Tokens of shape `(..., D)`.
+        names (Sequence[str]): The `V` variables to decode, in output order.
+        precision (Precision): Matmul precision.
+
+    Returns:
+        jax.Array: Patches of shape `(..., P*P*V)`, index `p * V + v`.
+    """
     outs = [
         jnp.einsum("...d,dk->...k", x, heads[n]["kernel"], precision=precision) + heads[n]["bias"]
         for n in names
@@ -28,7 +38,19 @@ def apply_heads(heads: dict, x: jax.Array, names: Sequence[str], precision: Prec
 
 
 def unpatchify(x: jax.Array, V: int, H: int, W: int, P: int) -> jax.Array:
-    """`(B, L, C, V*P*P)` (head output index = p1*P + p2, variable last) -> `(B, V, C, H, W)`."""
+    """Patches back to fields.
+
+    Args:
+        x (jax.Array): Patches of shape `(B, L, C, P*P*V)`, `L = H/P * W/P`, the patch pixel
+            index `p1*P + p2` major and the variable last (as :func:`apply_heads` makes them).
+        V (int): Variables.
+        H (int): Latitudes.
+        W (int): Longitudes.
+        P (int): Patch size.
+
+    Returns:
+        jax.Array: Fields of shape `(B, V, C, H, W)`.
+    """
     B, _, C, _ = x.shape
     h, w = H // P, W // P
     x = x.reshape(B, h, w, C, P, P, V).transpose(0, 6, 3, 1, 4, 2, 5)
@@ -48,7 +70,8 @@ class Perceiver3DDecoder(nn.Module):
     mlp_ratio: float = 4.0
     perceiver_ln_eps: float = 1e-5
     precision: Precision = None
-    remat: bool = False  # recompute the level Perceiver and the heads in the backward pass, in chunks of patches
+    # Recompute the level Perceiver and the heads in the backward pass, in chunks of patches.
+    remat: bool = False
 
     def _heads(self, name: str, var_names: tuple[str, ...]) -> dict[str, dict[str, jax.Array]]:
         """One linear patch-reconstruction head per variable (PyTorch: `{name}.{var}.weight`)."""
@@ -75,8 +98,20 @@ class Perceiver3DDecoder(nn.Module):
         spatial_shape: tuple[int, int],
         patch_res: tuple[int, int, int],
     ) -> tuple[jax.Array | None, jax.Array]:
-        """`x`: backbone tokens `(B, L', D)` -> surface `(B, V_S, H, W)` (or None) and
-        atmospheric `(B, V_A, C, H, W)` predictions, normalised."""
+        """Decode backbone tokens into normalised predictions.
+
+        Args:
+            x (jax.Array): Backbone tokens of shape `(B, C_latent * h * w, D)`.
+            surf_names (Sequence[str]): The `V_S` surface variables to predict (may be empty).
+            atmos_names (Sequence[str]): The `V_A` atmospheric variables to predict.
+            atmos_levels (Sequence[float]): The `C` pressure levels (hPa) to predict.
+            spatial_shape (tuple[int, int]): The grid `(H, W)`.
+            patch_res (tuple[int, int, int]): Token resolution `(C_latent, h, w)`, `h = H/P`.
+
+        Returns:
+            tuple: Surface predictions of shape `(B, V_S, H, W)` (None without surface
+            variables) and atmospheric predictions of shape `(B, V_A, C, H, W)`.
+        """
         B = x.shape[0]
         H, W = spatial_shape
         C_latent, h, w = patch_res

@@ -26,7 +26,11 @@ __all__ = ["Perceiver3DEncoder"]
 
 
 class Perceiver3DEncoder(nn.Module):
-    """Embeds surface (+ static) and atmospheric variables and aggregates the levels."""
+    """Embeds surface (+ static) and atmospheric variables and aggregates the levels.
+
+    The `C` pressure levels of every patch are aggregated into `latent_levels - 1` latent levels
+    by a Perceiver; the surface is one more latent level of its own.
+    """
 
     surf_vars: tuple[str, ...]
     static_vars: tuple[str, ...]
@@ -60,15 +64,20 @@ class Perceiver3DEncoder(nn.Module):
         """Encode.
 
         Args:
-            x_surf: `(B, T, V_S, H, W)` normalised surface and static variables (`surf_names`).
-            x_atmos: `(B, T, V_A, C, H, W)` normalised atmospheric variables (`atmos_names`).
-            lat, lon: the (cropped) grid.
-            atmos_levels: the `C` pressure levels in hPa.
-            time_minutes: `(B,)` int32 minutes since 1970.
-            lead_time_hours: the model's time step.
+            x_surf (jax.Array): Normalised surface and static variables of shape
+                `(B, T, V_S, H, W)`, in the order of `surf_names`.
+            surf_names (Sequence[str]): Names of the `V_S` surface and static variables.
+            x_atmos (jax.Array): Normalised atmospheric variables of shape `(B, T, V_A, C, H, W)`,
+                in the order of `atmos_names`.
+            atmos_names (Sequence[str]): Names of the `V_A` atmospheric variables.
+            lat (np.ndarray): Latitudes of shape `(H,)` (the cropped grid).
+            lon (np.ndarray): Longitudes of shape `(W,)`.
+            atmos_levels (Sequence[float]): The `C` pressure levels in hPa.
+            time_minutes (jax.Array): int32 minutes since 1970 of shape `(B,)`.
+            lead_time_hours (float): The model's time step.
 
         Returns:
-            Tokens `(B, (latent_levels) * H/P * W/P, D)`, latent level major.
+            jax.Array: Tokens of shape `(B, latent_levels * H/P * W/P, D)`, latent level major.
         """
         if self.latent_levels < 2:
             raise ValueError("At least two latent levels are required.")

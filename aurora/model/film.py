@@ -21,6 +21,15 @@ class AdaptiveLayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        """Normalise and modulate.
+
+        Args:
+            x (jax.Array): Tokens of shape `(B, L, D)`.
+            c (jax.Array): Conditioning of shape `(B, D)` (or `(B, L, D)`).
+
+        Returns:
+            jax.Array: Output of shape `(B, L, D)`.
+        """
         c = Dense(
             2 * self.dim,
             kernel_init=nn.initializers.zeros_init(),

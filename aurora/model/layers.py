@@ -37,7 +37,14 @@ trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 
 
 def torch_linear_uniform(fan_in: int) -> nn.initializers.Initializer:
-    """`kaiming_uniform_(a=sqrt(5))`, PyTorch's default for conv/linear weights: U(±1/sqrt(fan_in))."""
+    """PyTorch's default conv/linear weight initialiser, `kaiming_uniform_(a=sqrt(5))`.
+
+    Args:
+        fan_in (int): Inputs per output unit.
+
+    Returns:
+        Initializer: Samples U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (all zeros when `fan_in` is 0).
+    """
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
 
     def init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
@@ -50,7 +57,13 @@ def gelu(x: jax.Array) -> jax.Array:
     """Exact GELU, `x / 2 * (1 + erf(x / sqrt(2)))`, written as PyTorch computes it.
 
     `jax.nn.gelu(approximate=False)` goes through `erfc`, which XLA expands into a far longer
-    polynomial than `erf`: on a CPU that made the activation cost four times PyTorch's.
+    polynomial than `erf`, so it is several times slower on a CPU.
+
+    Args:
+        x (jax.Array): Input of any shape and floating dtype.
+
+    Returns:
+        jax.Array: GELU of `x`, same shape and dtype.
     """
     return (
         x * 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
@@ -86,24 +99,34 @@ def normalize(x: jax.Array, epsilon: float = 1e-5) -> jax.Array:
     """`(x - mean) / sqrt(var + eps)` over the last axis in float32, two-pass variance.
 
     The backward pass is the closed form `rstd * (g - mean(g) - x̂ mean(g x̂))`, recomputing `x̂`
-    from the input: automatic differentiation of the two-pass forward made the LayerNorms cost
-    more in the backward pass than all other elementwise work of a Swin block.
+    from the input: far cheaper than automatic differentiation of the two-pass forward, which
+    costs more than all other elementwise work of a Swin block.
+
+    Args:
+        x (jax.Array): Input of shape `(..., D)`.
+        epsilon (float): Added to the variance.
+
+    Returns:
+        jax.Array: Normalised input of shape `(..., D)`, float32.
     """
     return _normalize(x, epsilon)
 
 
 class Dense(nn.Dense):
-    """`nn.Dense` with PyTorch's initialisation in microsoft-aurora and an explicit precision."""
+    """`nn.Dense` with microsoft-aurora's initialisation and an explicit precision.
+
+    Maps `(..., D_in)` to `(..., features)`; weights `trunc_normal(std=0.02)`, biases zero.
+    """
 
     kernel_init: Any = trunc_normal
     bias_init: Any = nn.initializers.zeros_init()
 
 
 class LayerNorm(nn.Module):
-    """`torch.nn.LayerNorm` over the last axis: eps 1e-5, two-pass variance, statistics in float32.
+    """`torch.nn.LayerNorm` over the last axis: eps 1e-5, two-pass variance, float32 statistics.
 
-    Parameters are Flax's (`scale`, `bias`, float32); the output has `dtype`, or the promoted type
-    of the input and the parameters.
+    Maps `(..., D)` to `(..., D)`. Parameters are Flax's (`scale`, `bias`, float32); the output
+    has `dtype`, or the promoted type of the input and the parameters.
     """
 
     epsilon: float = 1e-5
@@ -132,9 +155,20 @@ def dot_product_attention(
     bias: jax.Array | np.ndarray | None = None,
     precision: Precision = None,
 ) -> jax.Array:
-    """`softmax(q kᵀ / sqrt(d) + bias) v` over inputs shaped `(..., heads, tokens, head_dim)`.
+    """`softmax(q kᵀ / sqrt(d) + bias) v`.
 
     The softmax runs in float32 whatever the compute dtype, as PyTorch's attention does.
+
+    Args:
+        q (jax.Array): Queries of shape `(..., heads, Nq, d)`.
+        k (jax.Array): Keys of shape `(..., heads, Nk, d)`.
+        v (jax.Array): Values of shape `(..., heads, Nk, d_v)`.
+        bias (jax.Array | np.ndarray, optional): Additive logits bias, broadcastable to
+            `(..., heads, Nq, Nk)`.
+        precision (Precision): Matmul precision.
+
+    Returns:
+        jax.Array: Output of shape `(..., heads, Nq, d_v)`, in `v`'s dtype.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.einsum("...qd,...kd->...qk", q, k, precision=precision).astype(jnp.float32) * scale
@@ -160,6 +194,17 @@ def remat_in_chunks(
     intermediates instead. The last chunk is zero-padded and the padding dropped from the output;
     `broadcast` (conditioning, the rollout step) goes to every chunk unchanged. Parameters are
     shared across chunks, so the parameter tree is the one of an unchunked call.
+
+    Args:
+        fn (Callable): `fn(module, broadcast, *inputs)`, e.g. an unbound method of `module`.
+        module (nn.Module): The module `fn` runs on.
+        broadcast (Any): Pytree passed unchanged to every chunk.
+        inputs (Sequence[jax.Array]): Arrays with the same length `R` along `axis`.
+        chunk (int): Rows per chunk; 0 runs all rows at once (still rematerialised).
+        axis (int): The axis of independent rows.
+
+    Returns:
+        jax.Array: `fn`'s output, `R` rows along `axis`.
     """
     body = nn.remat(fn)
     rows = inputs[0].shape[axis]

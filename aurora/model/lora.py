@@ -50,6 +50,7 @@ class LoRAConfig:
         precision: Precision,
         dtype: jnp.dtype | None,
     ) -> LoRARollout:
+        """A `LoRARollout` for an `in_features -> out_features` linear layer with this config."""
         return LoRARollout(
             in_features,
             out_features,
@@ -81,6 +82,15 @@ class LoRARollout(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, step: jax.Array | int) -> jax.Array:
+        """The correction for rollout step `step`.
+
+        Args:
+            x (jax.Array): The linear layer's input of shape `(..., in_features)`.
+            step (jax.Array | int): Rollout step (may be traced).
+
+        Returns:
+            jax.Array: Correction of shape `(..., out_features)`, zero where no adapter applies.
+        """
         if self.mode not in LORA_MODES:
             raise ValueError(f"Invalid LoRA mode {self.mode!r}; choose one of {LORA_MODES}.")
         n = self.max_steps if self.mode == "all" else 1

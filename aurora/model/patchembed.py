@@ -29,7 +29,15 @@ class LevelPatchEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, var_names: Sequence[str]) -> jax.Array:
-        """`x`: `(B, V, T, H, W)` -> tokens `(B, H/P * W/P, D)`."""
+        """Embed the patches.
+
+        Args:
+            x (jax.Array): Fields of shape `(B, V, T, H, W)`, `T <= history_size`.
+            var_names (Sequence[str]): The `V` variables of `x`, each one of `self.var_names`.
+
+        Returns:
+            jax.Array: Tokens of shape `(B, H/P * W/P, D)`.
+        """
         kernel = (self.embed_dim, 1, self.history_size, self.patch_size, self.patch_size)
         fan_in = self.history_size * self.patch_size**2
         init = torch_linear_uniform(fan_in)

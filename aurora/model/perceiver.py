@@ -26,7 +26,7 @@ __all__ = ["MLP", "PerceiverAttention", "PerceiverResampler"]
 
 
 class MLP(nn.Module):
-    """One hidden layer with exact GELU (`net.0`, `net.2` in PyTorch)."""
+    """One hidden layer with exact GELU (`net.0`, `net.2` in PyTorch), `(..., D) -> (..., dim)`."""
 
     dim: int
     hidden_features: int
@@ -40,7 +40,7 @@ class MLP(nn.Module):
 
 
 class PerceiverAttention(nn.Module):
-    """Cross-attention from latents `(B, L1, D)` to context `(B, L2, D)`."""
+    """Cross-attention from latents to context, `num_heads` heads of `head_dim` channels."""
 
     latent_dim: int
     head_dim: int = 64
@@ -50,6 +50,15 @@ class PerceiverAttention(nn.Module):
 
     @nn.compact
     def __call__(self, latents: jax.Array, x: jax.Array) -> jax.Array:
+        """Attend from the latents to the context.
+
+        Args:
+            latents (jax.Array): Queries of shape `(B, L1, D)`.
+            x (jax.Array): Context of shape `(B, L2, D)`.
+
+        Returns:
+            jax.Array: Output of shape `(B, L1, latent_dim)`.
+        """
         inner = self.head_dim * self.num_heads
         q = Dense(inner, use_bias=False, precision=self.precision, name="to_q")(latents)
         k, v = jnp.split(
@@ -88,15 +97,22 @@ class PerceiverResampler(nn.Module):
         project: Callable[[Any, jax.Array], jax.Array] | None = None,
         project_params: Any = None,
     ) -> jax.Array:
-        """Latents attend to context `x` `(N, C, D)`; the N rows are independent.
-
-        `latents` are `(N, Q, D)`, or `(Q, D)` shared by every row. `project(project_params, out)`,
-        if given, maps the output rows (the decoder's patch heads) inside the same computation.
+        """Latents attend to the context; the N rows are independent.
 
         With `remat`, the backward pass recomputes the layers, and more than `chunk` rows go
         through them (and `project`) `chunk` at a time in a scan: at 0.25° the decoder's 64,800
         patches x 13 levels x 1024 channels make every whole-grid activation 3.2 GiB, which a
         whole-grid recomputation would hold many of at once.
+
+        Args:
+            latents (jax.Array): Queries of shape `(N, Q, D)`, or `(Q, D)` shared by every row.
+            x (jax.Array): Context of shape `(N, C, D)`.
+            project (Callable, optional): `project(project_params, out)` maps the output rows
+                (the decoder's patch heads) inside the same computation.
+            project_params (Any): Parameters for `project`.
+
+        Returns:
+            jax.Array: Output of shape `(N, Q, D)`, or what `project` makes of it.
         """
 
         def rows(

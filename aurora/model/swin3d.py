@@ -34,8 +34,8 @@ Res = tuple[int, int, int]
 
 REMAT_CHUNK_TOKENS = 8192
 """Tokens per chunk of a rematerialised Swin block: 56 windows of 144 tokens at 0.25°, where the
-first stage's 259,200 tokens make 33 chunks and the last stage's 16,200 make 3. Without chunks the
-last stage's backward alone planned 6 GiB; the chunking cost no measurable time on the CPU."""
+first stage's 259,200 tokens make 33 chunks and the last stage's 16,200 make 3. A block's backward
+pass then holds one chunk's intermediates instead of the whole grid's (see docs/design.md)."""
 
 
 # --- shape helpers (host side) ---------------------------------------------------------------
@@ -47,21 +47,46 @@ def _two_sided(padding: int) -> tuple[int, int]:
 
 
 def pad_3d(x: jax.Array | np.ndarray, pad: Res, value: float = 0.0):
-    """Pad `(B, C, H, W, D)` on C, H and W (two-sided), like the reference's `pad_3d`."""
+    """Pad C, H and W two-sided, like the reference's `pad_3d`.
+
+    Args:
+        x (jax.Array | np.ndarray): Input of shape `(B, C, H, W, D)`.
+        pad (tuple[int, int, int]): Total padding of C, H and W (the smaller half first).
+        value (float): Fill value.
+
+    Returns:
+        jax.Array | np.ndarray: Padded input of shape `(B, C + pad[0], H + pad[1], W + pad[2], D)`.
+    """
     widths = ((0, 0), _two_sided(pad[0]), _two_sided(pad[1]), _two_sided(pad[2]), (0, 0))
     xp = np if isinstance(x, np.ndarray) else jnp
     return xp.pad(x, widths, constant_values=value)
 
 
 def crop_3d(x: jax.Array, pad: Res) -> jax.Array:
-    """Undo :func:`pad_3d`."""
+    """Undo :func:`pad_3d`.
+
+    Args:
+        x (jax.Array): Padded input of shape `(B, C, H, W, D)`.
+        pad (tuple[int, int, int]): The padding :func:`pad_3d` added to C, H and W.
+
+    Returns:
+        jax.Array: Cropped input of shape `(B, C - pad[0], H - pad[1], W - pad[2], D)`.
+    """
     _, C, H, W, _ = x.shape
     (cf, cb), (ht, hb), (wl, wr) = (_two_sided(p) for p in pad)
     return x[:, cf : C - cb, ht : H - hb, wl : W - wr, :]
 
 
 def window_partition(x, ws: Res):
-    """`(B, C, H, W, D)` -> `(B * nW, Wc * Wh * Ww, D)`, windows ordered batch-major."""
+    """Split into windows, ordered batch-major.
+
+    Args:
+        x (jax.Array | np.ndarray): Input of shape `(B, C, H, W, D)`, C, H and W multiples of `ws`.
+        ws (tuple[int, int, int]): Window size `(Wc, Wh, Ww)`.
+
+    Returns:
+        jax.Array | np.ndarray: Windows of shape `(B * nW, Wc * Wh * Ww, D)`.
+    """
     B, C, H, W, D = x.shape
     x = x.reshape(B, C // ws[0], ws[0], H // ws[1], ws[1], W // ws[2], ws[2], D)
     x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
@@ -69,7 +94,18 @@ def window_partition(x, ws: Res):
 
 
 def window_reverse(windows: jax.Array, ws: Res, C: int, H: int, W: int) -> jax.Array:
-    """Inverse of :func:`window_partition`."""
+    """Inverse of :func:`window_partition`.
+
+    Args:
+        windows (jax.Array): Windows of shape `(B * nW, Wc * Wh * Ww, D)`.
+        ws (tuple[int, int, int]): Window size `(Wc, Wh, Ww)`.
+        C (int): Levels of the (padded) grid.
+        H (int): Latitudes of the (padded) grid.
+        W (int): Longitudes of the (padded) grid.
+
+    Returns:
+        jax.Array: Grid of shape `(B, C, H, W, D)`.
+    """
     D = windows.shape[-1]
     C1, H1, W1 = C // ws[0], H // ws[1], W // ws[2]
     x = windows.reshape(-1, C1, H1, W1, ws[0], ws[1], ws[2], D)
@@ -78,7 +114,16 @@ def window_reverse(windows: jax.Array, ws: Res, C: int, H: int, W: int) -> jax.A
 
 
 def adjust_windows(window: Res, shift: Res, res: Res) -> tuple[Res, Res]:
-    """Shrink windows (and drop shifts) along axes where the input is not larger than the window."""
+    """Shrink windows (and drop shifts) along axes where the input is not larger than the window.
+
+    Args:
+        window (tuple[int, int, int]): Configured window size.
+        shift (tuple[int, int, int]): Configured shift.
+        res (tuple[int, int, int]): Resolution `(C, H, W)` of the input.
+
+    Returns:
+        tuple: The window size and shift to use at `res`.
+    """
     ws = tuple(r if r <= w else w for w, r in zip(window, res))
     ss = tuple(0 if r <= w else s for w, s, r in zip(window, shift, res))
     return ws, ss  # type: ignore[return-value]
@@ -88,11 +133,22 @@ def adjust_windows(window: Res, shift: Res, res: Res) -> tuple[Res, Res]:
 def compute_shifted_window_mask(
     C: int, H: int, W: int, ws: Res, ss: Res, warped: bool = True
 ) -> np.ndarray:
-    """Additive attention mask `(nW, N, N)`: 0 within a communication group, -100 across groups.
+    """Additive attention mask: 0 within a communication group, -100 across groups.
 
     Regions created by the cyclic shift form groups; with `warped`, the regions that wrap around in
     longitude are merged so the left and right edges of the globe attend to each other. Padding is a
     group of its own.
+
+    Args:
+        C (int): Levels of the unpadded grid.
+        H (int): Latitudes of the unpadded grid.
+        W (int): Longitudes of the unpadded grid.
+        ws (tuple[int, int, int]): Window size.
+        ss (tuple[int, int, int]): Shift size.
+        warped (bool): Connect the left and right edges in longitude.
+
+    Returns:
+        np.ndarray: Mask of shape `(nW, N, N)`, `N = Wc * Wh * Ww` tokens per window.
     """
     img = np.zeros((1, C, H, W, 1), dtype=np.float32)
     slices = [(slice(0, -w), slice(-w, -s), slice(-s, None)) for w, s in zip(ws, ss)]
@@ -116,7 +172,7 @@ def compute_shifted_window_mask(
 
 
 class MLP(nn.Module):
-    """`fc1 -> GELU -> fc2`."""
+    """`fc1 -> GELU -> fc2`, applied to the last axis: `(..., D)` -> `(..., out_features)`."""
 
     hidden_features: int
     out_features: int
@@ -132,7 +188,13 @@ class MLP(nn.Module):
 
 
 class WindowAttention(nn.Module):
-    """Multi-head self-attention within windows, with LoRA on `qkv` and `proj`."""
+    """Multi-head self-attention within windows, with LoRA on `qkv` and `proj`.
+
+    Attributes:
+        dim (int): Token channels `D`.
+        num_heads (int): Attention heads; `dim` must be a multiple.
+        lora (LoRAConfig, optional): LoRA adapters on `qkv` and `proj`; None: no LoRA.
+    """
 
     dim: int
     num_heads: int
@@ -144,7 +206,16 @@ class WindowAttention(nn.Module):
     def __call__(
         self, x: jax.Array, mask: np.ndarray | None, rollout_step: jax.Array | int
     ) -> jax.Array:
-        """`x`: `(B * nW, N, D)`; `mask`: `(nW, N, N)` or `None`."""
+        """Attend within each window.
+
+        Args:
+            x (jax.Array): Windows of shape `(B * nW, N, D)`.
+            mask (np.ndarray, optional): Additive mask of shape `(nW, N, N)`, or None.
+            rollout_step (jax.Array | int): Rollout step, selects the LoRA adapters.
+
+        Returns:
+            jax.Array: Output of shape `(B * nW, N, D)`.
+        """
         dense = lambda n, name: Dense(n, precision=self.precision, dtype=self.dtype, name=name)
         qkv = dense(3 * self.dim, "qkv")(x)
         if self.lora is not None:
@@ -183,9 +254,8 @@ class Swin3DTransformerBlock(nn.Module):
     With `chunk` > 0 the whole block runs in the windows' token order, in rematerialised chunks of
     about `chunk` tokens (:func:`remat_in_chunks`). Everything after the attention is token-wise,
     so it commutes with the window permutation; the padding tokens this also sends through the
-    MLP are cropped afterwards. At 0.25° one block's whole-grid intermediates (attention logits,
-    the MLP's hidden layer, layout copies) are several GiB each, and they are what the backward
-    pass of a rematerialised block would otherwise hold.
+    MLP are cropped afterwards. This keeps the whole-grid intermediates (attention logits, the
+    MLP's hidden layer, layout copies) out of the backward pass of a rematerialised block.
     """
 
     dim: int
@@ -211,6 +281,17 @@ class Swin3DTransformerBlock(nn.Module):
     def __call__(
         self, x: jax.Array, c: jax.Array, res: Res, rollout_step: jax.Array | int
     ) -> jax.Array:
+        """Apply the block.
+
+        Args:
+            x (jax.Array): Input tokens of shape `(B, L, D)`, `L = C * H * W`.
+            c (jax.Array): Lead-time conditioning of shape `(B, D)`.
+            res (tuple[int, int, int]): Resolution `(C, H, W)` of the tokens.
+            rollout_step (jax.Array | int): Rollout step, selects the LoRA adapters.
+
+        Returns:
+            jax.Array: Output tokens of shape `(B, L, D)`.
+        """
         B, L, D = x.shape
         if res[0] * res[1] * res[2] != L:
             raise ValueError(f"Wrong feature size: {L} vs {res[0]}x{res[1]}x{res[2]}.")
@@ -240,7 +321,10 @@ class Swin3DTransformerBlock(nn.Module):
         return ws, ss, pad  # type: ignore[return-value]
 
     def _partition(self, x: jax.Array, res: Res) -> tuple[jax.Array, np.ndarray | None]:
-        """`(B, L, D)` -> windows `(B * nW, N, D)` after the cyclic shift and padding, with the shift's mask."""
+        """`(B, L, D)` -> windows `(B * nW, N, D)` after the cyclic shift and padding.
+
+        Also returns the shift's mask `(nW, N, N)` (None without a shift).
+        """
         ws, ss, pad = self._geometry(res)
         x = x.reshape(x.shape[0], *res, x.shape[-1])
         mask = None
@@ -264,7 +348,10 @@ class Swin3DTransformerBlock(nn.Module):
         w: jax.Array,
         m: jax.Array | None = None,
     ) -> jax.Array:
-        """The whole block on windows `(B, nW', N, D)` in window order (`m`: their masks, `(1, nW', N, N)`)."""
+        """The whole block on windows `(B, nW', N, D)` in window order.
+
+        `m` holds their masks, `(1, nW', N, N)`, or is None without a shift.
+        """
         c, rollout_step = conditioning
         B, nW, N, D = w.shape
         attended = self.attn(w.reshape(B * nW, N, D), None if m is None else m[0], rollout_step)
@@ -278,7 +365,11 @@ class Swin3DTransformerBlock(nn.Module):
 
 
 class PatchMerging3D(nn.Module):
-    """Halve H and W (padding odd sizes at the bottom/right), doubling the channels."""
+    """Halve H and W (padding odd sizes at the bottom/right), doubling the channels.
+
+    Called with `x (jax.Array)` of shape `(B, C * H * W, D)` and `res = (C, H, W)`; returns shape
+    `(B, C * ceil(H / 2) * ceil(W / 2), 2 * D)`.
+    """
 
     dim: int
     precision: Precision = None
@@ -303,7 +394,12 @@ class PatchMerging3D(nn.Module):
 
 
 class PatchSplitting3D(nn.Module):
-    """Double H and W (cropping what merging padded), halving the channels."""
+    """Double H and W (cropping what merging padded), halving the channels.
+
+    Called with `x (jax.Array)` of shape `(B, C * H * W, D)`, `res = (C, H, W)` and the padding
+    `crop` that the matching merge added; returns shape `(B, C * (2H - crop[1]) * (2W - crop[2]),
+    D // 2)`.
+    """
 
     dim: int
     precision: Precision = None
@@ -326,7 +422,12 @@ class PatchSplitting3D(nn.Module):
 
 
 class BasicLayer3D(nn.Module):
-    """A stage of `depth` blocks (alternating unshifted/shifted windows), then resampling."""
+    """A stage of `depth` blocks (alternating unshifted/shifted windows), then resampling.
+
+    Called with tokens `x` of shape `(B, C * H * W, D)`, conditioning `c` `(B, D)`, `res =
+    (C, H, W)`, the padding `crop` to undo when splitting and the rollout step; returns the
+    resampled tokens and the tokens before resampling (the skip connection), `(B, C * H * W, D)`.
+    """
 
     dim: int
     depth: int
@@ -386,13 +487,21 @@ class Swin3DTransformerBackbone(nn.Module):
     lora: LoRAConfig | None = None  # None: no LoRA
     remat: bool = False
     # Also rematerialise whole stages: the forward pass keeps only each stage's input, not every
-    # block's (at 0.25°, 5.9 GiB less), for one more forward pass of the backbone per step.
+    # block's, for one more forward pass of the backbone per step.
     remat_stages: bool = False
     precision: Precision = None
     dtype: jnp.dtype | None = None
 
     def encoder_specs(self, patch_res: Res) -> tuple[list[Res], list[Res]]:
-        """Resolution entering each encoder stage and the padding its merge adds."""
+        """Resolution entering each encoder stage and the padding its merge adds.
+
+        Args:
+            patch_res (tuple[int, int, int]): Token resolution `(C, H, W)` entering the backbone.
+
+        Returns:
+            tuple: Per encoder stage, its resolution `(C, H, W)` and the padding `(0, h, w)` of
+            its merge (`(0, 0, 0)` for the last stage).
+        """
         all_res, padded = [patch_res], []
         for _ in range(1, len(self.encoder_depths)):
             C, H, W = all_res[-1]
@@ -423,11 +532,24 @@ class Swin3DTransformerBackbone(nn.Module):
     def __call__(
         self, x: jax.Array, lead_time_hours: float, rollout_step: jax.Array | int, patch_res: Res
     ) -> jax.Array:
+        """Run the U-Net.
+
+        Args:
+            x (jax.Array): Tokens of shape `(B, L, D)`, `L = C * H * W`, `D = embed_dim`.
+            lead_time_hours (float): Lead time, for the AdaLN conditioning.
+            rollout_step (jax.Array | int): Rollout step, selects the LoRA adapters.
+            patch_res (tuple[int, int, int]): Token resolution `(C, H, W)`.
+
+        Returns:
+            jax.Array: Tokens of shape `(B, L, 2 * D)` (the last stage concatenated with the
+            first stage's skip).
+        """
         if x.shape[1] != patch_res[0] * patch_res[1] * patch_res[2]:
             raise ValueError("Input shape does not match the patch resolution.")
         if patch_res[0] % self.window_size[0]:
             raise ValueError(
-                f"Latent levels ({patch_res[0]}) must be divisible by window size {self.window_size[0]}."
+                f"Latent levels ({patch_res[0]}) must be divisible by window size "
+                f"{self.window_size[0]}."
             )
         if sum(self.encoder_depths) != sum(self.decoder_depths):
             raise ValueError("Encoder and decoder depths must have the same sum.")

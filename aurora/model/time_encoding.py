@@ -31,7 +31,10 @@ _BITS = 32
 
 @lru_cache(maxsize=8)
 def _phase_table(dim: int) -> np.ndarray:
-    """`(32, dim // 2)` uint32: `2³² · frac(w_k / (60 λ_j))`, `w_k = 2^k` (and `-2³¹` for the sign bit)."""
+    """`(32, dim // 2)` uint32: `2³² · frac(w_k / (60 λ_j))`.
+
+    `w_k = 2^k` is the weight of bit k of an int32 (`-2³¹` for the sign bit).
+    """
     lower, upper = ABSOLUTE_TIME_RANGE_HOURS
     wavelengths = np.logspace(
         np.log10(lower), np.log10(upper), dim // 2, base=10.0, dtype=np.float64
@@ -47,7 +50,15 @@ def _phase_table(dim: int) -> np.ndarray:
 
 
 def absolute_time_encoding(minutes: jax.Array, dim: int) -> jax.Array:
-    """`(B,)` int32 minutes since 1970 -> `(B, dim)` float32 `[sin(2πt/λ), cos(2πt/λ)]`."""
+    """`[sin(2πt/λ), cos(2πt/λ)]` for `dim // 2` wavelengths λ, exact phases in int32 arithmetic.
+
+    Args:
+        minutes (jax.Array): int32 minutes since 1970 of shape `(B,)`.
+        dim (int): Encoding size, even.
+
+    Returns:
+        jax.Array: float32 encoding of shape `(B, dim)`.
+    """
     if dim % 2:
         raise ValueError("The dimensionality must be a multiple of two.")
     table = jnp.asarray(_phase_table(dim))
