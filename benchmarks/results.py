@@ -5,7 +5,8 @@ Each script in ``benchmarks/`` ends with `write(script, args, figures)`, which w
 
 * ``date``: UTC, ISO 8601;
 * ``machine``: platform, CPU model (from ``/proc/cpuinfo`` where there is one), CPU cores,
-  memory, JAX's backend and devices;
+  memory, the load average when the file is written (other jobs on a shared machine skew
+  timings), JAX's backend and devices;
 * ``versions``: python, jax, jaxlib, flax, numpy, plus what the script passes in ``extra_versions``
   (torch and microsoft-aurora where it runs them);
 * ``arguments``: the script's parsed command line;
@@ -64,7 +65,7 @@ def _memory_gib() -> float | None:
 
 
 def machine() -> dict[str, Any]:
-    """Platform, CPU model, cores, memory and JAX's devices of this machine."""
+    """Platform, CPU model, cores, memory, load average and JAX's devices of this machine."""
     import jax
 
     return {
@@ -72,6 +73,7 @@ def machine() -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "cpu_cores": cpu_count(),
         "memory_gib": _memory_gib(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "jax_backend": jax.default_backend(),
         "jax_devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices()],
     }
