@@ -85,7 +85,14 @@ class EarlyStopping(Callback):
         return value > self.best_score + self.min_delta
 
     def check(self, value: float) -> tuple[bool, str]:
-        """Updates best score / wait count with `value`; returns (should stop, reason)."""
+        """Update the best score and the wait count with one new value of the monitored metric.
+
+        Args:
+            value: the metric's latest value.
+
+        Returns:
+            `(should_stop, reason)`; `reason` is empty when training goes on.
+        """
         if self.check_finite and not math.isfinite(value):
             return True, f"{self.monitor} = {value} is not finite"
         if self._improved(value):
@@ -94,8 +101,8 @@ class EarlyStopping(Callback):
         self.wait_count += 1
         if self.wait_count >= self.patience:
             return True, (
-                f"{self.monitor} did not improve by more than {self.min_delta} in {self.wait_count} "
-                f"checks; best {self.best_score:.6g}"
+                f"{self.monitor} did not improve by more than {self.min_delta} in "
+                f"{self.wait_count} checks; best {self.best_score:.6g}"
             )
         return False, ""
 

@@ -67,6 +67,15 @@ class GradStop(Callback):
         self.events: list[dict[str, Any]] = []
 
     def window_at(self, step: int) -> int | None:
+        """The gradient window the schedule sets at a step.
+
+        Args:
+            step: a global step.
+
+        Returns:
+            The window of the last schedule entry starting at or before `step`; None before the
+            first entry.
+        """
         window = None
         for start, w in self.schedule:
             if step >= start:

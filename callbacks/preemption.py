@@ -1,19 +1,15 @@
 """Preemption: stop gracefully on SIGTERM, with a checkpoint of the step just finished.
 
-Schedulers (Slurm, Kubernetes, spot/preemptible VMs) send SIGTERM and kill the job a little later.
-This callback installs a handler for the configured signals during `fit` that only records the
-request; at the end of the current training step it writes a checkpoint through the trainer's
-`ModelCheckpoint` (`save(force=True)`), waits until the write is complete, and stops training
-(`trainer.should_stop`). The job then ends normally (exit status 0) and re-running the same command
-resumes from that step. The previous handlers are put back when `fit` ends.
+Schedulers (Slurm, Kubernetes, spot VMs) send SIGTERM and kill the job a little later. During
+`fit` this callback's handler only records the signal; at the end of the current step it saves
+through the trainer's `ModelCheckpoint` (hence `Trainer.save_checkpoint`), waits for the write and
+stops training, so the job exits with status 0 and re-running the same command resumes from that
+step. The previous handlers are put back when `fit` ends; a second signal of the same kind goes
+to them (for SIGINT: KeyboardInterrupt; for SIGTERM by default: the process ends at once).
 
-A second signal of the same kind while the first is pending is handed to the previous handler
-(for SIGINT: KeyboardInterrupt; for SIGTERM by default: the process ends at once).
-
-Multi-host: one process may be signalled before the others, or alone; every process must save the
-same step and stop together. With `jax.process_count() > 1` the processes agree every
-`sync_every_n_steps` steps, through `process_allgather` of their flags, and stop if any was
-signalled. A single process just reads its flag.
+Multi-host: every process must save the same step and stop together, so with several processes
+they agree every `sync_every_n_steps` steps (an all-gather of their flags) and stop if any was
+signalled.
 """
 
 from __future__ import annotations
@@ -65,7 +61,7 @@ class Preemption(Callback):
         """The step at which this callback stopped training (and saved), if it did."""
         self._previous: dict[int, Any] = {}
 
-    # --- handlers -------------------------------------------------------------------------------------
+    # --- handlers ---------------------------------------------------------------------------------
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.received == name:  # a second one: do what would have happened without us
@@ -99,7 +95,7 @@ class Preemption(Callback):
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
 
-    # --- acting between steps -------------------------------------------------------------------------
+    # --- acting between steps ---------------------------------------------------------------------
     def _agreed(self, trainer: Trainer) -> bool:
         """Whether any process was signalled (every process returns the same answer)."""
         if jax.process_count() == 1:
@@ -120,7 +116,8 @@ class Preemption(Callback):
         checkpoint = trainer.checkpoint_callback
         if checkpoint is None or trainer.fast_dev_run:
             log.warning(
-                "Received %s: stopping at step %d without a checkpoint (no ModelCheckpoint callback).",
+                "Received %s: stopping at step %d without a checkpoint (no ModelCheckpoint "
+                "callback).",
                 reason,
                 trainer.global_step,
             )
@@ -128,7 +125,8 @@ class Preemption(Callback):
             checkpoint.save(trainer, force=True)  # nothing new if this step was just saved
             checkpoint.wait_until_finished()
             log.warning(
-                "Received %s: saved a checkpoint of step %d in %s; stopping. Run the same command to resume.",
+                "Received %s: saved a checkpoint of step %d in %s; stopping. Run the same command "
+                "to resume.",
                 reason,
                 trainer.global_step,
                 checkpoint.directory,

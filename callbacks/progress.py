@@ -23,7 +23,14 @@ __all__ = ["ProgressBar", "format_duration"]
 
 
 def format_duration(seconds: float) -> str:
-    """`H:MM:SS` (with days when needed), rounded to whole seconds: precise enough for an ETA."""
+    """A duration for progress lines, rounded to whole seconds (precise enough for an ETA).
+
+    Args:
+        seconds: the duration; negative values show as 0.
+
+    Returns:
+        `H:MM:SS`, with days when needed (`1 day, 2:03:04`).
+    """
     return str(datetime.timedelta(seconds=round(max(seconds, 0.0))))
 
 
@@ -91,7 +98,8 @@ class ProgressBar(Callback):
         self._inline_len = len(line)
 
     def _write_line(self, line: str) -> None:
-        """A full line; in TTY mode it first ends the line being redrawn, so nothing is overwritten."""
+        """A full line; in TTY mode it first ends the line being redrawn, so nothing is
+        overwritten."""
         out = self._out()
         if self._inline_len:
             out.write("\n")

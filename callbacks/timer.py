@@ -28,8 +28,15 @@ Duration = str | int | float | datetime.timedelta | Mapping[str, float]
 
 
 def parse_duration(duration: Duration) -> float:
-    """Seconds from "DD:HH:MM:SS" (shorter forms "HH:MM:SS", "MM:SS", "SS" allowed), a number of
-    seconds, a `timedelta`, or a dict of `timedelta` keywords such as {"hours": 1}."""
+    """A time budget in seconds.
+
+    Args:
+        duration: "DD:HH:MM:SS" (shorter forms "HH:MM:SS", "MM:SS", "SS" allowed), a number of
+            seconds, a `timedelta`, or a dict of `timedelta` keywords such as {"hours": 1}.
+
+    Returns:
+        The duration in seconds (positive; anything else raises ValueError).
+    """
     if isinstance(duration, datetime.timedelta):
         seconds = duration.total_seconds()
     elif isinstance(duration, Mapping):
@@ -88,6 +95,7 @@ class Timer(Callback):
         return self._offset + running
 
     def time_remaining(self) -> float:
+        """Seconds of the budget left (0 once it is spent)."""
         return max(self.duration - self.time_elapsed(), 0.0)
 
     def _check(self, trainer: Trainer) -> None:
@@ -139,7 +147,8 @@ class Timer(Callback):
         return {"elapsed_s": self.time_elapsed(), "duration_s": self.duration}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores the elapsed time; the budget stays the one given now (it may have been raised)."""
+        """Restores the elapsed time; the budget stays the one given now (it may have been
+        raised)."""
         elapsed = float(state.get("elapsed_s", 0.0))
         if self._start is not None:  # restored while running: count on from now
             self._start = self._clock()

@@ -144,7 +144,15 @@ def _as_float(value: Scalar) -> float:
 
 
 def flatten_hparams(hparams: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flattens nested mappings to dotted keys; CLU's `write_hparams` wants a flat mapping."""
+    """Nested mappings as one flat mapping, as CLU's `write_hparams` wants.
+
+    Args:
+        hparams: a mapping or `ml_collections.ConfigDict`, possibly nested.
+        prefix: prepended to every key.
+
+    Returns:
+        `{"a.b.c": value}` for every leaf.
+    """
     if hasattr(hparams, "to_dict"):  # ml_collections.ConfigDict
         hparams = hparams.to_dict()
     flat: dict[str, Any] = {}
@@ -671,6 +679,14 @@ def make_writers(
     `workdir/metrics.jsonl`, wandb under `workdir/wandb`. Processes other than 0 get one
     :class:`NoopWriter` per entry, so all processes run the same code and only process 0 touches
     files (and the configs are still validated everywhere).
+
+    Args:
+        config_list: the writer specs (None: no writers).
+        workdir: the run's directory, which relative paths are relative to.
+        is_global_zero: whether this is process 0.
+
+    Returns:
+        One writer per spec, in order.
     """
     specs = [s.to_dict() if hasattr(s, "to_dict") else dict(s) for s in (config_list or [])]
     for spec in specs:

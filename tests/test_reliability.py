@@ -35,11 +35,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from callbacks.base import Callback
-from callbacks.checkpoint import ITEMS, ModelCheckpoint
+from callbacks.checkpoint import ModelCheckpoint
 from callbacks.grad_stop import GradStop
 from callbacks.preemption import Preemption
 from tests.conftest import CACHE
 from tests.helpers import random_batch, tiny_model
+from trainers.checkpointing import ITEMS
 from trainers.data import InMemoryData
 from trainers.strategies.rollout import RolloutStrategy
 from trainers.trainer import Trainer
@@ -585,7 +586,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_step(
     expected = _read_checkpoint(workdir, 2)[1]
     damage(workdir / "checkpoints" / "4")
 
-    with caplog.at_level(logging.WARNING, logger="callbacks.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="trainers.checkpointing"):
         trainer = _restore(model, workdir)
     assert trainer.global_step == 2
     _assert_same_tree(_numpy(trainer.state), expected)
@@ -610,7 +611,7 @@ def test_an_unfinished_write_is_ignored(two_checkpoints, tmp_path, caplog) -> No
     checkpoints = workdir / "checkpoints"
     (checkpoints / "4").rename(checkpoints / f"4{ocp.utils.TMP_DIR_SUFFIX}")
     (checkpoints / f"4{ocp.utils.TMP_DIR_SUFFIX}" / "commit_success.txt").unlink()
-    with caplog.at_level(logging.WARNING, logger="callbacks.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="trainers.checkpointing"):
         assert _restore(model, workdir).global_step == 2
     assert (
         f"Ignoring incomplete checkpoint writes in {checkpoints}: 4{ocp.utils.TMP_DIR_SUFFIX}"

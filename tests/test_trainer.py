@@ -279,7 +279,8 @@ def test_fast_dev_run_runs_one_batch_and_writes_nothing(tmp_path) -> None:
 
 
 def test_accumulated_gradients_equal_one_step_on_the_mean(tmp_path) -> None:
-    """Two micro-batches with accumulate_grad_batches=2 == one optimiser step on the mean gradient."""
+    """Two micro-batches with accumulate_grad_batches=2 == one optimiser step on the mean
+    gradient."""
     model = tiny_model()
     a, b = _example(model, 1), _example(model, 2)
     optim = ml_collections.ConfigDict(
@@ -360,7 +361,8 @@ def test_in_step_measurements_requested_by_callbacks(tmp_path) -> None:
 
 
 def test_checkpoints_keep_the_best_by_a_monitored_metric(tmp_path) -> None:
-    """save_top_k=2 with monitor: the two lowest values survive in best/; the latest stay for resume."""
+    """save_top_k=2 with monitor: the two lowest values survive in best/; the latest stay for
+    resume."""
 
     class FakeMetric(Callback):
         values = {1: 0.5, 2: 0.1, 3: 0.9, 4: 0.2, 5: 0.7}
@@ -404,3 +406,76 @@ def test_remat_policies_set_the_model_and_the_rollout(
     )
     with pytest.raises(ValueError, match="remat must be one of"):
         trainer("blocks")
+
+
+def test_hooks_by_stage_and_writers_rewound_to_the_restored_step(tmp_path) -> None:
+    """fit / validate / predict call Lightning's hooks in Lightning's order (predict's epoch hooks
+    included); at fit start the trainer tells each writer the step it resumes from (-1: none)."""
+    from callbacks.writers import NoopWriter
+
+    class Recorder(Callback):
+        def __init__(self):
+            self.calls: list[str] = []
+
+    hooks = [n for n in vars(Callback) if n.startswith("on_") or n in ("setup", "teardown")]
+    for name in hooks:
+        setattr(Recorder, name, lambda self, trainer, *args, _name=name: self.calls.append(_name))
+
+    class Rewound(NoopWriter):
+        def __init__(self):
+            self.steps: list[int] = []
+
+        def rewind(self, step: int) -> None:
+            self.steps.append(step)
+
+    model = tiny_model()
+    data = _data(model, n=2)
+    recorder, writer = Recorder(), Rewound()
+    trainer = _trainer(
+        model,
+        tmp_path,
+        max_steps=1,
+        callbacks=[ModelCheckpoint(every_n_steps=1), recorder],
+        writers=[writer],
+        limit_val_batches=1,
+    )
+    trainer.fit(data)
+    assert writer.steps == [-1]
+    assert recorder.calls[:2] == ["setup", "on_fit_start"] and recorder.calls[-1] == "teardown"
+    assert "on_load_checkpoint" not in recorder.calls and "on_save_checkpoint" in recorder.calls
+    recorder.calls.clear()
+    trainer.validate(data)
+    assert recorder.calls == [
+        "on_validation_start",
+        "on_validation_epoch_start",
+        "on_validation_batch_start",
+        "on_validation_batch_end",
+        "on_validation_epoch_end",
+        "on_validation_end",
+    ]
+    recorder.calls.clear()
+    for _ in trainer.predict(InMemoryData([_example(model, 0)], shuffle=False)):
+        pass
+    assert recorder.calls == [
+        "setup",
+        "on_predict_start",
+        "on_predict_epoch_start",
+        "on_predict_batch_start",
+        "on_predict_batch_end",
+        "on_predict_epoch_end",
+        "on_predict_end",
+        "teardown",
+    ]
+
+    resumed_writer, resumed_recorder = Rewound(), Recorder()
+    resumed = _trainer(
+        model,
+        tmp_path,
+        max_steps=2,
+        callbacks=[ModelCheckpoint(every_n_steps=1), resumed_recorder],
+        writers=[resumed_writer],
+    )
+    resumed.fit(data)
+    assert resumed_writer.steps == [1] and resumed.global_step == 2
+    assert resumed_recorder.calls[:3] == ["setup", "on_load_checkpoint", "on_fit_start"]
+    assert "on_save_checkpoint" in resumed_recorder.calls

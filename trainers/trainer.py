@@ -1,22 +1,10 @@
 """The Trainer: one loop for fit / validate / test / predict, driven by callbacks.
 
 Python control flow lives here, on the host; everything numerical is one pure, jitted strategy
-step with the `TrainState` donated. Lightning's knobs keep Lightning's meaning:
-
-* `max_steps` / `max_epochs` bound training (steps are optimiser steps); `val_check_interval`
-  (steps) runs validation during an epoch, otherwise it runs at each epoch end;
-  `limit_{train,val,test}_batches` cap batches per epoch; `fast_dev_run` runs one train and one
-  validation batch and writes nothing;
-* `accumulate_grad_batches` averages gradients over micro-batches (`optax.MultiSteps`);
-  `gradient_clip_val` clips by global norm;
-* `precision="bf16-mixed"` runs the backbone in bfloat16 with float32 master parameters;
-  `remat` rematerialises: `"backbone"` every Swin block and the level Perceivers (the memory
-  microsoft-aurora's activation checkpointing saves), `"stages"` also whole backbone stages (one
-  more backbone forward pass per step), `"all"` also each rollout step;
-* `log_every_n_steps` sets how often metrics are fetched from the device and written;
-* `mesh` (a `jax.sharding.Mesh` with axes `data`, `fsdp`; see `trainers.sharding`) shards the
-  state (FSDP rules, `sharding_rules` overrides) and the batch; the steps are jitted with those
-  in/out shardings. Without a mesh everything runs on the default device.
+step with the `TrainState` donated. The knobs keep PyTorch Lightning's meaning (see `Trainer`).
+The Trainer also owns checkpoints (`trainers.checkpointing`): `save_checkpoint` writes one into
+an Orbax manager, and fit / validate / test / predict start from the latest checkpoint of the
+`ModelCheckpoint` callback's directory, so re-running a command resumes where it stopped.
 
 Callbacks stop training with `trainer.should_stop = True` and log with `trainer.log_metrics`.
 """
@@ -25,9 +13,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +25,7 @@ import optax
 from aurora.batch import Batch
 from callbacks.base import MEASUREMENTS, Callback
 from trainers import sharding
+from trainers.checkpointing import CheckpointConnector
 from trainers.data import DataSource, Example
 from trainers.state import TrainState
 from trainers.strategies.base import OUTPUTS, Strategy, stack_targets
@@ -65,8 +54,45 @@ def _to_device_batch(example: Example) -> tuple[Batch, Batch]:
     return fix(inputs), stack_targets([fix(t) for t in targets])
 
 
+class _EvalHooks(NamedTuple):
+    """The callback hooks of one evaluation loop (validation or test), named where built."""
+
+    epoch_start: Callable[[Callback], Any]
+    batch_start: Callable[[Callback, Any, int], Any]
+    batch_end: Callable[[Callback, Any, Any, int], Any]
+    epoch_end: Callable[[Callback], Any]
+
+
 class Trainer:
-    """Fit, validate, test and predict with a strategy; see the module docstring for the knobs."""
+    """Fit, validate, test and predict with a strategy.
+
+    Args:
+        strategy: what one step computes (loss, rollout, LoRA, replay); see `trainers.strategies`.
+        optimizer: the optimiser config given to `strategy.make_optimizer`.
+        callbacks: `Callback`s, called in this order at every hook.
+        writers: metric writers (`callbacks.writers.MetricWriter`); used on process 0 only.
+        workdir: the run's directory (default home of checkpoints).
+        config: the run's config, saved in checkpoints.
+        max_steps: training stops after this many optimiser steps.
+        max_epochs: training stops after this many epochs.
+        val_check_interval: validate every this many steps; None: at each epoch end.
+        limit_train_batches: at most this many batches per epoch (likewise `limit_val_batches`,
+            `limit_test_batches`).
+        fast_dev_run: one train and one validation batch, and nothing written.
+        accumulate_grad_batches: average gradients over this many micro-batches per optimiser
+            step (`optax.MultiSteps`).
+        gradient_clip_val: clip gradients to this global norm.
+        precision: `"32"`, or `"bf16-mixed"` (backbone in bfloat16, float32 master parameters).
+        remat: rematerialisation, one of :data:`REMAT`: `"backbone"` every Swin block and the
+            level Perceivers, `"stages"` also whole backbone stages, `"all"` also each rollout
+            step.
+        log_every_n_steps: how often metrics are fetched from the device and written.
+        seed: the seed of the parameter initialisation and the state's RNG.
+        init_params: parameters to start from instead of a random initialisation.
+        mesh: a `jax.sharding.Mesh` with axes `data`, `fsdp` (see `trainers.sharding`): the state
+            is sharded by FSDP rules (`sharding_rules` overrides, arrays under `min_shard_size`
+            values replicated) and the batch along `data`. None: the default device.
+    """
 
     def __init__(
         self,
@@ -143,6 +169,8 @@ class Trainer:
         self._train_iterator: Any = None
         self._resume: dict[str, Any] | None = None
         self._compiled: dict[str, Any] = {}
+        self._checkpoint_connector = CheckpointConnector(self)
+        self._flush_writers_at_next_step = False
 
     # --- small services for callbacks -------------------------------------------------------------
     def learning_rate(self) -> float:
@@ -172,20 +200,74 @@ class Trainer:
 
     @property
     def checkpoint_callback(self) -> Any:
+        """The first `ModelCheckpoint` among the callbacks, or None."""
         from callbacks.checkpoint import ModelCheckpoint
 
         return next((cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)), None)
 
-    def _call(self, hook: str, *args: Any) -> None:
-        for cb in self.callbacks:
-            getattr(cb, hook)(self, *args)
+    # --- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(
+        self,
+        manager: Any,
+        *,
+        force: bool = False,
+        best_manager: Any = None,
+        metrics: dict[str, float] | None = None,
+    ) -> bool:
+        """Write the current state as checkpoint `global_step` (asynchronously if `manager` is).
+
+        The checkpoint holds what exact resumption needs (see `trainers.checkpointing`); the
+        callbacks' `on_save_checkpoint` hooks may add to its `meta`. The metric writers are
+        flushed first, and again before the next step, so that every row of the saved steps is on
+        disk once the checkpoint exists.
+
+        Args:
+            manager: the `orbax.checkpoint.CheckpointManager` to write into (its owner, e.g.
+                `ModelCheckpoint`, decides when and how many to keep).
+            force: write even if `manager`'s save policy would skip this step.
+            best_manager: also write the same checkpoint into this manager, which keeps the best
+                ones by `metrics` (only if `metrics` is given).
+            metrics: the metrics `best_manager` ranks by, e.g. `{"val/loss": 0.3}`.
+
+        Returns:
+            Whether `manager` wrote the checkpoint.
+        """
+        self._flush_writers()
+        self._flush_writers_at_next_step = True
+        return self._checkpoint_connector.save(
+            manager, force=force, best_manager=best_manager, metrics=metrics
+        )
+
+    def _flush_writers(self) -> None:
+        for writer in self.writers:
+            try:
+                writer.flush()
+            except Exception as e:
+                log.warning("Could not flush %r: %s", writer, e)
+
+    def _restore_checkpoint(self, fitting: bool) -> None:
+        """Start from the latest checkpoint of the `ModelCheckpoint` callback's directory, if any.
+
+        When `fitting`, the metric writers then forget the steps logged after the restored one (or
+        every step, when there is no checkpoint), since the run logs them again.
+        """
+        checkpoint = self.checkpoint_callback
+        if checkpoint is None or self.fast_dev_run:
+            return
+        self._resume = self._checkpoint_connector.restore_latest(checkpoint.open(self))
+        if fitting and self.is_global_zero:
+            step = self.global_step if self._resume is not None else -1
+            for writer in self.writers:
+                rewind = getattr(writer, "rewind", None)  # a CLU writer has none
+                if rewind is not None:
+                    rewind(step)
 
     # --- state and compiled steps -----------------------------------------------------------------
     def _measurements(self) -> tuple[str, ...]:
         return tuple(sorted({m for cb in self.callbacks for m in cb.measurements}))
 
-    def _setup_state(self, example: Example) -> None:
-        """Build the optimiser and the state (or restore the latest checkpoint)."""
+    def _setup_state(self, example: Example, fitting: bool = False) -> None:
+        """Build the optimiser and the state, then restore the latest checkpoint if any."""
         tx, self._schedule = self.strategy.make_optimizer(
             self.optimizer_config,
             self.max_steps,
@@ -203,9 +285,7 @@ class Trainer:
                 )
                 state = sharding.put_state(state, self._state_shardings)
             self.state = state
-        checkpoint = self.checkpoint_callback
-        if checkpoint is not None and not self.fast_dev_run:
-            self._resume = checkpoint.restore_latest(self)
+        self._restore_checkpoint(fitting)
 
     def _device_batch(self, example: Example) -> tuple[Batch, Batch]:
         """Host example -> the step's batch: on the mesh (this process's rows of the global batch)
@@ -248,20 +328,27 @@ class Trainer:
     def fit(self, train_data: DataSource, val_data: DataSource | None = None) -> TrainState:
         """Train until `max_steps` / `max_epochs` / `should_stop`; resumes from the workdir's latest
         checkpoint when a `ModelCheckpoint` callback has one."""
-        self._call("setup", "fit")
+        for cb in self.callbacks:
+            cb.setup(self, "fit")
         try:
             first = next(iter(train_data.iterator(0)))
-            self._setup_state(first)
-            self._call("on_fit_start")
-            self._call("on_train_start")
+            self._setup_state(first, fitting=True)
+            for cb in self.callbacks:
+                cb.on_fit_start(self)
+            for cb in self.callbacks:
+                cb.on_train_start(self)
             self._fit_loop(train_data, val_data)
-            self._call("on_train_end")
-            self._call("on_fit_end")
+            for cb in self.callbacks:
+                cb.on_train_end(self)
+            for cb in self.callbacks:
+                cb.on_fit_end(self)
         except BaseException as e:
-            self._call("on_exception", e)
+            for cb in self.callbacks:
+                cb.on_exception(self, e)
             raise
         finally:
-            self._call("teardown", "fit")
+            for cb in self.callbacks:
+                cb.teardown(self, "fit")
         return self.state
 
     def _epoch_done(self) -> bool:
@@ -280,10 +367,12 @@ class Trainer:
                 self._train_iterator.set_state(resume["iterator"])
                 self.batch_idx = int(resume.get("batch_idx", 0))
             resume = {}
-            self._call("on_train_epoch_start")
+            for cb in self.callbacks:
+                cb.on_train_epoch_start(self)
             if not self._run_train_epoch(train_data, val_data):
                 break
-            self._call("on_train_epoch_end")
+            for cb in self.callbacks:
+                cb.on_train_epoch_end(self)
             if val_data is not None and self.val_check_interval is None:
                 self.validate(val_data)
             self.current_epoch += 1
@@ -297,8 +386,13 @@ class Trainer:
         for example in self.strategy.train_examples(self, self._train_iterator, train_data):
             if self.limit_train_batches is not None and self.batch_idx >= self.limit_train_batches:
                 break
-            self._call("on_train_batch_start", example, self.batch_idx)
-            self._call("on_before_optimizer_step")
+            if self._flush_writers_at_next_step:  # rows logged after the last checkpoint
+                self._flush_writers()
+                self._flush_writers_at_next_step = False
+            for cb in self.callbacks:
+                cb.on_train_batch_start(self, example, self.batch_idx)
+            for cb in self.callbacks:
+                cb.on_before_optimizer_step(self)
             batch = self._device_batch(example)
             self.state, outputs = self._train_step(batch)(self.state, batch, self.controls)
             host_outputs = outputs.pop(OUTPUTS, None)
@@ -312,7 +406,8 @@ class Trainer:
                 self._record(
                     {f"train/{k}": v for k, v in outputs.items()}, self.strategy.host_metrics()
                 )
-            self._call("on_train_batch_end", outputs, example, self.batch_idx - 1)
+            for cb in self.callbacks:
+                cb.on_train_batch_end(self, outputs, example, self.batch_idx - 1)
             if (
                 val_data is not None
                 and self.val_check_interval
@@ -334,27 +429,38 @@ class Trainer:
 
     # --- evaluation -------------------------------------------------------------------------------
     def load(self, data: DataSource) -> TrainState:
-        """The state to evaluate or predict with: initial (or given) parameters, replaced by the
-        workdir's latest checkpoint when a `ModelCheckpoint` callback has one."""
+        """The state to evaluate or predict with.
+
+        Args:
+            data: a source of examples; its first one sets the shapes of a new state.
+
+        Returns:
+            The trainer's state: initial (or given) parameters, replaced by the workdir's latest
+            checkpoint when a `ModelCheckpoint` callback has one.
+        """
         if self.state is None:
             self._setup_state(next(iter(data.iterator(0))))
         return self.state
 
-    def _evaluate(self, data: DataSource, stage: str, limit: int | None) -> dict[str, float]:
+    def _evaluate(
+        self, data: DataSource, prefix: str, limit: int | None, hooks: _EvalHooks
+    ) -> dict[str, float]:
         self.load(data)
         totals: dict[str, Any] = {}
         count = 0
-        self._call(f"on_{stage}_epoch_start")
+        for cb in self.callbacks:
+            hooks.epoch_start(cb)
         for batch_idx, example in enumerate(data.iterator(0)):
             if limit is not None and batch_idx >= limit:
                 break
-            self._call(f"on_{stage}_batch_start", example, batch_idx)
+            for cb in self.callbacks:
+                hooks.batch_start(cb, example, batch_idx)
             batch = self._device_batch(example)
             outputs = self._eval_step(batch)(self.state, batch, self.controls)
             totals = outputs if not totals else jax.tree_util.tree_map(jnp.add, totals, outputs)
             count += 1
-            self._call(f"on_{stage}_batch_end", outputs, example, batch_idx)
-        prefix = {"validation": "val", "test": "test"}[stage]
+            for cb in self.callbacks:
+                hooks.batch_end(cb, outputs, example, batch_idx)
         means = (
             {f"{prefix}/{k}": float(v) / count for k, v in jax.device_get(totals).items()}
             if count
@@ -363,42 +469,93 @@ class Trainer:
         self.callback_metrics.update(means)
         if not self.fast_dev_run:
             self.log_metrics(means)
-        self._call(f"on_{stage}_epoch_end")
+        for cb in self.callbacks:
+            hooks.epoch_end(cb)
         return means
 
     def validate(self, data: DataSource) -> dict[str, float]:
-        """Mean metrics over the validation data (`val/...`), also in `callback_metrics`."""
-        self._call("on_validation_start")
-        metrics = self._evaluate(data, "validation", self.limit_val_batches)
-        self._call("on_validation_end")
+        """Mean metrics over the validation data, also in `callback_metrics`.
+
+        Args:
+            data: the validation examples (at most `limit_val_batches` batches are used).
+
+        Returns:
+            `{"val/<metric>": mean}` over the batches.
+        """
+        hooks = _EvalHooks(
+            epoch_start=lambda cb: cb.on_validation_epoch_start(self),
+            batch_start=lambda cb, batch, i: cb.on_validation_batch_start(self, batch, i),
+            batch_end=lambda cb, out, batch, i: cb.on_validation_batch_end(self, out, batch, i),
+            epoch_end=lambda cb: cb.on_validation_epoch_end(self),
+        )
+        for cb in self.callbacks:
+            cb.on_validation_start(self)
+        metrics = self._evaluate(data, "val", self.limit_val_batches, hooks)
+        for cb in self.callbacks:
+            cb.on_validation_end(self)
         return metrics
 
     def test(self, data: DataSource) -> dict[str, float]:
-        """Mean metrics over the test data (`test/...`)."""
-        self._call("setup", "test")
+        """Mean metrics over the test data, also in `callback_metrics`.
+
+        Args:
+            data: the test examples (at most `limit_test_batches` batches are used).
+
+        Returns:
+            `{"test/<metric>": mean}` over the batches.
+        """
+        hooks = _EvalHooks(
+            epoch_start=lambda cb: cb.on_test_epoch_start(self),
+            batch_start=lambda cb, batch, i: cb.on_test_batch_start(self, batch, i),
+            batch_end=lambda cb, out, batch, i: cb.on_test_batch_end(self, out, batch, i),
+            epoch_end=lambda cb: cb.on_test_epoch_end(self),
+        )
+        for cb in self.callbacks:
+            cb.setup(self, "test")
         try:
-            self._call("on_test_start")
-            metrics = self._evaluate(data, "test", self.limit_test_batches)
-            self._call("on_test_end")
+            for cb in self.callbacks:
+                cb.on_test_start(self)
+            metrics = self._evaluate(data, "test", self.limit_test_batches, hooks)
+            for cb in self.callbacks:
+                cb.on_test_end(self)
         finally:
-            self._call("teardown", "test")
+            for cb in self.callbacks:
+                cb.teardown(self, "test")
         return metrics
 
     def predict(self, data: DataSource, steps: int = 1) -> Iterable[list[Batch]]:
-        """Roll out `steps` predictions from every input; yields host-side predictions per batch."""
+        """Roll out `steps` predictions from every input.
+
+        Args:
+            data: the examples to predict from (their targets are not used).
+            steps: rollout steps per input.
+
+        Yields:
+            Per batch, the `steps` predictions as host-side (numpy) `Batch`es.
+        """
         from aurora.rollout import ModelStep, rollout
 
-        self._call("setup", "predict")
+        for cb in self.callbacks:
+            cb.setup(self, "predict")
         try:
             self.load(data)
             step = ModelStep(self.strategy.model)  # compiled once, not once per batch
-            self._call("on_predict_start")
+            for cb in self.callbacks:
+                cb.on_predict_start(self)
+            for cb in self.callbacks:
+                cb.on_predict_epoch_start(self)
             for batch_idx, example in enumerate(data.iterator(0)):
-                self._call("on_predict_batch_start", example, batch_idx)
+                for cb in self.callbacks:
+                    cb.on_predict_batch_start(self, example, batch_idx)
                 inputs, _ = _to_device_batch(example)
                 preds = [p.to_numpy() for p in rollout(step, self.state.params, inputs, steps)]
-                self._call("on_predict_batch_end", preds, example, batch_idx)
+                for cb in self.callbacks:
+                    cb.on_predict_batch_end(self, preds, example, batch_idx)
                 yield preds
-            self._call("on_predict_end")
+            for cb in self.callbacks:
+                cb.on_predict_epoch_end(self)
+            for cb in self.callbacks:
+                cb.on_predict_end(self)
         finally:
-            self._call("teardown", "predict")
+            for cb in self.callbacks:
+                cb.teardown(self, "predict")
