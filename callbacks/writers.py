@@ -209,7 +209,11 @@ class NoopWriter(MetricWriter):
 
 
 class MultiWriter(MetricWriter):
-    """Fans each call out to several writers, so the trainer talks to one object."""
+    """Fans each call out to several writers, so the trainer talks to one object.
+
+    Args:
+        writers: the writers, called in this order.
+    """
 
     def __init__(self, writers: Iterable[MetricWriter]) -> None:
         self.writers: list[MetricWriter] = list(writers)
@@ -385,6 +389,13 @@ class WandbWriter(MetricWriter):
     is exactly the overlap we do not want twice. Extra keyword arguments go to `wandb.init`
     (`name`, `id`, `resume`, `tags`, `group`, `settings`, ...). By default W&B stays silent and
     does not capture the console, so the progress bar's output is left alone.
+
+    Args:
+        project: the W&B project.
+        dir: where W&B writes its run directory (created if missing).
+        mode: `"offline"`, `"online"` or `"disabled"`, as `wandb.init` takes.
+        config: the run's config (a `ConfigDict` is converted to a dict).
+        **init_kwargs: more arguments for `wandb.init`.
     """
 
     def __init__(
@@ -552,6 +563,9 @@ class CsvWriter(_LocalFileWriter):
     Opened in append mode: a resumed run adds rows to the same file, and the header is written only
     when the file is new or empty. A file whose header differs is refused rather than corrupted.
     Only scalars are stored; texts, images, histograms and hparams are ignored (logged once).
+
+    Args:
+        path: the CSV file (its directory is created if missing).
     """
 
     HEADER = ("step", "tag", "value", "wall_time")
@@ -596,6 +610,9 @@ class JsonlWriter(_LocalFileWriter):
     Non-finite floats are written as Python's `json` writes them (``NaN``, ``Infinity``), so a
     diverged loss stays visible. Lines are flushed as written: a JSONL file is what scripts tail
     while training runs.
+
+    Args:
+        path: the JSONL file (its directory is created if missing).
     """
 
     @staticmethod

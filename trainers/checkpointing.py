@@ -177,6 +177,12 @@ class CheckpointConnector:
     ) -> bool:
         """Write the trainer's current state as step `global_step` (see `Trainer.save_checkpoint`).
 
+        Args:
+            manager: the manager to write into.
+            force: write even if `manager`'s save policy would skip this step.
+            best_manager: also write the same checkpoint here, ranked by `metrics` (if given).
+            metrics: what `best_manager` ranks by, e.g. `{"val/loss": 0.3}`.
+
         Returns:
             Whether `manager` wrote it (its save policy may skip a step unless `force`).
         """

@@ -180,7 +180,12 @@ class Trainer:
         )
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        """Write scalars to every writer (process 0 only) at `step` (default: the global step)."""
+        """Write scalars to every writer (on process 0 only).
+
+        Args:
+            metrics: `{tag: value}`, e.g. `{"train/loss": 0.5}`.
+            step: the step to log at (default: the global step).
+        """
         if not self.is_global_zero or not metrics:
             return
         step = self.global_step if step is None else int(step)
@@ -188,7 +193,11 @@ class Trainer:
             writer.write_scalars(step, metrics)
 
     def data_state(self) -> dict[str, Any]:
-        """Where the training data iterator stands (saved in checkpoints)."""
+        """Where the training data iterator stands, saved in checkpoints for an exact resume.
+
+        Returns:
+            `{"epoch": int, "batch_idx": int, "iterator": the iterator's state or None}`.
+        """
         iterator_state = (
             self._train_iterator.get_state() if self._train_iterator is not None else None
         )
@@ -326,8 +335,18 @@ class Trainer:
 
     # --- fit --------------------------------------------------------------------------------------
     def fit(self, train_data: DataSource, val_data: DataSource | None = None) -> TrainState:
-        """Train until `max_steps` / `max_epochs` / `should_stop`; resumes from the workdir's latest
-        checkpoint when a `ModelCheckpoint` callback has one."""
+        """Train until `max_steps` / `max_epochs` / `should_stop`.
+
+        Resumes from the latest checkpoint of the `ModelCheckpoint` callback's directory, if any,
+        on the same batches an uninterrupted run would have seen.
+
+        Args:
+            train_data: the training examples.
+            val_data: validation examples (run every `val_check_interval` steps or each epoch).
+
+        Returns:
+            The final `TrainState`.
+        """
         for cb in self.callbacks:
             cb.setup(self, "fit")
         try:
