@@ -411,14 +411,29 @@ class Pipeline:
         return len(self.dataset)
 
     def has_times(self, seconds: Sequence[int]) -> np.ndarray:
-        """Whether the source holds a state at each of `seconds` (int64 s since 1970)."""
+        """Whether the source holds a state at each of `seconds`.
+
+        Args:
+            seconds (Sequence[int]): Valid times, int64 seconds since 1970.
+
+        Returns:
+            np.ndarray: bool of shape `(len(seconds),)`.
+        """
         return np.isin(np.asarray(seconds, np.int64), self.source.times)
 
     def states_at(self, seconds: Sequence[int]) -> Batch:
-        """The ground truth at `seconds`, one batch row each (history 1, ``rollout_step`` 0).
+        """The ground truth at `seconds`, one batch row each.
 
-        Random access by valid time, e.g. for replay-buffer targets; a time the source does not
-        hold is an error (check with `has_times`).
+        Random access by valid time, e.g. for replay-buffer targets.
+
+        Args:
+            seconds (Sequence[int]): `b` valid times, int64 seconds since 1970.
+
+        Returns:
+            Batch: History 1 (``surf_vars[v]`` ``(b, 1, h, w)``), ``rollout_step`` 0.
+
+        Raises:
+            DataError: For a time the source does not hold (check with `has_times`).
         """
         seconds = [int(t) for t in seconds]
         missing = [t for t in seconds if t not in self._load.index]
@@ -429,7 +444,15 @@ class Pipeline:
         return self._load.collate.batch([[examples[t]] for t in seconds], 0, 1, rollout_step=0)
 
     def batch_windows(self, i: int, epoch: int = 0) -> np.ndarray:
-        """The ``now`` times (int64 s) of batch i of `epoch`, without reading any data."""
+        """The ``now`` times of batch i of `epoch`, without reading any data.
+
+        Args:
+            i (int): Batch index within the epoch.
+            epoch (int): Epoch.
+
+        Returns:
+            np.ndarray: int64 seconds since 1970 of shape `(b,)`.
+        """
         return self._order(epoch, 1)[i]
 
     def iterator(self, epoch: int) -> grain.DatasetIterator:
