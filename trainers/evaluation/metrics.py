@@ -15,7 +15,7 @@ and pressure level.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -101,6 +101,15 @@ def weighted_mean(x: Array, weights: Array) -> Array:
     return xp.mean(w * x, axis=(-2, -1))
 
 
+def _weighted_error(
+    forecast: Array, truth: Array, weights: Array, transform: Callable[[Any, Array], Array]
+) -> Array:
+    """`weighted_mean(transform(xp, forecast - truth))` in the arrays' own namespace and dtype."""
+    xp = _xp(forecast, truth)
+    forecast, truth = _cast(xp, forecast, truth)
+    return weighted_mean(transform(xp, forecast - truth), weights)
+
+
 def mse(forecast: Array, truth: Array, weights: Array) -> Array:
     """Weighted mean squared error per field.
 
@@ -112,9 +121,7 @@ def mse(forecast: Array, truth: Array, weights: Array) -> Array:
     Returns:
         The scores, shape `(...)`.
     """
-    xp = _xp(forecast, truth)
-    forecast, truth = _cast(xp, forecast, truth)
-    return weighted_mean((forecast - truth) ** 2, weights)
+    return _weighted_error(forecast, truth, weights, lambda xp, e: e**2)
 
 
 def rmse(forecast: Array, truth: Array, weights: Array) -> Array:
@@ -138,9 +145,7 @@ def mae(forecast: Array, truth: Array, weights: Array) -> Array:
     Returns:
         The scores, shape `(...)`.
     """
-    xp = _xp(forecast, truth)
-    forecast, truth = _cast(xp, forecast, truth)
-    return weighted_mean(xp.abs(forecast - truth), weights)
+    return _weighted_error(forecast, truth, weights, lambda xp, e: xp.abs(e))
 
 
 def bias(forecast: Array, truth: Array, weights: Array) -> Array:
@@ -152,9 +157,7 @@ def bias(forecast: Array, truth: Array, weights: Array) -> Array:
     Returns:
         The scores, shape `(...)`.
     """
-    xp = _xp(forecast, truth)
-    forecast, truth = _cast(xp, forecast, truth)
-    return weighted_mean(forecast - truth, weights)
+    return _weighted_error(forecast, truth, weights, lambda xp, e: e)
 
 
 def acc(forecast: Array, truth: Array, climatology: Array, weights: Array) -> Array:

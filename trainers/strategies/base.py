@@ -154,31 +154,11 @@ class Strategy:
         return jax.jit(self.model.init)(rng, inputs)["params"]
 
     def make_optimizer(
-        self,
-        optim_config: Any,
-        total_steps: int | None,
-        *,
-        gradient_clip_val: float | None = None,
-        accumulate_grad_batches: int = 1,
+        self, optim_config: Any, total_steps: int | None, **options: Any
     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-        """The optimiser of the trainable parameters (`Trainable.make_optimizer`).
-
-        Args:
-            optim_config: `trainers.optim.make_optimizer`'s fields (and any per-group prefixed
-                ones, e.g. `lora_learning_rate`).
-            total_steps: optimiser steps of the run, or None.
-            gradient_clip_val: global-norm clipping of the trained gradients, or None.
-            accumulate_grad_batches: micro-batches per optimiser step.
-
-        Returns:
-            The transformation and the (first group's) learning-rate schedule.
-        """
-        return self.trainable.make_optimizer(
-            optim_config,
-            total_steps,
-            gradient_clip_val=gradient_clip_val,
-            accumulate_grad_batches=accumulate_grad_batches,
-        )
+        """The optimiser of the trainable parameters: `Trainable.make_optimizer`, which documents
+        the arguments (`gradient_clip_val`, `accumulate_grad_batches`) and the result."""
+        return self.trainable.make_optimizer(optim_config, total_steps, **options)
 
     def init_state(
         self, rng: jax.Array, inputs: Batch, tx: optax.GradientTransformation, params: Any = None
