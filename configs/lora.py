@@ -1,10 +1,9 @@
 """LoRA rollout fine-tuning (Bodnar et al. 2025, Suppl. D.4) on the bundled real sample.
 
-configs/demo.py's model with LoRA adapters on every window-attention `qkv` and `proj`, trained by
-`LoRAStrategy` against 2-step rollout targets of the wrapped `RolloutStrategy`. With pretrained
-weights only the adapters train (`strategy.train_base=False`, the paper's setting; the frozen base
-holds no optimiser state). A freshly initialised Aurora's AdaLN modulation is zero, as in
-microsoft-aurora, which makes every LoRA gradient exactly zero: this sample run, without
+configs/demo.py's model with LoRA on every window-attention `qkv` and `proj`, trained by
+`LoRAStrategy` on 2-step rollouts of the wrapped `RolloutStrategy`. With pretrained weights only
+the adapters train (`strategy.train_base=False`, the paper's setting). A freshly initialised
+Aurora's AdaLN modulation is zero, which makes every LoRA gradient zero: this sample run, without
 pretrained weights, trains the base too (`train_base=True`, at `optimizer.base_learning_rate`).
 
 For 0.25° HRES and Aurora's fine-tuned weights converted from microsoft-aurora, change:

@@ -1,22 +1,17 @@
 """LoRA + replay-buffer fine-tuning (Bodnar et al. 2025, Suppl. D.4) on the bundled real sample.
 
-Every update is one model step whatever the lead time: `trainers.strategies.replay.ReplayStrategy`
-keeps the model's own predictions in a host buffer and trains on them against the ground truth at
-their valid time; a fresh dataset sample enters every `refresh_every` updates and the lead-time cap
-grows on `max_lead_hours`. `LoRAStrategy` wraps it, as in the paper, so that (with pretrained
-weights) only the adapters train. Of the sample's eight six-hourly times, training uses the first
-five, validation the last three; the lead cap opens from 12 h to 24 h at step 15, so the run shows
-the schedule at work (`train/lead_hours`, `train/replay/buffer_size` in the logs).
+`ReplayStrategy` trains one model step per update whatever the lead time, on a host buffer of the
+model's own predictions scored against the truth at their valid time; a fresh sample enters every
+`refresh_every` updates and the lead cap grows on `max_lead_hours`. `LoRAStrategy` wraps it, as in
+the paper. The sample trains on its first five six-hourly times and validates on the last three;
+the cap opens from 12 h to 24 h at step 15 (`train/lead_hours`, `train/replay/buffer_size`).
 
-For the paper's setting with 0.25° HRES and Aurora weights converted from microsoft-aurora, change
-(besides the model/data fields listed in configs/lora.py):
-  --config.strategy.capacity=200               (per device)
-  --config.strategy.refresh_every=10
-  --config.strategy.max_lead_hours='((0, 96), (5000, 240))'   (4 days, then 10 days)
-  --config.strategy.train_base=False           (adapters only)
-  --config.model.preset=Aurora --config.init.pytorch_checkpoint=/path/aurora-0.25-finetuned.ckpt
-  --config.data.builder_config.splits=...      (targets up to 10 days ahead in the training split)
-  --config.trainer.precision=bf16-mixed --config.trainer.remat=backbone
+For the paper's setting (0.25° HRES, converted Aurora weights), besides configs/lora.py's fields:
+  --config.strategy.capacity=200 (per device)  --config.strategy.refresh_every=10
+  --config.strategy.max_lead_hours='((0, 96), (5000, 240))'  (4 days, then 10 days)
+  --config.strategy.train_base=False  --config.trainer.precision=bf16-mixed
+  --config.trainer.remat=backbone  --config.data.builder_config.splits=...  (with targets up to
+      10 days ahead in the training split)
 Each entry holds two full states (0.57 GB at 0.25° with 4 + 5x13 variables): 200 entries need
 115 GB of host RAM per device, and so does their checkpoint.
 """
