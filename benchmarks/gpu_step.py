@@ -2,15 +2,11 @@
 
     .venv/bin/python benchmarks/gpu_step.py [--presets Aurora,AuroraSmall] [--torch-python PATH]
 
-For each preset at 0.25° (721×1440, cropped to 720 rows by the model), 13 levels, batch 1, random
-weights, it reports the median of `--repeats` calls after a warm-up (compilation reported apart):
-
-* forward in float32 and with bf16 compute (float32 master weights, the Trainer's "bf16-mixed");
-* the train step (one-step `RolloutStrategy`, AdamW, bf16 + every Swin block rematerialised);
-* MFU = model FLOPs / time / the card's peak bf16 FLOP/s. Model FLOPs are XLA's count for the
-  forward without recomputation (`cost_analysis()`), times 3 for the train step (forward plus a
-  backward of twice its cost), the usual convention (recomputation does not count);
-* a `--forecast-steps` rollout (40 = 10 days) with bf16 compute, one compiled step reused.
+For each preset at 0.25° (721×1440), 13 levels, batch 1, random weights: medians of `--repeats`
+calls after a warm-up (compilation apart) of the forward in float32 and with bf16 compute, of the
+train step (one-step `RolloutStrategy`, AdamW, bf16, Swin blocks rematerialised) and of a
+`--forecast-steps` rollout (40 = 10 days); MFU = model FLOPs / time / the card's peak bf16 FLOP/s,
+with XLA's forward FLOP count (no recomputation), times 3 for the train step.
 
 With `--torch-python` (a Python that has microsoft-aurora and CUDA PyTorch), `_torch_gpu_step.py`
 times the same forward and train step there in the same run and the ratio is reported.

@@ -2,8 +2,7 @@
 
     .venv/bin/python benchmarks/rollout_cost.py [--preset AuroraSmall --h 32 --w 64 --ks 1,2,4,8]
 
-Same model, grid and batch (1 sample) for every row, in one run; all train on a lead-K target and
-differ in what the gradient sees and what it costs. For each K:
+Same model, grid and batch (1 sample) for every row, in one run; all train on a lead-K target.
 
 * `all`: `RolloutStrategy(steps=K, backprop="all", average_loss=False)`, gradients through all K
   model calls, each step rematerialised; `all/no-remat`: the same without remat;
