@@ -1,4 +1,6 @@
-"""Train, evaluate or predict with Aurora: `python main.py --config=configs/demo.py --workdir=runs/demo`.
+"""Train, evaluate or predict with Aurora.
+
+Usage: `python main.py --config=configs/demo.py --workdir=runs/demo`.
 
 Flags: `--config` (an ml_collections config file; override fields with `--config.a.b=value`),
 `--workdir` (checkpoints, datasets, metrics; re-running in the same workdir resumes), `--mode`
@@ -42,7 +44,8 @@ def main(argv: list[str]) -> None:
     if evaluation is not None:
         print(headline_scores(Path(evaluation["scores"])))
         print(
-            f"scores: {evaluation['scores']}\nsummary: {Path(evaluation['scores']).with_name('summary.json')}"
+            f"scores: {evaluation['scores']}\n"
+            f"summary: {Path(evaluation['scores']).with_name('summary.json')}"
         )
         figures = evaluation.get("figures") or []
         if figures:

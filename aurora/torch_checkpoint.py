@@ -162,7 +162,8 @@ class _Storage(_Sealed):
 
 
 def _is_float(dtype: np.dtype) -> bool:
-    """numpy's floating types and ml_dtypes' (bfloat16, float8), which numpy does not count as floating."""
+    """numpy's floating types and ml_dtypes' (bfloat16, float8), which numpy does not count as
+    floating."""
     return np.issubdtype(dtype, np.floating) or dtype in _ML_FLOATS.values()
 
 
@@ -183,7 +184,8 @@ def _check_layout(
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= numel:
             _refuse(
-                f"tensor (offset {offset}, size {size}, stride {stride}) overruns its storage of {numel} elements"
+                f"tensor (offset {offset}, size {size}, stride {stride}) overruns its storage of "
+                f"{numel} elements"
             )
     elif offset > numel:
         _refuse(f"tensor offset {offset} beyond its storage of {numel} elements")
@@ -193,10 +195,12 @@ def _check_layout(
 def _strided_copy(
     storage: _Storage, dtype: np.dtype, offset: object, size: object, stride: object
 ) -> np.ndarray:
-    """The elements of a (possibly non-contiguous) view of `storage`, as a new C-contiguous array."""
+    """The elements of a (possibly non-contiguous) view of `storage`, as a new C-contiguous
+    array."""
     if storage.raw.size % dtype.itemsize:
         _refuse(
-            f"storage {storage.key!r} of {storage.raw.size} bytes does not hold whole {dtype} elements"
+            f"storage {storage.key!r} of {storage.raw.size} bytes does not hold whole {dtype} "
+            "elements"
         )
     offset, size, stride = _check_layout(storage.raw.size // dtype.itemsize, offset, size, stride)
     if 0 in size:
@@ -212,7 +216,8 @@ def _strided_copy(
 
 
 def _apply_metadata(array: np.ndarray, metadata: object) -> np.ndarray:
-    """Resolve PyTorch's lazy conjugate/negative views, which `torch.save` keeps as tensor metadata."""
+    """Resolve PyTorch's lazy conjugate/negative views, which `torch.save` keeps as tensor
+    metadata."""
     if not metadata:
         return array
     if not isinstance(metadata, dict) or not set(metadata) <= {"conj", "neg"}:
@@ -288,7 +293,8 @@ class _Rebuilder:
 
 
 def _encode(text: object, encoding: object = "latin1") -> bytes:
-    """`_codecs.encode`, which protocol-2 pickles use for `bytes`; only the latin-1 form they write."""
+    """`_codecs.encode`, which protocol-2 pickles use for `bytes`; only the latin-1 form they
+    write."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         _refuse("_codecs.encode is only allowed as pickle uses it for bytes")
     return text.encode("latin1")
@@ -334,19 +340,22 @@ class _Archive:
 
     @staticmethod
     def _find_prefix(names: list[str]) -> str:
-        """The archive's top folder, which is the file name at save time: the one with a `data.pkl`."""
+        """The archive's top folder, which is the file name at save time: the one with a
+        `data.pkl`."""
         prefixes = [
             n[: -len("data.pkl")] for n in names if n.endswith("/data.pkl") and n.count("/") == 1
         ]
         if len(prefixes) != 1:
             _refuse(
-                f"expected one <folder>/data.pkl in the zip, found {len(prefixes)}: not a torch.save checkpoint"
+                f"expected one <folder>/data.pkl in the zip, found {len(prefixes)}: "
+                "not a torch.save checkpoint"
             )
         if any(
             n.startswith(prefixes[0] + "code/") or n == prefixes[0] + "constants.pkl" for n in names
         ):
             _refuse(
-                "this is a TorchScript archive (torch.jit.save); save the model's state_dict() with torch.save"
+                "this is a TorchScript archive (torch.jit.save); "
+                "save the model's state_dict() with torch.save"
             )
         return prefixes[0]
 
@@ -378,13 +387,15 @@ class _Archive:
         return storage
 
     def _record(self, name: str, nbytes: int) -> np.ndarray:
-        """The first `nbytes` bytes of a record: mapped if stored (as torch writes), else decompressed."""
+        """The first `nbytes` bytes of a record: mapped if stored (as torch writes), else
+        decompressed."""
         info = self._zip.NameToInfo.get(name)
         if info is None:
             _refuse(f"missing storage record {name!r}")
         if info.file_size < nbytes:
             _refuse(
-                f"storage record {name!r} has {info.file_size} bytes, the checkpoint expects {nbytes}"
+                f"storage record {name!r} has {info.file_size} bytes, "
+                f"the checkpoint expects {nbytes}"
             )
         if info.compress_type != zipfile.ZIP_STORED:
             return np.frombuffer(self._zip.read(name), np.uint8, count=nbytes)
@@ -420,7 +431,8 @@ class _Unpickler(pickle.Unpickler):
             )
 
     def persistent_load(self, pid: object) -> _Storage:
-        """`('storage', storage_type, key, location, numel)` -> that storage; `location` is ignored (all CPU)."""
+        """`('storage', storage_type, key, location, numel)` -> that storage; `location` is
+        ignored (all CPU)."""
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             _refuse(f"unsupported persistent id {pid!r}")
         _, storage_type, key, _location, numel = pid
@@ -436,7 +448,8 @@ class _Unpickler(pickle.Unpickler):
 
 @contextmanager
 def _open_archive(path: Path) -> Iterator[_Archive]:
-    """Open the zip and memory-map the file; no returned array refers to the map (they are copies)."""
+    """Open the zip and memory-map the file; no returned array refers to the map (they are
+    copies)."""
     with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         archive = None
@@ -466,7 +479,8 @@ def _check_format(path: Path) -> None:
         for p in range(2, pickle.HIGHEST_PROTOCOL + 1)
     ):
         _refuse(
-            "legacy torch.save format (_use_new_zipfile_serialization=False, PyTorch < 1.6) is not supported; "
+            "legacy torch.save format (_use_new_zipfile_serialization=False, PyTorch < 1.6) "
+            "is not supported; "
             "re-save it with a current PyTorch: torch.save(torch.load(p, weights_only=True), new_p)"
         )
     _refuse(

@@ -19,19 +19,19 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
 
-    # --- model: a microsoft-aurora preset name plus overrides of its arguments ---------------------
+    # --- model: a microsoft-aurora preset name plus overrides of its arguments --------------------
     config.model = ml_collections.ConfigDict()
     config.model.preset = (
         "AuroraPretrained"  # Aurora | AuroraPretrained | AuroraSmallPretrained | ...
     )
     config.model.kwargs = ml_collections.ConfigDict({"use_lora": False})
 
-    # --- initial weights: a microsoft-aurora checkpoint (converted on the fly) or an Orbax folder ---
+    # --- initial weights: a microsoft-aurora checkpoint (converted on the fly) or Orbax folder ----
     config.init = ml_collections.ConfigDict()
     config.init.pytorch_checkpoint = ""  # e.g. /path/aurora-0.25-pretrained.ckpt
     config.init.orbax_checkpoint = ""  # e.g. output of `python -m aurora.convert`
 
-    # --- data: a registered builder (data_builders.registry) and the pipeline -----------------------
+    # --- data: a registered builder (data_builders.registry) and the pipeline ---------------------
     config.data = ml_collections.ConfigDict()
     config.data.builder = "era5"  # era5 | hres | a name you registered
     config.data.builder_config = ml_collections.ConfigDict(
@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.num_threads = 2  # host prefetch threads
     config.data.prefetch_buffer_size = 2
 
-    # --- strategy: what one optimisation step is -----------------------------------------------------
+    # --- strategy: what one optimisation step is --------------------------------------------------
     config.strategy = ml_collections.ConfigDict()
     config.strategy.name = "rollout"
     config.strategy.steps = 1  # rollout length K
@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
         False  # True: traced window that GradStop's schedule changes (full backward cost)
     )
 
-    # --- loss (paper Suppl. D.1), on normalised variables --------------------------------------------
+    # --- loss (paper Suppl. D.1), on normalised variables -----------------------------------------
     config.loss = ml_collections.ConfigDict()
     config.loss.alpha = 0.25
     config.loss.beta = 1.0
@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
         {k: FINE_TUNING_WEIGHTS[k] for k in ATMOS_VARS}
     )
 
-    # --- optimiser ------------------------------------------------------------------------------------
+    # --- optimiser --------------------------------------------------------------------------------
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 3e-4
     config.optimizer.warmup_steps = 1000
@@ -88,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.b1 = 0.9
     config.optimizer.b2 = 0.999
 
-    # --- trainer (Lightning's knobs) -------------------------------------------------------------------
+    # --- trainer (Lightning's knobs) --------------------------------------------------------------
     config.trainer = ml_collections.ConfigDict()
     config.trainer.max_steps = 10_000
     config.trainer.max_epochs = ml_collections.FieldReference(None, field_type=int)
@@ -103,7 +103,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.trainer.remat = "backbone"  # none | backbone | stages | all
     config.trainer.log_every_n_steps = 50
 
-    # --- callbacks: name -> {type, **kwargs}; `type` is a built-in name or "package.module:Class" --------
+    # --- callbacks: name -> {type, **kwargs}; `type`: a built-in name or "package.module:Class" ---
     config.callbacks = ml_collections.ConfigDict(
         {
             "checkpoint": {"type": "checkpoint", "every_n_steps": 500, "max_to_keep": 3},
@@ -115,19 +115,20 @@ def get_config() -> ml_collections.ConfigDict:
         }
     )
 
-    # --- devices: a (data, fsdp) mesh over every device of every process (trainers/sharding.py) ---------
+    # --- devices: a (data, fsdp) mesh over every device of every process (trainers/sharding.py) ---
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1: the devices left over (pure data parallelism with fsdp = 1)
     config.mesh.fsdp = 1  # e.g. 8 shards each large parameter and its Adam moments over 8 devices
     config.mesh.min_shard_size = 2**18  # parameters with fewer elements stay replicated
-    config.mesh.rules = []  # [(regex on "params/.../kernel", [None, "fsdp"]), ...] override FSDP's choice
+    # [(regex on "params/.../kernel", [None, "fsdp"]), ...] override FSDP's choice
+    config.mesh.rules = []
     # Multi-host: leave empty under SLURM / Open MPI (detected); else the coordinator "host:port".
     config.distributed = ml_collections.ConfigDict()
     config.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)
     config.distributed.num_processes = ml_collections.FieldReference(None, field_type=int)
     config.distributed.process_id = ml_collections.FieldReference(None, field_type=int)
 
-    # --- evaluation (--mode=test) and forecasts (--mode=predict) -----------------------------------
+    # --- evaluation (--mode=test) and forecasts (--mode=predict) ----------------------------------
     config.eval = ml_collections.ConfigDict()
     config.eval.steps = 40  # rollout steps scored / written (40 = 10 days at 6 h)
     config.eval.batch_size = 1  # initial times per model call
@@ -137,7 +138,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.map_levels = (500, 850)  # ... at these levels (atmospheric variables) ...
     config.eval.map_lead_steps = (1, 4, 20, 40)  # ... and these leads (steps), first initial time
 
-    # --- metric writers (process 0 only) --------------------------------------------------------------
+    # --- metric writers (process 0 only) ----------------------------------------------------------
     config.writers = ml_collections.ConfigDict(
         {"tensorboard": {"type": "tensorboard"}, "csv": {"type": "csv"}}
     )

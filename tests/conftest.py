@@ -1,8 +1,9 @@
 """Test-session settings: a persistent XLA compilation cache.
 
 Many tests compile the same tiny models (every `Trainer` jits its own step); with the cache an
-identical program compiles once per machine, which keeps the CPU-only suite within CI's time. It lives in the per-user cache
-(`tests.reference.venv.user_cache`), so a second clone on the same machine starts warm.
+identical program compiles once per machine, which keeps the CPU-only suite within CI's time. It
+lives in the per-user cache (`tests.reference.venv.user_cache`), so a second clone on the same
+machine starts warm.
 """
 
 from __future__ import annotations

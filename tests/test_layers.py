@@ -102,7 +102,8 @@ def test_gelu_keeps_bfloat16() -> None:
 
 @pytest.mark.parametrize("shift", [(0, 0, 0), (1, 1, 3)])
 def test_swin_block_in_rematerialised_window_chunks_matches_the_plain_one(shift) -> None:
-    """Two samples, a grid that needs padding, LoRA at a traced rollout step, 2 windows per chunk."""
+    """Two samples, a grid that needs padding, LoRA at a traced rollout step, 2 windows per
+    chunk."""
     res = (2, 7, 13)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, np.prod(res), 16))
     c = jax.random.normal(jax.random.PRNGKey(1), (2, 16))

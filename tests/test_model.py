@@ -150,7 +150,8 @@ def test_rollout_advances_time_and_step_and_compiles_once() -> None:
 
 
 def test_configurable_variable_sets_and_short_history() -> None:
-    """No surface variables (statics only), an extra atmospheric variable with dataset statistics."""
+    """No surface variables (statics only), an extra atmospheric variable with dataset
+    statistics."""
     model = tiny_model(
         surf_vars=(),
         static_vars=("lsm", "z"),

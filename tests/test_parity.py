@@ -1,9 +1,9 @@
 """Parity with microsoft-aurora 2.0.1: same weights, same batch, same numbers.
 
-Each case builds the PyTorch model in the reference virtualenv with random weights (plus noise on every
-parameter, so that zero-initialised LoRA and AdaLN weights matter), runs a rollout there, converts
-the state dict with `aurora.convert`, runs our rollout and compares every output variable at every
-step: max |jax - torch| / max |torch| <= 1e-4 in float32 with matmul precision "highest".
+Each case builds the PyTorch model in the reference virtualenv with random weights (plus noise on
+every parameter, so that zero-initialised LoRA and AdaLN weights matter), runs a rollout there,
+converts the state dict with `aurora.convert`, runs our rollout and compares every output variable
+at every step: max |jax - torch| / max |torch| <= 1e-4 in float32 with matmul precision "highest".
 """
 
 from __future__ import annotations
@@ -129,7 +129,8 @@ def test_tiny_architecture_matches_reference() -> None:
 @pytest.mark.reference
 @pytest.mark.parametrize("mode", ["single", "from_second", "all"])
 def test_tiny_lora_modes_match_reference_over_three_steps(mode: str) -> None:
-    """LoRA on, each mode, rollout steps 0, 1 and 2 (so 'from_second' switches on, 'all' indexes)."""
+    """LoRA on, each mode, rollout steps 0, 1 and 2 (so 'from_second' switches on, 'all'
+    indexes)."""
     kwargs = {**TINY, "use_lora": True, "lora_mode": mode, "lora_steps": 3}
     _assert_close(_compare(_spec("Aurora", kwargs, steps=3)))
 

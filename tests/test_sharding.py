@@ -5,7 +5,8 @@ These tests need `XLA_FLAGS=--xla_force_host_platform_device_count=8` set before
 they are skipped in the main test process (one device) and run in a subprocess of their own by
 `tests/test_multidevice.py`. To run them directly:
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python -m pytest tests/test_sharding.py
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        .venv/bin/python -m pytest tests/test_sharding.py
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""The torch-free `torch.save` reader against checkpoints written by PyTorch itself, and against forged ones.
+"""The torch-free `torch.save` reader against checkpoints written by PyTorch itself, and against
+forged ones.
 
 The fixtures come from `tests/reference/make_torch_checkpoint_fixture.py` (real `torch.save`, in
-the reference virtualenv); everything else is built here from them or by hand, so no test needs PyTorch.
+the reference virtualenv); everything else is built here from them or by hand, so no test needs
+PyTorch.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def dtype_named(name: str) -> np.dtype:
 
 
 def expected(prefix: str) -> dict[str, tuple[np.ndarray, np.dtype]]:
-    """name -> (values, dtype the reader must return); bfloat16/float8 values are their float32 form."""
+    """name -> (values, dtype the reader must return); bfloat16/float8 values are their float32
+    form."""
     with np.load(EXPECTED) as npz:
         names = [k.split("/", 1)[1] for k in npz.files if k.startswith(prefix + "/")]
         return {
@@ -122,7 +125,8 @@ def tensor_pickle(
     storage: str = "FloatStorage",
     size_global: bool = False,
 ) -> bytes:
-    """`{"w": _rebuild_tensor_v2(storage '0', offset, size, stride, False, OrderedDict())}`, as torch.save writes it."""
+    """`{"w": _rebuild_tensor_v2(storage '0', offset, size, stride, False, OrderedDict())}`, as
+    torch.save writes it."""
     pid = b"(" + p("storage") + g("torch", storage) + p("0") + p("cpu") + p(numel) + b"tQ"
     size_ops = g("torch", "Size") + b"(" + p(list(size)) + b"tR" if size_global else p(size)  # type: ignore[arg-type]
     args = (
@@ -162,7 +166,8 @@ class StorageComponents(pickle.Unpickler):
 
 
 def big_endian_copy(src: Path, dst: Path) -> Path:
-    """What `torch.save` writes on a big-endian machine: same pickle, swapped storages, byteorder "big"."""
+    """What `torch.save` writes on a big-endian machine: same pickle, swapped storages, byteorder
+    "big"."""
     with zipfile.ZipFile(src) as z:
         pkl = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
     reader = StorageComponents(pkl)
@@ -247,7 +252,8 @@ def test_archive_folder_name_may_vary(tmp_path: Path) -> None:
 
 
 def test_compressed_records_are_read_too(tmp_path: Path) -> None:
-    """torch stores records uncompressed (and they are memory-mapped); a re-zipped file still loads."""
+    """torch stores records uncompressed (and they are memory-mapped); a re-zipped file still
+    loads."""
     deflated = rewrite_zip(LIGHTNING, tmp_path / "deflated.pt", compression=zipfile.ZIP_DEFLATED)
     assert_same_state(
         load_torch_checkpoint(deflated)["state_dict"],
@@ -465,7 +471,8 @@ def test_corrupt_pickle_record(tmp_path: Path) -> None:
 
 
 def test_legacy_format_is_refused_with_advice(tmp_path: Path) -> None:
-    """`torch.save(..., _use_new_zipfile_serialization=False)` writes the magic number, then more pickles."""
+    """`torch.save(..., _use_new_zipfile_serialization=False)` writes the magic number, then more
+    pickles."""
     path = tmp_path / "legacy.pt"
     path.write_bytes(
         pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1001, protocol=2) + b"..."

@@ -95,7 +95,8 @@ def _import(path: str) -> Any:
 def build_model(
     config: ml_collections.ConfigDict, data_stats: dict[str, tuple[float, float]] | None = None
 ) -> aurora.Aurora:
-    """The preset with its overrides; dataset statistics fill in variables outside Aurora's table."""
+    """The preset with its overrides; dataset statistics fill in variables outside Aurora's
+    table."""
     kwargs = _plain(config.model.get("kwargs", {}))
     table = aurora_stats()
     extra = {k: tuple(v) for k, v in (data_stats or {}).items() if k not in table}
@@ -123,7 +124,8 @@ def build_strategy(config: ml_collections.ConfigDict, model: aurora.Aurora) -> S
     step_hours = getattr(strategy, "step_hours", config.data.step_hours)
     if float(step_hours) != float(config.data.step_hours):
         raise ValueError(
-            f"strategy.step_hours={step_hours} differs from data.step_hours={config.data.step_hours}."
+            f"strategy.step_hours={step_hours} differs from "
+            f"data.step_hours={config.data.step_hours}."
         )
     return strategy
 
@@ -241,7 +243,8 @@ def _score(
     workdir: Path,
     train_source: Any = None,
 ) -> dict[str, Any]:
-    """WeatherBench2-style scores of rollouts from every initial time, with baselines and figures."""
+    """WeatherBench2-style scores of rollouts from every initial time, with baselines and
+    figures."""
     from trainers.evaluation import run_evaluation, source_mean
 
     state = trainer.load(pipeline)

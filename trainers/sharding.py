@@ -73,7 +73,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
         raise ValueError(
-            f"Mesh data={sizes[0]} x fsdp={sizes[1]} = {math.prod(sizes)} devices, but there are {n}."
+            f"Mesh data={sizes[0]} x fsdp={sizes[1]} = {math.prod(sizes)} devices, "
+            f"but there are {n}."
         )
     grid = np.asarray(devices, dtype=object).reshape(sizes)
     return Mesh(grid, AXES)
@@ -191,9 +192,10 @@ def initialize_distributed(
 ) -> bool:
     """Start JAX's multi-controller runtime when there is more than one process.
 
-    Explicit arguments (config `distributed.*` or flags) win; otherwise `jax.distributed.initialize()`
-    detects SLURM / Open MPI / the `JAX_COORDINATOR_ADDRESS` environment itself. Returns whether it
-    initialised. Must run before any other JAX call that touches devices.
+    Explicit arguments (config `distributed.*` or flags) win; otherwise
+    `jax.distributed.initialize()` detects SLURM / Open MPI / the `JAX_COORDINATOR_ADDRESS`
+    environment itself. Returns whether it initialised. Must run before any other JAX call that
+    touches devices.
     """
     explicit = coordinator_address is not None
     cluster = any(

@@ -1,16 +1,18 @@
 """Run microsoft-aurora on one test case and write everything the JAX side needs to compare.
 
-Runs inside the reference virtualenv (tests/reference/venv.py) (never imports our project). Usage: `run_reference.py SPEC.json OUT_DIR`.
+Runs inside the reference virtualenv (tests/reference/venv.py) (never imports our project).
+Usage: `run_reference.py SPEC.json OUT_DIR`.
 
 Spec keys: `preset` (a microsoft-aurora class name), `kwargs` (constructor arguments; lists become
 tuples, `timestep_hours` becomes `timestep`), `seed`, `noise` (std of Gaussian noise added to every
 parameter so that zero-initialised LoRA and AdaLN weights are exercised), `batch`, `history`, `h`,
 `w` (global regular grid, lat 90 -> -90 inclusive), `levels`, `time` (ISO), `steps` (rollout
-length), optional `zero_params` (parameter names set to zero), optional `surf_vars` / `static_vars` / `atmos_vars` present in the batch.
+length), optional `zero_params` (parameter names set to zero), optional `surf_vars` /
+`static_vars` / `atmos_vars` present in the batch.
 
-Writes `state_dict.ckpt` (`torch.save`, read back without PyTorch), `batch.npz` (`surf/NAME`, `static/NAME`, `atmos/NAME`, `lat`, `lon`) and
-`preds.npz` (`{step}/surf/NAME`, `{step}/atmos/NAME`, `{step}/time_hours`, `{step}/rollout_step`),
-plus `info.json` (parameter count).
+Writes `state_dict.ckpt` (`torch.save`, read back without PyTorch), `batch.npz` (`surf/NAME`,
+`static/NAME`, `atmos/NAME`, `lat`, `lon`) and `preds.npz` (`{step}/surf/NAME`, `{step}/atmos/NAME`,
+`{step}/time_hours`, `{step}/rollout_step`), plus `info.json` (parameter count).
 """
 
 import json

@@ -54,7 +54,8 @@ def python() -> Path:
 
 
 def case_dir(spec: dict[str, Any]) -> Path:
-    """Run the reference for `spec` (see run_reference.py) once; return the folder of its outputs."""
+    """Run the reference for `spec` (see run_reference.py) once; return the folder of its
+    outputs."""
     text = json.dumps(spec, sort_keys=True)
     runner_hash = hashlib.sha256(RUNNER.read_bytes()).hexdigest()[:8]
     key = hashlib.sha256((text + runner_hash).encode()).hexdigest()[:16]
@@ -69,7 +70,8 @@ def case_dir(spec: dict[str, Any]) -> Path:
 
 
 def _run_case(text: str, out: Path) -> None:
-    """Run the reference runner on the spec `text`, writing its outputs and a `done` mark to `out`."""
+    """Run the reference runner on the spec `text`, writing its outputs and a `done` mark to
+    `out`."""
     (out / "spec.json").write_text(text)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     # Run from a neutral directory so the reference's `aurora` is imported, not ours.
