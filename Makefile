@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow demo reference clean clean-cache
+.PHONY: install lint format test test-slow demo reference clean clean-cache
 
 install: $(STAMP)
 
@@ -20,7 +20,16 @@ $(STAMP): pyproject.toml
 reference:
 	$(PY) -m tests.reference.venv
 
-test: install
+# ruff's formatter and linter (rules in pyproject.toml); `make format` applies both.
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
 	$(PY) -m pytest -q
 
 test-slow: install
