@@ -1,7 +1,7 @@
 """LoRA rollout fine-tuning (Bodnar et al. 2025, Suppl. D.4) on the bundled real sample.
 
 configs/demo.py's model with LoRA on every window-attention `qkv` and `proj`, trained by
-`LoRAStrategy` on 2-step rollouts of the wrapped `RolloutStrategy`. With pretrained weights only
+`LoRAStrategy`: a 2-step `RolloutStrategy` whose trainable parameters are the adapters. With pretrained weights only
 the adapters train (`strategy.train_base=False`, the paper's setting). A freshly initialised
 Aurora's AdaLN modulation is zero, which makes every LoRA gradient zero: this sample run, without
 pretrained weights, trains the base too (`train_base=True`, at `optimizer.base_learning_rate`).
@@ -9,14 +9,14 @@ pretrained weights, trains the base too (`train_base=True`, at `optimizer.base_l
 For 0.25° HRES and Aurora's fine-tuned weights converted from microsoft-aurora, change:
   --config.model.preset=Aurora  with model.kwargs just {"use_lora": True, "lora_mode": "single"}
   --config.init.pytorch_checkpoint=/path/aurora-0.25-finetuned.ckpt  (a checkpoint without LoRA
-      weights gets fresh adapters with B = 0 from `LoRAStrategy.init_state`)
+      weights gets fresh adapters with B = 0 from `Strategy.init_state`)
   --config.data.builder=hres  with builder_config paths, static_paths, resolution=0.25 and
       Aurora's 13 levels and variables (`aurora.variables`)
   --config.loss.gamma=1.0  and the loss weights of configs/default.py
   --config.strategy.train_base=False --config.strategy.steps=4  (backprop pushforward or last_k)
   --config.optimizer.lora_learning_rate=5e-5  and --config.optimizer.warmup_steps
   --config.trainer.precision=bf16-mixed --config.trainer.remat=all --config.trainer.max_steps=...
-Export for microsoft-aurora with `LoRAStrategy.export(params, dir)` (merged weights).
+Export for microsoft-aurora with `trainers.strategies.lora.export_merged(model, params, dir)`.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.kwargs.lora_r = 8
     config.model.kwargs.lora_alpha = 8
 
-    # --- the strategy: LoRAStrategy wrapping a 2-step rollout ----------------------------------
-    # "lora" is LoRAStrategy's key in trainers.run.STRATEGIES; `inner` names the wrapped strategy,
-    # which gets every other `strategy` field except the LoRA ones (`train_base`,
-    # `lora_learning_rate`, `base_learning_rate`).
+    # --- the strategy: a 2-step rollout training the LoRA adapters ----------------------------
+    # "lora" is LoRAStrategy's key in trainers.run.STRATEGIES; `inner` names the strategy it
+    # returns with LoRA trainables, built from every other `strategy` field except the LoRA ones
+    # (`train_base`, `lora_learning_rate`, `base_learning_rate`).
     config.strategy.name = "lora"
     config.strategy.inner = "rollout"  # any STRATEGIES key or "package.module:Class"
     config.strategy.steps = 2  # the sample's splits hold 2 history + 2 target times

@@ -2,8 +2,8 @@
 
 `ReplayStrategy` trains one model step per update whatever the lead time, on a host buffer of the
 model's own predictions scored against the truth at their valid time; a fresh sample enters every
-`refresh_every` updates and the lead cap grows on `max_lead_hours`. `LoRAStrategy` wraps it, as in
-the paper. The sample trains on its first five six-hourly times and validates on the last three;
+`refresh_every` updates and the lead cap grows on `max_lead_hours`. It trains the LoRA adapters
+(`LoRAStrategy`), as in the paper. The sample trains on its first five six-hourly times and validates on the last three;
 the cap opens from 12 h to 24 h at step 15 (`train/lead_hours`, `train/replay/buffer_size`).
 
 For the paper's setting (0.25° HRES, converted Aurora weights), besides configs/lora.py's fields:
@@ -33,8 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.strategy = ml_collections.ConfigDict(
         {
-            "name": "lora",  # LoRAStrategy ...
-            "inner": "replay",  # ... wrapping ReplayStrategy (trainers.run.STRATEGIES)
+            "name": "lora",  # LoRAStrategy: LoRA trainables ...
+            "inner": "replay",  # ... of a ReplayStrategy (trainers.run.STRATEGIES)
             "steps": 1,  # one model step per update; the data windows need one target
             "capacity": 50,  # buffer entries (the paper: 200 per device)
             "refresh_every": 3,  # updates between fresh dataset samples (the paper: 10)
