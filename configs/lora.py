@@ -1,10 +1,11 @@
 """LoRA rollout fine-tuning (Bodnar et al. 2025, Suppl. D.4) on the bundled real sample.
 
 configs/demo.py's model with LoRA on every window-attention `qkv` and `proj`, trained by
-`LoRAStrategy`: a 2-step `RolloutStrategy` whose trainable parameters are the adapters. With pretrained weights only
-the adapters train (`strategy.train_base=False`, the paper's setting). A freshly initialised
-Aurora's AdaLN modulation is zero, which makes every LoRA gradient zero: this sample run, without
-pretrained weights, trains the base too (`train_base=True`, at `optimizer.base_learning_rate`).
+`LoRAStrategy`: a 2-step `RolloutStrategy` whose trainable parameters are the adapters. With
+pretrained weights only the adapters train (`strategy.train_base=False`, the paper's setting). A
+freshly initialised Aurora's AdaLN modulation is zero, which makes every LoRA gradient zero: this
+sample run, without pretrained weights, trains the base too (`train_base=True`, at
+`optimizer.base_learning_rate`).
 
 For 0.25° HRES and Aurora's fine-tuned weights converted from microsoft-aurora, change:
   --config.model.preset=Aurora  with model.kwargs just {"use_lora": True, "lora_mode": "single"}

@@ -3,8 +3,9 @@
 `ReplayStrategy` trains one model step per update whatever the lead time, on a host buffer of the
 model's own predictions scored against the truth at their valid time; a fresh sample enters every
 `refresh_every` updates and the lead cap grows on `max_lead_hours`. It trains the LoRA adapters
-(`LoRAStrategy`), as in the paper. The sample trains on its first five six-hourly times and validates on the last three;
-the cap opens from 12 h to 24 h at step 15 (`train/lead_hours`, `train/replay/buffer_size`).
+(`LoRAStrategy`), as in the paper. The sample trains on its first five six-hourly times and
+validates on the last three; the cap opens from 12 h to 24 h at step 15 (`train/lead_hours`,
+`train/replay/buffer_size`).
 
 For the paper's setting (0.25° HRES, converted Aurora weights), besides configs/lora.py's fields:
   --config.strategy.capacity=200 (per device)  --config.strategy.refresh_every=10
