@@ -10,10 +10,10 @@ import json
 import statistics
 import sys
 import time
-from datetime import datetime
 
 import torch
-from results import torch_versions  # benchmarks/results.py: this script's directory is on sys.path
+from _torch_batch import random_batch  # this script's directory is on sys.path
+from results import torch_versions  # benchmarks/results.py
 
 import aurora
 
@@ -27,22 +27,7 @@ def main(preset: str, h: int, w: int, n_levels: int, repeats: int) -> None:
     gen = torch.Generator().manual_seed(0)
 
     def batch() -> aurora.Batch:
-        return aurora.Batch(
-            surf_vars={
-                k: torch.randn(1, 2, h, w, generator=gen) for k in ("2t", "10u", "10v", "msl")
-            },
-            static_vars={k: torch.randn(h, w, generator=gen) for k in ("lsm", "z", "slt")},
-            atmos_vars={
-                k: torch.randn(1, 2, len(levels), h, w, generator=gen)
-                for k in ("z", "u", "v", "t", "q")
-            },
-            metadata=aurora.Metadata(
-                lat=torch.linspace(90, -90, h),
-                lon=torch.linspace(0, 360, w + 1)[:-1],
-                time=(datetime(2020, 6, 1, 12),),
-                atmos_levels=levels,
-            ),
-        ).to(device)
+        return random_batch(h, w, levels, gen, torch.linspace(90, -90, h)).to(device)
 
     x = batch()
 

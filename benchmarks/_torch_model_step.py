@@ -5,12 +5,12 @@ import json
 import statistics
 import sys
 import time
-from datetime import datetime
 
 import torch
-from results import torch_versions  # benchmarks/results.py: this script's directory is on sys.path
+from _torch_batch import random_batch  # this script's directory is on sys.path
+from results import torch_versions  # benchmarks/results.py
 
-from aurora import AuroraSmallPretrained, Batch, Metadata
+from aurora import AuroraSmallPretrained, Batch
 
 
 def main(h: int, w: int, levels: tuple[int, ...], repeats: int) -> None:
@@ -19,22 +19,7 @@ def main(h: int, w: int, levels: tuple[int, ...], repeats: int) -> None:
     gen = torch.Generator().manual_seed(0)
 
     def batch() -> Batch:
-        return Batch(
-            surf_vars={
-                k: torch.randn(1, 2, h, w, generator=gen) for k in ("2t", "10u", "10v", "msl")
-            },
-            static_vars={k: torch.randn(h, w, generator=gen) for k in ("lsm", "z", "slt")},
-            atmos_vars={
-                k: torch.randn(1, 2, len(levels), h, w, generator=gen)
-                for k in ("z", "u", "v", "t", "q")
-            },
-            metadata=Metadata(
-                lat=torch.linspace(90, -90, h + 1)[:-1],
-                lon=torch.linspace(0, 360, w + 1)[:-1],
-                time=(datetime(2020, 6, 1, 12),),
-                atmos_levels=levels,
-            ),
-        )
+        return random_batch(h, w, levels, gen, torch.linspace(90, -90, h + 1)[:-1])
 
     def loss(pred: Batch) -> torch.Tensor:
         return sum(v.mean() for v in [*pred.surf_vars.values(), *pred.atmos_vars.values()])
