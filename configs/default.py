@@ -5,6 +5,9 @@ Override anything from the command line, e.g.::
 
     python main.py --config=configs/default.py --workdir=runs/x \
         --config.trainer.max_steps=2000 --config.model.preset=AuroraSmallPretrained
+
+Sequences are tuples, never lists, because `ml_collections` overrides only tuples from the
+command line: ``--config.data.builder_config.paths='("a.nc", "b.nc")'`` (one item: ``'("a.nc",)'``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ from trainers.loss import FINE_TUNING_WEIGHTS
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # Modules imported before builders, strategies and callbacks are looked up, so that their
+    # `register_builder(...)` calls run: dotted names that must be importable (installed or on
+    # PYTHONPATH), or file paths ("path/to/my_builders.py", relative to the current directory)
+    # loaded from the file, which needs no PYTHONPATH.
+    config.imports = ()
 
     # --- model: a microsoft-aurora preset name plus overrides of its arguments --------------------
     config.model = ml_collections.ConfigDict()
@@ -37,16 +45,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.builder_config = ml_collections.ConfigDict(
         {
             "data_dir": "",  # default: <workdir>/datasets
-            "paths": [],  # ERA5 / HRES files or zarr stores (anything readers.open_dataset reads)
-            "static_paths": [],
-            "surf_vars": list(SURF_VARS),
-            "atmos_vars": list(ATMOS_VARS),
-            "static_vars": list(STATIC_VARS),
-            "levels": list(AURORA_LEVELS),
+            "paths": (),  # ERA5 / HRES files or zarr stores (anything readers.open_dataset reads)
+            "static_paths": (),
+            "surf_vars": tuple(SURF_VARS),
+            "atmos_vars": tuple(ATMOS_VARS),
+            "static_vars": tuple(STATIC_VARS),
+            "levels": tuple(AURORA_LEVELS),
             "resolution": 0.25,
             "splits": {
-                "train": ["2018-01-01", "2020-12-31T18"],
-                "validation": ["2021-01-01", "2021-12-31T18"],
+                "train": ("2018-01-01", "2020-12-31T18"),
+                "validation": ("2021-01-01", "2021-12-31T18"),
             },
         }
     )
@@ -120,8 +128,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh.data = -1  # -1: the devices left over (pure data parallelism with fsdp = 1)
     config.mesh.fsdp = 1  # e.g. 8 shards each large parameter and its Adam moments over 8 devices
     config.mesh.min_shard_size = 2**18  # parameters with fewer elements stay replicated
-    # [(regex on "params/.../kernel", [None, "fsdp"]), ...] override FSDP's choice
-    config.mesh.rules = []
+    # ((regex on "params/.../kernel", (None, "fsdp")), ...) override FSDP's choice
+    config.mesh.rules = ()
     # Multi-host: leave empty under SLURM / Open MPI (detected); else the coordinator "host:port".
     config.distributed = ml_collections.ConfigDict()
     config.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)

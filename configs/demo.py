@@ -29,17 +29,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.preset = "Aurora"
     config.model.kwargs = ml_collections.ConfigDict(
         {
-            "surf_vars": [],
-            "static_vars": ["lsm", "z"],
-            "atmos_vars": ["z", "u", "v", "t", "r"],
+            "surf_vars": (),
+            "static_vars": ("lsm", "z"),
+            "atmos_vars": ("z", "u", "v", "t", "r"),
             "patch_size": 2,
             "embed_dim": 64,
             "num_heads": 4,
-            "encoder_depths": [2, 2],
-            "encoder_num_heads": [2, 4],
-            "decoder_depths": [2, 2],
-            "decoder_num_heads": [4, 2],
-            "window_size": [2, 3, 6],
+            "encoder_depths": (2, 2),
+            "encoder_num_heads": (2, 4),
+            "decoder_depths": (2, 2),
+            "decoder_num_heads": (4, 2),
+            "window_size": (2, 3, 6),
             "use_lora": False,
         }
     )
@@ -48,16 +48,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.builder_config = ml_collections.ConfigDict(
         {
             "data_dir": "",
-            "paths": [str(DATA / "hres_pl_20240603T00-20240604T18_6h_10deg.nc")],
-            "static_paths": [str(DATA / "era5_static_z_lsm_0.25deg.nc")],
-            "surf_vars": [],
-            "atmos_vars": ["z", "u", "v", "t", "r"],
-            "static_vars": ["lsm", "z"],
-            "levels": [300, 400, 500, 700, 850, 1000],
+            "paths": (str(DATA / "hres_pl_20240603T00-20240604T18_6h_10deg.nc"),),
+            "static_paths": (str(DATA / "era5_static_z_lsm_0.25deg.nc"),),
+            "surf_vars": (),
+            "atmos_vars": ("z", "u", "v", "t", "r"),
+            "static_vars": ("lsm", "z"),
+            "levels": (300, 400, 500, 700, 850, 1000),
             "resolution": None,  # keep the sample's 10° grid; statics are regridded onto it
             "splits": {
-                "train": ["2024-06-03T00", "2024-06-03T18"],
-                "validation": ["2024-06-04T00", "2024-06-04T18"],
+                "train": ("2024-06-03T00", "2024-06-03T18"),
+                "validation": ("2024-06-04T00", "2024-06-04T18"),
             },
         }
     )

@@ -28,8 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
     config = lora.get_config()
 
     config.data.builder_config.splits = {
-        "train": ["2024-06-03T00", "2024-06-04T00"],
-        "validation": ["2024-06-04T06", "2024-06-04T18"],
+        "train": ("2024-06-03T00", "2024-06-04T00"),
+        "validation": ("2024-06-04T06", "2024-06-04T18"),
     }
 
     config.strategy = ml_collections.ConfigDict(
@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
             "steps": 1,  # one model step per update; the data windows need one target
             "capacity": 50,  # buffer entries (the paper: 200 per device)
             "refresh_every": 3,  # updates between fresh dataset samples (the paper: 10)
-            "max_lead_hours": [[0, 12], [15, 24]],  # (from step, cap in hours)
+            "max_lead_hours": ((0, 12), (15, 24)),  # (from step, cap in hours)
             "step_hours": 6,  # must equal data.step_hours
             "seed": 0,  # the buffer's sampling RNG (checkpointed)
             "train_base": True,  # only because the sample run has no pretrained weights

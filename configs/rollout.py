@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.strategy.average_loss = True
     config.strategy.curriculum = True  # the window is a traced control that GradStop schedules
     config.callbacks.grad_stop = ml_collections.ConfigDict(
-        {"type": "grad_stop", "on_nonfinite": "skip", "schedule": [[0, 1], [20, 2]]}
+        {"type": "grad_stop", "on_nonfinite": "skip", "schedule": ((0, 1), (20, 2))}
     )
     config.trainer.max_steps = 40
     return config
