@@ -1,0 +1,27 @@
+"""Stream training data straight from a zarr store (WeatherBench2, ARCO-ERA5, any URL).
+
+``ZarrBuilder(url or preset=..., ...)`` has the builder protocol the training pipeline uses
+(`download_and_prepare`, `as_data_source(split)`, `splits`, `stats`); records are read per valid
+time, all variables concurrently, with the next records read ahead. See `builder.ZarrBuilder`.
+
+* `store`: opening a store through fsspec, retries with backoff, missing chunks refused.
+* `records`: reading one time (concurrently, NaN-checked, regridded) and the read-ahead.
+* `builder`: presets, variables, levels, splits, static fields and statistics.
+"""
+
+from data_builders.zarr_source.builder import ARCO_ERA5_URL, PRESETS, Preset, ZarrBuilder
+from data_builders.zarr_source.store import CheckedStore, MissingChunkError, open_store
+
+__all__ = [
+    "ARCO_ERA5_URL",
+    "PRESETS",
+    "CheckedStore",
+    "MissingChunkError",
+    "Preset",
+    "ZarrBuilder",
+    "open_store",
+]
+
+# TODO(registry): register_builder("zarr", ZarrBuilder) once data_builders.registry accepts
+# plain classes with download_and_prepare / as_data_source / splits / stats (its
+# _check_builder still requires a tfds.core.DatasetBuilder subclass).

@@ -1,0 +1,198 @@
+"""Records of a lazily opened zarr store, read one valid time at a time.
+
+`Reader` reads every variable of one time concurrently (one thread per variable; zarr fetches
+the chunks of each variable concurrently too), checks for NaNs and regrids on the fly. `Records`
+is the random-access sequence a `WeatherSource` holds: reading index i also starts reading the
+next few indices in the background, since the pipeline reads windows of consecutive times.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from data_builders.errors import DataError
+from data_builders.regrid import (
+    _apply_axis,
+    _check_target,
+    _conservative_lat,
+    _conservative_lon,
+    _linear_lat,
+    _linear_lon,
+)
+
+__all__ = ["Reader", "Records", "Regridder"]
+
+
+class Regridder:
+    """`data_builders.regrid.regrid` with its weights computed once, applied to numpy arrays.
+
+    Args:
+        lat_src, lon_src: The source grid (canonical order), shapes `(h,)` and `(w,)`.
+        lat, lon: The target grid (canonical order), shapes `(h',)` and `(w',)`.
+        method: ``"bilinear"`` or ``"conservative"``.
+    """
+
+    def __init__(
+        self,
+        lat_src: np.ndarray,
+        lon_src: np.ndarray,
+        lat: np.ndarray,
+        lon: np.ndarray,
+        method: str = "bilinear",
+    ) -> None:
+        lat, lon = _check_target(np.asarray(lat, np.float64), np.asarray(lon, np.float64))
+        lat_src, lon_src = np.asarray(lat_src, np.float64), np.asarray(lon_src, np.float64)
+        if method == "bilinear":
+            self.w_lat, self.w_lon = _linear_lat(lat_src, lat), _linear_lon(lon_src, lon)
+        elif method == "conservative":
+            self.w_lat = _conservative_lat(lat_src, lat)
+            self.w_lon = _conservative_lon(lon_src, lon)
+        else:
+            raise DataError(f"unknown regrid method {method!r}: use 'bilinear' or 'conservative'")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Regrid the last two axes: `(..., h, w)` -> float32 `(..., h', w')`."""
+        y = _apply_axis(self.w_lat, np.asarray(x, np.float64), x.ndim - 2)
+        return _apply_axis(self.w_lon, y, y.ndim - 1).astype(np.float32)
+
+
+class Reader:
+    """Reads the state at one position of a canonical, lazily opened dataset.
+
+    Args:
+        ds: Canonical lazy dataset (`readers` form) holding exactly the surface and atmospheric
+            variables to read, levels already selected.
+        surf, atmos: The dataset keys of the surface and atmospheric variables.
+        name: The store, for error messages.
+        regridder: Applied to every field, or None to keep the store's grid.
+        max_workers: Variables read at once.
+    """
+
+    def __init__(
+        self,
+        ds: xr.Dataset,
+        surf: Sequence[str],
+        atmos: Sequence[str],
+        name: str,
+        regridder: Regridder | None = None,
+        max_workers: int = 8,
+    ) -> None:
+        self.arrays = {k: ds[k] for k in (*surf, *atmos)}
+        self.groups = {**dict.fromkeys(surf, "surf"), **dict.fromkeys(atmos, "atmos")}
+        self.times = ds["time"].values.astype("datetime64[ns]")
+        self.seconds = self.times.astype("datetime64[s]").astype(np.int64)
+        self.name, self.regridder = name, regridder
+        self._pool = ThreadPoolExecutor(max(1, int(max_workers)), thread_name_prefix="zarr-var")
+
+    def read(self, t: int) -> dict[str, Any]:
+        """The record at time position `t` of the dataset.
+
+        Args:
+            t: Index along the dataset's time axis.
+
+        Returns:
+            ``{"time": int64 seconds, "surf": {key: (h, w)}, "atmos": {key: (levels, h, w)}}``,
+            float32 on the output grid.
+
+        Raises:
+            DataError: Naming the store, variable and time, for unreadable chunks (missing,
+                truncated, HTTP errors after the retries) and for NaNs.
+        """
+        futures = {k: self._pool.submit(self._read_variable, k, t) for k in self.arrays}
+        out: dict[str, Any] = {"time": np.int64(self.seconds[t]), "surf": {}, "atmos": {}}
+        for key, future in futures.items():
+            out[self.groups[key]][key] = future.result()
+        return out
+
+    def _read_variable(self, key: str, t: int) -> np.ndarray:
+        da = self.arrays[key]
+        source = da.attrs.get("source_name", key)
+        when = str(self.times[t])[:19]
+        try:
+            x = np.asarray(da.isel(time=t).values, dtype=np.float32)
+        except Exception as e:  # zarr, codecs and fsspec raise many types
+            raise DataError(
+                f"{self.name}: cannot read variable {source} ({key}) at time {when} "
+                f"({type(e).__name__}: {e}); truncated or missing chunk, or the server failed"
+            ) from e
+        n = int(np.isnan(x).sum())
+        if n:
+            raise DataError(
+                f"{self.name}: variable {source} ({key}) has {n} NaN values at time {when} "
+                "(a missing chunk reads as NaN)"
+            )
+        if self.regridder is not None:
+            x = self.regridder(x)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def close(self) -> None:
+        """Stop the worker threads (reads in flight finish)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Records:
+    """The records of one split: ``len``, and ``[i]`` reads lazily with read-ahead.
+
+    Reading record i also schedules records i+1 .. i+`read_ahead` in the background; a record
+    read ahead is handed out once and then forgotten, so memory stays at a few records. Safe to
+    use from several threads (the pipeline's prefetch threads).
+
+    Args:
+        reader: Reads one time position.
+        positions: The split's positions along the store's time axis, in record order.
+        read_ahead: Records read ahead of the last one asked for; 0 disables it.
+    """
+
+    def __init__(self, reader: Reader, positions: Sequence[int], read_ahead: int = 2) -> None:
+        self.reader = reader
+        self.positions = np.asarray(positions, np.int64)
+        self.read_ahead = max(0, int(read_ahead))
+        self._lock = threading.Lock()
+        self._ahead: OrderedDict[int, Future] = OrderedDict()
+        self._pool = (
+            ThreadPoolExecutor(self.read_ahead, thread_name_prefix="zarr-ahead")
+            if self.read_ahead
+            else None
+        )
+
+    @property
+    def times(self) -> np.ndarray:
+        """int64 seconds since 1970 of the records, shape `(len(self),)`."""
+        return self.reader.seconds[self.positions]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> Mapping[str, Any]:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {i} out of range ({len(self)} records)")
+        with self._lock:
+            future = self._ahead.pop(i, None)
+            self._schedule(i)
+        if future is not None:
+            return future.result()
+        return self.reader.read(int(self.positions[i]))
+
+    def _schedule(self, i: int) -> None:
+        """Start reading the records after `i` that are not already under way (lock held)."""
+        if self._pool is None:
+            return
+        for j in range(i + 1, min(i + 1 + self.read_ahead, len(self))):
+            if j not in self._ahead:
+                self._ahead[j] = self._pool.submit(self.reader.read, int(self.positions[j]))
+        while len(self._ahead) > 2 * self.read_ahead:  # jumped elsewhere: drop the oldest
+            self._ahead.popitem(last=False)[1].cancel()
+
+    def close(self) -> None:
+        """Stop the read-ahead and the reader's threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self.reader.close()
