@@ -338,6 +338,12 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def code_path(cls) -> epath.Path | None:
         return _code_path(cls)
 
+    def __init_subclass__(cls, skip_registration: bool = True, **kwargs: Any) -> None:
+        """Keep subclasses out of TFDS's global name registry unless they pass
+        ``skip_registration=False``: `data_builders.registry` names builders, and TFDS's registry
+        raises "already registered" when a notebook cell defining a builder is run again."""
+        super().__init_subclass__(skip_registration=skip_registration, **kwargs)
+
     def __init__(
         self,
         *,

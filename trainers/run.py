@@ -41,6 +41,7 @@ __all__ = [
     "build_data",
     "build_model",
     "build_strategy",
+    "import_modules",
     "run",
 ]
 
@@ -143,17 +144,30 @@ def build_callbacks(config: ml_collections.ConfigDict, workdir: Path) -> list[Ca
 def build_data(
     config: ml_collections.ConfigDict, workdir: Path, rollout_steps: int
 ) -> dict[str, Any]:
-    """Build (or reuse) the dataset and return `{"stats", "train", "validation"}` pipelines."""
+    """Build (or reuse) the dataset and return its statistics and pipelines.
+
+    Every kind of registered builder (TFDS class, `SourceBuilder` class, function) is read the
+    same way: its splits and statistics through `data_builders.registry.builder_splits` /
+    `builder_stats`. In a multi-host run only process 0 calls ``download_and_prepare()``; the
+    others wait for it at a barrier and then open what it built.
+
+    Args:
+        config: The job config (``data.builder``, ``data.builder_config`` and the pipeline
+            fields of ``data``).
+        workdir: The run's folder; ``<workdir>/datasets`` is the default ``data_dir``, passed to
+            builders that take one.
+        rollout_steps: Targets per example.
+
+    Returns:
+        ``{"stats": {...}, "train": Pipeline}`` plus ``"validation"`` and ``"test"`` pipelines
+        for the splits the dataset has.
+    """
     from data_builders.pipeline import Pipeline, open_source
-    from data_builders.registry import get_builder
+    from data_builders.registry import builder_splits, builder_stats
 
     builder_config = _plain(config.data.builder_config)
     builder_config["data_dir"] = builder_config.get("data_dir") or str(workdir / "datasets")
-    for key in ("paths", "static_paths", "surf_vars", "atmos_vars", "static_vars", "levels"):
-        if key in builder_config and builder_config[key] is not None:
-            builder_config[key] = list(builder_config[key])
-    builder = get_builder(config.data.builder, **builder_config)
-    builder.download_and_prepare()
+    builder = _prepared_builder(config.data.builder, builder_config)
     process, processes = jax.process_index(), jax.process_count()
 
     def pipeline(split: str, train: bool) -> Pipeline:
@@ -171,14 +185,113 @@ def build_data(
             prefetch_buffer_size=config.data.prefetch_buffer_size,
         )
 
-    splits = builder.info.splits if hasattr(builder, "info") else {}
-    out: dict[str, Any] = {"stats": dict(builder.stats()) if hasattr(builder, "stats") else {}}
+    splits = builder_splits(builder)
+    if "train" not in splits:
+        raise ValueError(f"dataset builder {config.data.builder!r} has no 'train' split: {splits}")
+    out: dict[str, Any] = {"stats": builder_stats(builder)}
     out["train"] = pipeline("train", True)
     if "validation" in splits:
         out["validation"] = pipeline("validation", False)
     if "test" in splits:
         out["test"] = pipeline("test", False)
     return out
+
+
+def _prepared_builder(name: str, builder_config: dict[str, Any]) -> Any:
+    """`get_builder(name, **builder_config)` after ``download_and_prepare()`` by process 0.
+
+    With several processes the others wait at a barrier until process 0 has built the dataset
+    (one build, no conflicting writes to the shared folder), then create their builder, which
+    reads what was written. Process 0 reaches the barrier even when its build fails, so the
+    others stop waiting and fail on the missing dataset instead of hanging.
+    """
+    from data_builders.registry import get_builder
+
+    if jax.process_count() == 1:
+        builder = get_builder(name, **builder_config)
+        builder.download_and_prepare()
+        return builder
+    from jax.experimental import multihost_utils
+
+    barrier = f"build_data: {name} prepared"
+    if jax.process_index() == 0:
+        try:
+            builder = get_builder(name, **builder_config)
+            builder.download_and_prepare()
+        finally:
+            multihost_utils.sync_global_devices(barrier)
+        return builder
+    multihost_utils.sync_global_devices(barrier)
+    return get_builder(name, **builder_config)
+
+
+def import_modules(imports: Any) -> list[Any]:
+    """Import the modules of ``config.imports`` (their `register_builder` calls then run).
+
+    Nothing is added to ``sys.path``: a dotted name must be importable as it is (installed, or on
+    PYTHONPATH); a path ending in ``.py`` is loaded from that file, so it needs neither. A file is
+    imported under its stem (``my_builders.py`` -> ``my_builders``), so "my_builders:MyCallback"
+    names its classes in ``callbacks`` or ``strategy.name``; it is loaded once per process.
+
+    Args:
+        imports: A sequence of dotted module names and ``.py`` file paths (relative paths are
+            relative to the current directory).
+
+    Returns:
+        The imported modules, in order.
+
+    Raises:
+        ModuleNotFoundError: If a dotted name is not importable.
+        FileNotFoundError: If a ``.py`` file does not exist.
+        ImportError: If a file's stem names an already imported module from another file.
+    """
+    if isinstance(imports, str):
+        imports = (imports,)
+    modules = []
+    for entry in imports or ():
+        entry = str(entry)
+        if entry.endswith(".py"):
+            modules.append(_import_file(Path(entry).expanduser().resolve()))
+            continue
+        try:
+            modules.append(importlib.import_module(entry))
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError(
+                f"config.imports: cannot import {entry!r} ({e}). Nothing is added to sys.path: "
+                "install the package, set PYTHONPATH, or give the module's file path "
+                '("path/to/module.py").',
+                name=e.name,
+            ) from e
+    return modules
+
+
+def _import_file(path: Path) -> Any:
+    """The module defined by the file `path`, imported under the file's stem."""
+    import importlib.util
+    import sys
+
+    if not path.is_file():
+        raise FileNotFoundError(f"config.imports: no file {path}")
+    name = path.stem
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        if Path(getattr(loaded, "__file__", "") or "").resolve() == path:
+            return loaded
+        raise ImportError(
+            f"config.imports: {path} would be imported as {name!r}, which is already the module "
+            f"{loaded!r}; rename the file"
+        )
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"config.imports: cannot load {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def _init_params(config: ml_collections.ConfigDict, model: aurora.Aurora) -> Any:
@@ -299,6 +412,7 @@ def run(
     """Run `mode` (fit | validate | test | predict) and return a summary of what happened."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    import_modules(config.get("imports", ()))
     data = build_data(config, workdir, rollout_steps=config.strategy.steps)
     model = build_model(config, data["stats"])
     strategy = build_strategy(config, model)
