@@ -282,15 +282,15 @@ def test_split_by_time_ranges(wb2: Path) -> None:
 
 
 def test_regrid_on_the_fly(wb2: Path) -> None:
-    src = _source(str(wb2), resolution=45, stats={"r_500": (50, 30), "r_850": (50, 30)})
-    lat, lon = global_grid(45)
+    src = _source(str(wb2), resolution=30, stats={"r_500": (50, 30), "r_850": (50, 30)})
+    lat, lon = global_grid(30)  # not nested in the 22.5 degree source grid
     np.testing.assert_array_equal(src.lat, lat)
     np.testing.assert_array_equal(src.lon, lon)
     ref = regrid(_reference(wb2), lat, lon)
     _assert_records_equal(src, ref)
     static = regrid(open_dataset(wb2, variables=["lsm", "z_sfc"]), lat, lon)
     np.testing.assert_array_equal(src.static["z"], static["z_sfc"].values)
-    assert src.records[0]["atmos"]["t"].shape == (2, 5, 8)
+    assert src.records[0]["atmos"]["t"].shape == (2, 7, 12)
 
 
 def test_static_fields_from_another_store(wb2: Path, tmp_path: Path) -> None:
