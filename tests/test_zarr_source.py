@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections import Counter
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -139,16 +140,28 @@ def arco(tmp_path: Path) -> Path:
 class _Handler(SimpleHTTPRequestHandler):
     faults: dict[str, list[int]]
     hits: Counter
+    delay: dict[str, float]  # {"chunk": seconds}: slow chunk answers, to see them overlap
+    lock = threading.Lock()
 
     def do_GET(self) -> None:
         path = self.path.split("?")[0]
-        self.hits[path] += 1
-        plan = self.faults.get(path)
-        if plan:
-            status = plan.pop(0) if len(plan) > 1 else plan[0]
-            if status != 200:
-                self.send_error(status)
-                return
+        with self.lock:
+            self.hits[path] += 1
+            plan = self.faults.get(path)
+            status = (plan.pop(0) if len(plan) > 1 else plan[0]) if plan else 200
+        if status != 200:
+            self.send_error(status)
+            return
+        wait = self.delay.get("chunk", 0.0) if path.rsplit("/", 1)[-1][0].isdigit() else 0.0
+        if wait:
+            with self.lock:
+                self.hits["in flight"] += 1
+                self.hits["most in flight"] = max(
+                    self.hits["most in flight"], self.hits["in flight"]
+                )
+            time.sleep(wait)
+            with self.lock:
+                self.hits["in flight"] -= 1
         super().do_GET()
 
     def log_message(self, *args: Any) -> None:
@@ -163,13 +176,15 @@ def http(tmp_path: Path):
     (tmp_path / "src").mkdir(exist_ok=True)
     faults: dict[str, list[int]] = {}
     hits: Counter = Counter()
-    handler_cls = type("H", (_Handler,), {"faults": faults, "hits": hits})
+    delay: dict[str, float] = {}
+    attrs = {"faults": faults, "hits": hits, "delay": delay, "lock": threading.Lock()}
+    handler_cls = type("H", (_Handler,), attrs)
     handler = functools.partial(handler_cls, directory=str(tmp_path / "src"))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}", faults, hits
+        yield f"http://127.0.0.1:{server.server_port}", faults, hits, delay
     finally:
         server.shutdown()
         server.server_close()
@@ -227,7 +242,7 @@ def test_local_store_equals_open_dataset(wb2: Path, tmp_path: Path) -> None:
 
 
 def test_file_url_and_http_read_the_same_records(wb2: Path, http: Any) -> None:
-    root, _, _ = http
+    root, *_ = http
     ref = _reference(wb2)
     for url in (f"file://{wb2}", f"{root}/wb2.zarr"):
         src = _source(url, split="val", read_ahead=0)
@@ -364,7 +379,7 @@ def test_missing_chunk_names_variable_and_time(wb2: Path) -> None:
 def test_truncated_chunk_names_variable_and_time(wb2: Path, http: Any) -> None:
     chunk = wb2 / "geopotential" / "1.0.0.0"
     chunk.write_bytes(chunk.read_bytes()[:40])
-    root, _, _ = http
+    root, *_ = http
     for url in (str(wb2), f"{root}/wb2.zarr"):
         src = _source(url, stats={"r_500": (0, 1), "r_850": (0, 1)}, read_ahead=0)
         with pytest.raises(
@@ -375,7 +390,7 @@ def test_truncated_chunk_names_variable_and_time(wb2: Path, http: Any) -> None:
 
 
 def test_http_404_for_one_chunk(wb2: Path, http: Any) -> None:
-    root, faults, _ = http
+    root, faults, *_ = http
     faults["/wb2.zarr/relative_humidity/2.0.0.0"] = [404]
     src = _source(f"{root}/wb2.zarr", stats={"r_500": (0, 1), "r_850": (0, 1)}, read_ahead=0)
     with pytest.raises(DataError, match=r"relative_humidity \(r\) at time 2020-01-01T12.*missing"):
@@ -383,7 +398,7 @@ def test_http_404_for_one_chunk(wb2: Path, http: Any) -> None:
 
 
 def test_http_500_is_retried_then_succeeds(wb2: Path, http: Any) -> None:
-    root, faults, hits = http
+    root, faults, hits, _ = http
     key = "/wb2.zarr/temperature/5.0.0.0"
     faults[key] = [500, 500, 200]
     src = _source(f"{root}/wb2.zarr", stats={"r_500": (0, 1), "r_850": (0, 1)}, read_ahead=0)
@@ -393,7 +408,7 @@ def test_http_500_is_retried_then_succeeds(wb2: Path, http: Any) -> None:
 
 
 def test_http_500_that_persists_fails_after_the_retries(wb2: Path, http: Any) -> None:
-    root, faults, hits = http
+    root, faults, hits, _ = http
     key = "/wb2.zarr/mean_sea_level_pressure/6.0.0"
     faults[key] = [500]
     src = _source(
@@ -423,9 +438,11 @@ def test_bad_config_names_store_and_variable(wb2: Path, kwargs: dict, message: s
         ZarrBuilder(str(wb2), **{**KW, **kwargs}).download_and_prepare()
 
 
-def test_missing_store(tmp_path: Path) -> None:
+def test_missing_store(tmp_path: Path, http: Any) -> None:
     with pytest.raises(DataError, match="no such zarr store"):
         ZarrBuilder(str(tmp_path / "nope.zarr"), **KW).download_and_prepare()
+    with pytest.raises(DataError, match="nope.zarr: cannot open zarr store"):
+        ZarrBuilder(f"{http[0]}/nope.zarr", **KW).download_and_prepare()
 
 
 def test_next_records_are_read_ahead(wb2: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -436,6 +453,25 @@ def test_next_records_are_read_ahead(wb2: Path, monkeypatch: pytest.MonkeyPatch)
     records._ahead[1].result()
     monkeypatch.setattr(records.reader, "read", lambda t: pytest.fail("record 1 read again"))
     assert records[1]["time"] == src.times[1]
+
+
+def test_chunks_of_a_record_are_fetched_concurrently(wb2: Path, http: Any) -> None:
+    root, _, hits, delay = http
+    src = _source(f"{root}/wb2.zarr", stats={"r_500": (0, 1), "r_850": (0, 1)}, read_ahead=0)
+    delay["chunk"] = 0.3
+    src.records[1]
+    assert hits["most in flight"] == 5  # the 5 variables' chunks at once
+
+
+def test_gs_without_gcsfs_says_what_to_install() -> None:
+    try:
+        import gcsfs  # noqa: F401
+
+        pytest.skip("gcsfs is installed")
+    except ImportError:
+        pass
+    with pytest.raises(DataError, match="gcsfs"):
+        ZarrBuilder("gs://weatherbench2/datasets/x.zarr", **KW).download_and_prepare()
 
 
 def test_pipeline_over_a_zarr_source(wb2: Path) -> None:

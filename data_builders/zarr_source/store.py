@@ -87,7 +87,6 @@ class CheckedStore(WrapperStore[Store]):
         super().__init__(store)
         self.retries, self.retry_wait = int(retries), float(retry_wait)
         self.allow_missing_chunks = bool(allow_missing_chunks)
-        self.attempts = 0  # every call to the wrapped store's get, for tests and logs
 
     def _with_store(self, store: Store) -> CheckedStore:
         return type(self)(
@@ -102,7 +101,6 @@ class CheckedStore(WrapperStore[Store]):
     ) -> Buffer | None:
         """The value of `key`, retried on transient errors; a missing chunk raises."""
         for attempt in range(self.retries + 1):
-            self.attempts += 1
             try:
                 value = await self._store.get(key, prototype, byte_range)
                 break
