@@ -438,6 +438,22 @@ def test_bad_config_names_store_and_variable(wb2: Path, kwargs: dict, message: s
         ZarrBuilder(str(wb2), **{**KW, **kwargs}).download_and_prepare()
 
 
+def test_wrong_units_are_refused_like_readers_do(tmp_path: Path) -> None:
+    ds = wb2_like()
+    ds["geopotential"] = (ds["geopotential"] / 9.80665).assign_attrs(units="m")
+    store = _write(ds, tmp_path / "height.zarr")
+    with pytest.raises(DataError, match=r"height.zarr: variable geopotential \(z\) has units 'm'"):
+        ZarrBuilder(str(store), **KW).download_and_prepare()
+
+
+def test_variables_are_sorted_into_surface_and_atmosphere(wb2: Path) -> None:
+    kw = {k: v for k, v in KW.items() if k not in ("surf_vars", "atmos_vars")}
+    src = _source(str(wb2), variables=("2t", "relative_humidity"), **kw)
+    rec = src.records[0]
+    assert set(rec["surf"]) == {"2t"} and set(rec["atmos"]) == {"r"}
+    assert rec["atmos"]["r"].shape == (2, 9, 16)
+
+
 def test_missing_store(tmp_path: Path, http: Any) -> None:
     with pytest.raises(DataError, match="no such zarr store"):
         ZarrBuilder(str(tmp_path / "nope.zarr"), **KW).download_and_prepare()
@@ -470,7 +486,7 @@ def test_gs_without_gcsfs_says_what_to_install() -> None:
         pytest.skip("gcsfs is installed")
     except ImportError:
         pass
-    with pytest.raises(DataError, match="gcsfs"):
+    with pytest.raises(DataError, match=r"gcsfs.*pip install aurora-jax\[gcs\]"):
         ZarrBuilder("gs://weatherbench2/datasets/x.zarr", **KW).download_and_prepare()
 
 

@@ -162,8 +162,8 @@ def open_store(
                 opts.setdefault("token", "anon")
             inner = FsspecStore.from_url(url, storage_options=opts, read_only=True)
     except ImportError as e:
-        need = "gcsfs (pip install aurora-jax[gcs])" if url.startswith("g") else "aiohttp"
-        raise DataError(f"{url}: cannot open zarr store: {e} (install {need})") from e
+        need = "aurora-jax[gcs]" if url.startswith(("gs://", "gcs://")) else "aiohttp"
+        raise DataError(f"{url}: cannot open zarr store: {e} (pip install {need})") from e
     store = CheckedStore(
         inner, retries=retries, retry_wait=retry_wait, allow_missing_chunks=allow_missing_chunks
     )
