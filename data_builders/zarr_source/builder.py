@@ -63,13 +63,12 @@ class Preset:
     """
 
     url: str
-    step_hours: float
-    levels: tuple[float, ...]
+    levels: tuple[float, ...]  # the default levels: Aurora's 13, which both stores hold
 
 
 PRESETS = {
-    "weatherbench2": Preset(WB2_ERA5_URL, 6, tuple(float(x) for x in AURORA_LEVELS)),
-    "arco-era5": Preset(ARCO_ERA5_URL, 1, tuple(float(x) for x in AURORA_LEVELS)),
+    "weatherbench2": Preset(WB2_ERA5_URL, tuple(float(x) for x in AURORA_LEVELS)),
+    "arco-era5": Preset(ARCO_ERA5_URL, tuple(float(x) for x in AURORA_LEVELS)),
 }
 
 _DEFAULT_SPLITS = {"train": (None, None)}
