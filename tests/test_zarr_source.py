@@ -490,6 +490,13 @@ def test_gs_without_gcsfs_says_what_to_install() -> None:
         ZarrBuilder("gs://weatherbench2/datasets/x.zarr", **KW).download_and_prepare()
 
 
+def test_registered_as_zarr(wb2: Path, tmp_path: Path) -> None:
+    from data_builders.registry import load_source
+
+    src = load_source("zarr", "val", url=str(wb2), data_dir=tmp_path / "work", **KW)
+    assert len(src.records) == 4 and set(src.stats) == {"r_500", "r_850"}
+
+
 def test_pipeline_over_a_zarr_source(wb2: Path) -> None:
     src = _source(str(wb2), stats={"r_500": (0, 1), "r_850": (0, 1)})
     pipe = Pipeline(src, step_hours=6, rollout_steps=1, batch_size=2, shuffle=False)

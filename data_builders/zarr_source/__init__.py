@@ -3,12 +3,14 @@
 ``ZarrBuilder(url or preset=..., ...)`` has the builder protocol the training pipeline uses
 (`download_and_prepare`, `as_data_source(split)`, `splits`, `stats`); records are read per valid
 time, all variables concurrently, with the next records read ahead. See `builder.ZarrBuilder`.
+Importing this package registers it as ``zarr`` (`data_builders.registry`).
 
 * `store`: opening a store through fsspec, retries with backoff, missing chunks refused.
 * `records`: reading one time (concurrently, NaN-checked, regridded) and the read-ahead.
 * `builder`: presets, variables, levels, splits, static fields and statistics.
 """
 
+from data_builders.registry import register_builder
 from data_builders.zarr_source.builder import ARCO_ERA5_URL, PRESETS, Preset, ZarrBuilder
 from data_builders.zarr_source.store import CheckedStore, MissingChunkError, open_store
 
@@ -22,6 +24,4 @@ __all__ = [
     "open_store",
 ]
 
-# TODO(registry): register_builder("zarr", ZarrBuilder) once data_builders.registry accepts
-# plain classes with download_and_prepare / as_data_source / splits / stats (its
-# _check_builder still requires a tfds.core.DatasetBuilder subclass).
+register_builder("zarr", ZarrBuilder)
