@@ -2,7 +2,9 @@
 
 Usage: `python main.py --config=configs/demo.py --workdir=runs/demo`.
 
-Flags: `--config` (an ml_collections config file; override fields with `--config.a.b=value`),
+Flags: `--config` (an ml_collections config file; override fields with `--config.a.b=value`,
+sequences as tuples: `--config.data.builder_config.paths='("a.nc", "b.nc")'`; modules registering
+your own builders go in `--config.imports='("my_builders.py",)'`, see docs/datasets.md),
 `--workdir` (checkpoints, datasets, metrics; re-running in the same workdir resumes), `--mode`
 (fit | validate | test | predict). The work happens in `trainers.run.run`.
 """

@@ -121,6 +121,14 @@ def test_function_builder_gets_only_its_arguments_and_keeps_splits_and_stats(cle
     register_builder("test_fn_declared", from_files, splits=("train",))
     assert get_builder("test_fn_declared", paths=()).splits == ("train",)
 
+    def configured(split: str, splits: dict) -> WeatherSource:
+        raise AssertionError("not called to find its splits")
+
+    cleanup.append("test_fn_configured")
+    register_builder("test_fn_configured", configured)
+    ranges = {"train": ("2020-01-01", "2020-06-30"), "test": ("2020-07-01", None)}
+    assert get_builder("test_fn_configured", splits=ranges).splits == ("train", "test")
+
     # Through build_data, as a config uses it: validation kept, statistics passed on.
     config = demo.get_config()
     config.data.builder = "test_fn"
