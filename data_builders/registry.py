@@ -35,6 +35,7 @@ registered on import.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -237,8 +238,8 @@ def unregister_builder(name: str) -> None:
 
 
 def registered_builders() -> list[str]:
-    """The registered names, sorted."""
-    return sorted(_REGISTRY)
+    """The registered names and the built-in ones not imported yet, sorted."""
+    return sorted(set(_REGISTRY) | set(_BUILT_IN_MODULES))
 
 
 def _accepted_kwargs(name: str, obj: Callable[..., Any], config: dict[str, Any]) -> dict[str, Any]:
@@ -275,6 +276,8 @@ def get_builder(name: str, **config: Any) -> Any:
         UnknownBuilderError: If nothing is registered as `name`.
         TypeError: If a `SourceBuilder` class's instance has no ``splits``.
     """
+    if name not in _REGISTRY and name in _BUILT_IN_MODULES:
+        importlib.import_module(_BUILT_IN_MODULES[name])  # registers `name` on import
     if name not in _REGISTRY:
         raise UnknownBuilderError(
             f"unknown dataset builder {name!r}; registered: {', '.join(registered_builders())}"
@@ -335,3 +338,7 @@ def load_source(name: str, split: str, *, prepare: bool = True, **config: Any) -
 
 register_builder("era5", Era5)
 register_builder("hres", Hres)
+
+# Built-in builders in modules that import this one (so they cannot be imported here): each is
+# imported, and so registered, the first time its name is asked for.
+_BUILT_IN_MODULES = {"zarr": "data_builders.zarr_source"}
