@@ -121,3 +121,19 @@ def test_main_trains_from_a_local_zarr_store(tmp_path: Path, store: Path) -> Non
 
 def test_main_trains_from_a_zarr_store_over_http(tmp_path: Path, served: str) -> None:
     _assert_trained(_train(tmp_path, served))
+
+
+def test_the_documented_zarr_config_makes_a_builder_without_touching_the_network() -> None:
+    import re
+
+    import ml_collections
+
+    from data_builders.registry import get_builder
+
+    text = (ROOT / "docs" / "datasets.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if '"zarr"' in b]
+    config = ml_collections.ConfigDict({"data": {}})
+    exec(block, {"config": config})
+    builder = get_builder(config.data.builder, **config.data.builder_config.to_dict())
+    assert builder.url.startswith("https://storage.googleapis.com/weatherbench2/")
+    assert builder.splits == ("train", "validation")
