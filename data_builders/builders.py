@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 import xarray as xr
+from array_record.python import array_record_data_source, array_record_module
 from etils import epath
 from tensorflow_datasets.core import hashing as tfds_hashing
 from tensorflow_datasets.core import shuffle as tfds_shuffle
@@ -61,7 +62,9 @@ log = logging.getLogger(__name__)
 
 # Floats, as `make_config` stores levels (the default is hashed into the dataset folder name).
 AURORA_LEVELS = tuple(float(p) for p in variables.AURORA_LEVELS)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one raw little-endian float32 blob per record (`record_layout`)
+CODECS = ("none", "zstd", "lz4")
+_ZSTD_LEVEL = 3
 _STATIC_FILE = "static.npz"
 _METADATA_FILE = "metadata.json"
 _NO_TIME = "no data left"  # readers' message when no file has a time in the selected range
@@ -96,6 +99,7 @@ class WeatherConfig(tfds.core.BuilderConfig):
     fill_nan: Any = None
     member: int = 0
     init_time: str | None = None
+    codec: str = "none"
 
 
 _BASE_FIELDS = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
@@ -204,6 +208,9 @@ def _validate(config: WeatherConfig) -> None:
         raise DataError(f"builder config: regrid_method {config.regrid_method!r} unknown")
     if config.chunk_hours <= 0:
         raise DataError("builder config: chunk_hours must be positive")
+    if config.codec not in CODECS:
+        raise DataError(f"builder config: codec {config.codec!r} unknown; use one of {CODECS}")
+    _codec_module(config.codec)  # refuse a missing compression package before building
     names = [n for n, _ in config.splits]
     if not names or len(set(names)) != len(names):
         raise DataError(f"builder config: split names must be unique and non-empty: {names}")
@@ -304,11 +311,19 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     different configs never share a folder; a named config whose folder holds a dataset built
     from a different config is refused (`DataError`), never silently reused.
 
-    Example schema (one per valid time; tensors stored as raw bytes, TFDS ``encoding="bytes"``)::
+    Record schema, as ``as_data_source(split)[i]`` returns it (one per valid time)::
 
         {"time": int64 seconds since 1970-01-01T00 UTC,
          "surf":  {"2t": float32 (h, w), ...},         # present when surf_vars is not empty
          "atmos": {"z": float32 (levels, h, w), ...}}  # present when atmos_vars is not empty
+
+    On disk (record format 2) an example is a TFDS example of two features: ``time`` and
+    ``data``, one blob holding every field as little-endian float32, C order, surface variables
+    then atmospheric ones, each group in config order; ``record_layout`` in the metadata lists
+    ``[group, name, shape, byte offset]`` per field. The blob is compressed with the config's
+    ``codec`` (``"none"``, ``"zstd"`` or ``"lz4"``; array_record's own compression is off), and
+    `WeatherRecords` reads it without TFDS's feature decoding: the fields are `np.frombuffer`
+    views of the record's bytes (read-only), so a record costs one read (plus one decompression).
 
     Records are shuffled at write time by TFDS's shuffler (sorted by an md5 hash of key and split
     name; it spills to buckets on disk, so a build's memory stays bounded). The key is the
@@ -325,8 +340,11 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """
 
     name = "weather"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "One example per valid time; stats and statics in the metadata."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "One example per valid time; stats and statics in the metadata.",
+        "2.0.0": "Record format 2: one raw float32 blob per example, optional codec.",
+    }
     DESCRIPTION = "Weather states on a regular latitude/longitude grid."
     CITATION = ""
     HOMEPAGE = ""
@@ -370,7 +388,7 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def download_and_prepare(self, *args: Any, **kwargs: Any) -> None:
         """Build (if not built yet) without TensorFlow, then check the stored time index."""
         fresh = not (Path(self.data_dir) / "dataset_info.json").exists()
-        with _tf_free_shuffler():
+        with _tf_free_shuffler(), _uncompressed_array_record():
             super().download_and_prepare(*args, **kwargs)
         if fresh:
             self._check_time_index()
@@ -434,7 +452,7 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 if acc is not None:
                     acc.add_example(example.get("surf", {}), example.get("atmos", {}), self._levels)
                 times.append(int(t))
-                yield int(t), example
+                yield int(t), {"time": np.int64(t), "data": self._pack(example)}
         if not times:
             raise DataError(f"{self._source()}: no valid times in split {split} {list(ranges)}")
         self.info.metadata["times"][split] = record_order(split, times)
@@ -442,23 +460,45 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             self._store_stats(acc)
 
     def _features(self) -> dict[str, Any]:
-        """Feature spec; shapes are fixed when the config fixes them (resolution, levels)."""
-        cfg = self.builder_config
-        h = w = None
-        if cfg.resolution is not None:
-            lat, lon = global_grid(cfg.resolution)
-            h, w = len(lat), len(lon)
-        c = None if cfg.levels is None else len(cfg.levels)
+        """Feature spec of record format 2: the time and one bytes blob (`record_layout`)."""
+        return {"time": tfds.features.Scalar(np.int64), "data": tfds.features.Scalar(np.object_)}
 
-        def tensor(shape: tuple[int | None, ...]) -> tfds.features.Tensor:
-            return tfds.features.Tensor(shape=shape, dtype=np.float32, encoding="bytes")
+    def _pack(self, example: Mapping[str, Any]) -> bytes:
+        """A canonical example -> its blob: fields at their `record_layout` offsets, encoded."""
+        layout = self.info.metadata["record_layout"]
+        buf = np.empty(layout["nbytes"] // 4, "<f4")
+        for group, name, shape, offset in layout["fields"]:
+            x = example[group][name]
+            if x.shape != tuple(shape):
+                raise DataError(
+                    f"{self._source()}: {group} variable {name} has shape {x.shape}, "
+                    f"the record layout says {tuple(shape)}"
+                )
+            buf[offset // 4 : offset // 4 + x.size] = x.ravel()
+        return _encode(buf.data, self.builder_config.codec)
 
-        features: dict[str, Any] = {"time": tfds.features.Scalar(np.int64)}
-        if cfg.surf_vars:
-            features["surf"] = {v: tensor((h, w)) for v in cfg.surf_vars}
-        if cfg.atmos_vars:
-            features["atmos"] = {v: tensor((c, h, w)) for v in cfg.atmos_vars}
-        return features
+    def as_data_source(self, split: str, *args: Any, **kwargs: Any) -> WeatherRecords:  # type: ignore[override]
+        """Random access to the records of `split` (`WeatherRecords`; picklable).
+
+        Raises:
+            DataError: For a dataset of another record format (rebuild it).
+        """
+        if args or kwargs:
+            raise TypeError(f"{self.name}: as_data_source takes only a split name")
+        meta = self._built_metadata()
+        fmt = meta.get("format_version", 1)
+        if fmt != FORMAT_VERSION or "record_layout" not in meta:
+            raise DataError(
+                f"{self._source()}: {self.data_dir} holds record format {fmt}, this code reads "
+                f"format {FORMAT_VERSION}; delete the folder and rebuild the dataset"
+            )
+        try:
+            instructions = list(self.info.splits[split].file_instructions)
+        except (KeyError, ValueError) as e:
+            raise DataError(
+                f"{self._source()}: no split {split!r}; have {list(self.info.splits)}"
+            ) from e
+        return WeatherRecords(instructions, meta["record_layout"], f"{self._source()}/{split}")
 
     # ---- reading --------------------------------------------------------------------------
 
@@ -559,6 +599,9 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             lon=lon.tolist(),
             levels=list(self._levels or ()),
             units=dict(self._units),
+            record_layout=record_layout(
+                self.builder_config, (len(lat), len(lon)), len(self._levels or ())
+            ),
         )
         if not self.builder_config.static_vars:
             return
@@ -626,6 +669,61 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if split not in meta["times"]:
             raise DataError(f"{self._source()}: no split {split!r}; have {sorted(meta['times'])}")
         return np.asarray(meta["times"][split], np.int64)
+
+
+class WeatherRecords:
+    """The records of one split of a built dataset: ``len``, ``[i]`` -> the canonical dict.
+
+    Reads array_record's raw bytes and takes the example apart itself (`_parse_example`)
+    instead of TFDS's feature decoding, which copies and converts every field: the fields are
+    read-only `np.frombuffer` views of the record's (decompressed) bytes. Picklable (file
+    instructions and layout; readers reopen lazily), so Grain worker processes can use it.
+
+    Args:
+        instructions: The split's TFDS file instructions (file, skip, take).
+        layout: The dataset's ``record_layout`` (metadata).
+        name: For error messages.
+    """
+
+    def __init__(self, instructions: Sequence[Any], layout: Mapping[str, Any], name: str) -> None:
+        self.instructions, self.layout, self.name = list(instructions), dict(layout), name
+        self.codec = str(layout.get("codec", "none"))
+        _codec_module(self.codec)
+        self._fields = [(g, n, tuple(shape), int(off)) for g, n, shape, off in layout["fields"]]
+        self._reader: Any = None
+
+    def _records(self) -> Any:
+        if self._reader is None:
+            self._reader = array_record_data_source.ArrayRecordDataSource(self.instructions)
+        return self._reader
+
+    def __len__(self) -> int:
+        return len(self._records())
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        raw = self._records()[i]
+        try:
+            seconds, data = _parse_example(memoryview(raw))
+            blob = _decode(data, self.codec)
+        except (ValueError, IndexError, KeyError) as e:
+            raise DataError(f"{self.name}: record {i} is damaged ({e})") from e
+        if len(blob) != self.layout["nbytes"]:
+            raise DataError(
+                f"{self.name}: record {i} holds {len(blob)} bytes, the layout says "
+                f"{self.layout['nbytes']}; the dataset is damaged or of another format"
+            )
+        out: dict[str, Any] = {"time": np.int64(seconds)}
+        for group, name, shape, offset in self._fields:
+            count = int(np.prod(shape))
+            x = np.frombuffer(blob, "<f4", count=count, offset=offset).reshape(shape)
+            out.setdefault(group, {})[name] = x
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_reader": None}
+
+    def __repr__(self) -> str:
+        return f"WeatherRecords({self.name}, codec={self.codec})"
 
 
 class Era5(WeatherBuilder, skip_registration=True):
@@ -707,6 +805,145 @@ def _tf_free_shuffler() -> Iterator[None]:
         yield
     finally:
         tfds_shuffle.tf = old
+
+
+@contextlib.contextmanager
+def _uncompressed_array_record() -> Iterator[None]:
+    """Write array_record files uncompressed: the blob carries the config's codec instead.
+
+    TFDS writes with array_record's default compression, whose decoding cost more than the
+    rest of reading a record.
+    """
+    adapter = tfds.core.file_adapters.ArrayRecordFileAdapter
+    old = adapter.__dict__["write_examples"]
+
+    def write_examples(cls: Any, path: Any, iterator: Any) -> None:
+        writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1,uncompressed")
+        for _, serialized in iterator:
+            writer.write(serialized)
+        writer.close()
+
+    adapter.write_examples = classmethod(write_examples)
+    try:
+        yield
+    finally:
+        adapter.write_examples = old
+
+
+def record_layout(config: WeatherConfig, grid: tuple[int, int], n_levels: int) -> dict[str, Any]:
+    """Where each field lies in a record's blob (record format 2).
+
+    Args:
+        config: The builder config (variables in order, codec).
+        grid: `(h, w)`.
+        n_levels: Pressure levels of the atmospheric variables.
+
+    Returns:
+        ``{"dtype": "<f4", "codec": ..., "nbytes": blob size decoded, "fields": [[group, name,
+        shape, byte offset], ...]}``: surface variables then atmospheric ones, in config order.
+    """
+    h, w = grid
+    fields, offset = [], 0
+    for group, names, shape in (
+        ("surf", config.surf_vars, [h, w]),
+        ("atmos", config.atmos_vars, [n_levels, h, w]),
+    ):
+        for name in names:
+            fields.append([group, name, shape, offset])
+            offset += 4 * int(np.prod(shape))
+    return {"dtype": "<f4", "codec": config.codec, "nbytes": offset, "fields": fields}
+
+
+def _codec_module(codec: str) -> Any:
+    """The package behind `codec` (None for "none"); a clear error when it is not installed."""
+    if codec == "none":
+        return None
+    package = {"zstd": "zstandard", "lz4": "lz4.frame"}.get(codec)
+    if package is None:
+        raise DataError(f"codec {codec!r} unknown; use one of {CODECS}")
+    try:
+        return importlib.import_module(package)
+    except ImportError as e:
+        raise DataError(
+            f"codec {codec!r} needs the {package.split('.')[0]} package: "
+            f"pip install {package.split('.')[0]}"
+        ) from e
+
+
+def _encode(data: Any, codec: str) -> bytes:
+    """A blob (buffer) -> the bytes stored for it."""
+    module = _codec_module(codec)
+    if codec == "zstd":
+        return module.ZstdCompressor(level=_ZSTD_LEVEL, write_content_size=True).compress(data)
+    if codec == "lz4":
+        return module.compress(data, store_size=True)
+    return bytes(data)
+
+
+def _decode(data: memoryview, codec: str) -> Any:
+    """The stored bytes of a blob -> the blob (a buffer; zero-copy for "none")."""
+    module = _codec_module(codec)
+    if codec == "zstd":
+        return module.ZstdDecompressor().decompress(data)
+    if codec == "lz4":
+        return module.decompress(data)
+    return data
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: memoryview) -> Iterator[tuple[int, Any]]:
+    """The fields of a protobuf message: (field number, int or memoryview of the payload)."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            value, pos = buf[pos : pos + n], pos + n
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, pos = buf[pos : pos + n], pos + n
+        else:
+            raise ValueError(f"protobuf wire type {wire} unexpected")
+        if pos > end:
+            raise ValueError("truncated protobuf message")
+        yield number, value
+
+
+def _parse_example(buf: memoryview) -> tuple[int, memoryview]:
+    """A serialized ``tf.train.Example`` of record format 2 -> (time, view of the blob).
+
+    Only what TFDS writes for `WeatherBuilder._features` is understood: ``time`` as an
+    ``Int64List`` of one value, ``data`` as a ``BytesList`` of one value.
+    """
+    found: dict[str, Any] = {}
+    for number, features in _fields(buf):
+        if number != 1:
+            continue
+        for number2, entry in _fields(features):
+            if number2 != 1:
+                continue
+            parts = dict(_fields(entry))
+            key, feature = bytes(parts[1]).decode(), dict(_fields(parts[2]))
+            if key == "data":
+                found[key] = dict(_fields(feature[1]))[1]
+            elif key == "time":
+                values = dict(_fields(feature[3]))[1]  # packed varints
+                value = _varint(values, 0)[0] if isinstance(values, memoryview) else values
+                found[key] = value - (1 << 64) if value >= 1 << 63 else value
+    return int(found["time"]), found["data"]
 
 
 def _code_path(cls: type) -> epath.Path | None:

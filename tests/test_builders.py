@@ -151,8 +151,9 @@ def test_era5_splits_surface_static_and_stats(tmp_path: Path) -> None:
 def test_resolution_regrids_and_fixes_shapes(tmp_path: Path) -> None:
     kw = {**HRES_KW, "resolution": 20, "static_paths": [WB1], "static_vars": ("lsm", "slt", "z")}
     builder = Hres(data_dir=tmp_path, **kw)
-    assert builder.info.features["atmos"]["z"].shape == (3, 10, 18)
     builder.download_and_prepare()
+    fields = {(g, n): shape for g, n, shape, _ in builder.info.metadata["record_layout"]["fields"]}
+    assert fields[("atmos", "z")] == [3, 10, 18]
     lat, lon = global_grid(20)
     ref = regrid(open_dataset(HRES_PL, variables=["z"], levels=[300, 500, 850]), lat, lon)
     example = builder.as_data_source("train")[2]
@@ -271,3 +272,59 @@ def test_wrong_predicted_order_is_detected_and_rescanned(tmp_path: Path, monkeyp
     assert [int(e["time"]) for e in read_all(builder, "train")] == builder.times("train").tolist()
     reopened = Hres(data_dir=tmp_path, **HRES_KW)  # the rescanned index was saved
     assert reopened.times("train").tolist() == builder.times("train").tolist()
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+def test_codecs_store_the_same_records(tmp_path: Path, codec: str) -> None:
+    pytest.importorskip({"zstd": "zstandard", "lz4": "lz4"}[codec])
+    plain = Hres(data_dir=tmp_path / "none", **NATL_KW)
+    packed = Hres(data_dir=tmp_path / codec, codec=codec, **NATL_KW)
+    assert plain.builder_config.name != packed.builder_config.name  # the codec is in the hash
+    for b in (plain, packed):
+        b.download_and_prepare()
+    assert packed.info.metadata["record_layout"]["codec"] == codec
+    for a, b in zip(read_all(plain, "train"), read_all(packed, "train"), strict=True):
+        assert int(a["time"]) == int(b["time"])
+        for group in ("surf", "atmos"):
+            assert a[group].keys() == b[group].keys()
+            for v in a[group]:
+                np.testing.assert_array_equal(a[group][v], b[group][v])
+                assert b[group][v].dtype == np.float32
+
+
+def test_records_are_raw_views_in_layout_order(tmp_path: Path) -> None:
+    builder = Hres(data_dir=tmp_path, **NATL_KW)
+    builder.download_and_prepare()
+    layout = builder.info.metadata["record_layout"]
+    assert [f[:2] for f in layout["fields"]] == [
+        ["surf", "10u"], ["surf", "10v"], ["surf", "msl"],
+        ["atmos", "t"], ["atmos", "u"], ["atmos", "v"], ["atmos", "w"],
+    ]  # fmt: skip
+    example = builder.as_data_source("validation")[0]
+    x = example["atmos"]["u"]
+    assert not x.flags.writeable and x.base is not None  # a view of the record, not a copy
+    raw = builder.as_data_source("validation")._records()[0]  # the stored bytes
+    offset = {(g, n): off for g, n, _, off in layout["fields"]}[("atmos", "u")]
+    start = raw.find(example["surf"]["10u"].astype("<f4").tobytes())
+    assert start > 0 and raw.find(x.astype("<f4").tobytes()) == start + offset
+
+
+def test_refuses_other_record_format(tmp_path: Path) -> None:
+    builder = Hres(data_dir=tmp_path, **HRES_KW)
+    builder.download_and_prepare()
+    meta_path = Path(builder.data_dir) / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format_version"] = 1
+    del meta["record_layout"]
+    meta_path.write_text(json.dumps(meta))
+    again = Hres(data_dir=tmp_path, **HRES_KW)
+    with pytest.raises(DataError, match="record format 1.*rebuild"):
+        again.as_data_source("train")
+
+
+def test_missing_codec_package_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # import zstandard -> ImportError
+    with pytest.raises(DataError, match="pip install zstandard"):
+        make_config(paths=[HRES_PL], codec="zstd")
+    with pytest.raises(DataError, match="codec 'gzip' unknown"):
+        make_config(paths=[HRES_PL], codec="gzip")
