@@ -1,6 +1,7 @@
 """Input pipeline throughput at Aurora's 0.25 degree size: batches per second, data wait, bytes.
 
     python benchmarks/input_pipeline.py [--times 6] [--batch-size 1] [--rollout-steps 1]
+        [--codec none|zstd|lz4] [--num-workers 0 1 2]
 
 Writes ``--times`` 6-hourly states (721 x 1440, 4 surface and 5 atmospheric variables on 13
 levels, plus statics) as array_record with the `era5` builder's own writing path; the fields are
@@ -9,7 +10,10 @@ bits are as incompressible as real data's). Then reads one epoch with `Pipeline`
 (``num_threads=0``) and with prefetch, with and without a consumer that "trains" (a ``--step-s``
 sleep standing in for an accelerator step, by default 1.1 x the time to load a batch), and reports
 batches/s, the consumer's wait in ``next()`` (first batch and later ones) and the bytes read per
-batch (decoded float32 and on disk). Writes a result file (`benchmarks/results.py`).
+batch (decoded float32 and on disk). Then the decoded MB/s of reading records one after the other
+in this process (one core), and a consumer that does not wait with each ``--num-workers`` count
+(0: prefetch threads; the steady-state latency is the mean wait after the first batch). Writes a
+result file (`benchmarks/results.py`).
 
 microsoft-aurora has no input pipeline, so there is no reference side. Each time step is ~290 MB of
 float32 (about 1 GB of peak memory per in-flight batch with K = 1): keep ``--times`` small.
@@ -170,7 +174,7 @@ class CountingRecords:
         return ex
 
 
-def build(workdir: Path, n_times: int) -> tuple[Any, float]:
+def build(workdir: Path, n_times: int, codec: str = "none") -> tuple[Any, float]:
     """Write the dataset with the real builder; returns (builder, seconds)."""
     end = str(_all_times(n_times)[-1])
     builder = SyntheticEra5(
@@ -179,10 +183,52 @@ def build(workdir: Path, n_times: int) -> tuple[Any, float]:
         resolution=0.25,
         splits={"train": (str(START), end)},
         chunk_hours=6,
+        codec=codec,
     )
     t = time.perf_counter()
     builder.download_and_prepare()
     return builder, time.perf_counter() - t
+
+
+def decode_rate(source: WeatherSource, repeats: int = 3) -> float:
+    """Decoded MB/s of reading every record in turn in this process (one core)."""
+    nbytes, t = 0, time.perf_counter()
+    for _ in range(repeats):
+        for i in range(len(source.records)):
+            ex = source.records[i]
+            nbytes += sum(x.nbytes for g in ("surf", "atmos") for x in ex.get(g, {}).values())
+    return nbytes / (time.perf_counter() - t) / 1e6
+
+
+def measure_workers(source: WeatherSource, args: argparse.Namespace, workers: int) -> dict:
+    """Batch latency seen by a consumer that does not wait, over `--epochs` epochs."""
+    p = Pipeline(
+        source,
+        rollout_steps=args.rollout_steps,
+        batch_size=args.batch_size,
+        seed=0,
+        num_epochs=args.epochs,
+        num_threads=args.threads,
+        prefetch_buffer_size=args.prefetch,
+        num_workers=workers,
+    )
+    it = iter(p)
+    waits = []
+    while True:
+        t = time.perf_counter()
+        try:
+            next(it)
+        except StopIteration:
+            break
+        waits.append(time.perf_counter() - t)
+    if hasattr(it, "close"):
+        it.close()
+    return {
+        "num_workers": workers,
+        "batches": len(waits),
+        "first_wait_s": waits[0],
+        "steady_s_per_batch": float(np.mean(waits[1:])) if len(waits) > 1 else float("nan"),
+    }
 
 
 def measure(source: WeatherSource, args: argparse.Namespace, threads: int, step_s: float) -> dict:
@@ -246,6 +292,11 @@ def main() -> None:
         help="simulated accelerator step in s (default: 1.1 x the measured time to "
         "load one batch without prefetch)",
     )
+    ap.add_argument("--codec", default="none", choices=("none", "zstd", "lz4"))
+    ap.add_argument(
+        "--num-workers", type=int, nargs="*", default=[0, 1, 2], help="worker counts to time"
+    )
+    ap.add_argument("--epochs", type=int, default=3, help="epochs per worker-count run")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     results.add_out_argument(ap)
     args = ap.parse_args()
@@ -265,7 +316,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "Input pipeline benchmark: SYNTHETIC smooth fields (realistic magnitudes, 0.2 % noise) "
         "written by the real era5 builder path to array_record"
     )
-    builder, build_s = build(workdir, args.times)
+    builder, build_s = build(workdir, args.times, args.codec)
     source = open_source(builder, "train")
     files = sorted(Path(builder.data_dir).glob("*.array_record-*"))
     disk = sum(f.stat().st_size for f in files)
@@ -273,7 +324,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     print(
         f"grid 721x1440, {len(SURF)} surface + {len(ATMOS)}x{len(AURORA_LEVELS)} atmospheric "
         f"fields; {args.times} times; record {raw / 1e6:.0f} MB float32, "
-        f"{disk / args.times / 1e6:.0f} MB on disk (array_record default compression, "
+        f"{disk / args.times / 1e6:.0f} MB on disk (codec {args.codec}, "
         f"ratio {disk / (raw * args.times):.2f}); build {build_s:.1f} s "
         f"({build_s / args.times:.1f} s per time step)"
     )
@@ -310,8 +361,18 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         f"{r['decoded_bytes_per_batch'] / 1e6:.0f} MB decoded float32, "
         f"{r['records_per_batch'] * per_record_disk / 1e6:.0f} MB from disk"
     )
+    decoded_mb_s = decode_rate(source)
+    print(f"decoded {decoded_mb_s:.0f} MB/s reading records in one process (one core)")
+    worker_runs = []
+    for n in args.num_workers:
+        w = measure_workers(source, args, n)
+        worker_runs.append(w)
+        print(
+            f"  {n} worker(s): {w['batches']} batches, first {w['first_wait_s']:.2f} s, "
+            f"steady {w['steady_s_per_batch']:.2f} s per batch"
+        )
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    print(f"peak RSS {peak_rss_gb:.2f} GB")
+    print(f"peak RSS {peak_rss_gb:.2f} GB (this process; workers not included)")
     return {
         "record_mb_float32": raw / 1e6,
         "record_mb_on_disk": per_record_disk / 1e6,
@@ -322,6 +383,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "decoded_mb_per_batch": r["decoded_bytes_per_batch"] / 1e6,
         "disk_mb_per_batch": r["records_per_batch"] * per_record_disk / 1e6,
         "peak_rss_gb": peak_rss_gb,
+        "codec": args.codec,
+        "decoded_mb_per_s_per_core": decoded_mb_s,
+        "worker_runs": worker_runs,
         "runs": [{"label": label, "threads": t, "step_s": step, **r} for label, t, step, r in rows],
     }
 

@@ -62,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.batch_size = 1  # per process
     config.data.num_threads = 2  # host prefetch threads
     config.data.prefetch_buffer_size = 2
+    config.data.num_workers = 0  # Grain worker processes building batches (0: prefetch threads)
 
     # --- strategy: what one optimisation step is --------------------------------------------------
     config.strategy = ml_collections.ConfigDict()

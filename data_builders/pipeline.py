@@ -17,6 +17,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
 from aurora.batch import Batch, Metadata
 from data_builders.errors import DataError
@@ -327,6 +328,12 @@ class Pipeline:
     * Host prefetch: ``num_threads`` threads build up to ``prefetch_buffer_size`` batches ahead
       of the consumer, so the accelerator does not wait on reading and decoding as long as a step
       takes longer than loading a batch (``benchmarks/input_pipeline.py`` measures both).
+    * Worker processes: with ``num_workers > 0`` Grain's ``mp_prefetch`` builds batches in that
+      many processes instead (batch i in worker ``i % num_workers``, each up to
+      ``prefetch_buffer_size`` ahead, handed over in shared memory; the threads are not used).
+      Copying and collating hold the GIL, so threads alone cannot use more than one core. The
+      batches and their order do not depend on ``num_workers``, and ``get_state`` / ``set_state``
+      stay exact. The source must be picklable (`data_builders.builders.WeatherRecords` is).
 
     Args:
         source (WeatherSource): The dataset split.
@@ -340,7 +347,8 @@ class Pipeline:
         shard_count (int): The number of processes.
         drop_remainder (bool): Full batches only, and equal-sized shards.
         num_threads (int): Prefetch threads; 0 reads synchronously, in ``next()``.
-        prefetch_buffer_size (int): Batches prefetched ahead.
+        prefetch_buffer_size (int): Batches prefetched ahead (per worker with workers).
+        num_workers (int): Worker processes; 0 builds batches in this process.
     """
 
     def __init__(
@@ -358,6 +366,7 @@ class Pipeline:
         drop_remainder: bool = True,
         num_threads: int = 2,
         prefetch_buffer_size: int = 2,
+        num_workers: int = 0,
     ) -> None:
         step = round(float(step_hours) * 3600)
         if step <= 0 or rollout_steps < 1 or batch_size < 1:
@@ -370,8 +379,15 @@ class Pipeline:
             num_epochs,
             drop_remainder,
         )
+        if num_workers < 0:
+            raise ValueError("num_workers must be >= 0")
+        self.num_workers = num_workers
         self.read_options = grain.ReadOptions(
-            num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size
+            num_threads=0 if num_workers else num_threads,
+            prefetch_buffer_size=0 if num_workers else prefetch_buffer_size,
+        )
+        self.mp_options = grain.MultiprocessingOptions(
+            num_workers=num_workers, per_worker_buffer_size=max(1, prefetch_buffer_size)
         )
         self.all_windows = find_windows(source.times, step, rollout_steps)
         if not len(self.all_windows):
@@ -457,8 +473,16 @@ class Pipeline:
 
     def iterator(self, epoch: int) -> grain.DatasetIterator:
         """Iterator over one epoch (the Trainer's `DataSource.iterator(epoch)` protocol)."""
-        return iter(self.epochs_dataset(epoch, 1).to_iter_dataset(self.read_options))
+        return self._iter(self.epochs_dataset(epoch, 1))
 
     def __iter__(self) -> grain.DatasetIterator:
         """Iterator over all `num_epochs` epochs; `set_state` moves it to a saved position."""
-        return iter(self.dataset.to_iter_dataset(self.read_options))
+        return self._iter(self.dataset)
+
+    def _iter(self, dataset: grain.MapDataset) -> grain.DatasetIterator:
+        stream = dataset.to_iter_dataset(self.read_options)
+        if self.num_workers:
+            if not flags.FLAGS.is_parsed():  # Grain reads its absl flags when workers start
+                flags.FLAGS.mark_as_parsed()
+            stream = stream.mp_prefetch(self.mp_options)
+        return iter(stream)

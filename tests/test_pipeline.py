@@ -169,6 +169,24 @@ def test_resume_gives_identical_batches(source: WeatherSource) -> None:
     assert_same(list(again), uninterrupted[4:6])
 
 
+def test_workers_give_the_same_batches_and_resume_exactly(source: WeatherSource) -> None:
+    kw = dict(rollout_steps=1, batch_size=2, seed=7, num_epochs=2)
+    in_process = list(iter(Pipeline(source, num_threads=0, **kw)))
+    p = Pipeline(source, num_workers=2, **kw)
+    it = iter(p)
+    uninterrupted = list(it)
+    it.close()
+    assert_same(uninterrupted, in_process)
+    it = iter(p)
+    first = [next(it) for _ in range(3)]  # mid-epoch, workers one batch apart
+    state = it.get_state()
+    it.close()
+    resumed = iter(Pipeline(source, num_workers=2, **kw))
+    resumed.set_state(state)
+    assert_same(first + list(resumed), uninterrupted)
+    resumed.close()
+
+
 def test_shuffle_is_seeded_and_reshuffled_each_epoch(source: WeatherSource) -> None:
     def order(seed: int, epoch: int) -> list[int]:
         p = Pipeline(source, batch_size=1, seed=seed, num_epochs=2)

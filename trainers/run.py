@@ -183,6 +183,7 @@ def build_data(
             drop_remainder=train,
             num_threads=config.data.num_threads,
             prefetch_buffer_size=config.data.prefetch_buffer_size,
+            num_workers=config.data.get("num_workers", 0),
         )
 
     splits = builder_splits(builder)
