@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -320,11 +320,12 @@ class Pipeline:
       output arrays; Grain's element-wise ``.batch`` would stack twice and could not keep epochs
       apart.
     * ``iter(pipeline)`` runs all ``num_epochs``; ``pipeline.iterator(epoch)`` runs one epoch (the
-      Trainer's ``DataSource.iterator(epoch)`` protocol, `trainers.data`). Both are Grain
-      `DatasetIterator`s: ``it.get_state()`` is a small dict to store in the checkpoint; a fresh
-      iterator given ``it.set_state(state)`` yields exactly the batches the first one would have
-      yielded next. `dataset` is the Grain `MapDataset` of batches: ``pipeline.dataset[i]`` is
-      batch i of this process's stream.
+      Trainer's ``DataSource.iterator(epoch)`` protocol, `trainers.data`). Both are
+      `BatchIterator`s: ``it.get_state()`` is ``{"position": batches yielded}``, to store in the
+      checkpoint; a fresh iterator given ``it.set_state(state)`` yields exactly the batches the
+      first one would have yielded next, whatever the threads or worker processes of either.
+      `dataset` is the Grain `MapDataset` of batches: ``pipeline.dataset[i]`` is batch i of this
+      process's stream.
     * Host prefetch: ``num_threads`` threads build up to ``prefetch_buffer_size`` batches ahead
       of the consumer, so the accelerator does not wait on reading and decoding as long as a step
       takes longer than loading a batch (``benchmarks/input_pipeline.py`` measures both).
@@ -471,18 +472,78 @@ class Pipeline:
         """
         return self._order(epoch, 1)[i]
 
-    def iterator(self, epoch: int) -> grain.DatasetIterator:
+    def iterator(self, epoch: int) -> BatchIterator:
         """Iterator over one epoch (the Trainer's `DataSource.iterator(epoch)` protocol)."""
-        return self._iter(self.epochs_dataset(epoch, 1))
+        return BatchIterator(self.epochs_dataset(epoch, 1), self._iter)
 
-    def __iter__(self) -> grain.DatasetIterator:
+    def __iter__(self) -> BatchIterator:
         """Iterator over all `num_epochs` epochs; `set_state` moves it to a saved position."""
-        return self._iter(self.dataset)
+        return BatchIterator(self.dataset, self._iter)
 
-    def _iter(self, dataset: grain.MapDataset) -> grain.DatasetIterator:
+    def _iter(self, dataset: grain.MapDataset) -> Iterator[Any]:
         stream = dataset.to_iter_dataset(self.read_options)
         if self.num_workers:
             if not flags.FLAGS.is_parsed():  # Grain reads its absl flags when workers start
                 flags.FLAGS.mark_as_parsed()
             stream = stream.mp_prefetch(self.mp_options)
         return iter(stream)
+
+
+class BatchIterator:
+    """The batches of a Grain `MapDataset` from a position on, with the position as its state.
+
+    Grain's own iterator states differ between prefetch threads and worker processes (and between
+    worker counts). Batches are a deterministic function of their index, so the number yielded is
+    all a checkpoint needs: a run may resume with other `num_threads` or `num_workers`.
+
+    Args:
+        dataset: The batches, e.g. `Pipeline.dataset`.
+        stream: Makes the iterator over a dataset (threads or worker processes).
+    """
+
+    def __init__(
+        self,
+        dataset: grain.MapDataset,
+        stream: Callable[[grain.MapDataset], Iterator[Any]],
+    ) -> None:
+        self._dataset = dataset
+        self._stream = stream
+        self._position = 0
+        self._it: Iterator[Any] | None = None
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._it is None:
+            rest = self._dataset[self._position :] if self._position else self._dataset
+            self._it = self._stream(rest)
+        batch = next(self._it)
+        self._position += 1
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker processes or prefetch threads, if any; `next` starts them again."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+        self._it = None
+
+    def get_state(self) -> dict[str, Any]:
+        """``{"position": n}``: the next batch is batch n of the dataset."""
+        return {"position": self._position}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Continue at ``state["position"]`` (or Grain's ``next_index``, from older checkpoints).
+
+        Raises:
+            DataError: The state holds neither, e.g. one from worker processes of an older version.
+        """
+        if "position" in state:
+            position = state["position"]
+        elif "next_index" in state:
+            position = state["next_index"]
+        else:
+            raise DataError(f"cannot resume the data iterator from state {sorted(state)}")
+        self._position = int(position)
+        self._it = None

@@ -185,6 +185,23 @@ def test_workers_give_the_same_batches_and_resume_exactly(source: WeatherSource)
     resumed.set_state(state)
     assert_same(first + list(resumed), uninterrupted)
     resumed.close()
+    # The state is a position: a run may resume with other worker or thread counts.
+    assert state == {"position": 3}
+    for other in (dict(num_workers=0, num_threads=2), dict(num_workers=1)):
+        resumed = iter(Pipeline(source, **other, **kw))
+        resumed.set_state(state)
+        assert_same(first + list(resumed), uninterrupted)
+        resumed.close()
+
+
+def test_resume_from_an_older_grain_iterator_state(source: WeatherSource) -> None:
+    kw = dict(rollout_steps=1, batch_size=2, seed=7, num_epochs=2)
+    uninterrupted = list(iter(Pipeline(source, **kw)))
+    resumed = iter(Pipeline(source, **kw))
+    resumed.set_state({"next_index": 2})  # what checkpoints held before BatchIterator
+    assert_same(list(resumed), uninterrupted[2:])
+    with pytest.raises(DataError, match="cannot resume the data iterator"):
+        resumed.set_state({"workers_state": {}})
 
 
 def test_shuffle_is_seeded_and_reshuffled_each_epoch(source: WeatherSource) -> None:
