@@ -22,6 +22,7 @@ float32 (about 1 GB of peak memory per in-flight batch with K = 1): keep ``--tim
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import shutil
 import sys
@@ -234,15 +235,7 @@ def measure_workers(source: WeatherSource, args: argparse.Namespace, workers: in
 def measure(source: WeatherSource, args: argparse.Namespace, threads: int, step_s: float) -> dict:
     """Iterate one epoch; time per batch as seen by the consumer (which sleeps `step_s`)."""
     counting = CountingRecords(source.records)
-    src = WeatherSource(
-        records=counting,
-        lat=source.lat,
-        lon=source.lon,
-        levels=source.levels,
-        times=source.times,
-        static=source.static,
-        name=source.name,
-    )
+    src = dataclasses.replace(source, records=counting)
     p = Pipeline(
         src,
         rollout_steps=args.rollout_steps,

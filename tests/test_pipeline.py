@@ -6,6 +6,7 @@ through ``as_data_source()``; one build leaves out 2024-06-03T18 to make a gap.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -240,14 +241,7 @@ def test_shards_are_disjoint_cover_all_and_read_only_their_records(source: Weath
         seen: list[int] = []
         for i in range(4):
             counting = CountingRecords(source.records)
-            shard_src = WeatherSource(
-                records=counting,
-                lat=source.lat,
-                lon=source.lon,
-                levels=source.levels,
-                times=source.times,
-                static=source.static,
-            )
+            shard_src = dataclasses.replace(source, records=counting)
             p = Pipeline(
                 shard_src, shard_index=i, shard_count=4, drop_remainder=even, num_threads=0
             )
