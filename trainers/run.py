@@ -208,22 +208,17 @@ def _prepared_builder(name: str, builder_config: dict[str, Any]) -> Any:
     """
     from data_builders.registry import get_builder
 
-    if jax.process_count() == 1:
-        builder = get_builder(name, **builder_config)
-        builder.download_and_prepare()
-        return builder
-    from jax.experimental import multihost_utils
-
-    barrier = f"build_data: {name} prepared"
-    if jax.process_index() == 0:
-        try:
+    builds = jax.process_index() == 0
+    try:
+        if builds:
             builder = get_builder(name, **builder_config)
             builder.download_and_prepare()
-        finally:
-            multihost_utils.sync_global_devices(barrier)
-        return builder
-    multihost_utils.sync_global_devices(barrier)
-    return get_builder(name, **builder_config)
+    finally:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"build_data: {name} prepared")
+    return builder if builds else get_builder(name, **builder_config)
 
 
 def import_modules(imports: Any) -> list[Any]:

@@ -157,7 +157,7 @@ class Trainer:
         self._state_shardings: Any = None
 
         self.state: TrainState | None = None
-        self.controls: dict[str, Any] = strategy.default_controls()
+        self.controls: dict[str, Any] = self.strategy.default_controls()
         self.global_step = 0
         self.current_epoch = 0
         self.batch_idx = 0
