@@ -140,7 +140,7 @@ def hres_run(
     out = tmp_path_factory.mktemp("eval")
     prov = {"model_preset": "tiny", "checkpoint_step": 0}
     summary = evaluation.run_evaluation(
-        model, params, source, steps=3, out_dir=out, provenance=prov, batch_size=4
+        model, params, source, steps=3, out_dir=out, provenance=prov, batch_size=4, init_hours=None
     )
     header, rows = read_csv(out / "scores.csv")
     return {
@@ -317,7 +317,7 @@ def test_one_model_step_serves_evaluate_and_predict(natl: tuple, tmp_path: Path)
     kwargs = dict(steps=2, step_hours=12, batch_size=4)
     rows = evaluation.evaluate(step, {}, source, **kwargs)
     assert repr(rows) == repr(evaluation.evaluate(LastState(), {}, source, **kwargs))  # type: ignore[arg-type]
-    path = evaluation.predict(step, {}, source, out_dir=tmp_path, **kwargs)
+    path = evaluation.predict(step, {}, source, out_dir=tmp_path, **kwargs)["netcdf"]
     with xr.open_dataset(path) as f:
         assert f.sizes["time"] == len(evaluation.init_times(source, 12))
     assert Counting.traces == 1
@@ -502,7 +502,8 @@ def test_predict_writes_a_forecast_of_every_init(hres: tuple, hres_run: dict) ->
         out_dir=hres_run["out"] / "pred",
         provenance={"model_preset": "tiny"},
         batch_size=4,
-    )
+        init_hours=None,
+    )["netcdf"]
     with xr.open_dataset(path) as f:
         assert (
             f.sizes["time"] == 7

@@ -1,35 +1,55 @@
 """Evaluation: WeatherBench2 scores of rollouts with baselines, figures and forecast files.
 
-Modules: `states` (a source's states by time), `forecasts` (rollouts from every init time),
-`climatology` and `metrics` (WB2 scores), `scoring` (score rows, ``scores.csv``), `figures`,
-`forecast_io` (CF netCDF forecasts) and `jobs` (whole ``--mode=test`` and ``--mode=predict``
+Modules: `states` (a source's states by time, each read once), `forecasts` (rollouts, lead by
+lead), `climatology` (WB2's day-of-year × hour climatology, read or computed; the training mean
+as fallback), `metrics` (WB2 scores), `wb2` (WB2's names and evaluation grids), `scoring` (score
+rows, ``scores.csv``), `figures`, `forecast_io` and `forecast_store` (CF netCDF and WB2 zarr
+forecasts, written as they are made) and `jobs` (whole ``--mode=test`` and ``--mode=predict``
 runs). Nothing here depends on the Trainer: a model, its params and a `WeatherSource`.
 """
 
 from trainers.evaluation.climatology import (
+    TRAIN_MEAN,
+    WB2_CLIMATOLOGY_URL,
     Climatology,
+    DayOfYearClimatology,
     Fields,
     climatology_kind,
+    compute_climatology,
+    open_climatology,
     source_mean,
 )
 from trainers.evaluation.figures import plot_maps, plot_rmse_vs_lead
 from trainers.evaluation.forecast_io import variable_attrs, write_forecast
-from trainers.evaluation.forecasts import forecasts
+from trainers.evaluation.forecast_store import ForecastNetcdf, ForecastZarr, Layout
+from trainers.evaluation.forecasts import forecast_stream, forecasts
 from trainers.evaluation.jobs import predict, run_evaluation
 from trainers.evaluation.metrics import ScoreTotals, lat_weights, score_batch
-from trainers.evaluation.scoring import COLUMNS, evaluate, write_scores
-from trainers.evaluation.states import init_times
+from trainers.evaluation.scoring import COLUMNS, evaluate, job_uses, write_scores
+from trainers.evaluation.states import WB2_INIT_HOURS, SourceStates, init_times
 
 __all__ = [
     "COLUMNS",
+    "TRAIN_MEAN",
+    "WB2_CLIMATOLOGY_URL",
+    "WB2_INIT_HOURS",
     "Climatology",
+    "DayOfYearClimatology",
     "Fields",
+    "ForecastNetcdf",
+    "ForecastZarr",
+    "Layout",
     "ScoreTotals",
+    "SourceStates",
     "climatology_kind",
+    "compute_climatology",
     "evaluate",
+    "forecast_stream",
     "forecasts",
     "init_times",
+    "job_uses",
     "lat_weights",
+    "open_climatology",
     "plot_maps",
     "plot_rmse_vs_lead",
     "predict",

@@ -1,4 +1,4 @@
-"""Whole jobs: ``--mode=test`` (scores, figures, summary) and ``--mode=predict`` (forecast file).
+"""Whole jobs: ``--mode=test`` (scores, figures, summary) and ``--mode=predict`` (forecast files).
 
 Nothing here depends on the Trainer: a model, its params and a source.
 """
@@ -12,15 +12,20 @@ from typing import Any
 
 import numpy as np
 
-from aurora.batch import Batch
 from aurora.model.aurora import Aurora
 from aurora.rollout import ModelStep
 from data_builders.pipeline import WeatherSource
 from trainers.evaluation.climatology import Climatology, climatology_kind
 from trainers.evaluation.figures import plot_maps, plot_rmse_vs_lead
-from trainers.evaluation.forecast_io import write_forecast
-from trainers.evaluation.forecasts import forecasts
-from trainers.evaluation.scoring import evaluate_with_examples, level_name, write_scores
+from trainers.evaluation.forecast_store import ForecastNetcdf, ForecastZarr, Layout
+from trainers.evaluation.forecasts import checked_inits, forecast_stream
+from trainers.evaluation.scoring import evaluate_with_examples, job_uses, level_name, write_scores
+from trainers.evaluation.states import (
+    WB2_INIT_HOURS,
+    SourceStates,
+    model_variables,
+    step_seconds,
+)
 
 __all__ = ["predict", "run_evaluation"]
 
@@ -40,6 +45,9 @@ def run_evaluation(
     map_variables: Sequence[str] = (),
     map_levels: Sequence[float] = (500,),
     map_lead_steps: Sequence[int] = (1,),
+    init_hours: Sequence[int] | None = WB2_INIT_HOURS,
+    lead_steps: Sequence[int] | None = None,
+    grids: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Score, draw figures and write ``scores.csv`` and ``summary.json`` to `out_dir`.
 
@@ -61,6 +69,9 @@ def run_evaluation(
         map_levels: pressure levels to map atmospheric variables at (the first level when none
             of them exists).
         map_lead_steps: lead steps (from 1) to map.
+        init_hours: score forecasts from these hours of the day (UTC); None: every init.
+        lead_steps: lead steps (from 1) to score; None: every step.
+        grids: evaluation grids to score on as well (`trainers.evaluation.wb2.GRIDS`).
 
     Returns:
         The summary written to ``summary.json``.
@@ -76,17 +87,29 @@ def run_evaluation(
         batch_size=batch_size,
         name="aurora",
         map_lead_steps=tuple(map_lead_steps),
+        init_hours=init_hours,
+        lead_steps=lead_steps,
+        grids=grids,
     )
     paths: list[str] = []
     if figures:
         paths = [
-            str(p) for p in _figures(rows, examples, out / "figures", map_variables, map_levels)
+            str(p)
+            for p in _figures(
+                [r for r in rows if r["grid"] == "model"],
+                examples,
+                out / "figures",
+                map_variables,
+                map_levels,
+            )
         ]
     info = {
         "data_source": source.name,
         "steps": steps,
         "step_hours": step_hours,
         "climatology": climatology_kind(climatology, source),
+        "init_hours_utc": None if init_hours is None else [int(h) for h in init_hours],
+        "grids": ["model", *grids],
         "figures": paths,
     }
     written = write_scores(rows, out, {**info, **dict(provenance or {})})
@@ -128,11 +151,17 @@ def predict(
     provenance: Mapping[str, Any] | None = None,
     step_hours: float = 6,
     batch_size: int = 1,
-) -> Path:
-    """Forecast from every init time of the source and write ``forecast.nc``.
+    init_hours: Sequence[int] | None = WB2_INIT_HOURS,
+    formats: Sequence[str] = ("zarr", "netcdf"),
+    states: SourceStates | None = None,
+) -> dict[str, Path]:
+    """Forecast from the source's init times, writing each lead as it is made.
 
-    The file is CF netCDF in WB2's layout (`trainers.evaluation.forecast_io`). All forecasts
-    are held in host memory until written.
+    Writes ``forecast.zarr`` (WB2's forecast layout, `ForecastZarr`) and ``forecast.nc`` (CF
+    netCDF, `ForecastNetcdf`). Both are appendable and resumable: inits already in every file
+    are skipped, so re-running after an interruption, or with more init times, continues. Host
+    memory holds one lead of one batch of inits (and the input states of the batches ahead
+    that share them).
 
     Args:
         model: the model, or a `ModelStep` of it to reuse its compiled step.
@@ -143,34 +172,60 @@ def predict(
         provenance: what produced the model (preset, checkpoint, ...), written as attributes.
         step_hours: the model's time step in hours.
         batch_size: inits per rollout batch.
+        init_hours: forecast from inits at these hours of the day (UTC); None: every init.
+        formats: ``"zarr"`` and/or ``"netcdf"``.
+        states: the states reader (None: one that reads each input state once).
 
     Returns:
-        The path of ``forecast.nc``.
+        ``{format: path}`` of the files written.
     """
-    inits, per_lead = [], [[] for _ in range(steps)]
-    for now, _, preds in forecasts(
-        model, params, source, steps=steps, step_hours=step_hours, batch_size=batch_size
-    ):
-        inits.append(now)
-        for k, pred in enumerate(preds):
-            per_lead[k].append(pred.replace(static_vars={}).to_numpy())
-    init = np.concatenate(inits).astype("datetime64[s]")
-    predictions = [_concat(batches) for batches in per_lead]
-    path = Path(out_dir) / "forecast.nc"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = {"data_source": source.name, "steps": steps, "step_hours": step_hours}
-    write_forecast(path, init, predictions, {**info, **dict(provenance or {})})
-    return path
-
-
-def _concat(batches: list[Batch]) -> Batch:
-    """Join host batches along the batch axis."""
-    first = batches[0]
-    join = lambda group, k: np.concatenate([getattr(b, group)[k] for b in batches])
-    time = np.concatenate([np.asarray(b.metadata.time) for b in batches])
-    return Batch(
-        surf_vars={k: join("surf_vars", k) for k in first.surf_vars},
-        static_vars={},
-        atmos_vars={k: join("atmos_vars", k) for k in first.atmos_vars},
-        metadata=first.metadata.replace(time=time),
+    unknown = set(formats) - {"zarr", "netcdf"}
+    if unknown or not formats:
+        raise ValueError(f"formats must be 'zarr' and/or 'netcdf', not {list(formats)}")
+    step_fn = model if isinstance(model, ModelStep) else ModelStep(model)
+    surf, atmos, _ = model_variables(step_fn.model, source)
+    inits = checked_inits(step_fn, source, step_hours, init_hours)
+    step = step_seconds(step_hours)
+    rows = len(source.lat) // step_fn.patch_size * step_fn.patch_size
+    layout = Layout(
+        surf,
+        atmos,
+        np.arange(1, steps + 1) * step // 60,
+        source.levels,
+        source.lat[:rows],
+        source.lon,
     )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"data_source": source.name, "steps": steps, "step_hours": step_hours}
+    prov = {**info, **dict(provenance or {})}
+    paths = {"zarr": out / "forecast.zarr", "netcdf": out / "forecast.nc"}
+    whole_hours = bool(np.all(inits % 3600 == 0) and step % 3600 == 0)
+    writers: dict[str, Any] = {}
+    try:
+        for fmt in formats:
+            writers[fmt] = (
+                ForecastZarr(paths[fmt], layout, prov)
+                if fmt == "zarr"
+                else ForecastNetcdf(paths[fmt], layout, prov, whole_hours)
+            )
+        done = set.intersection(*(w.written() for w in writers.values()))
+        todo = np.array([t for t in inits.tolist() if t not in done], np.int64)
+        if states is None:
+            uses = job_uses(source, todo, step, [])
+            states = SourceStates(source, surf, atmos, uses)
+        for now, _, preds in forecast_stream(
+            step_fn, params, source, todo, states, steps=steps, batch_size=batch_size
+        ):
+            for writer in writers.values():
+                writer.begin(now)
+            for k, pred in enumerate(preds):
+                host = pred.replace(static_vars={}).to_numpy()
+                for writer in writers.values():
+                    writer.write(k, host)
+            for writer in writers.values():
+                writer.end()
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return {fmt: paths[fmt] for fmt in formats}

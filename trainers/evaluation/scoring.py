@@ -1,11 +1,14 @@
 """Score a model's rollouts against a source's own states, next to persistence and climatology.
 
-Each forecast from init ``now`` is scored at lead ``k`` against the source's state at the valid
-time ``now + k * step`` wherever that state exists (rows count their samples in ``n``; a lead
-no init can be scored at has no rows). Persistence (the state at ``now`` held fixed) and the
-climatology (`trainers.evaluation.climatology`) are scored at the same valid times, all on the
-model's grid. Scores follow WB2 (`trainers.evaluation.metrics`); the climatology forecast has no
-anomaly, so its ACC is NaN, as in WB2.
+WeatherBench2's protocol: forecasts from the inits at 00 and 12 UTC (`init_hours`), each scored
+at lead ``k`` against the source's state at the valid time ``now + k * step`` wherever that
+state exists (rows count their samples in ``n``; a lead no init can be scored at has no rows).
+Persistence (the state at ``now`` held fixed) and the climatology
+(`trainers.evaluation.climatology`) are scored at the same valid times, on the model's grid and
+on each named evaluation grid, to which forecast, truth, persistence and climatology are all
+regridded the same way (`trainers.evaluation.wb2.regrid_batch`). Scores follow WB2
+(`trainers.evaluation.metrics`); the climatology forecast has no anomaly, so its ACC is NaN, as
+in WB2.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,16 +31,24 @@ from aurora.model.aurora import Aurora
 from aurora.rollout import ModelStep
 from data_builders.pipeline import WeatherSource
 from trainers.evaluation.climatology import Climatology, climatology_batch, source_mean
-from trainers.evaluation.forecasts import forecasts
+from trainers.evaluation.forecasts import checked_inits, forecast_stream
 from trainers.evaluation.metrics import ScoreTotals, score_batch
-from trainers.evaluation.states import SourceStates, model_variables, step_seconds
+from trainers.evaluation.states import (
+    WB2_INIT_HOURS,
+    SourceStates,
+    model_variables,
+    step_seconds,
+)
+from trainers.evaluation.wb2 import evaluation_grid, regrid_batch
 
 __all__ = ["COLUMNS", "evaluate", "evaluate_with_examples", "level_name", "write_scores"]
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("model", "variable", "level", "lead_time_h", "rmse", "mae", "bias", "acc", "n")
-"""Columns of every score row and of ``scores.csv``."""
+METRIC_COLUMNS = ("rmse", "mae", "bias", "acc", "n")
+COLUMNS = ("model", "grid", "variable", "level", "lead_time_h", *METRIC_COLUMNS)
+"""Columns of every score row and of ``scores.csv``: ``grid`` is ``model`` (the model's own
+grid) or an evaluation grid's name."""
 
 
 def evaluate(
@@ -49,6 +61,9 @@ def evaluate(
     climatology: Climatology = None,
     batch_size: int = 1,
     name: str = "aurora",
+    init_hours: Sequence[int] | None = WB2_INIT_HOURS,
+    lead_steps: Sequence[int] | None = None,
+    grids: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Score rows for the model, persistence and climatology (see the module docstring).
 
@@ -61,10 +76,13 @@ def evaluate(
         climatology: the climatology (None: the source's mean, `source_mean`).
         batch_size: inits per rollout batch.
         name: the model's name in the rows.
+        init_hours: score forecasts from these hours of the day (UTC); None: every init.
+        lead_steps: score these lead steps (from 1, at most `steps`); None: every step.
+        grids: evaluation grids (`trainers.evaluation.wb2.GRIDS` names) to score on as well.
 
     Returns:
-        One row (`COLUMNS`) per model, variable, level (None for surface variables) and lead
-        time in hours.
+        One row (`COLUMNS`) per model, grid, variable, level (None for surface variables) and
+        lead time in hours.
     """
     rows, _ = evaluate_with_examples(
         model,
@@ -75,8 +93,27 @@ def evaluate(
         climatology=climatology,
         batch_size=batch_size,
         name=name,
+        init_hours=init_hours,
+        lead_steps=lead_steps,
+        grids=grids,
     )
     return rows
+
+
+class _Shared:
+    """Values by key, made on first use and dropped after the last of the counted uses."""
+
+    def __init__(self, uses: Counter[int]) -> None:
+        self.pending, self.kept = Counter(uses), {}
+
+    def get(self, key: int, make: Any, n: int = 1) -> Any:
+        value = self.kept[key] if key in self.kept else make()
+        self.pending[key] -= n
+        if self.pending[key] > 0:
+            self.kept[key] = value
+        else:
+            self.kept.pop(key, None)
+        return value
 
 
 def evaluate_with_examples(
@@ -90,12 +127,24 @@ def evaluate_with_examples(
     batch_size: int,
     name: str,
     map_lead_steps: Sequence[int] = (1,),
+    init_hours: Sequence[int] | None = WB2_INIT_HOURS,
+    lead_steps: Sequence[int] | None = None,
+    grids: Sequence[str] = (),
+    states: SourceStates | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """`evaluate`, plus the first scored prediction and truth at each of `map_lead_steps`.
 
+    Each state is read once (a `SourceStates` with the job's uses): the inputs of a forecast
+    and the truth at every valid time are shared by all forecasts that need them and dropped
+    after the last, so memory holds the states of one rollout's span, whatever the number of
+    inits. So is the climatology at each valid time.
+
     Args:
-        model, params, source, steps, step_hours, climatology, batch_size, name: as `evaluate`.
+        model, params, source, steps, step_hours, climatology, batch_size, name, init_hours,
+        lead_steps, grids: as `evaluate`.
         map_lead_steps: the lead steps (from 1) to keep an example of, for map figures.
+        states: the states reader to use (None: one with this job's uses); pass one to count
+            its reads.
 
     Returns:
         `evaluate`'s rows, and per lead step that has a scored sample (ascending)
@@ -106,32 +155,57 @@ def evaluate_with_examples(
     clim = source_mean(source) if climatology is None else climatology
     step_fn = model if isinstance(model, ModelStep) else ModelStep(model)
     surf, atmos, _ = model_variables(step_fn.model, source)
-    states = SourceStates(source, surf, atmos)
-    score = _SCORE
-    totals = {
-        (m, k): ScoreTotals(source.levels)
-        for m in (name, "persistence", "climatology")
-        for k in range(1, steps + 1)
-    }
+    inits = checked_inits(step_fn, source, step_hours, init_hours)
+    scored = sorted({int(k) for k in lead_steps}) if lead_steps else list(range(1, steps + 1))
+    if scored[0] < 1 or scored[-1] > steps:
+        raise ValueError(f"lead_steps {scored} must lie in 1..{steps}")
+    if states is None:
+        states = SourceStates(source, surf, atmos, job_uses(source, inits, step, scored))
+    valid_uses = Counter(
+        int(t) for t in (inits[:, None] + np.asarray(scored) * step).ravel() if states.has(t)
+    )
+    shared_clim = _Shared(valid_uses)
+    grid_names = ["model", *grids]
+    totals: dict[tuple[str, str, int], ScoreTotals] = {}
     examples: dict[int, dict[str, Any]] = {}
-    for now, inputs, preds in forecasts(
-        step_fn, params, source, steps=steps, step_hours=step_hours, batch_size=batch_size
+    targets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for now, inputs, preds in forecast_stream(
+        step_fn, params, source, inits, states, steps=steps, batch_size=batch_size
     ):
-        rows = preds[0].spatial_shape[0]
-        persistence = _last_state(inputs, rows)
+        persistence: Batch | None = None
         for k, pred in enumerate(preds, start=1):
-            valid = now + k * step
-            mask = np.array([states.has(t) for t in valid], np.float32)
-            if not mask.any():
+            if k not in scored:
                 continue
+            valid = now + k * step
+            present = [int(t) for t in valid if states.has(t)]
+            if not present:
+                continue
+            rows = pred.spatial_shape[0]
+            if persistence is None:
+                persistence = _last_state(inputs, rows)
+            mask = np.array([states.has(t) for t in valid], np.float32)
             s, a = states.stack(valid[:, None], rows)
             metadata = persistence.metadata.replace(time=(valid // 60).astype(np.int32))
             truth = Batch(surf_vars=s, static_vars={}, atmos_vars=a, metadata=metadata)
-            climate = climatology_batch(clim, valid, truth)
+            fields = {
+                t: shared_clim.get(t, lambda t=t: _at(clim, t), n)
+                for t, n in Counter(present).items()
+            }
+            fill = fields[present[0]]  # rows without a truth are masked out of the scores
+            climate = climatology_batch(
+                lambda t, fields=fields, fill=fill: fields.get(int(t), fill), valid, truth
+            )
             forecast = pred.replace(static_vars={})
-            totals[(name, k)].add(score(forecast, truth, climate, mask))
-            totals[("persistence", k)].add(score(persistence, truth, climate, mask))
-            totals[("climatology", k)].add(score(climate, truth, climate, mask))
+            for grid in grid_names:
+                batches = [forecast, persistence, climate, truth]
+                if grid != "model":
+                    if grid not in targets:
+                        targets[grid] = evaluation_grid(grid, np.asarray(metadata.lat))
+                    batches = [regrid_batch(b, *targets[grid]) for b in batches]
+                f, p, c, o = batches
+                for model_name, x in ((name, f), ("persistence", p), ("climatology", c)):
+                    total = totals.setdefault((model_name, grid, k), ScoreTotals(source.levels))
+                    total.add(_SCORE(x, o, c, mask))
             if k in map_lead_steps and k not in examples:
                 i = int(np.flatnonzero(mask)[0])
                 examples[k] = {
@@ -140,15 +214,19 @@ def evaluate_with_examples(
                     "lead_h": k * step / 3600,
                 }
     out = []
-    for (model_name, k), total in totals.items():
+    order = {m: i for i, m in enumerate((name, "persistence", "climatology"))}
+    for (model_name, grid, k), total in sorted(
+        totals.items(), key=lambda kv: (order[kv[0][0]], grid_names.index(kv[0][1]), kv[0][2])
+    ):
         for row in total.rows():
             out.append(
                 {
                     "model": model_name,
+                    "grid": grid,
                     "variable": row["variable"],
                     "level": row["level"],
                     "lead_time_h": k * step / 3600,
-                    **{c: row[c] for c in COLUMNS[4:]},
+                    **{c: row[c] for c in METRIC_COLUMNS},
                 }
             )
     if not out:
@@ -156,6 +234,35 @@ def evaluate_with_examples(
             "%s: no valid time of any forecast is in the source; nothing scored", source.name
         )
     return out, [examples[k] for k in sorted(examples)]
+
+
+def job_uses(
+    source: WeatherSource, inits: np.ndarray, step: int, lead_steps: Sequence[int]
+) -> Counter[int]:
+    """How often a scoring job asks for each state: two inputs per init, a truth per lead.
+
+    Args:
+        source: the states.
+        inits: init times, int seconds.
+        step: the model's step in seconds.
+        lead_steps: the lead steps scored.
+
+    Returns:
+        int seconds -> uses, for the times the source has.
+    """
+    have = set(source.times.tolist())
+    uses: Counter[int] = Counter()
+    for now in np.asarray(inits, np.int64).tolist():
+        uses[now - step] += 1
+        uses[now] += 1
+        for k in lead_steps:
+            if now + k * step in have:
+                uses[now + k * step] += 1
+    return uses
+
+
+def _at(clim: Climatology, t: int) -> Any:
+    return clim(t) if callable(clim) else clim
 
 
 _SCORE = jax.jit(score_batch)  # a pure function, compiled once per batch layout, not per call

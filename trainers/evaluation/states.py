@@ -6,28 +6,42 @@ two history states ``now - step`` and ``now``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections import Counter
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from aurora.model.aurora import Aurora
 from data_builders.pipeline import WeatherSource, find_windows
 
-__all__ = ["SourceStates", "init_times", "model_variables", "step_seconds"]
+State = dict[str, dict[str, np.ndarray]]
+"""One time's fields: ``{"surf": {name: (h, w)}, "atmos": {name: (c, h, w)}}``, float32."""
+
+__all__ = ["WB2_INIT_HOURS", "SourceStates", "init_times", "model_variables", "step_seconds"]
+
+WB2_INIT_HOURS = (0, 12)
+"""WeatherBench2 initialises its forecasts at 00 and 12 UTC."""
 
 
-def init_times(source: WeatherSource, step_hours: float = 6) -> np.ndarray:
+def init_times(
+    source: WeatherSource, step_hours: float = 6, hours: Sequence[int] | None = None
+) -> np.ndarray:
     """Init times whose two history states (``now - step`` and ``now``) are both in the source.
 
     Args:
         source: the states.
         step_hours: the model's time step in hours.
+        hours: keep only inits at these hours of the day (UTC), e.g. `WB2_INIT_HOURS`;
+            None: every hour.
 
     Returns:
         Sorted int64 seconds since 1970, shape `(n,)`.
     """
-    return find_windows(source.times, step_seconds(step_hours), 0)
+    inits = find_windows(source.times, step_seconds(step_hours), 0)
+    if hours is None:
+        return inits
+    seconds_of_day = inits % 86400
+    return inits[np.isin(seconds_of_day, [int(h) * 3600 for h in hours])]
 
 
 def step_seconds(step_hours: float) -> int:
@@ -49,17 +63,38 @@ def step_seconds(step_hours: float) -> int:
 
 
 class SourceStates:
-    """Reads the source's states by time and stacks them into arrays (one read per record).
+    """Reads the source's states by time and stacks them into arrays.
+
+    Given `uses` (how many times each time will be asked for, over a whole job), every state is
+    read once: it is kept from its first use to its last and then dropped, so the truth of a
+    valid time is shared by every forecast that needs it and memory holds only the states some
+    pending forecast still needs. Without `uses` each `stack` call reads what it needs.
 
     Args:
         source: the states.
         surf: the surface variables to read.
         atmos: the atmospheric variables to read.
+        uses: int seconds -> how many times `stack` will be asked for that time; None: no
+            sharing between calls.
+
+    Attributes:
+        reads: records read so far, by time (for tests and benchmarks).
+        most_kept: the most states kept at once.
     """
 
-    def __init__(self, source: WeatherSource, surf: Sequence[str], atmos: Sequence[str]) -> None:
+    def __init__(
+        self,
+        source: WeatherSource,
+        surf: Sequence[str],
+        atmos: Sequence[str],
+        uses: Mapping[int, int] | None = None,
+    ) -> None:
         self.source, self.surf, self.atmos = source, tuple(surf), tuple(atmos)
         self.index = {int(t): i for i, t in enumerate(source.times)}
+        self._pending = None if uses is None else Counter({int(t): n for t, n in uses.items()})
+        self._kept: dict[int, State] = {}
+        self.reads: Counter[int] = Counter()
+        self.most_kept = 0
 
     def has(self, t: int) -> bool:
         """Whether the source has the state at time `t` (int seconds)."""
@@ -70,6 +105,8 @@ class SourceStates:
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The states at `times`, cut to the first `rows` latitudes (all by default).
 
+        Each entry of `times` that the source has counts as one use of that time.
+
         Args:
             times: int seconds, shape `(b, T)`.
             rows: how many latitude rows to keep.
@@ -78,37 +115,44 @@ class SourceStates:
             Surface `{name: (b, T, h, w)}` and atmospheric `{name: (b, T, c, h, w)}` float32
             arrays; a time not in the source gives zeros.
         """
-        cache: dict[int, Any] = {}
-        out_s: dict[str, np.ndarray] = {}
-        out_a: dict[str, np.ndarray] = {}
-        for group, names, out in (("surf", self.surf, out_s), ("atmos", self.atmos, out_a)):
+        times = np.asarray(times, np.int64)
+        wanted = Counter(int(t) for t in times.ravel() if self.has(t))
+        states = {t: self._take(t, n) for t, n in wanted.items()}
+        out: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] = ({}, {})
+        for group, names, dest in (("surf", self.surf, out[0]), ("atmos", self.atmos, out[1])):
+            zeros = np.zeros(self._shape(group), np.float32)
             for name in names:
-                parts = []
-                for row in times:
-                    fields = []
-                    for t in row:
-                        record = self._record(int(t), cache)
-                        fields.append(
-                            None if record is None else np.asarray(record[group][name], np.float32)
-                        )
-                    shape = next((f.shape for f in fields if f is not None), None)
-                    shape = shape or self._shape(group)
-                    fields = [np.zeros(shape, np.float32) if f is None else f for f in fields]
-                    parts.append(np.stack(fields))
-                out[name] = np.stack(parts)[..., :rows, :]
-        return out_s, out_a
+                fields = [
+                    [states[int(t)][group][name] if int(t) in states else zeros for t in row]
+                    for row in times
+                ]
+                dest[name] = np.stack([np.stack(row) for row in fields])[..., :rows, :]
+        return out
 
-    def _record(self, t: int, cache: dict[int, Any]) -> Any:
-        if t not in self.index:
-            return None
-        if t not in cache:
-            record = self.source.records[self.index[t]]
-            if int(record["time"]) != t:
-                raise ValueError(
-                    f"{self.source.name}: record for {t} holds time {int(record['time'])}"
-                )
-            cache[t] = record
-        return cache[t]
+    def _take(self, t: int, n: int) -> State:
+        """The state at `t`, used `n` times: read on first use, dropped after the last."""
+        state = self._kept.get(t)
+        if state is None:
+            state = self._read(t)
+        if self._pending is None:
+            return state
+        self._pending[t] -= n
+        if self._pending[t] > 0:
+            self._kept[t] = state
+            self.most_kept = max(self.most_kept, len(self._kept))
+        else:
+            self._kept.pop(t, None)
+        return state
+
+    def _read(self, t: int) -> State:
+        record = self.source.records[self.index[t]]
+        if int(record["time"]) != t:
+            raise ValueError(f"{self.source.name}: record for {t} holds time {int(record['time'])}")
+        self.reads[t] += 1
+        return {
+            "surf": {k: np.asarray(record["surf"][k], np.float32) for k in self.surf},
+            "atmos": {k: np.asarray(record["atmos"][k], np.float32) for k in self.atmos},
+        }
 
     def _shape(self, group: str) -> tuple[int, ...]:
         h, w = len(self.source.lat), len(self.source.lon)
