@@ -20,7 +20,9 @@ import inspect
 import io
 import json
 import logging
+import multiprocessing
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,16 @@ from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from aurora import variables
 from aurora.jsonable import jsonable
+from data_builders.blob_store import (
+    BlobFiles,
+    BlobStore,
+    ChunkIndex,
+    bin_start,
+    field_stats,
+    identity,
+    merge_stats,
+    source_stamps,
+)
 from data_builders.readers import (
     ATMOS_VARS,
     STATIC_KEYS,
@@ -42,6 +54,7 @@ from data_builders.readers import (
     DataError,
     open_dataset,
     regrid,
+    valid_times,
 )
 from data_builders.stats import RunningStats, stat_key
 
@@ -62,12 +75,15 @@ log = logging.getLogger(__name__)
 
 # Floats, as `make_config` stores levels (the default is hashed into the dataset folder name).
 AURORA_LEVELS = tuple(float(p) for p in variables.AURORA_LEVELS)
-FORMAT_VERSION = 2  # 2: one raw little-endian float32 blob per record (`record_layout`)
+# 2: one raw little-endian float32 blob per record (`record_layout`); 3: the blobs live in
+# shared chunk files (`blob_store`) and records hold references to them.
+FORMAT_VERSION = 3
 CODECS = ("none", "zstd", "lz4")
 _ZSTD_LEVEL = 3
 _STATIC_FILE = "static.npz"
 _METADATA_FILE = "metadata.json"
 _NO_TIME = "no data left"  # readers' message when no file has a time in the selected range
+_BLOBS = "_blobs"  # <data_dir>/<builder>/_blobs/<identity>/: the chunk files (`blob_store`)
 
 TimeRange = tuple[str | None, str | None]
 
@@ -317,33 +333,42 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
          "surf":  {"2t": float32 (h, w), ...},         # present when surf_vars is not empty
          "atmos": {"z": float32 (levels, h, w), ...}}  # present when atmos_vars is not empty
 
-    On disk (record format 2) an example is a TFDS example of two features: ``time`` and
-    ``data``, one blob holding every field as little-endian float32, C order, surface variables
-    then atmospheric ones, each group in config order; ``record_layout`` in the metadata lists
-    ``[group, name, shape, byte offset]`` per field. The blob is compressed with the config's
-    ``codec`` (``"none"``, ``"zstd"`` or ``"lz4"``; array_record's own compression is off), and
-    `WeatherRecords` reads it without TFDS's feature decoding: the fields are `np.frombuffer`
-    views of the record's bytes (read-only), so a record costs one read (plus one decompression).
+    On disk (record format 3) each valid time is one blob holding every field as little-endian
+    float32, C order, surface variables then atmospheric ones, each group in config order;
+    ``record_layout`` in the metadata lists ``[group, name, shape, byte offset]`` per field. The
+    blob is compressed with the config's ``codec`` (``"none"``, ``"zstd"`` or ``"lz4"``). Blobs
+    live in chunk files shared by every build of the same variables, levels and grid
+    (`data_builders.blob_store`: ``<data_dir>/<builder>/_blobs/<identity>/``), one file per
+    aligned bin of ``chunk_hours``; the TFDS example of a time is only a reference to its blob
+    (``time``, ``file``, ``offset``, ``nbytes``). `WeatherRecords` reads a record with one
+    ``preadv`` and hands out read-only `np.frombuffer` views of it.
+
+    Building plans first (`_source_times`: the valid times the sources hold, from metadata
+    only), then writes the chunks not stored yet, in ``build_workers`` processes when more than
+    one (``spawn``ed; the builder class must be importable). A chunk whose source files changed
+    (size or mtime) is rebuilt. Extending the time range or moving a split boundary therefore
+    writes only the new chunks; the TFDS folder (named by the whole config) is rebuilt from the
+    stored chunks in seconds. Statistics are stored per time with each chunk and pooled for the
+    stats split, so they do not depend on how times were chunked.
 
     Records are shuffled at write time by TFDS's shuffler (sorted by an md5 hash of key and split
-    name; it spills to buckets on disk, so a build's memory stays bounded). The key is the
-    timestamp, so the record order is known when a split is written: it is stored in the
-    metadata (``times``) and checked after the build and by the pipeline on every record it reads.
-    TFDS spills with ``tf.io.gfile``; without TensorFlow `download_and_prepare` lends it
-    plain-file equivalents (`_tf_free_shuffler`). Sources are read in time chunks of
-    ``chunk_hours`` (default one day), so a year at 0.25 degrees never sits in memory at once (a
-    split range with an open end is read in one go).
+    name). The key is the timestamp, so the record order is known when a split is written: it is
+    stored in the metadata (``times``) and checked after the build and by the pipeline on every
+    record it reads. TFDS spills with ``tf.io.gfile``; without TensorFlow `download_and_prepare`
+    lends it plain-file equivalents (`_tf_free_shuffler`). Sources are read one chunk of
+    ``chunk_hours`` (default one day) at a time, so a year at 0.25 degrees never sits in memory.
 
     Subclasses set `name`, `DESCRIPTION`, `LOSS_WEIGHT` and may change config defaults through
-    `DEFAULTS`. `_read_dynamic` / `_read_static` are the two reading hooks (the benchmark and
-    tests override them to feed synthetic data through the real writing path).
+    `DEFAULTS`. `_source_times`, `_read_dynamic` and `_read_static` are the reading hooks (the
+    benchmark and tests override them to feed synthetic data through the real writing path).
     """
 
     name = "weather"
-    VERSION = tfds.core.Version("2.0.0")
+    VERSION = tfds.core.Version("3.0.0")
     RELEASE_NOTES = {
         "1.0.0": "One example per valid time; stats and statics in the metadata.",
         "2.0.0": "Record format 2: one raw float32 blob per example, optional codec.",
+        "3.0.0": "Record format 3: blobs in shared chunk files, examples reference them.",
     }
     DESCRIPTION = "Weather states on a regular latitude/longitude grid."
     CITATION = ""
@@ -368,6 +393,7 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         config: WeatherConfig | None = None,
         data_dir: str | Path | None = None,
         file_format: str = "array_record",
+        build_workers: int = 1,
         **fields: Any,
     ) -> None:
         if config is None:
@@ -376,6 +402,9 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             raise TypeError(f"pass either config= or option keywords, not both: {sorted(fields)}")
         if str(getattr(file_format, "value", file_format)) != "array_record":
             raise DataError(f"{self.name}: file_format must be array_record (no TensorFlow here)")
+        if int(build_workers) < 1:
+            raise DataError(f"{self.name}: build_workers must be at least 1, got {build_workers}")
+        self.build_workers = int(build_workers)
         self._grid: tuple[np.ndarray, np.ndarray] | None = None
         self._levels: tuple[float, ...] | None = None
         self._units: dict[str, str] = {}
@@ -435,37 +464,156 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             static_vars=list(cfg.static_vars),
             stats={},
             stats_split=cfg.stats_split,
+            blob_dir=f"{_BLOBS}/{self.blob_identity()}",
         )
-        return {name: self._generate_examples(name, ranges) for name, ranges in cfg.splits}
+        plan = self._plan()
+        every = np.unique(np.concatenate(list(plan.values())))
+        chunks = self._build_chunks(np.unique(bin_start(every, cfg.chunk_hours)).tolist())
+        self._adopt_grid(chunks)
+        return {name: self._generate_examples(name, plan[name], chunks) for name, _ in cfg.splits}
 
-    def _generate_examples(
-        self, split: str, ranges: tuple[TimeRange, ...]
-    ) -> Iterator[tuple[int, dict[str, Any]]]:
-        """Examples of one split in time order; statistics on the stats split; times recorded."""
+    def _plan(self) -> dict[str, np.ndarray]:
+        """The valid times (seconds, increasing) of each split, before any data are read."""
         cfg = self.builder_config
-        acc = RunningStats() if split == cfg.stats_split else None
-        times: list[int] = []
-        for ds in self._chunks(ranges):
-            seconds = _seconds(ds["time"].values, self._source())
+        times = _seconds(self._source_times(), self._source())
+        plan = {}
+        for name, ranges in cfg.splits:
+            keep = np.zeros(times.shape, bool)
+            for r in ranges:
+                lo, hi = (int(b.astype("datetime64[s]").astype(np.int64)) for b in _bounds(r))
+                keep |= (times >= lo) & (times <= hi)
+            if not keep.any():
+                raise DataError(f"{self._source()}: no valid times in split {name} {list(ranges)}")
+            plan[name] = times[keep]
+        return plan
+
+    def _build_chunks(self, starts: list[int]) -> dict[int, ChunkIndex]:
+        """Every chunk the splits need: stored ones are reused, the others written (in parallel)."""
+        store = BlobStore(self.blob_root())
+        chunks = {s: store.load(s) for s in starts}
+        todo = [s for s, index in chunks.items() if index is None]
+        log.info(
+            "%s: %d of %d time chunks stored in %s; writing %d with %d worker(s)",
+            self._source(),
+            len(starts) - len(todo),
+            len(starts),
+            store.root,
+            len(todo),
+            min(self.build_workers, max(len(todo), 1)),
+        )
+        if self.build_workers > 1 and len(todo) > 1:
+            context = multiprocessing.get_context("spawn")  # JAX's threads make fork unsafe
+            workers = min(self.build_workers, len(todo))
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                args = (type(self), self.builder_config, str(self.data_dir_root))
+                futures = {s: pool.submit(_write_chunk_in_worker, *args, s) for s in todo}
+                for s, future in futures.items():
+                    chunks[s] = future.result()
+        else:
+            for s in todo:
+                chunks[s] = self._write_chunk(store, s)
+        return {s: index for s, index in chunks.items() if index is not None}
+
+    def _write_chunk(self, store: BlobStore, start: int) -> ChunkIndex:
+        """Read, regrid, pack and store the source's times in the bin starting at `start`."""
+        cfg = self.builder_config
+        width = np.timedelta64(cfg.chunk_hours * 3600, "s")
+        t0 = np.datetime64(int(start), "s")
+        ns = np.timedelta64(1, "ns")
+        ds = self._read_dynamic(slice(t0.astype("datetime64[ns]"), (t0 + width) - ns))
+        if ds is None or not ds.sizes.get("time", 0):
+            raise DataError(f"{self._source()}: no data read for the chunk starting {t0}")
+        ds = self._regridded(ds)
+        lat, lon = ds["latitude"].values, ds["longitude"].values
+        levels = [float(x) for x in ds["level"].values] if "level" in ds.dims else []
+        layout = record_layout(cfg, (len(lat), len(lon)), len(levels))
+        keys = _stat_keys(cfg, levels)
+        seconds = _seconds(ds["time"].values, self._source())
+
+        def records() -> Iterator[tuple[int, bytes, np.ndarray]]:
             for i, t in enumerate(seconds):
                 example = self._example(ds, i, int(t))
-                if acc is not None:
-                    acc.add_example(example.get("surf", {}), example.get("atmos", {}), self._levels)
-                times.append(int(t))
-                yield int(t), {"time": np.int64(t), "data": self._pack(example)}
-        if not times:
-            raise DataError(f"{self._source()}: no valid times in split {split} {list(ranges)}")
-        self.info.metadata["times"][split] = record_order(split, times)
-        if acc is not None:
-            self._store_stats(acc)
+                fields = [example["surf"][v] for v in cfg.surf_vars] + [
+                    example["atmos"][v][j] for v in cfg.atmos_vars for j in range(len(levels))
+                ]
+                yield int(t), self._pack(example, layout), field_stats(fields)
+
+        files = [
+            f.strip()
+            for v in ds.data_vars.values()
+            for f in str(v.attrs.get("source_file", "")).split(";")
+            if f.strip()
+        ]
+        return store.write(
+            start,
+            records(),
+            stat_keys=keys,
+            lat=lat,
+            lon=lon,
+            levels=levels,
+            units={str(k): str(v.attrs.get("units", "")) for k, v in ds.data_vars.items()},
+            sources=source_stamps(files),
+        )
+
+    def _adopt_grid(self, chunks: Mapping[int, ChunkIndex]) -> None:
+        """Take grid, levels and units from the first chunk; every chunk must agree."""
+        for start in sorted(chunks):
+            index = chunks[start]
+            if self._grid is None:
+                self._grid, self._levels = (index.lat, index.lon), tuple(index.levels)
+                self._units = dict(index.units)
+                self._store_grid_and_static()
+            elif (
+                index.lat.shape != self._grid[0].shape
+                or index.lon.shape != self._grid[1].shape
+                or not np.allclose(index.lat, self._grid[0], atol=1e-6)
+                or not np.allclose(index.lon, self._grid[1], atol=1e-6)
+                or tuple(index.levels) != self._levels
+            ):
+                raise DataError(
+                    f"{self._source()}: grid or levels change between time chunks "
+                    f"(at {np.datetime64(int(index.times[0]), 's')}); regrid with resolution="
+                )
+
+    def _generate_examples(
+        self, split: str, times: np.ndarray, chunks: Mapping[int, ChunkIndex]
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """References to the split's records in time order; statistics on the stats split."""
+        cfg = self.builder_config
+        store = BlobStore(self.blob_root())
+        rows, keys = [], None
+        for t, start in zip(times.tolist(), bin_start(times, cfg.chunk_hours).tolist()):
+            index = chunks[start]
+            j = int(np.searchsorted(index.times, t))
+            if j >= len(index.times) or int(index.times[j]) != t:
+                raise DataError(
+                    f"{self._source()}: {np.datetime64(t, 's')} is listed by the source but "
+                    "was not read from it; the source changed while building?"
+                )
+            rows.append(index.stats[j])
+            keys = index.stat_keys
+            ref = {
+                "time": np.int64(t),
+                "file": store.file_name(start),
+                "offset": np.int64(index.offsets[j]),
+                "nbytes": np.int64(index.nbytes[j]),
+            }
+            yield t, ref
+        self.info.metadata["times"][split] = record_order(split, times.tolist())
+        if split == cfg.stats_split and keys is not None:
+            self._store_stats(keys, np.stack(rows))
 
     def _features(self) -> dict[str, Any]:
-        """Feature spec of record format 2: the time and one bytes blob (`record_layout`)."""
-        return {"time": tfds.features.Scalar(np.int64), "data": tfds.features.Scalar(np.object_)}
+        """Feature spec of record format 3: the time and where its blob lies (`blob_store`)."""
+        return {
+            "time": tfds.features.Scalar(np.int64),
+            "file": tfds.features.Scalar(np.object_),
+            "offset": tfds.features.Scalar(np.int64),
+            "nbytes": tfds.features.Scalar(np.int64),
+        }
 
-    def _pack(self, example: Mapping[str, Any]) -> bytes:
+    def _pack(self, example: Mapping[str, Any], layout: Mapping[str, Any]) -> bytes:
         """A canonical example -> its blob: fields at their `record_layout` offsets, encoded."""
-        layout = self.info.metadata["record_layout"]
         buf = np.empty(layout["nbytes"] // 4, "<f4")
         for group, name, shape, offset in layout["fields"]:
             x = example[group][name]
@@ -476,6 +624,29 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 )
             buf[offset // 4 : offset // 4 + x.size] = x.ravel()
         return _encode(buf.data, self.builder_config.codec)
+
+    def blob_identity(self) -> str:
+        """What the stored fields are, without the time range or splits (`blob_store.identity`)."""
+        cfg = config_dict(self.builder_config)
+        keep = (
+            "surf_vars",
+            "atmos_vars",
+            "levels",
+            "resolution",
+            "regrid_method",
+            "chunk_hours",
+            "fill_nan",
+            "member",
+            "init_time",
+            "codec",
+        )
+        return identity(
+            {"builder": self.name, "format": FORMAT_VERSION, **{k: cfg[k] for k in keep}}
+        )
+
+    def blob_root(self) -> Path:
+        """The folder of this config's chunk files."""
+        return Path(self.data_dir_root) / self.name / _BLOBS / self.blob_identity()
 
     def as_data_source(self, split: str, *args: Any, **kwargs: Any) -> WeatherRecords:  # type: ignore[override]
         """Random access to the records of `split` (`WeatherRecords`; picklable).
@@ -498,7 +669,10 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             raise DataError(
                 f"{self._source()}: no split {split!r}; have {list(self.info.splits)}"
             ) from e
-        return WeatherRecords(instructions, meta["record_layout"], f"{self._source()}/{split}")
+        blobs = Path(self.data_dir_root) / self.name / meta["blob_dir"]
+        return WeatherRecords(
+            instructions, meta["record_layout"], f"{self._source()}/{split}", blobs
+        )
 
     # ---- reading --------------------------------------------------------------------------
 
@@ -506,6 +680,16 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """How error messages name this dataset: builder, config and files."""
         files = ", ".join(Path(p).name for p in self.builder_config.paths)
         return f"{self.name}/{self.builder_config.name} ({files})"
+
+    def _source_times(self) -> np.ndarray:
+        """The valid times (datetime64) the sources hold, from their metadata only."""
+        cfg = self.builder_config
+        return valid_times(
+            list(cfg.paths),
+            variables=list(cfg.surf_vars) + list(cfg.atmos_vars),
+            member=cfg.member,
+            init_time=cfg.init_time,
+        )
 
     def _read_dynamic(self, time: slice) -> xr.Dataset | None:
         """Canonical surface + atmospheric data for one time range; None if no file has one."""
@@ -532,33 +716,14 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         keys = [STATIC_KEYS[v] for v in cfg.static_vars]
         return open_dataset(list(cfg.static_paths or cfg.paths), variables=keys)
 
-    def _chunks(self, ranges: Sequence[TimeRange]) -> Iterator[xr.Dataset]:
-        """The split's data, chunk by chunk, checked and on the target grid."""
-        for r in ranges:
-            for time in _time_slices(r, self.builder_config.chunk_hours):
-                ds = self._read_dynamic(time)
-                if ds is not None and ds.sizes.get("time", 0):
-                    yield self._on_grid(ds)
-
-    def _on_grid(self, ds: xr.Dataset) -> xr.Dataset:
-        """Regrid to the configured grid; every chunk must agree on grid, levels and layout."""
+    def _regridded(self, ds: xr.Dataset) -> xr.Dataset:
+        """Checked and on the configured grid."""
         cfg = self.builder_config
         self._check_layout(ds)
         if cfg.resolution is not None:
             lat, lon = global_grid(cfg.resolution)
             if not _same_grid(ds, lat, lon):
                 ds = regrid(ds, lat, lon, method=cfg.regrid_method)
-        lat, lon = ds["latitude"].values, ds["longitude"].values
-        levels = tuple(float(x) for x in ds["level"].values) if "level" in ds.dims else ()
-        if self._grid is None:
-            self._grid, self._levels = (lat, lon), levels
-            self._units = {str(k): str(v.attrs.get("units", "")) for k, v in ds.data_vars.items()}
-            self._store_grid_and_static()
-        elif not _same_grid(ds, *self._grid) or levels != self._levels:
-            raise DataError(
-                f"{self._source()}: grid or levels change between time chunks "
-                f"(at {str(ds['time'].values[0])[:19]}); regrid with resolution="
-            )
         return ds
 
     def _check_layout(self, ds: xr.Dataset) -> None:
@@ -615,15 +780,17 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             meta["units"][f"static/{name}"] = str(da.attrs.get("units", ""))
         meta["static"] = fields
 
-    def _store_stats(self, acc: RunningStats) -> None:
-        """Per-variable (per-level) statistics of the stats split, plus the static fields'."""
-        stats = acc.result()
+    def _store_stats(self, keys: Sequence[str], rows: np.ndarray) -> None:
+        """Pooled statistics of the stats split (`merge_stats`), plus the static fields'."""
+        count, mean, std = merge_stats(rows)
+        stats = {k: (float(m), float(d)) for k, m, d in zip(keys, mean, std)}
+        counts = {k: int(n) for k, n in zip(keys, count)}
         for name, field in (self.info.metadata.get("static") or {}).items():
             s = RunningStats()
             s.add_field(name, field)
             stats[stat_key(name)] = s.result()[name]
         self.info.metadata["stats"] = {k: [float(m), float(s)] for k, (m, s) in stats.items()}
-        self.info.metadata["stats_count"] = acc.counts()
+        self.info.metadata["stats_count"] = counts
 
     def _check_existing(self) -> None:
         """A named config must not silently reuse a dataset built from another config."""
@@ -674,23 +841,31 @@ class WeatherBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 class WeatherRecords:
     """The records of one split of a built dataset: ``len``, ``[i]`` -> the canonical dict.
 
-    Reads array_record's raw bytes and takes the example apart itself (`_parse_example`)
-    instead of TFDS's feature decoding, which copies and converts every field: the fields are
-    read-only `np.frombuffer` views of the record's (decompressed) bytes. Picklable (file
-    instructions and layout; readers reopen lazily), so Grain worker processes can use it.
+    Reads the split's small array_record references and each record's blob with one
+    ``preadv`` from its chunk file (`blob_store.BlobFiles`), then decodes it: the fields are
+    read-only `np.frombuffer` views of the blob. Picklable (file instructions, layout and the
+    blob folder; files reopen lazily), so Grain worker processes can use it.
 
     Args:
         instructions: The split's TFDS file instructions (file, skip, take).
         layout: The dataset's ``record_layout`` (metadata).
         name: For error messages.
+        blob_root: The folder of the dataset's chunk files.
     """
 
-    def __init__(self, instructions: Sequence[Any], layout: Mapping[str, Any], name: str) -> None:
+    def __init__(
+        self,
+        instructions: Sequence[Any],
+        layout: Mapping[str, Any],
+        name: str,
+        blob_root: str | Path,
+    ) -> None:
         self.instructions, self.layout, self.name = list(instructions), dict(layout), name
         self.codec = str(layout.get("codec", "none"))
         _codec_module(self.codec)
         self._fields = [(g, n, tuple(shape), int(off)) for g, n, shape, off in layout["fields"]]
         self._reader: Any = None
+        self._blobs = BlobFiles(blob_root, name)
 
     def _records(self) -> Any:
         if self._reader is None:
@@ -700,24 +875,42 @@ class WeatherRecords:
     def __len__(self) -> int:
         return len(self._records())
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        raw = self._records()[i]
+    def reference(self, i: int) -> dict[str, Any]:
+        """Where record `i` lies: ``{"time", "file", "offset", "nbytes"}``."""
         try:
-            seconds, data = _parse_example(memoryview(raw))
-            blob = _decode(data, self.codec)
-        except (ValueError, IndexError, KeyError) as e:
-            raise DataError(f"{self.name}: record {i} is damaged ({e})") from e
+            ref = _parse_example(memoryview(self._records()[i]))
+            return {
+                "time": int(ref["time"]),
+                "file": bytes(ref["file"]).decode(),
+                "offset": int(ref["offset"]),
+                "nbytes": int(ref["nbytes"]),
+            }
+        except (ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise DataError(f"{self.name}: record {i} is damaged ({e!r})") from e
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ref = self.reference(i)
+        what = f"record {i} ({np.datetime64(ref['time'], 's')})"
+        stored = self._blobs.read(ref["file"], ref["offset"], ref["nbytes"], what)
+        try:
+            blob = _decode(memoryview(stored), self.codec)
+        except Exception as e:  # the codecs raise their own error types
+            raise DataError(f"{self.name}: {what} cannot be decoded ({e})") from e
         if len(blob) != self.layout["nbytes"]:
             raise DataError(
-                f"{self.name}: record {i} holds {len(blob)} bytes, the layout says "
+                f"{self.name}: {what} holds {len(blob)} bytes, the layout says "
                 f"{self.layout['nbytes']}; the dataset is damaged or of another format"
             )
-        out: dict[str, Any] = {"time": np.int64(seconds)}
+        out: dict[str, Any] = {"time": np.int64(ref["time"])}
         for group, name, shape, offset in self._fields:
             count = int(np.prod(shape))
             x = np.frombuffer(blob, "<f4", count=count, offset=offset).reshape(shape)
             out.setdefault(group, {})[name] = x
         return out
+
+    def close(self) -> None:
+        """Close the open chunk files (reading again reopens them)."""
+        self._blobs.close()
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_reader": None}
@@ -922,11 +1115,11 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, Any]]:
         yield number, value
 
 
-def _parse_example(buf: memoryview) -> tuple[int, memoryview]:
-    """A serialized ``tf.train.Example`` of record format 2 -> (time, view of the blob).
+def _parse_example(buf: memoryview) -> dict[str, Any]:
+    """A serialized ``tf.train.Example`` -> ``{key: int | memoryview}``.
 
-    Only what TFDS writes for `WeatherBuilder._features` is understood: ``time`` as an
-    ``Int64List`` of one value, ``data`` as a ``BytesList`` of one value.
+    Only single-value features are understood, as TFDS writes `WeatherBuilder._features`:
+    an ``Int64List`` gives an int, a ``BytesList`` a view of its bytes.
     """
     found: dict[str, Any] = {}
     for number, features in _fields(buf):
@@ -937,13 +1130,13 @@ def _parse_example(buf: memoryview) -> tuple[int, memoryview]:
                 continue
             parts = dict(_fields(entry))
             key, feature = bytes(parts[1]).decode(), dict(_fields(parts[2]))
-            if key == "data":
-                found[key] = dict(_fields(feature[1]))[1]
-            elif key == "time":
-                values = dict(_fields(feature[3]))[1]  # packed varints
+            if 1 in feature:  # BytesList
+                found[key] = dict(_fields(feature[1])).get(1, memoryview(b""))
+            elif 3 in feature:  # Int64List, packed varints (or one unpacked)
+                values = dict(_fields(feature[3])).get(1, 0)
                 value = _varint(values, 0)[0] if isinstance(values, memoryview) else values
                 found[key] = value - (1 << 64) if value >= 1 << 63 else value
-    return int(found["time"]), found["data"]
+    return found
 
 
 def _code_path(cls: type) -> epath.Path | None:
@@ -1002,19 +1195,6 @@ def _same_grid(ds: xr.Dataset, lat: np.ndarray, lon: np.ndarray) -> bool:
     )
 
 
-def _time_slices(r: TimeRange, chunk_hours: int) -> Iterator[slice]:
-    """Inclusive label slices covering `r` in chunks; one slice when an end is open."""
-    start, end = r
-    if start is None or end is None:
-        yield slice(start, end)
-        return
-    t, stop = np.datetime64(start, "ns"), np.datetime64(end, "ns")
-    step = np.timedelta64(int(chunk_hours) * 3600, "s").astype("timedelta64[ns]")
-    while t <= stop:
-        yield slice(t, min(t + step - np.timedelta64(1, "ns"), stop))
-        t = t + step
-
-
 def _seconds(times: np.ndarray, source: str) -> np.ndarray:
     """datetime64 -> int64 seconds since 1970, refusing sub-second times."""
     ns = times.astype("datetime64[ns]")
@@ -1026,3 +1206,18 @@ def _seconds(times: np.ndarray, source: str) -> np.ndarray:
 
 def _f32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _stat_keys(config: WeatherConfig, levels: Sequence[float]) -> list[str]:
+    """Statistics keys in the order of a chunk's rows: surface variables, then (var, level)."""
+    keys = [stat_key(v) for v in config.surf_vars]
+    return keys + [stat_key(v, level) for v in config.atmos_vars for level in levels]
+
+
+def _write_chunk_in_worker(
+    cls: type[WeatherBuilder], config: WeatherConfig, data_dir: str, start: int
+) -> ChunkIndex:
+    """A build worker's job: one chunk, by a builder of the same class and config."""
+    tfds.disable_progress_bar()
+    builder = cls(config=config, data_dir=data_dir)
+    return builder._write_chunk(BlobStore(builder.blob_root()), start)

@@ -40,6 +40,7 @@ __all__ = [
     "nan_counts",
     "open_dataset",
     "regrid",
+    "valid_times",
 ]
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,47 @@ def open_dataset(
             raw.close()
     ds = _combine([(p, d) for p, d in parts if d.data_vars], path_list)
     return ds if wanted is None else ds[wanted]
+
+
+def valid_times(
+    paths: PathArg | Sequence[PathArg],
+    *,
+    variables: Sequence[str] | None = None,
+    member: int = 0,
+    init_time: Any = None,
+) -> np.ndarray:
+    """The valid times the files hold, read from their metadata only (no data are loaded).
+
+    Builders plan their work with it: which time chunks exist, before reading any of them.
+
+    Args:
+        paths: As for `open_dataset`.
+        variables: Only files holding one of these keys count; None: every file with times.
+        member: As for `open_dataset`.
+        init_time: As for `open_dataset`.
+
+    Returns:
+        datetime64[ns], sorted, unique: the union over the files.
+    """
+    path_list = [Path(paths)] if isinstance(paths, (str, PathLike)) else [Path(p) for p in paths]
+    wanted = None if variables is None else set(variables)
+    found: list[np.ndarray] = []
+    for path in path_list:
+        raw = _open_raw(path)
+        try:
+            ds = _canonical_lazy(raw, path, member, init_time)
+            timed = [
+                k
+                for k, v in ds.data_vars.items()
+                if "time" in v.dims and (wanted is None or k in wanted)
+            ]
+            if timed:
+                found.append(ds["time"].values.astype("datetime64[ns]"))
+        finally:
+            raw.close()
+    if not found:
+        return np.array([], "datetime64[ns]")
+    return np.unique(np.concatenate(found))
 
 
 def _check_requested(wanted: list[str], lazy: list[tuple[Path, xr.Dataset]]) -> None:

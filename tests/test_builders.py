@@ -303,10 +303,14 @@ def test_records_are_raw_views_in_layout_order(tmp_path: Path) -> None:
     example = builder.as_data_source("validation")[0]
     x = example["atmos"]["u"]
     assert not x.flags.writeable and x.base is not None  # a view of the record, not a copy
-    raw = builder.as_data_source("validation")._records()[0]  # the stored bytes
+    ref = builder.as_data_source("validation").reference(0)  # where the blob is stored
+    assert ref["time"] == int(example["time"]) and ref["nbytes"] == layout["nbytes"]
+    with open(builder.blob_root() / ref["file"], "rb") as f:
+        f.seek(ref["offset"])
+        raw = f.read(ref["nbytes"])
     offset = {(g, n): off for g, n, _, off in layout["fields"]}[("atmos", "u")]
-    start = raw.find(example["surf"]["10u"].astype("<f4").tobytes())
-    assert start > 0 and raw.find(x.astype("<f4").tobytes()) == start + offset
+    assert raw[: x[0].nbytes] == example["surf"]["10u"].astype("<f4").tobytes()
+    assert raw[offset : offset + x.nbytes] == x.astype("<f4").tobytes()
 
 
 def test_refuses_other_record_format(tmp_path: Path) -> None:
@@ -328,3 +332,99 @@ def test_missing_codec_package_is_a_clear_error(monkeypatch) -> None:
         make_config(paths=[HRES_PL], codec="zstd")
     with pytest.raises(DataError, match="codec 'gzip' unknown"):
         make_config(paths=[HRES_PL], codec="gzip")
+
+
+def count_reads(monkeypatch) -> list[str]:
+    """Record the start of every time chunk the builders read from their sources."""
+    reads: list[str] = []
+    original = WeatherBuilder._read_dynamic
+
+    def counting(self, time: slice):
+        reads.append(str(time.start)[:13])
+        return original(self, time)
+
+    monkeypatch.setattr(WeatherBuilder, "_read_dynamic", counting)
+    return reads
+
+
+def test_extending_the_time_range_reads_only_the_new_chunks(tmp_path: Path, monkeypatch) -> None:
+    reads = count_reads(monkeypatch)
+    kw = {**HRES_KW, "chunk_hours": 12}
+    first = Hres(data_dir=tmp_path, **kw, splits={"train": ("2024-06-03", "2024-06-03T18")})
+    first.download_and_prepare()
+    assert reads == ["2024-06-03T00", "2024-06-03T12"]
+    longer = Hres(
+        data_dir=tmp_path,
+        **kw,
+        splits={"train": ("2024-06-03", "2024-06-04T06"), "validation": ("2024-06-04T12", None)},
+    )
+    assert longer.data_dir != first.data_dir  # another TFDS folder: splits are in its name
+    assert longer.blob_root() == first.blob_root()  # the same stored fields
+    longer.download_and_prepare()
+    assert reads[2:] == ["2024-06-04T00", "2024-06-04T12"]  # only the new day is read
+    ref = open_dataset(HRES_PL, variables=["z", "t", "u", "v", "r"], levels=[300, 500, 850])
+    all_times = seconds(ref["time"].values)
+    assert sorted(longer.times("train").tolist()) == all_times[:6]
+    assert sorted(longer.times("validation").tolist()) == all_times[6:]
+    for split in ("train", "validation"):
+        for example in read_all(longer, split):
+            i = all_times.index(int(example["time"]))
+            np.testing.assert_array_equal(example["atmos"]["t"], ref["t"].values[i])
+    # statistics are pooled over the train split only, although chunk 2024-06-04T00 is shared
+    z = ref["z"].sel(level=500).values[:6].astype(np.float64)
+    np.testing.assert_allclose(longer.stats()["z_500"], [z.mean(), z.std()], rtol=1e-10)
+
+
+def test_a_changed_source_file_rebuilds_its_chunks(tmp_path: Path, monkeypatch) -> None:
+    import os
+    import shutil
+
+    source = tmp_path / HRES_PL.name
+    shutil.copy(HRES_PL, source)
+    kw = {**HRES_KW, "paths": [source], "chunk_hours": 24}
+    Hres(data_dir=tmp_path / "a", **kw).download_and_prepare()
+    reads = count_reads(monkeypatch)
+    Hres(data_dir=tmp_path / "a", **kw, name="other").download_and_prepare()
+    assert reads == []  # another TFDS folder, the same chunks: nothing is read
+    st = source.stat()
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    Hres(data_dir=tmp_path / "a", **kw, name="third").download_and_prepare()
+    assert reads == ["2024-06-03T00", "2024-06-04T00"]
+
+
+def test_two_build_workers_write_the_same_dataset(tmp_path: Path, monkeypatch) -> None:
+    kw = {**NATL_KW, "chunk_hours": 24}
+    one = Era5(data_dir=tmp_path / "one", **kw)
+    two = Era5(data_dir=tmp_path / "two", build_workers=2, **kw)
+    one.download_and_prepare()
+    reads = count_reads(monkeypatch)  # in this process only: the workers read
+    two.download_and_prepare()
+    assert reads == []
+    assert len(list(two.blob_root().glob("*.bin"))) == len(list(one.blob_root().glob("*.bin")))
+    assert two.stats() == one.stats()
+    for split in ("train", "validation", "test"):
+        assert two.times(split).tolist() == one.times(split).tolist()
+        for a, b in zip(read_all(one, split), read_all(two, split), strict=True):
+            for v in ("msl", "10u"):
+                np.testing.assert_array_equal(a["surf"][v], b["surf"][v])
+            np.testing.assert_array_equal(a["atmos"]["w"], b["atmos"]["w"])
+    with pytest.raises(DataError, match="build_workers"):
+        Era5(data_dir=tmp_path, build_workers=0, **kw)
+
+
+def test_a_truncated_chunk_file_is_named_and_rebuilt(tmp_path: Path, monkeypatch) -> None:
+    builder = Hres(data_dir=tmp_path, **{**HRES_KW, "chunk_hours": 24})
+    builder.download_and_prepare()
+    src = builder.as_data_source("train")
+    ref = src.reference(0)
+    blob = builder.blob_root() / ref["file"]
+    with open(blob, "r+b") as f:
+        f.truncate(ref["offset"] + ref["nbytes"] // 2)
+    with pytest.raises(DataError, match=rf"{ref['file']} holds .* bytes.*rebuild"):
+        builder.as_data_source("train")[0]
+    reads = count_reads(monkeypatch)
+    again = Hres(data_dir=tmp_path, name="again", **{**HRES_KW, "chunk_hours": 24})
+    again.download_and_prepare()
+    assert len(reads) == 1  # only the damaged chunk is read again
+    i = again.times("train").tolist().index(ref["time"])
+    assert again.as_data_source("train")[i]["atmos"]["z"].shape == (3, 19, 36)
