@@ -44,6 +44,7 @@ def main(argv: list[str]) -> None:
     evaluation = summary.pop("evaluation", None)
     print(json.dumps(summary, indent=1, default=str))
     if evaluation is not None:
+        print(protocol_lines(evaluation))
         print(headline_scores(Path(evaluation["scores"])))
         print(
             f"scores: {evaluation['scores']}\n"
@@ -57,10 +58,30 @@ def main(argv: list[str]) -> None:
 HEADLINE = (("z", "500"), ("t", "850"), ("u", "850"), ("2t", ""), ("msl", ""))
 
 
+def protocol_lines(summary: dict) -> str:
+    """How the table below was made: init hours, climatology, grids and what model it scored."""
+    hours = summary.get("init_hours_utc")
+    inits = "every init" if hours is None else "inits at " + ", ".join(f"{h:02d}" for h in hours)
+    lines = [
+        f"protocol: {inits} UTC (WeatherBench2), grids {', '.join(summary.get('grids', []))}",
+        f"climatology: {summary.get('climatology_source') or summary.get('climatology')}",
+    ]
+    if not summary.get("init"):  # no published or converted weights: say what was scored
+        step = summary.get("checkpoint_step")
+        trained = f"for {step} steps" if step else "(untrained)"
+        res = summary.get("grid_deg")
+        on = f" on {res:g}° data" if res else ""
+        lines.append(
+            f"model: a {summary.get('model_preset')} trained from scratch {trained}{on}, "
+            "not Aurora's skill (see README: pretrained weights)"
+        )
+    return "\n".join(lines)
+
+
 def headline_scores(scores_csv: Path) -> str:
-    """RMSE of the headline variables per lead time: the model next to its baselines."""
+    """RMSE of the headline variables per lead time on the model's grid, next to baselines."""
     with scores_csv.open() as f:
-        rows = list(csv.DictReader(f))
+        rows = [r for r in csv.DictReader(f) if r.get("grid", "model") == "model"]
     models = list(dict.fromkeys(r["model"] for r in rows))
     lines = [f"{'RMSE':<12}" + " ".join(f"{m:>12}" for m in models)]
     for variable, level in HEADLINE:

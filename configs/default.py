@@ -142,6 +142,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.steps = 40  # rollout steps scored / written (40 = 10 days at 6 h)
     config.eval.batch_size = 1  # initial times per model call
     config.eval.split = "test"  # falls back to "validation" when the dataset has no test split
+    # ACC's reference and the climatology baseline: a WeatherBench2-layout day-of-year x hour
+    # climatology (path or URL; `python -m trainers.evaluation.climatology compute` makes one),
+    # here WB2's 1990-2019 ERA5 one; "train-mean": the training split's per-point mean (fallback).
+    config.eval.climatology = (
+        "https://storage.googleapis.com/weatherbench2/datasets/era5-hourly-climatology/"
+        "1990-2019_6h_1440x721.zarr"
+    )
+    config.eval.init_hours = (0, 12)  # WB2's init times (UTC); () scores every init
+    config.eval.lead_hours = ()  # leads to score, e.g. (24, 72, 120, 240); (): every step
+    config.eval.grids = ()  # also score on evaluation grids: "1.5deg" (WB2 tables), "0.25deg"
+    config.eval.forecast_formats = ("zarr", "netcdf")  # --mode=predict: WB2 zarr and CF netCDF
     config.eval.figures = True  # RMSE-vs-lead plots and prediction/truth/difference maps
     config.eval.map_variables = ("2t", "msl", "z", "t", "u")  # maps of these (empty: all) ...
     config.eval.map_levels = (500, 850)  # ... at these levels (atmospheric variables) ...

@@ -345,6 +345,39 @@ def _provenance(config: ml_collections.ConfigDict, trainer: Trainer) -> dict[str
     }
 
 
+def _init_hours(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
+    """`config.eval.init_hours` (WB2's 00 and 12 UTC by default); empty: every init."""
+    hours = tuple(config.eval.get("init_hours", (0, 12)))
+    return tuple(int(h) for h in hours) if hours else None
+
+
+def _climatology(
+    config: ml_collections.ConfigDict, model: aurora.Aurora, source: Any, train_source: Any
+) -> tuple[Any, dict[str, Any]]:
+    """The climatology `config.eval.climatology` names, and what to record of it.
+
+    A path or URL: a WB2-layout store (`trainers.evaluation.open_climatology`). ``train-mean``:
+    the training split's per-point mean, never the evaluated period's own (that would leak its
+    truth into the baseline).
+    """
+    from trainers.evaluation import TRAIN_MEAN, open_climatology, source_mean
+    from trainers.evaluation.states import model_variables
+
+    name = str(config.eval.get("climatology", TRAIN_MEAN))
+    if name == TRAIN_MEAN:
+        if train_source is None:
+            raise ValueError("eval.climatology='train-mean' needs a train split")
+        about = (
+            f"per-grid-point mean of the {len(train_source.times)} states of {train_source.name}"
+        )
+        return source_mean(train_source), {"climatology_source": about}
+    surf, atmos, _ = model_variables(model, source)
+    clim = open_climatology(
+        name, surf=surf, atmos=atmos, levels=source.levels, lat=source.lat, lon=source.lon
+    )
+    return clim, {"climatology_source": name}
+
+
 def _score(
     config: ml_collections.ConfigDict,
     trainer: Trainer,
@@ -352,20 +385,16 @@ def _score(
     workdir: Path,
     train_source: Any = None,
 ) -> dict[str, Any]:
-    """WeatherBench2-style scores of rollouts from every initial time, with baselines and
-    figures."""
-    from trainers.evaluation import run_evaluation, source_mean
+    """WeatherBench2-style scores of rollouts from the 00/12 UTC initial times, with baselines
+    and figures."""
+    from trainers.evaluation import run_evaluation
 
     state = trainer.load(pipeline)
-    # The climatology baseline (and ACC's reference) is the training period's mean state: never the
-    # evaluated period itself, which would leak its truth into the baseline.
     provenance = _provenance(config, trainer)
-    climatology = None
-    if train_source is not None:
-        climatology = source_mean(train_source)
-        provenance["climatology_source"] = (
-            f"per-grid-point mean of the {len(train_source.times)} states of {train_source.name}"
-        )
+    climatology, about = _climatology(config, trainer.strategy.model, pipeline.source, train_source)
+    provenance.update(about)
+    step = float(config.data.step_hours)
+    lead_hours = tuple(config.eval.get("lead_hours", ()))
     return run_evaluation(
         trainer.strategy.model,
         state.params,
@@ -380,13 +409,16 @@ def _score(
         map_variables=tuple(config.eval.map_variables),
         map_levels=tuple(config.eval.map_levels),
         map_lead_steps=tuple(config.eval.map_lead_steps),
+        init_hours=_init_hours(config),
+        lead_steps=tuple(round(float(h) / step) for h in lead_hours) or None,
+        grids=tuple(config.eval.get("grids", ())),
     )
 
 
 def _forecast(
     config: ml_collections.ConfigDict, trainer: Trainer, pipeline: Any, workdir: Path
-) -> Path:
-    """A CF netCDF forecast from every initial time of the evaluation split."""
+) -> dict[str, Path]:
+    """Forecasts from the evaluation split's initial times: WB2 zarr and CF netCDF files."""
     from trainers.evaluation import predict
 
     state = trainer.load(pipeline)
@@ -399,6 +431,8 @@ def _forecast(
         provenance=_provenance(config, trainer),
         step_hours=config.data.step_hours,
         batch_size=config.eval.batch_size,
+        init_hours=_init_hours(config),
+        formats=tuple(config.eval.get("forecast_formats", ("zarr", "netcdf"))),
     )
 
 
@@ -427,6 +461,9 @@ def run(
         **_plain(config.trainer),
     )
     summary: dict[str, Any] = {"workdir": str(workdir), "mode": mode}
+    for callback in trainer.callbacks:  # callbacks that roll the model out read the val split
+        if hasattr(callback, "attach_source") and data.get("validation") is not None:
+            callback.attach_source(data["validation"].source)
     try:
         if mode == "fit":
             trainer.fit(data["train"], data.get("validation"))
@@ -439,7 +476,9 @@ def run(
                 config, trainer, _eval_data(config, data), workdir, data["train"].source
             )
         elif mode == "predict":
-            summary["forecast"] = str(_forecast(config, trainer, _eval_data(config, data), workdir))
+            paths = _forecast(config, trainer, _eval_data(config, data), workdir)
+            summary["forecasts"] = {k: str(v) for k, v in paths.items()}
+            summary["forecast"] = str(paths.get("netcdf", paths.get("zarr")))
         else:
             raise ValueError(f"Unknown mode {mode!r}: use fit, validate, test or predict.")
     finally:

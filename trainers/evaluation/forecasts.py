@@ -120,7 +120,8 @@ def forecast_stream(
     step = step_fn.model.timestep_minutes * 60
     statics = {
         k: np.asarray(source.static[k], np.float32)
-        for k in model_variables(step_fn.model, source)[2]
+        for k in step_fn.model.static_vars
+        if k in source.static
     }
     for lo in range(0, len(inits), batch_size):
         now = np.asarray(inits[lo : lo + batch_size], np.int64)

@@ -107,6 +107,7 @@ def run_evaluation(
         "data_source": source.name,
         "steps": steps,
         "step_hours": step_hours,
+        "grid_deg": float(abs(source.lat[0] - source.lat[1])) if len(source.lat) > 1 else None,
         "climatology": climatology_kind(climatology, source),
         "init_hours_utc": None if init_hours is None else [int(h) for h in init_hours],
         "grids": ["model", *grids],

@@ -6,6 +6,7 @@ two history states ``now - step`` and ``now``.
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
@@ -159,8 +160,13 @@ class SourceStates:
         return (h, w) if group == "surf" else (len(self.source.levels), h, w)
 
 
+_FIRST: weakref.WeakKeyDictionary[WeatherSource, dict[str, dict[str, None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def model_variables(model: Aurora, source: WeatherSource) -> tuple[list[str], list[str], list[str]]:
-    """The model's variables that the source has.
+    """The model's variables that the source has (its first record is read once to see).
 
     Args:
         model: the model (its `surf_vars`, `atmos_vars` and `static_vars`).
@@ -172,7 +178,10 @@ def model_variables(model: Aurora, source: WeatherSource) -> tuple[list[str], li
     Raises:
         ValueError: the source has none of the model's atmospheric variables.
     """
-    first = source.records[0]
+    first = _FIRST.get(source)
+    if first is None:  # read once per source: the variables a record holds
+        record = source.records[0]
+        first = _FIRST[source] = {g: dict.fromkeys(record.get(g, {})) for g in ("surf", "atmos")}
     surf = [v for v in model.surf_vars if v in first.get("surf", {})]
     atmos = [v for v in model.atmos_vars if v in first.get("atmos", {})]
     static = [v for v in model.static_vars if v in source.static]
