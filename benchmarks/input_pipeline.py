@@ -1,12 +1,16 @@
 """Input pipeline throughput at Aurora's 0.25 degree size: batches per second, data wait, bytes.
 
     python benchmarks/input_pipeline.py [--times 6] [--batch-size 1] [--rollout-steps 1]
-        [--codec none|zstd|lz4] [--num-workers 0 1 2]
+        [--codec none|zstd|lz4] [--num-workers 0 1 2] [--build-workers 1 2] [--no-zarr]
 
 Writes ``--times`` 6-hourly states (721 x 1440, 4 surface and 5 atmospheric variables on 13
-levels, plus statics) as array_record with the `era5` builder's own writing path; the fields are
-**synthetic** (smooth patterns with realistic magnitudes plus 0.2 % noise, so the low mantissa
-bits are as incompressible as real data's). Then reads one epoch with `Pipeline` without prefetch
+levels, plus statics) with the `era5` builder's own writing path, once per ``--build-workers``
+count (time per time step); the fields are **synthetic** (smooth patterns with realistic
+magnitudes plus 0.2 % noise, so the low mantissa bits are as incompressible as real data's). The
+same fields are also written as a zarr store in WeatherBench2's layout (long names, one chunk per
+time and variable, south-to-north latitude) and read by the streaming `zarr` source, locally and
+over a loopback HTTP server: decoded MB/s per wall second and per CPU second of this process.
+Then reads one epoch of the built dataset with `Pipeline` without prefetch
 (``num_threads=0``) and with prefetch, with and without a consumer that "trains" (a ``--step-s``
 sleep standing in for an accelerator step, by default 1.1 x the time to load a batch), and reports
 batches/s, the consumer's wait in ``next()`` (first batch and later ones) and the bytes read per
@@ -23,11 +27,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +50,7 @@ from aurora.variables import SURF_VARS as SURF
 from benchmarks import results
 from data_builders.builders import AURORA_LEVELS, Era5, global_grid
 from data_builders.pipeline import Pipeline, WeatherSource, open_source
+from data_builders.zarr_source import ZarrBuilder
 
 START = np.datetime64("2020-01-01T00", "s")
 _MEAN_AMP = {
@@ -88,6 +96,12 @@ class SyntheticEra5(Era5, skip_registration=True):
     """The real `era5` builder with its two reading hooks replaced by the fields above."""
 
     name = "synthetic_era5"
+
+    def _source_times(self) -> np.ndarray:
+        """A year of 6-hourly times from START; the splits select the ones built."""
+        return np.arange(START, START + np.timedelta64(365, "D"), np.timedelta64(6, "h")).astype(
+            "datetime64[ns]"
+        )
 
     def _read_dynamic(self, time: slice) -> xr.Dataset | None:
         lat, lon = global_grid(0.25)
@@ -175,7 +189,9 @@ class CountingRecords:
         return ex
 
 
-def build(workdir: Path, n_times: int, codec: str = "none") -> tuple[Any, float]:
+def build(
+    workdir: Path, n_times: int, codec: str = "none", build_workers: int = 1
+) -> tuple[Any, float]:
     """Write the dataset with the real builder; returns (builder, seconds)."""
     end = str(_all_times(n_times)[-1])
     builder = SyntheticEra5(
@@ -185,20 +201,106 @@ def build(workdir: Path, n_times: int, codec: str = "none") -> tuple[Any, float]
         splits={"train": (str(START), end)},
         chunk_hours=6,
         codec=codec,
+        build_workers=build_workers,
     )
     t = time.perf_counter()
     builder.download_and_prepare()
     return builder, time.perf_counter() - t
 
 
-def decode_rate(source: WeatherSource, repeats: int = 3) -> float:
-    """Decoded MB/s of reading every record in turn in this process (one core)."""
-    nbytes, t = 0, time.perf_counter()
+def decode_rate(records: Any, repeats: int = 3) -> dict[str, float]:
+    """Decoded MB/s of reading every record in turn in this process, per wall and CPU second.
+
+    Fields are touched (summed) so that lazily mapped bytes count as read.
+    """
+    nbytes, wall, cpu = 0, time.perf_counter(), time.process_time()
     for _ in range(repeats):
-        for i in range(len(source.records)):
-            ex = source.records[i]
-            nbytes += sum(x.nbytes for g in ("surf", "atmos") for x in ex.get(g, {}).values())
-    return nbytes / (time.perf_counter() - t) / 1e6
+        for i in range(len(records)):
+            ex = records[i]
+            for g in ("surf", "atmos"):
+                for x in ex.get(g, {}).values():
+                    nbytes += x.nbytes
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {
+        "mb_per_s": nbytes / wall / 1e6,
+        "mb_per_cpu_s": nbytes / cpu / 1e6,
+        "s_per_record": wall / (repeats * len(records)),
+    }
+
+
+_WB2_NAMES = {
+    "2t": ("2m_temperature", "K"),
+    "10u": ("10m_u_component_of_wind", "m s**-1"),
+    "10v": ("10m_v_component_of_wind", "m s**-1"),
+    "msl": ("mean_sea_level_pressure", "Pa"),
+    "z": ("geopotential", "m**2 s**-2"),
+    "u": ("u_component_of_wind", "m s**-1"),
+    "v": ("v_component_of_wind", "m s**-1"),
+    "t": ("temperature", "K"),
+    "q": ("specific_humidity", "kg kg**-1"),
+    "lsm": ("land_sea_mask", "(0 - 1)"),
+    "slt": ("soil_type", "~"),
+    "z_sfc": ("geopotential_at_surface", "m**2 s**-2"),
+}
+
+
+def write_wb2_store(builder: Any, path: Path, n_times: int) -> float:
+    """The synthetic fields as a zarr store in WeatherBench2's layout; returns MB on disk."""
+    for i, t in enumerate(_all_times(n_times)):
+        ds = builder._read_dynamic(slice(t, t))
+        if i == 0:
+            ds = ds.merge(builder._read_static())
+        ds = ds.rename({k: _WB2_NAMES[k][0] for k in ds.data_vars}).isel(
+            latitude=slice(None, None, -1)
+        )
+        for k in ds.data_vars:
+            ds[k].attrs["units"] = next(u for n, u in _WB2_NAMES.values() if n == k)
+        ds = ds.assign_coords(level=ds["level"].astype(np.int64))
+        if i == 0:
+            enc = {
+                v: {"chunks": tuple(1 if d == "time" else ds.sizes[d] for d in ds[v].dims)}
+                for v in ds.data_vars
+            }
+            ds.to_zarr(path, mode="w", zarr_format=2, consolidated=True, encoding=enc)
+        else:
+            timed = ds[[k for k in ds.data_vars if "time" in ds[k].dims]]
+            timed.to_zarr(path, mode="a", append_dim="time", consolidated=True)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+
+
+def zarr_rates(workdir: Path, store: Path) -> dict[str, dict[str, float]]:
+    """Decoded MB/s of the streaming zarr source, local and over loopback HTTP."""
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(store.parent))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    out = {}
+    try:
+        urls = {
+            "local": str(store),
+            "http": f"http://127.0.0.1:{server.server_port}/{store.name}",
+        }
+        for name, url in urls.items():
+            b = ZarrBuilder(
+                url,
+                static_vars=("lsm", "slt", "z"),
+                data_dir=workdir / f"zarr_{name}",
+                read_ahead=0,
+                splits={"train": (None, None)},
+            )
+            b.download_and_prepare()
+            records = b.as_data_source("train").records
+            records[0]  # opens the store
+            out[name] = decode_rate(records, repeats=1)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return out
 
 
 def measure_workers(source: WeatherSource, args: argparse.Namespace, workers: int) -> dict:
@@ -289,6 +391,10 @@ def main() -> None:
     ap.add_argument(
         "--num-workers", type=int, nargs="*", default=[0, 1, 2], help="worker counts to time"
     )
+    ap.add_argument(
+        "--build-workers", type=int, nargs="*", default=[1, 2], help="build worker counts to time"
+    )
+    ap.add_argument("--no-zarr", action="store_true", help="skip the zarr store measurements")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per worker-count run")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     results.add_out_argument(ap)
@@ -307,20 +413,39 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Builds the dataset, measures every reading setting, prints and returns the figures."""
     print(
         "Input pipeline benchmark: SYNTHETIC smooth fields (realistic magnitudes, 0.2 % noise) "
-        "written by the real era5 builder path to array_record"
+        "written by the real era5 builder path (record format 3)"
     )
-    builder, build_s = build(workdir, args.times, args.codec)
+    builds = {}
+    for n in sorted(args.build_workers, reverse=True):  # the last one built is read below
+        builder, build_s = build(workdir / f"build{n}", args.times, args.codec, n)
+        builds[n] = build_s
+        print(
+            f"build with {n} worker(s): {build_s:.1f} s "
+            f"({build_s / args.times:.1f} s per time step)"
+        )
+    build_s = builds[min(builds)]
     source = open_source(builder, "train")
-    files = sorted(Path(builder.data_dir).glob("*.array_record-*"))
-    disk = sum(f.stat().st_size for f in files)
+    disk = sum(f.stat().st_size for f in builder.blob_root().glob("*.bin"))
     raw = (len(SURF) + len(ATMOS) * len(AURORA_LEVELS)) * 721 * 1440 * 4
     print(
         f"grid 721x1440, {len(SURF)} surface + {len(ATMOS)}x{len(AURORA_LEVELS)} atmospheric "
         f"fields; {args.times} times; record {raw / 1e6:.0f} MB float32, "
         f"{disk / args.times / 1e6:.0f} MB on disk (codec {args.codec}, "
-        f"ratio {disk / (raw * args.times):.2f}); build {build_s:.1f} s "
-        f"({build_s / args.times:.1f} s per time step)"
+        f"ratio {disk / (raw * args.times):.2f})"
     )
+    zarr: dict[str, Any] = {}
+    if not args.no_zarr:
+        store = workdir / "src" / "wb2.zarr"
+        store.parent.mkdir(parents=True, exist_ok=True)
+        zarr["store_mb_per_time"] = write_wb2_store(builder, store, args.times) / args.times
+        zarr.update(zarr_rates(workdir, store))
+        for name in ("local", "http"):
+            r = zarr[name]
+            print(
+                f"zarr store ({name}, WeatherBench2 layout, {zarr['store_mb_per_time']:.0f} MB "
+                f"per time on disk): {r['s_per_record']:.2f} s per record, "
+                f"{r['mb_per_s']:.0f} MB/s decoded, {r['mb_per_cpu_s']:.0f} MB per CPU-second"
+            )
     print(
         f"batch size {args.batch_size}, history 2 + {args.rollout_steps} target(s); "
         f"{2 + args.rollout_steps} records per window; machine: {results.cpu_count()} CPU cores"
@@ -354,8 +479,12 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         f"{r['decoded_bytes_per_batch'] / 1e6:.0f} MB decoded float32, "
         f"{r['records_per_batch'] * per_record_disk / 1e6:.0f} MB from disk"
     )
-    decoded_mb_s = decode_rate(source)
-    print(f"decoded {decoded_mb_s:.0f} MB/s reading records in one process (one core)")
+    rate = decode_rate(source.records)
+    decoded_mb_s = rate["mb_per_s"]
+    print(
+        f"built records: {rate['s_per_record']:.3f} s per record, {decoded_mb_s:.0f} MB/s "
+        f"decoded in one process, {rate['mb_per_cpu_s']:.0f} MB per CPU-second"
+    )
     worker_runs = []
     for n in args.num_workers:
         w = measure_workers(source, args, n)
@@ -372,6 +501,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "compression_ratio": disk / (raw * args.times),
         "build_s": build_s,
         "build_s_per_time_step": build_s / args.times,
+        "build_s_per_time_step_by_workers": {n: s / args.times for n, s in builds.items()},
+        "zarr": zarr,
+        "decoded_mb_per_cpu_s": rate["mb_per_cpu_s"],
         "records_per_batch": r["records_per_batch"],
         "decoded_mb_per_batch": r["decoded_bytes_per_batch"] / 1e6,
         "disk_mb_per_batch": r["records_per_batch"] * per_record_disk / 1e6,

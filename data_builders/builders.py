@@ -65,8 +65,10 @@ __all__ = [
     "WeatherBuilder",
     "WeatherConfig",
     "WeatherMetadata",
+    "check_disjoint",
     "global_grid",
     "make_config",
+    "normalise_splits",
     "patch_code_path",
     "record_order",
 ]
@@ -170,7 +172,7 @@ def make_config(name: str | None = None, **fields: Any) -> WeatherConfig:
     if f.get("resolution") is not None:
         f["resolution"] = float(f["resolution"])
     if "splits" in f:
-        f["splits"] = _normalise_splits(f["splits"])
+        f["splits"] = normalise_splits(f["splits"])
     if isinstance(f.get("fill_nan"), Mapping):
         f["fill_nan"] = tuple(sorted((str(k), v) for k, v in f["fill_nan"].items()))
     if f.get("init_time") is not None:
@@ -197,7 +199,7 @@ def _iso(t: Any) -> str:
         raise DataError(f"builder config: cannot read {t!r} as a time ({e})") from e
 
 
-def _normalise_splits(splits: Any) -> tuple[tuple[str, tuple[TimeRange, ...]], ...]:
+def normalise_splits(splits: Any) -> tuple[tuple[str, tuple[TimeRange, ...]], ...]:
     """{"train": (start, end) | [(start, end), ...]} -> tuples of ISO strings, in given order."""
     items = splits.items() if isinstance(splits, Mapping) else splits
     out = []
@@ -234,7 +236,7 @@ def _validate(config: WeatherConfig) -> None:
         raise DataError(
             f"builder config: stats_split {config.stats_split!r} is not a split {names}"
         )
-    _check_disjoint(config.splits)
+    check_disjoint(config.splits)
 
 
 def _bounds(r: TimeRange) -> tuple[np.datetime64, np.datetime64]:
@@ -245,8 +247,8 @@ def _bounds(r: TimeRange) -> tuple[np.datetime64, np.datetime64]:
     return lo, hi
 
 
-def _check_disjoint(splits: tuple[tuple[str, tuple[TimeRange, ...]], ...]) -> None:
-    """Train/validation/test overlapping in time would leak: refuse it."""
+def check_disjoint(splits: tuple[tuple[str, tuple[TimeRange, ...]], ...]) -> None:
+    """Train/validation/test overlapping in time would leak: refuse it (`DataError`)."""
     flat = [(name, r, *_bounds(r)) for name, ranges in splits for r in ranges]
     for i, (n1, r1, lo1, hi1) in enumerate(flat):
         for n2, r2, lo2, hi2 in flat[i + 1 :]:

@@ -24,7 +24,7 @@ import xarray as xr
 
 from aurora.normalisation import aurora_stats
 from aurora.variables import ATMOS_VARS, AURORA_LEVELS, STATIC_VARS, SURF_VARS
-from data_builders.builders import _check_disjoint, _normalise_splits, global_grid
+from data_builders.builders import check_disjoint, global_grid, normalise_splits
 from data_builders.download.catalog import WB2_ERA5_URL
 from data_builders.download.zarr_mirror import _select_static_time, _source_names
 from data_builders.errors import DataError
@@ -147,11 +147,11 @@ class ZarrBuilder:
             raise DataError(f"zarr: static_vars {bad} unknown; use {sorted(STATIC_KEYS)}")
         default_levels = p.levels if p else tuple(float(x) for x in AURORA_LEVELS)
         self.levels_wanted = tuple(float(x) for x in (levels or default_levels))
-        self._splits = _normalise_splits(splits or _DEFAULT_SPLITS)
+        self._splits = normalise_splits(splits or _DEFAULT_SPLITS)
         names = [n for n, _ in self._splits]
         if not names or len(set(names)) != len(names):
             raise DataError(f"zarr: split names must be unique and non-empty: {names}")
-        _check_disjoint(self._splits)
+        check_disjoint(self._splits)
         self.resolution = None if resolution is None else float(resolution)
         self.regrid_method = regrid_method
         self._given_stats = {k: (float(m), float(s)) for k, (m, s) in (stats or {}).items()}
