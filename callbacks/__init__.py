@@ -3,6 +3,7 @@
 from callbacks.base import Callback
 from callbacks.checkpoint import ModelCheckpoint, OnExceptionCheckpoint
 from callbacks.early_stopping import EarlyStopping
+from callbacks.forecast_scores import ForecastScores
 from callbacks.grad_stop import GradStop
 from callbacks.lr_monitor import LearningRateMonitor
 from callbacks.progress import ProgressBar
@@ -11,6 +12,7 @@ from callbacks.timer import Timer
 __all__ = [
     "Callback",
     "EarlyStopping",
+    "ForecastScores",
     "GradStop",
     "LearningRateMonitor",
     "ModelCheckpoint",

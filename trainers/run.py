@@ -20,6 +20,7 @@ from aurora.normalisation import aurora_stats
 from callbacks.base import Callback
 from callbacks.checkpoint import ModelCheckpoint, OnExceptionCheckpoint
 from callbacks.early_stopping import EarlyStopping
+from callbacks.forecast_scores import ForecastScores
 from callbacks.grad_stop import GradStop
 from callbacks.lr_monitor import LearningRateMonitor
 from callbacks.preemption import Preemption
@@ -54,6 +55,7 @@ CALLBACKS: dict[str, type[Callback]] = {
     "progress": ProgressBar,
     "lr_monitor": LearningRateMonitor,
     "early_stopping": EarlyStopping,
+    "forecast_scores": ForecastScores,
     "timer": Timer,
     "preemption": Preemption,
 }

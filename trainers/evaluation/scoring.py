@@ -64,6 +64,7 @@ def evaluate(
     init_hours: Sequence[int] | None = WB2_INIT_HOURS,
     lead_steps: Sequence[int] | None = None,
     grids: Sequence[str] = (),
+    inits: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Score rows for the model, persistence and climatology (see the module docstring).
 
@@ -79,6 +80,8 @@ def evaluate(
         init_hours: score forecasts from these hours of the day (UTC); None: every init.
         lead_steps: score these lead steps (from 1, at most `steps`); None: every step.
         grids: evaluation grids (`trainers.evaluation.wb2.GRIDS` names) to score on as well.
+        inits: the init times to forecast from (int seconds; each with its history in the
+            source), in place of every init at `init_hours`.
 
     Returns:
         One row (`COLUMNS`) per model, grid, variable, level (None for surface variables) and
@@ -96,6 +99,7 @@ def evaluate(
         init_hours=init_hours,
         lead_steps=lead_steps,
         grids=grids,
+        inits=inits,
     )
     return rows
 
@@ -130,6 +134,7 @@ def evaluate_with_examples(
     init_hours: Sequence[int] | None = WB2_INIT_HOURS,
     lead_steps: Sequence[int] | None = None,
     grids: Sequence[str] = (),
+    inits: Sequence[int] | None = None,
     states: SourceStates | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """`evaluate`, plus the first scored prediction and truth at each of `map_lead_steps`.
@@ -141,7 +146,7 @@ def evaluate_with_examples(
 
     Args:
         model, params, source, steps, step_hours, climatology, batch_size, name, init_hours,
-        lead_steps, grids: as `evaluate`.
+        lead_steps, grids, inits: as `evaluate`.
         map_lead_steps: the lead steps (from 1) to keep an example of, for map figures.
         states: the states reader to use (None: one with this job's uses); pass one to count
             its reads.
@@ -155,7 +160,9 @@ def evaluate_with_examples(
     clim = source_mean(source) if climatology is None else climatology
     step_fn = model if isinstance(model, ModelStep) else ModelStep(model)
     surf, atmos, _ = model_variables(step_fn.model, source)
-    inits = checked_inits(step_fn, source, step_hours, init_hours)
+    if inits is None:
+        inits = checked_inits(step_fn, source, step_hours, init_hours)
+    inits = np.asarray(inits, np.int64)
     scored = sorted({int(k) for k in lead_steps}) if lead_steps else list(range(1, steps + 1))
     if scored[0] < 1 or scored[-1] > steps:
         raise ValueError(f"lead_steps {scored} must lie in 1..{steps}")
