@@ -257,10 +257,12 @@ def write_wb2_store(builder: Any, path: Path, n_times: int) -> float:
             ds[k].attrs["units"] = next(u for n, u in _WB2_NAMES.values() if n == k)
         ds = ds.assign_coords(level=ds["level"].astype(np.int64))
         if i == 0:
-            enc = {
+            enc: dict[str, Any] = {
                 v: {"chunks": tuple(1 if d == "time" else ds.sizes[d] for d in ds[v].dims)}
                 for v in ds.data_vars
             }
+            # WeatherBench2's time encoding (a first time of 0 would be a fill-value chunk)
+            enc["time"] = {"units": "hours since 1959-01-01", "dtype": "int64"}
             ds.to_zarr(path, mode="w", zarr_format=2, consolidated=True, encoding=enc)
         else:
             timed = ds[[k for k in ds.data_vars if "time" in ds[k].dims]]
