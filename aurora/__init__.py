@@ -2,8 +2,8 @@
 
 Public interface::
 
-    from aurora import AuroraSmall, Aurora, Batch, Metadata, ModelStep, rollout
-    params = model.init(rng, batch)["params"]
+    from aurora import AuroraSmall, Aurora, Batch, Metadata, ModelStep, from_pretrained, rollout
+    model, params = from_pretrained("AuroraPretrained")  # or model.init(rng, batch)["params"]
     pred = model.apply({"params": params}, batch)
     step = ModelStep(model)  # jitted once; reuse it for every rollout
     preds = list(rollout(step, params, batch, steps=4))
@@ -19,6 +19,7 @@ from aurora.model.aurora import (
     AuroraSmall,
     AuroraSmallPretrained,
 )
+from aurora.pretrained import from_pretrained
 from aurora.rollout import ModelStep, rollout
 
 __all__ = [
@@ -32,5 +33,6 @@ __all__ = [
     "Batch",
     "Metadata",
     "ModelStep",
+    "from_pretrained",
     "rollout",
 ]

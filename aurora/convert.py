@@ -8,19 +8,28 @@ The Flax modules are named after the PyTorch ones, so the mapping is a rule, not
 * LoRA adapters `lora_qkv.loras.{i}.lora_A` are stacked along a leading axis: `lora_qkv/lora_A[i]`;
 * patch-embedding kernels `weights.{var}` keep PyTorch's Conv3d layout.
 
-Conversion is strict: every source key is used once, every Flax parameter is filled, shapes must
-match, and the error lists everything missing, extra or mis-shaped. Published checkpoints are
-accepted as microsoft-aurora's `load_checkpoint` accepts them: the `net.` prefix and the older
-ID-based embedding/head keys are adapted, and a checkpoint with a shorter history is zero-padded.
-PyTorch itself is not needed (`load_state_dict`); `main` is the command line.
+Conversion has two halves: `to_flax_names` renames a state dict by the rule above (it depends on
+the checkpoint only, so `aurora.pretrained` caches its result), and `fit_params` fits the named
+arrays to a model. Strict fitting (the default) uses every source key once, fills every Flax
+parameter and lists everything missing, extra or mis-shaped. `strict=False` does what
+microsoft-aurora's `load_checkpoint(strict=False)` does: it loads what the checkpoint has, leaves
+the rest (a new variable's patch embedding and decoder head, LoRA adapters) at a fresh model's
+initial values, drops what the model no longer has, and reports the counts by module. Shapes must
+match either way. Published checkpoints are accepted as `load_checkpoint` accepts them: the `net.`
+prefix and the older ID-based embedding/head keys are adapted, and a checkpoint with a shorter
+history is zero-padded. PyTorch itself is not needed (`load_state_dict` reads `.ckpt`/`.pt`,
+`.npz` and `.safetensors`); `main` is the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
+from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +41,29 @@ from aurora.torch_checkpoint import load_torch_checkpoint
 from aurora.variables import ATMOS_VARS, STATIC_VARS, SURF_VARS
 
 __all__ = [
+    "CONVERTER_VERSION",
     "ConversionError",
+    "FlatParams",
+    "LoadReport",
     "adapt_checkpoint",
     "convert_pytorch_checkpoint",
+    "fit_params",
     "load_state_dict",
     "main",
     "param_shapes",
+    "save_safetensors",
+    "to_flax_names",
     "to_pytorch_state_dict",
 ]
+
+CONVERTER_VERSION = 1
+"""Version of `to_flax_names`' output: bump it whenever the naming rule or `adapt_checkpoint`
+changes, so that converted checkpoints cached by `aurora.pretrained` are converted again."""
+
+FlatParams = dict[tuple[str, ...], np.ndarray]
+"""Flax parameter path (tuple of names) -> array, as `flax.traverse_util.flatten_dict` gives."""
+
+log = logging.getLogger(__name__)
 
 _LORA = re.compile(r"^(.*)\.loras\.(\d+)\.(lora_[AB])$")
 _VAR_CONTAINERS = {"weights", "surf_heads", "atmos_heads"}  # children are variable names
@@ -50,22 +74,27 @@ class ConversionError(ValueError):
 
 
 def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a PyTorch `.ckpt`/`.pt` or a `.npz` state dict as float32 numpy arrays.
+    """Read a PyTorch `.ckpt`/`.pt`, a `.safetensors` or a `.npz` state dict as numpy arrays.
 
     PyTorch files are read by :mod:`aurora.torch_checkpoint`, without PyTorch and as safely as
     `torch.load(weights_only=True)`: only tensor-rebuilding globals are allowed. A Lightning-style
-    checkpoint's `"state_dict"` entry is unwrapped.
+    checkpoint's `"state_dict"` entry is unwrapped. Safetensors files hold raw arrays only, so
+    they never need unpickling (`save_safetensors` writes them).
 
     Args:
-        path: A `.ckpt`/`.pt` file or a `.npz` archive.
+        path: A `.ckpt`/`.pt` file, a `.safetensors` file or a `.npz` archive.
 
     Returns:
-        Key -> float32 array (`.npz` arrays keep their dtype).
+        Key -> float32 array (`.npz` and `.safetensors` arrays keep their dtype).
     """
     path = Path(path)
     if path.suffix == ".npz":
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return load_file(path)
     state = load_torch_checkpoint(path, float32=True)
     if isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
@@ -197,36 +226,39 @@ def _example_batch(model: Any) -> Any:
     )
 
 
-def convert_pytorch_checkpoint(
-    source: str | Path | Mapping[str, Any], model: Any
-) -> dict[str, Any]:
-    """A microsoft-aurora state dict (path or mapping) -> Flax `params` for `model`.
+def _as_numpy(source: str | Path | Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A state dict from a path (`load_state_dict`) or a mapping of arrays or torch tensors."""
+    if isinstance(source, (str, Path)):
+        return load_state_dict(source)
+    return {
+        k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+        for k, v in source.items()
+    }
+
+
+def to_flax_names(
+    state: Mapping[str, np.ndarray], patch_size: int, max_history_size: int
+) -> FlatParams:
+    """Adapt a state dict (`adapt_checkpoint`) and rename it by the module docstring's rule.
+
+    The result depends on the checkpoint and on the two arguments only, not on which variables
+    the model has, so it can be cached per checkpoint file and fitted to any model later
+    (`fit_params`).
 
     Args:
-        source: A checkpoint path (see `load_state_dict`) or a state dict.
-        model: The `aurora.Aurora` module to fill.
+        state: A microsoft-aurora state dict.
+        patch_size: The model's patch size (to split older head matrices).
+        max_history_size: The model's history length (embeddings are zero-padded to it).
 
     Returns:
-        The nested Flax `params` dict, numpy arrays.
+        Flax path -> float32 array in Flax's layout, LoRA adapters stacked.
 
     Raises:
-        ConversionError: listing keys without a target, parameters without a source, and shape
-            mismatches.
+        ConversionError: If an adapter list has gaps, or as `adapt_checkpoint` does.
     """
-    state = (
-        load_state_dict(source)
-        if isinstance(source, (str, Path))
-        else {
-            k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
-            for k, v in source.items()
-        }
-    )
-    state = adapt_checkpoint(state, model.patch_size, model.max_history_size)
-    targets = param_shapes(model, _example_batch(model))
-
-    filled: dict[tuple[str, ...], np.ndarray] = {}
+    state = adapt_checkpoint(state, patch_size, max_history_size)
+    flat: FlatParams = {}
     lora_parts: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
-    extra, wrong_shape = [], []
     for key, value in state.items():
         lora = _LORA.match(key)
         if lora:
@@ -234,28 +266,102 @@ def convert_pytorch_checkpoint(
             lora_parts.setdefault(path, {})[int(lora.group(2))] = value
             continue
         path, transpose = _flax_path(key, value.ndim)
-        if path not in targets:
-            extra.append(key)
-            continue
-        filled[path] = value.T if transpose else value
-
+        flat[path] = value.T if transpose else value
     for path, parts in lora_parts.items():
-        if path not in targets or sorted(parts) != list(range(len(parts))):
-            extra.extend(f"{'.'.join(path)}[{i}]" for i in sorted(parts))
-            continue
-        filled[path] = np.stack([parts[i] for i in range(len(parts))])
-
-    for path, value in filled.items():
-        if tuple(value.shape) != targets[path]:
-            wrong_shape.append(
-                f"{'/'.join(path)}: checkpoint {tuple(value.shape)}, model {targets[path]}"
+        if sorted(parts) != list(range(len(parts))):
+            raise ConversionError(
+                f"{_torch_key(path)}: adapters {sorted(parts)} are not numbered 0..n-1."
             )
-    missing = sorted("/".join(p) for p in targets if p not in filled)
-    if extra or missing or wrong_shape:
+        flat[path] = np.stack([parts[i] for i in range(len(parts))])
+    return {k: np.asarray(v, dtype=np.float32) for k, v in flat.items()}
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What `fit_params` did with each parameter (Flax paths joined by `/`)."""
+
+    loaded: tuple[str, ...]
+    """Model parameters taken from the checkpoint."""
+    created: tuple[str, ...]
+    """Model parameters the checkpoint lacks, left at a fresh model's initial values."""
+    dropped: tuple[str, ...]
+    """Checkpoint entries (renamed by `to_flax_names`) the model does not have."""
+
+    def by_module(self, depth: int = 2) -> dict[str, dict[str, int]]:
+        """Counts per module (the first `depth` path segments), e.g.
+        `{"decoder/surf_heads": {"loaded": 8, "created": 2, "dropped": 0}}`."""
+        counts: dict[str, Counter[str]] = {}
+        for kind in ("loaded", "created", "dropped"):
+            for path in getattr(self, kind):
+                module = "/".join(path.split("/")[:depth])
+                counts.setdefault(module, Counter())[kind] += 1
+        return {
+            m: {k: c[k] for k in ("loaded", "created", "dropped")}
+            for m, c in sorted(counts.items())
+        }
+
+    def summary(self) -> str:
+        """A few lines for the log: the totals, then every module that was not fully loaded."""
+        lines = [
+            f"Loaded {len(self.loaded)} parameters, created {len(self.created)} the checkpoint "
+            f"lacks, dropped {len(self.dropped)} the model does not have."
+        ]
+        for module, c in self.by_module().items():
+            if c["created"] or c["dropped"]:
+                lines.append(
+                    f"  {module}: loaded {c['loaded']}, created {c['created']}, "
+                    f"dropped {c['dropped']}"
+                )
+        return "\n".join(lines)
+
+
+def _fresh_params(model: Any, paths: list[tuple[str, ...]], rng: jax.Array) -> FlatParams:
+    """The initial values of `paths` in a model initialised with `rng` (only those are computed:
+    XLA drops the initialisers and the forward pass whose results are not returned)."""
+    batch = _example_batch(model)
+
+    def init(key: jax.Array) -> dict[str, jax.Array]:
+        flat = traverse_util.flatten_dict(model.init(key, batch)["params"])
+        return {"/".join(p): flat[p] for p in paths}
+
+    values = jax.jit(init)(rng)
+    return {p: np.asarray(values["/".join(p)]) for p in paths}
+
+
+def fit_params(
+    flat: FlatParams, model: Any, *, strict: bool = True, rng: jax.Array | int = 0
+) -> tuple[dict[str, Any], LoadReport]:
+    """Fit renamed checkpoint arrays (`to_flax_names`) to `model`'s parameters.
+
+    Args:
+        flat: Flax path -> array.
+        model: The `aurora.Aurora` module to fill.
+        strict: Refuse a checkpoint that lacks a parameter or has one the model does not. With
+            False, missing parameters get the values a fresh `model.init(rng, ...)` gives them
+            (LoRA adapters start with `B = 0`, so the model predicts as the base does) and extra
+            entries are dropped, as `load_checkpoint(strict=False)` does in microsoft-aurora.
+        rng: The PRNG key (or seed) for the parameters that are created.
+
+    Returns:
+        The nested Flax `params` (numpy arrays) and what was loaded, created and dropped.
+
+    Raises:
+        ConversionError: listing shape mismatches, and with `strict` also keys without a target
+            and parameters without a source.
+    """
+    targets = param_shapes(model, _example_batch(model))
+    extra = sorted(p for p in flat if p not in targets)
+    missing = sorted(p for p in targets if p not in flat)
+    wrong_shape = [
+        f"{'/'.join(p)}: checkpoint {tuple(v.shape)}, model {targets[p]}"
+        for p, v in flat.items()
+        if p in targets and tuple(v.shape) != targets[p]
+    ]
+    if wrong_shape or (strict and (extra or missing)):
         lines = ["The state dict does not match the model."]
         for title, items in (
-            ("Unused checkpoint keys", extra),
-            ("Parameters not filled", missing),
+            ("Unused checkpoint keys", [_torch_key(p) for p in extra] if strict else []),
+            ("Parameters not filled", ["/".join(p) for p in missing] if strict else []),
             ("Shape mismatches", wrong_shape),
         ):
             if items:
@@ -265,9 +371,58 @@ def convert_pytorch_checkpoint(
                     + (" ..." if len(items) > 50 else "")
                 )
         raise ConversionError("\n".join(lines))
-    return traverse_util.unflatten_dict(
-        {k: np.asarray(v, dtype=np.float32) for k, v in filled.items()}
+    params = {p: np.asarray(v, dtype=np.float32) for p, v in flat.items() if p in targets}
+    if missing:
+        key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+        params |= _fresh_params(model, missing, key)
+    report = LoadReport(
+        loaded=tuple("/".join(p) for p in sorted(p for p in flat if p in targets)),
+        created=tuple("/".join(p) for p in missing),
+        dropped=tuple("/".join(p) for p in extra),
     )
+    return traverse_util.unflatten_dict(params), report
+
+
+def convert_pytorch_checkpoint(
+    source: str | Path | Mapping[str, Any],
+    model: Any,
+    *,
+    strict: bool = True,
+    rng: jax.Array | int = 0,
+) -> dict[str, Any]:
+    """A microsoft-aurora state dict (path or mapping) -> Flax `params` for `model`.
+
+    Args:
+        source: A checkpoint path (see `load_state_dict`) or a state dict.
+        model: The `aurora.Aurora` module to fill.
+        strict: As for `fit_params`; without it, the report is logged.
+        rng: The PRNG key (or seed) of parameters the checkpoint lacks (`strict=False`).
+
+    Returns:
+        The nested Flax `params` dict, numpy arrays.
+
+    Raises:
+        ConversionError: As `fit_params` does.
+    """
+    flat = to_flax_names(_as_numpy(source), model.patch_size, model.max_history_size)
+    params, report = fit_params(flat, model, strict=strict, rng=rng)
+    if not strict:
+        log.info("Non-strict load. %s", report.summary())
+    return params
+
+
+def _torch_key(path: tuple[str, ...]) -> str:
+    """A Flax path's PyTorch key (the inverse of `_flax_path`); LoRA adapters as `loras.*`."""
+    segments: list[str] = []
+    for i, part in enumerate(path[:-1]):
+        if i > 0 and path[i - 1] in _VAR_CONTAINERS:
+            segments.append(part)  # a variable name, never split
+        else:
+            segments.extend(re.sub(r"_(\d+)(?=(_\d+)*$)", r".\1", part).split("."))
+    prefix, leaf = ".".join(segments), path[-1]
+    if leaf in ("lora_A", "lora_B"):
+        return f"{prefix}.loras.*.{leaf}"
+    return f"{prefix}.{'weight' if leaf in ('kernel', 'scale') else leaf}"
 
 
 def to_pytorch_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -282,31 +437,47 @@ def to_pytorch_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for path, value in traverse_util.flatten_dict(dict(params)).items():
         value = np.asarray(jax.device_get(value))
-        segments: list[str] = []
-        for i, part in enumerate(path[:-1]):
-            if i > 0 and path[i - 1] in _VAR_CONTAINERS:
-                segments.append(part)  # a variable name, never split
-            else:
-                segments.extend(re.sub(r"_(\d+)(?=(_\d+)*$)", r".\1", part).split("."))
-        prefix = ".".join(segments)
-        leaf = path[-1]
-        if leaf in ("lora_A", "lora_B"):
+        key = _torch_key(path)
+        if path[-1] in ("lora_A", "lora_B"):
             for i, adapter in enumerate(value):
-                out[f"{prefix}.loras.{i}.{leaf}"] = adapter
-        elif leaf == "kernel":
-            out[f"{prefix}.weight"] = value.T
-        elif leaf == "scale":
-            out[f"{prefix}.weight"] = value
+                out[key.replace(".*.", f".{i}.")] = adapter
         else:
-            out[f"{prefix}.{leaf}"] = value
+            # Contiguous, as writers of raw buffers (safetensors) expect: a transposed view
+            # would be written in the wrong order.
+            out[key] = np.ascontiguousarray(value.T if path[-1] == "kernel" else value)
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    """The `python -m aurora.convert` command line: a PyTorch checkpoint to an Orbax folder::
+def save_safetensors(params: Mapping[str, Any], path: str | Path) -> Path:
+    """Write Flax params as a microsoft-aurora state dict in safetensors format.
 
+    Safetensors holds raw arrays and a JSON header, so sharing weights this way never requires
+    unpickling. The file loads here with `load_state_dict` / `convert_pytorch_checkpoint` and in
+    PyTorch with `model.load_state_dict(safetensors.torch.load_file(path))`.
+
+    Args:
+        params: Nested Flax `params`.
+        path: The file to write.
+
+    Returns:
+        The path written.
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    save_file(to_pytorch_state_dict(params), path, metadata={"format": "pt"})
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `python -m aurora.convert` command line, in either direction::
+
+        # a microsoft-aurora checkpoint -> an Orbax folder (or --format safetensors: one file)
         python -m aurora.convert --pytorch-ckpt aurora-0.25-small-pretrained.ckpt \
             --preset AuroraSmallPretrained --out checkpoints/aurora-small
+        # Flax params in an Orbax folder (e.g. fine-tuned) -> a microsoft-aurora safetensors file
+        python -m aurora.convert --orbax-ckpt runs/x/export/params --format safetensors \
+            --out aurora-finetuned.safetensors
 
     Args:
         argv: Arguments; None reads `sys.argv`.
@@ -314,11 +485,28 @@ def main(argv: list[str] | None = None) -> None:
     from aurora.model.aurora import PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--pytorch-ckpt", required=True, help="microsoft-aurora .ckpt/.pt or .npz state dict"
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--pytorch-ckpt",
+        help="microsoft-aurora state dict: .ckpt/.pt, .safetensors or .npz (needs --preset)",
     )
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS), help="model preset")
-    parser.add_argument("--out", required=True, help="output folder for the Orbax checkpoint")
+    source.add_argument("--orbax-ckpt", help="Orbax folder of Flax params (to write safetensors)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="model preset")
+    parser.add_argument(
+        "--out", required=True, help="output: a folder (orbax) or a file (safetensors)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=("orbax", "safetensors"),
+        default="orbax",
+        help="orbax: Flax params; safetensors: the microsoft-aurora state dict (PyTorch names)",
+    )
+    parser.add_argument(
+        "--strict",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--no-strict: parameters the checkpoint lacks start at their initial values",
+    )
     parser.add_argument(
         "--model-kwargs",
         default="{}",
@@ -326,19 +514,30 @@ def main(argv: list[str] | None = None) -> None:
         'e.g. \'{"use_lora": true, "atmos_vars": ["z", "t"]}\'',
     )
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     import orbax.checkpoint as ocp
 
-    kwargs = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.model_kwargs).items()
-    }
-    model = PRESETS[args.preset](**kwargs)
-    params = convert_pytorch_checkpoint(args.pytorch_ckpt, model)
     out = Path(args.out).resolve()
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(out, params)
+    if args.orbax_ckpt:
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore(Path(args.orbax_ckpt).resolve())
+    else:
+        if not args.preset:
+            parser.error("--pytorch-ckpt needs --preset")
+        kwargs = {
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in json.loads(args.model_kwargs).items()
+        }
+        model = PRESETS[args.preset](**kwargs)
+        params = convert_pytorch_checkpoint(args.pytorch_ckpt, model, strict=args.strict)
+    if args.format == "safetensors":
+        save_safetensors(params, out)
+    else:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(out, params)
     n = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(params))
-    print(f"Wrote {n:,} parameters of {args.preset} to {out}")
+    print(f"Wrote {n:,} parameters to {out} ({args.format})")
 
 
 if __name__ == "__main__":

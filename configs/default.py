@@ -34,10 +34,17 @@ def get_config() -> ml_collections.ConfigDict:
     )
     config.model.kwargs = ml_collections.ConfigDict({"use_lora": False})
 
-    # --- initial weights: a microsoft-aurora checkpoint (converted on the fly) or Orbax folder ----
+    # --- initial weights: published, a microsoft-aurora file, or an Orbax folder ------------------
     config.init = ml_collections.ConfigDict()
-    config.init.pytorch_checkpoint = ""  # e.g. /path/aurora-0.25-pretrained.ckpt
+    # A preset whose published weights to start from (aurora.pretrained.CHECKPOINTS), downloaded
+    # from the Hugging Face Hub (HF_HOME, HF_HUB_OFFLINE) and converted once (per-user cache).
+    config.init.pretrained = ""  # e.g. AuroraPretrained
+    config.init.revision = ""  # a Hub revision instead of microsoft-aurora's pinned one
+    config.init.pytorch_checkpoint = ""  # e.g. /path/aurora-0.25-pretrained.ckpt (or .safetensors)
     config.init.orbax_checkpoint = ""  # e.g. output of `python -m aurora.convert`
+    # False: parameters the checkpoint lacks (new variables, LoRA adapters) start as in a fresh
+    # model and entries the model lacks are dropped; the log reports both by module.
+    config.init.strict = True
 
     # --- data: a registered builder (data_builders.registry) and the pipeline ---------------------
     config.data = ml_collections.ConfigDict()

@@ -293,15 +293,31 @@ def _import_file(path: Path) -> Any:
 
 
 def _init_params(config: ml_collections.ConfigDict, model: aurora.Aurora) -> Any:
-    if config.init.get("pytorch_checkpoint"):
-        from aurora.convert import convert_pytorch_checkpoint, load_state_dict
+    """The starting parameters `config.init` names (None: a fresh initialisation).
 
-        state = load_state_dict(config.init.pytorch_checkpoint)
-        if model.use_lora and not any(".lora_" in k for k in state):
+    Published weights (`init.pretrained`) and PyTorch files go through the conversion cache of
+    `aurora.pretrained`. With `init.strict=False` the parameters the checkpoint lacks get the
+    values the Trainer's own fresh initialisation would give them (the same PRNG key).
+    """
+    from aurora.convert import fit_params
+    from aurora.pretrained import download, load_converted
+
+    init = config.init
+    checkpoint = init.get("pytorch_checkpoint")
+    if init.get("pretrained"):
+        checkpoint = download(init.pretrained, revision=init.get("revision") or None)
+    if checkpoint:
+        strict = bool(init.get("strict", True))
+        flat = load_converted(checkpoint, model.patch_size, model.max_history_size)
+        if strict and model.use_lora and not any(p[-1].startswith("lora_") for p in flat):
             # Pretrained weights without adapters: the LoRA strategy adds fresh ones (B = 0).
             model = model.clone(use_lora=False)
-        return convert_pytorch_checkpoint(state, model)
-    if config.init.get("orbax_checkpoint"):
+        init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))  # as Trainer.init_state
+        params, report = fit_params(flat, model, strict=strict, rng=init_rng)
+        if not strict:
+            log.info("config.init.strict=False: %s", report.summary())
+        return params
+    if init.get("orbax_checkpoint"):
         import orbax.checkpoint as ocp
 
         with ocp.StandardCheckpointer() as checkpointer:

@@ -4,8 +4,10 @@ The position and scale encodings (`aurora.model.posencoding`, `aurora.model.four
 microsoft-aurora to the last bit, and PyTorch's results depend on how it was built: with Intel MKL
 (`aurora.model.mkl`) or without (SLEEF's sine, `aurora.model.sleef`, and the hardware square
 root). :func:`sin_backend` picks ``"mkl"`` when an MKL runtime can be loaded, else ``"sleef"``
-(with a one-time warning, as results then differ from an MKL-built PyTorch). The environment
-variable ``AURORA_SIN_BACKEND`` (``mkl`` or ``sleef``) forces a choice.
+(with a one-time warning, as results then differ from an MKL-built PyTorch). MKL comes with the
+optional ``parity`` extra (``pip install aurora-jax[parity]``), which ``make test`` installs; a
+plain install uses SLEEF. The environment variable ``AURORA_SIN_BACKEND`` (``mkl`` or ``sleef``)
+forces a choice.
 """
 
 import os
@@ -60,7 +62,9 @@ def sin_f32(x: np.ndarray, backend: str | None = None) -> np.ndarray:
                 "Intel MKL was not found, so float32 sin and sqrt follow PyTorch built without "
                 "MKL (SLEEF, hardware sqrt). MKL-built PyTorch (the x86-64 wheels) differs by 1 "
                 "ULP on ~2 % of sines and ~25 % of square roots, which changes Aurora's scale "
-                "encoding. Install the `mkl` package from PyPI to match it.",
+                "encoding and, through it, the outputs (GPU PyTorch differs as well). "
+                "Install the `parity` extra (`pip install aurora-jax[parity]`, the `mkl` package) "
+                "to match it bit for bit.",
                 stacklevel=2,
             )
     if backend == "mkl":

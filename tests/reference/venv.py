@@ -14,8 +14,10 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,30 +55,43 @@ def python() -> Path:
     return VENV / "bin" / "python"
 
 
-def case_dir(spec: dict[str, Any]) -> Path:
-    """Run the reference for `spec` (see run_reference.py) once; return the folder of its
-    outputs."""
+def case_dir(
+    spec: dict[str, Any], runner: Path = RUNNER, inputs: Mapping[str, Path] | None = None
+) -> Path:
+    """Run a reference `runner` (default run_reference.py) for `spec` once; return the folder of
+    its outputs.
+
+    `inputs` (name -> file) are copied into that folder under their names before the runner
+    starts; their contents are part of the cache key, as are the spec and the runner's code.
+    """
     text = json.dumps(spec, sort_keys=True)
-    runner_hash = hashlib.sha256(RUNNER.read_bytes()).hexdigest()[:8]
-    key = hashlib.sha256((text + runner_hash).encode()).hexdigest()[:16]
+    material = text + hashlib.sha256(runner.read_bytes()).hexdigest()[:8]
+    if inputs:
+        material += json.dumps(
+            {name: hashlib.sha256(Path(p).read_bytes()).hexdigest() for name, p in inputs.items()},
+            sort_keys=True,
+        )
+    key = hashlib.sha256(material.encode()).hexdigest()[:16]
     out = CACHE / key
     out.mkdir(parents=True, exist_ok=True)
     # Clones share the cache: one process runs a case, the others wait for its outputs.
     with open(out / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "done").exists():
-            _run_case(text, out)
+            for name, path in (inputs or {}).items():
+                shutil.copyfile(path, out / name)
+            _run_case(text, out, runner)
     return out
 
 
-def _run_case(text: str, out: Path) -> None:
-    """Run the reference runner on the spec `text`, writing its outputs and a `done` mark to
+def _run_case(text: str, out: Path, runner: Path = RUNNER) -> None:
+    """Run a reference runner on the spec `text`, writing its outputs and a `done` mark to
     `out`."""
     (out / "spec.json").write_text(text)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     # Run from a neutral directory so the reference's `aurora` is imported, not ours.
     subprocess.run(
-        [str(python()), str(RUNNER), str(out / "spec.json"), str(out)],
+        [str(python()), str(runner), str(out / "spec.json"), str(out)],
         check=True,
         cwd=str(out),
         env=env,
