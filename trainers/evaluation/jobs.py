@@ -155,6 +155,7 @@ def predict(
     init_hours: Sequence[int] | None = WB2_INIT_HOURS,
     formats: Sequence[str] = ("zarr", "netcdf"),
     states: SourceStates | None = None,
+    inits: Sequence[int] | None = None,
 ) -> dict[str, Path]:
     """Forecast from the source's init times, writing each lead as it is made.
 
@@ -176,6 +177,7 @@ def predict(
         init_hours: forecast from inits at these hours of the day (UTC); None: every init.
         formats: ``"zarr"`` and/or ``"netcdf"``.
         states: the states reader (None: one that reads each input state once).
+        inits: the init times (int seconds), in place of every init at `init_hours`.
 
     Returns:
         ``{format: path}`` of the files written.
@@ -185,7 +187,9 @@ def predict(
         raise ValueError(f"formats must be 'zarr' and/or 'netcdf', not {list(formats)}")
     step_fn = model if isinstance(model, ModelStep) else ModelStep(model)
     surf, atmos, _ = model_variables(step_fn.model, source)
-    inits = checked_inits(step_fn, source, step_hours, init_hours)
+    if inits is None:
+        inits = checked_inits(step_fn, source, step_hours, init_hours)
+    inits = np.asarray(inits, np.int64)
     step = step_seconds(step_hours)
     rows = len(source.lat) // step_fn.patch_size * step_fn.patch_size
     layout = Layout(
