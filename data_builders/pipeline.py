@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -76,6 +77,16 @@ class WeatherSource:
         if np.any(counts > 1):
             raise DataError(f"{self.name}: duplicate record times {uniq[counts > 1][:5].tolist()}")
         set_(self, "times", times)
+
+    def close(self) -> None:
+        """Release what the records hold open (threads, files, stores): ``records.close()``.
+
+        Records that have a ``close`` must read again after it (reopening what they need), as
+        `data_builders.builders.WeatherRecords` and the zarr source's records do.
+        """
+        close = getattr(self.records, "close", None)
+        if callable(close):
+            close()
 
 
 def open_source(builder: Any, split: str) -> WeatherSource:
@@ -334,7 +345,10 @@ class Pipeline:
       ``prefetch_buffer_size`` ahead, handed over in shared memory; the threads are not used).
       Copying and collating hold the GIL, so threads alone cannot use more than one core. The
       batches and their order do not depend on ``num_workers``, and ``get_state`` / ``set_state``
-      stay exact. The source must be picklable (`data_builders.builders.WeatherRecords` is).
+      stay exact. The source must be picklable (`data_builders.builders.WeatherRecords` and
+      the zarr source's records are).
+    * ``it.close()`` stops an iterator's threads or workers; closing the last open iterator of
+      the pipeline also calls `WeatherSource.close` (the records' threads, files, stores).
 
     Args:
         source (WeatherSource): The dataset split.
@@ -403,6 +417,7 @@ class Pipeline:
                 f"of {shard_count}, fewer than batch_size {batch_size}"
             )
         self._shuffle, self._seed = shuffle, seed
+        self._streams, self._streams_lock = 0, threading.Lock()  # open iterator streams
         self._load = _LoadBatch(source, step, rollout_steps)
         self.dataset = self.epochs_dataset(0, num_epochs)
         self.windows_per_epoch = self._order(0, 1).per_epoch
@@ -474,11 +489,11 @@ class Pipeline:
 
     def iterator(self, epoch: int) -> BatchIterator:
         """Iterator over one epoch (the Trainer's `DataSource.iterator(epoch)` protocol)."""
-        return BatchIterator(self.epochs_dataset(epoch, 1), self._iter)
+        return BatchIterator(self.epochs_dataset(epoch, 1), self._iter, self._stream_closed)
 
     def __iter__(self) -> BatchIterator:
         """Iterator over all `num_epochs` epochs; `set_state` moves it to a saved position."""
-        return BatchIterator(self.dataset, self._iter)
+        return BatchIterator(self.dataset, self._iter, self._stream_closed)
 
     def _iter(self, dataset: grain.MapDataset) -> Iterator[Any]:
         stream = dataset.to_iter_dataset(self.read_options)
@@ -486,7 +501,21 @@ class Pipeline:
             if not flags.FLAGS.is_parsed():  # Grain reads its absl flags when workers start
                 flags.FLAGS.mark_as_parsed()
             stream = stream.mp_prefetch(self.mp_options)
+        with self._streams_lock:
+            self._streams += 1
         return iter(stream)
+
+    def _stream_closed(self) -> None:
+        """An iterator closed its stream: the last one closes the source (`WeatherSource.close`).
+
+        Only then: iterators of one pipeline share the source's records. A stream dropped
+        without `close` keeps the source open.
+        """
+        with self._streams_lock:
+            self._streams -= 1
+            last = self._streams == 0
+        if last:
+            self.source.close()
 
 
 class BatchIterator:
@@ -499,15 +528,18 @@ class BatchIterator:
     Args:
         dataset: The batches, e.g. `Pipeline.dataset`.
         stream: Makes the iterator over a dataset (threads or worker processes).
+        on_close: Called after `close` stopped a stream that `stream` made.
     """
 
     def __init__(
         self,
         dataset: grain.MapDataset,
         stream: Callable[[grain.MapDataset], Iterator[Any]],
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self._dataset = dataset
         self._stream = stream
+        self._on_close = on_close
         self._position = 0
         self._it: Iterator[Any] | None = None
 
@@ -523,11 +555,18 @@ class BatchIterator:
         return batch
 
     def close(self) -> None:
-        """Stop the worker processes or prefetch threads, if any; `next` starts them again."""
+        """Stop the worker processes or prefetch threads, if any; `next` starts them again.
+
+        A `Pipeline`'s last open iterator also closes the source (`WeatherSource.close`).
+        """
+        if self._it is None:
+            return
         close = getattr(self._it, "close", None)
         if close is not None:
             close()
         self._it = None
+        if self._on_close is not None:
+            self._on_close()
 
     def get_state(self) -> dict[str, Any]:
         """``{"position": n}``: the next batch is batch n of the dataset."""

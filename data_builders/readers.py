@@ -34,12 +34,19 @@ __all__ = [
     "STATIC_VARS",
     "SURFACE_VARS",
     "DataError",
+    "Fill",
     "G",
     "aurora_groups",
+    "canonical_lazy",
     "check_netcdf3_complete",
+    "check_units",
+    "fill_nans",
+    "forecast_lead_dim",
+    "handle_nans",
     "nan_counts",
     "open_dataset",
     "regrid",
+    "select_lazy",
     "valid_times",
 ]
 
@@ -170,7 +177,7 @@ def open_dataset(
         lazy = []
         for path in path_list:
             opened.append(_open_raw(path))
-            lazy.append((path, _canonical_lazy(opened[-1], path, member, init_time)))
+            lazy.append((path, canonical_lazy(opened[-1], path, member, init_time)))
         if wanted is not None:
             _check_requested(wanted, lazy)
         parts = [(p, _select_and_load(d, p, wanted, levels, fill_nan, time)) for p, d in lazy]
@@ -207,7 +214,7 @@ def valid_times(
     for path in path_list:
         raw = _open_raw(path)
         try:
-            ds = _canonical_lazy(raw, path, member, init_time)
+            ds = canonical_lazy(raw, path, member, init_time)
             timed = [
                 k
                 for k, v in ds.data_vars.items()
@@ -274,8 +281,22 @@ def nan_counts(ds: xr.Dataset) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------
 
 
-def _canonical_lazy(raw: xr.Dataset, path: Path, member: int, init_time: Any) -> xr.Dataset:
-    """Canonical names, axes and grid order, still lazy: nothing but metadata is read yet."""
+def canonical_lazy(raw: xr.Dataset, path: Path, member: int, init_time: Any) -> xr.Dataset:
+    """Canonical names, axes and grid order, still lazy: nothing but metadata is read yet.
+
+    Public, like `select_lazy`, `check_units`, `handle_nans` and `fill_nans`, so that sources
+    reading a store piece by piece (`data_builders.zarr_source`) apply the very steps
+    `open_dataset` applies and give the same canonical form and the same `DataError` checks.
+
+    Args:
+        raw: The store as opened by xarray (lazy).
+        path: The file or URL, for error messages.
+        member: The ensemble member to select.
+        init_time: The init to read from a forecast store (see `open_dataset`).
+
+    Returns:
+        The canonical dataset, still lazy (a forecast store with one init stays lazy too).
+    """
     ds = _normalise_dims(raw, path, member, init_time)
     ds = _rename_variables(ds, path)
     ds = _fix_grid(ds, path)
@@ -291,9 +312,9 @@ def _select_and_load(
     time: slice | Sequence[Any] | None,
 ) -> xr.Dataset:
     """Subset, read, then check units and NaNs on the values actually read."""
-    ds = _load(_select(ds, path, wanted, levels, time), path)
-    _check_units(ds, path)
-    ds = _handle_nans(ds, path, fill_nan)
+    ds = _load(select_lazy(ds, path, wanted, levels, time), path)
+    check_units(ds, path)
+    ds = handle_nans(ds, path, fill_nan)
     return _finish(ds, path)
 
 
@@ -453,6 +474,16 @@ def _check_times(ds: xr.Dataset, path: Path) -> xr.Dataset:
     return ds if np.all(np.diff(values) > np.timedelta64(0)) else ds.sortby("time")
 
 
+def forecast_lead_dim(ds: xr.Dataset) -> str | None:
+    """The lead-time dimension of a forecast store (``prediction_timedelta``, ``step``,
+    ``lead_time``), or None for analyses.
+
+    Public so that a streaming source can refuse, before reading anything, a forecast store it
+    could only flatten by loading it (several inits and no ``init_time``).
+    """
+    return next((d for d in _LEAD if d in ds.dims), None)
+
+
 def _flatten_forecast(ds: xr.Dataset, path: Path, lead: str, init_time: Any) -> xr.Dataset:
     """(init time, lead) -> valid time, keeping init and lead as coordinates along time."""
     if "time" in ds.coords and "time" not in ds.dims:
@@ -466,6 +497,10 @@ def _flatten_forecast(ds: xr.Dataset, path: Path, lead: str, init_time: Any) -> 
             raise DataError(f"{path}: init_time {t0} not in {[str(t) for t in inits]}")
         ds = ds.isel(time=[int(np.flatnonzero(inits == t0)[0])])
     ds = ds.drop_vars([c for c in ("valid_time",) if c in ds.coords])
+    timed = [v for v in ds.data_vars.values() if "time" in v.dims]
+    one_init = ds.sizes["time"] == 1 and all(lead in v.dims for v in timed)
+    if one_init and np.unique(ds[lead].values).size == ds.sizes[lead]:
+        return _one_forecast(ds, lead)
     st = ds.stack(_fc=("time", lead)).reset_index("_fc")
     init = st["time"].values.astype("datetime64[ns]")
     step = st[lead].values.astype("timedelta64[ns]")
@@ -481,6 +516,20 @@ def _flatten_forecast(ds: xr.Dataset, path: Path, lead: str, init_time: Any) -> 
             "overlapping forecasts; pass init_time= to read one forecast"
         )
     return st.sortby("time")
+
+
+def _one_forecast(ds: xr.Dataset, lead: str) -> xr.Dataset:
+    """One init: its lead axis becomes the valid-time axis, by renaming, so nothing is read
+    (`stack` would load the data, which a streaming source must not)."""
+    init = ds["time"].values.astype("datetime64[ns]")[0]
+    step = ds[lead].values.astype("timedelta64[ns]")
+    one = ds.isel(time=0, drop=True).rename({lead: "time"})
+    one = one.assign_coords(
+        time=("time", init + step),
+        forecast_reference_time=("time", np.full(step.shape, init)),
+        lead_time=("time", step),
+    )
+    return one if np.all(np.diff(step) > np.timedelta64(0)) else one.sortby("time")
 
 
 def _normalise_level(ds: xr.Dataset, path: Path) -> xr.Dataset:
@@ -629,14 +678,17 @@ def _static_field(key: str, da: xr.DataArray, path: Path) -> xr.DataArray:
     return first.drop_vars([c for c in first.coords if c not in first.dims])
 
 
-def _select(
+def select_lazy(
     ds: xr.Dataset,
     path: Path,
     wanted: list[str] | None,
     levels: Sequence[float] | None,
     time: slice | Sequence[Any] | None,
 ) -> xr.Dataset:
-    """Subset variables, levels and times before any data are read."""
+    """Subset variables, levels (ascending) and times before any data are read.
+
+    Public for streaming sources (see `canonical_lazy`).
+    """
     if wanted is not None:
         ds = ds[[v for v in ds.data_vars if v in wanted]]
     if levels is not None and "level" in ds.dims:
@@ -704,8 +756,12 @@ def _normalise_units(units: str) -> str:
     return re.sub(r"/([a-z]+)(\d*)", lambda m: f"{m.group(1)}-{m.group(2) or 1}", u)
 
 
-def _check_units(ds: xr.Dataset, path: Path) -> None:
-    """Refuse wrong units, by the units attribute and by magnitude (the attribute can lie)."""
+def check_units(ds: xr.Dataset, path: Path) -> None:
+    """Refuse wrong units, by the units attribute and by magnitude (the attribute can lie).
+
+    Public for streaming sources (see `canonical_lazy`); the magnitude check reads the first
+    time of each variable.
+    """
     for key, da in ds.data_vars.items():
         key = str(key)
         if key in _UNITS and str(da.attrs.get("units", "")).strip():  # blank = unknown
@@ -787,10 +843,13 @@ def _is_global(da: xr.DataArray) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _handle_nans(
+def handle_nans(
     ds: xr.Dataset, path: Path, fill_nan: Fill | Mapping[str, Fill] | None
 ) -> xr.Dataset:
-    """Count NaNs per variable; refuse them unless `fill_nan` says how to fill."""
+    """Count NaNs per variable; refuse them unless `fill_nan` says how to fill.
+
+    Public for streaming sources (see `canonical_lazy`); `ds` must be loaded.
+    """
     out = {}
     for key, da in ds.data_vars.items():
         key = str(key)
@@ -804,7 +863,7 @@ def _handle_nans(
                     f"{path}: variable {da.attrs.get('source_name', key)} ({key}) "
                     f"has {n} NaN values{_nan_where(da)}; pass fill_nan= to fill them"
                 )
-            values = _fill(values, how, path, key)
+            values = fill_nans(values, how, path, key)
             attrs["nan_fill"] = str(how)
             log.warning("%s: %s: filled %d NaNs with %s", path, key, n, how)
         out[key] = da.copy(data=values).assign_attrs(attrs)
@@ -822,8 +881,21 @@ def _nan_where(da: xr.DataArray) -> str:
     return f" at time(s) {', '.join(times[:5])}{more}"
 
 
-def _fill(values: np.ndarray, how: Fill, path: Path, key: str) -> np.ndarray:
-    """Fill NaNs: 'zero', 'mean' (of each 2-D latitude/longitude field) or a number."""
+def fill_nans(values: np.ndarray, how: Fill, path: Path, key: str) -> np.ndarray:
+    """Fill NaNs: 'zero', 'mean' (of each 2-D latitude/longitude field) or a number.
+
+    Public so that a source filling one time at a time (`data_builders.zarr_source`) fills
+    exactly as `open_dataset(fill_nan=...)` does.
+
+    Args:
+        values: The data, latitude and longitude last.
+        how: ``"zero"``, ``"mean"`` or a number.
+        path: The file or URL, for error messages.
+        key: The variable, for error messages.
+
+    Returns:
+        A filled copy of `values`.
+    """
     values = values.copy()
     mask = np.isnan(values)
     if how == "zero":

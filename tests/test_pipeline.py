@@ -195,6 +195,32 @@ def test_workers_give_the_same_batches_and_resume_exactly(source: WeatherSource)
         resumed.close()
 
 
+class ClosingRecords(list):
+    """Records that count their `close` calls."""
+
+    closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_closing_the_last_iterator_closes_the_source() -> None:
+    src = synthetic_source("train")
+    records = ClosingRecords(src.records)
+    p = Pipeline(dataclasses.replace(src, records=records), shuffle=False, num_threads=1)
+    a, b, idle = iter(p), p.iterator(0), iter(p)
+    next(a), next(b)
+    idle.close()  # never started: nothing to close
+    a.close()
+    assert records.closed == 0  # b still reads the records
+    b.close()
+    b.close()
+    assert records.closed == 1
+    assert len(list(a)) == len(p) - 1  # the records read again, and close again
+    a.close()
+    assert records.closed == 2
+
+
 def test_resume_from_an_older_grain_iterator_state(source: WeatherSource) -> None:
     kw = dict(rollout_steps=1, batch_size=2, seed=7, num_epochs=2)
     uninterrupted = list(iter(Pipeline(source, **kw)))

@@ -15,6 +15,7 @@ on demand (404, 500, a given number of times per chunk).
 from __future__ import annotations
 
 import functools
+import pickle
 import threading
 import time
 from collections import Counter
@@ -508,3 +509,56 @@ def test_pipeline_over_a_zarr_source(wb2: Path) -> None:
     assert set(inputs.static_vars) == {"lsm", "z"}
     np.testing.assert_array_equal(targets[0].atmos_vars["t"][0, 0], src.records[2]["atmos"]["t"])
     np.testing.assert_array_equal(inputs.surf_vars["msl"][1, 0], src.records[1]["surf"]["msl"])
+
+
+# --------------------------------------------------------------------------------------------
+# Worker processes: records pickle without their store and threads
+# --------------------------------------------------------------------------------------------
+
+
+def _batch_arrays(batch: Any) -> list[np.ndarray]:
+    inputs, targets = batch
+    out = []
+    for b in (inputs, *targets):
+        for group in (b.surf_vars, b.atmos_vars, b.static_vars):
+            out += [group[k] for k in sorted(group)]
+        out.append(np.asarray(b.metadata.time))
+    return out
+
+
+def test_records_pickle_without_store_or_threads_and_reopen(wb2: Path, http: Any) -> None:
+    root, *_ = http
+    src = _source(f"{root}/wb2.zarr", stats={"r_500": (0, 1), "r_850": (0, 1)}, read_ahead=2)
+    records = src.records
+    first = records[0]  # starts the read-ahead threads
+    assert records._pool is not None and records.reader._pool is not None
+    copy = pickle.loads(pickle.dumps(records))
+    assert copy.reader._store is None and copy.reader._arrays is None
+    assert copy._pool is None and copy.reader._pool is None
+    ref = _reference(wb2)
+    for rec in (copy[0], copy[1]):  # opens its own store on the first read
+        i = int(np.flatnonzero(src.times == rec["time"])[0])
+        np.testing.assert_array_equal(rec["atmos"]["t"], ref["t"].values[i])
+    assert copy.reader._store is not records.reader._store
+    np.testing.assert_array_equal(copy[0]["surf"]["msl"], first["surf"]["msl"])
+    for r in (records, copy):
+        r.close()
+        assert r._pool is None and r.reader._pool is None and not r._ahead
+        assert r[2]["time"] == src.times[2]  # reads again after close
+        r.close()
+    assert copy.reader._store is None  # the store it opened itself is closed
+    assert records.reader._store is not None  # the builder's own store stays open
+
+
+def test_worker_process_gives_the_same_batches(wb2: Path, http: Any) -> None:
+    root, *_ = http
+    src = _source(f"{root}/wb2.zarr", stats={"r_500": (0, 1), "r_850": (0, 1)})
+    kw = dict(step_hours=6, rollout_steps=1, batch_size=2, seed=3)
+    in_process = list(Pipeline(src, num_threads=0, **kw))
+    it = iter(Pipeline(src, num_workers=1, **kw))
+    in_worker = list(it)
+    it.close()
+    assert len(in_worker) == len(in_process) == 3
+    for a, b in zip(in_worker, in_process):
+        for x, y in zip(_batch_arrays(a), _batch_arrays(b), strict=True):
+            np.testing.assert_array_equal(x, y)

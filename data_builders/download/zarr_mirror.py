@@ -40,6 +40,8 @@ __all__ = [
     "plan_zarr",
     "resolve_source",
     "run_zarr_plan",
+    "select_static_time",
+    "source_names",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,11 +103,13 @@ def open_store(source: str, storage_options: Mapping[str, Any] | None = None) ->
         raise DataError(f"{url}: cannot open zarr store ({type(e).__name__}: {e})") from e
 
 
-def _source_names(
-    ds: xr.Dataset, names: Sequence[str], url: str, *, static: bool
-) -> dict[str, str]:
+def source_names(ds: xr.Dataset, names: Sequence[str], url: str, *, static: bool) -> dict[str, str]:
     """Requested name -> the store's variable: Aurora names map to WeatherBench2 long names;
-    a name the store holds as is (e.g. ``total_precipitation_6hr``) is taken directly."""
+    a name the store holds as is (e.g. ``total_precipitation_6hr``) is taken directly.
+
+    Public because the streaming source (`data_builders.zarr_source`) must find variables in a
+    store by exactly the rules the mirror uses, so a config works with either.
+    """
     table = STATIC_VARIABLES if static else {**SURFACE_VARIABLES, **ATMOS_VARIABLES}
     out: dict[str, str] = {}
     for name in names:
@@ -176,8 +180,12 @@ def _select_times(
     return ds
 
 
-def _select_static_time(ds: xr.Dataset, date: str | None) -> xr.Dataset:
-    """Static fields stored with a time axis: take one time (nearest `date`, else the first)."""
+def select_static_time(ds: xr.Dataset, date: str | None) -> xr.Dataset:
+    """Static fields stored with a time axis: take one time (nearest `date`, else the first).
+
+    Public for the streaming source (`data_builders.zarr_source`), which takes ARCO-ERA5's
+    hourly static fields the same way as the mirror.
+    """
     if "time" not in ds.dims:
         return ds
     if date is None:
@@ -365,12 +373,12 @@ def plan_zarr(
         raise DataError(f"chunk_times must be >= 1, got {chunk_times}")
     url = resolve_source(source)
     ds = open_store(url, storage_options)
-    names = _source_names(ds, variables, url, static=static)
+    names = source_names(ds, variables, url, static=static)
     sub = ds[list(names.values())]
     if levels is not None:
         sub = _select_levels(sub, levels, url)
     if static:
-        sub = _select_static_time(sub, date)
+        sub = select_static_time(sub, date)
     elif "time" in sub.dims:
         sub = _select_times(sub, url, start, end, parse_hours(hours) if hours else None, stride)
     out = Path(out)

@@ -26,20 +26,22 @@ from aurora.normalisation import aurora_stats
 from aurora.variables import ATMOS_VARS, AURORA_LEVELS, STATIC_VARS, SURF_VARS
 from data_builders.builders import check_disjoint, global_grid, normalise_splits
 from data_builders.download.catalog import WB2_ERA5_URL
-from data_builders.download.zarr_mirror import _select_static_time, _source_names
+from data_builders.download.zarr_mirror import select_static_time, source_names
 from data_builders.errors import DataError
 from data_builders.pipeline import WeatherSource
 from data_builders.readers import (
     STATIC_KEYS,
-    _canonical_lazy,
-    _check_units,
-    _handle_nans,
-    _select,
+    Fill,
+    canonical_lazy,
+    check_units,
+    forecast_lead_dim,
+    handle_nans,
     regrid,
+    select_lazy,
 )
 from data_builders.stats import RunningStats, stat_key
 from data_builders.zarr_source.records import Reader, Records, Regridder
-from data_builders.zarr_source.store import open_store
+from data_builders.zarr_source.store import CheckedStore, open_store
 
 __all__ = ["ARCO_ERA5_URL", "PRESETS", "Preset", "ZarrBuilder"]
 
@@ -101,7 +103,15 @@ class ZarrBuilder:
         max_workers: Variables of a record read at once.
         retries: Extra attempts after a transient error (HTTP 5xx, reset, timeout).
         retry_wait: Seconds before the first retry, doubled before each further one.
-        allow_missing_chunks: Let missing chunks read as the fill value (NaNs are still refused).
+        allow_missing_chunks: Let missing chunks read as the fill value (NaNs are still refused
+            unless `fill_nan` fills them).
+        fill_nan: How to fill NaNs, as `readers.open_dataset` does: ``"zero"``, ``"mean"`` (of
+            each 2-D field of each time), a number, or a mapping from variable (dataset key such
+            as ``"sst"`` or ``"z_sfc"``, or the store's name) to one of those; None: a NaN is a
+            `DataError` naming the store, variable and time.
+        init_time: The forecast to read from a forecast store (WeatherBench2's layout, with a
+            ``prediction_timedelta`` axis): its leads become the valid times. Needed when the
+            store holds several inits.
     """
 
     name = "zarr"
@@ -131,6 +141,8 @@ class ZarrBuilder:
         retries: int = 3,
         retry_wait: float = 0.5,
         allow_missing_chunks: bool = False,
+        fill_nan: Fill | Mapping[str, Fill] | None = None,
+        init_time: Any = None,
     ) -> None:
         if preset is not None and preset not in PRESETS:
             raise DataError(f"zarr: unknown preset {preset!r}; known: {sorted(PRESETS)}")
@@ -167,6 +179,12 @@ class ZarrBuilder:
             allow_missing_chunks=allow_missing_chunks,
         )
         self.read_ahead, self.max_workers = int(read_ahead), int(max_workers)
+        fills = fill_nan.values() if isinstance(fill_nan, Mapping) else [fill_nan]
+        for how in fills:
+            if how is not None:
+                _check_fill(how, self.url)
+        self.fill_nan = dict(fill_nan) if isinstance(fill_nan, Mapping) else fill_nan
+        self.init_time = None if init_time is None else str(init_time)
         self._opened: _Opened | None = None
         self._stats: dict[str, tuple[float, float]] | None = None
 
@@ -233,34 +251,29 @@ class ZarrBuilder:
         return self._opened
 
     def _open_store(self) -> _Opened:
-        raw, _ = open_store(self.url, **self._store_kw)
+        raw, store = open_store(self.url, **self._store_kw)
         surf, atmos = self._surf, self._atmos
         if self._variables is not None:
-            found = _source_names(raw, self._variables, self.url, static=False)
+            found = source_names(raw, self._variables, self.url, static=False)
             surf = tuple(v for v in self._variables if not _has_level(raw[found[v]]))
             atmos = tuple(v for v in self._variables if _has_level(raw[found[v]]))
-        names = _source_names(raw, surf + atmos, self.url, static=False)
-        ds = _canonical_lazy(raw[list(names.values())], self.url, 0, None)  # type: ignore[arg-type]
+        names = source_names(raw, surf + atmos, self.url, static=False)
+        dynamic = _Dynamic(
+            url=self.url,
+            store_kw=self._store_kw,
+            surf=tuple(names[v] for v in surf),
+            atmos=tuple(names[v] for v in atmos),
+            levels=self.levels_wanted,
+            init_time=self.init_time,
+        )
+        ds = dynamic.canonical(raw)
         key = {str(da.attrs["source_name"]): str(k) for k, da in ds.data_vars.items()}
-        surf_keys = [key[names[v]] for v in surf]
-        atmos_keys = [key[names[v]] for v in atmos]
-        ds = _select(ds, self.url, None, self.levels_wanted if atmos else None, None)  # type: ignore[arg-type]
-        for k in surf_keys + atmos_keys:
-            want = ("time", "level", "latitude", "longitude") if k in atmos_keys else None
-            want = want or ("time", "latitude", "longitude")
-            if set(ds[k].dims) != set(want):
-                group = "an atmospheric" if k in atmos_keys else "a surface"
-                raise DataError(
-                    f"{self.url}: variable {ds[k].attrs['source_name']} ({k}) has dims "
-                    f"{ds[k].dims}; {group} variable needs {want}"
-                )
-            ds[k] = ds[k].transpose(*want)
-        if "time" not in ds.dims:
-            raise DataError(f"{self.url}: no time axis")
+        surf_keys = tuple(key[n] for n in dynamic.surf)
+        atmos_keys = tuple(key[n] for n in dynamic.atmos)
         positions = self._positions(ds)
         first = positions[self.splits[0]][0]
         when = str(ds["time"].values[first])[:19]
-        _check_units(self._load(ds.isel(time=[first]), f"time {when}"), self.url)  # type: ignore[arg-type]
+        check_units(self._load(ds.isel(time=[first]), f"time {when}"), self.url)  # type: ignore[arg-type]
         lat_s, lon_s = ds["latitude"].values, ds["longitude"].values
         lat, lon, regridder = lat_s, lon_s, None
         if self.resolution is not None:
@@ -268,17 +281,40 @@ class ZarrBuilder:
             if not _same(lat_s, lat) or not _same(lon_s, lon):
                 regridder = Regridder(lat_s, lon_s, lat, lon, self.regrid_method)
         levels = tuple(float(x) for x in ds["level"].values) if atmos_keys else ()
+        static, static_names = self._read_static(lat, lon)
+        fill, names_read = self._fills(ds), _names(ds) | static_names
+        if isinstance(self.fill_nan, Mapping) and set(self.fill_nan) - names_read:
+            raise DataError(
+                f"{self.url}: fill_nan names {sorted(set(self.fill_nan) - names_read)}, which "
+                f"are not read; the variables read are {sorted(names_read)}"
+            )
         return _Opened(
             ds=ds,
-            surf=tuple(surf_keys),
-            atmos=tuple(atmos_keys),
+            store=store,
+            dynamic=dynamic,
+            surf=surf_keys,
+            atmos=atmos_keys,
+            fill=fill,
             positions=positions,
             lat=np.asarray(lat, np.float64),
             lon=np.asarray(lon, np.float64),
             levels=levels,
             regridder=regridder,
-            static=self._read_static(lat, lon),
+            static=static,
         )
+
+    def _fills(self, ds: xr.Dataset) -> dict[str, Fill]:
+        """`fill_nan` per dataset key; a mapping may name a variable by key or store name."""
+        if self.fill_nan is None:
+            return {}
+        if not isinstance(self.fill_nan, Mapping):
+            return dict.fromkeys(map(str, ds.data_vars), self.fill_nan)
+        out = {}
+        for k, da in ds.data_vars.items():
+            for name in (str(k), str(da.attrs.get("source_name", k))):
+                if name in self.fill_nan:
+                    out[str(k)] = self.fill_nan[name]
+        return out
 
     def _positions(self, ds: xr.Dataset) -> dict[str, np.ndarray]:
         """Each split's positions along the store's time axis (inclusive ranges, on the step)."""
@@ -311,27 +347,40 @@ class ZarrBuilder:
                 f"{url or self.url}: cannot read {what} ({type(e).__name__}: {e})"
             ) from e
 
-    def _read_static(self, lat: np.ndarray, lon: np.ndarray) -> dict[str, np.ndarray]:
-        """Static fields (Aurora names), checked like `readers` does, on the output grid."""
+    def _read_static(
+        self, lat: np.ndarray, lon: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], set[str]]:
+        """Static fields (Aurora names), checked and filled like `readers` does, on the output
+        grid; and the names (keys and store names) they can be given in `fill_nan` by."""
         if not self.static_vars:
-            return {}
+            return {}, set()
         url = self.static_url
         raw, _ = open_store(url, **self._store_kw)
-        names = _source_names(raw, self.static_vars, url, static=True)
-        sub = _select_static_time(raw[list(names.values())], None)
-        ds = _canonical_lazy(sub, url, 0, None)  # type: ignore[arg-type]
+        names = source_names(raw, self.static_vars, url, static=True)
+        sub = select_static_time(raw[list(names.values())], None)
+        ds = canonical_lazy(sub, url, 0, None)  # type: ignore[arg-type]
         ds = self._load(ds, "static fields", url)
-        _check_units(ds, url)  # type: ignore[arg-type]
-        ds = _handle_nans(ds, url, None)  # type: ignore[arg-type]
+        check_units(ds, url)  # type: ignore[arg-type]
+        ds = handle_nans(ds, url, self._fills(ds))  # type: ignore[arg-type]
         if not (_same(ds["latitude"].values, lat) and _same(ds["longitude"].values, lon)):
             ds = regrid(ds, lat, lon, method=self.regrid_method)  # type: ignore[arg-type]
-        return {
+        fields = {
             str(da.attrs.get("aurora_name", k)): np.ascontiguousarray(da.values, np.float32)
             for k, da in ds.data_vars.items()
         }
+        return fields, _names(ds)
 
     def _reader(self, o: _Opened) -> Reader:
-        return Reader(o.ds, o.surf, o.atmos, self.url, o.regridder, self.max_workers)
+        return Reader(
+            o.dynamic,
+            o.surf,
+            o.atmos,
+            self.url,
+            regridder=o.regridder,
+            max_workers=self.max_workers,
+            fill_nan=o.fill,
+            opened=(o.ds, o.store),
+        )
 
     # ---- statistics -----------------------------------------------------------------------
 
@@ -359,6 +408,8 @@ class ZarrBuilder:
             "levels": list(o.levels),
             "grid": [len(o.lat), len(o.lon), float(o.lat[0]), float(o.lon[-1])],
             "regrid_method": self.regrid_method,
+            "fill_nan": {k: str(v) for k, v in sorted(o.fill.items())},
+            "init_time": self.init_time,
             "times": o.ds["time"].values[sample].astype("datetime64[s]").astype(np.int64).tolist(),
             "keys": missing,
         }
@@ -389,19 +440,89 @@ class ZarrBuilder:
         return {**computed, **out}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Dynamic:
+    """How to open a store's dynamic variables in canonical form: the `Reader`'s opener.
+
+    Only a URL and names, no open store, so that it pickles: Grain's worker processes get a
+    copy and open the store themselves.
+    """
+
+    url: str
+    store_kw: Mapping[str, Any]
+    surf: tuple[str, ...]  # the store's names of the surface and atmospheric variables
+    atmos: tuple[str, ...]
+    levels: tuple[float, ...]
+    init_time: Any
+
+    def __call__(self) -> tuple[xr.Dataset, CheckedStore]:
+        """Open the store: the canonical lazy dataset (`canonical`) and the store."""
+        raw, store = open_store(self.url, **self.store_kw)
+        return self.canonical(raw), store
+
+    def canonical(self, raw: xr.Dataset) -> xr.Dataset:
+        """`raw`'s variables in `readers` form, levels selected, dims in canonical order; lazy.
+
+        Raises:
+            DataError: A variable with the wrong dimensions, a missing level, a forecast store
+                with several inits and no `init_time`.
+        """
+        sub = raw[list(self.surf + self.atmos)]
+        lead = forecast_lead_dim(sub)
+        if lead is not None and self.init_time is None and sub.sizes.get("time", 1) > 1:
+            inits = sub["time"].values.astype("datetime64[s]")
+            raise DataError(
+                f"{self.url}: a forecast store ({len(inits)} init times {inits[0]}..{inits[-1]}, "
+                f"{sub.sizes[lead]} leads along {lead!r}); pass init_time= (e.g. "
+                f"init_time='{inits[0]}') to stream one forecast by valid time"
+            )
+        ds = canonical_lazy(sub, self.url, 0, self.init_time)  # type: ignore[arg-type]
+        ds = select_lazy(ds, self.url, None, self.levels if self.atmos else None, None)  # type: ignore[arg-type]
+        for k, da in list(ds.data_vars.items()):
+            atmos = da.attrs["source_name"] in self.atmos
+            want = ("time", "level", "latitude", "longitude") if atmos else None
+            want = want or ("time", "latitude", "longitude")
+            if set(da.dims) != set(want):
+                group = "an atmospheric" if atmos else "a surface"
+                raise DataError(
+                    f"{self.url}: variable {da.attrs['source_name']} ({k}) has dims "
+                    f"{da.dims}; {group} variable needs {want}"
+                )
+            ds[k] = da.transpose(*want)
+        if "time" not in ds.dims:
+            raise DataError(f"{self.url}: no time axis")
+        return ds
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Opened:
     """What opening the store found: the lazy canonical dataset and its output grid."""
 
     ds: xr.Dataset
+    store: CheckedStore
+    dynamic: _Dynamic
     surf: tuple[str, ...]
     atmos: tuple[str, ...]
+    fill: dict[str, Fill]
     positions: dict[str, np.ndarray]
     lat: np.ndarray
     lon: np.ndarray
     levels: tuple[float, ...]
     regridder: Regridder | None
     static: dict[str, np.ndarray]
+
+
+def _names(ds: xr.Dataset) -> set[str]:
+    """The keys of `ds` and the store's names of its variables."""
+    return {str(k) for k in ds.data_vars} | {
+        str(da.attrs["source_name"]) for da in ds.data_vars.values() if "source_name" in da.attrs
+    }
+
+
+def _check_fill(how: Any, url: str) -> None:
+    if how in ("zero", "mean") or (isinstance(how, (int, float)) and not isinstance(how, bool)):
+        return
+    raise DataError(f"{url}: fill_nan={how!r}; use 'zero', 'mean' or a number (or a mapping)")
 
 
 def _has_level(da: xr.DataArray) -> bool:
