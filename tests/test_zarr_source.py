@@ -562,3 +562,77 @@ def test_worker_process_gives_the_same_batches(wb2: Path, http: Any) -> None:
     for a, b in zip(in_worker, in_process):
         for x, y in zip(_batch_arrays(a), _batch_arrays(b), strict=True):
             np.testing.assert_array_equal(x, y)
+
+
+# --------------------------------------------------------------------------------------------
+# NaNs: refused, or filled as readers.open_dataset fills them
+# --------------------------------------------------------------------------------------------
+
+
+def sst_store(path: Path) -> Path:
+    """WeatherBench2's layout plus a sea-surface temperature that is NaN over land (as ERA5's
+    is) and one NaN in the surface geopotential."""
+    ds = wb2_like()
+    land = ds["land_sea_mask"].values > 0.5
+    sst = 271 + 30 * np.random.default_rng(1).random((ds.sizes["time"], *land.shape))
+    sst[:, land] = np.nan
+    ds["sea_surface_temperature"] = (
+        ("time", "latitude", "longitude"),
+        sst.astype(np.float32),
+        {"units": "K"},
+    )
+    ds["geopotential_at_surface"][3, 5] = np.nan
+    return _write(ds, path)
+
+
+@pytest.mark.parametrize(
+    "fill_nan, reference_fill",
+    [
+        ("mean", "mean"),
+        (0.0, 0.0),
+        ({"sea_surface_temperature": 280.5, "geopotential_at_surface": "zero"}, None),
+        ({"sea_surface_temperature": "zero", "z_sfc": "mean"}, None),
+    ],
+)
+def test_fill_nan_like_open_dataset(tmp_path: Path, fill_nan: Any, reference_fill: Any) -> None:
+    store = sst_store(tmp_path / "sst.zarr")
+    sst = "sea_surface_temperature"
+    kw = {**KW, "surf_vars": ("2t", sst), "stats": {"r_500": (0, 1), "r_850": (0, 1)}}
+    b = ZarrBuilder(str(store), **kw, fill_nan=fill_nan)
+    b.download_and_prepare()
+    src = b.as_data_source("train")
+    if reference_fill is None:  # the mapping, by the dataset keys open_dataset uses
+        by_key = {
+            "sea_surface_temperature": sst,
+            "z_sfc": "z_sfc",
+            "geopotential_at_surface": "z_sfc",
+        }
+        reference_fill = {by_key[k]: v for k, v in fill_nan.items()}
+    ref = open_dataset(store, variables=["2t", sst, "z_sfc"], fill_nan=reference_fill)
+    for i in (0, 5):
+        np.testing.assert_array_equal(src.records[i]["surf"][sst], ref[sst].values[i])
+        np.testing.assert_array_equal(src.records[i]["surf"]["2t"], ref["2t"].values[i])
+    np.testing.assert_array_equal(src.static["z"], ref["z_sfc"].values)
+    mean, std = b.stats()[sst]
+    assert np.isfinite(mean) and std > 0
+
+
+def test_nans_are_refused_unless_filled(tmp_path: Path) -> None:
+    store = sst_store(tmp_path / "sst.zarr")
+    sst = "sea_surface_temperature"
+    kw = {**KW, "surf_vars": ("2t", sst), "stats": {"r_500": (0, 1), "r_850": (0, 1)}}
+    with pytest.raises(DataError, match=r"geopotential_at_surface \(z_sfc\) has 1 NaN.*fill_nan="):
+        ZarrBuilder(str(store), **kw).download_and_prepare()
+    kw["stats"] = {**kw["stats"], sst: (285, 10)}  # nothing read before records[0]
+    b = ZarrBuilder(str(store), **kw, fill_nan={"z_sfc": 0.0}, read_ahead=0)
+    src = b.as_data_source("train")
+    with pytest.raises(
+        DataError,
+        match=r"sea_surface_temperature .* NaN values at time "
+        r"2020-01-01T00:00:00.*pass fill_nan=",
+    ):
+        src.records[0]
+    with pytest.raises(DataError, match=r"fill_nan names \['sst'\], which are not read"):
+        ZarrBuilder(str(store), **kw, fill_nan={"sst": 0.0, "z_sfc": 0.0}).download_and_prepare()
+    with pytest.raises(DataError, match=r"fill_nan='median'; use 'zero', 'mean' or a number"):
+        ZarrBuilder(str(store), **kw, fill_nan={sst: "median"})
