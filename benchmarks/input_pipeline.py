@@ -151,7 +151,7 @@ class SyntheticEra5(Era5, skip_registration=True):
         lat, lon = global_grid(0.25)
         rng = np.random.default_rng(0)
         lsm = (smooth_field(0.5, 0.8, 1.0, lat, lon, rng) > 0.5).astype(np.float32)
-        z = np.maximum(smooth_field(2000.0, 5000.0, 2.0, lat, lon, rng), 0) * lsm
+        z = np.maximum(smooth_field(2000.0, 5000.0, 2.0, lat, lon, rng), 0) * lsm * 9.80665
         slt = np.round(smooth_field(3.0, 4.0, 3.0, lat, lon, rng)).clip(0, 7) * lsm
         dims = ("latitude", "longitude")
         return xr.Dataset(
