@@ -72,7 +72,7 @@ def protocol_lines(summary: dict) -> str:
         res = summary.get("grid_deg")
         on = f" on {res:g}° data" if res else ""
         lines.append(
-            f"model: a {summary.get('model_preset')} trained from scratch {trained}{on}, "
+            f"model: {summary.get('model_preset')} trained from scratch {trained}{on}, "
             "not Aurora's skill (see README: pretrained weights)"
         )
     return "\n".join(lines)
