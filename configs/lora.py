@@ -7,10 +7,15 @@ freshly initialised Aurora's AdaLN modulation is zero, which makes every LoRA gr
 sample run, without pretrained weights, trains the base too (`train_base=True`, at
 `optimizer.base_learning_rate`).
 
-For 0.25° HRES and Aurora's fine-tuned weights converted from microsoft-aurora, change:
+For 0.25° HRES, start from Aurora's published weights (the normal way; this sample run starts
+from scratch so that it needs no download):
   --config.model.preset=Aurora  with model.kwargs just {"use_lora": True, "lora_mode": "single"}
-  --config.init.pytorch_checkpoint=/path/aurora-0.25-finetuned.ckpt  (a checkpoint without LoRA
-      weights gets fresh adapters with B = 0 from `Strategy.init_state`)
+  --config.init.pretrained=AuroraPretrained  (downloaded from the Hugging Face Hub once and
+      converted once, `aurora.from_pretrained`; a checkpoint without LoRA weights gets fresh
+      adapters with B = 0 from `Strategy.init_state`; a local file goes in
+      init.pytorch_checkpoint instead)
+  --config.init.strict=False  only to add variables the checkpoint lacks (in model.kwargs): they
+      start at their initial values and the log lists what was created
   --config.data.builder=hres  with builder_config paths, static_paths, resolution=0.25 and
       Aurora's 13 levels and variables (`aurora.variables`)
   --config.loss.gamma=1.0  and the loss weights of configs/default.py

@@ -7,7 +7,9 @@ model's own predictions scored against the truth at their valid time; a fresh sa
 validates on the last three; the cap opens from 12 h to 24 h at step 15 (`train/lead_hours`,
 `train/replay/buffer_size`).
 
-For the paper's setting (0.25° HRES, converted Aurora weights), besides configs/lora.py's fields:
+For the paper's setting (0.25° HRES from Aurora's published weights,
+`--config.init.pretrained=AuroraPretrained`, the normal way; the sample run starts from scratch so
+that it needs no download), besides configs/lora.py's fields:
   --config.strategy.capacity=200 (per device)  --config.strategy.refresh_every=10
   --config.strategy.max_lead_hours='((0, 96), (5000, 240))'  (4 days, then 10 days)
   --config.strategy.train_base=False  --config.trainer.precision=bf16-mixed

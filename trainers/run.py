@@ -347,6 +347,15 @@ def _eval_data(config: ml_collections.ConfigDict, data: dict[str, Any]) -> Any:
     return pipeline
 
 
+def _init_provenance(init: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The starting weights `config.init` names (empty: trained from scratch), and
+    `strict: False` when they were loaded non-strictly."""
+    source = {k: v for k, v in _plain(init).items() if v and k != "strict"}
+    if source and not init.get("strict", True):
+        source["strict"] = False
+    return source
+
+
 def _provenance(config: ml_collections.ConfigDict, trainer: Trainer) -> dict[str, Any]:
     """What produced a score table or forecast: model, weights (checkpoint step) and the run."""
     checkpoint = trainer.checkpoint_callback
@@ -358,7 +367,7 @@ def _provenance(config: ml_collections.ConfigDict, trainer: Trainer) -> dict[str
         "checkpoint_dir": str(checkpoint.directory)
         if checkpoint and checkpoint.directory
         else None,
-        "init": {k: v for k, v in _plain(config.init).items() if v},
+        "init": _init_provenance(config.init),
         "strategy": config.strategy.name,
     }
 
