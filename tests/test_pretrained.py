@@ -361,3 +361,20 @@ def test_safetensors_both_ways_through_the_cli(tmp_path, base_checkpoint) -> Non
     assert state.keys() == base_checkpoint.keys()
     for k in state:
         np.testing.assert_array_equal(state[k], base_checkpoint[k], err_msg=k)
+
+
+@pytest.mark.reference
+def test_config_init_pretrained_loads_through_the_hub(offline_hub, reference_checkpoint) -> None:
+    from trainers.run import _init_params, _init_provenance
+
+    model = aurora.AuroraPretrained(**_tiny_kwargs())
+    config = ml_collections.ConfigDict(
+        {"seed": 0, "init": {"pretrained": "AuroraPretrained", "revision": "", "strict": True}}
+    )
+    _assert_trees_equal(
+        _init_params(config, model), convert_pytorch_checkpoint(reference_checkpoint, model)
+    )
+    assert _init_provenance(config.init) == {"pretrained": "AuroraPretrained"}
+    config.init.pretrained = ""
+    assert _init_provenance(config.init) == {}, "from scratch: the demo's table says so"
+    assert _init_params(config, model) is None
