@@ -73,7 +73,8 @@ def protocol_lines(summary: dict) -> str:
         on = f" on {res:g}° data" if res else ""
         lines.append(
             f"model: {summary.get('model_preset')} trained from scratch {trained}{on}, "
-            "not Aurora's skill (see README: pretrained weights)"
+            "not Aurora's skill; for that, start from published weights with "
+            "--config.init.pretrained=AuroraPretrained (README: Using the model)"
         )
     return "\n".join(lines)
 

@@ -7,7 +7,8 @@ with those times, so this model has static variables but no surface variables.
 
 To train at scale, change (see configs/default.py for every field):
   --config.model.preset=Aurora  (or AuroraPretrained) and drop the kwargs overrides below,
-  --config.init.pytorch_checkpoint=/path/aurora-0.25-pretrained.ckpt,
+  --config.init.pretrained=AuroraPretrained  (microsoft-aurora's weights from the Hugging Face
+    Hub, converted once and cached; or --config.init.pytorch_checkpoint=/path/file.ckpt),
   --config.data.builder=era5 (or hres) with builder_config.paths = your 0.25° files,
   builder_config.resolution=0.25, the 13 Aurora levels, surf_vars 2t 10u 10v msl, atmos q.
 """
