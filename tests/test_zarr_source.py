@@ -102,14 +102,24 @@ def _dataset(times: np.ndarray, levels: Any, lat: np.ndarray, static_time: bool)
     return ds
 
 
-def _write(ds: xr.Dataset, path: Path, time_units: str | None = None) -> Path:
+def _write(
+    ds: xr.Dataset,
+    path: Path,
+    time_units: str | None = None,
+    *,
+    zarr_format: int = 2,
+    consolidated: bool = True,
+    chunks: dict[str, int] | None = None,
+) -> Path:
+    """One time (and lead) per chunk; `chunks` caps other dimensions (spatial chunking)."""
+    sizes = {"time": 1, "prediction_timedelta": 1, **(chunks or {})}
     enc: dict[str, Any] = {
-        v: {"chunks": tuple(1 if d == "time" else ds.sizes[d] for d in ds[v].dims)}
+        v: {"chunks": tuple(min(sizes.get(d, ds.sizes[d]), ds.sizes[d]) for d in ds[v].dims)}
         for v in ds.data_vars
     }
     if time_units:
         enc["time"] = {"units": time_units, "dtype": "int64"}
-    ds.to_zarr(path, mode="w", zarr_format=2, consolidated=True, encoding=enc)
+    ds.to_zarr(path, mode="w", zarr_format=zarr_format, consolidated=consolidated, encoding=enc)
     return path
 
 
@@ -181,7 +191,8 @@ def http(tmp_path: Path):
     attrs = {"faults": faults, "hits": hits, "delay": delay, "lock": threading.Lock()}
     handler_cls = type("H", (_Handler,), attrs)
     handler = functools.partial(handler_cls, directory=str(tmp_path / "src"))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server_cls = type("S", (ThreadingHTTPServer,), {"request_queue_size": 64})  # not 5
+    server = server_cls(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -636,3 +647,94 @@ def test_nans_are_refused_unless_filled(tmp_path: Path) -> None:
         ZarrBuilder(str(store), **kw, fill_nan={"sst": 0.0, "z_sfc": 0.0}).download_and_prepare()
     with pytest.raises(DataError, match=r"fill_nan='median'; use 'zero', 'mean' or a number"):
         ZarrBuilder(str(store), **kw, fill_nan={sst: "median"})
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts: zarr v3, forecast stores, spatial chunks
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Consolidated metadata is currently not part")
+@pytest.mark.filterwarnings("ignore:Failed to open Zarr store with consolidated metadata")
+@pytest.mark.parametrize("consolidated", [True, False])
+def test_zarr_v3_stores_read_like_open_dataset(
+    tmp_path: Path, http: Any, consolidated: bool
+) -> None:
+    """ARCO-ERA5's store is zarr v3 (``zarr.json`` metadata, ``c/...`` chunk keys)."""
+    root, _, hits, _ = http
+    path = tmp_path / "src" / "v3.zarr"
+    _write(arco_like(), path, "hours since 1900-01-01", zarr_format=3, consolidated=consolidated)
+    assert (path / "zarr.json").exists() and (path / "temperature" / "c").is_dir()
+    splits = {"train": ("2020-01-01T00", "2020-01-01T12")}
+    ref = _reference(path)
+    urls = [str(path)] + ([f"{root}/v3.zarr"] if consolidated else [])  # HTTP cannot list
+    for url in urls:
+        src = _source(url, splits=splits, step_hours=6, stats={"r_500": (0, 1), "r_850": (0, 1)})
+        assert src.times.size == 3
+        _assert_records_equal(src, ref)
+        static = open_dataset(path, variables=["lsm", "z_sfc"])
+        np.testing.assert_array_equal(src.static["z"], static["z_sfc"].values)
+    if consolidated:
+        assert any("/c/" in key for key in hits)
+
+
+def forecast_like(inits: int) -> xr.Dataset:
+    """WeatherBench2's forecast layout: ``time`` is the init, ``prediction_timedelta`` the
+    lead (0..24 h every 6 h), inits 12 h apart, so valid times overlap."""
+    ds = wb2_like().drop_vars(["land_sea_mask", "geopotential_at_surface"])
+    leads = np.arange(0, 25, 6).astype("timedelta64[h]").astype("timedelta64[ns]")
+    parts = []
+    for i in range(inits):
+        part = ds.isel(time=slice(2 * i, 2 * i + len(leads)))
+        part = part.assign_coords(time=leads).rename(time="prediction_timedelta")
+        parts.append(part.expand_dims(time=[ds["time"].values[2 * i]]))
+    return xr.concat(parts, "time")
+
+
+def test_forecast_store_streams_one_init_by_valid_time(tmp_path: Path, http: Any) -> None:
+    root, _, hits, _ = http
+    path = _write(forecast_like(3), tmp_path / "src" / "hres.zarr")
+    kw = {**KW, "static_vars": (), "splits": {"train": (None, None)}}
+    kw["stats"] = {"r_500": (0, 1), "r_850": (0, 1)}
+    with pytest.raises(
+        DataError,
+        match=r"hres.zarr: a forecast store \(3 init times 2020-01-01T00:00:00\.\.2020-01-02T00"
+        r".*5 leads along 'prediction_timedelta'\); pass init_time=",
+    ):
+        ZarrBuilder(str(path), **kw).download_and_prepare()
+    init = "2020-01-01T12"
+    ref = _reference(path, init_time=init)
+    hits.clear()
+    b = ZarrBuilder(f"{root}/hres.zarr", **kw, init_time=init, read_ahead=0)
+    b.download_and_prepare()
+    src = b.as_data_source("train")
+    data = [k for k in hits if k.split("/")[2] in UNITS]
+    assert len(data) == 5 and all(k.endswith(".1.0.0") or "/1.0." in k for k in data), data
+    hours = (src.times - src.times[0]) // 3600
+    assert src.times[0] == np.datetime64(init, "s").astype(np.int64)
+    assert hours.tolist() == [0, 6, 12, 18, 24]
+    _assert_records_equal(src, ref)
+    one = _write(forecast_like(1), tmp_path / "one.zarr")  # a single init needs no init_time
+    assert len(_source(str(one), **{**kw, "static_vars": ()}).records) == 5
+
+
+def test_spatially_chunked_store_reads_its_chunks_concurrently(tmp_path: Path, http: Any) -> None:
+    """Chunks of one level and part of the grid, as (1, 1, 361, 720) tiles a 0.25 degree field."""
+    root, _, hits, delay = http
+    path = _write(
+        wb2_like().isel(time=slice(0, 4)),
+        tmp_path / "src" / "tiles.zarr",
+        chunks={"level": 1, "latitude": 5, "longitude": 8},
+    )
+    assert len(list((path / "temperature").glob("3.*"))) == 13 * 2 * 2  # per time
+    ref = _reference(path)
+    kw: dict[str, Any] = {"splits": {"train": (None, None)}, "read_ahead": 0}
+    src = _source(str(path), **kw, stats={"r_500": (0, 1), "r_850": (0, 1)})
+    _assert_records_equal(src, ref)
+    one = _source(
+        f"{root}/tiles.zarr", **kw, surf_vars=(), atmos_vars=("t",), static_vars=(), stats={}
+    )
+    delay["chunk"] = 0.3
+    rec = one.records[3]
+    assert hits["most in flight"] == 8  # 2 levels x 4 tiles at once
+    np.testing.assert_array_equal(rec["atmos"]["t"], ref["t"].values[3])

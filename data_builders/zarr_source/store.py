@@ -164,13 +164,14 @@ def open_store(
     except ImportError as e:
         need = "aurora-jax[gcs]" if url.startswith(("gs://", "gcs://")) else "aiohttp"
         raise DataError(f"{url}: cannot open zarr store: {e} (pip install {need})") from e
-    store = CheckedStore(
-        inner, retries=retries, retry_wait=retry_wait, allow_missing_chunks=allow_missing_chunks
-    )
+    # Opening reads the coordinates, whose chunks zarr-python 3 leaves unwritten when they
+    # equal the fill value (a time 0 days after the units' epoch): only data chunks must exist.
+    store = CheckedStore(inner, retries=retries, retry_wait=retry_wait, allow_missing_chunks=True)
     try:
         ds = xr.open_zarr(store, chunks=None, consolidated=None, decode_timedelta=True)
     except DataError:
         raise
     except Exception as e:  # zarr / fsspec raise many types for missing or damaged stores
         raise DataError(f"{url}: cannot open zarr store ({type(e).__name__}: {e})") from e
+    store.allow_missing_chunks = bool(allow_missing_chunks)
     return ds, store
