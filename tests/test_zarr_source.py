@@ -661,14 +661,17 @@ def test_zarr_v3_stores_read_like_open_dataset(
     tmp_path: Path, http: Any, consolidated: bool
 ) -> None:
     """ARCO-ERA5's store is zarr v3 (``zarr.json`` metadata, ``c/...`` chunk keys)."""
-    root, _, hits, _ = http
+    root, faults, hits, _ = http
     path = tmp_path / "src" / "v3.zarr"
     _write(arco_like(), path, "hours since 1900-01-01", zarr_format=3, consolidated=consolidated)
     assert (path / "zarr.json").exists() and (path / "temperature" / "c").is_dir()
     splits = {"train": ("2020-01-01T00", "2020-01-01T12")}
     ref = _reference(path)
-    urls = [str(path)] + ([f"{root}/v3.zarr"] if consolidated else [])  # HTTP cannot list
-    for url in urls:
+    faults["/v3.zarr"] = faults["/v3.zarr/"] = [404]  # folder listings, as on a bucket
+    if not consolidated:
+        with pytest.raises(DataError, match=r"v3.zarr: the store shows no variables; without"):
+            ZarrBuilder(f"{root}/v3.zarr", **KW).download_and_prepare()
+    for url in [str(path)] + ([f"{root}/v3.zarr"] if consolidated else []):
         src = _source(url, splits=splits, step_hours=6, stats={"r_500": (0, 1), "r_850": (0, 1)})
         assert src.times.size == 3
         _assert_records_equal(src, ref)

@@ -173,5 +173,11 @@ def open_store(
         raise
     except Exception as e:  # zarr / fsspec raise many types for missing or damaged stores
         raise DataError(f"{url}: cannot open zarr store ({type(e).__name__}: {e})") from e
+    if not ds.data_vars:
+        raise DataError(
+            f"{url}: the store shows no variables; without consolidated metadata a store is only "
+            "readable where its folders can be listed (a local path, gs://), not over https:// "
+            "(consolidate it: zarr.consolidate_metadata)"
+        )
     store.allow_missing_chunks = bool(allow_missing_chunks)
     return ds, store
