@@ -6,8 +6,9 @@ time, all variables concurrently, with the next records read ahead. See `builder
 Importing this package registers it as ``zarr`` (`data_builders.registry`).
 
 * `store`: opening a store through fsspec, retries with backoff, missing chunks refused.
-* `records`: reading one time (concurrently, NaN-checked, regridded) and the read-ahead.
-* `builder`: presets, variables, levels, splits, static fields and statistics.
+* `records`: reading one time (concurrently, NaNs refused or filled, regridded) and the
+  read-ahead; picklable for Grain's worker processes, which reopen the store.
+* `builder`: presets, variables, levels, splits, forecast stores, static fields, statistics.
 """
 
 from data_builders.registry import register_builder

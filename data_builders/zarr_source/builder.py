@@ -3,7 +3,8 @@
 The store is opened lazily through `store.open_store` and put into the canonical form of
 `data_builders.readers` by the readers' own functions (names, latitude decreasing, longitude in
 [0, 360), levels in hPa, units and magnitude checks), so a record equals what
-`readers.open_dataset` returns for the same store and time. `download_and_prepare` only validates
+`readers.open_dataset` returns for the same store and time (with the same `fill_nan` and
+`init_time`). Zarr v2 and v3 stores, any chunking. `download_and_prepare` only validates
 the store and computes the statistics of variables outside Aurora's table (cached in
 `data_dir`); `as_data_source(split)` returns a `WeatherSource` whose records are read per time.
 """

@@ -29,6 +29,7 @@ from data_builders.regrid import (
     _linear_lat,
     _linear_lon,
 )
+from data_builders.zarr_source.store import MissingChunkError
 
 __all__ = ["Reader", "Records", "Regridder"]
 
@@ -160,9 +161,15 @@ class Reader:
         try:
             x = np.asarray(da.isel(time=t).values, dtype=np.float32)
         except Exception as e:  # zarr, codecs and fsspec raise many types
+            why = "truncated or missing chunk, or the server failed"
+            if isinstance(e, MissingChunkError):
+                why = (
+                    "zarr-python 3 leaves out chunks that hold only the fill value (all NaN): "
+                    "allow_missing_chunks=True reads them so"
+                )
             raise DataError(
                 f"{self.name}: cannot read variable {source} ({key}) at time {when} "
-                f"({type(e).__name__}: {e}); truncated or missing chunk, or the server failed"
+                f"({type(e).__name__}: {e}); {why}"
             ) from e
         n = int(np.isnan(x).sum())
         if n:
