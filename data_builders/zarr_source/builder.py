@@ -108,7 +108,7 @@ class ZarrBuilder:
             unless `fill_nan` fills them).
         fill_nan: How to fill NaNs, as `readers.open_dataset` does: ``"zero"``, ``"mean"`` (of
             each 2-D field of each time), a number, or a mapping from variable (dataset key such
-            as ``"sst"`` or ``"z_sfc"``, or the store's name) to one of those; None: a NaN is a
+            as ``"2t"`` or ``"z_sfc"``, or the store's name) to one of those; None: a NaN is a
             `DataError` naming the store, variable and time.
         init_time: The forecast to read from a forecast store (WeatherBench2's layout, with a
             ``prediction_timedelta`` axis): its leads become the valid times. Needed when the
