@@ -40,8 +40,9 @@ from data_builders.readers import (
     regrid,
     select_lazy,
 )
+from data_builders.regrid import Regridder
 from data_builders.stats import RunningStats, stat_key
-from data_builders.zarr_source.records import Reader, Records, Regridder
+from data_builders.zarr_source.records import Reader, Records
 from data_builders.zarr_source.store import CheckedStore, open_store
 
 __all__ = ["ARCO_ERA5_URL", "PRESETS", "Preset", "ZarrBuilder"]

@@ -21,50 +21,10 @@ import xarray as xr
 
 from data_builders.errors import DataError
 from data_builders.readers import Fill, fill_nans
-from data_builders.regrid import (
-    _apply_axis,
-    _check_target,
-    _conservative_lat,
-    _conservative_lon,
-    _linear_lat,
-    _linear_lon,
-)
+from data_builders.regrid import Regridder
 from data_builders.zarr_source.store import MissingChunkError
 
-__all__ = ["Reader", "Records", "Regridder"]
-
-
-class Regridder:
-    """`data_builders.regrid.regrid` with its weights computed once, applied to numpy arrays.
-
-    Args:
-        lat_src, lon_src: The source grid (canonical order), shapes `(h,)` and `(w,)`.
-        lat, lon: The target grid (canonical order), shapes `(h',)` and `(w',)`.
-        method: ``"bilinear"`` or ``"conservative"``.
-    """
-
-    def __init__(
-        self,
-        lat_src: np.ndarray,
-        lon_src: np.ndarray,
-        lat: np.ndarray,
-        lon: np.ndarray,
-        method: str = "bilinear",
-    ) -> None:
-        lat, lon = _check_target(np.asarray(lat, np.float64), np.asarray(lon, np.float64))
-        lat_src, lon_src = np.asarray(lat_src, np.float64), np.asarray(lon_src, np.float64)
-        if method == "bilinear":
-            self.w_lat, self.w_lon = _linear_lat(lat_src, lat), _linear_lon(lon_src, lon)
-        elif method == "conservative":
-            self.w_lat = _conservative_lat(lat_src, lat)
-            self.w_lon = _conservative_lon(lon_src, lon)
-        else:
-            raise DataError(f"unknown regrid method {method!r}: use 'bilinear' or 'conservative'")
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Regrid the last two axes: `(..., h, w)` -> float32 `(..., h', w')`."""
-        y = _apply_axis(self.w_lat, np.asarray(x, np.float64), x.ndim - 2)
-        return _apply_axis(self.w_lon, y, y.ndim - 1).astype(np.float32)
+__all__ = ["Reader", "Records"]
 
 
 class Reader:
