@@ -2,8 +2,9 @@
 
 `ModelCheckpoint` owns an Orbax `CheckpointManager` (asynchronous writes, the latest
 `max_to_keep`) and, with `monitor`, a second one under `<directory>/best` keeping the `save_top_k`
-best by that metric. What a checkpoint holds, and restoring it (a `Trainer` with a
-`ModelCheckpoint` resumes from the latest checkpoint of its directory), belong to the Trainer:
+best by that metric, each ranked by its own step's validation. What a checkpoint holds, and
+restoring it (a `Trainer` with a `ModelCheckpoint` resumes from the latest checkpoint of its
+directory, or from the one its `ckpt_path` names), belong to the Trainer:
 see `Trainer.save_checkpoint` and `trainers.checkpointing`.
 """
 
@@ -29,10 +30,13 @@ log = logging.getLogger(__name__)
 class ModelCheckpoint(Callback):
     """Save every `every_n_steps` (and at the end of training); keep the latest `max_to_keep`.
 
-    With `monitor` (e.g. `"val/loss"`), each save that has the metric is also written to
-    `<directory>/best`, which keeps the `save_top_k` best by that metric (`mode="min"` or
-    `"max"`). The latest checkpoints stay separate so that resuming always continues from the
-    most recent state, never from an older "best" one.
+    With `monitor` (e.g. `"val/loss"`), the state at the end of every validation during fit is
+    also written to `<directory>/best`, ranked by that validation's value, which keeps the
+    `save_top_k` best (`mode="min"` or `"max"`), as Lightning saves its top-k at validation end.
+    A scheduled save comes before the same step's validation in the loop, so the best are
+    written apart from the schedule and never carry an older validation's value. The latest
+    checkpoints stay separate so that resuming always continues from the most recent state, never
+    from an older "best" one; `Trainer(ckpt_path="best")` starts from the best one.
 
     Args:
         directory: where checkpoints go; default `<trainer.workdir>/checkpoints`.
@@ -141,21 +145,46 @@ class ModelCheckpoint(Callback):
         step = trainer.global_step
         if step == self.last_saved_step:
             return False
-        metrics = None
-        if self.best_manager is not None and self.monitor in trainer.callback_metrics:
-            metrics = {self.monitor: float(trainer.callback_metrics[self.monitor])}
-        saved = trainer.save_checkpoint(
-            manager, force=force, best_manager=self.best_manager, metrics=metrics
-        )
+        saved = trainer.save_checkpoint(manager, force=force)
         if saved:
             self.last_saved_step = step
         return saved
+
+    def save_best(self, trainer: Trainer) -> bool:
+        """Write the trainer's current step to `<directory>/best`, ranked by the `monitor` value
+        of the validation that just ran at this step.
+
+        Args:
+            trainer: the trainer, just validated.
+
+        Returns:
+            Whether a checkpoint was written (not under `fast_dev_run`, nor twice for a step).
+
+        Raises:
+            KeyError: the validation did not produce `monitor`.
+        """
+        if trainer.fast_dev_run or not self.monitor:
+            return False
+        self.open(trainer)
+        if self.monitor not in trainer.callback_metrics:
+            raise KeyError(
+                f"ModelCheckpoint(monitor={self.monitor!r}): the validation produced no such "
+                f"metric; it has {sorted(trainer.callback_metrics)}."
+            )
+        if trainer.global_step in self.best_manager.all_steps():
+            return False
+        metrics = {self.monitor: float(trainer.callback_metrics[self.monitor])}
+        return trainer.save_checkpoint(self.best_manager, force=True, metrics=metrics)
 
     def on_train_batch_end(
         self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if trainer.global_step % self.every_n_steps == 0:
             self.save(trainer, force=True)
+
+    def on_validation_end(self, trainer: Trainer) -> None:
+        if trainer.stage == "fit":
+            self.save_best(trainer)
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.save(trainer, force=True)
@@ -169,12 +198,18 @@ class ModelCheckpoint(Callback):
 
 
 class OnExceptionCheckpoint(Callback):
-    """On an exception (or Ctrl-C), write a checkpoint through the trainer's `ModelCheckpoint`
-    so that nothing since the last periodic save is lost; the next run resumes from it."""
+    """On an exception (or Ctrl-C) during fit, write a checkpoint through the trainer's
+    `ModelCheckpoint` so that nothing since the last periodic save is lost; the next run resumes
+    from it. Validate, test and predict change no state, so nothing is written for them."""
 
     def on_exception(self, trainer: Trainer, exception: BaseException) -> None:
         checkpoint = trainer.checkpoint_callback
-        if checkpoint is None or trainer.state is None or trainer.fast_dev_run:
+        if (
+            checkpoint is None
+            or trainer.state is None
+            or trainer.fast_dev_run
+            or trainer.stage != "fit"
+        ):
             return
         leaves = jax.tree_util.tree_leaves(trainer.state)
         if any(getattr(x, "is_deleted", lambda: False)() for x in leaves):

@@ -41,7 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.init.pretrained = ""  # e.g. AuroraPretrained
     config.init.revision = ""  # a Hub revision instead of microsoft-aurora's pinned one
     config.init.pytorch_checkpoint = ""  # e.g. /path/aurora-0.25-pretrained.ckpt (or .safetensors)
-    config.init.orbax_checkpoint = ""  # e.g. output of `python -m aurora.convert`
+    # an Orbax folder: parameters only (`python -m aurora.convert`) or a training checkpoint's,
+    # e.g. <workdir>/checkpoints/best/400 (only its parameters are read)
+    config.init.orbax_checkpoint = ""
     # False: parameters the checkpoint lacks (new variables, LoRA adapters) start as in a fresh
     # model and entries the model lacks are dropped; the log reports both by module.
     config.init.strict = True
@@ -118,6 +120,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.trainer.precision = "bf16-mixed"  # "32" | "bf16-mixed"
     config.trainer.remat = "backbone"  # none | backbone | stages | all
     config.trainer.log_every_n_steps = 50
+    # Where fit / validate / test / predict start: "last" (the latest checkpoint of the workdir,
+    # i.e. resume), "best" (the best by callbacks.checkpoint.monitor), or one checkpoint's path
+    # (e.g. <workdir>/checkpoints/best/400).
+    config.trainer.ckpt_path = "last"
 
     # --- callbacks: name -> {type, **kwargs}; `type`: a built-in name or "package.module:Class" ---
     config.callbacks = ml_collections.ConfigDict(

@@ -197,7 +197,7 @@ def test_resume_restores_the_buffer_and_training_exactly(source, tmp_path) -> No
         workdir=tmp_path / "b",
         max_steps=4,
     )
-    probe._setup_state(next(iter(_pipeline(source).iterator(0))))
+    probe.load(_pipeline(source), ckpt_path=tmp_path / "b" / "checkpoints" / "4")
     probe = probe.strategy
     assert probe.state_dict() == snapshot.state
     assert len(probe.buffer) == len(snapshot.arrays["atmos"]["z"])

@@ -13,6 +13,7 @@ from callbacks.base import Callback
 from callbacks.checkpoint import ModelCheckpoint
 from callbacks.grad_stop import GradStop
 from tests.helpers import random_batch, tiny_model
+from trainers.checkpointing import load_params
 from trainers.data import InMemoryData
 from trainers.loss import LossConfig, aurora_loss
 from trainers.strategies.rollout import RolloutStrategy
@@ -360,26 +361,60 @@ def test_in_step_measurements_requested_by_callbacks(tmp_path) -> None:
         _trainer(model, tmp_path, max_steps=1, callbacks=[Bad()])
 
 
-def test_checkpoints_keep_the_best_by_a_monitored_metric(tmp_path) -> None:
-    """save_top_k=2 with monitor: the two lowest values survive in best/; the latest stay for
-    resume."""
+def test_best_checkpoints_are_ranked_by_their_own_steps_validation(tmp_path) -> None:
+    """best/N holds step N ranked by step N's val/loss, although validation runs after the step's
+    scheduled save; save_top_k keeps the lowest; the latest stay apart for resume."""
 
-    class FakeMetric(Callback):
-        values = {1: 0.5, 2: 0.1, 3: 0.9, 4: 0.2, 5: 0.7}
+    class Seen(Callback):
+        def __init__(self):
+            self.val: dict[int, float] = {}
 
-        def on_train_batch_end(self, trainer, outputs, batch, batch_idx):
-            trainer.callback_metrics["val/score"] = self.values[trainer.global_step]
+        def on_validation_end(self, trainer):
+            self.val[trainer.global_step] = trainer.callback_metrics["val/loss"]
 
     model = tiny_model()
-    checkpoint = ModelCheckpoint(
-        every_n_steps=1, max_to_keep=2, monitor="val/score", mode="min", save_top_k=2
+    data = _data(model, n=3)
+    checkpoint = ModelCheckpoint(every_n_steps=2, max_to_keep=2, monitor="val/loss", save_top_k=2)
+    seen = Seen()
+    trainer = _trainer(
+        model,
+        tmp_path,
+        max_steps=8,
+        val_check_interval=2,
+        limit_val_batches=1,
+        callbacks=[checkpoint, seen],
     )
-    # FakeMetric runs first so that each save sees the metric of its own step.
-    trainer = _trainer(model, tmp_path, max_steps=5, callbacks=[FakeMetric(), checkpoint])
-    trainer.fit(_data(model, n=5))
-    steps = lambda d: sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())
-    assert steps(tmp_path / "checkpoints" / "best") == [2, 4]
-    assert steps(tmp_path / "checkpoints") == [4, 5]
+    trainer.fit(data, data)
+    assert sorted(seen.val) == [2, 4, 6, 8]
+    best = checkpoint.best_manager
+    assert sorted(best.all_steps()) == sorted(sorted(seen.val, key=seen.val.get)[:2])
+    for step in best.all_steps():
+        assert best.metrics(step)["val/loss"] == pytest.approx(seen.val[step], rel=1e-6)
+    assert sorted(checkpoint.manager.all_steps()) == [6, 8]
+
+    # ckpt_path: "best", "last" or one checkpoint's path, into a new trainer on the same directory.
+    fresh = _trainer(
+        model,
+        tmp_path,
+        max_steps=8,
+        limit_val_batches=1,
+        callbacks=[ModelCheckpoint(monitor="val/loss")],
+    )
+    best_step = min(seen.val, key=seen.val.get)
+    for ckpt_path, step in [("best", best_step), (tmp_path / "checkpoints" / "6", 6), ("last", 8)]:
+        val = fresh.validate(data, ckpt_path=ckpt_path)["val/loss"]
+        assert fresh.global_step == step and val == pytest.approx(seen.val[step], rel=1e-5)
+    # init: the parameters of a full training checkpoint
+    params = load_params(tmp_path / "checkpoints" / "best" / str(best_step))
+    fresh.validate(data, ckpt_path="best")
+    for a, b in zip(
+        jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(fresh.state.params)
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="needs a ModelCheckpoint callback with a monitor"):
+        _trainer(model, tmp_path, max_steps=1, callbacks=[ModelCheckpoint()]).validate(
+            data, ckpt_path="best"
+        )
 
 
 @pytest.mark.parametrize(
@@ -446,12 +481,14 @@ def test_hooks_by_stage_and_writers_rewound_to_the_restored_step(tmp_path) -> No
     recorder.calls.clear()
     trainer.validate(data)
     assert recorder.calls == [
+        "setup",
         "on_validation_start",
         "on_validation_epoch_start",
         "on_validation_batch_start",
         "on_validation_batch_end",
         "on_validation_epoch_end",
         "on_validation_end",
+        "teardown",
     ]
     recorder.calls.clear()
     for _ in trainer.predict(InMemoryData([_example(model, 0)], shuffle=False)):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,6 +30,7 @@ __all__ = [
     "ITEMS",
     "SIGNATURE_FIELDS",
     "CheckpointConnector",
+    "load_params",
     "model_signature",
     "signature_differences",
 ]
@@ -131,6 +133,37 @@ def _config_json(config: Any) -> Any:
     return json.loads(json.dumps(config, default=str))
 
 
+def load_params(path: str | Path) -> Any:
+    """The parameters saved at `path`: a parameters-only tree (`python -m aurora.convert`) or a
+    training checkpoint (`<directory>/<step>`, e.g. `checkpoints/best/400`), of which only the
+    parameters are read (not the optimiser state, which is twice their size with Adam).
+
+    Args:
+        path: an Orbax folder.
+
+    Returns:
+        The parameter tree as numpy arrays on the host.
+    """
+    path = Path(path).absolute()
+    if not (path / "state").is_dir():
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(path)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(path / "state").item_metadata.tree
+        params = jax.tree_util.tree_map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"]
+        )
+        restored = checkpointer.restore(
+            path / "state",
+            args=ocp.args.PyTreeRestore(
+                item={"params": tree["params"]},
+                restore_args={"params": params},
+                partial_restore=True,
+            ),
+        )
+    return restored["params"]
+
+
 class _ModelMismatch(Exception):
     """A checkpoint of another model: never a reason to fall back to an older checkpoint."""
 
@@ -172,7 +205,6 @@ class CheckpointConnector:
         manager: ocp.CheckpointManager,
         *,
         force: bool = False,
-        best_manager: ocp.CheckpointManager | None = None,
         metrics: dict[str, float] | None = None,
     ) -> bool:
         """Write the trainer's current state as step `global_step` (see `Trainer.save_checkpoint`).
@@ -180,8 +212,7 @@ class CheckpointConnector:
         Args:
             manager: the manager to write into.
             force: write even if `manager`'s save policy would skip this step.
-            best_manager: also write the same checkpoint here, ranked by `metrics` (if given).
-            metrics: what `best_manager` ranks by, e.g. `{"val/loss": 0.3}`.
+            metrics: what `manager` ranks by when it keeps the best, e.g. `{"val/loss": 0.3}`.
 
         Returns:
             Whether `manager` wrote it (its save policy may skip a step unless `force`).
@@ -193,11 +224,7 @@ class CheckpointConnector:
         if arrays:
             items["strategy"] = ocp.args.PyTreeSave(arrays)
         args = ocp.args.Composite(**items)
-        step = trainer.global_step
-        saved = manager.save(step, args=args, force=force)
-        if best_manager is not None and metrics:
-            best_manager.save(step, args=args, metrics=metrics, force=True)
-        return saved
+        return manager.save(trainer.global_step, args=args, metrics=metrics, force=force)
 
     # --- restoring ------------------------------------------------------------------------------
     def restore_latest(self, manager: ocp.CheckpointManager) -> dict[str, Any] | None:
@@ -219,7 +246,6 @@ class CheckpointConnector:
             RuntimeError: checkpoints exist but none restores.
             ValueError: the latest readable checkpoint holds a different model.
         """
-        trainer = self.trainer
         directory = Path(manager.directory)
         manager.reload()
         steps = sorted(manager.all_steps(), reverse=True)
@@ -254,6 +280,39 @@ class CheckpointConnector:
             )
         if failures:
             _set_aside(manager, [s for s in steps if s > step])
+        return self._apply(restored, directory / str(step))
+
+    def restore_path(self, path: str | Path) -> dict[str, Any]:
+        """Restore the checkpoint at `path` into the trainer (as `restore_latest` does).
+
+        Args:
+            path: one checkpoint, `<directory>/<step>` as a `CheckpointManager` writes it, e.g.
+                `checkpoints/best/400`.
+
+        Returns:
+            The data position saved with the checkpoint.
+
+        Raises:
+            FileNotFoundError: `path` is not a checkpoint.
+            ValueError: it holds a different model.
+        """
+        path = Path(path).absolute()
+        if not (path / "meta").is_dir() or not path.name.isdigit():
+            raise FileNotFoundError(
+                f"{path} is not a training checkpoint (a <directory>/<step> folder with 'state' "
+                "and 'meta', e.g. checkpoints/400 or checkpoints/best/400)."
+            )
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+        with ocp.CheckpointManager(path.parent, options=options, item_names=ITEMS) as manager:
+            try:
+                restored = self._read(manager, int(path.name))
+            except _ModelMismatch as e:
+                raise ValueError(str(e)) from None
+        return self._apply(restored, path)
+
+    def _apply(self, restored: dict[str, Any], path: Path) -> dict[str, Any]:
+        """Put a read checkpoint into the trainer; returns its data position."""
+        trainer = self.trainer
         meta = restored["meta"]
         trainer.state = restored["state"]
         trainer.global_step = int(meta["global_step"])
@@ -263,9 +322,10 @@ class CheckpointConnector:
                 cb.load_state_dict(states[cb.state_key])
         trainer.strategy.load_state_dict(meta.get("strategy") or {})
         trainer.strategy.load_array_state(restored["strategy"])
+        trainer.restored_checkpoint = path
         for cb in trainer.callbacks:
             cb.on_load_checkpoint(trainer, meta)
-        log.info("Resumed from %s at step %d", directory / str(step), trainer.global_step)
+        log.info("Restored %s at step %d", path, trainer.global_step)
         return meta["data"]
 
     def _read(self, manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:

@@ -317,11 +317,10 @@ def _init_params(config: ml_collections.ConfigDict, model: aurora.Aurora) -> Any
         if not strict:
             log.info("config.init.strict=False: %s", report.summary())
         return params
-    if init.get("orbax_checkpoint"):
-        import orbax.checkpoint as ocp
+    if init.get("orbax_checkpoint"):  # parameters only, or a training checkpoint's
+        from trainers.checkpointing import load_params
 
-        with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(Path(config.init.orbax_checkpoint).absolute())
+        return load_params(config.init.orbax_checkpoint)
     return None
 
 
@@ -358,15 +357,11 @@ def _init_provenance(init: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def _provenance(config: ml_collections.ConfigDict, trainer: Trainer) -> dict[str, Any]:
     """What produced a score table or forecast: model, weights (checkpoint step) and the run."""
-    checkpoint = trainer.checkpoint_callback
+    restored = trainer.restored_checkpoint  # the one config.trainer.ckpt_path named
     return {
         "model_preset": config.model.preset,
-        "checkpoint_step": trainer.global_step
-        if checkpoint and checkpoint.last_saved_step is not None
-        else None,
-        "checkpoint_dir": str(checkpoint.directory)
-        if checkpoint and checkpoint.directory
-        else None,
+        "checkpoint_step": trainer.global_step if restored is not None else None,
+        "checkpoint_dir": str(restored.parent) if restored is not None else None,
         "init": _init_provenance(config.init),
         "strategy": config.strategy.name,
     }

@@ -3,17 +3,19 @@
 Python control flow lives here, on the host; everything numerical is one pure, jitted strategy
 step with the `TrainState` donated. The knobs keep PyTorch Lightning's meaning (see `Trainer`).
 The Trainer also owns checkpoints (`trainers.checkpointing`): `save_checkpoint` writes one into
-an Orbax manager, and fit / validate / test / predict start from the latest checkpoint of the
-`ModelCheckpoint` callback's directory, so re-running a command resumes where it stopped.
+an Orbax manager, and fit / validate / test / predict start from the checkpoint `ckpt_path` names:
+by default the latest of the `ModelCheckpoint` callback's directory, so re-running a command
+resumes where it stopped.
 
 Callbacks stop training with `trainer.should_stop = True` and log with `trainer.log_metrics`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,6 +37,8 @@ __all__ = ["Trainer"]
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("32", "bf16-mixed")
+CKPT_PATHS = ("last", "best")
+"""The named `ckpt_path`s; any other string is the path of one checkpoint."""
 REMAT = ("none", "backbone", "stages", "all")
 
 
@@ -89,6 +93,11 @@ class Trainer:
         log_every_n_steps: how often metrics are fetched from the device and written.
         seed: the seed of the parameter initialisation and the state's RNG.
         init_params: parameters to start from instead of a random initialisation.
+        ckpt_path: the checkpoint fit / validate / test / predict start from (each method may
+            name another): `"last"`, the latest of the `ModelCheckpoint` callback's directory
+            (none there: `init_params` or a fresh initialisation); `"best"`, the best of its
+            `best/` by its `monitor`; the path of one checkpoint (`<directory>/<step>`, e.g.
+            `checkpoints/best/400`); None: no checkpoint.
         mesh: a `jax.sharding.Mesh` with axes `data`, `fsdp` (see `trainers.sharding`): the state
             is sharded by FSDP rules (`sharding_rules` overrides, arrays under `min_shard_size`
             values replicated) and the batch along `data`. None: the default device.
@@ -117,6 +126,7 @@ class Trainer:
         log_every_n_steps: int = 10,
         seed: int = 0,
         init_params: Any = None,
+        ckpt_path: str | Path | None = "last",
         mesh: Any = None,
         sharding_rules: Sequence[tuple[str, Sequence[str | None]]] = (),
         min_shard_size: int = 2**18,
@@ -151,12 +161,18 @@ class Trainer:
         self.log_every_n_steps = log_every_n_steps
         self.seed = seed
         self.init_params = init_params
+        self.ckpt_path = None if ckpt_path is None else str(ckpt_path)
         self.mesh = mesh
         self.sharding_rules = tuple(sharding_rules)
         self.min_shard_size = min_shard_size
         self._state_shardings: Any = None
 
         self.state: TrainState | None = None
+        self.stage: str | None = None
+        """The running entry point: "fit", "validate", "test", "predict" (None between them);
+        "fit" also while `fit` validates (Lightning's `trainer.state.fn`)."""
+        self.restored_checkpoint: Path | None = None
+        """The checkpoint the state was last restored from, if any."""
         self.controls: dict[str, Any] = self.strategy.default_controls()
         self.global_step = 0
         self.current_epoch = 0
@@ -216,12 +232,7 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(
-        self,
-        manager: Any,
-        *,
-        force: bool = False,
-        best_manager: Any = None,
-        metrics: dict[str, float] | None = None,
+        self, manager: Any, *, force: bool = False, metrics: dict[str, float] | None = None
     ) -> bool:
         """Write the current state as checkpoint `global_step` (asynchronously if `manager` is).
 
@@ -234,18 +245,14 @@ class Trainer:
             manager: the `orbax.checkpoint.CheckpointManager` to write into (its owner, e.g.
                 `ModelCheckpoint`, decides when and how many to keep).
             force: write even if `manager`'s save policy would skip this step.
-            best_manager: also write the same checkpoint into this manager, which keeps the best
-                ones by `metrics` (only if `metrics` is given).
-            metrics: the metrics `best_manager` ranks by, e.g. `{"val/loss": 0.3}`.
+            metrics: what `manager` ranks by, if it keeps the best, e.g. `{"val/loss": 0.3}`.
 
         Returns:
             Whether `manager` wrote the checkpoint.
         """
         self._flush_writers()
         self._flush_writers_at_next_step = True
-        return self._checkpoint_connector.save(
-            manager, force=force, best_manager=best_manager, metrics=metrics
-        )
+        return self._checkpoint_connector.save(manager, force=force, metrics=metrics)
 
     def _flush_writers(self) -> None:
         for writer in self.writers:
@@ -254,16 +261,24 @@ class Trainer:
             except Exception as e:
                 log.warning("Could not flush %r: %s", writer, e)
 
-    def _restore_checkpoint(self, fitting: bool) -> None:
-        """Start from the latest checkpoint of the `ModelCheckpoint` callback's directory, if any.
+    def _restore_checkpoint(self, fitting: bool, ckpt_path: str | None) -> None:
+        """Restore the checkpoint `ckpt_path` names (see the class), if any.
 
         When `fitting`, the metric writers then forget the steps logged after the restored one (or
         every step, when there is no checkpoint), since the run logs them again.
         """
-        checkpoint = self.checkpoint_callback
-        if checkpoint is None or self.fast_dev_run:
+        if self.fast_dev_run or ckpt_path is None:
             return
-        self._resume = self._checkpoint_connector.restore_latest(checkpoint.open(self))
+        checkpoint = self.checkpoint_callback
+        connector = self._checkpoint_connector
+        if ckpt_path == "last":
+            if checkpoint is None:
+                return
+            self._resume = connector.restore_latest(checkpoint.open(self))
+        elif ckpt_path == "best":
+            self._resume = connector.restore_path(self._best_checkpoint())
+        else:
+            self._resume = connector.restore_path(ckpt_path)
         if fitting and self.is_global_zero:
             step = self.global_step if self._resume is not None else -1
             for writer in self.writers:
@@ -271,12 +286,56 @@ class Trainer:
                 if rewind is not None:
                     rewind(step)
 
+    def _best_checkpoint(self) -> Path:
+        """The best checkpoint of the `ModelCheckpoint` callback (`ckpt_path="best"`)."""
+        checkpoint = self.checkpoint_callback
+        if checkpoint is None or not checkpoint.monitor:
+            raise ValueError(
+                'ckpt_path="best" needs a ModelCheckpoint callback with a monitor, e.g. '
+                'ModelCheckpoint(monitor="val/loss") (config: callbacks.checkpoint.monitor).'
+            )
+        checkpoint.open(self)
+        manager = checkpoint.best_manager
+        manager.reload()
+        step = manager.best_step()
+        if step is None:
+            raise FileNotFoundError(
+                f'ckpt_path="best": {manager.directory} holds no checkpoint ranked by '
+                f"{checkpoint.monitor!r} yet (best checkpoints are written after each validation "
+                "during fit)."
+            )
+        return Path(manager.directory) / str(step)
+
+    def _ckpt_path(self, ckpt_path: str | Path | None) -> str | None:
+        return self.ckpt_path if ckpt_path is None else str(ckpt_path)
+
+    @contextlib.contextmanager
+    def _stage(self, stage: str) -> Iterator[None]:
+        """Run an entry point: `setup` / `teardown` around it, `on_exception` if it raises."""
+        self.stage = stage
+        for cb in self.callbacks:
+            cb.setup(self, stage)
+        try:
+            yield
+        except GeneratorExit:  # a predict loop the caller stopped reading
+            raise
+        except BaseException as e:
+            for cb in self.callbacks:
+                cb.on_exception(self, e)
+            raise
+        finally:
+            try:
+                for cb in self.callbacks:
+                    cb.teardown(self, stage)
+            finally:
+                self.stage = None
+
     # --- state and compiled steps -----------------------------------------------------------------
     def _measurements(self) -> tuple[str, ...]:
         return tuple(sorted({m for cb in self.callbacks for m in cb.measurements}))
 
-    def _setup_state(self, example: Example, fitting: bool = False) -> None:
-        """Build the optimiser and the state, then restore the latest checkpoint if any."""
+    def _setup_state(self, example: Example, ckpt_path: str | None, fitting: bool = False) -> None:
+        """Build the optimiser and the state, then restore the checkpoint `ckpt_path` names."""
         tx, self._schedule = self.strategy.make_optimizer(
             self.optimizer_config,
             self.max_steps,
@@ -294,7 +353,7 @@ class Trainer:
                 )
                 state = sharding.put_state(state, self._state_shardings)
             self.state = state
-        self._restore_checkpoint(fitting)
+        self._restore_checkpoint(fitting, ckpt_path)
 
     def _device_batch(self, example: Example) -> tuple[Batch, Batch]:
         """Host example -> the step's batch: on the mesh (this process's rows of the global batch)
@@ -334,24 +393,30 @@ class Trainer:
         return self.should_stop
 
     # --- fit --------------------------------------------------------------------------------------
-    def fit(self, train_data: DataSource, val_data: DataSource | None = None) -> TrainState:
+    def fit(
+        self,
+        train_data: DataSource,
+        val_data: DataSource | None = None,
+        ckpt_path: str | Path | None = None,
+    ) -> TrainState:
         """Train until `max_steps` / `max_epochs` / `should_stop`.
 
-        Resumes from the latest checkpoint of the `ModelCheckpoint` callback's directory, if any,
-        on the same batches an uninterrupted run would have seen.
+        Resumes from the checkpoint `ckpt_path` names (default the trainer's: the latest of the
+        `ModelCheckpoint` callback's directory), on the same batches an uninterrupted run would
+        have seen.
 
         Args:
             train_data: the training examples.
             val_data: validation examples (run every `val_check_interval` steps or each epoch).
+            ckpt_path: `"last"`, `"best"` or a checkpoint's path (see the class); None: the
+                trainer's `ckpt_path`.
 
         Returns:
             The final `TrainState`.
         """
-        for cb in self.callbacks:
-            cb.setup(self, "fit")
-        try:
+        with self._stage("fit"):
             first = next(iter(train_data.iterator(0)))
-            self._setup_state(first, fitting=True)
+            self._setup_state(first, self._ckpt_path(ckpt_path), fitting=True)
             for cb in self.callbacks:
                 cb.on_fit_start(self)
             for cb in self.callbacks:
@@ -361,13 +426,6 @@ class Trainer:
                 cb.on_train_end(self)
             for cb in self.callbacks:
                 cb.on_fit_end(self)
-        except BaseException as e:
-            for cb in self.callbacks:
-                cb.on_exception(self, e)
-            raise
-        finally:
-            for cb in self.callbacks:
-                cb.teardown(self, "fit")
         return self.state
 
     def _epoch_done(self) -> bool:
@@ -393,7 +451,7 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_train_epoch_end(self)
             if val_data is not None and self.val_check_interval is None:
-                self.validate(val_data)
+                self._validation_loop(val_data)
             self.current_epoch += 1
 
     def _run_train_epoch(self, train_data: DataSource, val_data: DataSource | None) -> bool:
@@ -432,7 +490,7 @@ class Trainer:
                 and self.val_check_interval
                 and self.global_step % self.val_check_interval == 0
             ):
-                self.validate(val_data)
+                self._validation_loop(val_data)
             if self._agree_to_stop() or self._steps_done():
                 return False
         return True
@@ -447,24 +505,28 @@ class Trainer:
             self.log_metrics(host)
 
     # --- evaluation -------------------------------------------------------------------------------
-    def load(self, data: DataSource) -> TrainState:
+    def load(self, data: DataSource, ckpt_path: str | Path | None = None) -> TrainState:
         """The state to evaluate or predict with.
 
         Args:
             data: a source of examples; its first one sets the shapes of a new state.
+            ckpt_path: `"last"`, `"best"` or a checkpoint's path (see the class): restored even
+                into an existing state. None: the trainer's `ckpt_path` when there is no state
+                yet, else the state as it is.
 
         Returns:
-            The trainer's state: initial (or given) parameters, replaced by the workdir's latest
-            checkpoint when a `ModelCheckpoint` callback has one.
+            The trainer's state: initial (or given) parameters, replaced by the checkpoint
+            `ckpt_path` names.
         """
         if self.state is None:
-            self._setup_state(next(iter(data.iterator(0))))
+            self._setup_state(next(iter(data.iterator(0))), self._ckpt_path(ckpt_path))
+        elif ckpt_path is not None:
+            self._restore_checkpoint(False, str(ckpt_path))
         return self.state
 
     def _evaluate(
         self, data: DataSource, prefix: str, limit: int | None, hooks: _EvalHooks
     ) -> dict[str, float]:
-        self.load(data)
         totals: dict[str, Any] = {}
         count = 0
         for cb in self.callbacks:
@@ -492,15 +554,21 @@ class Trainer:
             hooks.epoch_end(cb)
         return means
 
-    def validate(self, data: DataSource) -> dict[str, float]:
+    def validate(self, data: DataSource, ckpt_path: str | Path | None = None) -> dict[str, float]:
         """Mean metrics over the validation data, also in `callback_metrics`.
 
         Args:
             data: the validation examples (at most `limit_val_batches` batches are used).
+            ckpt_path: the checkpoint to validate (see `load`).
 
         Returns:
             `{"val/<metric>": mean}` over the batches.
         """
+        with self._stage("validate"):
+            self.load(data, ckpt_path)
+            return self._validation_loop(data)
+
+    def _validation_loop(self, data: DataSource) -> dict[str, float]:
         hooks = _EvalHooks(
             epoch_start=lambda cb: cb.on_validation_epoch_start(self),
             batch_start=lambda cb, batch, i: cb.on_validation_batch_start(self, batch, i),
@@ -514,11 +582,12 @@ class Trainer:
             cb.on_validation_end(self)
         return metrics
 
-    def test(self, data: DataSource) -> dict[str, float]:
+    def test(self, data: DataSource, ckpt_path: str | Path | None = None) -> dict[str, float]:
         """Mean metrics over the test data, also in `callback_metrics`.
 
         Args:
             data: the test examples (at most `limit_test_batches` batches are used).
+            ckpt_path: the checkpoint to test (see `load`).
 
         Returns:
             `{"test/<metric>": mean}` over the batches.
@@ -529,36 +598,37 @@ class Trainer:
             batch_end=lambda cb, out, batch, i: cb.on_test_batch_end(self, out, batch, i),
             epoch_end=lambda cb: cb.on_test_epoch_end(self),
         )
-        for cb in self.callbacks:
-            cb.setup(self, "test")
-        try:
+        with self._stage("test"):
+            self.load(data, ckpt_path)
             for cb in self.callbacks:
                 cb.on_test_start(self)
             metrics = self._evaluate(data, "test", self.limit_test_batches, hooks)
             for cb in self.callbacks:
                 cb.on_test_end(self)
-        finally:
-            for cb in self.callbacks:
-                cb.teardown(self, "test")
         return metrics
 
-    def predict(self, data: DataSource, steps: int = 1) -> Iterable[list[Batch]]:
+    def predict(
+        self, data: DataSource, steps: int = 1, ckpt_path: str | Path | None = None
+    ) -> Iterable[list[Batch]]:
         """Roll out `steps` predictions from every input.
+
+        One compiled model step serves every batch, rollout step and later call.
 
         Args:
             data: the examples to predict from (their targets are not used).
             steps: rollout steps per input.
+            ckpt_path: the checkpoint to predict with (see `load`).
 
         Yields:
             Per batch, the `steps` predictions as host-side (numpy) `Batch`es.
         """
         from aurora.rollout import ModelStep, rollout
 
-        for cb in self.callbacks:
-            cb.setup(self, "predict")
-        try:
-            self.load(data)
-            step = ModelStep(self.strategy.model)  # compiled once, not once per batch
+        with self._stage("predict"):
+            self.load(data, ckpt_path)
+            if "predict" not in self._compiled:
+                self._compiled["predict"] = ModelStep(self.strategy.model)
+            step = self._compiled["predict"]
             for cb in self.callbacks:
                 cb.on_predict_start(self)
             for cb in self.callbacks:
@@ -575,6 +645,3 @@ class Trainer:
                 cb.on_predict_epoch_end(self)
             for cb in self.callbacks:
                 cb.on_predict_end(self)
-        finally:
-            for cb in self.callbacks:
-                cb.teardown(self, "predict")
