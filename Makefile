@@ -47,3 +47,16 @@ clean:
 # The reference virtualenv, its outputs and the XLA cache are shared by every clone on the machine.
 clean-cache:
 	rm -rf "$${AURORA_JAX_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/aurora-jax}"
+
+# The wheels the GPU machine lacks (benchmarks/gpu/requirements-*.txt, our package built here),
+# gathered where there is network into benchmarks/gpu/wheels/ (git-ignored); carry that folder with
+# the tree and run `bash benchmarks/gpu/run.sh` there, offline.
+GPU_WHEELS := benchmarks/gpu/wheels
+.PHONY: gpu-wheels
+gpu-wheels: install
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(VENV)/bin/pip wheel -q --no-deps -w $(GPU_WHEELS) .
+	$(VENV)/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d $(GPU_WHEELS) \
+	    $$(grep -hv -e '^#' -e '^aurora-jax' benchmarks/gpu/requirements-*.txt)
+	@if ls $(GPU_WHEELS) | grep -v 'py3-none-any\.whl$$'; then echo "^ not pure Python"; exit 1; fi
+	@du -sh $(GPU_WHEELS)
