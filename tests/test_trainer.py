@@ -154,6 +154,28 @@ def test_stop_gradient_removes_earlier_step_gradients(setup) -> None:
     assert diff > 1e-6, "backprop through both steps must differ from the detached gradient"
 
 
+def test_warm_up_starts_above_zero_and_reaches_the_peak() -> None:
+    from trainers.optim import make_schedule
+
+    config = ml_collections.ConfigDict(
+        {"learning_rate": 1e-3, "warmup_steps": 4, "schedule": "cosine", "min_lr_ratio": 0.1}
+    )
+    schedule = make_schedule(config, 14)
+    lrs = [float(schedule(k)) for k in range(15)]
+    np.testing.assert_allclose(lrs[:5], [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3], rtol=1e-6)
+    assert lrs[14] == pytest.approx(1e-4) and np.all(np.diff(lrs[3:]) <= 0)
+
+
+def test_a_model_time_step_other_than_the_datas_is_refused_at_start(tmp_path) -> None:
+    from datetime import timedelta
+
+    model = tiny_model(timestep=timedelta(hours=12))  # as Aurora12hPretrained; data 6-hourly
+    trainer = _trainer(model, tmp_path, max_steps=1)
+    with pytest.raises(ValueError, match=r"model steps 12 h .* 6 h after .*step_hours=12"):
+        trainer.fit(_data(tiny_model(), n=1))
+    assert trainer.state is None and trainer.global_step == 0
+
+
 def _trainer(model, workdir, *, max_steps, callbacks=(), curriculum=False, **kwargs):
     strategy = RolloutStrategy(model, steps=2, backprop="all", curriculum=curriculum)
     return Trainer(
@@ -341,18 +363,21 @@ def test_on_exception_checkpoint_saves_the_last_good_state(tmp_path) -> None:
 
 
 def test_in_step_measurements_requested_by_callbacks(tmp_path) -> None:
-    seen = {}
+    """The norms callbacks ask for are computed in the step; under warm-up (OPTIM: 2 steps) the
+    first step already moves the weights."""
+    seen: dict[int, dict[str, float]] = {}
 
     class Norms(Callback):
         measurements = ("grad_norm", "update_norm", "param_norm")
 
         def on_train_batch_end(self, trainer, outputs, batch, batch_idx):
-            seen.update({k: float(outputs[k]) for k in self.measurements})
+            seen[trainer.global_step] = {k: float(outputs[k]) for k in self.measurements}
 
     model = tiny_model()
     trainer = _trainer(model, tmp_path, max_steps=3, callbacks=[Norms()])
     trainer.fit(_data(model, n=2))
-    assert seen["grad_norm"] > 0 and seen["update_norm"] > 0 and seen["param_norm"] > 0
+    assert sorted(seen) == [1, 2, 3]
+    assert all(v > 0 for norms in seen.values() for v in norms.values()), seen
     with pytest.raises(ValueError, match="Unknown in-step measurements"):
 
         class Bad(Callback):

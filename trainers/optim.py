@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 __all__ = ["make_optimizer", "make_schedule"]
@@ -11,6 +13,9 @@ __all__ = ["make_optimizer", "make_schedule"]
 
 def make_schedule(config: Any, total_steps: int | None) -> optax.Schedule:
     """The learning rate per optimiser step: linear warm-up, then constant or cosine decay.
+
+    The warm-up rises from `learning_rate / warmup_steps` at the first step to `learning_rate`
+    at step `warmup_steps - 1` (counting from 0); the decay starts from the peak after it.
 
     Args:
         config: `learning_rate`, `warmup_steps`, `schedule` ("constant" | "cosine"),
@@ -38,7 +43,13 @@ def make_schedule(config: Any, total_steps: int | None) -> optax.Schedule:
         raise ValueError(f"Unknown schedule {kind!r}: use 'constant' or 'cosine'.")
     if warmup <= 0:
         return after
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+    def warm_up(count: jax.Array) -> jax.Array:
+        # Step k (from 0) uses lr * (k + 1) / warmup: the first step already moves the weights
+        # (a ramp from 0 would make it a no-op) and step warmup - 1 reaches the peak.
+        return lr * jnp.minimum(count + 1, warmup) / warmup
+
+    return optax.join_schedules([warm_up, after], [warmup])
 
 
 def make_optimizer(

@@ -58,6 +58,28 @@ def _to_device_batch(example: Example) -> tuple[Batch, Batch]:
     return fix(inputs), stack_targets([fix(t) for t in targets])
 
 
+def _check_time_step(model: Any, example: Example) -> None:
+    """Refuse data whose targets are not one model time step apart (e.g. Aurora12h on 6-hourly
+    data), which would otherwise train silently against the wrong targets."""
+    inputs, targets = example
+    timestep = getattr(model, "timestep", None)
+    if timestep is None or not len(targets):
+        return
+    model_minutes = timestep.total_seconds() / 60
+    gap = np.asarray(targets[0].metadata.time, np.int64) - np.asarray(
+        inputs.metadata.time, np.int64
+    )
+    data_minutes = {int(m) for m in np.ravel(gap)}
+    if data_minutes != {int(model_minutes)}:
+        data_hours = ", ".join(f"{m / 60:g}" for m in sorted(data_minutes))
+        raise ValueError(
+            f"The model steps {model_minutes / 60:g} h ({type(model).__name__}.timestep) but the "
+            f"data's first target is {data_hours} h after its input: set the data's step to the "
+            f"model's (config: data.step_hours={model_minutes / 60:g}) or use a model with a "
+            f"{data_hours} h time step."
+        )
+
+
 class _EvalHooks(NamedTuple):
     """The callback hooks of one evaluation loop (validation or test), named where built."""
 
@@ -336,6 +358,7 @@ class Trainer:
 
     def _setup_state(self, example: Example, ckpt_path: str | None, fitting: bool = False) -> None:
         """Build the optimiser and the state, then restore the checkpoint `ckpt_path` names."""
+        _check_time_step(self.strategy.model, example)
         tx, self._schedule = self.strategy.make_optimizer(
             self.optimizer_config,
             self.max_steps,
