@@ -366,17 +366,42 @@ class Trainer:
             accumulate_grad_batches=self.accumulate_grad_batches,
         )
         if self.state is None:
-            inputs, _ = _to_device_batch(example)
-            state = self.strategy.init_state(
-                jax.random.PRNGKey(self.seed), inputs, tx, self.init_params
-            )
-            if self.mesh is not None:
-                self._state_shardings = sharding.state_shardings(
-                    state, self.mesh, self.sharding_rules, self.min_shard_size
-                )
-                state = sharding.put_state(state, self._state_shardings)
-            self.state = state
+            self.state = self._init_state(_to_device_batch(example)[0], tx)
         self._restore_checkpoint(fitting, ckpt_path)
+
+    def _init_state(self, inputs: Batch, tx: optax.GradientTransformation) -> TrainState:
+        """The strategy's first state; on a mesh, created in its shardings (`sharding.jit_init`):
+        never whole on one device or one host."""
+        rng = jax.random.PRNGKey(self.seed)
+        if self.mesh is None:
+            return self.strategy.init_state(rng, inputs, tx, self.init_params)
+        params = self.init_params
+        if params is not None:  # given weights go where the state will hold them
+            shardings = sharding.state_shardings(
+                {"params": params}, self.mesh, self.sharding_rules, self.min_shard_size
+            )["params"]
+            params = sharding.put_state(params, shardings)
+        # Only the batch's shapes matter to the initialisation: zeros made in the program, the
+        # same on every process (each holds other rows), no batch embedded as a constant.
+        shapes = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(
+                np.shape(x), jax.dtypes.canonicalize_dtype(np.result_type(x))
+            ),
+            inputs,
+        )
+
+        def init(params: Any) -> TrainState:
+            batch = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            return self.strategy.init_state(rng, batch, tx, params)
+
+        create, self._state_shardings = sharding.jit_init(
+            init,
+            params,
+            mesh=self.mesh,
+            rules=self.sharding_rules,
+            min_shard_size=self.min_shard_size,
+        )
+        return create(params)
 
     def _device_batch(self, example: Example) -> tuple[Batch, Batch]:
         """Host example -> the step's batch: on the mesh (this process's rows of the global batch)

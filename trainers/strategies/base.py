@@ -70,17 +70,29 @@ def _has_adapters(params: Any) -> bool:
     return any(is_lora_path(k) for k in traverse_util.flatten_dict(dict(params)))
 
 
-def _blocks_are_silent(params: Any) -> bool:
-    """Whether every AdaLN modulation (`ln_modulation*`) is zero, as at Aurora's initialisation.
+def _warn_if_blocks_are_silent(params: Any) -> None:
+    """Warn if every AdaLN modulation (`ln_modulation*`) is zero, as at Aurora's initialisation.
 
     The modulation scales each Swin block's branch (AdaLN-Zero, as in microsoft-aurora), so with it
-    zero the attention, and the LoRA adapters inside it, have no effect on the output.
+    zero the attention, and the LoRA adapters inside it, have no effect on the output. The test is
+    part of the computation (a `jax.debug.callback`), so it also holds when the state is created
+    inside `jit`, sharded, as the Trainer does on a mesh.
     """
     flat = traverse_util.flatten_dict(dict(params))
     modulation = [v for k, v in flat.items() if any(part.startswith("ln_modulation") for part in k)]
-    return bool(modulation) and not any(
-        bool(np.any(np.asarray(jax.device_get(v)))) for v in modulation
-    )
+    if modulation:
+        silent = jnp.logical_not(jnp.any(jnp.stack([jnp.any(v != 0) for v in modulation])))
+        jax.debug.callback(_warn_silent, silent)
+
+
+def _warn_silent(silent: Any) -> None:
+    if bool(silent):
+        log.warning(
+            "Only the LoRA adapters train, but the base looks freshly initialised (every AdaLN "
+            "modulation is zero, so every Swin block's output and every LoRA gradient is "
+            "exactly zero): the adapters cannot learn. Start from pretrained weights "
+            "(config.init) or train the base too (train_base=True)."
+        )
 
 
 class Strategy:
@@ -178,13 +190,8 @@ class Strategy:
             flat = traverse_util.flatten_dict(dict(params))
             flat |= {k: v for k, v in fresh.items() if is_lora_path(k)}
             params = traverse_util.unflatten_dict(flat)
-        if self.trainable.adapters_only and _blocks_are_silent(params):
-            log.warning(
-                "Only the LoRA adapters train, but the base looks freshly initialised (every AdaLN "
-                "modulation is zero, so every Swin block's output and every LoRA gradient is "
-                "exactly zero): the adapters cannot learn. Start from pretrained weights "
-                "(config.init) or train the base too (train_base=True)."
-            )
+        if self.trainable.adapters_only:
+            _warn_if_blocks_are_silent(params)
         return TrainState.create(params, tx, state_rng)
 
     def default_controls(self) -> dict[str, Any]:
