@@ -193,16 +193,74 @@ def _data(model, n=4):
     return InMemoryData([_example(model, seed) for seed in range(n)], seed=3)
 
 
-def test_fit_reduces_the_loss_and_validates(tmp_path) -> None:
+def test_fit_reduces_the_loss_below_the_untrained_models_and_validates(tmp_path) -> None:
+    """Validation at every `val_check_interval` steps; the trained model scores well below the
+    untrained one (the same initial state) on the same data."""
     model = tiny_model()
     data = InMemoryData([_example(model, 0)] * 2, shuffle=False)
-    trainer = _trainer(model, tmp_path, max_steps=12, val_check_interval=6)
+    validated: list[tuple[int, float]] = []
+
+    class Seen(Callback):
+        def on_validation_end(self, trainer):
+            validated.append((trainer.global_step, trainer.callback_metrics["val/loss"]))
+
+    optim = ml_collections.ConfigDict({"learning_rate": 5e-3, "schedule": "constant"})
+    trainer = Trainer(
+        RolloutStrategy(model, steps=2),
+        optimizer=optim,
+        callbacks=[Seen()],
+        max_steps=12,
+        val_check_interval=6,
+        log_every_n_steps=1,
+    )
+    untrained = trainer.validate(data)["val/loss"]  # the initial state fit starts from
+    validated.clear()
     trainer.fit(data, data)
-    assert trainer.global_step == 12
-    assert int(trainer.state.step) == 12
-    val_loss = trainer.validate(data)["val/loss"]
-    assert "train/loss" in trainer.callback_metrics and "val/loss" in trainer.callback_metrics
-    assert val_loss < 1.0
+    assert trainer.global_step == 12 and int(trainer.state.step) == 12
+    assert [step for step, _ in validated] == [6, 12]
+    trained = trainer.validate(data)["val/loss"]
+    assert trained == pytest.approx(validated[-1][1], rel=1e-6)
+    assert trained < validated[0][1] < untrained
+    assert trained < 0.9 * untrained  # random targets: about 0.85 after 12 steps
+    assert trainer.callback_metrics["train/loss"] < untrained
+
+
+def test_rmse_example_callback_logs_the_rmse_of_the_updated_model(tmp_path) -> None:
+    """examples/rmse_callback.py: every N steps, the z500 RMSE of the just-updated parameters'
+    one-step prediction against the first target, computed here in float64 numpy."""
+    from callbacks.writers import NoopWriter
+    from examples.rmse_callback import RmseCallback
+
+    logged: dict[int, dict[str, float]] = {}
+    params: dict[int, object] = {}
+
+    class Writer(NoopWriter):
+        def write_scalars(self, step, scalars):
+            logged.setdefault(step, {}).update(scalars)
+
+    class Params(Callback):
+        def on_train_batch_end(self, trainer, outputs, batch, batch_idx):
+            params[trainer.global_step] = (jax.device_get(trainer.state.params), batch)
+
+    model = tiny_model()
+    trainer = _trainer(
+        model,
+        tmp_path,
+        max_steps=4,
+        callbacks=[RmseCallback("z", 500, every_n_steps=2), Params()],
+        writers=[Writer()],
+    )
+    trainer.fit(_data(model, n=2))
+    assert [s for s in sorted(logged) if "train/rmse_z500" in logged[s]] == [2, 4]
+    for step in (2, 4):
+        state_params, (inputs, targets) = params[step]
+        pred = model.apply({"params": state_params}, _to_device_batch((inputs, targets))[0])
+        level = list(inputs.metadata.atmos_levels).index(500)
+        got = np.asarray(pred.atmos_vars["z"], np.float64)[:, 0, level]
+        want = np.asarray(targets[0].atmos_vars["z"], np.float64)[:, 0, level, : got.shape[-2]]
+        rmse = np.sqrt(np.mean((got - want) ** 2))
+        assert logged[step]["train/rmse_z500"] == pytest.approx(rmse, rel=1e-4)
+    assert trainer.callback_metrics["train/rmse_z500"] == logged[4]["train/rmse_z500"]
 
 
 class _Crash(Callback):
