@@ -262,19 +262,11 @@ def test_rows_of_different_rollout_steps_use_their_own_adapters(source) -> None:
     assert not np.allclose(got.atmos_vars["t"][0], got.atmos_vars["t"][1])
 
 
-def test_lora_wraps_replay_and_trains_only_adapters(source) -> None:
-    model = _model(use_lora=True)
-    strategy = LoRAStrategy(
-        ReplayStrategy(model, refresh_every=2, max_lead_hours=((0, 18),)), train_base=True
-    )
-    assert type(strategy) is ReplayStrategy
-    assert strategy.trainable == Trainable.lora(train_base=True)
-    trainer = _fit(strategy, source, max_steps=2)
-    assert len(trainer.strategy.buffer) > 2 and trainer.strategy.state_dict()["updates"] == 2
-
-
-def test_replay_with_lora_trainables_keeps_the_base_bit_identical(source) -> None:
-    """`trainable="lora"`: adapters train, the base does not; Adam holds adapter moments only."""
+@pytest.mark.parametrize("how", ["LoRAStrategy", "trainable", "train_base"])
+def test_replay_with_lora_trains_the_adapters_and_keeps_the_base_bit_identical(source, how) -> None:
+    """LoRA asked for by wrapping (`LoRAStrategy(ReplayStrategy(...))`) or by `trainable="lora"`:
+    every adapter moves, the base stays bit-identical, Adam holds adapter moments only. With
+    `train_base=True` the base moves too."""
     model = _model(use_lora=True)
     inputs, _ = next(iter(_pipeline(source).iterator(0)))
     params = model.init(jax.random.PRNGKey(0), inputs.crop(2))["params"]
@@ -282,7 +274,13 @@ def test_replay_with_lora_trainables_keeps_the_base_bit_identical(source) -> Non
         lambda x: np.asarray(x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape)),
         params,
     )
-    strategy = ReplayStrategy(model, refresh_every=2, max_lead_hours=((0, 18),), trainable="lora")
+    replay = dict(refresh_every=2, max_lead_hours=((0, 18),))
+    if how == "trainable":
+        strategy = ReplayStrategy(model, trainable="lora", **replay)
+    else:
+        strategy = LoRAStrategy(ReplayStrategy(model, **replay), train_base=how == "train_base")
+        assert type(strategy) is ReplayStrategy
+        assert strategy.trainable == Trainable.lora(train_base=how == "train_base")
     trainer = Trainer(
         strategy,
         optimizer=OPTIM,
@@ -291,19 +289,24 @@ def test_replay_with_lora_trainables_keeps_the_base_bit_identical(source) -> Non
         init_params=jax.tree_util.tree_map(np.copy, params),
     )
     trainer.fit(_pipeline(source))
+    assert len(trainer.strategy.buffer) > 2 and trainer.strategy.state_dict()["updates"] == 2
     before = traverse_util.flatten_dict(params)
     after = traverse_util.flatten_dict(jax.device_get(trainer.state.params))
     lora = [k for k in before if is_lora_path(k)]
     assert lora and len(lora) < len(before)
-    for k, v in before.items():
-        moved = not np.array_equal(np.asarray(after[k]), v)
-        assert moved == is_lora_path(k), f"{'/'.join(k)} moved={moved}"
+    moved = {k for k, v in before.items() if not np.array_equal(np.asarray(after[k]), v)}
+    assert set(lora) <= moved, f"adapters that did not train: {sorted(set(lora) - moved)}"
+    trained = before if how == "train_base" else lora
+    if how == "train_base":
+        assert len(moved) > len(lora), "the base trains too"
+    else:
+        assert moved == set(lora), f"base parameters that moved: {sorted(moved - set(lora))}"
     moments = sum(
         x.size
         for x in jax.tree_util.tree_leaves(trainer.state.opt_state)
         if np.issubdtype(x.dtype, np.floating)
     )
-    assert moments == 2 * sum(before[k].size for k in lora)
+    assert moments == 2 * sum(before[k].size for k in trained)
 
 
 def test_needs_data_with_access_by_time(source) -> None:
