@@ -39,6 +39,7 @@ def main(argv: list[str]) -> None:
         distributed.get("coordinator_address"),
         distributed.get("num_processes"),
         distributed.get("process_id"),
+        mode=distributed.get("initialize", "auto"),
     )
     summary = run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
     evaluation = summary.pop("evaluation", None)

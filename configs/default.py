@@ -144,8 +144,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh.min_shard_size = 2**18  # parameters with fewer elements stay replicated
     # ((regex on "params/.../kernel", (None, "fsdp")), ...) override FSDP's choice
     config.mesh.rules = ()
-    # Multi-host: leave empty under SLURM / Open MPI (detected); else the coordinator "host:port".
+    # Multi-host (docs/scaling.md): "auto" starts jax.distributed when a coordinator is named below
+    # or JAX detects a cluster of several processes (SLURM, Open MPI, Kubernetes, TPU pods);
+    # "always" / "never" force it. Without a cluster manager, name the coordinator "host:port".
     config.distributed = ml_collections.ConfigDict()
+    config.distributed.initialize = "auto"
     config.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)
     config.distributed.num_processes = ml_collections.FieldReference(None, field_type=int)
     config.distributed.process_id = ml_collections.FieldReference(None, field_type=int)

@@ -20,6 +20,7 @@ import pytest
 
 from aurora.batch import Batch
 from tests.helpers import random_batch, tiny_model
+from trainers import sharding
 from trainers.data import InMemoryData
 from trainers.strategies.rollout import RolloutStrategy
 from trainers.trainer import Trainer
@@ -122,3 +123,69 @@ def test_two_processes_train_like_one(tmp_path) -> None:
     assert len(want) == len(got.files) - 1
     for i, w in enumerate(want):
         np.testing.assert_allclose(got[f"arr_{i}"], w, rtol=1e-4, atol=1e-5)
+
+
+SLURM_STEP = {  # what srun sets for task 1 of a 2-task step
+    "SLURM_JOB_ID": "4242",
+    "SLURM_STEP_NODELIST": "node[01-02]",
+    "SLURM_NTASKS": "2",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "0",
+}
+CLUSTER_VARS = (
+    *SLURM_STEP,
+    "OMPI_MCA_orte_hnp_uri",
+    "PMIX_SERVER_URI2",
+    "KUBERNETES_SERVICE_HOST",
+    "TPU_WORKER_HOSTNAMES",
+    "JAX_COORDINATOR_ADDRESS",
+)
+
+
+@pytest.fixture
+def starts(monkeypatch) -> list[dict]:
+    """No cluster in the environment; `jax.distributed.initialize` records its calls instead."""
+    for name in CLUSTER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    calls: list[dict] = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: bool(calls))
+    return calls
+
+
+def test_a_cluster_jax_detects_starts_jax_distributed(monkeypatch, starts) -> None:
+    assert sharding.detect_cluster() is None
+    assert not sharding.initialize_distributed() and starts == []
+
+    for name, value in SLURM_STEP.items():
+        monkeypatch.setenv(name, value)
+    assert sharding.detect_cluster() == ("SlurmCluster", 2)
+    assert sharding.initialize_distributed()
+    # JAX fills in the coordinator, the process count and this process's id from SLURM
+    assert starts == [dict(coordinator_address=None, num_processes=None, process_id=None)]
+
+
+def test_one_process_runs_alone_unless_forced(monkeypatch, starts) -> None:
+    for name, value in {**SLURM_STEP, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}.items():
+        monkeypatch.setenv(name, value)
+    assert sharding.detect_cluster() == ("SlurmCluster", 1)
+    assert not sharding.initialize_distributed()
+    assert not sharding.initialize_distributed(mode="never")
+    assert starts == []
+    assert sharding.initialize_distributed(mode="always") and len(starts) == 1
+
+
+def test_a_named_coordinator_starts_it_and_never_wins(monkeypatch, starts) -> None:
+    assert not sharding.initialize_distributed("host0:1234", 4, 3, mode="never")
+    assert sharding.initialize_distributed("host0:1234", 4, 3)
+    assert starts == [dict(coordinator_address="host0:1234", num_processes=4, process_id=3)]
+    with pytest.raises(ValueError, match="auto, always or never"):
+        sharding.initialize_distributed(mode="yes")
+
+
+def test_a_cluster_that_cannot_say_its_size_runs_alone(monkeypatch, starts) -> None:
+    """A pod outside a Job (or without the `kubernetes` package): a warning, one process."""
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    with pytest.warns(UserWarning, match="kubernetes"):
+        assert sharding.detect_cluster() is None
+        assert not sharding.initialize_distributed() and starts == []

@@ -16,11 +16,11 @@ lives:
   axis size, for leaves of at least `min_shard_size` elements), else replicated. The state is
   created in these shardings (`jit_init`): never whole on one device or one host.
 
-Multi-host: `initialize_distributed` calls `jax.distributed.initialize()` when the environment or
-the config says there are several processes (SLURM, Open MPI, or an explicit coordinator); each
-process then reads only its own share of the data (`data_builders.pipeline` shards by process)
-and the Trainer assembles global arrays from process-local batches
-(`jax.make_array_from_process_local_data`).
+Multi-host: `initialize_distributed` calls `jax.distributed.initialize()` when the config names a
+coordinator or JAX's own cluster detection finds several processes (SLURM, Open MPI, Kubernetes,
+Cloud TPU pods; `detect_cluster`); each process then reads only its own share of the data
+(`data_builders.pipeline` shards by process) and the Trainer assembles global arrays from
+process-local batches (`jax.make_array_from_process_local_data`).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ __all__ = [
     "AXES",
     "BATCH_AXES",
     "batch_shardings",
+    "detect_cluster",
     "example_shardings",
     "initialize_distributed",
     "jit_init",
@@ -217,33 +218,68 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     )
 
 
+def detect_cluster() -> tuple[str, int] | None:
+    """The cluster that `jax.distributed.initialize()` would find here, and its process count.
+
+    JAX's own detection, in its own order (SLURM, Open MPI, Kubernetes with the `kubernetes`
+    package, Cloud TPU VMs and GKE TPU pods, and any environment a plugin registers); the opt-in
+    ones (mpi4py) only when asked for by name. JAX has no public API for it, so this reads
+    `jax._src.clusters`; a JAX without it detects nothing (explicit flags still work).
+
+    Returns:
+        `(environment name, process count)`, or None outside a cluster, or where the environment
+        is present but cannot say how many processes it has (e.g. a Kubernetes pod outside a Job).
+    """
+    try:
+        from jax._src.clusters import ClusterEnv
+    except ImportError:  # pragma: no cover - a future JAX
+        return None
+    for env in ClusterEnv._cluster_types:
+        if env.opt_in_only_method:
+            continue
+        try:
+            if not env.is_env_present():
+                continue
+            return env.__name__, int(env.get_process_count())
+        except Exception as e:  # present but unusable: say so, run as one process
+            log.warning("%s detected but not usable for jax.distributed: %s", env.__name__, e)
+            return None
+    return None
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    mode: str = "auto",
 ) -> bool:
-    """Start JAX's multi-controller runtime when there is more than one process.
+    """Start JAX's multi-controller runtime when this process is one of several.
 
-    Explicit arguments (config `distributed.*` or flags) win; otherwise
-    `jax.distributed.initialize()` detects SLURM / Open MPI / the `JAX_COORDINATOR_ADDRESS`
-    environment itself. Returns whether it initialised. Must run before any other JAX call that
-    touches devices.
+    `mode="auto"`: when a coordinator is named (`coordinator_address`, config `distributed.*`, or
+    `$JAX_COORDINATOR_ADDRESS`), or when JAX's cluster detection (`detect_cluster`) finds a cluster
+    of more than one process; a single-task SLURM job or a lone pod runs without it. `"always"`:
+    initialise regardless (JAX fills in what is not given, or fails saying what is missing);
+    `"never"`: run as an independent process. Must run before any other JAX call that touches
+    devices.
+
+    Returns:
+        Whether `jax.distributed` is initialised.
     """
-    explicit = coordinator_address is not None
-    cluster = any(
-        k in os.environ for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
-    )
-    slurm_single = os.environ.get("SLURM_NTASKS", "2") == "1"
-    if not explicit and (not cluster or slurm_single):
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"distributed.initialize must be auto, always or never, not {mode!r}.")
+    if mode == "never":
         return False
-    kwargs = {}
-    if explicit:
-        kwargs = dict(
-            coordinator_address=coordinator_address,
-            num_processes=num_processes,
-            process_id=process_id,
-        )
-    jax.distributed.initialize(**kwargs)
+    if jax.distributed.is_initialized():
+        return True
+    named = coordinator_address is not None or "JAX_COORDINATOR_ADDRESS" in os.environ
+    if mode == "auto" and not named:
+        cluster = detect_cluster()
+        if cluster is None or cluster[1] <= 1:
+            return False
+        log.info("%s: %d processes, starting jax.distributed", *cluster)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
     log.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
         jax.process_index(),
