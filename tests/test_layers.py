@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aurora.model.layers import LayerNorm, gelu, normalize
+from aurora.model.layers import Dense, LayerNorm, gelu, normalize
 from aurora.model.lora import LoRAConfig
 from aurora.model.perceiver import PerceiverResampler
 from aurora.model.swin3d import Swin3DTransformerBlock
@@ -36,6 +36,28 @@ def test_normalize_keeps_bfloat16_inputs_and_gradients() -> None:
         x.astype(jnp.float32)
     )
     np.testing.assert_allclose(grad.astype(jnp.float32), ref, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_gradients_match_automatic_differentiation(dtype) -> None:
+    """Dense's hand-written weight gradient (a transposed copy on CPU) against `lax.dot_general`
+    differentiated by JAX, for tokens with two leading axes."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 24), dtype)
+    cotangent = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 40), dtype)
+    ours = Dense(40, precision="highest", dtype=dtype)
+    derived = Dense(40, precision="highest", dtype=dtype, dot_general=jax.lax.dot_general)
+    params = ours.init(jax.random.PRNGKey(2), x)["params"]
+    params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias too
+    y, vjp = jax.vjp(lambda p, x: ours.apply({"params": p}, x), params, x)
+    y_ref, vjp_ref = jax.vjp(lambda p, x: derived.apply({"params": p}, x), params, x)
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(y, y_ref)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for a, b in zip(jax.tree.leaves(vjp(cotangent)), jax.tree.leaves(vjp_ref(cotangent))):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol
+        )
 
 
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])

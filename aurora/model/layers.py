@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -23,6 +24,7 @@ __all__ = [
     "Precision",
     "dot_product_attention",
     "gelu",
+    "linear_dot_general",
     "normalize",
     "remat_in_chunks",
     "torch_linear_uniform",
@@ -112,6 +114,67 @@ def normalize(x: jax.Array, epsilon: float = 1e-5) -> jax.Array:
     return _normalize(x, epsilon)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _linear(x: jax.Array, kernel: jax.Array, precision: Precision) -> jax.Array:
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+def _linear_fwd(
+    x: jax.Array, kernel: jax.Array, precision: Precision
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _linear(x, kernel, precision), (x, kernel)
+
+
+def _linear_bwd(
+    precision: Precision, residuals: tuple[jax.Array, jax.Array], grad: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    x, kernel = residuals
+    dx = jax.lax.dot_general(
+        grad, kernel, (((grad.ndim - 1,), (1,)), ((), ())), precision=precision
+    )
+    rows, grad_rows = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+
+    def transposed_first(a: jax.Array, b: jax.Array) -> jax.Array:
+        # The barrier keeps XLA from folding the transpose back into the contraction.
+        return jax.lax.dot(jax.lax.optimization_barrier(a.T), b, precision=precision)
+
+    def contracted_leading(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision)
+
+    dk = jax.lax.platform_dependent(
+        rows, grad_rows, cpu=transposed_first, default=contracted_leading
+    )
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def linear_dot_general(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers: Any,
+    precision: Precision = None,
+    preferred_element_type: Dtype | None = None,
+) -> jax.Array:
+    """`lax.dot_general` for `nn.Dense` (`x @ kernel` over the last axis of `x`) whose weight
+    gradient, on a CPU, is a plain `(D_in, M) @ (M, D_out)` product.
+
+    XLA:CPU runs a product whose left operand is contracted over its leading axis (`xᵀ dy`, the
+    derived weight gradient of every dense layer) as an asynchronous Eigen kernel, concurrently
+    with the YNNPACK matmuls, both thread pools competing for the same cores. With `xᵀ`
+    materialised (a copy the size of the layer's input, small next to the product) the weight
+    gradient runs on YNNPACK like the forward matmuls. Other backends keep the derived form:
+    their matmul libraries take transposed operands as they are. Values are those of
+    `lax.dot_general`; the gradients differ only in summation order.
+    """
+    if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or preferred_element_type:
+        return jax.lax.dot_general(
+            lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type
+        )
+    return _linear(lhs, rhs, precision)
+
+
 class Dense(nn.Dense):
     """`nn.Dense` with microsoft-aurora's initialisation and an explicit precision.
 
@@ -120,6 +183,7 @@ class Dense(nn.Dense):
 
     kernel_init: Any = trunc_normal
     bias_init: Any = nn.initializers.zeros_init()
+    dot_general: Any = linear_dot_general
 
 
 class LayerNorm(nn.Module):
