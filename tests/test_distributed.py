@@ -7,10 +7,14 @@ the parameters equal those of one process training on the whole batches.
 
 from __future__ import annotations
 
+import csv
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -19,6 +23,7 @@ import numpy as np
 import pytest
 
 from aurora.batch import Batch
+from tests.conftest import CACHE
 from tests.helpers import random_batch, tiny_model
 from trainers import sharding
 from trainers.data import InMemoryData
@@ -189,3 +194,101 @@ def test_a_cluster_that_cannot_say_its_size_runs_alone(monkeypatch, starts) -> N
     with pytest.warns(UserWarning, match="kubernetes"):
         assert sharding.detect_cluster() is None
         assert not sharding.initialize_distributed() and starts == []
+
+
+# The demo job on the bundled sample, made quick: a one-step rollout of a model with one Swin block
+# per stage, no validation, a checkpoint every 2 steps; FSDP over the two processes' devices.
+MAIN_FLAGS = (
+    "--config=configs/demo.py",
+    "--config.strategy.steps=1",
+    "--config.model.kwargs.encoder_depths=(1, 1)",
+    "--config.model.kwargs.decoder_depths=(1, 1)",
+    "--config.trainer.val_check_interval=100000",
+    "--config.trainer.log_every_n_steps=1",
+    "--config.callbacks.checkpoint.every_n_steps=2",
+    "--config.mesh.data=1",
+    "--config.mesh.min_shard_size=16384",  # 28 of the 117 parameters, 86 % of the bytes
+)
+
+
+def _main(workdir: Path, *flags: str) -> subprocess.Popen:
+    """`python main.py` on the demo job, one CPU device, no cluster in its environment."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", *CLUSTER_VARS)} | {
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(CACHE),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+    }
+    return subprocess.Popen(
+        [sys.executable, "main.py", f"--workdir={workdir}", *MAIN_FLAGS, *flags],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _summary(output: str) -> dict:
+    """The JSON summary `main.py` prints after the run."""
+    start = output.rindex('{\n "workdir"')
+    return json.JSONDecoder().raw_decode(output[start:])[0]
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = 900) -> list[str]:
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-5000:]
+    return outputs
+
+
+def _checkpoints(workdir: Path) -> list[int]:
+    root = workdir / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+
+
+@pytest.mark.skipif(jax.device_count() != 1, reason="the processes use one CPU device each")
+def test_main_on_two_processes_stops_together_and_resumes_on_one(tmp_path) -> None:
+    """`main.py` in two processes (jax.distributed on localhost, gloo): the real pipeline, FSDP
+    across both, checkpoints written by both; SIGTERM to one stops both at the same step with a
+    checkpoint, and one process resumes from it."""
+    port = _free_port()
+    procs = [
+        _main(
+            tmp_path,
+            "--config.trainer.max_steps=100000",  # only the signal ends it
+            "--config.mesh.fsdp=2",
+            f"--config.distributed.coordinator_address=localhost:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={i}",
+        )
+        for i in range(2)
+    ]
+    deadline = time.time() + 900
+    while not _checkpoints(tmp_path):
+        ended = any(p.poll() is not None for p in procs)
+        if ended or time.time() > deadline:
+            for p in procs:
+                p.kill()
+            logs = "\n".join(p.communicate()[0][-3000:] for p in procs)
+            pytest.fail(f"no checkpoint ({'a process ended' if ended else 'timed out'}):\n{logs}")
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    summaries = [_summary(out) for out in _finish(procs)]
+    stopped = summaries[0]["global_step"]
+    assert summaries[1]["global_step"] == stopped >= 2
+    assert _checkpoints(tmp_path)[-1] == stopped, "the stop step is checkpointed"
+
+    resumed_at = time.time()
+    [out] = _finish([_main(tmp_path, f"--config.trainer.max_steps={stopped + 2}")])
+    assert _summary(out)["global_step"] == stopped + 2
+    with open(tmp_path / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["tag"] == "train/loss"]
+    assert [int(r["step"]) for r in rows] == list(range(1, stopped + 3))
+    # steps up to the checkpoint were logged by the two processes, the last two by the resumed one
+    assert all((float(r["wall_time"]) < resumed_at) == (int(r["step"]) <= stopped) for r in rows)
