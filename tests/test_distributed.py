@@ -140,7 +140,6 @@ SLURM_STEP = {  # what srun sets for task 1 of a 2-task step
 CLUSTER_VARS = (
     *SLURM_STEP,
     "OMPI_MCA_orte_hnp_uri",
-    "PMIX_SERVER_URI2",
     "KUBERNETES_SERVICE_HOST",
     "TPU_WORKER_HOSTNAMES",
     "JAX_COORDINATOR_ADDRESS",
