@@ -123,6 +123,43 @@ def test_budget_keeps_time_for_later_items_of_higher_priority() -> None:
     )
 
 
+# What the GPU image holds (docs/benchmarks.md) with everything these require, and modules that
+# libraries import only when present (JAX: cloudpickle, zstandard; HTTP: charset_normalizer).
+IMAGE = (
+    *("jax", "jaxlib", "scipy", "flax", "optax", "orbax-checkpoint"),
+    *("torch", "timm", "xarray", "huggingface-hub"),
+)
+OPTIONAL = ("cloudpickle", "zstandard", "charset-normalizer")
+
+
+def _carried(side: str) -> list[str]:
+    lines = (ROOT / f"benchmarks/gpu/requirements-{side}.txt").read_text().splitlines()
+    return [line.split("==")[0] for line in lines if line and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("side", ["jax", "torch"])
+def test_each_side_needs_only_the_image_and_the_carried_wheels(side) -> None:
+    """On the GPU machine nothing can be installed but the carried wheels: every module either
+    side's worker imports comes from the image (or its dependencies) or from those wheels."""
+    python = sys.executable if side == "jax" else str(reference_python())
+    result = subprocess.run(
+        [
+            python,
+            str(ROOT / "tests/workers/import_closure.py"),
+            json.dumps(IMAGE),
+            json.dumps([*_carried(side), *OPTIONAL]),
+            str(ROOT / f"benchmarks/gpu/{side}_side.py"),
+        ],
+        cwd="/",  # microsoft-aurora's `aurora`, not ours, on the PyTorch side
+        env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == []
+
+
 def test_carried_microsoft_aurora_is_the_reference_version() -> None:
     pinned = (ROOT / "benchmarks/gpu/requirements-torch.txt").read_text().split()
     reference = next(r for r in REQUIREMENTS if r.startswith("microsoft-aurora=="))
