@@ -9,7 +9,8 @@
 # (e.g. --smoke) within a budget of $BUDGET_S seconds (default 480) that counts the installation.
 # JAX must not preallocate GPU memory: the microsoft-aurora process after it needs the device.
 # With $OUT set, every figure goes to $OUT/gpu_step.json and the report to $OUT/gpu_step.log.
-# $PYTHON (default python3, else python) runs both sides; $TORCH_PYTHON, if set, the microsoft-aurora side.
+# $PYTHON (default python3, else python) runs both sides; $TORCH_PYTHON, if set, the
+# microsoft-aurora side.
 set -euo pipefail
 start=$(date +%s)
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
