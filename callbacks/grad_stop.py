@@ -8,6 +8,11 @@ Non-finite gradients: the jitted step never applies a non-finite update (it repo
 `grads_finite`). This callback reads that flag and either counts the skipped update
 (`on_nonfinite="skip"`) or stops training (`"stop"`), with the step, the batch's time and the
 input variables that hold NaN/Inf in the message. The last good checkpoint stays as it was.
+
+The flags are read from the device once every `log_every_n_steps` steps (and at the last step),
+all at once, so that the host does not wait for the device at every step; a stop then takes
+effect at that step. The batch is named only for a failure at the step read (set
+`log_every_n_steps=1` to name every one); the others are reported by step.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import jax
 import numpy as np
 
 from callbacks.base import Callback
@@ -65,6 +71,7 @@ class GradStop(Callback):
         self.max_skipped = max_skipped
         self.skipped = 0
         self.events: list[dict[str, Any]] = []
+        self._unread: list[tuple[int, Any]] = []  # (step, grads_finite on the device)
 
     def window_at(self, step: int) -> int | None:
         """The gradient window the schedule sets at a step.
@@ -97,19 +104,44 @@ class GradStop(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, outputs: dict[str, Any], batch: Any, batch_idx: int
     ) -> None:
-        if float(outputs["grads_finite"]) == 1.0:
+        step = trainer.global_step
+        self._unread.append((step, outputs["grads_finite"]))
+        interval = max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1)
+        if step % interval and step != getattr(trainer, "max_steps", None):
             return
-        inputs = batch[0]
-        times = ", ".join(str(t) for t in inputs.metadata.datetimes())
-        culprits = _nonfinite_inputs(batch) or [
-            "no input field (the loss or the model produced it)"
-        ]
+        self._read(trainer, batch)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self._read(trainer, None)
+
+    def _read(self, trainer: Trainer, batch: Any) -> None:
+        """Fetch the unread flags (one transfer) and act on the non-finite ones; `batch` is the
+        current step's."""
+        if not self._unread:
+            return
+        steps = [s for s, _ in self._unread]
+        flags = jax.device_get([f for _, f in self._unread])
+        self._unread = []
+        for step, flag in zip(steps, flags, strict=True):
+            if float(flag) != 1.0:
+                self._report(trainer, step, batch if step == trainer.global_step else None)
+
+    def _report(self, trainer: Trainer, step: int, batch: Any) -> None:
+        if batch is not None:
+            inputs = batch[0]
+            times = ", ".join(str(t) for t in inputs.metadata.datetimes())
+            culprits = _nonfinite_inputs(batch) or [
+                "no input field (the loss or the model produced it)"
+            ]
+        else:
+            times = "not kept"
+            culprits = ["not checked (an earlier step's batch; log_every_n_steps=1 names them)"]
         message = (
-            f"Non-finite gradient at step {trainer.global_step} (batch time {times}); "
+            f"Non-finite gradient at step {step} (batch time {times}); "
             f"NaN/Inf in: {', '.join(culprits)}. The update was skipped."
         )
         self.skipped += 1
-        self.events.append({"step": trainer.global_step, "times": times, "culprits": culprits})
+        self.events.append({"step": step, "times": times, "culprits": culprits})
         if self.on_nonfinite == "stop" or (
             self.max_skipped is not None and self.skipped > self.max_skipped
         ):
@@ -117,7 +149,7 @@ class GradStop(Callback):
             trainer.should_stop = True
         else:
             log.warning(message)
-        trainer.log_metrics({"train/skipped_updates": float(self.skipped)})
+        trainer.log_metrics({"train/skipped_updates": float(self.skipped)}, step=step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": self.skipped, "events": self.events[-100:]}

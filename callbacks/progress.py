@@ -128,13 +128,26 @@ class ProgressBar(Callback):
         return max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1)
 
     @staticmethod
-    def _loss(trainer: Trainer, outputs: Outputs | None) -> float | None:
-        if outputs and "loss" in outputs:
-            return float(outputs["loss"])  # synchronises: only called when printing
-        value = trainer.callback_metrics.get("train/loss")
-        return None if value is None else float(value)
+    def _loss(trainer: Trainer, outputs: Outputs | None) -> tuple[float | None, int | None]:
+        """The latest training loss on the host and its step (None: this step's).
 
-    def _train_line(self, trainer: Trainer, step: int, now: float, loss: float | None) -> str:
+        A trainer that fetches logged metrics itself (`logged_step`, a step late) is not made
+        to wait for the device: its latest fetched loss is shown, with its step.
+        """
+        logged_step = getattr(trainer, "logged_step", None)
+        if logged_step is None and outputs and "loss" in outputs:
+            return float(outputs["loss"]), None  # synchronises: only called when printing
+        value = trainer.callback_metrics.get("train/loss")
+        return (None if value is None else float(value)), logged_step
+
+    def _train_line(
+        self,
+        trainer: Trainer,
+        step: int,
+        now: float,
+        loss: float | None,
+        loss_step: int | None = None,
+    ) -> str:
         total = self._total(trainer)
         parts = [f"epoch {trainer.current_epoch}"]
         parts.append(
@@ -148,7 +161,8 @@ class ProgressBar(Callback):
             mean_rate = (step - self._first[0]) / (now - self._first[1])
             parts.append(f"ETA {format_duration((total - step) / mean_rate)}")
         if loss is not None:
-            parts.append(f"loss {_format_value(loss)}")
+            at = f" (step {loss_step})" if loss_step is not None and loss_step != step else ""
+            parts.append(f"loss {_format_value(loss)}{at}")
         return " | ".join(parts)
 
     # --- hooks ------------------------------------------------------------------------------------
@@ -168,9 +182,9 @@ class ProgressBar(Callback):
         total = self._total(trainer)
         if step % self._interval(trainer) and step != total:
             return
-        loss = self._loss(trainer, outputs)
-        now = self._clock()  # after the fetch, so the window covers the device work
-        self._emit(self._train_line(trainer, step, now, loss))
+        loss, loss_step = self._loss(trainer, outputs)
+        now = self._clock()  # after any fetch, so the window covers the device work
+        self._emit(self._train_line(trainer, step, now, loss, loss_step))
         self._window = (step, now)
 
     def on_train_end(self, trainer: Trainer) -> None:

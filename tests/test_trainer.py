@@ -263,6 +263,61 @@ def test_rmse_example_callback_logs_the_rmse_of_the_updated_model(tmp_path) -> N
     assert trainer.callback_metrics["train/rmse_z500"] == logged[4]["train/rmse_z500"]
 
 
+def test_steady_state_steps_do_not_wait_for_the_device(tmp_path, monkeypatch) -> None:
+    """With log_every_n_steps=3, only the logged steps (GradStop's flags, at 3 and 6) and the
+    steps after them (the logged metrics, a step late, at 4 and 7) read arrays from the device;
+    steps 1, 2 and 5 read none, with GradStop, ProgressBar and LearningRateMonitor on. The rows
+    are written at their own steps."""
+    import io
+
+    from jax._src.array import ArrayImpl
+
+    from callbacks.lr_monitor import LearningRateMonitor
+    from callbacks.progress import ProgressBar
+    from callbacks.writers import NoopWriter
+
+    reads: dict[int, int] = {}
+    window: list[int] = []  # the step being run, between its start and end hooks
+    value = ArrayImpl._value
+
+    def counted(self):  # every device -> host read (float(x), np.asarray(x), jax.device_get(x))
+        if window:
+            reads[window[0]] = reads.get(window[0], 0) + 1
+        return value.fget(self)
+
+    monkeypatch.setattr(ArrayImpl, "_value", property(counted))
+    rows: dict[int, set[str]] = {}
+
+    class Writer(NoopWriter):
+        def write_scalars(self, step, scalars):
+            rows.setdefault(step, set()).update(scalars)
+
+    class Window(Callback):  # last: its window spans the step and every other callback's end hook
+        def on_train_batch_start(self, trainer, batch, batch_idx):
+            window[:] = [trainer.global_step + 1]
+
+        def on_train_batch_end(self, trainer, outputs, batch, batch_idx):
+            window.clear()
+
+    model = tiny_model()
+    stream = io.StringIO()
+    trainer = _trainer(
+        model,
+        tmp_path,
+        max_steps=7,
+        callbacks=[GradStop(), ProgressBar(stream=stream), LearningRateMonitor(), Window()],
+        writers=[Writer()],
+    )
+    trainer.log_every_n_steps = 3
+    trainer.fit(_data(model, n=2))
+    assert trainer.global_step == 7
+    assert set(reads) == {3, 4, 6, 7}, reads
+    assert {s for s, tags in rows.items() if "train/loss" in tags} == {3, 6}
+    assert "lr" in rows[3] and "lr" in rows[6]
+    lines = stream.getvalue().splitlines()
+    assert "step 3/7" in lines[0] and "step 7/7" in lines[-1] and "(step 6)" in lines[-1]
+
+
 class _Crash(Callback):
     def __init__(self, at_step: int):
         self.at_step = at_step

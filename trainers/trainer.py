@@ -112,7 +112,10 @@ class Trainer:
         remat: rematerialisation, one of :data:`REMAT`: `"backbone"` every Swin block and the
             level Perceivers, `"stages"` also whole backbone stages, `"all"` also each rollout
             step.
-        log_every_n_steps: how often metrics are fetched from the device and written.
+        log_every_n_steps: how often metrics are fetched from the device and written. A logged
+            step's metrics are fetched once the next step is queued, so that in the steady state
+            the host waits for the device at most once per `log_every_n_steps` steps (callbacks
+            such as `GradStop` and `ProgressBar` read the device at the same cadence).
         seed: the seed of the parameter initialisation and the state's RNG.
         init_params: parameters to start from instead of a random initialisation.
         ckpt_path: the checkpoint fit / validate / test / predict start from (each method may
@@ -209,13 +212,19 @@ class Trainer:
         self._compiled: dict[str, Any] = {}
         self._checkpoint_connector = CheckpointConnector(self)
         self._flush_writers_at_next_step = False
+        self._pending_metrics: tuple[int, dict[str, Any], dict[str, float]] | None = None
+        self.logged_step: int | None = None
+        """The step of the training metrics in `callback_metrics` (logged steps are fetched from
+        the device one step late)."""
 
     # --- small services for callbacks -------------------------------------------------------------
     def learning_rate(self) -> float:
-        """The learning rate the next optimiser step uses."""
-        return (
-            float(self._schedule(self.global_step)) if self._schedule is not None else float("nan")
-        )
+        """The learning rate the next optimiser step uses (computed on the CPU, so that asking
+        never waits for an accelerator's queued steps)."""
+        if self._schedule is None:
+            return float("nan")
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            return float(self._schedule(self.global_step))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Write scalars to every writer (on process 0 only).
@@ -272,6 +281,7 @@ class Trainer:
         Returns:
             Whether `manager` wrote the checkpoint.
         """
+        self._fetch_metrics()
         self._flush_writers()
         self._flush_writers_at_next_step = True
         return self._checkpoint_connector.save(manager, force=force, metrics=metrics)
@@ -430,14 +440,22 @@ class Trainer:
     def _eval_step(self, batch: tuple[Batch, Batch]) -> Any:
         return self._jit("eval", self.strategy.eval_step, batch, train=False)
 
-    def _agree_to_stop(self) -> bool:
-        """Every process stops at the same step if any callback on any process asked to."""
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+    def _agree_to_stop(self, now: bool = False) -> bool:
+        """Every process stops at the same step if any callback on any process asked to.
 
-            self.should_stop = bool(
-                np.any(multihost_utils.process_allgather(np.asarray(self.should_stop)))
-            )
+        With several processes they agree (one all-gather) only every `log_every_n_steps` steps,
+        at the last step and when `now` (an epoch's end), so that a stop asked for in between
+        takes effect at the next of these steps.
+        """
+        if jax.process_count() == 1:
+            return self.should_stop
+        if not (now or self._steps_done() or self.global_step % self.log_every_n_steps == 0):
+            return False
+        from jax.experimental import multihost_utils
+
+        self.should_stop = bool(
+            np.any(multihost_utils.process_allgather(np.asarray(self.should_stop)))
+        )
         return self.should_stop
 
     # --- fit --------------------------------------------------------------------------------------
@@ -485,7 +503,7 @@ class Trainer:
     def _fit_loop(self, train_data: DataSource, val_data: DataSource | None) -> None:
         resume = self._resume or {}
         self.current_epoch = int(resume.get("epoch", 0))
-        while not (self.should_stop or self._steps_done() or self._epoch_done()):
+        while not (self._agree_to_stop(now=True) or self._steps_done() or self._epoch_done()):
             self._train_iterator = train_data.iterator(self.current_epoch)
             self.batch_idx = 0
             if resume.get("iterator") is not None:  # continue the interrupted epoch exactly
@@ -520,6 +538,7 @@ class Trainer:
                 cb.on_before_optimizer_step(self)
             batch = self._device_batch(example)
             self.state, outputs = self._train_step(batch)(self.state, batch, self.controls)
+            self._fetch_metrics()  # the last logged step's, now that this step is queued
             host_outputs = outputs.pop(OUTPUTS, None)
             if host_outputs is not None:
                 self.strategy.on_step_outputs(self, host_outputs)
@@ -528,9 +547,7 @@ class Trainer:
                 continue  # a micro-batch: the optimiser steps once per group
             self.global_step += 1
             if self.global_step % self.log_every_n_steps == 0 or self.fast_dev_run:
-                self._record(
-                    {f"train/{k}": v for k, v in outputs.items()}, self.strategy.host_metrics()
-                )
+                self._queue_metrics(outputs)
             for cb in self.callbacks:
                 cb.on_train_batch_end(self, outputs, example, self.batch_idx - 1)
             if (
@@ -538,19 +555,39 @@ class Trainer:
                 and self.val_check_interval
                 and self.global_step % self.val_check_interval == 0
             ):
+                self._fetch_metrics()
                 self._validation_loop(val_data)
             if self._agree_to_stop() or self._steps_done():
+                self._fetch_metrics()
                 return False
+        self._fetch_metrics()
         return True
 
-    def _record(
-        self, device_metrics: dict[str, Any], host_metrics: dict[str, float] | None = None
-    ) -> None:
+    def _queue_metrics(self, outputs: dict[str, Any]) -> None:
+        """Start copying a logged step's metrics to the host; `_fetch_metrics` records them once
+        the next step is queued (so the device never waits for the host), or now at the last
+        step."""
+        device_metrics = {f"train/{k}": v for k, v in outputs.items()}
+        for value in device_metrics.values():
+            copy = getattr(value, "copy_to_host_async", None)
+            if copy is not None:
+                copy()
+        self._pending_metrics = (self.global_step, device_metrics, self.strategy.host_metrics())
+        if self._steps_done():
+            self._fetch_metrics()
+
+    def _fetch_metrics(self) -> None:
+        """Record the queued step's metrics: `callback_metrics`, `logged_step` and the writers."""
+        if self._pending_metrics is None:
+            return
+        step, device_metrics, host_metrics = self._pending_metrics
+        self._pending_metrics = None
         host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        host |= {f"train/{k}": float(v) for k, v in (host_metrics or {}).items()}
+        host |= {f"train/{k}": float(v) for k, v in host_metrics.items()}
         self.callback_metrics.update(host)
+        self.logged_step = step
         if not self.fast_dev_run:
-            self.log_metrics(host)
+            self.log_metrics(host, step=step)
 
     # --- evaluation -------------------------------------------------------------------------------
     def load(self, data: DataSource, ckpt_path: str | Path | None = None) -> TrainState:
