@@ -132,4 +132,4 @@ class Preemption(Callback):
                 checkpoint.directory,
             )
         self.stopped_at = trainer.global_step
-        trainer.should_stop = True
+        trainer.should_stop = trainer.stop_agreed = True  # every process decided the same

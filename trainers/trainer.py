@@ -203,6 +203,9 @@ class Trainer:
         self.current_epoch = 0
         self.batch_idx = 0
         self.should_stop = False
+        self.stop_agreed = False
+        """Set with `should_stop` by a callback whose stop every process already agreed on at
+        this step (e.g. `Preemption`, after its own all-gather): it takes effect at once."""
         self.callback_metrics: dict[str, float] = {}
         self.is_global_zero = jax.process_index() == 0
         self.estimated_stepping_batches: int | None = self.max_steps
@@ -447,7 +450,7 @@ class Trainer:
         at the last step and when `now` (an epoch's end), so that a stop asked for in between
         takes effect at the next of these steps.
         """
-        if jax.process_count() == 1:
+        if jax.process_count() == 1 or self.stop_agreed:
             return self.should_stop
         if not (now or self._steps_done() or self.global_step % self.log_every_n_steps == 0):
             return False
