@@ -1,7 +1,7 @@
 """Forward and forward+backward time of AuroraSmall: our JAX model vs microsoft-aurora, same run.
 
-    .venv/bin/python benchmarks/model_step.py [--h 64 --w 128 --levels 100,250,500,850]
-        [--repeats 3 --mesh 1,1]
+    .venv/bin/python benchmarks/model_step.py [--h 64 --w 128 | --grids 32x64,64x128,128x256]
+        [--levels 100,250,500,850 --repeats 3 --mesh 1,1 --skip-torch]
 
 Both sides build AuroraSmallPretrained with random weights on the same grid and batch shape (1
 sample, 2 history steps), run one warm-up, then report the median of `--repeats` timed calls. JAX
@@ -13,6 +13,11 @@ The JAX side goes through the Trainer's sharding code (`--mesh`, default one dev
 column divides XLA's FLOP count of the step by the float32 rate of one large matmul on the device:
 a float32 step cannot run faster than that, whatever the framework, which puts speed-up targets
 against PyTorch in proportion. Writes a result file (`benchmarks/results.py`).
+
+Per grid it also reports the backward pass alone (forward+backward minus forward) over the
+forward, and the forward+backward time per grid point: with `--grids`, several grids in one run,
+so that a cost growing faster than the grid shows as a growing time per point. `--skip-torch`
+times the JAX side only.
 """
 
 from __future__ import annotations
@@ -140,59 +145,122 @@ def run_torch(h: int, w: int, levels: tuple[int, ...], repeats: int) -> dict[str
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def parse_grids(text: str) -> list[tuple[int, int]]:
+    """`"32x64,64x128"` -> `[(32, 64), (64, 128)]`."""
+    return [tuple(int(n) for n in g.split("x")) for g in text.split(",")]  # type: ignore[misc]
+
+
+def grid_figures(
+    h: int, w: int, jax_t: dict[str, float], torch_t: dict[str, float] | None, peak: float
+) -> dict[str, Any]:
+    """The figures of one grid: per pass (forward, forward+backward, backward alone) both sides'
+    medians, their ratio and the float32 floor; backward/forward ratios; time per grid point."""
+    jax_t = {**jax_t, "backward": jax_t["forward_backward"] - jax_t["forward"]}
+    jax_t["backward_flops"] = jax_t["forward_backward_flops"] - jax_t["forward_flops"]
+    if torch_t is not None:
+        torch_t = {**torch_t, "backward": torch_t["forward_backward"] - torch_t["forward"]}
+    figures: dict[str, Any] = {}
+    for name in ("forward", "forward_backward", "backward"):
+        floor = jax_t[f"{name}_flops"] / peak
+        entry = {"jax_s": jax_t[name], "gflop": jax_t[f"{name}_flops"] / 1e9, "floor_s": floor}
+        if name != "backward":
+            entry["jax_compile_s"] = jax_t[f"{name}_compile"]
+        if torch_t is not None:
+            entry.update(
+                torch_s=torch_t[name],
+                jax_over_torch=jax_t[name] / torch_t[name],
+                floor_over_torch=floor / torch_t[name],
+            )
+        figures[name] = entry
+    figures["jax_backward_over_forward"] = jax_t["backward"] / jax_t["forward"]
+    if torch_t is not None:
+        figures["torch_backward_over_forward"] = torch_t["backward"] / torch_t["forward"]
+        figures["torch_threads"] = torch_t["threads"]
+    points = h * w
+    figures["jax_forward_backward_us_per_point"] = 1e6 * jax_t["forward_backward"] / points
+    if torch_t is not None:
+        figures["torch_forward_backward_us_per_point"] = 1e6 * torch_t["forward_backward"] / points
+    return figures
+
+
+def print_grid(h: int, w: int, figures: dict[str, Any]) -> None:
+    """One grid's table: passes as rows, both sides, their ratio and the floor."""
+    torch = "torch_s" in figures["forward"]
+    print(f"grid {h}x{w}")
+    print(
+        f"  {'':18} {'microsoft-aurora':>17} {'JAX':>9} {'JAX/PyTorch':>12} {'GFLOP':>7} "
+        f"{'floor':>7} {'floor/PyTorch':>14}"
+    )
+    for name in ("forward", "forward_backward", "backward"):
+        f = figures[name]
+        t = (f"{f['torch_s']:>16.2f}s", f"{f['jax_over_torch']:>12.2f}") if torch else ("-", "-")
+        ratio = f"{f['floor_over_torch']:>14.2f}" if torch else f"{'-':>14}"
+        print(
+            f"  {name:18} {t[0]:>17} {f['jax_s']:>8.2f}s {t[1]:>12} {f['gflop']:>7.0f} "
+            f"{f['floor_s']:>6.2f}s {ratio}"
+        )
+    line = f"  backward/forward: JAX {figures['jax_backward_over_forward']:.2f}"
+    if torch:
+        line += f", PyTorch {figures['torch_backward_over_forward']:.2f}"
+    line += (
+        f"; forward+backward per grid point: JAX "
+        f"{figures['jax_forward_backward_us_per_point']:.1f} us"
+    )
+    if torch:
+        line += f", PyTorch {figures['torch_forward_backward_us_per_point']:.1f} us"
+    print(line)
+    compile_s = (figures["forward"]["jax_compile_s"], figures["forward_backward"]["jax_compile_s"])
+    print(f"  JAX compilation (one-off): forward {compile_s[0]:.1f}s, fwd+bwd {compile_s[1]:.1f}s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--h", type=int, default=64)
     parser.add_argument("--w", type=int, default=128)
+    parser.add_argument(
+        "--grids",
+        default=None,
+        help="grids HxW to sweep, e.g. 32x64,64x128,128x256 (overrides --h/--w)",
+    )
     parser.add_argument("--levels", default="100,250,500,850")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mesh", default="1,1", help="data,fsdp mesh for the JAX side (-1 fills)")
+    parser.add_argument("--skip-torch", action="store_true", help="time the JAX side only")
     results.add_out_argument(parser)
     args = parser.parse_args()
     levels = tuple(int(x) for x in args.levels.split(","))
     mesh_shape = tuple(int(x) for x in args.mesh.split(","))
+    grids = parse_grids(args.grids) if args.grids else [(args.h, args.w)]
 
     device = f"{jax.devices()[0].platform} ({jax.device_count()} device(s)"
     print(
-        f"AuroraSmallPretrained, batch 1, history 2, grid {args.h}x{args.w}, {len(levels)} levels, "
-        f"{device}, mesh data,fsdp={args.mesh}), float32"
+        f"AuroraSmallPretrained, batch 1, history 2, {len(levels)} levels, {device}, "
+        f"mesh data,fsdp={args.mesh}), float32"
     )
-    torch_t = run_torch(args.h, args.w, levels, args.repeats)
-    torch_versions = torch_t.pop("versions", None)
-    jax_t = run_jax(args.h, args.w, levels, args.repeats, mesh_shape)  # type: ignore[arg-type]
     peak = matmul_peak()
-    print(
-        f"{'':18} {'microsoft-aurora':>17} {'JAX':>9} {'JAX/PyTorch':>12} {'GFLOP':>7} "
-        f"{'floor':>7} {'floor/PyTorch':>14}"
-    )
-    figures: dict[str, Any] = {
-        "matmul_peak_gflops": peak / 1e9,
-        "torch_threads": torch_t["threads"],
-    }
-    for name in ("forward", "forward_backward"):
-        floor = jax_t[f"{name}_flops"] / peak
-        figures[name] = {
-            "torch_s": torch_t[name],
-            "jax_s": jax_t[name],
-            "jax_over_torch": jax_t[name] / torch_t[name],
-            "jax_compile_s": jax_t[f"{name}_compile"],
-            "gflop": jax_t[f"{name}_flops"] / 1e9,
-            "floor_s": floor,
-            "floor_over_torch": floor / torch_t[name],
-        }
-        print(
-            f"{name:18} {torch_t[name]:>16.2f}s {jax_t[name]:>8.2f}s "
-            f"{jax_t[name] / torch_t[name]:>12.2f} {jax_t[f'{name}_flops'] / 1e9:>7.0f} "
-            f"{floor:>6.2f}s {floor / torch_t[name]:>14.2f}"
-        )
+    figures: dict[str, Any] = {"matmul_peak_gflops": peak / 1e9, "grids": {}}
+    torch_versions = None
+    for h, w in grids:
+        torch_t = None if args.skip_torch else run_torch(h, w, levels, args.repeats)
+        if torch_t is not None:
+            torch_versions = torch_t.pop("versions", None)
+        jax_t = run_jax(h, w, levels, args.repeats, mesh_shape)  # type: ignore[arg-type]
+        grid = grid_figures(h, w, jax_t, torch_t, peak)
+        figures["grids"][f"{h}x{w}"] = grid
+        print_grid(h, w, grid)
+    if len(grids) == 1:  # the single-grid layout of earlier result files
+        figures.update(figures.pop("grids")[f"{grids[0][0]}x{grids[0][1]}"])
+    else:
+        print("forward+backward per grid point (us):")
+        for key, grid in figures["grids"].items():
+            torch_us = grid.get("torch_forward_backward_us_per_point")
+            print(
+                f"  {key:>9}: JAX {grid['jax_forward_backward_us_per_point']:6.1f}"
+                + (f", PyTorch {torch_us:6.1f}" if torch_us is not None else "")
+            )
     print(
         f"floor = XLA's FLOP count / the float32 matmul peak of this device "
         f"({peak / 1e9:.0f} GFLOP/s, 4096^2): the time a float32 implementation cannot beat on it."
-    )
-    print(
-        f"JAX compilation (one-off): forward {jax_t['forward_compile']:.1f}s, "
-        f"forward+backward {jax_t['forward_backward_compile']:.1f}s; "
-        f"PyTorch threads: {torch_t['threads']}"
     )
     results.write("model_step", args, figures, extra_versions=torch_versions)
 
