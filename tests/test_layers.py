@@ -39,13 +39,15 @@ def test_normalize_keeps_bfloat16_inputs_and_gradients() -> None:
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_dense_gradients_match_automatic_differentiation(dtype) -> None:
-    """Dense's hand-written weight gradient (a transposed copy on CPU) against `lax.dot_general`
+@pytest.mark.parametrize("features_in,features_out", [(24, 40), (40, 24)])
+def test_dense_gradients_match_automatic_differentiation(dtype, features_in, features_out) -> None:
+    """Dense's hand-written weight gradient (on CPU a product with the narrower operand
+    transposed: the input when widening, the gradient when narrowing) against `lax.dot_general`
     differentiated by JAX, for tokens with two leading axes."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 24), dtype)
-    cotangent = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 40), dtype)
-    ours = Dense(40, precision="highest", dtype=dtype)
-    derived = Dense(40, precision="highest", dtype=dtype, dot_general=jax.lax.dot_general)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, features_in), dtype)
+    cotangent = jax.random.normal(jax.random.PRNGKey(1), (2, 7, features_out), dtype)
+    ours = Dense(features_out, precision="highest", dtype=dtype)
+    derived = Dense(features_out, precision="highest", dtype=dtype, dot_general=jax.lax.dot_general)
     params = ours.init(jax.random.PRNGKey(2), x)["params"]
     params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias too
     y, vjp = jax.vjp(lambda p, x: ours.apply({"params": p}, x), params, x)

@@ -135,8 +135,13 @@ def _linear_bwd(
     rows, grad_rows = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
 
     def transposed_first(a: jax.Array, b: jax.Array) -> jax.Array:
-        # The barrier keeps XLA from folding the transpose back into the contraction.
-        return jax.lax.dot(jax.lax.optimization_barrier(a.T), b, precision=precision)
+        # Transpose the narrower operand (for fc2 of an MLP, the gradient rather than the hidden
+        # layer) and, when that is the gradient, the weight-sized product after. The barriers
+        # keep XLA from folding the transposes back into the contraction.
+        barrier = jax.lax.optimization_barrier
+        if a.shape[1] <= b.shape[1]:
+            return jax.lax.dot(barrier(a.T), b, precision=precision)
+        return barrier(jax.lax.dot(barrier(b.T), a, precision=precision)).T
 
     def contracted_leading(a: jax.Array, b: jax.Array) -> jax.Array:
         return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision)

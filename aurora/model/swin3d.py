@@ -225,8 +225,10 @@ class WindowAttention(nn.Module):
             qkv = qkv + lora(x, rollout_step)
         Bw, N, _ = x.shape
         head_dim = self.dim // self.num_heads
-        qkv = qkv.reshape(Bw, N, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (B * nW, H, N, d)
+        # Each of q, k, v is sliced and transposed to (B * nW, H, N, d) in one copy; transposing
+        # the whole qkv first and slicing it after costs a second pass over it, both ways.
+        qkv = qkv.reshape(Bw, N, 3, self.num_heads, head_dim)
+        q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
 
         if mask is None:
             out = dot_product_attention(q, k, v, precision=self.precision)
