@@ -257,7 +257,9 @@ def test_sigkill_between_checkpoints_then_rerun_matches_an_uninterrupted_run(job
     job.kill()
     assert job.finish() == -signal.SIGKILL
     assert _steps(workdir) == [3]
-    assert max(s for s, _ in _losses(workdir / "metrics.csv")) == 5, (
+    # rows are recorded a step late (the Trainer fetches metrics once the next step is queued),
+    # so step 4's row is on disk while step 5 holds: a row past the checkpoint, to be dropped
+    assert max(s for s, _ in _losses(workdir / "metrics.csv")) == 4, (
         "rows after the checkpoint are on disk"
     )
 
