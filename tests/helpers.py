@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,3 +67,29 @@ def random_batch(
             atmos_levels=levels,
         ),
     )
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_main(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run `main.py` as a user would (no PYTHONPATH, no simulated devices); fail on a non-zero exit.
+
+    Args:
+        *args: Its command-line flags.
+        cwd: The working directory.
+
+    Returns:
+        The finished process, with stdout and stderr as text.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result

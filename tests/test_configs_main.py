@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flax import traverse_util
 
+from tests.helpers import run_main
 from trainers.checkpointing import load_params
 from trainers.strategies.trainable import is_lora_path
 
@@ -41,24 +39,13 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _main(config: str, workdir: Path, data_dir: Path, *overrides: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "main.py"),
-            f"--config={ROOT / 'configs' / config}",
-            f"--workdir={workdir}",
-            f"--config.data.builder_config.data_dir={data_dir}",
-            *SMALL,
-            *overrides,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    result = run_main(
+        f"--config={ROOT / 'configs' / config}",
+        f"--workdir={workdir}",
+        f"--config.data.builder_config.data_dir={data_dir}",
+        *SMALL,
+        *overrides,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
 
 

@@ -6,9 +6,7 @@ function and `SourceBuilder` builders, `config.imports`, the multi-host build gu
 from __future__ import annotations
 
 import csv
-import os
 import re
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -29,6 +27,7 @@ from data_builders.registry import (
     register_builder,
     unregister_builder,
 )
+from tests.helpers import run_main
 from trainers import run as run_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,27 +287,17 @@ def test_main_trains_on_a_builder_registered_outside_the_library(tmp_path) -> No
     module = tmp_path / "my_builders.py"
     module.write_text(USER_MODULE)
     workdir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "main.py"),
-            f"--config={ROOT / 'configs' / 'demo.py'}",
-            f"--workdir={workdir}",
-            f"--config.imports=({str(module)!r},)",
-            "--config.data.builder=user_sample",
-            "--config.trainer.max_steps=2",
-            "--config.trainer.val_check_interval=2",
-            "--config.trainer.log_every_n_steps=1",
-            "--config.callbacks.checkpoint.every_n_steps=2",
-        ],
+    run_main(
+        f"--config={ROOT / 'configs' / 'demo.py'}",
+        f"--workdir={workdir}",
+        f"--config.imports=({str(module)!r},)",
+        "--config.data.builder=user_sample",
+        "--config.trainer.max_steps=2",
+        "--config.trainer.val_check_interval=2",
+        "--config.trainer.log_every_n_steps=1",
+        "--config.callbacks.checkpoint.every_n_steps=2",
         cwd=tmp_path,  # neither the repository nor the module's folder is the working directory
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert (workdir / "checkpoints" / "2").is_dir()
     with open(workdir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import os
-import subprocess
-import sys
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import run_main
 from tests.test_zarr_source import LAT, _dataset, _write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,16 +89,7 @@ def _train(tmp_path: Path, url: str) -> Path:
     config = tmp_path / "zarr_config.py"
     config.write_text(CONFIG.format(url=url))
     workdir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "main.py"), f"--config={config}", f"--workdir={workdir}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run_main(f"--config={config}", f"--workdir={workdir}")
     return workdir
 
 
