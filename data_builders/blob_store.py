@@ -40,9 +40,7 @@ __all__ = [
     "BlobStore",
     "ChunkIndex",
     "bin_start",
-    "field_stats",
     "identity",
-    "merge_stats",
     "source_stamps",
 ]
 
@@ -75,29 +73,6 @@ class ChunkIndex:
     levels: list[float]
     units: dict[str, str]
     sources: list[list[Any]]  # [path, size, mtime_ns]
-
-
-def field_stats(fields: Sequence[np.ndarray]) -> np.ndarray:
-    """(count, mean, M2) of each field in float64: one row of a chunk's statistics."""
-    out = np.empty((len(fields), 3), np.float64)
-    for i, field in enumerate(fields):
-        x = np.asarray(field, np.float64)
-        mean = float(x.mean()) if x.size else 0.0
-        out[i] = x.size, mean, float(np.square(x - mean).sum()) if x.size else 0.0
-    return out
-
-
-def merge_stats(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-time (count, mean, M2) rows ``(times, keys, 3)`` -> count, mean, std per key.
-
-    The exact pooled formula (float64), the same for any chunking of the times: the total mean
-    is the count-weighted mean, M2 adds each part's M2 and its spread around the total mean.
-    """
-    n, mean, m2 = rows[..., 0], rows[..., 1], rows[..., 2]
-    total = n.sum(axis=0)
-    pooled = (n * mean).sum(axis=0) / np.maximum(total, 1)
-    spread = m2.sum(axis=0) + (n * np.square(mean - pooled)).sum(axis=0)
-    return total, pooled, np.sqrt(np.maximum(spread, 0.0) / np.maximum(total, 1))
 
 
 def source_stamps(paths: Iterable[str]) -> list[list[Any]]:
@@ -168,7 +143,7 @@ class BlobStore:
 
         Args:
             start: The chunk's aligned start (seconds).
-            records: (time, encoded blob, `field_stats` row over `stat_keys`) triples.
+            records: (time, encoded blob, `stats.field_stats` row over `stat_keys`) triples.
             stat_keys: The statistics keys, in row order.
             lat, lon, levels, units: The grid and units of the fields.
             sources: `source_stamps` of the files read.

@@ -41,9 +41,7 @@ from data_builders.blob_store import (
     BlobStore,
     ChunkIndex,
     bin_start,
-    field_stats,
     identity,
-    merge_stats,
     source_stamps,
 )
 from data_builders.readers import (
@@ -56,7 +54,7 @@ from data_builders.readers import (
     regrid,
     valid_times,
 )
-from data_builders.stats import RunningStats, stat_key
+from data_builders.stats import RunningStats, field_stats, merge_stats, stat_key
 
 __all__ = [
     "AURORA_LEVELS",

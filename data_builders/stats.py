@@ -15,18 +15,45 @@ table).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from aurora.normalisation import level_to_str
 
-__all__ = ["RunningStats", "stat_key"]
+__all__ = ["RunningStats", "field_moments", "field_stats", "merge_stats", "stat_key"]
 
 
 def stat_key(name: str, level: float | None = None) -> str:
     """The statistics key of a variable (and level): the same keys as Aurora's table."""
     return name if level is None else f"{name}_{level_to_str(level)}"
+
+
+def field_moments(field: np.ndarray) -> tuple[int, float, float]:
+    """(count, mean, M2) of one field in float64: what every statistic here is merged from."""
+    x = np.asarray(field, dtype=np.float64)
+    if x.size == 0:
+        return 0, 0.0, 0.0
+    mean = float(x.mean())
+    return x.size, mean, float(np.square(x - mean).sum())
+
+
+def field_stats(fields: Sequence[np.ndarray]) -> np.ndarray:
+    """`field_moments` of each field: one time's row of a built chunk's statistics."""
+    return np.asarray([field_moments(f) for f in fields], np.float64).reshape(len(fields), 3)
+
+
+def merge_stats(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-time (count, mean, M2) rows ``(times, keys, 3)`` -> count, mean, std per key.
+
+    The exact pooled formula (float64), the same for any chunking of the times: the total mean
+    is the count-weighted mean, M2 adds each part's M2 and its spread around the total mean.
+    """
+    n, mean, m2 = rows[..., 0], rows[..., 1], rows[..., 2]
+    total = n.sum(axis=0)
+    pooled = (n * mean).sum(axis=0) / np.maximum(total, 1)
+    spread = m2.sum(axis=0) + (n * np.square(mean - pooled)).sum(axis=0)
+    return total, pooled, np.sqrt(np.maximum(spread, 0.0) / np.maximum(total, 1))
 
 
 class RunningStats:
@@ -39,12 +66,9 @@ class RunningStats:
 
     def add_field(self, key: str, field: np.ndarray) -> None:
         """Merge one field (any shape; all its values count) into the statistics of `key`."""
-        x = np.asarray(field, dtype=np.float64)
-        n_b = x.size
+        n_b, mean_b, m2_b = field_moments(field)
         if n_b == 0:
             return
-        mean_b = float(x.mean())
-        m2_b = float(np.square(x - mean_b).sum())
         n_a = self._n.get(key, 0)
         if n_a == 0:
             self._n[key], self._mean[key], self._m2[key] = n_b, mean_b, m2_b
