@@ -18,6 +18,7 @@ import xarray as xr
 from aurora.batch import Batch
 from data_builders.pipeline import WeatherSource
 from data_builders.readers import open_dataset
+from tests.test_evaluation import LastState
 from trainers import evaluation
 from trainers.evaluation import climatology as clim_mod
 
@@ -27,11 +28,8 @@ NATL = DATA / "hres_an_sfc_pl_20160925-20161001_12h_10deg_natlantic.nc"
 HOUR = 3600
 
 
-class Persist:
+class Persist(LastState):
     """A stand-in model: forecasts its newest input state (so its scores are persistence's)."""
-
-    static_vars = ()
-    patch_size = 2
 
     def __init__(self, surf: tuple[str, ...], atmos: tuple[str, ...], hours: int) -> None:
         self.surf_vars, self.atmos_vars, self.timestep_minutes = surf, atmos, hours * 60
@@ -39,16 +37,7 @@ class Persist:
 
     def apply(self, variables: Any, batch: Batch) -> Batch:
         self.calls += 1  # counts traces under jit
-        last = lambda d: {k: v[:, -1:] for k, v in d.items()}
-        meta = batch.metadata
-        return Batch(
-            surf_vars=last(batch.surf_vars),
-            static_vars={},
-            atmos_vars=last(batch.atmos_vars),
-            metadata=meta.replace(
-                time=meta.time + self.timestep_minutes, rollout_step=meta.rollout_step + 1
-            ),
-        )
+        return super().apply(variables, batch)
 
 
 class CountingRecords:
