@@ -224,6 +224,46 @@ def test_the_trainer_leaves_the_given_strategy_unchanged(lora_model, tmp_path) -
     assert configured.remat and configured.steps == 1
 
 
+@pytest.mark.parametrize(
+    ("mode", "steps", "train_base", "trained_adapters"),
+    [
+        # Rollout step 0 runs without the adapter: the 1-step loss leaves it alone while the
+        # base, trained here, shows that the update did happen.
+        ("from_second", 1, True, set()),
+        ("from_second", 2, False, {0}),  # step 2's call uses the one adapter
+        ("all", 2, False, {0, 1}),  # step k trains adapter k - 1; adapters 2, 3 stay
+    ],
+)
+def test_lora_modes_train_the_adapters_of_the_rollout_steps_they_serve(
+    mode, steps, train_base, trained_adapters, tmp_path
+) -> None:
+    """`from_second` and `all` trained through `LoRAStrategy(RolloutStrategy)` and the Trainer:
+    per leaf, the adapters (leading axis) that moved are those the rollout's steps apply."""
+    model = tiny_model(use_lora=True, lora_mode=mode, lora_steps=4)
+    initial = _flat(_perturbed(model, _example(model, 0)[0], adapters=True))
+    strategy = LoRAStrategy(
+        RolloutStrategy(model, steps=steps, backprop="all", remat=False),
+        train_base=train_base,
+        base_learning_rate=BASE_LR,
+    )
+    trainer = _fit(strategy, traverse_util.unflatten_dict(initial), 2, tmp_path)
+    after = _flat(trainer.state.params)
+    lora = [k for k in initial if is_lora_path(k)]
+    assert lora and {initial[k].shape[0] for k in lora} == {4 if mode == "all" else 1}
+    for k in lora:
+        moved = {
+            i for i in range(initial[k].shape[0]) if not np.array_equal(after[k][i], initial[k][i])
+        }
+        assert moved == trained_adapters, f"{'/'.join(k)}: adapters {sorted(moved)} moved"
+    base_moved = [
+        k for k in initial if not is_lora_path(k) and not np.array_equal(after[k], initial[k])
+    ]
+    if train_base:
+        assert base_moved, "the base trains (so the step did update the parameters)"
+    else:
+        assert not base_moved, f"frozen base parameters moved: {base_moved[:3]}"
+
+
 def test_pretrained_params_without_adapters_get_fresh_ones(lora_model) -> None:
     plain = tiny_model(use_lora=False)
     inputs = _example(plain, 0)[0]
