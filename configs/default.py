@@ -28,6 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.imports = ()
 
     # --- model: a microsoft-aurora preset name plus overrides of its arguments --------------------
+    # or "package.module:Factory": any Flax module with Aurora's Batch -> Batch interface
+    # (trainers/models.py; examples/tiny_model.py), built with `kwargs`
     config.model = ml_collections.ConfigDict()
     config.model.preset = (
         "AuroraPretrained"  # Aurora | AuroraPretrained | AuroraSmallPretrained | ...
@@ -84,8 +86,14 @@ def get_config() -> ml_collections.ConfigDict:
         False  # True: traced window that GradStop's schedule changes (full backward cost)
     )
 
-    # --- loss (paper Suppl. D.1), on normalised variables -----------------------------------------
+    # --- loss, on normalised variables (trainers/loss.py) -----------------------------------------
     config.loss = ml_collections.ConfigDict()
+    # "aurora" (the paper's weighted MAE, Suppl. D.1, weighted by the fields below), "lat_mae",
+    # "lat_mse" (latitude-weighted), or "package.module:function" (trainers.loss.LossFn)
+    config.loss.name = "aurora"
+    config.loss.kwargs = ml_collections.ConfigDict()  # the loss's keyword arguments
+    config.loss.lead_weights = ()  # one weight per rollout step; (): the steps' plain mean
+    # "aurora"'s keyword arguments (config.loss.kwargs overrides them)
     config.loss.alpha = 0.25
     config.loss.beta = 1.0
     config.loss.gamma = 2.0  # dataset weight: ERA5 2.0, others 1.0
@@ -98,6 +106,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- optimiser --------------------------------------------------------------------------------
     config.optimizer = ml_collections.ConfigDict()
+    # "adamw" (with b1, b2, weight_decay below), any optax optimiser ("sgd", "lion", ...) or
+    # "package.module:function", called as fn(learning_rate=schedule, **kwargs)
+    config.optimizer.name = "adamw"
+    config.optimizer.kwargs = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 3e-4
     config.optimizer.warmup_steps = 1000
     config.optimizer.schedule = "cosine"  # constant | cosine

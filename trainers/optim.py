@@ -1,14 +1,27 @@
-"""Optimiser and learning-rate schedule from config: AdamW with warm-up, then constant or cosine."""
+"""Optimiser and learning-rate schedule from config: warm-up, then constant or cosine decay.
+
+`config.optimizer.name` picks the optimiser: "adamw" (the default, with the config's `b1`, `b2`,
+`eps`, `weight_decay`), the name of any optax optimiser (`"sgd"`, `"lion"`, `"adafactor"`, ...), or
+`"package.module:function"`. Each is called as optax's are, `fn(learning_rate=schedule,
+**config.optimizer.kwargs)`, and must return an `optax.GradientTransformation`; clipping and
+gradient accumulation wrap it the same way whatever it is.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["make_optimizer", "make_schedule"]
+from trainers.names import import_object
+
+__all__ = ["ADAMW_FIELDS", "make_base_optimizer", "make_optimizer", "make_schedule"]
+
+ADAMW_FIELDS = {"b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
+"""`config.optimizer` fields that are "adamw"'s keyword arguments, with their defaults."""
 
 
 def make_schedule(config: Any, total_steps: int | None) -> optax.Schedule:
@@ -52,6 +65,46 @@ def make_schedule(config: Any, total_steps: int | None) -> optax.Schedule:
     return optax.join_schedules([warm_up, after], [warmup])
 
 
+def _optax_optimizer(name: str) -> Callable[..., optax.GradientTransformation] | None:
+    """optax's optimiser alias `name` (e.g. `optax.sgd`), or None if optax has no such function."""
+    fn = getattr(optax, name, None)
+    return fn if callable(fn) and not isinstance(fn, type) else None
+
+
+def make_base_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """The optimiser `config.name` names (default "adamw"), called with `learning_rate=schedule`.
+
+    Args:
+        config: `name`, `kwargs` (the optimiser's keyword arguments) and, for "adamw", the fields
+            of :data:`ADAMW_FIELDS` (`kwargs` wins over them).
+        schedule: the learning rate per step.
+
+    Returns:
+        The optimiser, before clipping and accumulation.
+
+    Raises:
+        ValueError: `name` is neither optax's nor an import path.
+    """
+    name = config.get("name") or "adamw"
+    kwargs = dict(config.get("kwargs") or {})
+    if name == "adamw":
+        kwargs = {k: float(config.get(k, v)) for k, v in ADAMW_FIELDS.items()} | kwargs
+    is_path = ":" in name or "." in name
+    factory = import_object(name) if is_path else _optax_optimizer(name)
+    if factory is None:
+        raise ValueError(
+            f"config.optimizer.name={name!r}: optax has no such optimiser; name one of optax's "
+            "(e.g. 'adamw', 'sgd', 'lion') or your own as 'package.module:function'."
+        )
+    tx = factory(learning_rate=schedule, **kwargs)
+    if not isinstance(tx, optax.GradientTransformation):
+        raise TypeError(
+            f"config.optimizer.name={name!r} returned {type(tx).__name__}, not an "
+            "optax.GradientTransformation."
+        )
+    return tx
+
+
 def make_optimizer(
     config: Any,
     total_steps: int | None,
@@ -59,13 +112,14 @@ def make_optimizer(
     gradient_clip_val: float | None = None,
     accumulate_grad_batches: int = 1,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (`b1`, `b2`, `eps`, `weight_decay` from config) behind optional global-norm clipping.
+    """The configured optimiser (`make_base_optimizer`) behind optional global-norm clipping.
 
     `accumulate_grad_batches > 1` wraps everything in `optax.MultiSteps`: gradients are averaged
     over that many micro-batches and the optimiser (and its schedule) steps once per group.
 
     Args:
-        config: the schedule's fields (`make_schedule`) and AdamW's.
+        config: the schedule's fields (`make_schedule`) and the optimiser's
+            (`make_base_optimizer`).
         total_steps: optimiser steps of the run, or None.
         gradient_clip_val: the global gradient norm to clip to, or None.
         accumulate_grad_batches: micro-batches per optimiser step.
@@ -74,13 +128,7 @@ def make_optimizer(
         The transformation and its learning-rate schedule.
     """
     schedule = make_schedule(config, total_steps)
-    tx = optax.adamw(
-        schedule,
-        b1=float(config.get("b1", 0.9)),
-        b2=float(config.get("b2", 0.999)),
-        eps=float(config.get("eps", 1e-8)),
-        weight_decay=float(config.get("weight_decay", 0.0)),
-    )
+    tx = make_base_optimizer(config, schedule)
     if gradient_clip_val:
         tx = optax.chain(optax.clip_by_global_norm(float(gradient_clip_val)), tx)
     if accumulate_grad_batches > 1:

@@ -7,6 +7,7 @@ notebooks call `run(config, workdir, mode)` directly.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,8 @@ from callbacks.progress import ProgressBar
 from callbacks.timer import Timer
 from callbacks.writers import make_writers
 from trainers import sharding
-from trainers.loss import LossConfig
+from trainers.loss import Loss
+from trainers.names import resolve
 from trainers.strategies.base import Strategy
 from trainers.strategies.lora import LoRAStrategy
 from trainers.strategies.replay import ReplayStrategy
@@ -40,6 +42,7 @@ __all__ = [
     "STRATEGIES",
     "build_callbacks",
     "build_data",
+    "build_loss",
     "build_model",
     "build_strategy",
     "import_modules",
@@ -63,12 +66,12 @@ CALLBACKS: dict[str, type[Callback]] = {
 
 
 def _lora(
-    model: aurora.Aurora, *, inner: str = "rollout", loss: LossConfig | None = None, **kwargs: Any
+    model: Any, *, inner: str = "rollout", loss: Loss | None = None, **kwargs: Any
 ) -> Strategy:
     """`strategy.name="lora"`: LoRA around `strategy.inner` (train_base / learning rates stay here,
     every other field goes to the inner strategy)."""
     return LoRAStrategy.wrapping(
-        STRATEGIES.get(inner) or _import(inner), model, loss=loss, **kwargs
+        resolve(inner, STRATEGIES, "config.strategy.inner"), model, loss=loss, **kwargs
     )
 
 
@@ -88,42 +91,62 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _import(path: str) -> Any:
-    module, _, name = path.partition(":")
-    if not name:
-        module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+def _extra_stats(data_stats: dict[str, Any] | None) -> dict[str, tuple[float, float]]:
+    """The dataset's statistics of variables outside Aurora's normalisation table."""
+    table = aurora_stats()
+    return {k: tuple(v) for k, v in (data_stats or {}).items() if k not in table}
+
+
+def _takes(factory: Any, name: str) -> bool:
+    """Whether `factory` accepts the keyword argument `name`."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def build_model(
     config: ml_collections.ConfigDict, data_stats: dict[str, tuple[float, float]] | None = None
-) -> aurora.Aurora:
-    """The preset with its overrides; dataset statistics fill in variables outside Aurora's
-    table."""
+) -> Any:
+    """The model `config.model.preset` names, built with `config.model.kwargs`.
+
+    The name is an Aurora preset (`aurora.PRESETS`) or "package.module:Factory" for any Flax
+    module with Aurora's `Batch -> Batch` interface (`trainers.models`). The dataset's statistics
+    of variables outside Aurora's table go to the factory's `surf_stats`, if it takes one.
+    Precision and rematerialisation are set later, by the Trainer (`config.trainer.precision`,
+    `remat`), through `trainers.models.configure_model`.
+    """
     kwargs = _plain(config.model.get("kwargs", {}))
-    table = aurora_stats()
-    extra = {k: tuple(v) for k, v in (data_stats or {}).items() if k not in table}
-    if extra:
+    factory = resolve(config.model.preset, aurora.PRESETS, "config.model.preset")
+    extra = _extra_stats(data_stats)
+    if extra and _takes(factory, "surf_stats"):
         kwargs["surf_stats"] = {**extra, **kwargs.get("surf_stats", {})}
-    if config.model.preset not in aurora.PRESETS:
-        raise ValueError(
-            f"Unknown model preset {config.model.preset!r}; choose from {sorted(aurora.PRESETS)}."
-        )
-    return aurora.PRESETS[config.model.preset](**kwargs)
+    return factory(**kwargs)
 
 
-def build_strategy(config: ml_collections.ConfigDict, model: aurora.Aurora) -> Strategy:
-    loss = LossConfig(
-        surf_weights=dict(config.loss.surf_weights),
-        atmos_weights=_plain(config.loss.atmos_weights),
-        alpha=config.loss.alpha,
-        beta=config.loss.beta,
-        gamma=config.loss.gamma,
-    )
+def build_loss(config: ml_collections.ConfigDict) -> Loss:
+    """The loss `config.loss` names (`trainers.loss.Loss.from_config`)."""
+    return Loss.from_config(_plain(config.loss))
+
+
+def build_strategy(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    data_stats: dict[str, tuple[float, float]] | None = None,
+) -> Strategy:
+    """The strategy `config.strategy` names, with the loss of `config.loss`.
+
+    A model without `surf_stats` (not Aurora) gets the dataset's statistics of variables outside
+    Aurora's table as the strategy's `stats`, so the loss can normalise them.
+    """
     kwargs = _plain(config.strategy)
     name = kwargs.pop("name")
-    cls = STRATEGIES.get(name) or _import(name)
-    strategy = cls(model, loss=loss, **kwargs)
+    cls = resolve(name, STRATEGIES, "config.strategy.name")
+    extra = _extra_stats(data_stats)
+    if extra and getattr(model, "surf_stats", None) is None:
+        kwargs.setdefault("stats", extra)
+    strategy = cls(model, loss=build_loss(config), **kwargs)
     step_hours = getattr(strategy, "step_hours", config.data.step_hours)
     if float(step_hours) != float(config.data.step_hours):
         raise ValueError(
@@ -138,7 +161,7 @@ def build_callbacks(config: ml_collections.ConfigDict, workdir: Path) -> list[Ca
     for key, spec in _plain(config.get("callbacks", {})).items():
         spec = dict(spec)
         kind = spec.pop("type", key)
-        cls = CALLBACKS.get(kind) or _import(kind)
+        cls = resolve(kind, CALLBACKS, "callback type")
         callbacks.append(cls(**spec))
     return callbacks
 
@@ -467,7 +490,7 @@ def run(
     import_modules(config.get("imports", ()))
     data = build_data(config, workdir, rollout_steps=config.strategy.steps)
     model = build_model(config, data["stats"])
-    strategy = build_strategy(config, model)
+    strategy = build_strategy(config, model, data["stats"])
     trainer = Trainer(
         strategy,
         optimizer=config.optimizer,

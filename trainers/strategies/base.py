@@ -26,8 +26,8 @@ import optax
 from flax import traverse_util
 
 from aurora.batch import Batch
-from aurora.model.aurora import Aurora
-from trainers.loss import LossConfig, aurora_loss
+from trainers.loss import Loss, LossConfig, LossFn
+from trainers.models import configure_model, patch_size
 from trainers.state import TrainState
 from trainers.strategies.trainable import Trainable, TrainableSpec, is_lora_path
 
@@ -99,8 +99,10 @@ class Strategy:
     """Base strategy: one-step prediction of the first target. Subclasses override `loss_fn`.
 
     Args:
-        model: the Aurora model.
-        loss: the loss weights (default `LossConfig()`).
+        model: the model: Aurora, or any Flax module with its `Batch -> Batch` interface (see
+            `trainers.models`).
+        loss: the loss: a `trainers.loss.Loss`, a loss function, or Aurora's loss weights
+            (`LossConfig`); default Aurora's loss with the paper's weights.
         stats: normalisation statistics beyond Aurora's table (default the model's `surf_stats`).
         trainable: which parameters train: "all" (default), "lora" (the adapters only), a
             predicate over parameter paths, or a `Trainable` (e.g. `Trainable.lora(1e-4,
@@ -109,16 +111,15 @@ class Strategy:
 
     def __init__(
         self,
-        model: Aurora,
-        loss: LossConfig | None = None,
+        model: Any,
+        loss: Loss | LossConfig | LossFn | None = None,
         stats: dict[str, tuple[float, float]] | None = None,
         trainable: TrainableSpec = "all",
     ):
         self.model = model
-        self.loss_config = loss or LossConfig()
-        self.stats = (
-            stats if stats is not None else (dict(model.surf_stats) if model.surf_stats else None)
-        )
+        self.loss = Loss.of(loss)
+        model_stats = getattr(model, "surf_stats", None)
+        self.stats = stats if stats is not None else (dict(model_stats) if model_stats else None)
         self.trainable = self._checked_trainable(trainable)
 
     # --- configured copies ------------------------------------------------------------------------
@@ -152,13 +153,11 @@ class Strategy:
 
         Returns:
             A strategy of the same class; this one is left unchanged.
+
+        Raises:
+            ValueError: the model cannot take what was asked (`trainers.models.configure_model`).
         """
-        model = self.model.clone(
-            autocast=precision == "bf16-mixed",
-            remat=remat != "none",
-            remat_stages=remat in ("stages", "all"),
-        )
-        return self._replace(model=model)
+        return self._replace(model=configure_model(self.model, precision=precision, remat=remat))
 
     # --- host side --------------------------------------------------------------------------------
     def init_params(self, rng: jax.Array, inputs: Batch) -> Any:
@@ -245,7 +244,8 @@ class Strategy:
     def crop(self, batch: tuple[Batch, Batch]) -> tuple[Batch, Batch]:
         """Drop a surplus latitude row (721 -> 720) from inputs and targets, as the model does."""
         inputs, targets = batch
-        return inputs.crop(self.model.patch_size), targets.crop(self.model.patch_size)
+        size = patch_size(self.model)
+        return inputs.crop(size), targets.crop(size)
 
     def predict(self, params: Any, batch: Batch) -> Batch:
         """One model step from `batch` (fields `(b, 2, ...)`): the next state, `(b, 1, ...)`."""
@@ -266,8 +266,8 @@ class Strategy:
             The loss (a scalar) and named metrics (scalars; host-bound arrays under `OUTPUTS`).
         """
         first = jax.tree_util.tree_map(lambda x: x[0], targets)
-        loss, terms = aurora_loss(self.predict(params, inputs), first, self.loss_config, self.stats)
-        return loss, terms
+        loss, terms = self.loss(self.predict(params, inputs), first, self.stats)
+        return self.loss.over_leads(loss[None]), terms
 
     def train_step(
         self,

@@ -26,7 +26,7 @@ import numpy as np
 from aurora.batch import Batch
 from aurora.model.aurora import Aurora
 from trainers.data import Example
-from trainers.loss import LossConfig, aurora_loss
+from trainers.loss import Loss, LossConfig, LossFn
 from trainers.strategies.base import OUTPUTS, Metrics, Strategy
 from trainers.strategies.trainable import TrainableSpec
 
@@ -145,7 +145,7 @@ class ReplayStrategy(Strategy):
         step_hours: the model's time step (must match the data's).
         seed: seed of the sampling RNG (checkpointed with the buffer).
         steps: the data's rollout targets; replay needs just one (the config's `strategy.steps`).
-        loss: the loss weights.
+        loss: the loss (a `Loss`, a loss function or Aurora's weights, see `Strategy`).
         stats: normalisation statistics beyond Aurora's table.
         trainable: which parameters train: "all" (default), "lora" (the adapters only, as in the
             paper's replay fine-tuning), a path predicate or a `Trainable`.
@@ -160,11 +160,16 @@ class ReplayStrategy(Strategy):
         step_hours: float = 6,
         seed: int = 0,
         steps: int = 1,
-        loss: LossConfig | None = None,
+        loss: Loss | LossConfig | LossFn | None = None,
         stats: dict[str, tuple[float, float]] | None = None,
         trainable: TrainableSpec = "all",
     ):
         super().__init__(model, loss, stats, trainable)
+        if self.loss.lead_weights:
+            raise ValueError(
+                "loss.lead_weights weigh the steps of a rollout; replay makes one step per update "
+                "from entries of mixed leads: leave lead_weights empty."
+            )
         if steps != 1:
             raise ValueError(
                 "ReplayStrategy makes one model step per update; set strategy.steps=1, "
@@ -398,7 +403,7 @@ class ReplayStrategy(Strategy):
         """
         pred = self.predict(params, inputs)
         target = jax.tree_util.tree_map(lambda x: x[0], targets)
-        loss, terms = aurora_loss(pred, target, self.loss_config, self.stats)
+        loss, terms = self.loss(pred, target, self.stats)
         lead = jnp.asarray(pred.metadata.rollout_step, jnp.float32) * self.step_hours
         outputs = jax.lax.stop_gradient(
             {

@@ -20,9 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from aurora.batch import Batch
-from aurora.model.aurora import Aurora
 from aurora.rollout import advance_batch
-from trainers.loss import LossConfig, aurora_loss
+from trainers.loss import Loss, LossConfig, LossFn
 from trainers.strategies.base import Metrics, Strategy
 from trainers.strategies.trainable import TrainableSpec
 
@@ -44,12 +43,13 @@ class RolloutStrategy(Strategy):
     """Train on K-step rollouts against K targets; see the module docstring.
 
     Args:
-        model: the Aurora model.
+        model: the model (Aurora, or any Flax module with its `Batch -> Batch` interface).
         steps: K, the rollout's model calls (the batch must hold at least K targets).
         backprop: the gradient window: "all" (K), "last_k" (`k`) or "pushforward" (1).
         k: the window for `backprop="last_k"`.
-        average_loss: average the K step losses (else only the last one counts).
-        loss: the loss weights.
+        average_loss: average the K step losses, weighted by the loss's `lead_weights` if it has
+            them (else only the last one counts).
+        loss: the loss (a `Loss`, a loss function or Aurora's weights, see `Strategy`).
         stats: normalisation statistics beyond Aurora's table.
         remat: rematerialise each rollout step (activations of one step in memory).
         curriculum: make the window a traced control (`GradStop` changes it without recompiling).
@@ -58,12 +58,12 @@ class RolloutStrategy(Strategy):
 
     def __init__(
         self,
-        model: Aurora,
+        model: Any,
         steps: int = 1,
         backprop: Backprop = "all",
         k: int = 1,
         average_loss: bool = True,
-        loss: LossConfig | None = None,
+        loss: Loss | LossConfig | LossFn | None = None,
         stats: dict[str, tuple[float, float]] | None = None,
         remat: bool = True,
         curriculum: bool = False,
@@ -76,6 +76,12 @@ class RolloutStrategy(Strategy):
             )
         if steps < 1 or not 1 <= k <= steps:
             raise ValueError(f"Need steps >= 1 and 1 <= k <= steps (steps={steps}, k={k}).")
+        self.loss.check_steps(steps)
+        if self.loss.lead_weights and not average_loss:
+            raise ValueError(
+                "loss.lead_weights weigh the steps' losses, average_loss=False keeps only the "
+                "last one: use lead_weights (0, ..., 0, 1) instead."
+            )
         self.steps = steps
         self.backprop = backprop
         self.k = k
@@ -108,7 +114,7 @@ class RolloutStrategy(Strategy):
         ) -> tuple[Batch, tuple[jax.Array, Metrics]]:
             i, target = xs
             pred = self.predict(params, batch)
-            loss, terms = aurora_loss(pred, target, self.loss_config, self.stats)
+            loss, terms = self.loss(pred, target, self.stats)
             return detach(i, advance_batch(batch, pred)), (loss, terms)
 
         body = jax.checkpoint(step) if self.remat else step
@@ -158,10 +164,11 @@ class RolloutStrategy(Strategy):
     def loss_fn(
         self, params: Any, inputs: Batch, targets: Batch, controls: dict[str, Any]
     ) -> tuple[jax.Array, Metrics]:
-        """The mean (or last) step loss, metrics averaged over steps and `loss/step<i>` per step."""
+        """The (`lead_weights`-) mean or the last step loss, metrics averaged over steps and
+        `loss/step<i>` per step."""
         window = controls.get("grad_window", self.window)
         losses, terms = self.rollout_losses(params, inputs, targets, window)
-        loss = jnp.mean(losses) if self.average_loss else losses[-1]
+        loss = self.loss.over_leads(losses) if self.average_loss else losses[-1]
         metrics = {name: jnp.mean(values) for name, values in terms.items()}
         metrics |= (
             {f"loss/step{i + 1}": losses[i] for i in range(self.steps)} if self.steps > 1 else {}
