@@ -4,7 +4,8 @@ connector); storage is an Orbax `CheckpointManager` that the caller owns.
 A checkpoint is one step of the manager with the items :data:`ITEMS`: `state` (the whole
 `TrainState`), `meta` (JSON: global step, data-iterator position, every callback's
 `state_dict()`, the strategy's host state, the run's config and the model's signature) and, when
-the strategy has host arrays (e.g. a replay buffer), `strategy`.
+the strategy has host arrays, `strategy`. What differs between processes (e.g. each one's replay
+buffer) each process writes beside the checkpoint (`Strategy.save_process_state`).
 
 Restoring takes the latest checkpoint that reads back, onto the current state's shardings (so a
 run may resume on a different mesh). A damaged checkpoint is reported and moved aside to
@@ -224,7 +225,12 @@ class CheckpointConnector:
         if arrays:
             items["strategy"] = ocp.args.PyTreeSave(arrays)
         args = ocp.args.Composite(**items)
-        return manager.save(trainer.global_step, args=args, metrics=metrics, force=force)
+        directory, step = Path(manager.directory), trainer.global_step
+        trainer.strategy.save_process_state(directory, step)  # each process its own, first
+        saved = manager.save(step, args=args, metrics=metrics, force=force)
+        kept = {*manager.all_steps(), *([step] if saved else [])}
+        trainer.strategy.prune_process_state(directory, kept)
+        return saved
 
     # --- restoring ------------------------------------------------------------------------------
     def restore_latest(self, manager: ocp.CheckpointManager) -> dict[str, Any] | None:
@@ -352,6 +358,7 @@ class CheckpointConnector:
         if (path / "strategy").exists():
             items["strategy"] = ocp.args.PyTreeRestore()  # numpy arrays, as saved
         restored = manager.restore(step, args=ocp.args.Composite(**items))
+        trainer.strategy.load_process_state(path.parent, step, meta.get("strategy") or {})
         return {
             "meta": meta,
             "state": restored["state"],

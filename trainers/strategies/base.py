@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import jax
@@ -239,6 +240,20 @@ class Strategy:
 
     def load_array_state(self, arrays: dict[str, Any]) -> None:
         pass
+
+    def save_process_state(self, directory: Path, step: int) -> None:
+        """Write this process's own host state for checkpoint `step` of the checkpoint folder
+        `directory`, before the checkpoint itself is written; every process calls it (e.g. one
+        replay buffer per process, where `state_dict` and `array_state` hold process 0's only)."""
+
+    def prune_process_state(self, directory: Path, steps: Iterable[int]) -> None:
+        """Forget what `save_process_state` wrote into `directory` for steps other than `steps`
+        (the checkpoints it still holds)."""
+
+    def load_process_state(self, directory: Path, step: int, shared: dict[str, Any]) -> None:
+        """Read this process's host state of checkpoint `step` of `directory` (`shared`: the
+        checkpoint's `state_dict()`); raising makes the restore fall back to an older
+        checkpoint."""
 
     # --- pure, jitted by the trainer --------------------------------------------------------------
     def crop(self, batch: tuple[Batch, Batch]) -> tuple[Batch, Batch]:

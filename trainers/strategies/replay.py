@@ -10,13 +10,17 @@ A fresh dataset batch enters every `refresh_every` updates; the buffer is first-
 
 Rows may come from different rollout steps, and LoRA's adapter depends on the step, so `predict`
 applies the model row by row (`jax.vmap`). Buffer, RNG and update counter are checkpointed, so a
-resumed run continues identically.
+resumed run continues identically; in a run of several processes each process samples, keeps and
+checkpoints its own buffer (of its own rows of the global batch). How the buffer stores its states
+(shared between entries, uint16 by default, optionally spilled to disk, checkpointed
+incrementally) is `trainers.strategies.replay_buffer`'s business.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -27,111 +31,37 @@ from aurora.batch import Batch
 from aurora.model.aurora import Aurora
 from trainers.data import Example
 from trainers.loss import Loss, LossConfig, LossFn
+from trainers.sharding import BATCH_AXES
 from trainers.strategies.base import OUTPUTS, Metrics, Strategy
+from trainers.strategies.replay_buffer import Entry, ReplayBuffer
 from trainers.strategies.trainable import TrainableSpec
 
 __all__ = ["Entry", "ReplayBuffer", "ReplayStrategy"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One buffer entry: an input history and the time its prediction is scored at.
-
-    Fields are host numpy arrays without a batch dimension: `surf[v]` `(2, h, w)`,
-    `atmos[v]` `(2, levels, h, w)`. Times are minutes since 1970 (as `Metadata.time`).
-    """
-
-    surf: dict[str, np.ndarray]
-    atmos: dict[str, np.ndarray]
-    time: int
-    rollout_step: int
-    target_time: int
-
-    @property
-    def lead_steps(self) -> int:
-        """Model steps from the dataset state to this entry's prediction."""
-        return self.rollout_step + 1
-
-
-class ReplayBuffer:
-    """A first-in first-out buffer of `Entry`s with uniform sampling with replacement."""
-
-    def __init__(self, capacity: int):
-        if capacity < 1:
-            raise ValueError(f"The replay buffer needs capacity >= 1, not {capacity}.")
-        self.capacity = capacity
-        self.entries: list[Entry] = []
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def push(self, entry: Entry) -> None:
-        """Add `entry`, evicting the oldest entries beyond `capacity`."""
-        self.entries.append(entry)
-        del self.entries[: max(0, len(self.entries) - self.capacity)]
-
-    def sample(self, rng: np.random.Generator, n: int, max_lead_steps: int) -> list[Entry]:
-        """Draw entries uniformly with replacement among those within the lead-time cap.
-
-        Args:
-            rng: the sampling RNG (advanced).
-            n: entries to draw.
-            max_lead_steps: the cap on `Entry.lead_steps`.
-
-        Returns:
-            `n` entries.
-        """
-        eligible = [e for e in self.entries if e.lead_steps <= max_lead_steps]
-        if not eligible:
-            raise RuntimeError(
-                f"No replay entry within the lead-time cap of {max_lead_steps} steps."
-            )
-        return [eligible[i] for i in rng.integers(0, len(eligible), size=n)]
-
-    # --- checkpointing: an index in JSON, the fields as arrays ------------------------------------
-    def index(self) -> list[dict[str, int]]:
-        """The entries' times and rollout steps, JSON-serialisable, in buffer order."""
-        return [
-            {"time": e.time, "rollout_step": e.rollout_step, "target_time": e.target_time}
-            for e in self.entries
-        ]
-
-    def arrays(self) -> dict[str, Any]:
-        """The entries' fields stacked in buffer order: `{"surf": {v: (n, 2, h, w)}, "atmos":
-        {v: (n, 2, levels, h, w)}}` (empty for an empty buffer)."""
-        if not self.entries:
-            return {}
-        first = self.entries[0]
-        return {
-            "surf": {v: np.stack([e.surf[v] for e in self.entries]) for v in first.surf},
-            "atmos": {v: np.stack([e.atmos[v] for e in self.entries]) for v in first.atmos},
-        }
-
-    def restore(self, index: Sequence[dict[str, int]], arrays: dict[str, Any]) -> None:
-        """Replace the entries with those of a checkpoint (`index()` and `arrays()` output)."""
-        surf, atmos = arrays.get("surf", {}), arrays.get("atmos", {})
-        for name, stacked in [*surf.items(), *atmos.items()]:
-            if len(stacked) != len(index):
-                raise ValueError(
-                    f"Replay checkpoint: {len(stacked)} saved {name} fields for "
-                    f"{len(index)} entries."
-                )
-        self.entries = [
-            Entry(
-                surf={v: np.asarray(x[i]) for v, x in surf.items()},
-                atmos={v: np.asarray(x[i]) for v, x in atmos.items()},
-                time=int(e["time"]),
-                rollout_step=int(e["rollout_step"]),
-                target_time=int(e["target_time"]),
-            )
-            for i, e in enumerate(index)
-        ]
+log = logging.getLogger(__name__)
 
 
 def _rows(batch: Batch, group: str) -> list[dict[str, np.ndarray]]:
     fields = getattr(batch, group)
     n = len(np.asarray(batch.metadata.time).reshape(-1))
     return [{v: np.asarray(x[i]) for v, x in fields.items()} for i in range(n)]
+
+
+def _local_rows(trainer: Any, local: int, rows: int) -> np.ndarray:
+    """Which rows of a global batch of `rows` are this process's `local` rows, in its order.
+
+    The step's outputs hold the whole global batch; each process passed its own rows, which
+    `jax.make_array_from_process_local_data` placed on its devices' slices of the batch axis.
+    """
+    if local == rows:
+        return np.arange(rows)
+    sharding = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec(BATCH_AXES))
+    indices = sharding.addressable_devices_indices_map((rows,))
+    mine = sorted({i for (s,) in indices.values() for i in range(*s.indices(rows))})
+    if len(mine) != local:
+        raise ValueError(f"{local} replay rows on this process, which holds {len(mine)}/{rows}.")
+    return np.asarray(mine)
 
 
 class ReplayStrategy(Strategy):
@@ -149,6 +79,12 @@ class ReplayStrategy(Strategy):
         stats: normalisation statistics beyond Aurora's table.
         trainable: which parameters train: "all" (default), "lora" (the adapters only, as in the
             paper's replay fine-tuning), a path predicate or a `Trainable`.
+        buffer_dtype: how buffer states are stored: "uint16" (default: per-field linear codes,
+            error at most 1/131068 of each field's range), "bfloat16" or "float32" (exact); see
+            `trainers.strategies.replay_buffer`.
+        spill_dir: a local directory for buffer states beyond `buffer_ram_gb` (a directory per
+            process and buffer is made in it); None keeps them all in memory.
+        buffer_ram_gb: GB of buffer states kept in memory when spilling (default 0: all on disk).
     """
 
     def __init__(
@@ -163,6 +99,9 @@ class ReplayStrategy(Strategy):
         loss: Loss | LossConfig | LossFn | None = None,
         stats: dict[str, tuple[float, float]] | None = None,
         trainable: TrainableSpec = "all",
+        buffer_dtype: str = "uint16",
+        spill_dir: str | Path | None = None,
+        buffer_ram_gb: float | None = None,
     ):
         super().__init__(model, loss, stats, trainable)
         if self.loss.lead_weights:
@@ -192,13 +131,18 @@ class ReplayStrategy(Strategy):
         self.step_minutes = round(self.step_hours * 60)
         self.refresh_every = refresh_every
         self.seed = seed
-        self.buffer = ReplayBuffer(capacity)
+        self.buffer = ReplayBuffer(
+            capacity,
+            buffer_dtype,
+            spill_dir,
+            None if buffer_ram_gb is None else round(buffer_ram_gb * 2**30),
+        )
         self.rng = np.random.default_rng(seed)
         self.updates = 0  # training steps taken (micro-batches), for `refresh_every`
         self.batch_size: int | None = None  # rows per update: the dataset batches' size
         self._pending: list[Entry] = []
         self._data: Any = None
-        self._saved_index: list[dict[str, int]] = []
+        self.checkpoint_bytes = 0  # state bytes the last checkpoint wrote
 
     # --- the lead-time cap ------------------------------------------------------------------------
     def max_lead_hours(self, step: int) -> float:
@@ -252,7 +196,7 @@ class ReplayStrategy(Strategy):
         for surf, atmos, time in zip(
             _rows(inputs, "surf_vars"), _rows(inputs, "atmos_vars"), times, strict=True
         ):
-            self.buffer.push(Entry(surf, atmos, int(time), step, int(time) + self.step_minutes))
+            self.buffer.push_history(surf, atmos, int(time), step, int(time) + self.step_minutes)
         self.batch_size = len(times)
 
     def sample(self, global_step: int) -> Example:
@@ -272,14 +216,13 @@ class ReplayStrategy(Strategy):
             self.model.patch_size
         )
         steps = np.array([e.rollout_step for e in self._pending], np.int32)
+        surf, atmos = self.buffer.layout.unpack(
+            np.stack([np.stack([self.buffer.state(n) for n in e.states]) for e in self._pending])
+        )
         inputs = Batch(
-            surf_vars={
-                v: np.stack([e.surf[v] for e in self._pending]) for v in self._pending[0].surf
-            },
+            surf_vars=surf,
             static_vars=truth.static_vars,
-            atmos_vars={
-                v: np.stack([e.atmos[v] for e in self._pending]) for v in self._pending[0].atmos
-            },
+            atmos_vars=atmos,
             metadata=truth.metadata.replace(
                 time=np.array([e.time for e in self._pending], np.int32), rollout_step=steps
             ),
@@ -297,56 +240,83 @@ class ReplayStrategy(Strategy):
         """
         pred = jax.device_get(outputs)
         cap = self.max_lead_steps(trainer.global_step)
-        children = []
-        for i, parent in enumerate(self._pending):
+        rows = _local_rows(trainer, len(self._pending), len(pred["time"]))
+        children = []  # (parent, row, time, rollout_step)
+        for parent, i in zip(self._pending, rows, strict=True):
             time, step = int(pred["time"][i]), int(pred["rollout_step"][i])
-            child = Entry(
-                surf={v: np.stack([parent.surf[v][1], pred["surf"][v][i, 0]]) for v in parent.surf},
-                atmos={
-                    v: np.stack([parent.atmos[v][1], pred["atmos"][v][i, 0]]) for v in parent.atmos
-                },
-                time=time,
-                rollout_step=step,
-                target_time=time + self.step_minutes,
-            )
-            children.append(child)
-        wanted = [c for c in children if c.lead_steps <= cap]
-        present = self._data.has_times([c.target_time * 60 for c in wanted]) if wanted else []
-        for child, ok in zip(wanted, present, strict=True):
-            if ok:
-                self.buffer.push(child)
+            if step + 1 <= cap:  # the child's lead, `Entry.lead_steps`
+                children.append((parent, i, time, step))
+        targets = [(time + self.step_minutes) * 60 for _, _, time, _ in children]
+        present = self._data.has_times(targets) if children else []
+        self.buffer.push_children(
+            [
+                (
+                    parent,
+                    {v: x[i, 0] for v, x in pred["surf"].items()},
+                    {v: x[i, 0] for v, x in pred["atmos"].items()},
+                    time,
+                    step,
+                    time + self.step_minutes,
+                )
+                for (parent, i, time, step), ok in zip(children, present, strict=True)
+                if ok
+            ]
+        )
         self._pending = []
         self.updates += 1
 
     def host_metrics(self) -> dict[str, float]:
         return {"replay/buffer_size": float(len(self.buffer))}
 
-    def state_dict(self) -> dict[str, Any]:
+    def host_state(self) -> dict[str, Any]:
+        """This process's sampling state, JSON-serialisable (checkpointed with its buffer)."""
         return {
             "updates": self.updates,
             "batch_size": self.batch_size,
             "rng": self.rng.bit_generator.state,
-            "entries": self.buffer.index(),
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """What all processes share; each one's buffer and RNG go with `save_process_state`."""
+        return {"updates": self.updates, "replay_processes": jax.process_count()}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
+        if state:
+            self.updates = int(state["updates"])
+
+    def _store(self, directory: Path) -> Path:
+        return Path(directory) / "replay" / f"process_{jax.process_index()}"
+
+    def save_process_state(self, directory: Path, step: int) -> None:
+        """This process's buffer, incrementally, and sampling state under
+        `<directory>/replay/process_<i>/` (`ReplayBuffer.save`)."""
+        self.checkpoint_bytes = self.buffer.save(self._store(directory), step, self.host_state())
+
+    def prune_process_state(self, directory: Path, steps: Iterable[int]) -> None:
+        store = self._store(directory)
+        if (store / "index").is_dir():
+            ReplayBuffer.prune(store, steps)
+
+    def load_process_state(self, directory: Path, step: int, shared: dict[str, Any]) -> None:
+        """This process's buffer and sampling state of checkpoint `step`; a process the
+        checkpoint's run did not have (or a checkpoint without replay) starts with an empty
+        buffer."""
+        store, saved = self._store(directory), int(shared.get("replay_processes", 0))
+        if jax.process_index() >= saved:
+            if saved:
+                log.warning("No replay buffer of this process in %s; it starts empty.", store)
+            self.buffer.clear()
             return
-        self.updates = int(state["updates"])
-        self.batch_size = state.get("batch_size")
-        self.rng.bit_generator.state = state["rng"]
-        self._saved_index = list(state["entries"])
-
-    def array_state(self) -> dict[str, Any]:
-        return self.buffer.arrays()
-
-    def load_array_state(self, arrays: dict[str, Any]) -> None:
-        if self._saved_index and not arrays:
-            raise ValueError(
-                "The checkpoint lists replay entries but holds no replay arrays "
-                "(no 'strategy' item)."
+        index = self.buffer.restore(store, step)
+        self.updates, self.batch_size = int(index["updates"]), index["batch_size"]
+        self.rng.bit_generator.state = index["rng"]
+        if jax.process_index() == 0 and jax.process_count() < saved:
+            log.warning(
+                "The checkpoint holds %d processes' replay buffers; those of processes %d.. are "
+                "not restored.",
+                saved,
+                jax.process_count(),
             )
-        self.buffer.restore(self._saved_index, arrays)
 
     # --- pure, jitted by the trainer --------------------------------------------------------------
     def predict(self, params: Any, batch: Batch) -> Batch:
