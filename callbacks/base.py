@@ -108,3 +108,30 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+    # --- device state: arrays kept in `trainer.state.extras["callbacks"]` ---
+    def init_device_state(self, trainer: Trainer, params: Any) -> Any:
+        """Arrays this callback keeps on the accelerators (e.g. `EMA`'s average), or None.
+
+        The trainer calls this while it builds the `TrainState` (inside `jax.jit` on a mesh) and
+        keeps the result in `state.extras["callbacks"]`, so that it is sharded like the state,
+        donated with it and saved in and restored from every checkpoint. Build new arrays from
+        `params` with `jax.numpy` (the state is donated: never return `params`' own buffers).
+        """
+        return None
+
+    @property
+    def device_state_key(self) -> str:
+        """This callback's key in `extras["callbacks"]`: `state_key` in letters, digits and `_`
+        (it names arrays in checkpoints)."""
+        return "".join(c if c.isalnum() else "_" for c in self.state_key)
+
+    def device_state(self, trainer: Trainer) -> Any:
+        """The arrays `init_device_state` made, as the trainer's state holds them now."""
+        return trainer.state.extras["callbacks"][self.device_state_key]
+
+    def set_device_state(self, trainer: Trainer, value: Any) -> None:
+        """Replace this callback's arrays in the trainer's state (same structure and shapes)."""
+        extras = trainer.state.extras
+        owned = {**extras["callbacks"], self.device_state_key: value}
+        trainer.state = trainer.state.replace(extras={**extras, "callbacks": owned})

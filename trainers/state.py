@@ -16,8 +16,9 @@ __all__ = ["TrainState"]
 class TrainState:
     """Step counter, parameters, optimiser state, RNG and strategy extras.
 
-    `extras` holds strategy-owned device state (a pytree; empty for most strategies). The optimiser
-    itself (`tx`) is static: it is rebuilt from the config, never checkpointed.
+    `extras` holds strategy-owned device state (a pytree; empty for most strategies) and, under
+    `extras["callbacks"]`, callbacks' (`Callback.init_device_state`, e.g. `EMA`'s average). The
+    optimiser itself (`tx`) is static: it is rebuilt from the config, never checkpointed.
     """
 
     step: jax.Array

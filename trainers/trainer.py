@@ -387,7 +387,9 @@ class Trainer:
         never whole on one device or one host."""
         rng = jax.random.PRNGKey(self.seed)
         if self.mesh is None:
-            return self.strategy.init_state(rng, inputs, tx, self.init_params)
+            return self._with_device_states(
+                self.strategy.init_state(rng, inputs, tx, self.init_params)
+            )
         params = self.init_params
         if params is not None:  # given weights go where the state will hold them
             shardings = sharding.state_shardings(
@@ -405,7 +407,7 @@ class Trainer:
 
         def init(params: Any) -> TrainState:
             batch = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            return self.strategy.init_state(rng, batch, tx, params)
+            return self._with_device_states(self.strategy.init_state(rng, batch, tx, params))
 
         create, self._state_shardings = sharding.jit_init(
             init,
@@ -415,6 +417,16 @@ class Trainer:
             min_shard_size=self.min_shard_size,
         )
         return create(params)
+
+    def _with_device_states(self, state: TrainState) -> TrainState:
+        """`state` with the callbacks' device state (`Callback.init_device_state`) in
+        `extras["callbacks"]`: sharded, donated and checkpointed with the rest of the state."""
+        owned = {}
+        for cb in self.callbacks:
+            value = cb.init_device_state(self, state.params)
+            if value is not None:
+                owned[cb.device_state_key] = value
+        return state.replace(extras={**state.extras, "callbacks": owned}) if owned else state
 
     def _device_batch(self, example: Example) -> tuple[Batch, Batch]:
         """Host example -> the step's batch: on the mesh (this process's rows of the global batch)
