@@ -16,6 +16,7 @@ import optax
 import pytest
 
 from aurora.batch import Batch, Metadata
+from configs import default
 from examples.tiny_model import PerVariableConv
 from tests.helpers import ROOT, run_main
 from trainers.checkpointing import load_params
@@ -23,7 +24,7 @@ from trainers.data import InMemoryData
 from trainers.loss import Loss, LossConfig, aurora_loss
 from trainers.models import configure_model
 from trainers.optim import make_optimizer
-from trainers.run import build_loss, build_model
+from trainers.run import build_loss, build_model, build_strategy
 from trainers.strategies.replay import ReplayStrategy
 from trainers.strategies.rollout import RolloutStrategy
 from trainers.trainer import Trainer
@@ -272,9 +273,14 @@ def test_a_model_by_import_path_gets_its_kwargs_and_the_datasets_statistics() ->
             }
         }
     )
-    model = build_model(config, {"c_500": (100.0, 4.0), "z_500": (0.0, 1.0)})
+    data_stats = {"c_500": (100.0, 4.0), "z_500": (0.0, 1.0)}
+    model = build_model(config, data_stats)
     assert isinstance(model, PerVariableConv) and model.features == 3
     assert model.surf_stats == {"c_500": (100.0, 4.0)}  # only what Aurora's table lacks
+    # A model without `surf_stats`: the strategy keeps the statistics for the loss instead.
+    run_config = default.get_config()
+    assert build_strategy(run_config, Persistence(), data_stats).stats == {"c_500": (100.0, 4.0)}
+    assert build_strategy(run_config, model, data_stats).stats == {"c_500": (100.0, 4.0)}
     config.model.preset = "examples.tiny_model:NoSuchModel"
     with pytest.raises(AttributeError, match="NoSuchModel"):
         build_model(config)
