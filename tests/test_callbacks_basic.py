@@ -1,8 +1,10 @@
-"""Metric writers, ProgressBar, EarlyStopping, LearningRateMonitor and Timer, with a fake trainer.
+"""Metric writers, ProgressBar, EarlyStopping, LearningRateMonitor and Timer.
 
-The fake trainer has the attributes the real one exposes to callbacks and calls the hooks in the
-order the real loop does (see `_fit`); each test checks an effect a user would see: files read back,
-`should_stop` set at the right step, state restored, lines printed.
+The writers are tested on their own; the callbacks in the real `Trainer`, fitting the tiny model of
+tests/test_trainer.py for a few steps (one fit serves several tests where it reads naturally). A
+clock advanced by the steps makes times and rates exact; each test checks an effect a user would
+see: lines printed, rows the writers received and files read back, `should_stop` set at the right
+step, state restored from a real checkpoint.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import json
 import pathlib
 import struct
 import time
+from types import SimpleNamespace
 from typing import Any
 
+import ml_collections
 import numpy as np
 import pytest
 
 from callbacks.base import Callback
+from callbacks.checkpoint import ModelCheckpoint
 from callbacks.early_stopping import EarlyStopping
 from callbacks.lr_monitor import LearningRateMonitor
 from callbacks.progress import ProgressBar
@@ -33,6 +38,11 @@ from callbacks.writers import (
     TensorBoardWriter,
     make_writers,
 )
+from tests.helpers import tiny_model
+from tests.test_trainer import OPTIM, _data, _example
+from trainers.data import InMemoryData
+from trainers.strategies.rollout import RolloutStrategy
+from trainers.trainer import Trainer
 
 # --------------------------------------------------------------------------------------------------
 # Readers: independent of the writers under test
@@ -339,12 +349,13 @@ def test_make_writers_from_config_and_non_zero_process(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# A fake trainer that calls the hooks as trainers/trainer.py does
+# The callbacks in the real Trainer: a tiny model fitted for a few steps, a clock that the steps
+# advance (so that times and rates are exact), the rows the writers received
 # --------------------------------------------------------------------------------------------------
 
 
-class FakeClock:
-    """Monotonic seconds that advance only when the fake training loop says so."""
+class Clock:
+    """Monotonic seconds that move only when `Ticks` says so."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -353,116 +364,117 @@ class FakeClock:
         return self.now
 
 
-class FakeTrainer:
-    """The attributes callbacks may use, and a loop with the real trainer's hook order.
+class Ticks(Callback):
+    """Advances `clock` as if each optimiser step took `step_s` and each validation batch
+    `val_batch_s`; first among the callbacks, so that the others see the time at a step's end."""
 
-    Per optimiser step: `on_train_batch_start` and `on_before_optimizer_step` per micro-batch, the
-    (fake) step advancing the clock by `step_seconds`, then `global_step += 1`, `train/loss` into
-    `callback_metrics` every `log_every_n_steps`, `on_train_batch_end`, and every `val_every` steps
-    a validation whose mean metrics land in `callback_metrics` before `on_validation_epoch_end` /
-    `on_validation_end`; the loop ends when `should_stop` is set or `max_steps` is reached.
-    """
+    def __init__(self, clock: Clock, step_s: float, val_batch_s: float = 0.0) -> None:
+        self.clock, self.step_s, self.val_batch_s = clock, step_s, val_batch_s
 
-    def __init__(
-        self,
-        callbacks: list[Callback],
-        *,
-        max_steps: int | None = None,
-        log_every_n_steps: int = 1,
-        writers: list[MetricWriter] | None = None,
-        lr_fn=lambda step: 0.1,
-        is_global_zero: bool = True,
-        clock: FakeClock | None = None,
-        step_seconds: float = 0.5,
-        val_seconds: float = 0.0,
-        workdir: pathlib.Path | None = None,
-    ) -> None:
-        self.callbacks = callbacks
-        self.max_steps = max_steps
-        self.estimated_stepping_batches = max_steps
-        self.log_every_n_steps = log_every_n_steps
-        self.writers = writers or []
-        self.lr_fn = lr_fn
-        self.is_global_zero = is_global_zero
-        self.clock = clock or FakeClock()
-        self.step_seconds = step_seconds
-        self.val_seconds = val_seconds
-        self.workdir = workdir or pathlib.Path(".")
-        self.config = None
-        self.global_step = 0
-        self.current_epoch = 0
-        self.should_stop = False
-        self.callback_metrics: dict[str, float] = {}
+    def on_train_batch_end(self, trainer, outputs, batch, batch_idx):
+        self.clock.now += self.step_s
 
-    def learning_rate(self) -> float:
-        return float(self.lr_fn(self.global_step))
+    def on_validation_batch_end(self, trainer, outputs, batch, batch_idx):
+        self.clock.now += self.val_batch_s
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if not self.is_global_zero or not metrics:
-            return
-        for w in self.writers:
-            w.write_scalars(self.global_step if step is None else int(step), metrics)
 
-    def call(self, hook: str, *args: Any) -> None:
-        for cb in self.callbacks:
-            getattr(cb, hook)(self, *args)
+def _rows(recorder: _Recorder) -> dict[str, dict[int, float]]:
+    """`{tag: {step: value}}` of the scalars a writer received."""
+    rows: dict[str, dict[int, float]] = {}
+    for call in recorder.calls:
+        if call[0] == "scalars":
+            for tag, value in call[2].items():
+                rows.setdefault(tag, {})[call[1]] = float(value)
+    return rows
 
-    def validate(self, val_loss: float, extra: dict[str, float] | None = None) -> None:
-        self.call("on_validation_start")
-        self.call("on_validation_epoch_start")
-        for i in range(2):
-            self.call("on_validation_batch_start", None, i)
-            self.clock.now += self.val_seconds / 2
-            self.call("on_validation_batch_end", {"loss": np.float32(val_loss)}, None, i)
-        means = {"val/loss": float(val_loss), **(extra or {})}
-        self.callback_metrics.update(means)
-        self.log_metrics(means)
-        self.call("on_validation_epoch_end")
-        self.call("on_validation_end")
 
-    def fit(
-        self,
-        losses: list[float],
-        *,
-        val_every: int | None = None,
-        val_losses: list[float] | None = None,
-        accumulate: int = 1,
-        steps_per_epoch: int = 1000,
-    ) -> None:
-        """One optimiser step per entry of `losses` (until stopped), `steps_per_epoch` per epoch;
-        the validations take their loss from `val_losses` in turn."""
-        val_iter = iter(val_losses or [])
-        self.call("setup", "fit")
-        self.call("on_fit_start")
-        self.call("on_train_start")
-        i, stop = 0, False
-        while i < len(losses) and not stop and not self.should_stop:
-            self.call("on_train_epoch_start")
-            for batch_idx, loss in enumerate(losses[i : i + steps_per_epoch]):
-                i += 1
-                for micro in range(accumulate):
-                    self.call("on_train_batch_start", None, batch_idx * accumulate + micro)
-                    self.call("on_before_optimizer_step")
-                    self.clock.now += self.step_seconds / accumulate
-                self.global_step += 1
-                outputs = {"loss": np.float32(loss), "grad_norm": np.float32(1.0)}
-                if self.global_step % self.log_every_n_steps == 0:
-                    self.callback_metrics["train/loss"] = float(loss)
-                    self.log_metrics({"train/loss": float(loss)})
-                self.call("on_train_batch_end", outputs, None, (batch_idx + 1) * accumulate - 1)
-                if val_every and self.global_step % val_every == 0:
-                    self.validate(next(val_iter))
-                if self.should_stop or (
-                    self.max_steps is not None and self.global_step >= self.max_steps
-                ):
-                    stop = True
-                    break
-            else:
-                self.call("on_train_epoch_end")
-                self.current_epoch += 1
-        self.call("on_train_end")
-        self.call("on_fit_end")
-        self.call("teardown", "fit")
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+ACCUMULATING = ml_collections.ConfigDict(
+    {"learning_rate": 1e-2, "warmup_steps": 0, "schedule": "constant"}
+)
+"""The optimiser of tests/test_trainer.py's accumulation test, whose compiled step this reuses."""
+
+
+def _fit(
+    model, workdir, callbacks, data, val_data=None, *, writers=(), optimizer=OPTIM, **kwargs
+) -> Trainer:
+    """`Trainer.fit` of the tiny model with the strategy and optimiser of tests/test_trainer.py
+    (so that the persistent cache serves their compiled steps); `kwargs` are the Trainer's."""
+    trainer = Trainer(
+        RolloutStrategy(model, steps=2, backprop="all"),
+        optimizer=optimizer,
+        callbacks=callbacks,
+        writers=list(writers),
+        workdir=workdir,
+        **{"log_every_n_steps": 1, **kwargs},
+    )
+    trainer.fit(data, val_data)
+    return trainer
+
+
+def _val_line(step: int, metrics: dict[str, float]) -> str:
+    return " | ".join(
+        [f"validation @ step {step}", *(f"{k} {v:.5g}" for k, v in sorted(metrics.items()))]
+    )
+
+
+@pytest.fixture(scope="module")
+def run(model, tmp_path_factory):
+    """Six steps (4 batches an epoch), metrics logged every 2, validation (2 batches) every 3;
+    each step takes 0.5 s and each validation batch 1 s; then a stand-alone validation."""
+    workdir = tmp_path_factory.mktemp("run")
+    clock, plain, tty = Clock(), io.StringIO(), io.StringIO()
+    recorder = _Recorder()
+    writers = make_writers(
+        [{"type": "csv"}, {"type": "tensorboard"}, {"type": "jsonl"}], workdir, is_global_zero=True
+    )
+    early = EarlyStopping(patience=2)
+    timer = Timer(duration=3600, clock=clock)
+    callbacks = [
+        Ticks(clock, step_s=0.5, val_batch_s=1.0),
+        ProgressBar(stream=plain, tty=False, clock=clock),  # every log_every_n_steps
+        ProgressBar(refresh_every_n_steps=3, stream=tty, tty=True, clock=clock),
+        LearningRateMonitor(),  # every log_every_n_steps
+        LearningRateMonitor(logging_interval_steps=1, name="lr/each"),
+        timer,
+        early,
+    ]
+    data = _data(model, n=4)
+    trainer = _fit(
+        model,
+        workdir,
+        callbacks,
+        data,
+        data,
+        writers=[*writers, recorder],
+        max_steps=6,
+        log_every_n_steps=2,
+        val_check_interval=3,
+        limit_val_batches=2,
+    )
+    early_after_fit = early.state_dict()
+    stand_alone = trainer.validate(data)
+    for w in writers:
+        w.close()
+    return SimpleNamespace(
+        trainer=trainer,
+        workdir=workdir,
+        plain=plain.getvalue(),
+        tty=tty.getvalue(),
+        rows=_rows(recorder),
+        early=early,
+        early_after_fit=early_after_fit,
+        timer=timer,
+        stand_alone=stand_alone,
+    )
+
+
+def _val_metrics(run, step: int) -> dict[str, float]:
+    return {tag: by_step[step] for tag, by_step in run.rows.items() if tag.startswith("val/")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -470,174 +482,91 @@ class FakeTrainer:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_progress_bar_plain_lines_when_not_a_tty(capsys):
-    clock = FakeClock()
-    bar = ProgressBar(refresh_every_n_steps=5, clock=clock)
-    trainer = FakeTrainer([bar], max_steps=20, clock=clock, step_seconds=0.5, val_seconds=5.0)
-    trainer.fit([float(20 - k) for k in range(20)], val_every=10, val_losses=[0.5, 0.25])
-    trainer.validate(0.5, {"val/rmse_2t": 1.25})  # stand-alone validation prints too
-    out = capsys.readouterr().out
-    assert "\r" not in out
-    assert out.splitlines() == [
-        "epoch 0 | step 5/20 (25%) | 2 steps/s | ETA 0:00:08 | loss 16",
-        "epoch 0 | step 10/20 (50%) | 2 steps/s | ETA 0:00:05 | loss 11",
-        "validation @ step 10 | val/loss 0.5",
-        # steps/s leaves the 5 s validation out; the ETA (14 steps in 12 s so far) counts it
-        "epoch 0 | step 15/20 (75%) | 2 steps/s | ETA 0:00:04 | loss 6",
-        "epoch 0 | step 20/20 (100%) | 2 steps/s | ETA 0:00:00 | loss 1",
-        "validation @ step 20 | val/loss 0.25",
-        "validation @ step 20 | val/loss 0.5 | val/rmse_2t 1.25",
+def test_progress_bar_prints_plain_lines_off_a_terminal(run):
+    """Every log_every_n_steps and at the last step; the loss is the latest one fetched (a step
+    late, so step 4 shows step 2's); steps/s leaves the validations out, the ETA counts them."""
+    loss = run.rows["train/loss"]
+    assert sorted(loss) == [2, 4, 6]
+    assert run.plain.splitlines() == [
+        f"epoch 0 | step 2/6 (33%) | 2 steps/s | ETA 0:00:02 | loss {loss[2]:.5g}",
+        _val_line(3, _val_metrics(run, 3)),
+        # 3 steps in 3.5 s since the first (2 s of it validation): 2 steps left take 2.3 s
+        f"epoch 0 | step 4/6 (67%) | 2 steps/s | ETA 0:00:02 | loss {loss[2]:.5g} (step 2)",
+        f"epoch 1 | step 6/6 (100%) | 2 steps/s | ETA 0:00:00 | loss {loss[6]:.5g}",
+        _val_line(6, _val_metrics(run, 6)),
+        _val_line(6, run.stand_alone),  # a stand-alone validation prints too
     ]
+    assert run.stand_alone["val/loss"] == pytest.approx(run.rows["val/loss"][6], rel=1e-6)
 
 
-def test_progress_bar_defaults_to_log_interval_and_prints_last_step(capsys):
-    clock = FakeClock()
-    trainer = FakeTrainer([ProgressBar(clock=clock)], max_steps=7, log_every_n_steps=3, clock=clock)
-    trainer.fit([1.0] * 7)
-    steps = [line.split(" | ")[1] for line in capsys.readouterr().out.splitlines()]
-    assert steps == ["step 3/7 (43%)", "step 6/7 (86%)", "step 7/7 (100%)"]
-
-
-def test_progress_bar_redraws_in_place_on_a_tty():
-    clock, stream = FakeClock(), io.StringIO()
-    bar = ProgressBar(refresh_every_n_steps=2, stream=stream, tty=True, clock=clock)
-    FakeTrainer([bar], max_steps=4, clock=clock).fit(
-        [3.0, 2.0, 1.0, 0.5], val_every=4, val_losses=[0.75]
+def test_progress_bar_redraws_in_place_on_a_terminal(run):
+    loss = run.rows["train/loss"]
+    assert run.tty == (
+        f"\repoch 0 | step 3/6 (50%) | 2 steps/s | ETA 0:00:02 | loss {loss[2]:.5g} (step 2)\n"
+        + _val_line(3, _val_metrics(run, 3))
+        + "\n"
+        + f"\repoch 1 | step 6/6 (100%) | 2 steps/s | ETA 0:00:00 | loss {loss[6]:.5g}\n"
+        + _val_line(6, _val_metrics(run, 6))
+        + "\n"
+        + _val_line(6, run.stand_alone)
+        + "\n"
     )
-    out = stream.getvalue()
-    assert out.startswith("\repoch 0 | step 2/4 (50%)")
-    assert "\repoch 0 | step 4/4 (100%)" in out
-    # the validation line starts on a fresh line and the output ends with a newline
-    assert "loss 0.5\nvalidation @ step 4 | val/loss 0.75\n" in out and out.endswith("\n")
-    assert out.count("\n") == 2
-
-
-def test_progress_bar_is_silent_off_process_zero(capsys):
-    FakeTrainer([ProgressBar(refresh_every_n_steps=1)], max_steps=3, is_global_zero=False).fit(
-        [1.0] * 3
-    )
-    assert capsys.readouterr().out == ""
 
 
 # --------------------------------------------------------------------------------------------------
-# EarlyStopping
+# LearningRateMonitor, Timer, EarlyStopping and the writers in the same run
 # --------------------------------------------------------------------------------------------------
 
 
-def test_early_stopping_stops_after_patience_checks_without_improvement():
-    es = EarlyStopping(monitor="val/loss", patience=2, min_delta=0.05)
-    trainer = FakeTrainer([es], max_steps=100)
-    # improvements: 1.0 (first), 0.8; then 0.78 is within min_delta (no), 0.9 (no) -> stop
-    trainer.fit([1.0] * 100, val_every=5, val_losses=[1.0, 0.8, 0.78, 0.9, 0.1, 0.1])
-    assert trainer.should_stop and trainer.global_step == 20
-    assert es.state_dict() == {
+def test_lr_monitor_logs_the_rate_of_each_logged_update(run):
+    """The rate that made step s: OPTIM's warm-up reaches its peak at the second update."""
+    peak = OPTIM.learning_rate
+    expected = {s: peak * min(s / OPTIM.warmup_steps, 1.0) for s in range(1, 7)}
+    assert run.rows["lr/each"] == pytest.approx(expected)
+    assert run.rows["lr"] == pytest.approx({s: expected[s] for s in (2, 4, 6)})
+
+
+def test_timer_counts_training_and_validations_during_fit(run):
+    """6 steps of 0.5 s and 2 validations of 2 s; the stand-alone validation after fit is not
+    training time."""
+    assert run.timer.time_elapsed() == pytest.approx(7.0)
+    assert run.timer.state_dict()["elapsed_s"] == pytest.approx(7.0)
+    assert not run.trainer.should_stop
+
+
+def test_early_stopping_tracks_the_best_and_ignores_stand_alone_validation(run):
+    val = run.rows["val/loss"]
+    best = min(val[3], val[6])
+    assert run.early_after_fit == {
         "monitor": "val/loss",
         "mode": "min",
-        "best_score": 0.8,
-        "wait_count": 2,
-        "stopped_step": 20,
+        "best_score": pytest.approx(best),
+        "wait_count": 0 if val[6] < val[3] else 1,
+        "stopped_step": None,
     }
+    assert run.early.state_dict() == run.early_after_fit  # trainer.validate() does not count
 
 
-def test_early_stopping_max_mode_and_non_finite():
-    es = EarlyStopping(monitor="val/acc", mode="max", patience=1)
-    trainer = FakeTrainer([es], max_steps=100)
-    trainer.call("setup", "fit")
-    for acc in (0.5, 0.6):
-        trainer.callback_metrics["val/acc"] = acc
-        es.on_validation_end(trainer)
-    assert not trainer.should_stop and es.best_score == 0.6
-    trainer.callback_metrics["val/acc"] = 0.55
-    es.on_validation_end(trainer)
-    assert trainer.should_stop
-
-    es = EarlyStopping(patience=10)
-    trainer = FakeTrainer([es], max_steps=100)
-    trainer.fit([1.0] * 100, val_every=3, val_losses=[1.0, float("nan"), 0.5])
-    assert trainer.should_stop and trainer.global_step == 6
-
-
-def test_early_stopping_state_round_trip_keeps_patience_on_resume():
-    es = EarlyStopping(patience=3)
-    trainer = FakeTrainer([es], max_steps=4)
-    trainer.fit([1.0] * 4, val_every=2, val_losses=[0.5, 0.6])  # best 0.5, one check without gain
-    assert not trainer.should_stop
-    saved = json.loads(json.dumps(es.state_dict()))  # checkpoints store it as JSON
-
-    resumed = EarlyStopping(patience=3)
-    resumed.load_state_dict(saved)
-    assert (resumed.best_score, resumed.wait_count) == (0.5, 1)
-    trainer = FakeTrainer([resumed], max_steps=100)
-    trainer.global_step = 4
-    trainer.fit([1.0] * 96, val_every=2, val_losses=[0.7, 0.55, 0.4])
-    assert trainer.should_stop and trainer.global_step == 8  # two more checks, not three
-    assert resumed.state_key != EarlyStopping(monitor="val/rmse_2t").state_key
-
-
-def test_early_stopping_on_train_epoch_end():
-    es = EarlyStopping(monitor="train/loss", check_on="train_epoch_end", patience=1)
-    trainer = FakeTrainer([es], max_steps=100)
-    trainer.fit([1.0] * 5 + [0.5] * 5 + [0.7] * 5 + [0.1] * 5, steps_per_epoch=5)
-    assert trainer.should_stop and trainer.global_step == 15 and trainer.current_epoch == 3
-
-
-def test_early_stopping_strict_missing_metric_and_standalone_validate():
-    es = EarlyStopping(monitor="val/rmse_2t")
-    with pytest.raises(RuntimeError, match="val/rmse_2t"):
-        FakeTrainer([es], max_steps=10).fit([1.0] * 10, val_every=2, val_losses=[1.0] * 5)
-
-    es = EarlyStopping(monitor="val/rmse_2t", strict=False)
-    trainer = FakeTrainer([es], max_steps=4)
-    trainer.fit([1.0] * 4, val_every=2, val_losses=[1.0, 1.0])
-    assert not trainer.should_stop
-
-    es = EarlyStopping(patience=1)
-    trainer = FakeTrainer([es])
-    for loss in (1.0, 2.0, 3.0):  # trainer.validate() outside fit does not count
-        trainer.validate(loss)
-    assert not trainer.should_stop and es.best_score is None
-
-
-# --------------------------------------------------------------------------------------------------
-# LearningRateMonitor
-# --------------------------------------------------------------------------------------------------
-
-
-def test_lr_monitor_logs_the_rate_of_each_logged_update(tmp_path):
-    writer = JsonlWriter(tmp_path / "m.jsonl")
-    schedule = lambda count: 0.01 * (count + 1)
-    trainer = FakeTrainer(
-        [LearningRateMonitor(logging_interval_steps=2)],
-        max_steps=6,
-        writers=[writer],
-        lr_fn=schedule,
-    )
-    trainer.fit([1.0] * 6, accumulate=2)
-    writer.close()
-    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
-    lrs = [(r["step"], r["lr"]) for r in rows if "lr" in r]
-    assert lrs == [(2, pytest.approx(0.02)), (4, pytest.approx(0.04)), (6, pytest.approx(0.06))]
-
-
-def test_lr_monitor_defaults_to_log_every_n_steps():
-    rec = _Recorder()
-    trainer = FakeTrainer(
-        [LearningRateMonitor(name="train/lr")],
-        max_steps=9,
-        log_every_n_steps=3,
-        writers=[rec],
-        lr_fn=float,
-    )
-    trainer.fit([1.0] * 9)
-    assert [c[1:] for c in rec.calls if "train/lr" in c[2]] == [
-        (3, {"train/lr": 2.0}),
-        (6, {"train/lr": 5.0}),
-        (9, {"train/lr": 8.0}),
+def test_writers_hold_the_rows_a_user_can_pivot(run):
+    """CSV, TensorBoard and JSONL hold what the trainer logged (the rows the recorder got)."""
+    rows = list(csv.DictReader((run.workdir / "metrics.csv").open()))
+    csv_rows = {(int(r["step"]), r["tag"]): float(r["value"]) for r in rows}
+    for tag in ("train/loss", "lr", "lr/each", "val/loss"):
+        for step, value in run.rows[tag].items():
+            assert csv_rows[(step, tag)] == pytest.approx(value), (step, tag)
+    assert {s for s, tag in csv_rows if tag == "train/loss"} == {2, 4, 6}
+    steps, values = zip(*_tb_scalars(run.workdir / "tensorboard")["val/loss"], strict=True)
+    assert steps == (3, 6, 6)  # fit's two validations, then the stand-alone one
+    val = run.rows["val/loss"]
+    assert values == pytest.approx([val[3], val[6], run.stand_alone["val/loss"]])
+    lines = [json.loads(line) for line in (run.workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train/loss"]) for r in lines if "train/loss" in r] == [
+        (s, pytest.approx(v)) for s, v in sorted(run.rows["train/loss"].items())
     ]
 
 
 # --------------------------------------------------------------------------------------------------
-# Timer
+# Stopping runs
 # --------------------------------------------------------------------------------------------------
 
 
@@ -652,67 +581,149 @@ def test_parse_duration_forms():
             parse_duration(bad)
 
 
-def test_timer_stops_at_budget_and_resumed_run_counts_on():
-    clock = FakeClock()
-    timer = Timer(duration="00:00:00:10", clock=clock)
-    trainer = FakeTrainer([timer], max_steps=100, clock=clock, step_seconds=1.0)
-    trainer.fit([1.0] * 100)
+def test_timer_budget_is_for_the_whole_run_across_resumes(model, tmp_path):
+    """A job stopped after 4 s of training (1 s a step) resumes from its checkpoint and stops at
+    the 10 s budget; resumed once more, it stops before any step. With gradient accumulation the
+    learning rate is logged once per optimiser step."""
+    clock, recorder = Clock(), _Recorder()
+    data = _data(model, n=4)  # 2 optimiser steps an epoch
+
+    def job(max_steps: int, writers=()) -> tuple[Trainer, Timer]:
+        timer = Timer(duration=10, clock=clock)
+        callbacks = [Ticks(clock, step_s=1.0), timer, ModelCheckpoint(every_n_steps=4)]
+        callbacks.append(LearningRateMonitor(logging_interval_steps=1))
+        trainer = _fit(
+            model,
+            tmp_path,
+            callbacks,
+            data,
+            writers=writers,
+            max_steps=max_steps,
+            optimizer=ACCUMULATING,
+            accumulate_grad_batches=2,
+        )
+        return trainer, timer
+
+    trainer, timer = job(4, writers=[recorder])
+    assert trainer.global_step == 4 and not trainer.should_stop
+    assert timer.state_dict()["elapsed_s"] == pytest.approx(4.0)
+    assert _rows(recorder)["lr"] == pytest.approx(
+        dict.fromkeys((1, 2, 3, 4), ACCUMULATING.learning_rate)
+    )
+
+    clock.now += 3600.0  # time between jobs is not training time
+    trainer, timer = job(100)
     assert trainer.should_stop and trainer.global_step == 10
     assert timer.time_elapsed() == pytest.approx(10.0)
 
-    # a job killed after 4 s of training, then resumed from its checkpoint
-    clock = FakeClock()
-    first = Timer(duration=10, clock=clock)
-    trainer = FakeTrainer([first], max_steps=4, clock=clock, step_seconds=1.0)
-    trainer.fit([1.0] * 4)
-    assert not trainer.should_stop
-    saved = json.loads(json.dumps(first.state_dict()))
-    assert saved["elapsed_s"] == pytest.approx(4.0)
-
-    clock.now += 3600.0  # time between jobs is not training time
-    second = Timer(duration=10, clock=clock)
-    second.load_state_dict(saved)
-    trainer = FakeTrainer([second], max_steps=100, clock=clock, step_seconds=1.0)
-    trainer.global_step = 4
-    trainer.fit([1.0] * 96)
+    trainer, timer = job(100)  # resumed already over budget
     assert trainer.should_stop and trainer.global_step == 10
 
-    # resumed when already over budget: stops before any step
-    late = Timer(duration=5, clock=clock)
-    late.load_state_dict({"elapsed_s": 6.0})
-    trainer = FakeTrainer([late], max_steps=100, clock=clock)
-    trainer.fit([1.0] * 100)
-    assert trainer.should_stop and trainer.global_step == 0
+
+@pytest.mark.parametrize(
+    "first_job_steps",
+    [
+        5,  # its last checkpoint is written after step 4's validation
+        pytest.param(
+            4,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="ModelCheckpoint saves step 4 in on_train_batch_end, before step 4's "
+                "validation updates EarlyStopping: the resumed run misses that check and stops "
+                "at step 8",
+            ),
+        ),
+    ],
+)
+def test_early_stopping_patience_min_delta_and_max_mode_survive_a_resume(
+    model, tmp_path, first_job_steps
+):
+    """One example to train and validate on, so that val/loss falls at every check: in "max"
+    mode it stops improving after the first check, and in "min" mode with min_delta 1 no check
+    improves enough. A job ends after the check at step 4; the resumed one keeps each callback's
+    best and wait count (two states, one class) and stops at step 6: patience 2 of "max" spent
+    at checks 4 and 6, as in an uninterrupted run (a fresh state would stop at step 10)."""
+    data = InMemoryData([_example(model, 0)] * 2, shuffle=False)
+
+    def callbacks():
+        return [
+            EarlyStopping(min_delta=1.0, patience=3),
+            EarlyStopping(mode="max", patience=2),
+            EarlyStopping(monitor="val/rmse_2t", strict=False),  # never logged: skipped
+            ModelCheckpoint(every_n_steps=2),
+        ]
+
+    recorder = _Recorder()
+    first = callbacks()
+    options = dict(val_check_interval=2, limit_val_batches=1, writers=[recorder])
+    trainer = _fit(model, tmp_path, first, data, data, max_steps=first_job_steps, **options)
+    assert trainer.global_step == first_job_steps and not trainer.should_stop
+    val = _rows(recorder)["val/loss"]
+    assert first[1].state_dict()["wait_count"] == 1 and first[1].best_score == val[2]
+
+    resumed = callbacks()
+    trainer = _fit(model, tmp_path, resumed, data, data, max_steps=20, **options)
+    val = _rows(recorder)["val/loss"]
+    assert val[2] > val[4] > val[6], val
+    assert trainer.should_stop and trainer.global_step == 6 and sorted(val) == [2, 4, 6]
+    at_min, at_max, loose = (cb.state_dict() for cb in resumed[:3])
+    assert at_max == {
+        "monitor": "val/loss",
+        "mode": "max",
+        "best_score": val[2],
+        "wait_count": 2,
+        "stopped_step": 6,
+    }
+    assert (at_min["best_score"], at_min["wait_count"], at_min["stopped_step"]) == (val[2], 2, None)
+    assert (loose["best_score"], loose["wait_count"]) == (None, 0)
 
 
-# --------------------------------------------------------------------------------------------------
-# Together
-# --------------------------------------------------------------------------------------------------
-
-
-def test_callbacks_together_write_csv_a_user_can_pivot(tmp_path, capsys):
-    clock = FakeClock()
-    writers = make_writers(
-        [{"type": "csv"}, {"type": "tensorboard"}], tmp_path, is_global_zero=True
+def test_off_process_zero_nothing_is_printed_or_written_and_a_nan_score_stops(model, tmp_path):
+    """A diverged validation (NaN inputs) stops at its first check; on a process other than 0 the
+    progress bar prints nothing and the writers get nothing, but the stop is the same."""
+    inputs, targets = _example(model, 0)
+    nan = inputs.replace(
+        surf_vars={**inputs.surf_vars, "2t": np.full_like(inputs.surf_vars["2t"], np.nan)}
     )
-    callbacks = [
-        ProgressBar(refresh_every_n_steps=4, clock=clock),
-        LearningRateMonitor(logging_interval_steps=4),
-        EarlyStopping(patience=1),
-        Timer(duration=3600, clock=clock),
-    ]
-    trainer = FakeTrainer(
-        callbacks, max_steps=40, log_every_n_steps=4, writers=writers, clock=clock
+    stream, recorder = io.StringIO(), _Recorder()
+    trainer = Trainer(
+        RolloutStrategy(model, steps=2, backprop="all"),
+        optimizer=OPTIM,
+        callbacks=[ProgressBar(refresh_every_n_steps=1, stream=stream), EarlyStopping(patience=10)],
+        writers=[recorder],
+        workdir=tmp_path,
+        max_steps=10,
+        val_check_interval=2,
+        log_every_n_steps=1,
     )
-    trainer.fit([1.0 / (k + 1) for k in range(40)], val_every=8, val_losses=[0.5, 0.4, 0.45, 0.3])
-    for w in writers:
-        w.close()
-    assert trainer.should_stop and trainer.global_step == 24  # val/loss rose at step 24
-    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
-    tags = {(int(r["step"]), r["tag"]) for r in rows}
-    assert {(8, "train/loss"), (8, "lr"), (8, "val/loss"), (24, "val/loss")} <= tags
-    steps, values = zip(
-        *_tb_scalars(tmp_path / "tensorboard")["val/loss"], strict=True
-    )  # float32 in event files
-    assert steps == (8, 16, 24) and values == pytest.approx([0.5, 0.4, 0.45])
-    assert "validation @ step 24 | val/loss 0.45" in capsys.readouterr().out
+    trainer.is_global_zero = False
+    trainer.fit(_data(model, n=4), InMemoryData([(nan, targets)], shuffle=False))
+    assert trainer.should_stop and trainer.global_step == 2
+    assert np.isnan(trainer.callback_metrics["val/loss"])
+    assert stream.getvalue() == "" and recorder.calls == []
+
+
+def test_early_stopping_refuses_a_metric_that_is_never_logged(model, tmp_path):
+    with pytest.raises(RuntimeError, match="val/rmse_2t"):
+        _fit(
+            model,
+            tmp_path,
+            [EarlyStopping(monitor="val/rmse_2t")],
+            _data(model, n=4),
+            _data(model, n=1),
+            max_steps=4,
+            val_check_interval=2,
+        )
+
+
+def test_early_stopping_on_train_epoch_end(model, tmp_path):
+    """Monitoring the training loss at each epoch's end: one example, two batches an epoch, a
+    falling loss, so "max" mode with patience 1 stops at the end of the second epoch."""
+    recorder = _Recorder()
+    early = EarlyStopping(monitor="train/loss", mode="max", check_on="train_epoch_end", patience=1)
+    data = InMemoryData([_example(model, 0)] * 2, shuffle=False)
+    trainer = _fit(model, tmp_path, [early], data, writers=[recorder], max_steps=100)
+    loss = _rows(recorder)["train/loss"]
+    assert loss[4] < loss[2], loss
+    assert trainer.should_stop and trainer.global_step == 4 and trainer.current_epoch == 2
+    assert (early.best_score, early.stopped_step) == (pytest.approx(loss[2]), 4)
