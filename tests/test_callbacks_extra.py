@@ -69,7 +69,7 @@ def _strategy(model) -> RolloutStrategy:
 @pytest.mark.parametrize(
     ("ema", "decays"),
     [
-        (EMA(decay=0.5), (0.5, 0.5, 0.5)),
+        (EMA(decay=0.7), (0.7, 0.7, 0.7)),
         (EMA(decay=0.6, warmup_power=1.0), (0.0, 0.5, 0.6)),  # min(0.6, 1 - 1/n)
     ],
     ids=["constant", "warmup"],
