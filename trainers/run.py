@@ -21,10 +21,13 @@ from aurora.normalisation import aurora_stats
 from callbacks.base import Callback
 from callbacks.checkpoint import ModelCheckpoint, OnExceptionCheckpoint
 from callbacks.early_stopping import EarlyStopping
+from callbacks.ema import EMA
 from callbacks.forecast_scores import ForecastScores
 from callbacks.grad_stop import GradStop
 from callbacks.lr_monitor import LearningRateMonitor
+from callbacks.model_summary import ModelSummary
 from callbacks.preemption import Preemption
+from callbacks.profiler import Profiler
 from callbacks.progress import ProgressBar
 from callbacks.timer import Timer
 from callbacks.writers import make_writers
@@ -61,6 +64,9 @@ CALLBACKS: dict[str, type[Callback]] = {
     "forecast_scores": ForecastScores,
     "timer": Timer,
     "preemption": Preemption,
+    "ema": EMA,
+    "model_summary": ModelSummary,
+    "profiler": Profiler,
 }
 """Built-in callbacks by config name; any other `type` is imported as "package.module:Class"."""
 
