@@ -30,12 +30,13 @@ class ModelStep:
     later call with the same layout reuses it.
 
     Args:
-        model: an `Aurora` (or anything with its `apply` and `patch_size`).
+        model: an `Aurora`, or any Flax module with its `Batch -> Batch` interface (without a
+            `patch_size`, inputs are not cropped).
     """
 
     def __init__(self, model: Aurora) -> None:
         self.model = model
-        self.patch_size: int = model.patch_size
+        self.patch_size: int = getattr(model, "patch_size", 1)
         self._apply = jax.jit(lambda params, batch: model.apply({"params": params}, batch))
 
     def __call__(self, params: Any, batch: Batch) -> Batch:

@@ -249,6 +249,12 @@ def test_a_model_without_auroras_attributes_trains_and_refuses_precision_it_cann
     trainer.fit(data)
     assert trainer.global_step == 4
     assert abs(float(trainer.state.params["a"])) > 0  # the bias trained
+    (preds,) = list(trainer.predict(InMemoryData(data.examples[:1]), steps=2))
+    inputs = data.examples[0][0]
+    bias = float(trainer.state.params["a"])
+    np.testing.assert_allclose(
+        preds[1].surf_vars["a"], inputs.surf_vars["a"][:, -1:] + 2 * bias, rtol=1e-6
+    )
 
     with pytest.raises(ValueError, match="precision='bf16-mixed' needs a model with"):
         Trainer(strategy, optimizer=optim, max_steps=1, precision="bf16-mixed")
