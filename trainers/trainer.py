@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from clu import metrics
 
 from aurora.batch import Batch
 from callbacks.base import MEASUREMENTS, Callback
@@ -78,6 +79,16 @@ def _check_time_step(model: Any, example: Example) -> None:
             f"model's (config: data.step_hours={model_minutes / 60:g}) or use a model with a "
             f"{data_hours} h time step."
         )
+
+
+@jax.jit
+def _accumulate(
+    averages: dict[str, metrics.Average] | None, outputs: dict[str, jax.Array]
+) -> dict[str, metrics.Average]:
+    """One evaluation batch's scalar metrics merged into the running `clu.metrics.Average`s (None:
+    the first batch), in one device program."""
+    batch = {k: metrics.Average.from_model_output(v) for k, v in outputs.items()}
+    return batch if averages is None else {k: averages[k].merge(m) for k, m in batch.items()}
 
 
 class _EvalHooks(NamedTuple):
@@ -627,8 +638,7 @@ class Trainer:
     def _evaluate(
         self, data: DataSource, prefix: str, limit: int | None, hooks: _EvalHooks
     ) -> dict[str, float]:
-        totals: dict[str, Any] = {}
-        count = 0
+        averages: dict[str, metrics.Average] | None = None
         for cb in self.callbacks:
             hooks.epoch_start(cb)
         for batch_idx, example in enumerate(data.iterator(0)):
@@ -638,15 +648,13 @@ class Trainer:
                 hooks.batch_start(cb, example, batch_idx)
             batch = self._device_batch(example)
             outputs = self._eval_step(batch)(self.state, batch, self.controls)
-            totals = outputs if not totals else jax.tree_util.tree_map(jnp.add, totals, outputs)
-            count += 1
+            averages = _accumulate(averages, outputs)
             for cb in self.callbacks:
                 hooks.batch_end(cb, outputs, example, batch_idx)
-        means = (
-            {f"{prefix}/{k}": float(v) / count for k, v in jax.device_get(totals).items()}
-            if count
-            else {}
-        )
+        means = {
+            f"{prefix}/{k}": float(average.compute())
+            for k, average in jax.device_get(averages or {}).items()
+        }
         self.callback_metrics.update(means)
         if not self.fast_dev_run:
             self.log_metrics(means)
