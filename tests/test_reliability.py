@@ -354,8 +354,8 @@ def get_config():
 
 @pytest.mark.slow
 def test_replay_buffer_survives_a_kill(tmp_path) -> None:
-    """LoRA + replay: the buffer (checkpoint item "strategy" and meta["strategy"]) resumes
-    exactly."""
+    """LoRA + replay: the buffer (the process's index and states under `checkpoints/replay/`)
+    resumes exactly."""
     config = tmp_path / "replay_config.py"
     config.write_text(REPLAY_CONFIG.format(data_dir=str(tmp_path / "datasets")))
     reference = Job(config, tmp_path / "reference")
@@ -365,8 +365,13 @@ def test_replay_buffer_survives_a_kill(tmp_path) -> None:
     job.wait_for(lambda: job.progress() == 8 and _steps(workdir) == [3, 6])
     job.kill()
     assert job.finish() == -signal.SIGKILL
-    _, _, meta, arrays = _read_checkpoint(workdir)
-    assert meta["strategy"] and arrays, "the replay buffer is in the checkpoint"
+    step, _, meta, _ = _read_checkpoint(workdir)
+    store = workdir / "checkpoints" / "replay" / "process_0"
+    index = json.loads((store / "index" / f"{step}.json").read_text())
+    assert meta["strategy"]["replay_processes"] == 1 and index["entries"], "the buffer is saved"
+    assert all(
+        (store / "states" / f"{n}.npz").exists() for e in index["entries"] for n in e["states"]
+    )
     rerun = Job(config, workdir)
     assert rerun.finish() == 0, rerun.tail()
     _assert_same_result(workdir, tmp_path / "reference")

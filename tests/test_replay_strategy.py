@@ -7,7 +7,12 @@ six-hourly 10° analyses), with a tiny Aurora.
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -236,6 +241,11 @@ def test_spilled_states_read_back_exactly_and_are_deleted_with_their_entries(
         for v in ("z", "t"):
             np.testing.assert_array_equal(ha[1][v], hb[1][v])
         np.testing.assert_array_equal(ha[0]["2t"], hb[0]["2t"])
+    twin = copy.deepcopy(disk)  # as the Trainer copies the strategy it is given
+    assert twin._spill != disk._spill and len(list(twin._spill.glob("*.npz"))) == 2
+    for a, b in zip(twin.entries, disk.entries, strict=True):
+        np.testing.assert_array_equal(twin.history(a)[1]["z"], disk.history(b)[1]["z"])
+    twin.close()
     disk.clear()
     assert not list(spill.glob("*.npz"))
     disk.close()
@@ -485,3 +495,46 @@ def test_needs_data_with_access_by_time(source) -> None:
         trainer.fit(InMemoryData(examples))
     with pytest.raises(ValueError, match="strategy.steps=1"):
         ReplayStrategy(_model(), steps=2)
+
+
+WORKER = "tests.workers.distributed_replay"
+
+
+@pytest.mark.slow  # two processes start JAX and compile: minutes on a shared 2-core machine
+@pytest.mark.skipif(jax.device_count() != 1, reason="the workers use one CPU device each")
+def test_each_process_checkpoints_and_restores_its_own_buffer(tmp_path) -> None:
+    """Two processes (`jax.distributed` on localhost, gloo) train replay on their own shards of
+    the data: each keeps the predictions of its own rows, and restoring the checkpoint gives each
+    process back its own buffer and sampling state, not process 0's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", WORKER, str(i), "2", str(port), str(tmp_path)],
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        logs = [w.communicate(timeout=600)[0] for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert all(w.returncode == 0 for w in workers), "\n".join(log[-3000:] for log in logs)
+
+    results = [json.loads((tmp_path / f"process_{i}.json").read_text()) for i in range(2)]
+    for process, result in enumerate(results):
+        assert result["restored"] == result["trained"], f"process {process}'s buffer"
+        origins = {t - step * STEP_MINUTES for t, step, _, _ in result["trained"]["entries"]}
+        assert origins <= set(result["fresh_times"]), "every entry descends from its own rows"
+        assert any(step > 0 for _, step, _, _ in result["trained"]["entries"])
+    assert set(results[0]["fresh_times"]).isdisjoint(results[1]["fresh_times"])
+    assert results[0]["trained"]["entries"] != results[1]["trained"]["entries"]
+    stores = tmp_path / "run" / "checkpoints" / "replay"
+    assert sorted(p.name for p in stores.iterdir()) == ["process_0", "process_1"]

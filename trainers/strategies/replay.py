@@ -64,6 +64,16 @@ def _local_rows(trainer: Any, local: int, rows: int) -> np.ndarray:
     return np.asarray(mine)
 
 
+def _take(x: Any, rows: np.ndarray) -> Any:
+    """`x[rows]` of a replicated step output, from this process's own copy (each process takes
+    other rows, so this cannot be a global computation), before it is copied to the host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.sharding.is_fully_replicated:
+            raise ValueError(f"Replay needs the step's outputs replicated, not {x.sharding}.")
+        x = x.addressable_data(0)
+    return x if len(rows) == len(x) else x[rows]
+
+
 class ReplayStrategy(Strategy):
     """One-step updates on a replay buffer of the model's own predictions; see the module docstring.
 
@@ -238,11 +248,11 @@ class ReplayStrategy(Strategy):
             outputs: `loss_fn`'s `metrics[OUTPUTS]`: predicted `surf` `{v: (b, 1, h, w)}`,
                 `atmos` `{v: (b, 1, levels, h, w)}`, `time` `(b,)`, `rollout_step` `(b,)`.
         """
-        pred = jax.device_get(outputs)
+        rows = _local_rows(trainer, len(self._pending), len(outputs["time"]))
+        pred = jax.device_get(jax.tree_util.tree_map(lambda x: _take(x, rows), outputs))
         cap = self.max_lead_steps(trainer.global_step)
-        rows = _local_rows(trainer, len(self._pending), len(pred["time"]))
         children = []  # (parent, row, time, rollout_step)
-        for parent, i in zip(self._pending, rows, strict=True):
+        for i, parent in enumerate(self._pending):
             time, step = int(pred["time"][i]), int(pred["rollout_step"][i])
             if step + 1 <= cap:  # the child's lead, `Entry.lead_steps`
                 children.append((parent, i, time, step))

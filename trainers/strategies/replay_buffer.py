@@ -191,13 +191,14 @@ class ReplayBuffer:
         return len(self.entries)
 
     def __deepcopy__(self, memo: dict) -> ReplayBuffer:
-        """An empty buffer with the same settings (strategies are copied before training, and
-        spilled files belong to one buffer)."""
-        if self.entries:
-            raise ValueError("Only an empty replay buffer can be copied.")
-        return ReplayBuffer(
-            self.capacity, self.dtype, self.spill_dir, self.ram_bytes if self.spill_dir else None
-        )
+        """A copy with its own spill directory (spilled files belong to one buffer)."""
+        ram = self.ram_bytes if self.spill_dir is not None else None
+        new = ReplayBuffer(self.capacity, self.dtype, self.spill_dir, ram)
+        new.layout, new.entries, new._count = self.layout, list(self.entries), self._count
+        for name in self._states:
+            new._insert(name, {k: a.copy() for k, a in self._stored(name).items()})
+        new._refs = dict(self._refs)
+        return new
 
     # --- adding and evicting ----------------------------------------------------------------------
     def push_history(
