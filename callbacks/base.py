@@ -12,11 +12,15 @@ computes the union inside the step and returns them in `outputs`. Known names ar
 :data:`MEASUREMENTS`.
 
 State: `state_dict()` returns JSON-serialisable data saved in every checkpoint and given back
-through `load_state_dict()` on resume (e.g. EarlyStopping's best score and patience counter).
+through `load_state_dict()` on resume (e.g. EarlyStopping's best score and patience counter),
+under the callback's `state_key`: its class name plus the arguments it was built with, so that two
+callbacks of one class keep separate states (as Lightning's `Callback.state_key`).
 """
 
 from __future__ import annotations
 
+import inspect
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,10 +44,36 @@ class Callback:
     measurements: tuple[str, ...] = ()
     """In-step measurements this callback needs (keys of :data:`MEASUREMENTS`)."""
 
+    _init_args: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Callback:
+        # The constructor's arguments, kept for `state_key` (no subclass has to pass them on).
+        instance = super().__new__(cls)
+        instance._init_args = (args, kwargs)
+        return instance
+
     @property
     def state_key(self) -> str:
-        """Key of this callback's state in checkpoints; unique per class by default."""
-        return type(self).__qualname__
+        """Key of this callback's state in checkpoints: the class name, followed by the arguments
+        given to the constructor when there are any, e.g. `Timer{'duration': '00:01:00'}`.
+
+        Arguments that are not plain data (str, numbers, None and lists, tuples or dicts of them)
+        appear as their type's name, so that the key is the same in every run. Override it (with
+        :meth:`_generate_state_key`) to keep only the arguments that tell instances apart.
+        """
+        args, kwargs = self._init_args
+        try:
+            bound = inspect.signature(type(self).__init__).bind(self, *args, **kwargs)
+            named = dict(list(bound.arguments.items())[1:])
+        except TypeError:  # a signature `bind` cannot follow: positions as names
+            named = {**{str(i): a for i, a in enumerate(args)}, **kwargs}
+        return self._generate_state_key(**named)
+
+    def _generate_state_key(self, **kwargs: Any) -> str:
+        """`ClassName{repr(kwargs)}`, or the bare class name without kwargs (Lightning's form)."""
+        if not kwargs:
+            return type(self).__qualname__
+        return f"{type(self).__qualname__}{_plain_repr(kwargs)}"
 
     # --- lifecycle ---
     def setup(self, trainer: Trainer, stage: str) -> None:
@@ -58,6 +88,11 @@ class Callback:
     # --- fit ---
     def on_fit_start(self, trainer: Trainer) -> None: ...
     def on_fit_end(self, trainer: Trainer) -> None: ...
+    def on_sanity_check_start(self, trainer: Trainer) -> None:
+        """Before the validation batches `num_sanity_val_steps` runs ahead of training; the
+        validation hooks follow with `trainer.sanity_checking` True."""
+
+    def on_sanity_check_end(self, trainer: Trainer) -> None: ...
     def on_train_start(self, trainer: Trainer) -> None: ...
     def on_train_end(self, trainer: Trainer) -> None: ...
     def on_train_epoch_start(self, trainer: Trainer) -> None: ...
@@ -135,3 +170,22 @@ class Callback:
         extras = trainer.state.extras
         owned = {**extras["callbacks"], self.device_state_key: value}
         trainer.state = trainer.state.replace(extras={**extras, "callbacks": owned})
+
+
+def _plain_repr(value: Any) -> str:
+    """`repr` of plain data; anything else (a function, an object) as `<TypeName>`, whose repr
+    would differ from run to run."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return repr(value)
+    if isinstance(value, os.PathLike):
+        return repr(os.fspath(value))
+    if isinstance(value, (list, tuple)):
+        items = ", ".join(_plain_repr(v) for v in value)
+        return (
+            f"[{items}]"
+            if isinstance(value, list)
+            else f"({items}{',' if len(value) == 1 else ''})"
+        )
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_plain_repr(v)}" for k, v in value.items()) + "}"
+    return f"<{type(value).__name__}>"

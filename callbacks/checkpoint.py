@@ -183,7 +183,7 @@ class ModelCheckpoint(Callback):
             self.save(trainer, force=True)
 
     def on_validation_end(self, trainer: Trainer) -> None:
-        if trainer.stage == "fit":
+        if trainer.stage == "fit" and not trainer.sanity_checking:  # no model is trained yet
             self.save_best(trainer)
 
     def on_train_end(self, trainer: Trainer) -> None:

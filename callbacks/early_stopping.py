@@ -130,6 +130,12 @@ class EarlyStopping(Callback):
         if stage == "fit":
             self._fitting = False
 
+    def on_sanity_check_start(self, trainer: Trainer) -> None:
+        self._fitting = False  # the sanity check's validation is no check of training
+
+    def on_sanity_check_end(self, trainer: Trainer) -> None:
+        self._fitting = True
+
     def on_validation_end(self, trainer: Trainer) -> None:
         if self.check_on == "validation_end":
             self._run_check(trainer)

@@ -176,6 +176,17 @@ def _simple_hparam(value: Any) -> bool | int | float | str:
     return str(value)
 
 
+def _yaml_safe(value: Any) -> Any:
+    """Mappings, sequences and simple values as YAML writes them; anything else as a string."""
+    if isinstance(value, Mapping):
+        return {str(k): _yaml_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_yaml_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return _simple_hparam(value)
+
+
 class _WarnOnce:
     """Logs "writer X ignores Y" once per (writer, kind), not at every step."""
 
@@ -367,11 +378,15 @@ class TensorBoardWriter(MetricWriter):
             self._add(histogram(tag, values, bins), step)
 
     def write_hparams(self, hparams) -> None:
+        """The HPARAMS dashboard's entry (flat `a.b.c` keys) and, since that dashboard shows
+        only runs with metrics it was told of, the same keys as a table under TEXT ("hparams")."""
         from tensorboardX.summary import hparams as hparams_summaries
 
         flat = {k: _simple_hparam(v) for k, v in flatten_hparams(hparams).items()}
         for summary in hparams_summaries(flat, {}):
             self._add(summary, None)
+        rows = "".join(f"| {k} | {v!r} |\n" for k, v in flat.items())
+        self.write_texts(0, {"hparams": "| name | value |\n| --- | --- |\n" + rows})
 
     def flush(self) -> None:
         self._writer.flush()
@@ -562,7 +577,8 @@ class CsvWriter(_LocalFileWriter):
 
     Opened in append mode: a resumed run adds rows to the same file, and the header is written only
     when the file is new or empty. A file whose header differs is refused rather than corrupted.
-    Only scalars are stored; texts, images, histograms and hparams are ignored (logged once).
+    Scalars are stored; hyper-parameters go to `hparams.yaml` beside the file (nested, as
+    Lightning's CSVLogger writes it); texts, images and histograms are ignored (logged once).
 
     Args:
         path: the CSV file (its directory is created if missing).
@@ -600,6 +616,19 @@ class CsvWriter(_LocalFileWriter):
         now = time.time()
         for tag, value in scalars.items():
             self._csv.writerow((step, tag, repr(_as_float(value)), f"{now:.3f}"))
+
+    @property
+    def hparams_path(self) -> pathlib.Path:
+        return self.path.with_name("hparams.yaml")
+
+    def write_hparams(self, hparams) -> None:
+        import yaml
+
+        if hasattr(hparams, "to_dict"):  # ml_collections.ConfigDict
+            hparams = hparams.to_dict()
+        self.hparams_path.write_text(
+            yaml.safe_dump(_yaml_safe(hparams), sort_keys=False), encoding="utf-8"
+        )
 
 
 class JsonlWriter(_LocalFileWriter):

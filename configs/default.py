@@ -120,16 +120,27 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- trainer (Lightning's knobs) --------------------------------------------------------------
     config.trainer = ml_collections.ConfigDict()
+    # Lightning's names and meanings (trainers/trainer.py documents each). Fields typed `object`
+    # take an int (batches, steps) or a float (a fraction of the data's batches) from the command
+    # line, as Lightning's do: --config.trainer.limit_val_batches=0.25.
     config.trainer.max_steps = 10_000
     config.trainer.max_epochs = ml_collections.FieldReference(None, field_type=int)
-    config.trainer.val_check_interval = ml_collections.FieldReference(1000, field_type=int)
-    config.trainer.limit_train_batches = ml_collections.FieldReference(None, field_type=int)
-    config.trainer.limit_val_batches = ml_collections.FieldReference(50, field_type=int)
-    config.trainer.limit_test_batches = ml_collections.FieldReference(None, field_type=int)
-    config.trainer.fast_dev_run = False
+    config.trainer.min_steps = ml_collections.FieldReference(None, field_type=int)
+    config.trainer.min_epochs = ml_collections.FieldReference(None, field_type=int)
+    # int: every N optimiser steps; float: a fraction of an epoch; None: at each epoch's end
+    config.trainer.val_check_interval = ml_collections.FieldReference(1000, field_type=object)
+    config.trainer.check_val_every_n_epoch = ml_collections.FieldReference(1, field_type=int)
+    config.trainer.limit_train_batches = ml_collections.FieldReference(None, field_type=object)
+    config.trainer.limit_val_batches = ml_collections.FieldReference(50, field_type=object)
+    config.trainer.limit_test_batches = ml_collections.FieldReference(None, field_type=object)
+    config.trainer.limit_predict_batches = ml_collections.FieldReference(None, field_type=object)
+    config.trainer.fast_dev_run = ml_collections.FieldReference(False, field_type=object)  # or N
+    config.trainer.num_sanity_val_steps = 0  # Lightning's default is 2 (see the Trainer)
+    config.trainer.overfit_batches = ml_collections.FieldReference(0, field_type=object)
     config.trainer.accumulate_grad_batches = 1
     config.trainer.gradient_clip_val = ml_collections.FieldReference(1.0, field_type=float)
-    config.trainer.precision = "bf16-mixed"  # "32" | "bf16-mixed"
+    config.trainer.gradient_clip_algorithm = "norm"  # "norm" | "value"
+    config.trainer.precision = "bf16-mixed"  # "32" | "bf16-mixed" | "bf16-true"
     config.trainer.remat = "backbone"  # none | backbone | stages | all
     config.trainer.log_every_n_steps = 50
     # Where fit / validate / test / predict start: "last" (the latest checkpoint of the workdir,

@@ -17,6 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +34,7 @@ __all__ = [
     "ITEMS",
     "SIGNATURE_FIELDS",
     "CheckpointConnector",
+    "callback_keys",
     "load_params",
     "model_signature",
     "signature_differences",
@@ -165,6 +169,32 @@ def load_params(path: str | Path) -> Any:
     return restored["params"]
 
 
+def callback_keys(callbacks: Sequence[Any]) -> list[str]:
+    """Each callback's key in a checkpoint's `callbacks`: its `state_key`, with `#2`, `#3`, ...
+    appended to later callbacks whose `state_key` an earlier one already has."""
+    keys, seen = [], Counter[str]()
+    for cb in callbacks:
+        seen[cb.state_key] += 1
+        n = seen[cb.state_key]
+        keys.append(cb.state_key if n == 1 else f"{cb.state_key}#{n}")
+    return keys
+
+
+def _saved_key(key: str, cls: type, states: dict[str, Any], callbacks: Sequence[Any]) -> str | None:
+    """The key of a callback's state among a checkpoint's `states`: its own key; else, for the
+    only callback of its class, the only state saved under that class's name (a checkpoint from
+    before per-instance keys, keyed by the bare class name, or one whose callback was built with
+    other arguments)."""
+    if key in states:
+        return key
+    name = cls.__qualname__
+    same_class = [k for k in states if re.split(r"[{#]", k, maxsplit=1)[0] == name]
+    if len(same_class) == 1 and sum(type(cb) is cls for cb in callbacks) == 1:
+        log.info("Restoring %s's state from the checkpoint's %r.", key, same_class[0])
+        return same_class[0]
+    return None
+
+
 class _ModelMismatch(Exception):
     """A checkpoint of another model: never a reason to fall back to an older checkpoint."""
 
@@ -192,7 +222,10 @@ class CheckpointConnector:
         meta = {
             "global_step": trainer.global_step,
             "data": trainer.data_state(),
-            "callbacks": {cb.state_key: cb.state_dict() for cb in trainer.callbacks},
+            "callbacks": {
+                key: cb.state_dict()
+                for key, cb in zip(callback_keys(trainer.callbacks), trainer.callbacks)
+            },
             "strategy": trainer.strategy.state_dict(),
             "config": _config_json(trainer.config),
             "model": model_signature(trainer.strategy.model, trainer.state.params),
@@ -323,9 +356,10 @@ class CheckpointConnector:
         trainer.state = restored["state"]
         trainer.global_step = int(meta["global_step"])
         states = meta.get("callbacks", {})
-        for cb in trainer.callbacks:
-            if cb.state_key in states:
-                cb.load_state_dict(states[cb.state_key])
+        for cb, key in zip(trainer.callbacks, callback_keys(trainer.callbacks)):
+            saved = _saved_key(key, type(cb), states, trainer.callbacks)
+            if saved is not None:
+                cb.load_state_dict(states[saved])
         trainer.strategy.load_state_dict(meta.get("strategy") or {})
         trainer.strategy.load_array_state(restored["strategy"])
         trainer.restored_checkpoint = path

@@ -16,7 +16,7 @@ import numpy as np
 
 from aurora.batch import Batch
 
-__all__ = ["DataSource", "Example", "InMemoryData", "StatefulIterator"]
+__all__ = ["DataSource", "Example", "FirstBatches", "InMemoryData", "StatefulIterator"]
 
 Example = tuple[Batch, Sequence[Batch]]
 
@@ -69,3 +69,49 @@ class InMemoryData:
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(order)
         return _ListIterator(self.examples, order)
+
+
+class FirstBatches:
+    """The first `n` examples of `source`'s epoch-0 order, the same in every epoch (what
+    `overfit_batches` trains and validates on). Other attributes (e.g. `states_at`) are the
+    source's."""
+
+    def __init__(self, source: DataSource, n: int):
+        self.source = source
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getattr__(self, name: str) -> Any:
+        source = self.__dict__.get("source")  # absent while copy or pickle rebuild the object
+        if source is None:
+            raise AttributeError(name)
+        return getattr(source, name)
+
+    def iterator(self, epoch: int) -> _FirstIterator:
+        return _FirstIterator(self.source.iterator(0), self.n)
+
+
+class _FirstIterator:
+    """At most `n` examples of `inner`; its position is saved with `inner`'s."""
+
+    def __init__(self, inner: StatefulIterator, n: int):
+        self._inner, self._n, self._position = inner, n, 0
+
+    def __iter__(self) -> _FirstIterator:
+        return self
+
+    def __next__(self) -> Example:
+        if self._position >= self._n:
+            raise StopIteration
+        example = next(self._inner)
+        self._position += 1
+        return example
+
+    def get_state(self) -> dict[str, Any]:
+        return {"inner": self._inner.get_state(), "position": self._position}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._inner.set_state(state["inner"])
+        self._position = int(state["position"])

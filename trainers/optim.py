@@ -110,6 +110,7 @@ def make_optimizer(
     total_steps: int | None,
     *,
     gradient_clip_val: float | None = None,
+    gradient_clip_algorithm: str = "norm",
     accumulate_grad_batches: int = 1,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The configured optimiser (`make_base_optimizer`) behind optional global-norm clipping.
@@ -121,7 +122,8 @@ def make_optimizer(
         config: the schedule's fields (`make_schedule`) and the optimiser's
             (`make_base_optimizer`).
         total_steps: optimiser steps of the run, or None.
-        gradient_clip_val: the global gradient norm to clip to, or None.
+        gradient_clip_val: the value to clip gradients to (`clip_gradients`), or None.
+        gradient_clip_algorithm: "norm" or "value" (`clip_gradients`).
         accumulate_grad_batches: micro-batches per optimiser step.
 
     Returns:
@@ -130,7 +132,25 @@ def make_optimizer(
     schedule = make_schedule(config, total_steps)
     tx = make_base_optimizer(config, schedule)
     if gradient_clip_val:
-        tx = optax.chain(optax.clip_by_global_norm(float(gradient_clip_val)), tx)
+        tx = optax.chain(clip_gradients(gradient_clip_val, gradient_clip_algorithm), tx)
     if accumulate_grad_batches > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accumulate_grad_batches)
     return tx, schedule
+
+
+def clip_gradients(value: float, algorithm: str = "norm") -> optax.GradientTransformation:
+    """Lightning's `gradient_clip_val` / `gradient_clip_algorithm` as an optax transformation.
+
+    Args:
+        value: the clipping threshold.
+        algorithm: "norm" scales the gradients down to a global L2 norm of `value` at most;
+            "value" clips each entry to `[-value, value]`.
+
+    Returns:
+        The transformation, to chain before the optimiser.
+    """
+    if algorithm == "norm":
+        return optax.clip_by_global_norm(float(value))
+    if algorithm == "value":
+        return optax.clip(float(value))
+    raise ValueError(f"gradient_clip_algorithm must be 'norm' or 'value', not {algorithm!r}.")

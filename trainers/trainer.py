@@ -29,7 +29,7 @@ from aurora.batch import Batch
 from callbacks.base import MEASUREMENTS, Callback
 from trainers import sharding
 from trainers.checkpointing import CheckpointConnector
-from trainers.data import DataSource, Example
+from trainers.data import DataSource, Example, FirstBatches
 from trainers.state import TrainState
 from trainers.strategies.base import OUTPUTS, Strategy, stack_targets
 
@@ -37,7 +37,8 @@ __all__ = ["Trainer"]
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("32", "bf16-mixed")
+PRECISIONS = ("32", "bf16-mixed", "bf16-true")
+GRADIENT_CLIP_ALGORITHMS = ("norm", "value")
 CKPT_PATHS = ("last", "best")
 """The named `ckpt_path`s; any other string is the path of one checkpoint."""
 REMAT = ("none", "backbone", "stages", "all")
@@ -81,6 +82,41 @@ def _check_time_step(model: Any, example: Example) -> None:
         )
 
 
+def _check_limit(name: str, value: int | float | None) -> None:
+    """A `limit_*_batches` / `overfit_batches` value: None, an int >= 0 or a fraction in [0, 1]."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{name} must be None, a number of batches or a fraction, not {value!r}.")
+    if isinstance(value, float) and value > 1:
+        raise ValueError(f"{name}={value}: a fraction of the batches must be in [0, 1].")
+
+
+def _num_batches(name: str, limit: int | float | None, data: Any) -> int | None:
+    """The batches `limit` allows from `data`: an int is a count, a float a fraction of
+    `len(data)` (rounded down, as Lightning does); None or 1.0: all of them (None)."""
+    if limit is None or (isinstance(limit, float) and limit == 1.0):
+        return None
+    if isinstance(limit, int):
+        return limit
+    total = _length(name, limit, data)
+    batches = int(total * limit)
+    if limit > 0 and batches == 0:
+        raise ValueError(f"{name}={limit} of {total} batches is none: give at least 1 batch.")
+    return batches
+
+
+def _length(name: str, fraction: float, data: Any) -> int:
+    """`len(data)`, which the fraction `name=fraction` is a fraction of."""
+    try:
+        return len(data)
+    except TypeError:
+        raise ValueError(
+            f"{name}={fraction} is a fraction of the data's batches, but {type(data).__name__} "
+            "has no len(): give a number instead."
+        ) from None
+
+
 @jax.jit
 def _accumulate(
     averages: dict[str, metrics.Average] | None, outputs: dict[str, jax.Array]
@@ -112,14 +148,39 @@ class Trainer:
         config: the run's config, saved in checkpoints.
         max_steps: training stops after this many optimiser steps.
         max_epochs: training stops after this many epochs.
-        val_check_interval: validate every this many steps; None: at each epoch end.
-        limit_train_batches: at most this many batches per epoch (likewise `limit_val_batches`,
-            `limit_test_batches`).
-        fast_dev_run: one train and one validation batch, and nothing written.
+        min_steps: a stop asked for earlier (`should_stop`, e.g. by `EarlyStopping`) waits until
+            this many optimiser steps are done; a stop every process already agreed on
+            (`stop_agreed`: `Preemption`) still takes effect at once.
+        min_epochs: likewise, until this many epochs are done.
+        val_check_interval: an int: validate every this many optimiser steps, counted across
+            epochs (Lightning's int with `check_val_every_n_epoch=None`); a float in (0, 1]: that
+            fraction of an epoch's steps (0.25: four times an epoch; needs data with a `len`);
+            None: at each epoch's end.
+        check_val_every_n_epoch: epoch-end and fractional validation run only in every n-th epoch
+            (the int `val_check_interval` ignores it); None only with an int `val_check_interval`.
+        limit_train_batches: at most this many batches per epoch: an int, or a float fraction of
+            the data's `len` (likewise `limit_val_batches`, `limit_test_batches`,
+            `limit_predict_batches`; 0 validation batches: no validation).
+        fast_dev_run: True or N: N optimiser steps (N x `accumulate_grad_batches` batches), N
+            batches of validation (after step N), test and predict, no sanity check, and nothing
+            written: no checkpoint, metric or hparams.
+        num_sanity_val_steps: validation batches run before the first training step, to find a
+            broken validation before hours of training (-1: all of `limit_val_batches`); their
+            metrics are neither logged nor kept, and callbacks see `trainer.sanity_checking`.
+            The default is 0, not Lightning's 2: each fit would otherwise compile the evaluation
+            step before training starts (minutes at 0.25 degrees) and run two validation batches
+            more, and the hook order and step counts that callbacks and tests rely on would change.
+        overfit_batches: train on the first N batches (an int, or a fraction of the data's `len`)
+            of epoch 0's order in every epoch, and validate on the same N; 0: off. Training and
+            validation limits are ignored.
         accumulate_grad_batches: average gradients over this many micro-batches per optimiser
             step (`optax.MultiSteps`).
-        gradient_clip_val: clip gradients to this global norm.
-        precision: `"32"`, or `"bf16-mixed"` (backbone in bfloat16, float32 master parameters).
+        gradient_clip_val: clip gradients to this value (None or 0: no clipping).
+        gradient_clip_algorithm: `"norm"`, the global norm of the trained gradients, or
+            `"value"`, each gradient entry to [-gradient_clip_val, gradient_clip_val].
+        precision: `"32"`; `"bf16-mixed"` (backbone in bfloat16, float32 master parameters);
+            `"bf16-true"` (parameters and optimiser state stored in bfloat16, half their float32
+            memory; the backbone computes in bfloat16 as under "bf16-mixed").
         remat: rematerialisation, one of :data:`REMAT`: `"backbone"` every Swin block and the
             level Perceivers, `"stages"` also whole backbone stages, `"all"` also each rollout
             step.
@@ -150,13 +211,20 @@ class Trainer:
         config: Any = None,
         max_steps: int | None = None,
         max_epochs: int | None = None,
-        val_check_interval: int | None = None,
-        limit_train_batches: int | None = None,
-        limit_val_batches: int | None = None,
-        limit_test_batches: int | None = None,
-        fast_dev_run: bool = False,
+        min_steps: int | None = None,
+        min_epochs: int | None = None,
+        val_check_interval: int | float | None = None,
+        check_val_every_n_epoch: int | None = 1,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        fast_dev_run: bool | int = False,
+        num_sanity_val_steps: int = 0,
+        overfit_batches: int | float = 0,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
         precision: str = "32",
         remat: str = "none",
         log_every_n_steps: int = 10,
@@ -173,6 +241,38 @@ class Trainer:
             raise ValueError(f"remat must be one of {REMAT}, not {remat!r}.")
         if max_steps is None and max_epochs is None and not fast_dev_run:
             raise ValueError("Set max_steps or max_epochs.")
+        if gradient_clip_algorithm not in GRADIENT_CLIP_ALGORITHMS:
+            raise ValueError(
+                f"gradient_clip_algorithm must be one of {GRADIENT_CLIP_ALGORITHMS}, not "
+                f"{gradient_clip_algorithm!r}."
+            )
+        if isinstance(val_check_interval, float) and not 0 < val_check_interval <= 1:
+            raise ValueError(
+                f"val_check_interval={val_check_interval}: a fraction of an epoch is in (0, 1]."
+            )
+        if check_val_every_n_epoch is None and not isinstance(val_check_interval, int):
+            raise ValueError(
+                "check_val_every_n_epoch=None validates only every val_check_interval steps: give "
+                "val_check_interval as an int."
+            )
+        limits = {
+            "limit_train_batches": limit_train_batches,
+            "limit_val_batches": limit_val_batches,
+            "limit_test_batches": limit_test_batches,
+            "limit_predict_batches": limit_predict_batches,
+            "overfit_batches": overfit_batches,
+        }
+        for name, value in limits.items():
+            _check_limit(name, value)
+        fast_dev_run = int(fast_dev_run)
+        if fast_dev_run < 0:
+            raise ValueError("fast_dev_run must be a bool or a number of steps >= 0.")
+        if fast_dev_run:  # Lightning's debugging flags
+            max_steps, max_epochs = fast_dev_run, 1
+            val_check_interval, check_val_every_n_epoch = fast_dev_run, 1
+            limit_train_batches = fast_dev_run * accumulate_grad_batches
+            limit_val_batches = limit_test_batches = limit_predict_batches = fast_dev_run
+            num_sanity_val_steps = 0
         unknown = {m for cb in callbacks for m in cb.measurements} - set(MEASUREMENTS)
         if unknown:
             raise ValueError(
@@ -186,14 +286,23 @@ class Trainer:
         self.workdir = Path(workdir) if workdir is not None else None
         self.config = config
         self.fast_dev_run = fast_dev_run
-        self.max_steps = 1 if fast_dev_run else max_steps
+        """The number of fast_dev_run steps; 0 when off."""
+        self.max_steps = max_steps
         self.max_epochs = max_epochs
-        self.val_check_interval = 1 if fast_dev_run else val_check_interval
+        self.min_steps = min_steps
+        self.min_epochs = min_epochs
+        self.val_check_interval = val_check_interval
+        self.check_val_every_n_epoch = check_val_every_n_epoch
         self.limit_train_batches = limit_train_batches
-        self.limit_val_batches = 1 if fast_dev_run else limit_val_batches
+        self.limit_val_batches = limit_val_batches
         self.limit_test_batches = limit_test_batches
+        self.limit_predict_batches = limit_predict_batches
+        self.num_sanity_val_steps = num_sanity_val_steps
+        self.overfit_batches = overfit_batches
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.precision = precision
         self.log_every_n_steps = log_every_n_steps
         self.seed = seed
         self.init_params = init_params
@@ -214,6 +323,8 @@ class Trainer:
         self.current_epoch = 0
         self.batch_idx = 0
         self.should_stop = False
+        self.sanity_checking = False
+        """True while the `num_sanity_val_steps` batches run (Lightning's flag)."""
         self.stop_agreed = False
         """Set with `should_stop` by a callback whose stop every process already agreed on at
         this step (e.g. `Preemption`, after its own all-gather): it takes effect at once."""
@@ -227,6 +338,9 @@ class Trainer:
         self._checkpoint_connector = CheckpointConnector(self)
         self._flush_writers_at_next_step = False
         self._pending_metrics: tuple[int, dict[str, Any], dict[str, float]] | None = None
+        self._train_batches: int | None = None
+        self._val_every_steps: int | None = None
+        self._stop_deferred_logged = False
         self.logged_step: int | None = None
         """The step of the training metrics in `callback_metrics` (logged steps are fetched from
         the device one step late)."""
@@ -247,7 +361,7 @@ class Trainer:
             metrics: `{tag: value}`, e.g. `{"train/loss": 0.5}`.
             step: the step to log at (default: the global step).
         """
-        if not self.is_global_zero or not metrics:
+        if not self.is_global_zero or not metrics or self.sanity_checking:
             return
         step = self.global_step if step is None else int(step)
         for writer in self.writers:
@@ -387,6 +501,7 @@ class Trainer:
             self.optimizer_config,
             self.max_steps,
             gradient_clip_val=self.gradient_clip_val,
+            gradient_clip_algorithm=self.gradient_clip_algorithm,
             accumulate_grad_batches=self.accumulate_grad_batches,
         )
         if self.state is None:
@@ -399,7 +514,7 @@ class Trainer:
         rng = jax.random.PRNGKey(self.seed)
         if self.mesh is None:
             return self._with_device_states(
-                self.strategy.init_state(rng, inputs, tx, self.init_params)
+                self._at_precision(self.strategy.init_state(rng, inputs, tx, self.init_params))
             )
         params = self.init_params
         if params is not None:  # given weights go where the state will hold them
@@ -418,7 +533,8 @@ class Trainer:
 
         def init(params: Any) -> TrainState:
             batch = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            return self._with_device_states(self.strategy.init_state(rng, batch, tx, params))
+            state = self._at_precision(self.strategy.init_state(rng, batch, tx, params))
+            return self._with_device_states(state)
 
         create, self._state_shardings = sharding.jit_init(
             init,
@@ -439,6 +555,17 @@ class Trainer:
                 owned[cb.device_state_key] = value
         return state.replace(extras={**state.extras, "callbacks": owned}) if owned else state
 
+    def _at_precision(self, state: TrainState) -> TrainState:
+        """Under "bf16-true", the parameters in bfloat16 and the optimiser state made anew from
+        them (so that Adam's moments are bfloat16 too); otherwise `state` as it is."""
+        if self.precision != "bf16-true":
+            return state
+        params = jax.tree_util.tree_map(
+            lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+            state.params,
+        )
+        return state.replace(params=params, opt_state=state.tx.init(params))
+
     def _device_batch(self, example: Example) -> tuple[Batch, Batch]:
         """Host example -> the step's batch: on the mesh (this process's rows of the global batch)
         or on the default device."""
@@ -456,6 +583,7 @@ class Trainer:
                 kwargs["out_shardings"] = (
                     (self._state_shardings, replicated) if train else replicated
                 )
+                fn = sharding.in_mesh(fn, self.mesh)
             self._compiled[name] = jax.jit(fn, **kwargs)
         return self._compiled[name]
 
@@ -509,8 +637,12 @@ class Trainer:
         with self._stage("fit"):
             first = next(iter(train_data.iterator(0)))
             self._setup_state(first, self._ckpt_path(ckpt_path), fitting=True)
+            train_data, val_data = self._fit_data(train_data, val_data)
+            self._log_hyperparams()
             for cb in self.callbacks:
                 cb.on_fit_start(self)
+            if val_data is not None:
+                self._sanity_check(val_data)
             for cb in self.callbacks:
                 cb.on_train_start(self)
             self._fit_loop(train_data, val_data)
@@ -519,6 +651,99 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_fit_end(self)
         return self.state
+
+    def _fit_data(
+        self, train_data: DataSource, val_data: DataSource | None
+    ) -> tuple[DataSource, DataSource | None]:
+        """The data `fit` runs on (`overfit_batches`; no validation under `limit_val_batches=0`),
+        with the batches per epoch and the fractional validation interval worked out."""
+        self._train_batches = _num_batches(
+            "limit_train_batches", self.limit_train_batches, train_data
+        )
+        if self.overfit_batches:
+            n = _num_batches("overfit_batches", self.overfit_batches, train_data)
+            if n is None:
+                n = _length("overfit_batches", self.overfit_batches, train_data)
+            train_data = FirstBatches(train_data, n)
+            val_data = None if val_data is None else train_data
+            self._train_batches = None
+        elif val_data is not None and self._val_batches(val_data) == 0:
+            val_data = None
+        self._val_every_steps = None
+        if isinstance(self.val_check_interval, float):
+            batches = self._train_batches
+            if batches is None:
+                batches = _length("val_check_interval", self.val_check_interval, train_data)
+            steps = batches // self.accumulate_grad_batches
+            self._val_every_steps = max(1, int(steps * self.val_check_interval))
+        return train_data, val_data
+
+    def _val_batches(self, data: DataSource) -> int | None:
+        if self.overfit_batches:
+            return None
+        return _num_batches("limit_val_batches", self.limit_val_batches, data)
+
+    def _log_hyperparams(self) -> None:
+        """The run's config to every writer, once per fit (Lightning's `log_hyperparams`); not
+        under `fast_dev_run`."""
+        if self.config is None or self.fast_dev_run or not self.is_global_zero:
+            return
+        for writer in self.writers:
+            writer.write_hparams(self.config)
+
+    def _sanity_check(self, val_data: DataSource) -> None:
+        """Run `num_sanity_val_steps` validation batches; their metrics are not kept."""
+        limit = self._val_batches(val_data)
+        steps = limit if self.num_sanity_val_steps < 0 else self.num_sanity_val_steps
+        if limit is not None and steps is not None:
+            steps = min(steps, limit)
+        if steps == 0:
+            return
+        kept = dict(self.callback_metrics)
+        self.sanity_checking = True
+        try:
+            for cb in self.callbacks:
+                cb.on_sanity_check_start(self)
+            self._validation_loop(val_data, max_batches=steps)
+            for cb in self.callbacks:
+                cb.on_sanity_check_end(self)
+        finally:
+            self.sanity_checking = False
+            self.callback_metrics = kept
+
+    def _validates_this_epoch(self) -> bool:
+        every = self.check_val_every_n_epoch
+        return every is not None and (self.current_epoch + 1) % every == 0
+
+    def _validates_at_this_step(self) -> bool:
+        """Whether to validate after the optimiser step just taken (see `val_check_interval`)."""
+        interval = self.val_check_interval
+        if isinstance(interval, float):
+            steps_in_epoch = self.batch_idx // self.accumulate_grad_batches
+            return self._validates_this_epoch() and steps_in_epoch % self._val_every_steps == 0
+        return bool(interval) and self.global_step % interval == 0
+
+    def _may_stop(self) -> bool:
+        """Whether a stop asked for may take effect now: at once if every process already agreed
+        on it (`stop_agreed`), else once `min_steps` and `min_epochs` are done."""
+        if self.stop_agreed:
+            return True
+        done = (self.min_steps is None or self.global_step >= self.min_steps) and (
+            self.min_epochs is None or self.current_epoch >= self.min_epochs
+        )
+        if not done and not self._stop_deferred_logged:
+            self._stop_deferred_logged = True
+            log.info(
+                "Stop asked for at step %d; training goes on to min_steps=%s / min_epochs=%s.",
+                self.global_step,
+                self.min_steps,
+                self.min_epochs,
+            )
+        return done
+
+    def _stop_now(self, now: bool = False) -> bool:
+        """`_agree_to_stop`, held back until `min_steps` / `min_epochs` are done."""
+        return self._agree_to_stop(now) and self._may_stop()
 
     def _epoch_done(self) -> bool:
         return self.max_epochs is not None and self.current_epoch >= self.max_epochs
@@ -529,7 +754,7 @@ class Trainer:
     def _fit_loop(self, train_data: DataSource, val_data: DataSource | None) -> None:
         resume = self._resume or {}
         self.current_epoch = int(resume.get("epoch", 0))
-        while not (self._agree_to_stop(now=True) or self._steps_done() or self._epoch_done()):
+        while not (self._stop_now(now=True) or self._steps_done() or self._epoch_done()):
             self._train_iterator = train_data.iterator(self.current_epoch)
             self.batch_idx = 0
             if resume.get("iterator") is not None:  # continue the interrupted epoch exactly
@@ -542,7 +767,11 @@ class Trainer:
                 break
             for cb in self.callbacks:
                 cb.on_train_epoch_end(self)
-            if val_data is not None and self.val_check_interval is None:
+            if (
+                val_data is not None
+                and self.val_check_interval is None
+                and self._validates_this_epoch()
+            ):
                 self._validation_loop(val_data)
             self.current_epoch += 1
 
@@ -553,7 +782,7 @@ class Trainer:
         host-bound outputs (`Strategy.on_step_outputs`) before any callback sees the step.
         """
         for example in self.strategy.train_examples(self, self._train_iterator, train_data):
-            if self.limit_train_batches is not None and self.batch_idx >= self.limit_train_batches:
+            if self._train_batches is not None and self.batch_idx >= self._train_batches:
                 break
             if self._flush_writers_at_next_step:  # rows logged after the last checkpoint
                 self._flush_writers()
@@ -576,14 +805,10 @@ class Trainer:
                 self._queue_metrics(outputs)
             for cb in self.callbacks:
                 cb.on_train_batch_end(self, outputs, example, self.batch_idx - 1)
-            if (
-                val_data is not None
-                and self.val_check_interval
-                and self.global_step % self.val_check_interval == 0
-            ):
+            if val_data is not None and self._validates_at_this_step():
                 self._fetch_metrics()
                 self._validation_loop(val_data)
-            if self._agree_to_stop() or self._steps_done():
+            if self._stop_now() or self._steps_done():
                 self._fetch_metrics()
                 return False
         self._fetch_metrics()
@@ -638,6 +863,7 @@ class Trainer:
     def _evaluate(
         self, data: DataSource, prefix: str, limit: int | None, hooks: _EvalHooks
     ) -> dict[str, float]:
+        """Mean metrics over at most `limit` batches (None: all)."""
         averages: dict[str, metrics.Average] | None = None
         for cb in self.callbacks:
             hooks.epoch_start(cb)
@@ -676,7 +902,10 @@ class Trainer:
             self.load(data, ckpt_path)
             return self._validation_loop(data)
 
-    def _validation_loop(self, data: DataSource) -> dict[str, float]:
+    def _validation_loop(
+        self, data: DataSource, max_batches: int | None = None
+    ) -> dict[str, float]:
+        """Validate on `max_batches` batches (default `limit_val_batches`')."""
         hooks = _EvalHooks(
             epoch_start=lambda cb: cb.on_validation_epoch_start(self),
             batch_start=lambda cb, batch, i: cb.on_validation_batch_start(self, batch, i),
@@ -685,7 +914,8 @@ class Trainer:
         )
         for cb in self.callbacks:
             cb.on_validation_start(self)
-        metrics = self._evaluate(data, "val", self.limit_val_batches, hooks)
+        limit = self._val_batches(data) if max_batches is None else max_batches
+        metrics = self._evaluate(data, "val", limit, hooks)
         for cb in self.callbacks:
             cb.on_validation_end(self)
         return metrics
@@ -710,7 +940,8 @@ class Trainer:
             self.load(data, ckpt_path)
             for cb in self.callbacks:
                 cb.on_test_start(self)
-            metrics = self._evaluate(data, "test", self.limit_test_batches, hooks)
+            limit = _num_batches("limit_test_batches", self.limit_test_batches, data)
+            metrics = self._evaluate(data, "test", limit, hooks)
             for cb in self.callbacks:
                 cb.on_test_end(self)
         return metrics
@@ -723,7 +954,8 @@ class Trainer:
         One compiled model step serves every batch, rollout step and later call.
 
         Args:
-            data: the examples to predict from (their targets are not used).
+            data: the examples to predict from (their targets are not used; at most
+                `limit_predict_batches` batches).
             steps: rollout steps per input.
             ckpt_path: the checkpoint to predict with (see `load`).
 
@@ -741,7 +973,10 @@ class Trainer:
                 cb.on_predict_start(self)
             for cb in self.callbacks:
                 cb.on_predict_epoch_start(self)
+            limit = _num_batches("limit_predict_batches", self.limit_predict_batches, data)
             for batch_idx, example in enumerate(data.iterator(0)):
+                if limit is not None and batch_idx >= limit:
+                    break
                 for cb in self.callbacks:
                     cb.on_predict_batch_start(self, example, batch_idx)
                 inputs, _ = _to_device_batch(example)

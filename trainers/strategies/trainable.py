@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import optax
 
-from trainers.optim import make_optimizer
+from trainers.optim import clip_gradients, make_optimizer
 
 __all__ = [
     "FROZEN",
@@ -231,6 +231,7 @@ class Trainable:
         total_steps: int | None,
         *,
         gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
         accumulate_grad_batches: int = 1,
     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
         """AdamW per group and `set_to_zero` for frozen leaves.
@@ -244,7 +245,8 @@ class Trainable:
         Args:
             optim_config: `trainers.optim.make_optimizer`'s fields, plus any prefixed per group.
             total_steps: optimiser steps of the run (for a cosine schedule), or None.
-            gradient_clip_val: global-norm clipping of the trained gradients, or None.
+            gradient_clip_val: clipping of the trained gradients, or None.
+            gradient_clip_algorithm: "norm" (their global norm) or "value" (each entry).
             accumulate_grad_batches: micro-batches per optimiser step.
 
         Returns:
@@ -255,6 +257,7 @@ class Trainable:
                 self._group_config(optim_config, self.groups[0]),
                 total_steps,
                 gradient_clip_val=gradient_clip_val,
+                gradient_clip_algorithm=gradient_clip_algorithm,
                 accumulate_grad_batches=accumulate_grad_batches,
             )
         built = [
@@ -266,7 +269,9 @@ class Trainable:
                 {g.name: tx for g, (tx, _) in zip(self.groups, built)}, self.labels
             )
         if gradient_clip_val:
-            trained = optax.chain(optax.clip_by_global_norm(float(gradient_clip_val)), trained)
+            trained = optax.chain(
+                clip_gradients(gradient_clip_val, gradient_clip_algorithm), trained
+            )
         if accumulate_grad_batches > 1:
             trained = optax.MultiSteps(
                 trained, every_k_schedule=accumulate_grad_batches
