@@ -1,9 +1,10 @@
 """The replay strategy's buffer: entries that share their states, stored compactly, optionally
 spilled to local disk, and checkpointed incrementally by each process on its own.
 
-At 0.25° one atmospheric state of AuroraPretrained is 4 + 5 x 13 = 69 fields of 720 x 1440
-values, 286 MB in float32, and an entry is an input history of two states. The layout keeps the
-paper's 200 entries per device affordable:
+At 0.25° one state of AuroraPretrained is 4 surface + 5 x 13 atmospheric = 69 fields of
+720 x 1440 values, 286 MB in float32, and an entry is an input history of two states. The layout
+keeps the paper's 200 entries per device affordable (`benchmarks/replay_memory.py` computes the
+bytes):
 
 * **Shared states.** A prediction's entry is `(its parent's newer state, the prediction)`, so
   consecutive entries of one chain share a state. States are stored once, counted by reference,
@@ -13,9 +14,9 @@ paper's 200 entries per device affordable:
   field's values linearly onto 0..65534 (offset and scale per field, NaN as 65535): half of
   float32's bytes with an error of at most half a step, `(max - min) / 131068` of that field in that
   state. bfloat16 costs the same bytes but its error scales with the values' magnitude rather than
-  their spread: up to 2^-8 of the value, about 200 m²/s² on a 500 hPa geopotential of 55,000
-  m²/s² and 1 K on a 250 K temperature, more than a 6-hour forecast's error; uint16's is about
-  0.1 m²/s² and 1 mK there. `"float32"` keeps the values exactly.
+  their spread: up to 2^-8 of the value, 128 m²/s² on a 500 hPa geopotential near 55,000 m²/s²
+  and 0.5 K on a 250 K temperature, more than a 6-hour forecast's error; uint16's is about
+  0.1 m²/s² and under 1 mK there. `"float32"` keeps the values exactly.
 * **Spill** (`spill_dir`, `ram_bytes`). Beyond `ram_bytes` of states in memory, the oldest go to
   one `.npz` file each under a directory of their own in `spill_dir` (local disk), read back
   exactly when sampled, deleted with their last entry and when the buffer is garbage collected.
