@@ -62,8 +62,11 @@ class EMA(Callback):
     trainer's state from the start to the end of each evaluation epoch of the `evaluate` stages
     (as Lightning's `WeightAveraging` swaps them), so the evaluation step, its metrics and the
     batch hooks of other callbacks see the average; checkpoints, written outside those epochs,
-    always hold the trained parameters and the average apart. Changing the arguments of a run's
-    `EMA` changes its `state_key`, so the run's checkpoints no longer restore: start afresh.
+    always hold the trained parameters and the average apart. The average is part of the state's
+    structure: a run's checkpoints restore only into a run with the same `EMA`s (adding, removing
+    or changing the arguments of one, which are in its `state_key`, makes them fail to restore),
+    so add it from the start; `config.init.orbax_checkpoint` still starts a new run from such a
+    checkpoint's parameters.
 
     Args:
         decay: the weight of the old average, e.g. 0.999 (an average over ~1000 steps).
