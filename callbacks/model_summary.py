@@ -9,8 +9,8 @@ leaves (`encoder/surf_token_embeds`), and which leaves train is the strategy's `
 from __future__ import annotations
 
 import dataclasses
-import logging
-from typing import TYPE_CHECKING, Any
+import sys
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 from clu import parameter_overview
@@ -22,8 +22,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from trainers.trainer import Trainer
 
 __all__ = ["ModelSummary", "ModuleRow", "summarize"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -74,16 +72,18 @@ def summarize(params: Any, trainable: Any = None, max_depth: int = 1) -> list[Mo
 
 
 class ModelSummary(Callback):
-    """Log the parameters per module, trainable and frozen, when fit starts (process 0).
+    """Print the parameters per module, trainable and frozen, when fit starts (process 0).
 
-    The table goes to the log (INFO); `rows` keeps it, the last row the totals.
+    `rows` keeps the counts, the last row the totals.
 
     Args:
         max_depth: as for :func:`summarize`: 1 the top-level modules, -1 every module, 0 totals.
+        stream: where to print (default: `sys.stdout` at the time fit starts).
     """
 
-    def __init__(self, max_depth: int = 1):
+    def __init__(self, max_depth: int = 1, stream: TextIO | None = None):
         self.max_depth = int(max_depth)
+        self.stream = stream
         self.rows: list[ModuleRow] = []
 
     def table(self) -> str:
@@ -103,4 +103,4 @@ class ModelSummary(Callback):
         self.rows = summarize(trainer.state.params, trainable, self.max_depth)
         if not trainer.is_global_zero:
             return
-        log.info("Model summary:\n%s", self.table())
+        print(self.table(), file=self.stream or sys.stdout, flush=True)

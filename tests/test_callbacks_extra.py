@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import jax
 import ml_collections
 import numpy as np
@@ -174,7 +176,8 @@ def _summary_fit(strategy, summary: ModelSummary) -> Trainer:
 
 
 def test_model_summary_counts_match_a_hand_count() -> None:
-    summary = ModelSummary(max_depth=2)
+    printed = io.StringIO()
+    summary = ModelSummary(max_depth=2, stream=printed)
     trainer = _summary_fit(_strategy(tiny_model()), summary)
     flat = _flat(trainer.state.params)
     rows = {row.name: row for row in summary.rows}
@@ -192,7 +195,7 @@ def test_model_summary_counts_match_a_hand_count() -> None:
     }
     for module in modules:
         assert rows["/".join(module)].total == _leaf_count(flat, lambda k, m=module: k[:2] == m)
-    assert f"Total params: {total.total:,}" in summary.table()
+    assert f"Total params: {total.total:,}" in printed.getvalue() == summary.table() + "\n"
 
 
 def test_model_summary_of_lora_freezes_exactly_the_base_model() -> None:
