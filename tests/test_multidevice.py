@@ -142,3 +142,62 @@ def test_initialisation_program_needs_about_an_eighth_per_device() -> None:
     assert plan.output_size_in_bytes == pytest.approx(first, rel=0.02)
     assert plan.temp_size_in_bytes < first / 2
     assert plan.output_size_in_bytes + plan.temp_size_in_bytes < total / 4
+
+
+INVOLUNTARY = "Involuntary full rematerialization"
+
+
+@EIGHT
+def test_fsdp_steps_keep_activations_split_by_rows(capfd) -> None:
+    """With the model's activation sharding hints in context, XLA never replicates a whole
+    activation to re-split it (the FSDP-sharded kernels of the level Perceivers' heads and of the
+    backbone's patch splitting otherwise leak their sharding into the activations)."""
+    model = tiny_model()
+    trainer = Trainer(
+        RolloutStrategy(model),
+        optimizer=OPTIM,
+        mesh=sharding.make_mesh(data=1, fsdp=8),
+        min_shard_size=SMALL,
+        max_steps=1,
+        remat="backbone",
+    )
+    trainer.fit(InMemoryData([_example(model)], shuffle=False))
+    err = capfd.readouterr().err
+    assert trainer.global_step == 1
+    assert INVOLUNTARY not in err, err[err.find(INVOLUNTARY) - 300 :][:1500]
+
+
+@EIGHT
+def test_chunked_rematerialisation_chunks_each_devices_rows(monkeypatch) -> None:
+    """A rematerialised level Perceiver with more rows per device than its chunk scans over each
+    device's own rows (never over the sharded axis), with the values and gradients of one device."""
+    from aurora.model import layers
+    from aurora.model.perceiver import PerceiverResampler
+
+    calls = []
+    per_shard = layers._remat_in_chunks_per_shard
+    monkeypatch.setattr(
+        layers,
+        "_remat_in_chunks_per_shard",
+        lambda *args, **kwargs: calls.append(args[-1]) or per_shard(*args, **kwargs),
+    )
+    module = PerceiverResampler(latent_dim=16, head_dim=4, num_heads=2, remat=True, chunk=3)
+    rng = np.random.default_rng(0)
+    latents = jnp.asarray(rng.standard_normal((2, 16)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((8 * 10, 3, 16)), jnp.float32)  # 10 rows per device
+    params = module.init(jax.random.PRNGKey(0), latents, x)
+
+    def loss(params, x):
+        out = module.apply(params, latents, x)
+        return jnp.sum(out * jnp.arange(out.size, dtype=out.dtype).reshape(out.shape) / out.size)
+
+    value_and_grad = jax.value_and_grad(loss, argnums=(0, 1))
+    expected = jax.jit(value_and_grad)(params, x)
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
+    sharded = jax.jit(sharding.in_mesh(value_and_grad, mesh))(params, jax.device_put(x, rows))
+    assert calls == [8]
+    for a, b in zip(
+        jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(sharded), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)

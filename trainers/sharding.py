@@ -25,6 +25,7 @@ process-local batches (`jax.make_array_from_process_local_data`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -37,12 +38,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from aurora.model import partitioning
+
 __all__ = [
     "AXES",
     "BATCH_AXES",
     "batch_shardings",
     "detect_cluster",
     "example_shardings",
+    "in_mesh",
     "initialize_distributed",
     "jit_init",
     "leaf_spec",
@@ -56,7 +60,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over every device
+BATCH_AXES = partitioning.BATCH_AXES  # the batch dimension is split over every device
 
 Rule = tuple[str, Sequence[str | None]]
 """`(regex, spec)`: leaves whose path matches `regex` get `PartitionSpec(*spec)`."""
@@ -155,6 +159,18 @@ def jit_init(
     abstract = jax.eval_shape(init, *args)
     shardings = state_shardings(abstract, mesh, rules, min_shard_size)
     return jax.jit(init, out_shardings=shardings), shardings
+
+
+def in_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+    """`fn` traced with `mesh` in context, so that the model's activation sharding hints
+    (`aurora.model.partitioning`) keep activations split by rows over the batch axes."""
+
+    @functools.wraps(fn)
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def put_state(state: Any, shardings: Any) -> Any:

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from aurora.model.layers import Dense, LayerNorm, Precision
+from aurora.model.partitioning import shard_rows
 
 __all__ = ["AdaptiveLayerNorm"]
 
@@ -39,6 +40,9 @@ class AdaptiveLayerNorm(nn.Module):
         )(nn.silu(c))
         if c.ndim == 2:
             c = c[:, None, :]
-        shift, scale = jnp.split(c, 2, axis=-1)
-        normed = LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype, name="ln")(x)
+        # Split by rows like the tokens, not along the channels like the FSDP-sharded kernel.
+        shift, scale = jnp.split(shard_rows(c), 2, axis=-1)
+        normed = LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype, name="ln")(
+            shard_rows(x)
+        )
         return normed * (self.scale_bias + scale) + shift

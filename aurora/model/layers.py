@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from aurora.model.partitioning import row_shards, shard_rows
+
 __all__ = [
     "Dense",
     "LayerNorm",
@@ -275,8 +277,11 @@ def remat_in_chunks(
     Returns:
         jax.Array: `fn`'s output, `R` rows along `axis`.
     """
-    body = nn.remat(fn)
     rows = inputs[0].shape[axis]
+    shards = row_shards() if axis == 0 else 1
+    if chunk and shards > 1 and rows % shards == 0 and rows // shards > chunk:
+        return _remat_in_chunks_per_shard(fn, module, broadcast, inputs, chunk, shards)
+    body = nn.remat(fn)
     if not chunk or rows <= chunk:
         return body(module, broadcast, *inputs)
     n = -(-rows // chunk)
@@ -296,3 +301,31 @@ def remat_in_chunks(
     out = jnp.moveaxis(out, 0, axis)
     out = out.reshape(*out.shape[:axis], n * chunk, *out.shape[axis + 2 :])
     return jax.lax.slice_in_dim(out, 0, rows, axis=axis)
+
+
+def _remat_in_chunks_per_shard(
+    fn: Callable[..., jax.Array],
+    module: nn.Module,
+    broadcast: Any,
+    inputs: Sequence[jax.Array],
+    chunk: int,
+    shards: int,
+) -> jax.Array:
+    """`remat_in_chunks` along axis 0 when a mesh splits those rows over `shards` devices.
+
+    Chunking the global rows would scan over the sharded axis (each chunk on one device, the rest
+    idle, and whole activations moved between them). Instead the rows are viewed as
+    `(shards, rows / shards)` and each device's own rows are chunked, `chunk` at a time per device;
+    `fn` sees each step's rows of every device flattened back to one axis.
+    """
+    rows = inputs[0].shape[0]
+
+    def per_shard(t: jax.Array) -> jax.Array:
+        return shard_rows(t.reshape(shards, rows // shards, *t.shape[1:]))
+
+    def flat(mdl: nn.Module, shared: Any, *xs: jax.Array) -> jax.Array:
+        out = fn(mdl, shared, *(shard_rows(x.reshape(-1, *x.shape[2:])) for x in xs))
+        return out.reshape(*xs[0].shape[:2], *out.shape[1:])
+
+    out = remat_in_chunks(flat, module, broadcast, [per_shard(t) for t in inputs], chunk, axis=1)
+    return shard_rows(out.reshape(rows, *out.shape[2:]))

@@ -21,6 +21,7 @@ from aurora.model.layers import (
     gelu,
     remat_in_chunks,
 )
+from aurora.model.partitioning import shard_rows
 
 __all__ = ["MLP", "PerceiverAttention", "PerceiverResampler"]
 
@@ -69,6 +70,7 @@ class PerceiverAttention(nn.Module):
             q = LayerNorm(name="ln_q")(q)
 
         def heads(t: jax.Array) -> jax.Array:  # (B, L, H*D) -> (B, H, L, D)
+            t = shard_rows(t)  # not split along the heads like the FSDP-sharded kernel
             return t.reshape(*t.shape[:-1], self.num_heads, self.head_dim).swapaxes(-2, -3)
 
         out = dot_product_attention(heads(q), heads(k), heads(v), precision=self.precision)

@@ -27,6 +27,7 @@ from aurora.model.layers import (
     remat_in_chunks,
 )
 from aurora.model.lora import LoRAConfig
+from aurora.model.partitioning import shard_rows
 
 __all__ = ["Swin3DTransformerBackbone", "compute_shifted_window_mask"]
 
@@ -227,7 +228,7 @@ class WindowAttention(nn.Module):
         head_dim = self.dim // self.num_heads
         # Each of q, k, v is sliced and transposed to (B * nW, H, N, d) in one copy; transposing
         # the whole qkv first and slicing it after costs a second pass over it, both ways.
-        qkv = qkv.reshape(Bw, N, 3, self.num_heads, head_dim)
+        qkv = shard_rows(qkv).reshape(Bw, N, 3, self.num_heads, head_dim)
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
 
         if mask is None:
@@ -381,7 +382,7 @@ class PatchMerging3D(nn.Module):
     def __call__(self, x: jax.Array, res: Res) -> jax.Array:
         C, H, W = res
         B, _, D = x.shape
-        x = pad_3d(x.reshape(B, C, H, W, D), (0, H % 2, W % 2))
+        x = pad_3d(shard_rows(x).reshape(B, C, H, W, D), (0, H % 2, W % 2))
         H2, W2 = x.shape[2] // 2, x.shape[3] // 2
         x = x.reshape(B, C, H2, 2, W2, 2, D).transpose(0, 1, 2, 4, 3, 5, 6)
         x = x.reshape(B, C * H2 * W2, 4 * D)
@@ -415,6 +416,7 @@ class PatchSplitting3D(nn.Module):
         x = Dense(4 * out, use_bias=False, precision=self.precision, dtype=self.dtype, name="lin1")(
             x
         )
+        x = shard_rows(x)  # not split along the channels like the FSDP-sharded `lin1`
         x = x.reshape(B, C, H, W, 2, 2, out).transpose(0, 1, 2, 4, 3, 5, 6)
         x = crop_3d(x.reshape(B, C, 2 * H, 2 * W, out), crop)
         x = LayerNorm(dtype=self.dtype, name="norm")(x.reshape(B, -1, out))
