@@ -348,6 +348,8 @@ def test_resume_restores_the_buffer_and_training_exactly(source, tmp_path) -> No
                 self.names = set(strategy.buffer._states)
                 self.written = strategy.checkpoint_bytes
                 self.spilled = strategy.buffer.nbytes()
+                store = trainer.workdir / "checkpoints" / "replay" / "process_0" / "states"
+                self.files = {p.stem: p.stat().st_size for p in store.glob("*.npz")}
 
     at4 = Snapshot(4)
     straight = _fit(strategy(), source, tmp_path / "a", max_steps=11, callbacks=[at4])
@@ -382,7 +384,7 @@ def test_resume_restores_the_buffer_and_training_exactly(source, tmp_path) -> No
         source,
         tmp_path / "b",
         max_steps=11,
-        callbacks=[ModelCheckpoint(every_n_steps=4), at8],
+        callbacks=[ModelCheckpoint(every_n_steps=4, max_to_keep=1), at8],
     )
     assert resumed.global_step == 11
     assert resumed.strategy.host_state() == straight.strategy.host_state()
@@ -398,9 +400,17 @@ def test_resume_restores_the_buffer_and_training_exactly(source, tmp_path) -> No
     store = checkpoints / "replay" / "process_0" / "states"
     new = at8.names - restored_names
     assert new and new < at8.names, "some states are new, some were checkpointed at step 4"
-    assert at8.written == sum((store / f"{n}.npz").stat().st_size for n in new)
-    assert at8.written < sum((store / f"{n}.npz").stat().st_size for n in at8.names)
+    assert at8.written == sum(at8.files[n] for n in new)
+    assert at8.written < sum(at8.files[n] for n in at8.names)
     assert at8.spilled["ram"] == 0
+    # The store keeps the indices of the checkpoints that exist and the states they name.
+    steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert ReplayBuffer.steps(store.parent) == steps == [11]
+    named = set()
+    for step in steps:
+        index = json.loads((store.parent / "index" / f"{step}.json").read_text())
+        named.update(n for e in index["entries"] for n in e["states"])
+    assert {p.stem for p in store.glob("*.npz")} == named
 
 
 def test_rows_of_different_rollout_steps_use_their_own_adapters(source) -> None:
