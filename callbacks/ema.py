@@ -113,12 +113,14 @@ class EMA(Callback):
 
     # --- the average ------------------------------------------------------------------------------
     def init_device_state(self, trainer: Trainer, params: Any) -> Any:
+        from trainers.strategies.trainable import FROZEN
+
         trainable = getattr(trainer.strategy, "trainable", None)
         flat = traverse_util.flatten_dict(dict(params))
         kept = {
             path: jnp.array(x, dtype=_average_dtype(x), copy=True)
             for path, x in flat.items()
-            if trainable is None or trainable.label(path) != "frozen"
+            if trainable is None or trainable.label(path) != FROZEN
         }
         return {"params": traverse_util.unflatten_dict(kept)}
 
@@ -129,14 +131,23 @@ class EMA(Callback):
     def averaged_params(self, trainer: Trainer) -> Any:
         """The trainer's parameters with the averaged ones in place of the trained ones (in the
         parameters' dtypes and shardings)."""
+        # Imported here so that `import callbacks` does not load the trainer and the model.
+        from trainers.strategies.trainable import key_names
+
         params = self._trained if self._trained is not None else trainer.state.params
-        flat = traverse_util.flatten_dict(dict(params))
-        for path, a in traverse_util.flatten_dict(self.average(trainer)).items():
-            p = flat[path]
+        average = traverse_util.flatten_dict(self.average(trainer))
+
+        def averaged(path: Any, p: Any) -> Any:
+            a = average.get(key_names(path))
+            if a is None:  # frozen
+                return p
             a = a.astype(p.dtype) if a.dtype != p.dtype else a
             sharding = getattr(p, "sharding", None)
-            flat[path] = jax.device_put(a, sharding) if sharding is not None else a
-        return traverse_util.unflatten_dict(flat)
+            return jax.device_put(a, sharding) if sharding is not None else a
+
+        # Mapped over the parameters' own structure, which keeps empty modules (a model without
+        # surface variables has `surf_heads: {}`) that a flattened dict would drop.
+        return jax.tree_util.tree_map_with_path(averaged, params)
 
     def _update(self, trainer: Trainer) -> None:
         """Move the average towards the parameters of the current step, once per step."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 import jax
 import ml_collections
@@ -92,6 +93,24 @@ def test_ema_equals_a_hand_computation_over_three_steps(ema, decays) -> None:
     assert any(not np.allclose(expected[k], params.seen[-1][k]) for k in average)
     for k, value in average.items():
         np.testing.assert_allclose(value, expected[k], rtol=1e-5, atol=1e-7, err_msg=str(k))
+
+
+def test_averaged_params_keep_the_parameters_structure_with_empty_modules() -> None:
+    """A model without surface variables has `surf_heads: {}`: the averaged parameters still have
+    the parameters' exact structure (the evaluation step's shardings are a prefix of it), with the
+    frozen leaves the parameters' own and the trained ones the average."""
+    params = {"decoder": {"head": {"kernel": np.ones((2, 2), np.float32)}, "surf_heads": {}}}
+    params["encoder"] = {"kernel": np.zeros(3, np.float32)}
+    ema = EMA(decay=0.5)
+    stand_in = SimpleNamespace(strategy=_strategy(tiny_model()), state=None)
+    average = ema.init_device_state(stand_in, params)
+    assert _flat(average["params"]).keys() == {("decoder", "head", "kernel")}
+    stand_in.state = SimpleNamespace(
+        params=params, extras={"callbacks": {ema.device_state_key: average}}
+    )
+    averaged = ema.averaged_params(stand_in)
+    assert jax.tree_util.tree_structure(averaged) == jax.tree_util.tree_structure(params)
+    assert averaged["encoder"]["kernel"] is params["encoder"]["kernel"]
 
 
 def _mean_loss(trainer: Trainer, data: InMemoryData, params) -> float:
