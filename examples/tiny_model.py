@@ -29,6 +29,7 @@ class PerVariableConv(nn.Module):
     Args:
         surf_vars: the surface variables it predicts (the batch's others are dropped).
         atmos_vars: the atmospheric variables it predicts, all levels at once.
+        static_vars: static variables every convolution also sees (e.g. the land-sea mask).
         features: hidden channels of each variable's convolution.
         kernel_size: the convolutions' spatial extent.
         timestep: the model's step (the Trainer checks the data's against it).
@@ -39,17 +40,25 @@ class PerVariableConv(nn.Module):
 
     surf_vars: tuple[str, ...] = ()
     atmos_vars: tuple[str, ...] = ()
+    static_vars: tuple[str, ...] = ()
     features: int = 8
     kernel_size: int = 3
     timestep: timedelta = timedelta(hours=6)
     surf_stats: Mapping[str, tuple[float, float]] | None = None
     dtype: Any = None
 
-    def _step(self, name: str, x: jax.Array) -> jax.Array:
+    @property
+    def timestep_minutes(self) -> int:
+        """The step in minutes, as Aurora has it (read by `--mode=test` and `predict`)."""
+        return int(self.timestep.total_seconds() // 60)
+
+    def _step(self, name: str, x: jax.Array, statics: jax.Array) -> jax.Array:
         """One variable's next normalised state `(b, 1, c, h, w)` from its history
-        `(b, t, c, h, w)`: the last state plus a convolution of the whole history."""
+        `(b, t, c, h, w)` and the static fields `(h, w, s)`: the last state plus a convolution
+        of both."""
         b, t, c, h, w = x.shape
         history = jnp.moveaxis(x.reshape(b, t * c, h, w), 1, -1)  # channels last
+        history = jnp.concatenate([history, jnp.broadcast_to(statics, (b, *statics.shape))], -1)
         hidden = nn.Conv(self.features, (self.kernel_size,) * 2, dtype=self.dtype, name=name)
         # The output layer starts at zero, so the untrained model is persistence.
         out = nn.Conv(
@@ -65,18 +74,25 @@ class PerVariableConv(nn.Module):
     @nn.compact
     def __call__(self, batch: Batch) -> Batch:
         normed = batch.normalise(self.surf_stats)
+        h, w = batch.spatial_shape
+        statics = (  # (h, w, s)
+            jnp.stack([normed.static_vars[v] for v in self.static_vars], -1)
+            if self.static_vars
+            else jnp.zeros((h, w, 0), jnp.float32)
+        )
         surf = {
-            v: self._step(f"surf_{v}", normed.surf_vars[v][:, :, None])[:, :, 0]
+            v: self._step(f"surf_{v}", normed.surf_vars[v][:, :, None], statics)[:, :, 0]
             for v in self.surf_vars
         }
-        atmos = {v: self._step(f"atmos_{v}", normed.atmos_vars[v]) for v in self.atmos_vars}
-        minutes = int(self.timestep.total_seconds() // 60)
+        atmos = {
+            v: self._step(f"atmos_{v}", normed.atmos_vars[v], statics) for v in self.atmos_vars
+        }
         pred = Batch(
             surf_vars=surf,
             static_vars=dict(normed.static_vars),
             atmos_vars=atmos,
             metadata=batch.metadata.replace(
-                time=jnp.asarray(batch.metadata.time, jnp.int32) + minutes,
+                time=jnp.asarray(batch.metadata.time, jnp.int32) + self.timestep_minutes,
                 rollout_step=jnp.asarray(batch.metadata.rollout_step, jnp.int32) + 1,
             ),
         )

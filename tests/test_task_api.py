@@ -314,3 +314,18 @@ def test_the_custom_task_example_trains_through_main(tmp_path: Path) -> None:
     params = load_params(tmp_path / "checkpoints" / "12")
     assert set(params) >= {"atmos_z", "atmos_z_out"}
     assert np.any(np.asarray(params["atmos_z_out"]["kernel"]) != 0)  # it started at zero
+
+
+@pytest.mark.slow
+def test_the_custom_task_example_is_scored_and_forecasts_through_main(tmp_path: Path) -> None:
+    """`--mode=test` (WeatherBench2 scores) and `--mode=predict` (forecast files) read the
+    example model's variables and time step as they read Aurora's."""
+    config = f"--config={ROOT / 'examples' / 'configs' / 'custom_task.py'}"
+    steps = ("--config.trainer.max_steps=2", "--config.trainer.val_check_interval=2")
+    run_main(
+        config, f"--workdir={tmp_path}", *steps, "--config.callbacks.checkpoint.every_n_steps=2"
+    )
+    for mode in ("test", "predict"):
+        run_main(config, f"--workdir={tmp_path}", f"--mode={mode}")
+    assert (tmp_path / "eval" / "scores.csv").stat().st_size > 0
+    assert (tmp_path / "predictions" / "forecast.nc").stat().st_size > 0

@@ -6,6 +6,9 @@ input `Batch` (fields `(b, history, ...)`) to the prediction one step ahead (fie
 `aurora.rollout.advance_batch` expects). Aurora's other attributes are optional: `patch_size`
 (inputs are cropped to it; default 1, no crop), `surf_stats` (normalisation statistics beyond
 Aurora's table, used by the loss), `timestep` (checked against the data's step), `use_lora`.
+Scoring and forecast files (`--mode=test`, `--mode=predict`, `trainers.evaluation`) also read
+`surf_vars`, `atmos_vars`, `static_vars` and `timestep_minutes`, as Aurora declares them
+(`examples/tiny_model.py` has them).
 
 `configure_model` sets the Trainer's `precision` and `remat` on a model through the fields the
 model declares, so a model without them trains at the defaults ("32", "none") and a request it

@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model.preset = "examples.tiny_model:PerVariableConv"
     config.model.kwargs = ml_collections.ConfigDict(
-        {"atmos_vars": ("z", "u", "v", "t", "r"), "features": 8}
+        {"atmos_vars": ("z", "u", "v", "t", "r"), "static_vars": ("lsm", "z"), "features": 8}
     )
 
     config.loss.name = "examples.huber_loss:latitude_weighted_huber"
