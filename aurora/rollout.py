@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from aurora.batch import Batch
 from aurora.model.aurora import Aurora
+from aurora.model.clipping import Bounds, clip_rollout_inputs
 
 __all__ = ["ModelStep", "advance_batch", "rollout"]
 
@@ -94,6 +95,7 @@ def rollout(
     steps: int,
     *,
     patch_size: int | None = None,
+    apply_rollout_input_clipping: bool = True,
 ) -> Iterator[Batch]:
     """Yield `steps` predictions, each fed back as the newest history step.
 
@@ -111,6 +113,9 @@ def rollout(
         batch: the input, variables of shape `(b, t, h, w)` / `(b, t, c, h, w)`.
         steps: how many predictions to make.
         patch_size: the model's patch size; by default the step's or model's own.
+        apply_rollout_input_clipping: clip each prediction by the model's
+            `rollout_input_clipping` before it becomes the next input (the yielded prediction
+            is never clipped), as microsoft-aurora's `rollout` does.
 
     Returns:
         An iterator over the `steps` predictions, variables of shape `(b, 1, h, w)` /
@@ -131,11 +136,17 @@ def rollout(
             rollout_step=jnp.asarray(batch.metadata.rollout_step, jnp.int32)
         )
     )
-    return _predictions(step, params, batch, steps)
+    model = getattr(step, "model", None)
+    bounds = (
+        getattr(model, "rollout_input_clipping", None) if apply_rollout_input_clipping else None
+    )
+    return _predictions(step, params, batch, steps, bounds)
 
 
-def _predictions(step: Step, params: Any, batch: Batch, steps: int) -> Iterator[Batch]:
+def _predictions(
+    step: Step, params: Any, batch: Batch, steps: int, bounds: Bounds | None
+) -> Iterator[Batch]:
     for _ in range(steps):
         pred = step(params, batch)
         yield pred
-        batch = advance_batch(batch, pred)
+        batch = advance_batch(batch, clip_rollout_inputs(pred, bounds))

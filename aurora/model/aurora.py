@@ -8,6 +8,7 @@ like the PyTorch `forward`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -17,10 +18,12 @@ import numpy as np
 from flax import linen as nn
 
 from aurora.batch import Batch
+from aurora.model.clipping import Bounds
 from aurora.model.decoder import Perceiver3DDecoder
 from aurora.model.encoder import Perceiver3DEncoder
 from aurora.model.layers import Precision
 from aurora.model.lora import LoRAConfig, LoRAMode
+from aurora.model.positivity import clamp_inputs, clamp_prediction
 from aurora.model.swin3d import Swin3DTransformerBackbone
 from aurora.variables import ATMOS_VARS, STATIC_VARS, SURF_VARS
 
@@ -75,6 +78,23 @@ class Aurora(nn.Module):
     lora_mode: LoRAMode = "single"
     surf_stats: Mapping[str, tuple[float, float]] | None = None
     autocast: bool = False
+    bf16_mode: bool = False
+    use_fp16_safe_attention: bool = False
+    level_condition: tuple[int | float, ...] | None = None
+    dynamic_vars: bool = False
+    atmos_static_vars: bool = False
+    separate_perceiver: tuple[str, ...] = ()
+    modulation_heads: tuple[str, ...] = ()
+    positive_surf_vars: tuple[str, ...] = ()
+    positive_atmos_vars: tuple[str, ...] = ()
+    clamp_at_first_step: bool = False
+    simulate_indexing_bug: bool = False
+    stochastic: bool = False
+    use_updated_lead_time_embedding: bool = False
+    variable_lead_time: bool = False
+    rollout_input_clipping: Bounds | None = None
+    output_only_surf_vars: tuple[str, ...] = ()
+    output_only_atmos_vars: tuple[str, ...] = ()
     # Not in microsoft-aurora's signature: LoRA rank/alpha (hard-coded to 8 there), the precision
     # of every matmul, the compute dtype of the backbone under `autocast`, and rematerialisation:
     # `remat` recomputes every Swin block and the level Perceivers (with the decoder's heads) in
@@ -94,10 +114,45 @@ class Aurora(nn.Module):
             raise ValueError("The time step must be a whole number of minutes.")
         return minutes
 
+    @property
+    def uses_autocast(self) -> bool:
+        """Whether the backbone computes in `autocast_dtype`: `bf16_mode` now means `autocast`."""
+        return self.autocast or self.bf16_mode
+
     def _check_supported(self) -> None:
         if self.drop_path or self.drop_rate:
             raise NotImplementedError(
                 "Drop-out and drop-path are not supported (all presets use 0)."
+            )
+        not_ported = {
+            "level_condition": self.level_condition is not None,
+            "dynamic_vars": self.dynamic_vars,
+            "atmos_static_vars": self.atmos_static_vars,
+            "separate_perceiver": bool(self.separate_perceiver),
+            "modulation_heads": bool(self.modulation_heads),
+            "simulate_indexing_bug": self.simulate_indexing_bug,
+            "stochastic": self.stochastic,
+            "use_updated_lead_time_embedding": self.use_updated_lead_time_embedding,
+            "variable_lead_time": self.variable_lead_time,
+            "output_only_surf_vars": bool(self.output_only_surf_vars),
+            "output_only_atmos_vars": bool(self.output_only_atmos_vars),
+        }
+        for name, is_set in not_ported.items():
+            if is_set:
+                raise NotImplementedError(
+                    f"`{name}` is not ported yet (see docs/aurora_family.md)."
+                )
+        if (
+            self.use_fp16_safe_attention
+            and self.uses_autocast
+            and jnp.dtype(self.autocast_dtype) == jnp.float16
+        ):
+            # Outside float16 the reference's clamps never act: the flag changes nothing there.
+            raise NotImplementedError("`use_fp16_safe_attention` in float16 is not ported yet.")
+        if self.bf16_mode and not self.autocast:
+            warnings.warn(
+                "`bf16_mode` was removed in microsoft-aurora; it now switches on `autocast`.",
+                stacklevel=2,
             )
         if not self.surf_vars and not self.static_vars:
             raise ValueError("The surface level needs at least one surface or static variable.")
@@ -118,14 +173,14 @@ class Aurora(nn.Module):
         H, W = batch.spatial_shape
         patch_res = (self.latent_levels, H // self.patch_size, W // self.patch_size)
 
-        surface_fields = [normed.surf_vars[v] for v in surf_names]
+        surf_in = clamp_inputs(normed.surf_vars, self.positive_surf_vars)
+        atmos_in = clamp_inputs(normed.atmos_vars, self.positive_atmos_vars)
+        surface_fields = [surf_in[v] for v in surf_names]
         surface_fields += [
             jnp.broadcast_to(normed.static_vars[v], (B, T, H, W)) for v in static_names
         ]
         x_surf = jnp.stack(surface_fields, axis=2)  # (B, T, V_S + V_static, H, W)
-        x_atmos = jnp.stack(
-            [normed.atmos_vars[v] for v in atmos_names], axis=2
-        )  # (B, T, V_A, C, H, W)
+        x_atmos = jnp.stack([atmos_in[v] for v in atmos_names], axis=2)  # (B, T, V_A, C, H, W)
 
         lead_hours = self.timestep.total_seconds() / 3600
         x = Perceiver3DEncoder(
@@ -157,7 +212,7 @@ class Aurora(nn.Module):
             lead_hours,
         )
 
-        backbone_dtype = self.autocast_dtype if self.autocast else None
+        backbone_dtype = self.autocast_dtype if self.uses_autocast else None
         x = Swin3DTransformerBackbone(
             embed_dim=self.embed_dim,
             encoder_depths=self.encoder_depths,
@@ -194,13 +249,24 @@ class Aurora(nn.Module):
             name="decoder",
         )(x, surf_names, atmos_names, meta.atmos_levels, (H, W), patch_res)
 
+        rollout_step = jnp.asarray(meta.rollout_step, jnp.int32) + 1
         pred = Batch(
-            surf_vars={v: surf[:, i, None] for i, v in enumerate(surf_names)},
+            surf_vars=clamp_prediction(
+                {v: surf[:, i, None] for i, v in enumerate(surf_names)},
+                self.positive_surf_vars,
+                rollout_step,
+                self.clamp_at_first_step,
+            ),
             static_vars=dict(normed.static_vars),
-            atmos_vars={v: atmos[:, i, None] for i, v in enumerate(atmos_names)},
+            atmos_vars=clamp_prediction(
+                {v: atmos[:, i, None] for i, v in enumerate(atmos_names)},
+                self.positive_atmos_vars,
+                rollout_step,
+                self.clamp_at_first_step,
+            ),
             metadata=meta.replace(
                 time=jnp.asarray(meta.time, jnp.int32) + self.timestep_minutes,
-                rollout_step=jnp.asarray(meta.rollout_step, jnp.int32) + 1,
+                rollout_step=rollout_step,
             ),
         )
         return pred.unnormalise(surf_stats=stats)

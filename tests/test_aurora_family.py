@@ -1,0 +1,107 @@
+"""microsoft-aurora's newer constructor arguments (docs/aurora_family.md): parity for the ported
+ones on the reduced architecture of tests/test_parity.py, and loud failures for the rest."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import aurora
+from aurora.batch import Batch, Metadata
+from aurora.model.clipping import clip_rollout_inputs
+from aurora.model.positivity import clamp_prediction
+from tests.test_parity import TINY, _assert_close, _compare, _spec
+
+# Bounds that bite on a random-weight rollout (physical units, near the normalisation locations).
+CLIPPING = {
+    "2t": {"min": 275.0, "max": 285.0},
+    "msl": {"min": 101000.0, "max": None},
+    "q": {"min": 1e-3},
+    "t": {"max": 250.0},
+}
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("at_first_step", [False, True])
+def test_tiny_positive_variables_match_reference(at_first_step: bool) -> None:
+    """Inputs clamped every step, predictions from step 2 (or 1): three steps cover both."""
+    kwargs = {
+        **TINY,
+        "positive_surf_vars": ["2t", "msl"],
+        "positive_atmos_vars": ["q", "t"],
+        "clamp_at_first_step": at_first_step,
+    }
+    _assert_close(_compare(_spec("AuroraPretrained", kwargs, steps=3)))
+
+
+@pytest.mark.reference
+def test_tiny_rollout_input_clipping_matches_reference() -> None:
+    """Yielded predictions raw, the next inputs clipped (surface and atmospheric, min and max)."""
+    kwargs = {**TINY, "rollout_input_clipping": CLIPPING}
+    _assert_close(_compare(_spec("AuroraPretrained", kwargs, steps=3)))
+
+
+def test_clip_rollout_inputs_bounds_only_named_variables() -> None:
+    x = jnp.array([270.0, 280.0, 290.0])
+    pred = Batch(
+        surf_vars={"2t": x, "10u": x},
+        static_vars={},
+        atmos_vars={"t": x},
+        metadata=Metadata(
+            lat=(0.0,), lon=(0.0,), time=(np.datetime64("2020-01-01"),), atmos_levels=(500,)
+        ),
+    )
+    clipped = clip_rollout_inputs(pred, CLIPPING)
+    np.testing.assert_array_equal(clipped.surf_vars["2t"], [275.0, 280.0, 285.0])
+    np.testing.assert_array_equal(clipped.surf_vars["10u"], x)
+    np.testing.assert_array_equal(clipped.atmos_vars["t"], [250.0, 250.0, 250.0])
+
+
+@pytest.mark.parametrize(
+    "step, at_first, clamped", [(1, False, False), (2, False, True), (1, True, True)]
+)
+def test_clamp_prediction_starts_at_the_right_step(
+    step: int, at_first: bool, clamped: bool
+) -> None:
+    fields = {"q": jnp.array([-1.0, 1.0]), "t": jnp.array([-1.0, 1.0])}
+    out = jax.jit(clamp_prediction, static_argnums=(1, 3))(fields, ("q",), step, at_first)
+    np.testing.assert_array_equal(out["q"], [0.0 if clamped else -1.0, 1.0])
+    np.testing.assert_array_equal(out["t"], [-1.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("level_condition", (100, 500, 850)),
+        ("dynamic_vars", True),
+        ("atmos_static_vars", True),
+        ("separate_perceiver", ("q",)),
+        ("modulation_heads", ("q",)),
+        ("simulate_indexing_bug", True),
+        ("stochastic", True),
+        ("use_updated_lead_time_embedding", True),
+        ("variable_lead_time", True),
+        ("output_only_surf_vars", ("blh",)),
+        ("output_only_atmos_vars", ("o3",)),
+    ],
+)
+def test_arguments_not_ported_yet_raise(name: str, value: object) -> None:
+    model = aurora.AuroraSmallPretrained(**{name: value})
+    with pytest.raises(NotImplementedError, match=name):
+        model._check_supported()
+
+
+def test_fp16_safe_attention_in_float16_raises_but_is_accepted_otherwise() -> None:
+    aurora.Aurora(use_fp16_safe_attention=True, autocast=True)._check_supported()
+    model = aurora.Aurora(use_fp16_safe_attention=True, autocast=True, autocast_dtype=jnp.float16)
+    with pytest.raises(NotImplementedError, match="use_fp16_safe_attention"):
+        model._check_supported()
+
+
+def test_bf16_mode_switches_autocast_on_with_a_warning() -> None:
+    model = aurora.Aurora(bf16_mode=True)
+    assert model.uses_autocast
+    with pytest.warns(UserWarning, match="bf16_mode"):
+        model._check_supported()
