@@ -182,7 +182,7 @@ def test_gradient_clip_algorithm_value_clips_each_entry(model) -> None:
     by entry, which here differs from clipping its global norm. A large `eps` makes the AdamW
     update proportional to the gradient, so that the way it was clipped shows."""
     example = _example(model, 0)
-    params = model.init(jax.random.PRNGKey(0), _to_device_batch(example)[0])["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), _to_device_batch(example)[0])["params"]
     optim = ml_collections.ConfigDict(
         {"learning_rate": 1.0, "warmup_steps": 0, "schedule": "constant", "eps": 10.0}
     )
