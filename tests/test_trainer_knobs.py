@@ -19,7 +19,13 @@ import pytest
 
 from callbacks.base import Callback
 from callbacks.checkpoint import ModelCheckpoint
-from callbacks.writers import CsvWriter, JsonlWriter, NoopWriter, TensorBoardWriter
+from callbacks.writers import (
+    CsvWriter,
+    JsonlWriter,
+    NoopWriter,
+    TensorBoardWriter,
+    WandbWriter,
+)
 from tests.helpers import tiny_model
 from tests.test_callbacks_basic import _tb_events
 from tests.test_trainer import _data, _example, _trainer
@@ -391,9 +397,10 @@ def test_state_keys_unique_and_checkpoints_keyed_by_class_name_still_load() -> N
     assert _saved_key(a.state_key, Counter, old, [a, b]) is None  # whose would it be?
 
 
-def test_hyperparameters_reach_every_writer_once_at_fit_start(tmp_path, model) -> None:
-    """The config goes to the CSV writer's `hparams.yaml`, a JSONL `hparams` record and
-    TensorBoard's HPARAMS and TEXT dashboards, before the first training row."""
+def test_hyperparameters_reach_every_writer_once_at_fit_start(tmp_path, model, monkeypatch) -> None:
+    """The config goes to the CSV writer's `hparams.yaml`, a JSONL `hparams` record,
+    TensorBoard's HPARAMS and TEXT dashboards and the W&B run's config, before the first training
+    row."""
     import yaml
 
     config = ml_collections.ConfigDict(
@@ -404,9 +411,15 @@ def test_hyperparameters_reach_every_writer_once_at_fit_start(tmp_path, model) -
         JsonlWriter(tmp_path / "metrics.jsonl"),
         TensorBoardWriter(tmp_path / "tb"),
     ]
-    trainer = _trainer(model, None, max_steps=1, writers=writers, config=config)
+    wandb = pytest.importorskip("wandb")
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))  # keep the user's ~/.cache clean
+    settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
+    run = WandbWriter(project="knobs", dir=tmp_path, mode="offline", settings=settings)
+    trainer = _trainer(model, None, max_steps=1, writers=[*writers, run], config=config)
     trainer.fit(_data(model, n=1))
-    for writer in writers:
+    assert dict(run.run.config)["optimizer.learning_rate"] == 1e-3
+    for writer in [*writers, run]:
         writer.close()
 
     assert yaml.safe_load((tmp_path / "hparams.yaml").read_text()) == config.to_dict()
