@@ -151,7 +151,7 @@ def test_validation_uses_the_average_and_test_the_trained_parameters() -> None:
 def test_resume_restores_the_average_exactly(tmp_path) -> None:
     """A run resumed from another's step-2 checkpoint ends at step 4 with the same average, bit
     for bit. `ModelCheckpoint` comes first in the list, so it saves step 2 before `EMA`'s own
-    `on_train_batch_end` has updated the average."""
+    `on_train_batch_end` has updated the average. A run without the EMA refuses the checkpoint."""
 
     def run(workdir, ckpt_path="last"):
         model = tiny_model()
@@ -168,6 +168,12 @@ def test_resume_restores_the_average_exactly(tmp_path) -> None:
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
+
+    # A run without the EMA is told why the checkpoint does not fit, not that it is damaged.
+    model = tiny_model()
+    without = _trainer(_strategy(model), [])
+    with pytest.raises(ValueError, match=r"device state of the callbacks \['EMA"):
+        without.validate(_data(model), ckpt_path=tmp_path / "a" / "checkpoints" / "2")
 
 
 def test_profiler_writes_a_tensorboard_trace_of_the_chosen_steps(tmp_path) -> None:

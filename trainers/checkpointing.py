@@ -215,8 +215,9 @@ class CheckpointConnector:
 
         Returns:
             JSON-serialisable dict with `global_step`, `data` (the iterator position), `callbacks`
-            (each callback's `state_dict()` by `state_key`), `strategy`, `config` and `model`,
-            plus whatever the callbacks' `on_save_checkpoint` hooks add.
+            (each callback's `state_dict()` by `state_key`), `device_states` (the keys of the
+            callbacks' device state in the `TrainState`), `strategy`, `config` and `model`, plus
+            whatever the callbacks' `on_save_checkpoint` hooks add.
         """
         trainer = self.trainer
         meta = {
@@ -229,6 +230,7 @@ class CheckpointConnector:
             "strategy": trainer.strategy.state_dict(),
             "config": _config_json(trainer.config),
             "model": model_signature(trainer.strategy.model, trainer.state.params),
+            "device_states": _device_state_keys(trainer.state),
         }
         for cb in trainer.callbacks:
             cb.on_save_checkpoint(trainer, meta)
@@ -387,6 +389,14 @@ class CheckpointConnector:
                     "checkpoint directory, or restore the model configuration the checkpoint was "
                     "written with."
                 )
+        saved, current = meta.get("device_states"), _device_state_keys(trainer.state)
+        if saved is not None and saved != current:
+            raise _ModelMismatch(
+                f"The checkpoint {path} holds the device state of the callbacks {saved} but this "
+                f"run's callbacks keep {current} (an EMA added, removed or given other "
+                "arguments?). Use the callbacks it was written with, another workdir, or start a "
+                "new run from its parameters (config.init.orbax_checkpoint)."
+            )
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, trainer.state)
         items = {"state": ocp.args.StandardRestore(abstract)}
         if (path / "strategy").exists():
@@ -398,6 +408,12 @@ class CheckpointConnector:
             "state": restored["state"],
             "strategy": restored["strategy"] if "strategy" in items else {},
         }
+
+
+def _device_state_keys(state: Any) -> list[str]:
+    """The keys of the callbacks' device state (`Callback.init_device_state`) in `state`."""
+    extras = state.extras if isinstance(state.extras, dict) else {}
+    return sorted(extras.get("callbacks", {}))
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
