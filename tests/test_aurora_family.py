@@ -37,6 +37,14 @@ def test_tiny_positive_variables_match_reference(at_first_step: bool) -> None:
 
 
 @pytest.mark.reference
+def test_tiny_updated_lead_time_embedding_matches_reference() -> None:
+    """`lead_time_expansion_v3` in the encoder and the backbone's AdaLN, 6 h and 12 h steps."""
+    for hours in (6, 12):
+        kwargs = {**TINY, "use_updated_lead_time_embedding": True, "timestep_hours": hours}
+        _assert_close(_compare(_spec("AuroraPretrained", kwargs, steps=2)))
+
+
+@pytest.mark.reference
 def test_tiny_rollout_input_clipping_matches_reference() -> None:
     """Yielded predictions raw, the next inputs clipped (surface and atmospheric, min and max)."""
     kwargs = {**TINY, "rollout_input_clipping": CLIPPING}
@@ -81,7 +89,6 @@ def test_clamp_prediction_starts_at_the_right_step(
         ("modulation_heads", ("q",)),
         ("simulate_indexing_bug", True),
         ("stochastic", True),
-        ("use_updated_lead_time_embedding", True),
         ("variable_lead_time", True),
         ("output_only_surf_vars", ("blh",)),
         ("output_only_atmos_vars", ("o3",)),

@@ -132,7 +132,6 @@ class Aurora(nn.Module):
             "modulation_heads": bool(self.modulation_heads),
             "simulate_indexing_bug": self.simulate_indexing_bug,
             "stochastic": self.stochastic,
-            "use_updated_lead_time_embedding": self.use_updated_lead_time_embedding,
             "variable_lead_time": self.variable_lead_time,
             "output_only_surf_vars": bool(self.output_only_surf_vars),
             "output_only_atmos_vars": bool(self.output_only_atmos_vars),
@@ -197,6 +196,7 @@ class Aurora(nn.Module):
             max_history_size=self.max_history_size,
             perceiver_ln_eps=self.perceiver_ln_eps,
             stabilise_level_agg=self.stabilise_level_agg,
+            use_updated_lead_time_embedding=self.use_updated_lead_time_embedding,
             precision=self.precision,
             remat=self.remat,
             name="encoder",
@@ -228,6 +228,7 @@ class Aurora(nn.Module):
             remat_stages=self.remat_stages,
             precision=self.precision,
             dtype=backbone_dtype,
+            use_updated_lead_time_embedding=self.use_updated_lead_time_embedding,
             name="backbone",
         )(
             x, lead_hours, meta.rollout_step, patch_res

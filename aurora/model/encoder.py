@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from aurora.model.fourier import lead_time_expansion, levels_expansion
+from aurora.model.fourier import lead_time_expansion, lead_time_expansion_v3, levels_expansion
 from aurora.model.layers import Dense, LayerNorm, Precision, trunc_normal
 from aurora.model.patchembed import LevelPatchEmbed
 from aurora.model.perceiver import MLP, PerceiverResampler
@@ -45,6 +45,7 @@ class Perceiver3DEncoder(nn.Module):
     max_history_size: int = 2
     perceiver_ln_eps: float = 1e-5
     stabilise_level_agg: bool = False
+    use_updated_lead_time_embedding: bool = False  # `lead_time_expansion_v3` (Aurora 1.5)
     precision: Precision = None
     remat: bool = False  # recompute the level Perceiver in the backward pass, in chunks of patches
 
@@ -136,7 +137,10 @@ class Perceiver3DEncoder(nn.Module):
         x = x + dense("pos_embed")(jnp.asarray(pos)) + dense("scale_embed")(jnp.asarray(scale))
         x = x.reshape(B, -1, D)
 
-        lead = jnp.asarray(lead_time_expansion(np.array([lead_time_hours], dtype=np.float64), D))
+        expansion = (
+            lead_time_expansion_v3 if self.use_updated_lead_time_embedding else lead_time_expansion
+        )
+        lead = jnp.asarray(expansion(np.array([lead_time_hours], dtype=np.float64), D))
         x = x + dense("lead_time_embed")(lead)[:, None, :]
         absolute = absolute_time_encoding(time_minutes, D)
         return x + dense("absolute_time_embed")(absolute)[:, None, :]

@@ -17,7 +17,7 @@ import numpy as np
 from flax import linen as nn
 
 from aurora.model.film import AdaptiveLayerNorm
-from aurora.model.fourier import lead_time_expansion
+from aurora.model.fourier import lead_time_expansion, lead_time_expansion_v3
 from aurora.model.layers import (
     Dense,
     LayerNorm,
@@ -495,6 +495,7 @@ class Swin3DTransformerBackbone(nn.Module):
     remat_stages: bool = False
     precision: Precision = None
     dtype: jnp.dtype | None = None
+    use_updated_lead_time_embedding: bool = False  # `lead_time_expansion_v3` (Aurora 1.5)
 
     def encoder_specs(self, patch_res: Res) -> tuple[list[Res], list[Res]]:
         """Resolution entering each encoder stage and the padding its merge adds.
@@ -560,9 +561,10 @@ class Swin3DTransformerBackbone(nn.Module):
         n_enc, n_dec = len(self.encoder_depths), len(self.decoder_depths)
         all_res, padded = self.encoder_specs(patch_res)
 
-        lead = jnp.asarray(
-            lead_time_expansion(np.array([lead_time_hours]), self.embed_dim), dtype=x.dtype
+        expansion = (
+            lead_time_expansion_v3 if self.use_updated_lead_time_embedding else lead_time_expansion
         )
+        lead = jnp.asarray(expansion(np.array([lead_time_hours]), self.embed_dim), dtype=x.dtype)
         dense = lambda name: Dense(
             self.embed_dim, precision=self.precision, dtype=self.dtype, name=name
         )
