@@ -33,8 +33,9 @@ class ModelCheckpoint(Callback):
     With `monitor` (e.g. `"val/loss"`), the state at the end of every validation during fit is
     also written to `<directory>/best`, ranked by that validation's value, which keeps the
     `save_top_k` best (`mode="min"` or `"max"`), as Lightning saves its top-k at validation end.
-    A scheduled save comes before the same step's validation in the loop, so the best are
-    written apart from the schedule and never carry an older validation's value. The latest
+    A scheduled save waits for the same step's validation, and checkpoint callbacks run after
+    the others at every hook (as in Lightning), so a checkpoint carries that validation's value and
+    the other callbacks' state after it. The latest
     checkpoints stay separate so that resuming always continues from the most recent state, never
     from an older "best" one; `Trainer(ckpt_path="best")` starts from the best one.
 
@@ -70,6 +71,7 @@ class ModelCheckpoint(Callback):
         self.manager: ocp.CheckpointManager | None = None
         self.best_manager: ocp.CheckpointManager | None = None
         self.last_saved_step: int | None = None
+        self._due_step: int | None = None
 
     # --- managers -----------------------------------------------------------------------------
     def _manager(self, directory: Path, **options: Any) -> ocp.CheckpointManager:
@@ -179,14 +181,32 @@ class ModelCheckpoint(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
+        if trainer.global_step % self.every_n_steps:
+            return
+        if trainer.validates_after_step:
+            self._due_step = trainer.global_step  # saved at the end of that validation
+        else:
             self.save(trainer, force=True)
+
+    def _save_due(self, trainer: Trainer) -> None:
+        """Write the scheduled checkpoint of a step whose validation has just run.
+
+        Saving after it means the checkpoint holds the other callbacks' state after that
+        validation (EarlyStopping's count), so a run resumed from it makes the same decisions as
+        one never stopped. Nothing but the validation runs in between (the data iterator has not
+        moved on), and an exception or preemption during it saves the same step.
+        """
+        if self._due_step is not None and self._due_step == trainer.global_step:
+            self.save(trainer, force=True)
+        self._due_step = None
 
     def on_validation_end(self, trainer: Trainer) -> None:
         if trainer.stage == "fit" and not trainer.sanity_checking:  # no model is trained yet
+            self._save_due(trainer)
             self.save_best(trainer)
 
     def on_train_end(self, trainer: Trainer) -> None:
+        self._due_step = None
         self.save(trainer, force=True)
         self.wait_until_finished()
 

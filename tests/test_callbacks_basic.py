@@ -624,15 +624,7 @@ def test_timer_budget_is_for_the_whole_run_across_resumes(model, tmp_path):
     "first_job_steps",
     [
         5,  # its last checkpoint is written after step 4's validation
-        pytest.param(
-            4,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="ModelCheckpoint saves step 4 in on_train_batch_end, before step 4's "
-                "validation updates EarlyStopping: the resumed run misses that check and stops "
-                "at step 8",
-            ),
-        ),
+        4,  # its last checkpoint is written after step 4's validation, too
     ],
 )
 def test_early_stopping_patience_min_delta_and_max_mode_survive_a_resume(

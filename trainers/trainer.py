@@ -281,7 +281,11 @@ class Trainer:
 
         self.strategy = strategy.with_model_options(precision=precision, remat=remat)
         self.optimizer_config = optimizer
-        self.callbacks = list(callbacks)
+        from callbacks.checkpoint import ModelCheckpoint
+
+        # Checkpoint callbacks run last at every hook, as in Lightning, so that what they save
+        # holds the other callbacks' state after the same hook (EarlyStopping's latest check).
+        self.callbacks = sorted(callbacks, key=lambda cb: isinstance(cb, ModelCheckpoint))
         self.writers = list(writers)
         self.workdir = Path(workdir) if workdir is not None else None
         self.config = config
@@ -323,6 +327,9 @@ class Trainer:
         self.current_epoch = 0
         self.batch_idx = 0
         self.should_stop = False
+        self.validates_after_step = False
+        """During `on_train_batch_end`: whether the step just taken is validated right after the
+        hook (e.g. `ModelCheckpoint` then saves after that validation)."""
         self.sanity_checking = False
         """True while the `num_sanity_val_steps` batches run (Lightning's flag)."""
         self.stop_agreed = False
@@ -803,9 +810,10 @@ class Trainer:
             self.global_step += 1
             if self.global_step % self.log_every_n_steps == 0 or self.fast_dev_run:
                 self._queue_metrics(outputs)
+            self.validates_after_step = val_data is not None and self._validates_at_this_step()
             for cb in self.callbacks:
                 cb.on_train_batch_end(self, outputs, example, self.batch_idx - 1)
-            if val_data is not None and self._validates_at_this_step():
+            if self.validates_after_step:
                 self._fetch_metrics()
                 self._validation_loop(val_data)
             if self._stop_now() or self._steps_done():
