@@ -38,20 +38,32 @@ class ModelStep:
     def __init__(self, model: Aurora) -> None:
         self.model = model
         self.patch_size: int = getattr(model, "patch_size", 1)
-        self._apply = jax.jit(lambda params, batch: model.apply({"params": params}, batch))
+        self._apply = jax.jit(
+            lambda params, batch, *lead: model.apply({"params": params}, batch, *lead)
+        )
 
-    def __call__(self, params: Any, batch: Batch) -> Batch:
+    def __call__(self, params: Any, batch: Batch, lead_times: Any = None) -> Batch:
         """The prediction one step ahead.
 
         Args:
             params: the model's parameters (the ``"params"`` collection).
             batch: the input, variables of shape `(b, t, h, w)` / `(b, t, c, h, w)`.
+            lead_times: per-sample lead times in hours, `(b,)`, for a model with
+                `variable_lead_time` (traced: a new lead time does not recompile); by default
+                the model's time step.
 
         Returns:
             The prediction, variables of shape `(b, 1, h, w)` / `(b, 1, c, h, w)` (`h` cropped to
             a multiple of the patch size), time and `rollout_step` advanced by one step.
         """
-        return self._apply(params, batch)
+        if not getattr(self.model, "variable_lead_time", False):
+            return self._apply(params, batch)
+        if lead_times is None:
+            lead_times = self.model.timestep.total_seconds() / 3600
+        b = next(iter(batch.surf_vars.values())).shape[0]
+        return self._apply(
+            params, batch, jnp.broadcast_to(jnp.asarray(lead_times, jnp.float32), (b,))
+        )
 
 
 def advance_batch(batch: Batch, pred: Batch) -> Batch:

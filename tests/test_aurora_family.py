@@ -3,6 +3,8 @@ ones on the reduced architecture of tests/test_parity.py, and loud failures for 
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ import aurora
 from aurora.batch import Batch, Metadata
 from aurora.model.clipping import clip_rollout_inputs
 from aurora.model.positivity import clamp_prediction
+from aurora.rollout import ModelStep
 from tests.test_parity import TINY, _assert_close, _compare, _spec
 
 # Bounds that bite on a random-weight rollout (physical units, near the normalisation locations).
@@ -89,7 +92,6 @@ def test_clamp_prediction_starts_at_the_right_step(
         ("modulation_heads", ("q",)),
         ("simulate_indexing_bug", True),
         ("stochastic", True),
-        ("variable_lead_time", True),
         ("output_only_surf_vars", ("blh",)),
         ("output_only_atmos_vars", ("o3",)),
     ],
@@ -112,3 +114,56 @@ def test_bf16_mode_switches_autocast_on_with_a_warning() -> None:
     assert model.uses_autocast
     with pytest.warns(UserWarning, match="bf16_mode"):
         model._check_supported()
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("updated", [False, True])
+def test_tiny_variable_lead_time_matches_reference(updated: bool) -> None:
+    """Lead time as traced data (encoded in-graph), 6 h and 12 h steps, old and new embedding."""
+    for hours in (6, 12):
+        kwargs = {
+            **TINY,
+            "variable_lead_time": True,
+            "use_updated_lead_time_embedding": updated,
+            "timestep_hours": hours,
+        }
+        _assert_close(_compare(_spec("AuroraPretrained", kwargs, steps=2)))
+
+
+def _tiny_batch(model: aurora.Aurora) -> Batch:
+    rng = np.random.default_rng(0)
+    h, w, levels = 16, 32, (100, 500, 850)
+    return Batch(
+        surf_vars={v: rng.standard_normal((1, 2, h, w), np.float32) for v in model.surf_vars},
+        static_vars={v: rng.standard_normal((h, w), np.float32) for v in model.static_vars},
+        atmos_vars={v: rng.standard_normal((1, 2, 3, h, w), np.float32) for v in model.atmos_vars},
+        metadata=Metadata(
+            lat=tuple(np.linspace(90, -90, h + 1)[:-1]),
+            lon=tuple(np.linspace(0, 360, w, endpoint=False)),
+            time=(np.datetime64("2020-06-01T12:00"),),
+            atmos_levels=levels,
+        ),
+    )
+
+
+@pytest.mark.parametrize("updated", [False, True])
+def test_variable_lead_time_below_the_time_step_matches_a_fixed_step_model(updated: bool) -> None:
+    """A 6 h model asked for 3 h and 1.5 h leads computes what a model with that fixed time step
+    computes (whose host-side encoding is parity-tested), advances time by the lead, and compiles
+    once for both leads."""
+    kwargs = {**TINY, "use_updated_lead_time_embedding": updated}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    variable = aurora.AuroraPretrained(**kwargs, variable_lead_time=True)
+    batch = _tiny_batch(variable)
+    step = ModelStep(variable)
+    params = variable.init(jax.random.key(0), batch, 6.0)["params"]
+    for hours in (3.0, 1.5):
+        fixed = aurora.AuroraPretrained(**kwargs, timestep=timedelta(hours=hours))
+        expected = fixed.apply({"params": params}, batch)
+        got = step(params, batch, jnp.array([hours]))
+        assert int(got.metadata.time[0] - batch.metadata.time[0]) == int(hours * 60)
+        for kind in ("surf_vars", "atmos_vars"):
+            for name, value in getattr(expected, kind).items():
+                error = np.abs(getattr(got, kind)[name] - value).max() / np.abs(value).max()
+                assert error <= 1e-5, (name, error)
+    assert step._apply._cache_size() == 1

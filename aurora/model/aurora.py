@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
@@ -22,6 +23,7 @@ from aurora.model.clipping import Bounds
 from aurora.model.decoder import Perceiver3DDecoder
 from aurora.model.encoder import Perceiver3DEncoder
 from aurora.model.layers import Precision
+from aurora.model.lead_time import lead_time_minutes
 from aurora.model.lora import LoRAConfig, LoRAMode
 from aurora.model.positivity import clamp_inputs, clamp_prediction
 from aurora.model.swin3d import Swin3DTransformerBackbone
@@ -132,7 +134,6 @@ class Aurora(nn.Module):
             "modulation_heads": bool(self.modulation_heads),
             "simulate_indexing_bug": self.simulate_indexing_bug,
             "stochastic": self.stochastic,
-            "variable_lead_time": self.variable_lead_time,
             "output_only_surf_vars": bool(self.output_only_surf_vars),
             "output_only_atmos_vars": bool(self.output_only_atmos_vars),
         }
@@ -157,7 +158,13 @@ class Aurora(nn.Module):
             raise ValueError("The surface level needs at least one surface or static variable.")
 
     @nn.compact
-    def __call__(self, batch: Batch) -> Batch:
+    def __call__(self, batch: Batch, lead_times: jax.Array | float | None = None) -> Batch:
+        """The prediction one step ahead.
+
+        `lead_times` (hours, scalar or `(B,)`) is used with `variable_lead_time` only, as in
+        microsoft-aurora's `forward`; unlike there, it defaults to the time step (so `init` and
+        plain `apply` calls work unchanged).
+        """
         self._check_supported()
         stats = dict(self.surf_stats) if self.surf_stats else None
         surf_names = _ordered(self.surf_vars, batch.surf_vars, "surface")
@@ -182,6 +189,9 @@ class Aurora(nn.Module):
         x_atmos = jnp.stack([atmos_in[v] for v in atmos_names], axis=2)  # (B, T, V_A, C, H, W)
 
         lead_hours = self.timestep.total_seconds() / 3600
+        lead_minutes = None
+        if self.variable_lead_time:
+            lead_minutes = lead_time_minutes(lead_hours if lead_times is None else lead_times, B)
         x = Perceiver3DEncoder(
             surf_vars=self.surf_vars,
             static_vars=self.static_vars,
@@ -210,6 +220,7 @@ class Aurora(nn.Module):
             meta.atmos_levels,
             meta.time,
             lead_hours,
+            lead_minutes,
         )
 
         backbone_dtype = self.autocast_dtype if self.uses_autocast else None
@@ -231,7 +242,7 @@ class Aurora(nn.Module):
             use_updated_lead_time_embedding=self.use_updated_lead_time_embedding,
             name="backbone",
         )(
-            x, lead_hours, meta.rollout_step, patch_res
+            x, lead_hours, meta.rollout_step, patch_res, lead_minutes
         )  # the residual stream stays float32, as under torch.autocast
         x = x.astype(jnp.float32)
 
@@ -266,7 +277,8 @@ class Aurora(nn.Module):
                 self.clamp_at_first_step,
             ),
             metadata=meta.replace(
-                time=jnp.asarray(meta.time, jnp.int32) + self.timestep_minutes,
+                time=jnp.asarray(meta.time, jnp.int32)
+                + (self.timestep_minutes if lead_minutes is None else lead_minutes),
                 rollout_step=rollout_step,
             ),
         )

@@ -17,6 +17,7 @@ from flax import linen as nn
 
 from aurora.model.fourier import lead_time_expansion, lead_time_expansion_v3, levels_expansion
 from aurora.model.layers import Dense, LayerNorm, Precision, trunc_normal
+from aurora.model.lead_time import lead_time_encoding
 from aurora.model.patchembed import LevelPatchEmbed
 from aurora.model.perceiver import MLP, PerceiverResampler
 from aurora.model.posencoding import pos_scale_encoding
@@ -61,6 +62,7 @@ class Perceiver3DEncoder(nn.Module):
         atmos_levels: Sequence[float],
         time_minutes: jax.Array,
         lead_time_hours: float,
+        lead_minutes: jax.Array | None = None,
     ) -> jax.Array:
         """Encode.
 
@@ -76,6 +78,8 @@ class Perceiver3DEncoder(nn.Module):
             atmos_levels (Sequence[float]): The `C` pressure levels in hPa.
             time_minutes (jax.Array): int32 minutes since 1970 of shape `(B,)`.
             lead_time_hours (float): The model's time step.
+            lead_minutes (jax.Array, optional): Per-sample int32 lead times in minutes of shape
+                `(B,)` (`variable_lead_time`); they replace `lead_time_hours`.
 
         Returns:
             jax.Array: Tokens of shape `(B, latent_levels * H/P * W/P, D)`, latent level major.
@@ -140,7 +144,10 @@ class Perceiver3DEncoder(nn.Module):
         expansion = (
             lead_time_expansion_v3 if self.use_updated_lead_time_embedding else lead_time_expansion
         )
-        lead = jnp.asarray(expansion(np.array([lead_time_hours], dtype=np.float64), D))
+        if lead_minutes is None:
+            lead = jnp.asarray(expansion(np.array([lead_time_hours], dtype=np.float64), D))
+        else:
+            lead = lead_time_encoding(lead_minutes, D, self.use_updated_lead_time_embedding)
         x = x + dense("lead_time_embed")(lead)[:, None, :]
         absolute = absolute_time_encoding(time_minutes, D)
         return x + dense("absolute_time_embed")(absolute)[:, None, :]

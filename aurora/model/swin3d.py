@@ -26,6 +26,7 @@ from aurora.model.layers import (
     gelu,
     remat_in_chunks,
 )
+from aurora.model.lead_time import lead_time_encoding
 from aurora.model.lora import LoRAConfig
 from aurora.model.partitioning import shard_rows
 
@@ -535,7 +536,12 @@ class Swin3DTransformerBackbone(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, lead_time_hours: float, rollout_step: jax.Array | int, patch_res: Res
+        self,
+        x: jax.Array,
+        lead_time_hours: float,
+        rollout_step: jax.Array | int,
+        patch_res: Res,
+        lead_minutes: jax.Array | None = None,
     ) -> jax.Array:
         """Run the U-Net.
 
@@ -544,6 +550,8 @@ class Swin3DTransformerBackbone(nn.Module):
             lead_time_hours (float): Lead time, for the AdaLN conditioning.
             rollout_step (jax.Array | int): Rollout step, selects the LoRA adapters.
             patch_res (tuple[int, int, int]): Token resolution `(C, H, W)`.
+            lead_minutes (jax.Array, optional): Per-sample int32 lead times in minutes of shape
+                `(B,)` (`variable_lead_time`); they replace `lead_time_hours`.
 
         Returns:
             jax.Array: Tokens of shape `(B, L, 2 * D)` (the last stage concatenated with the
@@ -564,13 +572,18 @@ class Swin3DTransformerBackbone(nn.Module):
         expansion = (
             lead_time_expansion_v3 if self.use_updated_lead_time_embedding else lead_time_expansion
         )
-        lead = jnp.asarray(expansion(np.array([lead_time_hours]), self.embed_dim), dtype=x.dtype)
+        if lead_minutes is None:
+            lead = expansion(np.array([lead_time_hours]), self.embed_dim)
+        else:
+            updated = self.use_updated_lead_time_embedding
+            lead = lead_time_encoding(lead_minutes, self.embed_dim, updated)
+        lead = jnp.asarray(lead, dtype=x.dtype)
         dense = lambda name: Dense(
             self.embed_dim, precision=self.precision, dtype=self.dtype, name=name
         )
         c = dense("time_mlp_2")(
             nn.silu(dense("time_mlp_0")(lead))
-        )  # (1, D): the same for every sample
+        )  # (1, D) for a fixed lead time, else (B, D)
         c = jnp.broadcast_to(c, (x.shape[0], self.embed_dim))
 
         skips = []

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ABSOLUTE_TIME_RANGE_HOURS", "absolute_time_encoding"]
+__all__ = ["ABSOLUTE_TIME_RANGE_HOURS", "absolute_time_encoding", "minutes_encoding"]
 
 ABSOLUTE_TIME_RANGE_HOURS = (1.0, 24 * 365.25)
 """Smallest and largest wavelength of the absolute-time encoding, as in microsoft-aurora."""
@@ -29,13 +29,12 @@ ABSOLUTE_TIME_RANGE_HOURS = (1.0, 24 * 365.25)
 _BITS = 32
 
 
-@lru_cache(maxsize=8)
-def _phase_table(dim: int) -> np.ndarray:
-    """`(32, dim // 2)` uint32: `2³² · frac(w_k / (60 λ_j))`.
+@lru_cache(maxsize=16)
+def _phase_table(dim: int, lower: float, upper: float) -> np.ndarray:
+    """`(32, dim // 2)` uint32: `2³² · frac(w_k / (60 λ_j))`, `λ_j` log-spaced in `[lower, upper]`.
 
     `w_k = 2^k` is the weight of bit k of an int32 (`-2³¹` for the sign bit).
     """
-    lower, upper = ABSOLUTE_TIME_RANGE_HOURS
     wavelengths = np.logspace(
         np.log10(lower), np.log10(upper), dim // 2, base=10.0, dtype=np.float64
     )
@@ -59,9 +58,25 @@ def absolute_time_encoding(minutes: jax.Array, dim: int) -> jax.Array:
     Returns:
         jax.Array: float32 encoding of shape `(B, dim)`.
     """
+    return minutes_encoding(minutes, dim, *ABSOLUTE_TIME_RANGE_HOURS)
+
+
+def minutes_encoding(minutes: jax.Array, dim: int, lower: float, upper: float) -> jax.Array:
+    """`[sin(2πt/λ), cos(2πt/λ)]` of int32 minutes `t` for wavelengths λ in hours in
+    `[lower, upper]`, with exact phases (any Fourier expansion of whole minutes, e.g. lead times).
+
+    Args:
+        minutes (jax.Array): int32 minutes of shape `(B,)`.
+        dim (int): Encoding size, even.
+        lower (float): Smallest wavelength in hours.
+        upper (float): Largest wavelength in hours.
+
+    Returns:
+        jax.Array: float32 encoding of shape `(B, dim)`.
+    """
     if dim % 2:
         raise ValueError("The dimensionality must be a multiple of two.")
-    table = jnp.asarray(_phase_table(dim))
+    table = jnp.asarray(_phase_table(dim, float(lower), float(upper)))
     bits = jax.lax.bitcast_convert_type(jnp.asarray(minutes, jnp.int32), jnp.uint32)
     bits = (bits[:, None] >> jnp.arange(_BITS, dtype=jnp.uint32)) & jnp.uint32(1)  # (B, 32)
     phase = jnp.sum(bits[:, :, None] * table[None], axis=1, dtype=jnp.uint32)  # wraps mod 2^32
