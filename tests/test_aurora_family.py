@@ -86,11 +86,8 @@ def test_clamp_prediction_starts_at_the_right_step(
     "name, value",
     [
         ("level_condition", (100, 500, 850)),
-        ("dynamic_vars", True),
-        ("atmos_static_vars", True),
         ("separate_perceiver", ("q",)),
         ("modulation_heads", ("q",)),
-        ("simulate_indexing_bug", True),
         ("stochastic", True),
         ("output_only_surf_vars", ("blh",)),
         ("output_only_atmos_vars", ("o3",)),
@@ -167,3 +164,25 @@ def test_variable_lead_time_below_the_time_step_matches_a_fixed_step_model(updat
                 error = np.abs(getattr(got, kind)[name] - value).max() / np.abs(value).max()
                 assert error <= 1e-5, (name, error)
     assert step._apply._cache_size() == 1
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("indexing_bug", [False, True])
+def test_tiny_dynamic_and_atmospheric_static_channels_match_reference(indexing_bug: bool) -> None:
+    """Calendar channels (a Sunday evening on the 31st), static channels on every level, with
+    and without the air-pollution model's `static_z` indexing bug."""
+    kwargs = {
+        **TINY,
+        "dynamic_vars": True,
+        "atmos_static_vars": True,
+        "simulate_indexing_bug": indexing_bug,
+    }
+    spec = _spec("AuroraPretrained", kwargs, steps=2)
+    _assert_close(_compare({**spec, "time": "2023-12-31T21:00"}))
+
+
+def test_static_channel_arguments_need_what_the_reference_needs() -> None:
+    with pytest.raises(ValueError, match="dynamic_vars"):
+        aurora.AuroraSmallPretrained(atmos_static_vars=True)._check_supported()
+    with pytest.raises(ValueError, match="atmos_static_vars"):
+        aurora.AuroraSmallPretrained(simulate_indexing_bug=True)._check_supported()

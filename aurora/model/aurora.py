@@ -26,6 +26,12 @@ from aurora.model.layers import Precision
 from aurora.model.lead_time import lead_time_minutes
 from aurora.model.lora import LoRAConfig, LoRAMode
 from aurora.model.positivity import clamp_inputs, clamp_prediction
+from aurora.model.static_channels import (
+    DYNAMIC_VARS,
+    atmos_static_names,
+    dynamic_channels,
+    simulate_indexing_bug,
+)
 from aurora.model.swin3d import Swin3DTransformerBackbone
 from aurora.variables import ATMOS_VARS, STATIC_VARS, SURF_VARS
 
@@ -128,11 +134,8 @@ class Aurora(nn.Module):
             )
         not_ported = {
             "level_condition": self.level_condition is not None,
-            "dynamic_vars": self.dynamic_vars,
-            "atmos_static_vars": self.atmos_static_vars,
             "separate_perceiver": bool(self.separate_perceiver),
             "modulation_heads": bool(self.modulation_heads),
-            "simulate_indexing_bug": self.simulate_indexing_bug,
             "stochastic": self.stochastic,
             "output_only_surf_vars": bool(self.output_only_surf_vars),
             "output_only_atmos_vars": bool(self.output_only_atmos_vars),
@@ -154,6 +157,11 @@ class Aurora(nn.Module):
                 "`bf16_mode` was removed in microsoft-aurora; it now switches on `autocast`.",
                 stacklevel=2,
             )
+        if self.atmos_static_vars and not self.dynamic_vars:
+            # microsoft-aurora 2.0.1 names the channels inconsistently then and cannot run it.
+            raise ValueError("`atmos_static_vars` needs `dynamic_vars`, as in microsoft-aurora.")
+        if self.simulate_indexing_bug and not self.atmos_static_vars:
+            raise ValueError("`simulate_indexing_bug` needs `atmos_static_vars`.")
         if not self.surf_vars and not self.static_vars:
             raise ValueError("The surface level needs at least one surface or static variable.")
 
@@ -185,8 +193,24 @@ class Aurora(nn.Module):
         surface_fields += [
             jnp.broadcast_to(normed.static_vars[v], (B, T, H, W)) for v in static_names
         ]
-        x_surf = jnp.stack(surface_fields, axis=2)  # (B, T, V_S + V_static, H, W)
+        x_static = jnp.stack(surface_fields[len(surf_names) :], axis=2)  # (B, T, V_static, H, W)
         x_atmos = jnp.stack([atmos_in[v] for v in atmos_names], axis=2)  # (B, T, V_A, C, H, W)
+        encoder_static_vars, encoder_atmos_vars = self.static_vars, self.atmos_vars
+        encoder_static_names, encoder_atmos_names = static_names, atmos_names
+        if self.dynamic_vars:
+            x_static = jnp.concatenate([x_static, dynamic_channels(meta.time, (B, T, H, W))], 2)
+            encoder_static_names = static_names + DYNAMIC_VARS
+            encoder_static_vars += DYNAMIC_VARS
+        x_surf = jnp.stack(surface_fields[: len(surf_names)], axis=2)
+        x_surf = jnp.concatenate([x_surf, x_static], axis=2)  # (B, T, V_S + V_static, H, W)
+        if self.atmos_static_vars:
+            C = x_atmos.shape[3]
+            x_per_level = jnp.broadcast_to(x_static[:, :, :, None], (*x_static.shape[:3], C, H, W))
+            x_atmos = jnp.concatenate([x_atmos, x_per_level], axis=2)
+            encoder_atmos_names += atmos_static_names(encoder_static_names)
+            encoder_atmos_vars += atmos_static_names(encoder_static_vars)
+            if self.simulate_indexing_bug:
+                x_atmos = simulate_indexing_bug(x_atmos, encoder_atmos_names)
 
         lead_hours = self.timestep.total_seconds() / 3600
         lead_minutes = None
@@ -194,8 +218,8 @@ class Aurora(nn.Module):
             lead_minutes = lead_time_minutes(lead_hours if lead_times is None else lead_times, B)
         x = Perceiver3DEncoder(
             surf_vars=self.surf_vars,
-            static_vars=self.static_vars,
-            atmos_vars=self.atmos_vars,
+            static_vars=encoder_static_vars,
+            atmos_vars=encoder_atmos_vars,
             patch_size=self.patch_size,
             latent_levels=self.latent_levels,
             embed_dim=self.embed_dim,
@@ -212,9 +236,9 @@ class Aurora(nn.Module):
             name="encoder",
         )(
             x_surf,
-            surf_names + static_names,
+            surf_names + encoder_static_names,
             x_atmos,
-            atmos_names,
+            encoder_atmos_names,
             np.asarray(meta.lat),
             np.asarray(meta.lon),
             meta.atmos_levels,
