@@ -186,3 +186,12 @@ def test_static_channel_arguments_need_what_the_reference_needs() -> None:
         aurora.AuroraSmallPretrained(atmos_static_vars=True)._check_supported()
     with pytest.raises(ValueError, match="atmos_static_vars"):
         aurora.AuroraSmallPretrained(simulate_indexing_bug=True)._check_supported()
+
+
+@pytest.mark.parametrize("missing", ["static_vars", "surf_vars"])
+def test_surface_level_with_only_surface_or_only_static_variables(missing: str) -> None:
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in TINY.items()}
+    model = aurora.AuroraPretrained(**kwargs, **{missing: ()})
+    batch = _tiny_batch(model)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), batch))
+    assert shapes["params"]["encoder"]["surf_token_embeds"]

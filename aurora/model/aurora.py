@@ -189,11 +189,10 @@ class Aurora(nn.Module):
 
         surf_in = clamp_inputs(normed.surf_vars, self.positive_surf_vars)
         atmos_in = clamp_inputs(normed.atmos_vars, self.positive_atmos_vars)
-        surface_fields = [surf_in[v] for v in surf_names]
-        surface_fields += [
-            jnp.broadcast_to(normed.static_vars[v], (B, T, H, W)) for v in static_names
-        ]
-        x_static = jnp.stack(surface_fields[len(surf_names) :], axis=2)  # (B, T, V_static, H, W)
+        stack = lambda fields: jnp.stack(fields, axis=2) if fields else jnp.zeros((B, T, 0, H, W))
+        x_static = stack(
+            [jnp.broadcast_to(normed.static_vars[v], (B, T, H, W)) for v in static_names]
+        )  # (B, T, V_static, H, W)
         x_atmos = jnp.stack([atmos_in[v] for v in atmos_names], axis=2)  # (B, T, V_A, C, H, W)
         encoder_static_vars, encoder_atmos_vars = self.static_vars, self.atmos_vars
         encoder_static_names, encoder_atmos_names = static_names, atmos_names
@@ -201,7 +200,7 @@ class Aurora(nn.Module):
             x_static = jnp.concatenate([x_static, dynamic_channels(meta.time, (B, T, H, W))], 2)
             encoder_static_names = static_names + DYNAMIC_VARS
             encoder_static_vars += DYNAMIC_VARS
-        x_surf = jnp.stack(surface_fields[: len(surf_names)], axis=2)
+        x_surf = stack([surf_in[v] for v in surf_names])
         x_surf = jnp.concatenate([x_surf, x_static], axis=2)  # (B, T, V_S + V_static, H, W)
         if self.atmos_static_vars:
             C = x_atmos.shape[3]
