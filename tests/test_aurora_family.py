@@ -86,8 +86,6 @@ def test_clamp_prediction_starts_at_the_right_step(
     "name, value",
     [
         ("level_condition", (100, 500, 850)),
-        ("separate_perceiver", ("q",)),
-        ("modulation_heads", ("q",)),
         ("stochastic", True),
         ("output_only_surf_vars", ("blh",)),
         ("output_only_atmos_vars", ("o3",)),
@@ -195,3 +193,19 @@ def test_surface_level_with_only_surface_or_only_static_variables(missing: str) 
     batch = _tiny_batch(model)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), batch))
     assert shapes["params"]["encoder"]["surf_token_embeds"]
+
+
+@pytest.mark.reference
+def test_tiny_separate_perceiver_and_modulation_heads_match_reference() -> None:
+    """A second level Perceiver for `u` and `t` (not the last variables, so outputs interleave)
+    and an extra `_mod` head for `2t`, whose prediction is compared too (given statistics: the
+    air pollution model consumes it before unnormalisation)."""
+    kwargs = {
+        **TINY,
+        "separate_perceiver": ["u", "t"],
+        "modulation_heads": ["2t"],
+        "surf_stats": {"2t_mod": [0.0, 1.0]},
+    }
+    errors = _compare(_spec("AuroraPretrained", kwargs, steps=2))
+    assert {"0/surf/2t_mod", "1/surf/2t_mod"} <= set(errors)
+    _assert_close(errors)

@@ -20,7 +20,7 @@ from flax import linen as nn
 
 from aurora.batch import Batch
 from aurora.model.clipping import Bounds
-from aurora.model.decoder import Perceiver3DDecoder
+from aurora.model.decoder import Perceiver3DDecoder, modulation_names
 from aurora.model.encoder import Perceiver3DEncoder
 from aurora.model.layers import Precision
 from aurora.model.lead_time import lead_time_minutes
@@ -134,8 +134,6 @@ class Aurora(nn.Module):
             )
         not_ported = {
             "level_condition": self.level_condition is not None,
-            "separate_perceiver": bool(self.separate_perceiver),
-            "modulation_heads": bool(self.modulation_heads),
             "stochastic": self.stochastic,
             "output_only_surf_vars": bool(self.output_only_surf_vars),
             "output_only_atmos_vars": bool(self.output_only_atmos_vars),
@@ -269,6 +267,8 @@ class Aurora(nn.Module):
         )  # the residual stream stays float32, as under torch.autocast
         x = x.astype(jnp.float32)
 
+        surf_names = modulation_names(surf_names, self.modulation_heads)
+        atmos_names = modulation_names(atmos_names, self.modulation_heads)
         surf, atmos = Perceiver3DDecoder(
             surf_vars=self.surf_vars,
             atmos_vars=self.atmos_vars,
@@ -279,6 +279,8 @@ class Aurora(nn.Module):
             num_heads=self.num_heads,
             mlp_ratio=self.dec_mlp_ratio,
             perceiver_ln_eps=self.perceiver_ln_eps,
+            separate_perceiver=self.separate_perceiver,
+            modulation_heads=self.modulation_heads,
             precision=self.precision,
             remat=self.remat,
             name="decoder",

@@ -14,7 +14,13 @@ from aurora.model.fourier import levels_expansion
 from aurora.model.layers import Dense, Precision, trunc_normal
 from aurora.model.perceiver import PerceiverResampler
 
-__all__ = ["Perceiver3DDecoder", "apply_heads", "unpatchify"]
+__all__ = ["Perceiver3DDecoder", "apply_heads", "modulation_names", "unpatchify"]
+
+
+def modulation_names(names: Sequence[str], modulation_heads: Sequence[str]) -> tuple[str, ...]:
+    """`names` and, after them, `{name}_mod` for those with a modulation head, as microsoft-aurora
+    orders them (the extra heads are decoded as extra variables)."""
+    return tuple(names) + tuple(f"{n}_mod" for n in names if n in modulation_heads)
 
 
 def apply_heads(heads: dict, x: jax.Array, names: Sequence[str], precision: Precision) -> jax.Array:
@@ -69,6 +75,10 @@ class Perceiver3DDecoder(nn.Module):
     num_heads: int = 8
     mlp_ratio: float = 4.0
     perceiver_ln_eps: float = 1e-5
+    # microsoft-aurora's `separate_perceiver` (atmospheric variables decoded by a second level
+    # Perceiver) and `modulation_heads` (an extra `{name}_mod` head per named variable).
+    separate_perceiver: tuple[str, ...] = ()
+    modulation_heads: tuple[str, ...] = ()
     precision: Precision = None
     # Recompute the level Perceiver and the heads in the backward pass, in chunks of patches.
     remat: bool = False
@@ -102,8 +112,9 @@ class Perceiver3DDecoder(nn.Module):
 
         Args:
             x (jax.Array): Backbone tokens of shape `(B, C_latent * h * w, D)`.
-            surf_names (Sequence[str]): The `V_S` surface variables to predict (may be empty).
-            atmos_names (Sequence[str]): The `V_A` atmospheric variables to predict.
+            surf_names (Sequence[str]): The `V_S` surface variables to predict (may be empty),
+                `{name}_mod` included (:func:`modulation_names`).
+            atmos_names (Sequence[str]): The `V_A` atmospheric variables to predict, likewise.
             atmos_levels (Sequence[float]): The `C` pressure levels (hPa) to predict.
             spatial_shape (tuple[int, int]): The grid `(H, W)`.
             patch_res (tuple[int, int, int]): Token resolution `(C_latent, h, w)`, `h = H/P`.
@@ -118,8 +129,12 @@ class Perceiver3DDecoder(nn.Module):
         P = self.patch_size
         x = x.reshape(B, C_latent, h * w, -1).transpose(0, 2, 1, 3)  # (B, L, C_latent, D)
 
-        surf_heads = self._heads("surf_heads", self.surf_vars)
-        atmos_heads = self._heads("atmos_heads", self.atmos_vars)
+        surf_heads = self._heads(
+            "surf_heads", modulation_names(self.surf_vars, self.modulation_heads)
+        )
+        atmos_heads = self._heads(
+            "atmos_heads", modulation_names(self.atmos_vars, self.modulation_heads)
+        )
 
         surf = None
         if surf_names:
@@ -133,21 +148,43 @@ class Perceiver3DDecoder(nn.Module):
             levels
         )
         context = x[:, :, 1:, :].reshape(B * h * w, C_latent - 1, self.embed_dim)
-        atmos = PerceiverResampler(
-            self.embed_dim,
-            depth=self.depth,
-            head_dim=self.head_dim,
-            num_heads=self.num_heads,
-            mlp_ratio=self.mlp_ratio,
-            ln_eps=self.perceiver_ln_eps,
-            precision=self.precision,
-            remat=self.remat,
-            name="level_decoder",
-        )(
-            levels_embed,
-            context,
-            partial(apply_heads, names=atmos_names, precision=self.precision),
-            atmos_heads,
-        )
+
+        def decode(names: tuple[str, ...], name: str) -> jax.Array:
+            """`(B*h*w, C, P*P, len(names))` from one level Perceiver and the heads of `names`."""
+            out = PerceiverResampler(
+                self.embed_dim,
+                depth=self.depth,
+                head_dim=self.head_dim,
+                num_heads=self.num_heads,
+                mlp_ratio=self.mlp_ratio,
+                ln_eps=self.perceiver_ln_eps,
+                precision=self.precision,
+                remat=self.remat,
+                name=name,
+            )(
+                levels_embed,
+                context,
+                partial(apply_heads, names=names, precision=self.precision),
+                atmos_heads,
+            )
+            return out.reshape(*out.shape[:-1], P * P, len(names))
+
+        separate = modulation_names(self.separate_perceiver, self.modulation_heads)
+        main_names = tuple(n for n in atmos_names if n not in separate)
+        alternate_names = tuple(n for n in atmos_names if n in separate)
+        if not separate:
+            atmos = decode(main_names, "level_decoder")
+        else:
+            # Both Perceivers exist whatever the batch holds, as in microsoft-aurora.
+            parts, order = [], []
+            for names, name in (
+                (main_names, "level_decoder"),
+                (alternate_names, "level_decoder_alternate"),
+            ):
+                if names:
+                    parts.append(decode(names, name))
+                    order += names
+            atmos = jnp.concatenate(parts, axis=-1)[..., [order.index(n) for n in atmos_names]]
+        atmos = atmos.reshape(*atmos.shape[:-2], -1)
         atmos = unpatchify(atmos.reshape(B, h * w, *atmos.shape[1:]), len(atmos_names), H, W, P)
         return surf, atmos
