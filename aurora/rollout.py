@@ -7,7 +7,8 @@ once per input layout instead of once per call. `rollout(model, ...)` builds a f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -108,6 +109,7 @@ def rollout(
     *,
     patch_size: int | None = None,
     apply_rollout_input_clipping: bool = True,
+    fine_lead_times: Sequence[float] | None = None,
 ) -> Iterator[Batch]:
     """Yield `steps` predictions, each fed back as the newest history step.
 
@@ -128,6 +130,10 @@ def rollout(
         apply_rollout_input_clipping: clip each prediction by the model's
             `rollout_input_clipping` before it becomes the next input (the yielded prediction
             is never clipped), as microsoft-aurora's `rollout` does.
+        fine_lead_times: sub-step lead times in hours within every step (a model with
+            `variable_lead_time`), e.g. `[1, 2, ..., 6]`: each is predicted from the same input
+            and yielded, and the last, which must equal the time step, becomes the next input.
+            The lead is traced data, so the sub-steps share one compiled step.
 
     Returns:
         An iterator over the `steps` predictions, variables of shape `(b, 1, h, w)` /
@@ -136,6 +142,8 @@ def rollout(
 
     Raises:
         TypeError: a plain callable without `patch_size`.
+        ValueError: `fine_lead_times` for a model without `variable_lead_time`, or not ending
+            at its time step.
     """
     if not isinstance(step, ModelStep) and hasattr(step, "apply"):
         step = ModelStep(step)  # a model
@@ -152,7 +160,18 @@ def rollout(
     bounds = (
         getattr(model, "rollout_input_clipping", None) if apply_rollout_input_clipping else None
     )
+    if fine_lead_times is not None:
+        _check_fine_lead_times(model, fine_lead_times)
+        return _sub_stepped(step, params, batch, steps, bounds, tuple(fine_lead_times))
     return _predictions(step, params, batch, steps, bounds)
+
+
+def _check_fine_lead_times(model: Any, fine_lead_times: Sequence[float]) -> None:
+    if not getattr(model, "variable_lead_time", False):
+        raise ValueError("`fine_lead_times` requires a model with `variable_lead_time=True`.")
+    hours = model.timestep.total_seconds() / 3600
+    if not fine_lead_times or not math.isclose(fine_lead_times[-1], hours):
+        raise ValueError(f"The last of `fine_lead_times` must be the time step ({hours} hours).")
 
 
 def _predictions(
@@ -161,4 +180,19 @@ def _predictions(
     for _ in range(steps):
         pred = step(params, batch)
         yield pred
+        batch = advance_batch(batch, clip_rollout_inputs(pred, bounds))
+
+
+def _sub_stepped(
+    step: ModelStep,
+    params: Any,
+    batch: Batch,
+    steps: int,
+    bounds: Bounds | None,
+    fine_lead_times: tuple[float, ...],
+) -> Iterator[Batch]:
+    for _ in range(steps):
+        for hours in fine_lead_times:
+            pred = step(params, batch, hours)
+            yield pred
         batch = advance_batch(batch, clip_rollout_inputs(pred, bounds))

@@ -14,7 +14,7 @@ import aurora
 from aurora.batch import Batch, Metadata
 from aurora.model.clipping import clip_rollout_inputs
 from aurora.model.positivity import clamp_prediction
-from aurora.rollout import ModelStep
+from aurora.rollout import ModelStep, advance_batch
 from tests.test_parity import TINY, _assert_close, _compare, _spec
 
 # Bounds that bite on a random-weight rollout (physical units, near the normalisation locations).
@@ -209,3 +209,30 @@ def test_tiny_separate_perceiver_and_modulation_heads_match_reference() -> None:
     errors = _compare(_spec("AuroraPretrained", kwargs, steps=2))
     assert {"0/surf/2t_mod", "1/surf/2t_mod"} <= set(errors)
     _assert_close(errors)
+
+
+def test_rollout_with_fine_lead_times_sub_steps_from_the_same_input() -> None:
+    """`fine_lead_times=[3, 6]`: the 3 h and 6 h predictions come from the same input, only the
+    6 h one is fed back (so every second prediction is the plain rollout's), one compilation."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in TINY.items()}
+    model = aurora.AuroraPretrained(**kwargs, variable_lead_time=True)
+    batch = _tiny_batch(model)
+    params = model.init(jax.random.key(0), batch)["params"]
+    step = ModelStep(model)
+    fine = list(aurora.rollout(step, params, batch, 2, fine_lead_times=[3.0, 6.0]))
+    compiled = step._apply._cache_size()
+    plain = list(aurora.rollout(step, params, batch, 2))
+    assert step._apply._cache_size() == compiled  # the lead is data: no new program
+    start = int(batch.metadata.time[0])
+    assert [int(p.metadata.time[0]) - start for p in fine] == [180, 360, 540, 720]
+    assert [int(p.metadata.rollout_step) for p in fine] == [1, 1, 2, 2]
+    for sub, full in zip(fine[1::2], plain):
+        np.testing.assert_array_equal(sub.atmos_vars["t"], full.atmos_vars["t"])
+    np.testing.assert_array_equal(
+        fine[2].atmos_vars["t"], step(params, advance_batch(batch, plain[0]), 3.0).atmos_vars["t"]
+    )
+    with pytest.raises(ValueError, match="time step"):
+        next(aurora.rollout(step, params, batch, 1, fine_lead_times=[3.0]))
+    fixed = aurora.AuroraPretrained(**kwargs)
+    with pytest.raises(ValueError, match="variable_lead_time"):
+        next(aurora.rollout(fixed, params, batch, 1, fine_lead_times=[6.0]))
