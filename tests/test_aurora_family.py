@@ -4,6 +4,7 @@ ones on the reduced architecture of tests/test_parity.py, and loud failures for 
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -236,3 +237,23 @@ def test_rollout_with_fine_lead_times_sub_steps_from_the_same_input() -> None:
     fixed = aurora.AuroraPretrained(**kwargs)
     with pytest.raises(ValueError, match="variable_lead_time"):
         next(aurora.rollout(fixed, params, batch, 1, fine_lead_times=[6.0]))
+
+
+@pytest.mark.reference
+def test_insolation_matches_reference() -> None:
+    """Prescribed insolation from the traced time: leap and common years, year ends, minutes."""
+    from aurora.batch import to_minutes
+    from aurora.insolation import insolation
+    from tests.reference.venv import case_dir
+
+    times = ["2020-01-01T00:00", "2020-02-29T06:00", "2020-12-31T23:30", "2021-06-21T12:00"]
+    times += ["2023-03-20T21:45", "1999-12-31T18:00", "2100-03-01T03:00"]
+    spec = {"times": times, "h": 33, "w": 64}
+    runner = Path(__file__).parent / "reference" / "run_insolation.py"
+    with np.load(case_dir(spec, runner=runner) / "insolation.npz") as f:
+        expected, lat, lon = f["sol"], f["lat"], f["lon"]
+    minutes = to_minutes([np.datetime64(t) for t in times])
+    got = np.asarray(jax.jit(lambda m: insolation(m, lat, lon))(minutes))
+    # Insolation is O(1); a one-ulp change of the float32 hour angle (~2300 rad at the end of the
+    # year) moves it by ~1e-4, so this also checks that both form the same angle.
+    assert np.abs(got - expected).max() <= 1e-5
