@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aurora.civil_dates import civil_from_days, days_from_civil
+
 __all__ = ["insolation"]
 
 _EPS = 23.4441 * np.pi / 180.0  # obliquity
@@ -24,17 +26,9 @@ _BETA = np.sqrt(1 - _ECC**2.0)
 
 
 def _days_to_year_start(days: jax.Array) -> jax.Array:
-    """Days since 1970-01-01 of January 1st of the year holding `days` (Hinnant's algorithms)."""
-    z = days + 719468
-    era = jnp.floor_divide(z, 146097)
-    doe = z - era * 146097
-    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
-    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
-    year = yoe + era * 400 + ((5 * doy + 2) // 153 >= 10)  # March-based year -> civil year
-    y = year - 1  # January 1st lies in the March-based year before
-    era = jnp.floor_divide(y, 400)
-    yoe = y - era * 400
-    return era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + 306 - 719468
+    """Days since 1970-01-01 of January 1st of the year holding `days`."""
+    year, _, _ = civil_from_days(days)
+    return days_from_civil(year, 1, 1)
 
 
 def insolation(minutes: jax.Array, lat: np.ndarray, lon: np.ndarray) -> jax.Array:

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aurora.civil_dates import civil_from_days
+
 __all__ = ["DYNAMIC_VARS", "atmos_static_names", "dynamic_channels", "simulate_indexing_bug"]
 
 DYNAMIC_VARS = ("tod_cos", "tod_sin", "dow_cos", "dow_sin", "doy_cos", "doy_sin")
@@ -29,17 +31,6 @@ def _table(count: int, period: float, start: int = 0) -> np.ndarray:
     """float32 `[cos, sin](2π k / period)` for `k = start .. start + count - 1`, from float64."""
     angle = 2 * np.pi * np.arange(start, start + count) / period
     return np.stack([np.cos(angle), np.sin(angle)], axis=-1).astype(np.float32)
-
-
-def _day_of_month(days: jax.Array) -> jax.Array:
-    """Day of the month (1..31) of `days` since 1970-01-01 (Hinnant's `civil_from_days`)."""
-    z = days + 719468
-    era = jnp.floor_divide(z, 146097)
-    doe = z - era * 146097
-    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
-    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
-    mp = (5 * doy + 2) // 153
-    return doy - (153 * mp + 2) // 5 + 1
 
 
 def dynamic_channels(minutes: jax.Array, shape: tuple[int, int, int, int]) -> jax.Array:
@@ -56,7 +47,7 @@ def dynamic_channels(minutes: jax.Array, shape: tuple[int, int, int, int]) -> ja
         [
             jnp.asarray(_table(24, 24))[hour],
             jnp.asarray(_table(7, 7))[weekday],
-            jnp.asarray(_table(31, 365.25, start=1))[_day_of_month(days) - 1],
+            jnp.asarray(_table(31, 365.25, start=1))[civil_from_days(days)[2] - 1],
         ],
         axis=-1,
     )  # (B, 6)
