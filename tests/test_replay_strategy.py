@@ -335,7 +335,8 @@ def test_resume_restores_the_buffer_and_training_exactly(source, tmp_path) -> No
                 raise RuntimeError("simulated crash")
 
     class Snapshot(Callback):
-        """After the checkpoint of step `step`: the strategy's state and buffer."""
+        """The strategy's state and buffer at step `step`, and what that step's checkpoint wrote
+        (read at the next step's start: checkpoint callbacks run last at every hook)."""
 
         def __init__(self, step: int) -> None:
             self.step = step
@@ -346,8 +347,11 @@ def test_resume_restores_the_buffer_and_training_exactly(source, tmp_path) -> No
                 self.state = json.loads(json.dumps(strategy.host_state()))
                 self.contents = _contents(strategy)
                 self.names = set(strategy.buffer._states)
-                self.written = strategy.checkpoint_bytes
                 self.spilled = strategy.buffer.nbytes()
+
+        def on_train_batch_start(self, trainer, batch, batch_idx):
+            if trainer.global_step == self.step:
+                self.written = trainer.strategy.checkpoint_bytes
                 store = trainer.workdir / "checkpoints" / "replay" / "process_0" / "states"
                 self.files = {p.stem: p.stat().st_size for p in store.glob("*.npz")}
 
