@@ -623,8 +623,8 @@ def test_timer_budget_is_for_the_whole_run_across_resumes(model, tmp_path):
 @pytest.mark.parametrize(
     "first_job_steps",
     [
-        5,  # its last checkpoint is written after step 4's validation
-        4,  # its last checkpoint is written after step 4's validation, too
+        pytest.param(5, marks=pytest.mark.slow),  # CI time; its last checkpoint is step 5's
+        4,  # its last checkpoint is written after step 4's validation
     ],
 )
 def test_early_stopping_patience_min_delta_and_max_mode_survive_a_resume(

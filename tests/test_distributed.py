@@ -89,6 +89,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # CI time: main.py's two-process test below covers the multi-process path
 @pytest.mark.skipif(jax.device_count() != 1, reason="the workers use one CPU device each")
 def test_two_processes_train_like_one(tmp_path) -> None:
     port, out = _free_port(), tmp_path / "params.npz"

@@ -230,7 +230,13 @@ def test_the_trainer_leaves_the_given_strategy_unchanged(lora_model, tmp_path) -
         # Rollout step 0 runs without the adapter: the 1-step loss leaves it alone while the
         # base, trained here, shows that the update did happen.
         ("from_second", 1, True, set()),
-        ("from_second", 2, False, {0}),  # step 2's call uses the one adapter
+        pytest.param(  # step 2's call uses the one adapter
+            "from_second",
+            2,
+            False,
+            {0},
+            marks=pytest.mark.slow,  # CI time
+        ),
         ("all", 2, False, {0, 1}),  # step k trains adapter k - 1; adapters 2, 3 stay
     ],
 )

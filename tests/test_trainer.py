@@ -110,8 +110,15 @@ def _manual_two_step_loss(model, params, inputs, targets, detach_second_input: b
     return (l1 + l2) / 2
 
 
-@pytest.mark.parametrize("curriculum", [False, True], ids=["static", "traced"])
-@pytest.mark.parametrize("backprop", ["all", "pushforward"])
+@pytest.mark.parametrize(
+    ("backprop", "curriculum"),
+    [
+        pytest.param("all", False, id="all-static", marks=pytest.mark.slow),  # CI time
+        pytest.param("all", True, id="all-traced"),
+        pytest.param("pushforward", False, id="pushforward-static", marks=pytest.mark.slow),
+        pytest.param("pushforward", True, id="pushforward-traced"),
+    ],
+)
 def test_two_step_rollout_gradient_equals_explicit_calls(setup, backprop, curriculum) -> None:
     model, example, params = setup
     inputs, targets = _to_device_batch(example)

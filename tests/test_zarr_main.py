@@ -104,6 +104,7 @@ def _assert_trained(workdir: Path) -> None:
     assert written and all(name.startswith("zarr_stats_") for name in written), written
 
 
+@pytest.mark.slow  # CI time: the HTTP test below runs the same command over a served store
 def test_main_trains_from_a_local_zarr_store(tmp_path: Path, store: Path) -> None:
     _assert_trained(_train(tmp_path, str(store)))
 
