@@ -581,6 +581,7 @@ def test_parse_duration_forms():
             parse_duration(bad)
 
 
+@pytest.mark.slow  # CI time
 def test_timer_budget_is_for_the_whole_run_across_resumes(model, tmp_path):
     """A job stopped after 4 s of training (1 s a step) resumes from its checkpoint and stops at
     the 10 s budget; resumed once more, it stops before any step. With gradient accumulation the

@@ -283,6 +283,7 @@ def user_sample(split, paths, atmos_vars, levels):
 '''
 
 
+@pytest.mark.slow  # CI time
 def test_main_trains_on_a_builder_registered_outside_the_library(tmp_path) -> None:
     module = tmp_path / "my_builders.py"
     module.write_text(USER_MODULE)

@@ -237,7 +237,13 @@ def test_the_trainer_leaves_the_given_strategy_unchanged(lora_model, tmp_path) -
             {0},
             marks=pytest.mark.slow,  # CI time
         ),
-        ("all", 2, False, {0, 1}),  # step k trains adapter k - 1; adapters 2, 3 stay
+        pytest.param(  # step k trains adapter k - 1; adapters 2, 3 stay
+            "all",
+            2,
+            False,
+            {0, 1},
+            marks=pytest.mark.slow,  # CI time
+        ),
     ],
 )
 def test_lora_modes_train_the_adapters_of_the_rollout_steps_they_serve(

@@ -147,6 +147,7 @@ def test_initialisation_program_needs_about_an_eighth_per_device() -> None:
 INVOLUNTARY = "Involuntary full rematerialization"
 
 
+@pytest.mark.slow  # CI time
 @EIGHT
 def test_fsdp_steps_keep_activations_split_by_rows(capfd) -> None:
     """With the model's activation sharding hints in context, XLA never replicates a whole

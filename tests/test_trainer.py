@@ -133,6 +133,7 @@ def test_two_step_rollout_gradient_equals_explicit_calls(setup, backprop, curric
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-7)
 
 
+@pytest.mark.slow  # CI time
 def test_stop_gradient_removes_earlier_step_gradients(setup) -> None:
     """Last-step loss only: with window 1 the gradient is that of one call on a detached input."""
     model, example, params = setup

@@ -183,6 +183,7 @@ def test_fast_dev_run_n_runs_n_batches_everywhere_and_writes_nothing(tmp_path, m
     assert not list(tmp_path.glob("checkpoints/*"))
 
 
+@pytest.mark.slow  # CI time
 def test_gradient_clip_algorithm_value_clips_each_entry(model) -> None:
     """One step with `gradient_clip_algorithm="value"` equals AdamW on the gradient clipped entry
     by entry, which here differs from clipping its global norm. A large `eps` makes the AdamW
@@ -233,6 +234,7 @@ def test_gradient_clip_algorithm_value_clips_each_entry(model) -> None:
 BF16 = np.dtype(jnp.bfloat16)
 
 
+@pytest.mark.slow  # CI time
 def test_bf16_true_keeps_parameters_and_adam_moments_in_bfloat16(model) -> None:
     """`precision="bf16-true"`: every floating parameter and optimiser moment is bfloat16 before
     and after training steps, the steps move the parameters and the loss stays finite."""
@@ -308,6 +310,7 @@ class StopAt(Callback):
             trainer.stop_agreed = self.agreed
 
 
+@pytest.mark.slow  # CI time
 def test_min_steps_and_min_epochs_hold_a_stop_back_but_not_an_agreed_one(model) -> None:
     data = _data(model, n=2)
     stop_at_1 = dict(max_steps=10, callbacks=[StopAt(1)])
