@@ -11,7 +11,6 @@ Public interface::
 
 from aurora.batch import Batch, Metadata
 from aurora.model.aurora import (
-    PRESETS,
     Aurora,
     Aurora12hPretrained,
     AuroraHighRes,
@@ -19,6 +18,7 @@ from aurora.model.aurora import (
     AuroraSmall,
     AuroraSmallPretrained,
 )
+from aurora.model.presets import PRESETS
 from aurora.pretrained import from_pretrained
 from aurora.rollout import ModelStep, rollout
 

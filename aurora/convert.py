@@ -28,7 +28,7 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,7 +237,11 @@ def _as_numpy(source: str | Path | Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def to_flax_names(
-    state: Mapping[str, np.ndarray], patch_size: int, max_history_size: int
+    state: Mapping[str, np.ndarray],
+    patch_size: int,
+    max_history_size: int,
+    *,
+    adapt: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
 ) -> FlatParams:
     """Adapt a state dict (`adapt_checkpoint`) and rename it by the module docstring's rule.
 
@@ -249,6 +253,8 @@ def to_flax_names(
         state: A microsoft-aurora state dict.
         patch_size: The model's patch size (to split older head matrices).
         max_history_size: The model's history length (embeddings are zero-padded to it).
+        adapt: A preset's own adaptation (`Aurora.adapt_state_dict`) instead of
+            `adapt_checkpoint`, for presets whose published layout differs.
 
     Returns:
         Flax path -> float32 array in Flax's layout, LoRA adapters stacked.
@@ -256,7 +262,7 @@ def to_flax_names(
     Raises:
         ConversionError: If an adapter list has gaps, or as `adapt_checkpoint` does.
     """
-    state = adapt_checkpoint(state, patch_size, max_history_size)
+    state = adapt_checkpoint(state, patch_size, max_history_size) if adapt is None else adapt(state)
     flat: FlatParams = {}
     lora_parts: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
     for key, value in state.items():
@@ -404,7 +410,12 @@ def convert_pytorch_checkpoint(
     Raises:
         ConversionError: As `fit_params` does.
     """
-    flat = to_flax_names(_as_numpy(source), model.patch_size, model.max_history_size)
+    flat = to_flax_names(
+        _as_numpy(source),
+        model.patch_size,
+        model.max_history_size,
+        adapt=getattr(model, "adapt_state_dict", None),
+    )
     params, report = fit_params(flat, model, strict=strict, rng=rng)
     if not strict:
         log.info("Non-strict load. %s", report.summary())
@@ -482,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     Args:
         argv: Arguments; None reads `sys.argv`.
     """
-    from aurora.model.aurora import PRESETS
+    from aurora.model.presets import PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)

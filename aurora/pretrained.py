@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,8 @@ from aurora.convert import (
     load_state_dict,
     to_flax_names,
 )
-from aurora.model.aurora import PRESETS, Aurora
+from aurora.model.aurora import Aurora
+from aurora.model.presets import PRESETS
 
 __all__ = [
     "CHECKPOINTS",
@@ -138,7 +140,13 @@ def _write_cache(flat: FlatParams, path: Path) -> None:
 
 
 def load_converted(
-    checkpoint: str | Path, patch_size: int, max_history_size: int, *, cache: bool = True
+    checkpoint: str | Path,
+    patch_size: int,
+    max_history_size: int,
+    *,
+    cache: bool = True,
+    adapt: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    layout: str = "aurora",
 ) -> FlatParams:
     """`to_flax_names` of a checkpoint file, from the conversion cache when it was done before.
 
@@ -147,22 +155,34 @@ def load_converted(
         patch_size: The model's patch size.
         max_history_size: The model's history length.
         cache: Read and write the per-user cache; False converts every time.
+        adapt: A preset's own state-dict adaptation (`Aurora.adapt_state_dict`).
+        layout: The name of `adapt`'s rules (`Aurora.checkpoint_layout`), part of the cache key.
 
     Returns:
         Flax path -> float32 array.
     """
     checkpoint = Path(checkpoint)
     if not cache:
-        return to_flax_names(load_state_dict(checkpoint), patch_size, max_history_size)
+        return to_flax_names(load_state_dict(checkpoint), patch_size, max_history_size, adapt=adapt)
     key = f"{_file_digest(checkpoint)}-v{CONVERTER_VERSION}-p{patch_size}-h{max_history_size}"
+    if layout != "aurora":
+        key += f"-{layout}"
     cached = cache_dir("converted") / f"{key}.safetensors"
     if cached.exists():
         log.info("Loading %s converted from %s", checkpoint.name, cached)
         return _read_cache(cached)
     log.info("Converting %s (once; cached as %s)", checkpoint, cached)
-    flat = to_flax_names(load_state_dict(checkpoint), patch_size, max_history_size)
+    flat = to_flax_names(load_state_dict(checkpoint), patch_size, max_history_size, adapt=adapt)
     _write_cache(flat, cached)
     return flat
+
+
+def model_rules(model: Any) -> dict[str, Any]:
+    """`load_converted`'s `adapt` and `layout` for `model` (a preset's own checkpoint rules)."""
+    return {
+        "adapt": getattr(model, "adapt_state_dict", None),
+        "layout": getattr(model, "checkpoint_layout", "aurora"),
+    }
 
 
 def load_params(
@@ -186,7 +206,9 @@ def load_params(
     Returns:
         The nested Flax `params` (numpy arrays).
     """
-    flat = load_converted(checkpoint, model.patch_size, model.max_history_size, cache=cache)
+    flat = load_converted(
+        checkpoint, model.patch_size, model.max_history_size, cache=cache, **model_rules(model)
+    )
     params, report = fit_params(flat, model, strict=strict, rng=rng)
     if not strict:
         log.info("Non-strict load of %s. %s", Path(checkpoint).name, report.summary())

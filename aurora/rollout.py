@@ -150,13 +150,16 @@ def rollout(
     patch_size = getattr(step, "patch_size", None) if patch_size is None else patch_size
     if patch_size is None:
         raise TypeError("rollout with a step function needs the model's patch_size")
+    model = getattr(step, "model", None)
+    transform = getattr(model, "batch_transform_hook", None)
+    if transform is not None:  # A preset may change the variables; they must be fixed to slide.
+        batch = transform(batch)
     batch = batch.astype(jnp.float32).crop(patch_size)
     batch = batch.replace(
         metadata=batch.metadata.replace(
             rollout_step=jnp.asarray(batch.metadata.rollout_step, jnp.int32)
         )
     )
-    model = getattr(step, "model", None)
     bounds = (
         getattr(model, "rollout_input_clipping", None) if apply_rollout_input_clipping else None
     )

@@ -329,7 +329,7 @@ def _init_params(config: ml_collections.ConfigDict, model: aurora.Aurora) -> Any
     values the Trainer's own fresh initialisation would give them (the same PRNG key).
     """
     from aurora.convert import fit_params
-    from aurora.pretrained import download, load_converted
+    from aurora.pretrained import download, load_converted, model_rules
 
     init = config.init
     checkpoint = init.get("pytorch_checkpoint")
@@ -337,7 +337,9 @@ def _init_params(config: ml_collections.ConfigDict, model: aurora.Aurora) -> Any
         checkpoint = download(init.pretrained, revision=init.get("revision") or None)
     if checkpoint:
         strict = bool(init.get("strict", True))
-        flat = load_converted(checkpoint, model.patch_size, model.max_history_size)
+        flat = load_converted(
+            checkpoint, model.patch_size, model.max_history_size, **model_rules(model)
+        )
         if strict and model.use_lora and not any(p[-1].startswith("lora_") for p in flat):
             # Pretrained weights without adapters: the LoRA strategy adds fresh ones (B = 0).
             model = model.clone(use_lora=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ import numpy as np
 from flax import linen as nn
 
 from aurora.batch import Batch
+from aurora.convert import adapt_checkpoint
 from aurora.model.clipping import Bounds
 from aurora.model.decoder import Perceiver3DDecoder, modulation_names
 from aurora.model.encoder import Perceiver3DEncoder
@@ -36,7 +37,6 @@ from aurora.model.swin3d import Swin3DTransformerBackbone
 from aurora.variables import ATMOS_VARS, STATIC_VARS, SURF_VARS
 
 __all__ = [
-    "PRESETS",
     "Aurora",
     "Aurora12hPretrained",
     "AuroraHighRes",
@@ -127,6 +127,60 @@ class Aurora(nn.Module):
         """Whether the backbone computes in `autocast_dtype`: `bf16_mode` now means `autocast`."""
         return self.autocast or self.bf16_mode
 
+    # Preset hooks, as microsoft-aurora's `Aurora` has them (same names, same call order in
+    # `__call__`); identities here. Subclasses override them to add a preset's transforms, so
+    # the forward pass itself is written once. All are pure functions of their arguments and run
+    # inside `jit`: data-dependent choices are `jnp.where`, not Python branches.
+
+    def batch_transform_hook(self, batch: Batch) -> Batch:
+        """The raw batch, first thing in `__call__` and once at the start of `rollout`.
+
+        Must be idempotent (the rollout's input goes through it twice).
+        """
+        return batch
+
+    def _pre_norm_hook(self, batch: Batch) -> Batch:
+        """The batch just before normalisation (not idempotent transforms, e.g. log-scaling)."""
+        return batch
+
+    def _pre_encoder_hook(self, batch: Batch) -> Batch:
+        """The normalised batch as the encoder will see it (positive variables clamped).
+
+        Variables may be added or replaced here; the encoder and the decoder take their variable
+        lists from the result, as microsoft-aurora's do. Parameters created here (`self.param`,
+        submodules) belong to the model.
+        """
+        return batch
+
+    def _post_decoder_hook(self, batch: Batch, pred: Batch) -> Batch:
+        """The normalised prediction (history 1) given the normalised input `batch`."""
+        return pred
+
+    def _post_unnorm_hook(self, batch: Batch, pred: Batch) -> Batch:
+        """The prediction in physical units, last thing in `__call__`."""
+        return pred
+
+    @property
+    def input_surf_vars(self) -> tuple[str, ...]:
+        """The surface variables a batch may hold after `batch_transform_hook` (checked before
+        normalisation): `surf_vars` unless the preset's hooks derive some of them."""
+        return self.surf_vars
+
+    @property
+    def input_atmos_vars(self) -> tuple[str, ...]:
+        """As `input_surf_vars`, for atmospheric variables."""
+        return self.atmos_vars
+
+    checkpoint_layout: ClassVar[str] = "aurora"
+    """Names the rules of `adapt_state_dict` (part of the conversion cache's key)."""
+
+    def adapt_state_dict(self, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A published state dict in the current key layout: microsoft-aurora's `_adapt_checkpoint`.
+
+        Presets with their own published layout override it (and `checkpoint_layout`).
+        """
+        return adapt_checkpoint(state, self.patch_size, self.max_history_size)
+
     def _check_supported(self) -> None:
         if self.drop_path or self.drop_rate:
             raise NotImplementedError(
@@ -173,23 +227,33 @@ class Aurora(nn.Module):
         """
         self._check_supported()
         stats = dict(self.surf_stats) if self.surf_stats else None
-        surf_names = _ordered(self.surf_vars, batch.surf_vars, "surface")
-        static_names = _ordered(self.static_vars, batch.static_vars, "static")
-        atmos_names = _ordered(self.atmos_vars, batch.atmos_vars, "atmospheric")
+        batch = self.batch_transform_hook(batch)
+        _ordered(self.input_surf_vars, batch.surf_vars, "surface")
+        _ordered(self.input_atmos_vars, batch.atmos_vars, "atmospheric")
+        batch = batch.astype(jnp.float32).crop(self.patch_size)
+        normed = self._pre_norm_hook(batch).normalise(surf_stats=stats)
+        meta = batch.metadata
+        # Positive variables are clamped for the encoder only: `normed` stays what the hooks
+        # after the decoder see, as in microsoft-aurora.
+        encoder_in = self._pre_encoder_hook(
+            normed.replace(
+                surf_vars=clamp_inputs(normed.surf_vars, self.positive_surf_vars),
+                atmos_vars=clamp_inputs(normed.atmos_vars, self.positive_atmos_vars),
+            )
+        )
+        surf_in, atmos_in = encoder_in.surf_vars, encoder_in.atmos_vars
+        surf_names = _ordered(self.surf_vars, surf_in, "surface")
+        static_names = _ordered(self.static_vars, encoder_in.static_vars, "static")
+        atmos_names = _ordered(self.atmos_vars, atmos_in, "atmospheric")
         if not atmos_names:
             raise ValueError("The batch has no atmospheric variables.")
-        batch = batch.astype(jnp.float32).crop(self.patch_size)
-        normed = batch.normalise(surf_stats=stats)
-        meta = batch.metadata
-        B, T = normed.atmos_vars[atmos_names[0]].shape[:2]
+        B, T = atmos_in[atmos_names[0]].shape[:2]
         H, W = batch.spatial_shape
         patch_res = (self.latent_levels, H // self.patch_size, W // self.patch_size)
 
-        surf_in = clamp_inputs(normed.surf_vars, self.positive_surf_vars)
-        atmos_in = clamp_inputs(normed.atmos_vars, self.positive_atmos_vars)
         stack = lambda fields: jnp.stack(fields, axis=2) if fields else jnp.zeros((B, T, 0, H, W))
         x_static = stack(
-            [jnp.broadcast_to(normed.static_vars[v], (B, T, H, W)) for v in static_names]
+            [jnp.broadcast_to(encoder_in.static_vars[v], (B, T, H, W)) for v in static_names]
         )  # (B, T, V_static, H, W)
         x_atmos = jnp.stack([atmos_in[v] for v in atmos_names], axis=2)  # (B, T, V_A, C, H, W)
         encoder_static_vars, encoder_atmos_vars = self.static_vars, self.atmos_vars
@@ -288,26 +352,26 @@ class Aurora(nn.Module):
 
         rollout_step = jnp.asarray(meta.rollout_step, jnp.int32) + 1
         pred = Batch(
-            surf_vars=clamp_prediction(
-                {v: surf[:, i, None] for i, v in enumerate(surf_names)},
-                self.positive_surf_vars,
-                rollout_step,
-                self.clamp_at_first_step,
-            ),
+            surf_vars={v: surf[:, i, None] for i, v in enumerate(surf_names)},
             static_vars=dict(normed.static_vars),
-            atmos_vars=clamp_prediction(
-                {v: atmos[:, i, None] for i, v in enumerate(atmos_names)},
-                self.positive_atmos_vars,
-                rollout_step,
-                self.clamp_at_first_step,
-            ),
+            atmos_vars={v: atmos[:, i, None] for i, v in enumerate(atmos_names)},
             metadata=meta.replace(
                 time=jnp.asarray(meta.time, jnp.int32)
                 + (self.timestep_minutes if lead_minutes is None else lead_minutes),
                 rollout_step=rollout_step,
             ),
         )
-        return pred.unnormalise(surf_stats=stats)
+        pred = self._post_decoder_hook(normed, pred)
+        pred = pred.replace(
+            surf_vars=clamp_prediction(
+                pred.surf_vars, self.positive_surf_vars, rollout_step, self.clamp_at_first_step
+            ),
+            atmos_vars=clamp_prediction(
+                pred.atmos_vars, self.positive_atmos_vars, rollout_step, self.clamp_at_first_step
+            ),
+        )
+        pred = pred.astype(jnp.float32).unnormalise(surf_stats=stats)
+        return self._post_unnorm_hook(batch, pred)
 
 
 class AuroraPretrained(Aurora):
@@ -345,14 +409,3 @@ class AuroraHighRes(Aurora):
     patch_size: int = 10
     encoder_depths: tuple[int, ...] = (6, 8, 8)
     decoder_depths: tuple[int, ...] = (8, 8, 6)
-
-
-PRESETS: dict[str, type[Aurora]] = {
-    "Aurora": Aurora,
-    "AuroraPretrained": AuroraPretrained,
-    "AuroraSmallPretrained": AuroraSmallPretrained,
-    "AuroraSmall": AuroraSmallPretrained,
-    "Aurora12hPretrained": Aurora12hPretrained,
-    "AuroraHighRes": AuroraHighRes,
-}
-"""Preset classes by microsoft-aurora's names (used by configs and the converter CLI)."""
