@@ -88,8 +88,6 @@ def test_clamp_prediction_starts_at_the_right_step(
     [
         ("level_condition", (100, 500, 850)),
         ("stochastic", True),
-        ("output_only_surf_vars", ("blh",)),
-        ("output_only_atmos_vars", ("o3",)),
     ],
 )
 def test_arguments_not_ported_yet_raise(name: str, value: object) -> None:

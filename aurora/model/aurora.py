@@ -26,6 +26,7 @@ from aurora.model.encoder import Perceiver3DEncoder
 from aurora.model.layers import Precision
 from aurora.model.lead_time import lead_time_minutes
 from aurora.model.lora import LoRAConfig, LoRAMode
+from aurora.model.output_only import zero_output_only
 from aurora.model.positivity import clamp_inputs, clamp_prediction
 from aurora.model.static_channels import (
     DYNAMIC_VARS,
@@ -189,8 +190,6 @@ class Aurora(nn.Module):
         not_ported = {
             "level_condition": self.level_condition is not None,
             "stochastic": self.stochastic,
-            "output_only_surf_vars": bool(self.output_only_surf_vars),
-            "output_only_atmos_vars": bool(self.output_only_atmos_vars),
         }
         for name, is_set in not_ported.items():
             if is_set:
@@ -216,6 +215,15 @@ class Aurora(nn.Module):
             raise ValueError("`simulate_indexing_bug` needs `atmos_static_vars`.")
         if not self.surf_vars and not self.static_vars:
             raise ValueError("The surface level needs at least one surface or static variable.")
+        for kind, output_only, known in (
+            ("surface", self.output_only_surf_vars, self.surf_vars),
+            ("atmospheric", self.output_only_atmos_vars, self.atmos_vars),
+        ):
+            if set(output_only) - set(known):
+                raise ValueError(
+                    f"Output-only {kind} variables {sorted(set(output_only) - set(known))} are "
+                    f"not among the model's {kind} variables."
+                )
 
     @nn.compact
     def __call__(self, batch: Batch, lead_times: jax.Array | float | None = None) -> Batch:
@@ -234,11 +242,17 @@ class Aurora(nn.Module):
         normed = self._pre_norm_hook(batch).normalise(surf_stats=stats)
         meta = batch.metadata
         # Positive variables are clamped for the encoder only: `normed` stays what the hooks
-        # after the decoder see, as in microsoft-aurora.
+        # after the decoder see, as in microsoft-aurora. Output-only variables enter as zeros.
         encoder_in = self._pre_encoder_hook(
             normed.replace(
-                surf_vars=clamp_inputs(normed.surf_vars, self.positive_surf_vars),
-                atmos_vars=clamp_inputs(normed.atmos_vars, self.positive_atmos_vars),
+                surf_vars=zero_output_only(
+                    clamp_inputs(normed.surf_vars, self.positive_surf_vars),
+                    self.output_only_surf_vars,
+                ),
+                atmos_vars=zero_output_only(
+                    clamp_inputs(normed.atmos_vars, self.positive_atmos_vars),
+                    self.output_only_atmos_vars,
+                ),
             )
         )
         surf_in, atmos_in = encoder_in.surf_vars, encoder_in.atmos_vars
