@@ -221,7 +221,8 @@ def _example_batch(model: Any) -> Any:
             lat=np.linspace(80, -80, h),
             lon=np.linspace(0, 360, w, endpoint=False),
             time=np.zeros((1,), np.int32),
-            atmos_levels=(500,),
+            # A level-conditioned model makes every configured level's copy from any one of them.
+            atmos_levels=tuple(getattr(model, "level_condition", None) or (500,))[:1],
         ),
     )
 

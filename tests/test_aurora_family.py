@@ -86,7 +86,6 @@ def test_clamp_prediction_starts_at_the_right_step(
 @pytest.mark.parametrize(
     "name, value",
     [
-        ("level_condition", (100, 500, 850)),
         ("stochastic", True),
     ],
 )

@@ -188,7 +188,6 @@ class Aurora(nn.Module):
                 "Drop-out and drop-path are not supported (all presets use 0)."
             )
         not_ported = {
-            "level_condition": self.level_condition is not None,
             "stochastic": self.stochastic,
         }
         for name, is_set in not_ported.items():
@@ -306,6 +305,7 @@ class Aurora(nn.Module):
             perceiver_ln_eps=self.perceiver_ln_eps,
             stabilise_level_agg=self.stabilise_level_agg,
             use_updated_lead_time_embedding=self.use_updated_lead_time_embedding,
+            level_condition=self.level_condition,
             precision=self.precision,
             remat=self.remat,
             name="encoder",
@@ -359,6 +359,7 @@ class Aurora(nn.Module):
             perceiver_ln_eps=self.perceiver_ln_eps,
             separate_perceiver=self.separate_perceiver,
             modulation_heads=self.modulation_heads,
+            level_condition=self.level_condition,
             precision=self.precision,
             remat=self.remat,
             name="decoder",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from flax import linen as nn
 
 from aurora.model.fourier import levels_expansion
 from aurora.model.layers import Dense, Precision, trunc_normal
+from aurora.model.levelcond import level_heads, level_param_name
 from aurora.model.perceiver import PerceiverResampler
 
 __all__ = ["Perceiver3DDecoder", "apply_heads", "modulation_names", "unpatchify"]
@@ -41,6 +43,14 @@ def apply_heads(heads: dict, x: jax.Array, names: Sequence[str], precision: Prec
     ]
     out = jnp.stack(outs, axis=-1)  # (..., P*P, V)
     return out.reshape(*out.shape[:-2], -1)
+
+
+def _apply_level_heads(
+    heads: Sequence[dict], x: jax.Array, names: Sequence[str], precision: Precision
+) -> jax.Array:
+    """:func:`apply_heads` with `heads[i]` on level `i` of `x` `(..., C, D)`."""
+    outs = [apply_heads(h, x[..., i, :], names, precision) for i, h in enumerate(heads)]
+    return jnp.stack(outs, axis=-2)
 
 
 def unpatchify(x: jax.Array, V: int, H: int, W: int, P: int) -> jax.Array:
@@ -79,19 +89,32 @@ class Perceiver3DDecoder(nn.Module):
     # Perceiver) and `modulation_heads` (an extra `{name}_mod` head per named variable).
     separate_perceiver: tuple[str, ...] = ()
     modulation_heads: tuple[str, ...] = ()
+    # microsoft-aurora's `level_condition`: one atmospheric head per pressure level.
+    level_condition: tuple[float, ...] | None = None
     precision: Precision = None
     # Recompute the level Perceiver and the heads in the backward pass, in chunks of patches.
     remat: bool = False
 
-    def _heads(self, name: str, var_names: tuple[str, ...]) -> dict[str, dict[str, jax.Array]]:
-        """One linear patch-reconstruction head per variable (PyTorch: `{name}.{var}.weight`)."""
+    def _heads(
+        self, name: str, var_names: tuple[str, ...], levels: tuple[float, ...] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """One linear patch-reconstruction head per variable (PyTorch: `{name}.{var}.weight`),
+        or per variable and level (`{name}.{var}.layers.{level}.weight`) with `levels`."""
 
-        def init(key: jax.Array) -> dict[str, dict[str, jax.Array]]:
+        def head(key: jax.Array) -> dict[str, jax.Array]:
+            return {
+                "kernel": trunc_normal(key, (self.embed_dim, self.patch_size**2)),
+                "bias": jnp.zeros((self.patch_size**2,)),
+            }
+
+        def init(key: jax.Array) -> dict[str, dict[str, Any]]:
             keys = jax.random.split(key, max(len(var_names), 1))
+            if levels is None:
+                return {v: head(k) for v, k in zip(var_names, keys)}
             return {
                 v: {
-                    "kernel": trunc_normal(k, (self.embed_dim, self.patch_size**2)),
-                    "bias": jnp.zeros((self.patch_size**2,)),
+                    level_param_name(lv): head(k_lv)
+                    for lv, k_lv in zip(levels, jax.random.split(k, len(levels)))
                 }
                 for v, k in zip(var_names, keys)
             }
@@ -133,8 +156,14 @@ class Perceiver3DDecoder(nn.Module):
             "surf_heads", modulation_names(self.surf_vars, self.modulation_heads)
         )
         atmos_heads = self._heads(
-            "atmos_heads", modulation_names(self.atmos_vars, self.modulation_heads)
+            "atmos_heads",
+            modulation_names(self.atmos_vars, self.modulation_heads),
+            self.level_condition,
         )
+        project = partial(apply_heads, precision=self.precision)
+        if self.level_condition:
+            atmos_heads = level_heads(atmos_heads, atmos_levels, self.level_condition)
+            project = partial(_apply_level_heads, precision=self.precision)
 
         surf = None
         if surf_names:
@@ -164,7 +193,7 @@ class Perceiver3DDecoder(nn.Module):
             )(
                 levels_embed,
                 context,
-                partial(apply_heads, names=names, precision=self.precision),
+                partial(project, names=names),
                 atmos_heads,
             )
             return out.reshape(*out.shape[:-1], P * P, len(names))

@@ -9,6 +9,7 @@ batch, is encoded in-graph by :mod:`aurora.model.time_encoding`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from flax import linen as nn
 from aurora.model.fourier import lead_time_expansion, lead_time_expansion_v3, levels_expansion
 from aurora.model.layers import Dense, LayerNorm, Precision, trunc_normal
 from aurora.model.lead_time import lead_time_encoding
+from aurora.model.levelcond import LevelConditioned
 from aurora.model.patchembed import LevelPatchEmbed
 from aurora.model.perceiver import MLP, PerceiverResampler
 from aurora.model.posencoding import pos_scale_encoding
@@ -47,6 +49,7 @@ class Perceiver3DEncoder(nn.Module):
     perceiver_ln_eps: float = 1e-5
     stabilise_level_agg: bool = False
     use_updated_lead_time_embedding: bool = False  # `lead_time_expansion_v3` (Aurora 1.5)
+    level_condition: tuple[float, ...] | None = None  # one atmospheric embedding per level
     precision: Precision = None
     remat: bool = False  # recompute the level Perceiver in the backward pass, in chunks of patches
 
@@ -105,11 +108,18 @@ class Perceiver3DEncoder(nn.Module):
         x_surf = surf_embed(x_surf.transpose(0, 2, 1, 3, 4), surf_names)
 
         # Patch-embed every pressure level: (B, T, V, C, H, W) -> (B*C, V, T, H, W) -> (B, C, L, D).
-        atmos_embed = LevelPatchEmbed(
-            self.atmos_vars, P, D, self.max_history_size, self.precision, name="atmos_token_embeds"
+        make_embed = partial(
+            LevelPatchEmbed, self.atmos_vars, P, D, self.max_history_size, self.precision
         )
-        x_atmos = x_atmos.transpose(0, 3, 2, 1, 4, 5).reshape(B * C, -1, T, H, W)
-        x_atmos = atmos_embed(x_atmos, atmos_names).reshape(B, C, -1, D)
+        x_atmos = x_atmos.transpose(0, 3, 2, 1, 4, 5)  # (B, C, V, T, H, W)
+        if self.level_condition:
+            x_atmos = LevelConditioned(
+                make_embed, self.level_condition, axis=1, name="atmos_token_embeds"
+            )(x_atmos, atmos_names, levels=atmos_levels)
+        else:
+            x_atmos = x_atmos.reshape(B * C, -1, T, H, W)
+            x_atmos = make_embed(name="atmos_token_embeds")(x_atmos, atmos_names)
+            x_atmos = x_atmos.reshape(B, C, -1, D)
 
         # The surface level is not aggregated: tag it and give it a Perceiver-style MLP.
         x_surf = x_surf + surf_level_encoding
