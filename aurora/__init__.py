@@ -19,6 +19,7 @@ from aurora.model.aurora import (
     AuroraSmallPretrained,
 )
 from aurora.model.presets import PRESETS
+from aurora.model.v1p5 import AuroraV1p5
 from aurora.pretrained import from_pretrained
 from aurora.rollout import ModelStep, rollout
 
@@ -30,6 +31,7 @@ __all__ = [
     "AuroraPretrained",
     "AuroraSmall",
     "AuroraSmallPretrained",
+    "AuroraV1p5",
     "Batch",
     "Metadata",
     "ModelStep",

@@ -102,18 +102,28 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def adapt_checkpoint(
-    state: Mapping[str, np.ndarray], patch_size: int, max_history_size: int
+    state: Mapping[str, np.ndarray],
+    patch_size: int,
+    max_history_size: int,
+    *,
+    surf_vars: tuple[str, ...] = SURF_VARS,
+    static_vars: tuple[str, ...] = STATIC_VARS,
+    atmos_vars: tuple[str, ...] = ATMOS_VARS,
 ) -> dict[str, np.ndarray]:
     """Bring a published checkpoint to the current key layout (what `load_checkpoint` does).
 
     Strips the `net.` prefix, splits the older single embedding and head matrices into one entry
-    per variable (in the default variable order, `aurora.variables`) and zero-pads the history
-    axis of embedding kernels up to `max_history_size`.
+    per variable (by default in the original models' order, `aurora.variables`; Aurora 1.5's
+    `_adapt_checkpoint_v1p5` splits them over the model's own variables) and zero-pads the
+    history axis of embedding kernels up to `max_history_size`.
 
     Args:
         state: A microsoft-aurora state dict.
         patch_size: The model's patch size.
         max_history_size: The model's history length.
+        surf_vars: The surface variables, in the order of the older matrices' columns.
+        static_vars: The static variables, following `surf_vars` in the embedding's columns.
+        atmos_vars: The atmospheric variables, in the older matrices' order.
 
     Returns:
         A new state dict in the current layout.
@@ -135,6 +145,11 @@ def adapt_checkpoint(
 
     def split_head(key: str, names: tuple[str, ...], prefix: str) -> None:
         if f"{key}.weight" in d:
+            if d[f"{key}.weight"].shape[0] != len(names) * patch_size**2:
+                raise ConversionError(
+                    f"{key}.weight has {d[f'{key}.weight'].shape[0]} rows, expected "
+                    f"{len(names)} variables times {patch_size**2} pixels."
+                )
             weight = d.pop(f"{key}.weight").reshape(patch_size**2, len(names), -1)
             bias = d.pop(f"{key}.bias").reshape(patch_size**2, len(names))
             for i, name in enumerate(names):
@@ -143,14 +158,14 @@ def adapt_checkpoint(
 
     split_columns(
         "encoder.surf_token_embeds.weight",
-        SURF_VARS + STATIC_VARS,
+        surf_vars + static_vars,
         "encoder.surf_token_embeds.weights",
     )
     split_columns(
-        "encoder.atmos_token_embeds.weight", ATMOS_VARS, "encoder.atmos_token_embeds.weights"
+        "encoder.atmos_token_embeds.weight", atmos_vars, "encoder.atmos_token_embeds.weights"
     )
-    split_head("decoder.surf_head", SURF_VARS, "decoder.surf_heads")
-    split_head("decoder.atmos_head", ATMOS_VARS, "decoder.atmos_heads")
+    split_head("decoder.surf_head", surf_vars, "decoder.surf_heads")
+    split_head("decoder.atmos_head", atmos_vars, "decoder.atmos_heads")
 
     for key, weight in list(d.items()):
         if key.startswith(

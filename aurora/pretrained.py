@@ -72,6 +72,9 @@ CHECKPOINTS: dict[str, HubCheckpoint] = {
         "aurora-0.25-12h-pretrained.ckpt", "15e76e47b65bf4b28fd2246b7b5b951d6e2443b9"
     ),
     "AuroraHighRes": HubCheckpoint("aurora-0.1-finetuned.ckpt", _PINNED),
+    "AuroraV1p5": HubCheckpoint(
+        "aurora-0.25-v1.5.ckpt", "a96afd7ee6d65e3bd2d476f3be798a25a56f2296"
+    ),
 }
 """Each preset's checkpoint, as microsoft-aurora 2.0.1's `default_checkpoint_name` and
 `default_checkpoint_revision` name it."""

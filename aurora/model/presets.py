@@ -14,6 +14,7 @@ from aurora.model.aurora import (
     AuroraPretrained,
     AuroraSmallPretrained,
 )
+from aurora.model.v1p5 import AuroraV1p5
 
 __all__ = ["PRESETS"]
 
@@ -24,5 +25,6 @@ PRESETS: dict[str, type[Aurora]] = {
     "AuroraSmall": AuroraSmallPretrained,
     "Aurora12hPretrained": Aurora12hPretrained,
     "AuroraHighRes": AuroraHighRes,
+    "AuroraV1p5": AuroraV1p5,
 }
 """Preset classes by microsoft-aurora's names."""
