@@ -20,6 +20,7 @@ from aurora.model.aurora import (
 )
 from aurora.model.presets import PRESETS
 from aurora.model.v1p5 import AuroraV1p5
+from aurora.model.wave import AuroraWave
 from aurora.pretrained import from_pretrained
 from aurora.rollout import ModelStep, rollout
 
@@ -32,6 +33,7 @@ __all__ = [
     "AuroraSmall",
     "AuroraSmallPretrained",
     "AuroraV1p5",
+    "AuroraWave",
     "Batch",
     "Metadata",
     "ModelStep",

@@ -225,8 +225,9 @@ def _example_batch(model: Any) -> Any:
     p = model.patch_size
     h, w = 2 * p, 2 * p
     return Batch(
-        surf_vars={
-            v: np.zeros((1, model.max_history_size, h, w), np.float32) for v in model.surf_vars
+        surf_vars={  # as given to the model: a preset's hooks may derive some of `surf_vars`
+            v: np.zeros((1, model.max_history_size, h, w), np.float32)
+            for v in model.input_surf_vars
         },
         static_vars={v: np.zeros((h, w), np.float32) for v in model.static_vars},
         atmos_vars={

@@ -75,6 +75,9 @@ CHECKPOINTS: dict[str, HubCheckpoint] = {
     "AuroraV1p5": HubCheckpoint(
         "aurora-0.25-v1.5.ckpt", "a96afd7ee6d65e3bd2d476f3be798a25a56f2296"
     ),
+    "AuroraWave": HubCheckpoint(
+        "aurora-0.25-wave.ckpt", "74598e8c65d53a96077c08bb91acdfa5525340c9"
+    ),
 }
 """Each preset's checkpoint, as microsoft-aurora 2.0.1's `default_checkpoint_name` and
 `default_checkpoint_revision` name it."""

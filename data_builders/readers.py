@@ -30,6 +30,7 @@ from data_builders.regrid import regrid
 
 __all__ = [
     "ATMOS_VARS",
+    "MASKED_VARS",
     "STATIC_KEYS",
     "STATIC_VARS",
     "SURFACE_VARS",
@@ -59,6 +60,10 @@ _STATIC = frozenset(STATIC_KEYS.values())
 PathArg = str | PathLike[str]
 Fill = str | float
 
+_WAVE_VARS = (
+    *("swh", "mwd", "mwp", "pp1d", "shww", "mdww", "mpww", "shts", "mdts", "mpts"),
+    *("swh1", "mwd1", "mwp1", "swh2", "mwd2", "mwp2", "wind", "dwi"),
+)
 _NAMES = {
     # ECMWF / CDS short names (and our own output, so canonical files read back unchanged)
     "t2m": "2t",
@@ -91,7 +96,32 @@ _NAMES = {
     "geopotential_at_surface": "z_sfc",
     "relative_humidity": "r",
     "vertical_velocity": "w",
+    # HRES-WAM / ERA5 ocean waves (AuroraWave): short names, then the CDS API's long names
+    **{name: name for name in (*_WAVE_VARS, "wmb")},
+    "significant_height_of_combined_wind_waves_and_swell": "swh",
+    "mean_wave_direction": "mwd",
+    "mean_wave_period": "mwp",
+    "peak_wave_period": "pp1d",
+    "significant_height_of_wind_waves": "shww",
+    "mean_direction_of_wind_waves": "mdww",
+    "mean_period_of_wind_waves": "mpww",
+    "significant_height_of_total_swell": "shts",
+    "mean_direction_of_total_swell": "mdts",
+    "mean_period_of_total_swell": "mpts",
+    "significant_wave_height_of_first_swell_partition": "swh1",
+    "mean_wave_direction_of_first_swell_partition": "mwd1",
+    "mean_wave_period_of_first_swell_partition": "mwp1",
+    "significant_wave_height_of_second_swell_partition": "swh2",
+    "mean_wave_direction_of_second_swell_partition": "mwd2",
+    "mean_wave_period_of_second_swell_partition": "mwp2",
+    "ocean_surface_stress_equivalent_10m_neutral_wind_speed": "wind",
+    "10m_wind_direction": "dwi",
+    "model_bathymetry": "wmb",
 }
+MASKED_VARS = frozenset(_WAVE_VARS)
+"""Wave fields, which are NaN over land and where a wave system is absent: their NaNs are kept
+(`AuroraWave` masks them), not refused, unless `fill_nan` says how to fill them. The bathymetry `wmb` is not
+one of them: a static input must be finite (fill its land with zero)."""
 _LAT = ("latitude", "lat")
 _LON = ("longitude", "lon")
 _LEVEL = ("level", "pressure_level", "isobaricInhPa", "plev")
@@ -846,7 +876,8 @@ def _is_global(da: xr.DataArray) -> bool:
 def handle_nans(
     ds: xr.Dataset, path: Path, fill_nan: Fill | Mapping[str, Fill] | None
 ) -> xr.Dataset:
-    """Count NaNs per variable; refuse them unless `fill_nan` says how to fill.
+    """Count NaNs per variable; refuse them unless `fill_nan` says how to fill (or the variable
+    is one of `MASKED_VARS`, whose NaNs are kept).
 
     Public for streaming sources (see `canonical_lazy`); `ds` must be loaded.
     """
@@ -857,7 +888,7 @@ def handle_nans(
         n = int(np.isnan(values).sum())
         how = fill_nan.get(key) if isinstance(fill_nan, Mapping) else fill_nan
         attrs = {**da.attrs, "nan_count": n}
-        if n:
+        if n and not (how is None and key in MASKED_VARS):
             if how is None:
                 raise DataError(
                     f"{path}: variable {da.attrs.get('source_name', key)} ({key}) "

@@ -15,6 +15,7 @@ from aurora.model.aurora import (
     AuroraSmallPretrained,
 )
 from aurora.model.v1p5 import AuroraV1p5
+from aurora.model.wave import AuroraWave
 
 __all__ = ["PRESETS"]
 
@@ -26,5 +27,6 @@ PRESETS: dict[str, type[Aurora]] = {
     "Aurora12hPretrained": Aurora12hPretrained,
     "AuroraHighRes": AuroraHighRes,
     "AuroraV1p5": AuroraV1p5,
+    "AuroraWave": AuroraWave,
 }
 """Preset classes by microsoft-aurora's names."""

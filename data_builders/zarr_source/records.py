@@ -20,7 +20,7 @@ import numpy as np
 import xarray as xr
 
 from data_builders.errors import DataError
-from data_builders.readers import Fill, fill_nans
+from data_builders.readers import MASKED_VARS, Fill, fill_nans
 from data_builders.regrid import Regridder
 from data_builders.zarr_source.store import MissingChunkError
 
@@ -132,8 +132,8 @@ class Reader:
                 f"({type(e).__name__}: {e}); {why}"
             ) from e
         n = int(np.isnan(x).sum())
-        if n:
-            how = self.fill_nan.get(key)
+        how = self.fill_nan.get(key)
+        if n and not (how is None and key in MASKED_VARS):  # wave fields' NaNs are data
             if how is None:
                 raise DataError(
                     f"{self.name}: variable {source} ({key}) has {n} NaN values at time {when} "
