@@ -2,7 +2,8 @@
 
 Modules: `states` (a source's states by time, each read once), `forecasts` (rollouts, lead by
 lead), `climatology` (WB2's day-of-year × hour climatology, read or computed; the training mean
-as fallback), `metrics` (WB2 scores), `wb2` (WB2's names and evaluation grids), `scoring` (score
+as fallback), `metrics` (WB2 scores), `ensemble_metrics` (WB2's CRPS and spread/skill of
+ensembles), `wb2` (WB2's names and evaluation grids), `scoring` (score
 rows, ``scores.csv``), `figures`, `forecast_io` and `forecast_store` (CF netCDF and WB2 zarr
 forecasts, written as they are made) and `jobs` (whole ``--mode=test`` and ``--mode=predict``
 runs). Nothing here depends on the Trainer: a model, its params and a `WeatherSource`.
@@ -19,22 +20,32 @@ from trainers.evaluation.climatology import (
     open_climatology,
     source_mean,
 )
+from trainers.evaluation.ensemble_metrics import EnsembleTotals, score_ensemble
 from trainers.evaluation.figures import plot_maps, plot_rmse_vs_lead
 from trainers.evaluation.forecast_io import variable_attrs, write_forecast
-from trainers.evaluation.forecast_store import ForecastNetcdf, ForecastZarr, Layout
-from trainers.evaluation.forecasts import forecast_stream, forecasts
+from trainers.evaluation.forecast_store import ENSEMBLE_DIM, ForecastNetcdf, ForecastZarr, Layout
+from trainers.evaluation.forecasts import ensemble_stream, forecast_stream, forecasts
 from trainers.evaluation.jobs import predict, run_evaluation
 from trainers.evaluation.metrics import ScoreTotals, lat_weights, score_batch
-from trainers.evaluation.scoring import COLUMNS, evaluate, job_uses, write_scores
+from trainers.evaluation.scoring import (
+    COLUMNS,
+    ENSEMBLE_COLUMNS,
+    evaluate,
+    job_uses,
+    write_scores,
+)
 from trainers.evaluation.states import WB2_INIT_HOURS, SourceStates, init_times
 
 __all__ = [
     "COLUMNS",
+    "ENSEMBLE_COLUMNS",
+    "ENSEMBLE_DIM",
     "TRAIN_MEAN",
     "WB2_CLIMATOLOGY_URL",
     "WB2_INIT_HOURS",
     "Climatology",
     "DayOfYearClimatology",
+    "EnsembleTotals",
     "Fields",
     "ForecastNetcdf",
     "ForecastZarr",
@@ -43,6 +54,7 @@ __all__ = [
     "SourceStates",
     "climatology_kind",
     "compute_climatology",
+    "ensemble_stream",
     "evaluate",
     "forecast_stream",
     "forecasts",
@@ -55,6 +67,7 @@ __all__ = [
     "predict",
     "run_evaluation",
     "score_batch",
+    "score_ensemble",
     "source_mean",
     "variable_attrs",
     "write_forecast",

@@ -9,6 +9,11 @@ unlimited ``time``). Both grow by one slot per init as forecasts are made and re
 attribute ``complete_inits`` how many leading slots are whole: a re-run appends the inits not
 yet written and overwrites a slot an interrupted run left unfinished, so host memory holds one
 lead of one batch, whatever the number of inits.
+
+An ensemble (`Layout` with `members > 1`) adds WB2's leading ``realization`` dimension, as in
+WB2's probabilistic forecast stores (e.g. IFS ENS: ``realization, time, prediction_timedelta,
+level, ...``), with CF's ``standard_name = "realization"``; a slot is whole once every member of
+every lead is written. One member writes the files exactly as before, without that dimension.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from aurora.batch import Batch
 from trainers.evaluation.forecast_io import _coords, _encoding, _global_attrs, variable_attrs
 from trainers.evaluation.wb2 import to_wb2
 
-__all__ = ["ForecastNetcdf", "ForecastZarr", "Layout"]
+__all__ = ["ENSEMBLE_DIM", "ForecastNetcdf", "ForecastZarr", "Layout"]
 
 COMPLETE = "complete_inits"
+ENSEMBLE_DIM = "realization"
+"""WeatherBench2's name of the ensemble-member dimension (`weatherbench2.metrics.REALIZATION`)."""
 
 
 class Layout:
@@ -39,6 +46,7 @@ class Layout:
         levels: pressure levels (hPa).
         lat: latitudes, decreasing.
         lon: longitudes.
+        members: ensemble members; above 1 the variables get a leading ``realization`` axis.
     """
 
     def __init__(
@@ -49,22 +57,49 @@ class Layout:
         levels: Sequence[float],
         lat: np.ndarray,
         lon: np.ndarray,
+        members: int = 1,
     ) -> None:
         self.surf, self.atmos = tuple(surf), tuple(atmos)
+        self.members = int(members)
         self.leads = np.asarray(leads_minutes, np.int64)
         self.levels = np.asarray(levels, np.float64)
         self.lat, self.lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
+
+    @property
+    def ensemble(self) -> tuple[int, ...]:
+        """The leading (member) axis of the variables: `(members,)`, or none for one member."""
+        return (self.members,) if self.members > 1 else ()
+
+    def at(self, member: int | None) -> tuple[int, ...]:
+        """The index of `member` on the leading axis (none for one member)."""
+        if not self.ensemble:
+            return ()
+        if member is None or not 0 <= member < self.members:
+            raise ValueError(f"member must be one of 0..{self.members - 1}, not {member}")
+        return (member,)
 
     def template(self, names: Mapping[str, str], provenance: Mapping[str, Any]) -> xr.Dataset:
         """An empty dataset (no init yet) with every coordinate and attribute."""
         init = np.array([], "datetime64[m]")
         lead = self.leads.astype("timedelta64[m]")
         coords = _coords(init, lead, self.levels if self.atmos else None, self.lat, self.lon)
+        if self.ensemble:
+            coords[ENSEMBLE_DIM] = (
+                ENSEMBLE_DIM,
+                np.arange(self.members, dtype=np.int64),
+                {"standard_name": "realization", "long_name": "ensemble member"},
+            )
+        members = ((ENSEMBLE_DIM,), self.ensemble) if self.ensemble else ((), ())
         data = {}
         for group, extra in ((self.surf, ()), (self.atmos, (len(self.levels),))):
             for name in group:
-                shape = (0, len(self.leads), *extra, len(self.lat), len(self.lon))
-                dims = ("time", "prediction_timedelta", *(("level",) if extra else ()))
+                shape = (*members[1], 0, len(self.leads), *extra, len(self.lat), len(self.lon))
+                dims = (
+                    *members[0],
+                    "time",
+                    "prediction_timedelta",
+                    *(("level",) if extra else ()),
+                )
                 attrs = {**variable_attrs(name), "short_name": name}
                 data[names[name]] = xr.Variable(
                     (*dims, "latitude", "longitude"), np.empty(shape, np.float32), attrs
@@ -81,6 +116,7 @@ class Layout:
             and np.allclose(ds["latitude"].values, self.lat)
             and np.allclose(ds["longitude"].values, self.lon)
             and (not self.atmos or np.allclose(ds["level"].values, self.levels))
+            and ds.sizes.get(ENSEMBLE_DIM, 1) == self.members
         )
         if not same:
             raise ValueError(
@@ -112,8 +148,10 @@ class ForecastZarr:
                 "time": {"units": "minutes since 1970-01-01", "dtype": "int64", "_FillValue": None},
                 "prediction_timedelta": {"units": "minutes", "dtype": "int64"},
             }
+            axis = len(layout.ensemble)  # the time axis
             for name in ds.data_vars:
-                encoding[str(name)] = {"chunks": (1, 1, *ds[name].shape[2:])}
+                shape = ds[name].shape
+                encoding[str(name)] = {"chunks": (*(1,) * (axis + 2), *shape[axis + 2 :])}
             ds = ds.drop_vars("valid_time")  # WB2's forecast stores have none
             ds.attrs[COMPLETE] = 0
             ds.to_zarr(self.path, mode="w", zarr_format=2, encoding=encoding, consolidated=True)
@@ -142,15 +180,17 @@ class ForecastZarr:
             self.time[n : n + len(new)] = new // 60
         self._slots = slice(n, n + len(new))
 
-    def write(self, lead_index: int, batch: Batch) -> None:
-        """Write one lead (index from 0) of the inits of `begin`: variables `(b, 1, ...)`."""
+    def write(self, lead_index: int, batch: Batch, member: int | None = None) -> None:
+        """Write one lead (index from 0) of the inits of `begin`: variables `(b, 1, ...)`;
+        `member` (from 0) is required in an ensemble layout."""
+        at = self.layout.at(member)
         if self._rows is None or not self._rows.any():
             return
         for group in ("surf", "atmos"):
             for name, x in getattr(batch, f"{group}_vars").items():
                 if name in self.arrays:
                     values = np.asarray(x, np.float32)[self._rows, 0]
-                    self.arrays[name][self._slots, lead_index] = values
+                    self.arrays[name][(*at, self._slots, lead_index)] = values
 
     def end(self) -> None:
         """Mark the slots of `begin` whole (and consolidate the metadata)."""
@@ -164,9 +204,12 @@ class ForecastZarr:
         """Nothing to release (every write is on disk)."""
 
     def _resize(self, n: int) -> None:
-        for array in (self.time, *self.arrays.values()):
-            if array.shape[0] != n:
-                array.resize((n, *array.shape[1:]))
+        axis = len(self.layout.ensemble)
+        if self.time.shape[0] != n:
+            self.time.resize((n,))
+        for array in self.arrays.values():
+            if array.shape[axis] != n:
+                array.resize((*array.shape[:axis], n, *array.shape[axis + 1 :]))
 
 
 class ForecastNetcdf:
@@ -198,8 +241,10 @@ class ForecastNetcdf:
             lead = layout.leads.astype("timedelta64[m]")
             init = np.array([0 if whole_hours else 1], "datetime64[m]")
             encoding = _encoding(ds, init, lead)
+            axis = len(layout.ensemble)  # the time axis
             for name in ds.data_vars:
-                encoding[str(name)]["chunksizes"] = (1, 1, *ds[name].shape[2:])
+                shape = ds[name].shape
+                encoding[str(name)]["chunksizes"] = (*(1,) * (axis + 2), *shape[axis + 2 :])
             ds.attrs[COMPLETE] = 0
             ds.to_netcdf(self.path, engine="netcdf4", encoding=encoding, unlimited_dims=["time"])
         self.nc = netCDF4.Dataset(self.path, "a")
@@ -225,15 +270,17 @@ class ForecastNetcdf:
             valid = minutes[:, None] + self.layout.leads[None, :]
             self.nc["valid_time"][self._slots, :] = valid // self.unit
 
-    def write(self, lead_index: int, batch: Batch) -> None:
-        """Write one lead (index from 0) of the inits of `begin`: variables `(b, 1, ...)`."""
+    def write(self, lead_index: int, batch: Batch, member: int | None = None) -> None:
+        """Write one lead (index from 0) of the inits of `begin`: variables `(b, 1, ...)`;
+        `member` (from 0) is required in an ensemble layout."""
+        at = self.layout.at(member)
         if self._rows is None or not self._rows.any():
             return
         for group in ("surf", "atmos"):
             for name, x in getattr(batch, f"{group}_vars").items():
                 if name in self.names:
                     values = np.asarray(x, np.float32)[self._rows, 0]
-                    self.nc[name][self._slots, lead_index] = values
+                    self.nc[name][(*at, self._slots, lead_index)] = values
 
     def end(self) -> None:
         """Mark the slots of `begin` whole."""

@@ -2,7 +2,8 @@
 
 The model's step is compiled once per call (a `ModelStep`); pass one in place of the model to
 share it between calls, e.g. scoring and then writing forecasts. `forecast_stream` yields each
-lead as it is made, so neither the device nor the host ever holds a whole rollout.
+lead as it is made, so neither the device nor the host ever holds a whole rollout;
+`ensemble_stream` does so for the members of a stochastic model, side by side.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from aurora.batch import Batch, Metadata
@@ -18,7 +20,14 @@ from aurora.rollout import ModelStep, rollout
 from data_builders.pipeline import WeatherSource
 from trainers.evaluation.states import SourceStates, init_times, model_variables, step_seconds
 
-__all__ = ["checked_inits", "forecast_stream", "forecasts"]
+__all__ = [
+    "check_members",
+    "checked_inits",
+    "ensemble_stream",
+    "forecast_stream",
+    "forecasts",
+    "member_key",
+]
 
 
 def forecasts(
@@ -90,6 +99,7 @@ def forecast_stream(
     *,
     steps: int,
     batch_size: int = 1,
+    rng: jax.Array | None = None,
 ) -> Iterator[tuple[np.ndarray, Batch, Iterator[Batch]]]:
     """Rollouts from `inits` in batches, each lead yielded as the model makes it.
 
@@ -106,6 +116,7 @@ def forecast_stream(
         states: reads the input states.
         steps: rollout steps per init.
         batch_size: inits per batch.
+        rng: the noise key of a stochastic model's rollout (`aurora.rollout.rollout`'s `rng`).
 
     Yields:
         `(inits, inputs, predictions)` per batch of `b <= batch_size` inits: `inits` int64
@@ -115,6 +126,93 @@ def forecast_stream(
     Raises:
         ValueError: `steps` or `batch_size` is not positive.
     """
+    for now, inputs in _input_batches(step_fn, source, inits, states, steps, batch_size):
+        preds = _rollout(step_fn, params, inputs, steps, rng)
+        yield now, _first(inputs, len(now)), (_first(p, len(now)) for p in preds)
+
+
+def ensemble_stream(
+    step_fn: ModelStep,
+    params: Any,
+    source: WeatherSource,
+    inits: np.ndarray,
+    states: SourceStates,
+    *,
+    steps: int,
+    members: int,
+    seed: int = 0,
+    batch_size: int = 1,
+) -> Iterator[tuple[np.ndarray, Batch, Iterator[list[Batch]]]]:
+    """Ensemble rollouts from `inits` in batches: `members` rollouts of a stochastic model run
+    side by side, so each lead of every member is at hand at once (for CRPS) and memory holds
+    one lead of each member.
+
+    Member `m` of the batch whose first init is `t` rolls out with the key `member_key(seed, m,
+    t)`: the same seed gives the same members on a re-run, and every batch of inits draws its
+    own noise. A deterministic model makes one member, `forecast_stream`'s rollout (no key).
+
+    Args:
+        step_fn, params, source, inits, states, steps, batch_size: as `forecast_stream`.
+        members: the ensemble size.
+        seed: the run's seed (`config.seed`).
+
+    Yields:
+        `(inits, inputs, leads)` per batch of inits: as `forecast_stream`, with each lead the
+        list of the members' `Batch`es.
+
+    Raises:
+        ValueError: `check_members`; `steps` or `batch_size` not positive.
+    """
+    check_members(step_fn.model, members)
+    stochastic = getattr(step_fn.model, "stochastic", False)
+    for now, inputs in _input_batches(step_fn, source, inits, states, steps, batch_size):
+        keys = [member_key(seed, m, int(now[0])) if stochastic else None for m in range(members)]
+        runs = [_rollout(step_fn, params, inputs, steps, key) for key in keys]
+        leads = ([_first(p, len(now)) for p in lead] for lead in zip(*runs, strict=True))
+        yield now, _first(inputs, len(now)), leads
+
+
+def member_key(seed: int, member: int, init: int) -> jax.Array:
+    """The key of one member's rollout: the seed's key with the member index and the batch's
+    first init (int seconds, folded in as minutes) folded in (`jax.random.fold_in`)."""
+    key = jax.random.fold_in(jax.random.key(seed), member)
+    return jax.random.fold_in(key, init // 60)
+
+
+def check_members(model: Any, members: int) -> None:
+    """Refuse an ensemble a model cannot make.
+
+    Raises:
+        ValueError: `members` below 1, or above 1 for a deterministic model (whose members
+            would all be the same forecast).
+    """
+    if members < 1:
+        raise ValueError(f"members must be at least 1, not {members}")
+    if members > 1 and not getattr(model, "stochastic", False):
+        raise ValueError(
+            f"members > 1 needs a stochastic model (one with `stochastic=True`, e.g. "
+            f"AuroraV1p5Ensemble); {type(model).__name__} would give {members} identical members"
+        )
+
+
+def _rollout(
+    step_fn: ModelStep, params: Any, inputs: Batch, steps: int, rng: jax.Array | None
+) -> Iterator[Batch]:
+    """`aurora.rollout.rollout`, with the noise key of a stochastic model when given."""
+    if rng is None:
+        return rollout(step_fn, params, inputs, steps)
+    return rollout(step_fn, params, inputs, steps, rng=rng)
+
+
+def _input_batches(
+    step_fn: ModelStep,
+    source: WeatherSource,
+    inits: np.ndarray,
+    states: SourceStates,
+    steps: int,
+    batch_size: int,
+) -> Iterator[tuple[np.ndarray, Batch]]:
+    """`(inits, inputs)` per batch of `inits`, inputs padded to `batch_size` rows."""
     if steps < 1 or batch_size < 1:
         raise ValueError("steps and batch_size must be positive")
     step = step_fn.model.timestep_minutes * 60
@@ -135,14 +233,15 @@ def forecast_stream(
             time=(padded // 60).astype(np.int32),
             atmos_levels=source.levels,
         )
-        inputs = Batch(
-            surf_vars={k: pad(v) for k, v in s.items()},
-            static_vars=statics,
-            atmos_vars={k: pad(v) for k, v in a.items()},
-            metadata=metadata,
+        yield (
+            now,
+            Batch(
+                surf_vars={k: pad(v) for k, v in s.items()},
+                static_vars=statics,
+                atmos_vars={k: pad(v) for k, v in a.items()},
+                metadata=metadata,
+            ),
         )
-        preds = rollout(step_fn, params, inputs, steps)
-        yield now, _first(inputs, len(now)), (_first(p, len(now)) for p in preds)
 
 
 def _first(batch: Batch, n: int) -> Batch:

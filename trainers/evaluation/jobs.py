@@ -18,7 +18,7 @@ from data_builders.pipeline import WeatherSource
 from trainers.evaluation.climatology import Climatology, climatology_kind
 from trainers.evaluation.figures import plot_maps, plot_rmse_vs_lead
 from trainers.evaluation.forecast_store import ForecastNetcdf, ForecastZarr, Layout
-from trainers.evaluation.forecasts import checked_inits, forecast_stream
+from trainers.evaluation.forecasts import check_members, checked_inits, ensemble_stream
 from trainers.evaluation.scoring import evaluate_with_examples, job_uses, level_name, write_scores
 from trainers.evaluation.states import (
     WB2_INIT_HOURS,
@@ -48,6 +48,8 @@ def run_evaluation(
     init_hours: Sequence[int] | None = WB2_INIT_HOURS,
     lead_steps: Sequence[int] | None = None,
     grids: Sequence[str] = (),
+    members: int = 1,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Score, draw figures and write ``scores.csv`` and ``summary.json`` to `out_dir`.
 
@@ -72,6 +74,9 @@ def run_evaluation(
         init_hours: score forecasts from these hours of the day (UTC); None: every init.
         lead_steps: lead steps (from 1) to score; None: every step.
         grids: evaluation grids to score on as well (`trainers.evaluation.wb2.GRIDS`).
+        members: ensemble members of a stochastic model; above 1 the scores add CRPS and
+            spread/skill (`trainers.evaluation.scoring.ENSEMBLE_COLUMNS`).
+        seed: the seed the members' keys are folded from.
 
     Returns:
         The summary written to ``summary.json``.
@@ -90,6 +95,8 @@ def run_evaluation(
         init_hours=init_hours,
         lead_steps=lead_steps,
         grids=grids,
+        members=members,
+        seed=seed,
     )
     paths: list[str] = []
     if figures:
@@ -113,6 +120,8 @@ def run_evaluation(
         "grids": ["model", *grids],
         "figures": paths,
     }
+    if members > 1:
+        info.update(members=members, seed=seed)
     written = write_scores(rows, out, {**info, **dict(provenance or {})})
     return json.loads(written["summary"].read_text())
 
@@ -156,6 +165,8 @@ def predict(
     formats: Sequence[str] = ("zarr", "netcdf"),
     states: SourceStates | None = None,
     inits: Sequence[int] | None = None,
+    members: int = 1,
+    seed: int = 0,
 ) -> dict[str, Path]:
     """Forecast from the source's init times, writing each lead as it is made.
 
@@ -178,6 +189,9 @@ def predict(
         formats: ``"zarr"`` and/or ``"netcdf"``.
         states: the states reader (None: one that reads each input state once).
         inits: the init times (int seconds), in place of every init at `init_hours`.
+        members: ensemble members (a stochastic model; `forecasts.ensemble_stream`): above 1
+            both files get WB2's leading ``realization`` dimension.
+        seed: the seed the members' keys are folded from (`forecasts.member_key`).
 
     Returns:
         ``{format: path}`` of the files written.
@@ -186,6 +200,7 @@ def predict(
     if unknown or not formats:
         raise ValueError(f"formats must be 'zarr' and/or 'netcdf', not {list(formats)}")
     step_fn = model if isinstance(model, ModelStep) else ModelStep(model)
+    check_members(step_fn.model, members)
     surf, atmos, _ = model_variables(step_fn.model, source)
     if inits is None:
         inits = checked_inits(step_fn, source, step_hours, init_hours)
@@ -199,10 +214,13 @@ def predict(
         source.levels,
         source.lat[:rows],
         source.lon,
+        members,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = {"data_source": source.name, "steps": steps, "step_hours": step_hours}
+    if members > 1:
+        info.update(members=members, seed=seed)
     prov = {**info, **dict(provenance or {})}
     paths = {"zarr": out / "forecast.zarr", "netcdf": out / "forecast.nc"}
     whole_hours = bool(np.all(inits % 3600 == 0) and step % 3600 == 0)
@@ -219,15 +237,25 @@ def predict(
         if states is None:
             uses = job_uses(source, todo, step, [])
             states = SourceStates(source, surf, atmos, uses)
-        for now, _, preds in forecast_stream(
-            step_fn, params, source, todo, states, steps=steps, batch_size=batch_size
-        ):
+        stream = ensemble_stream(
+            step_fn,
+            params,
+            source,
+            todo,
+            states,
+            steps=steps,
+            members=members,
+            seed=seed,
+            batch_size=batch_size,
+        )
+        for now, _, leads in stream:
             for writer in writers.values():
                 writer.begin(now)
-            for k, pred in enumerate(preds):
-                host = pred.replace(static_vars={}).to_numpy()
-                for writer in writers.values():
-                    writer.write(k, host)
+            for k, lead in enumerate(leads):
+                for m, pred in enumerate(lead):
+                    host = pred.replace(static_vars={}).to_numpy()
+                    for writer in writers.values():
+                        writer.write(k, host, member=m if members > 1 else None)
             for writer in writers.values():
                 writer.end()
     finally:

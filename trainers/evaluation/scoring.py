@@ -9,6 +9,11 @@ on each named evaluation grid, to which forecast, truth, persistence and climato
 regridded the same way (`trainers.evaluation.wb2.regrid_batch`). Scores follow WB2
 (`trainers.evaluation.metrics`); the climatology forecast has no anomaly, so its ACC is NaN, as
 in WB2.
+
+An ensemble (`members > 1`, a stochastic model) is scored as WB2 scores one: RMSE, MAE, bias
+and ACC of the ensemble mean, plus CRPS and spread/skill of the members
+(`trainers.evaluation.ensemble_metrics`, columns `ENSEMBLE_COLUMNS`); persistence and the
+climatology are one-member ensembles there (CRPS = MAE, spread 0).
 """
 
 from __future__ import annotations
@@ -31,7 +36,12 @@ from aurora.model.aurora import Aurora
 from aurora.rollout import ModelStep
 from data_builders.pipeline import WeatherSource
 from trainers.evaluation.climatology import Climatology, climatology_batch, source_mean
-from trainers.evaluation.forecasts import checked_inits, forecast_stream
+from trainers.evaluation.ensemble_metrics import (
+    ENSEMBLE_METRICS,
+    EnsembleTotals,
+    score_ensemble,
+)
+from trainers.evaluation.forecasts import check_members, checked_inits, ensemble_stream
 from trainers.evaluation.metrics import ScoreTotals, score_batch
 from trainers.evaluation.states import (
     WB2_INIT_HOURS,
@@ -41,7 +51,14 @@ from trainers.evaluation.states import (
 )
 from trainers.evaluation.wb2 import evaluation_grid, regrid_batch
 
-__all__ = ["COLUMNS", "evaluate", "evaluate_with_examples", "level_name", "write_scores"]
+__all__ = [
+    "COLUMNS",
+    "ENSEMBLE_COLUMNS",
+    "evaluate",
+    "evaluate_with_examples",
+    "level_name",
+    "write_scores",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +66,8 @@ METRIC_COLUMNS = ("rmse", "mae", "bias", "acc", "n")
 COLUMNS = ("model", "grid", "variable", "level", "lead_time_h", *METRIC_COLUMNS)
 """Columns of every score row and of ``scores.csv``: ``grid`` is ``model`` (the model's own
 grid) or an evaluation grid's name."""
+ENSEMBLE_COLUMNS = (*COLUMNS[:-1], *ENSEMBLE_METRICS, "n")
+"""The columns of an ensemble's rows and ``scores.csv``: `COLUMNS` with CRPS and spread/skill."""
 
 
 def evaluate(
@@ -65,6 +84,8 @@ def evaluate(
     lead_steps: Sequence[int] | None = None,
     grids: Sequence[str] = (),
     inits: Sequence[int] | None = None,
+    members: int = 1,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Score rows for the model, persistence and climatology (see the module docstring).
 
@@ -82,6 +103,9 @@ def evaluate(
         grids: evaluation grids (`trainers.evaluation.wb2.GRIDS` names) to score on as well.
         inits: the init times to forecast from (int seconds; each with its history in the
             source), in place of every init at `init_hours`.
+        members: ensemble members of a stochastic model (`forecasts.ensemble_stream`); above 1
+            the rows have `ENSEMBLE_COLUMNS`.
+        seed: the seed the members' keys are folded from.
 
     Returns:
         One row (`COLUMNS`) per model, grid, variable, level (None for surface variables) and
@@ -100,6 +124,8 @@ def evaluate(
         lead_steps=lead_steps,
         grids=grids,
         inits=inits,
+        members=members,
+        seed=seed,
     )
     return rows
 
@@ -136,6 +162,8 @@ def evaluate_with_examples(
     grids: Sequence[str] = (),
     inits: Sequence[int] | None = None,
     states: SourceStates | None = None,
+    members: int = 1,
+    seed: int = 0,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """`evaluate`, plus the first scored prediction and truth at each of `map_lead_steps`.
 
@@ -146,19 +174,20 @@ def evaluate_with_examples(
 
     Args:
         model, params, source, steps, step_hours, climatology, batch_size, name, init_hours,
-        lead_steps, grids, inits: as `evaluate`.
+        lead_steps, grids, inits, members, seed: as `evaluate`.
         map_lead_steps: the lead steps (from 1) to keep an example of, for map figures.
         states: the states reader to use (None: one with this job's uses); pass one to count
             its reads.
 
     Returns:
         `evaluate`'s rows, and per lead step that has a scored sample (ascending)
-        ``{"pred", "truth", "lead_h"}``: one-row host `Batch`es on the model's grid and the lead
-        in hours.
+        ``{"pred", "truth", "lead_h"}``: one-row host `Batch`es on the model's grid (an
+        ensemble's mean) and the lead in hours.
     """
     step = step_seconds(step_hours)
     clim = source_mean(source) if climatology is None else climatology
     step_fn = model if isinstance(model, ModelStep) else ModelStep(model)
+    check_members(step_fn.model, members)
     surf, atmos, _ = model_variables(step_fn.model, source)
     if inits is None:
         inits = checked_inits(step_fn, source, step_hours, init_hours)
@@ -174,15 +203,25 @@ def evaluate_with_examples(
     shared_clim = _Shared(valid_uses)
     grid_names = ["model", *grids]
     totals: dict[tuple[str, str, int], ScoreTotals] = {}
+    ensemble_totals: dict[tuple[str, str, int], EnsembleTotals] = {}
     examples: dict[int, dict[str, Any]] = {}
     targets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for now, inputs, preds in forecast_stream(
-        step_fn, params, source, inits, states, steps=steps, batch_size=batch_size
+    for now, inputs, leads in ensemble_stream(
+        step_fn,
+        params,
+        source,
+        inits,
+        states,
+        steps=steps,
+        members=members,
+        seed=seed,
+        batch_size=batch_size,
     ):
         persistence: Batch | None = None
-        for k, pred in enumerate(preds, start=1):
+        for k, lead in enumerate(leads, start=1):
             if k not in scored:
                 continue
+            pred = lead[0] if members == 1 else _ensemble_mean(lead)
             valid = now + k * step
             present = [int(t) for t in valid if states.has(t)]
             if not present:
@@ -203,16 +242,25 @@ def evaluate_with_examples(
                 lambda t, fields=fields, fill=fill: fields.get(int(t), fill), valid, truth
             )
             forecast = pred.replace(static_vars={})
+            ensemble = [m.replace(static_vars={}) for m in lead] if members > 1 else []
             for grid in grid_names:
-                batches = [forecast, persistence, climate, truth]
+                batches = [forecast, persistence, climate, truth, *ensemble]
                 if grid != "model":
                     if grid not in targets:
                         targets[grid] = evaluation_grid(grid, np.asarray(metadata.lat))
                     batches = [regrid_batch(b, *targets[grid]) for b in batches]
-                f, p, c, o = batches
-                for model_name, x in ((name, f), ("persistence", p), ("climatology", c)):
+                f, p, c, o, *e = batches
+                for model_name, x, xs in (
+                    (name, f, e),
+                    ("persistence", p, [p]),
+                    ("climatology", c, [c]),
+                ):
                     total = totals.setdefault((model_name, grid, k), ScoreTotals(source.levels))
                     total.add(_SCORE(x, o, c, mask))
+                    if members > 1:
+                        key = (model_name, grid, k)
+                        spread = ensemble_totals.setdefault(key, EnsembleTotals(source.levels))
+                        spread.add(_ENSEMBLE_SCORE(xs, o, mask))
             if k in map_lead_steps and k not in examples:
                 i = int(np.flatnonzero(mask)[0])
                 examples[k] = {
@@ -225,7 +273,9 @@ def evaluate_with_examples(
     for (model_name, grid, k), total in sorted(
         totals.items(), key=lambda kv: (order[kv[0][0]], grid_names.index(kv[0][1]), kv[0][2])
     ):
-        for row in total.rows():
+        extra = ensemble_totals.get((model_name, grid, k))
+        extra_rows = extra.rows() if extra is not None else [{}] * len(total.rows())
+        for row, ens in zip(total.rows(), extra_rows, strict=True):
             out.append(
                 {
                     "model": model_name,
@@ -233,7 +283,9 @@ def evaluate_with_examples(
                     "variable": row["variable"],
                     "level": row["level"],
                     "lead_time_h": k * step / 3600,
-                    **{c: row[c] for c in METRIC_COLUMNS},
+                    **{c: row[c] for c in METRIC_COLUMNS[:-1]},
+                    **{c: ens[c] for c in ENSEMBLE_METRICS if c in ens},
+                    "n": row["n"],
                 }
             )
     if not out:
@@ -273,6 +325,17 @@ def _at(clim: Climatology, t: int) -> Any:
 
 
 _SCORE = jax.jit(score_batch)  # a pure function, compiled once per batch layout, not per call
+_ENSEMBLE_SCORE = jax.jit(score_ensemble)
+
+
+def _ensemble_mean(members: Sequence[Batch]) -> Batch:
+    """The members' mean (what WB2 scores an ensemble's RMSE, MAE, bias and ACC on)."""
+    mean = lambda group, k: sum(getattr(m, f"{group}_vars")[k] for m in members) / len(members)
+    first = members[0]
+    return first.replace(
+        surf_vars={k: mean("surf", k) for k in first.surf_vars},
+        atmos_vars={k: mean("atmos", k) for k in first.atmos_vars},
+    )
 
 
 def _last_state(inputs: Batch, rows: int) -> Batch:
@@ -305,7 +368,8 @@ def write_scores(
     """Write ``scores.csv`` and ``summary.json`` to `out_dir`.
 
     Args:
-        rows: score rows (`COLUMNS`); the CSV leaves the level of surface variables empty.
+        rows: score rows (`COLUMNS`, or `ENSEMBLE_COLUMNS` when they hold CRPS); the CSV
+            leaves the level of surface variables empty.
         out_dir: the folder, created if missing.
         provenance: what produced the scores (e.g. model preset, checkpoint step, data source,
             steps, climatology kind, figure paths); the summary adds what the CSV holds.
@@ -316,11 +380,12 @@ def write_scores(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, summary_path = out / "scores.csv", out / "summary.json"
+    columns = ENSEMBLE_COLUMNS if any("crps" in r for r in rows) else COLUMNS
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(COLUMNS)
+        writer.writerow(columns)
         for row in rows:
-            writer.writerow([_csv_value(c, row.get(c)) for c in COLUMNS])
+            writer.writerow([_csv_value(c, row.get(c)) for c in columns])
     summary = {
         **{k: jsonable(v) for k, v in provenance.items()},
         "scores": str(csv_path),
