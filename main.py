@@ -47,6 +47,8 @@ def main(argv: list[str]) -> None:
     if evaluation is not None:
         print(protocol_lines(evaluation))
         print(headline_scores(Path(evaluation["scores"])))
+        if evaluation.get("members", 1) > 1:
+            print(headline_scores(Path(evaluation["scores"]), "crps"))
         print(
             f"scores: {evaluation['scores']}\n"
             f"summary: {Path(evaluation['scores']).with_name('summary.json')}"
@@ -80,19 +82,20 @@ def protocol_lines(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def headline_scores(scores_csv: Path) -> str:
-    """RMSE of the headline variables per lead time on the model's grid, next to baselines."""
+def headline_scores(scores_csv: Path, metric: str = "rmse") -> str:
+    """`metric` (a column of ``scores.csv``, e.g. ``crps`` of an ensemble) of the headline
+    variables per lead time on the model's grid, next to baselines."""
     with scores_csv.open() as f:
         rows = [r for r in csv.DictReader(f) if r.get("grid", "model") == "model"]
     models = list(dict.fromkeys(r["model"] for r in rows))
-    lines = [f"{'RMSE':<12}" + " ".join(f"{m:>12}" for m in models)]
+    lines = [f"{metric.upper():<12}" + " ".join(f"{m:>12}" for m in models)]
     for variable, level in HEADLINE:
         picked = [r for r in rows if r["variable"] == variable and r["level"] == level]
         for lead in dict.fromkeys(r["lead_time_h"] for r in picked):
-            rmse = {r["model"]: float(r["rmse"]) for r in picked if r["lead_time_h"] == lead}
+            score = {r["model"]: float(r[metric]) for r in picked if r["lead_time_h"] == lead}
             name = f"{variable}{level} +{lead}h"
             lines.append(
-                f"{name:<12}" + " ".join(f"{rmse.get(m, float('nan')):12.4g}" for m in models)
+                f"{name:<12}" + " ".join(f"{score.get(m, float('nan')):12.4g}" for m in models)
             )
     return "\n".join(lines)
 

@@ -192,6 +192,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.lead_hours = ()  # leads to score, e.g. (24, 72, 120, 240); (): every step
     config.eval.grids = ()  # also score on evaluation grids: "1.5deg" (WB2 tables), "0.25deg"
     config.eval.forecast_formats = ("zarr", "netcdf")  # --mode=predict: WB2 zarr and CF netCDF
+    # Ensemble members of a stochastic model (keys folded from config.seed and the member index):
+    # --mode=predict adds WB2's "realization" dimension, --mode=test adds CRPS and spread/skill.
+    config.eval.members = 1
     config.eval.figures = True  # RMSE-vs-lead plots and prediction/truth/difference maps
     config.eval.map_variables = ("2t", "msl", "z", "t", "u")  # maps of these (empty: all) ...
     config.eval.map_levels = (500, 850)  # ... at these levels (atmospheric variables) ...

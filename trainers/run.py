@@ -465,6 +465,8 @@ def _score(
         init_hours=_init_hours(config),
         lead_steps=tuple(round(float(h) / step) for h in lead_hours) or None,
         grids=tuple(config.eval.get("grids", ())),
+        members=int(config.eval.get("members", 1)),
+        seed=int(config.seed),
     )
 
 
@@ -486,6 +488,8 @@ def _forecast(
         batch_size=config.eval.batch_size,
         init_hours=_init_hours(config),
         formats=tuple(config.eval.get("forecast_formats", ("zarr", "netcdf"))),
+        members=int(config.eval.get("members", 1)),
+        seed=int(config.seed),
     )
 
 
