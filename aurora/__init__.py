@@ -10,6 +10,7 @@ Public interface::
 """
 
 from aurora.batch import Batch, Metadata
+from aurora.model.air_pollution import AuroraAirPollution
 from aurora.model.aurora import (
     Aurora,
     Aurora12hPretrained,
@@ -28,6 +29,7 @@ __all__ = [
     "PRESETS",
     "Aurora",
     "Aurora12hPretrained",
+    "AuroraAirPollution",
     "AuroraHighRes",
     "AuroraPretrained",
     "AuroraSmall",

@@ -72,6 +72,9 @@ CHECKPOINTS: dict[str, HubCheckpoint] = {
         "aurora-0.25-12h-pretrained.ckpt", "15e76e47b65bf4b28fd2246b7b5b951d6e2443b9"
     ),
     "AuroraHighRes": HubCheckpoint("aurora-0.1-finetuned.ckpt", _PINNED),
+    "AuroraAirPollution": HubCheckpoint(
+        "aurora-0.4-air-pollution.ckpt", "1764d5630a53d3d7a7d169ca335236fc343e4bfc"
+    ),
     "AuroraV1p5": HubCheckpoint(
         "aurora-0.25-v1.5.ckpt", "a96afd7ee6d65e3bd2d476f3be798a25a56f2296"
     ),

@@ -7,6 +7,7 @@ plain ones in `aurora.model.aurora`.
 
 from __future__ import annotations
 
+from aurora.model.air_pollution import AuroraAirPollution
 from aurora.model.aurora import (
     Aurora,
     Aurora12hPretrained,
@@ -26,6 +27,7 @@ PRESETS: dict[str, type[Aurora]] = {
     "AuroraSmall": AuroraSmallPretrained,
     "Aurora12hPretrained": Aurora12hPretrained,
     "AuroraHighRes": AuroraHighRes,
+    "AuroraAirPollution": AuroraAirPollution,
     "AuroraV1p5": AuroraV1p5,
     "AuroraWave": AuroraWave,
 }

@@ -8,7 +8,8 @@ tuples, `timestep_hours` becomes `timestep`), `seed`, `noise` (std of Gaussian n
 parameter so that zero-initialised LoRA and AdaLN weights are exercised), `batch`, `history`, `h`,
 `w` (global regular grid, lat 90 -> -90 inclusive), `levels`, `time` (ISO), `steps` (rollout
 length), optional `zero_params` (parameter names set to zero), optional `surf_vars` /
-`static_vars` / `atmos_vars` present in the batch.
+`static_vars` / `atmos_vars` present in the batch, optional `positive_vars` (variables drawn as
+absolute values, e.g. pollutant concentrations for a log transform).
 
 Writes `state_dict.ckpt` (`torch.save`, read back without PyTorch), `batch.npz` (`surf/NAME`,
 `static/NAME`, `atmos/NAME`, `lat`, `lon`) and `preds.npz` (`{step}/surf/NAME`, `{step}/atmos/NAME`,
@@ -46,14 +47,17 @@ def build_batch(spec, model):
     rng = np.random.default_rng(spec["seed"] + 1)
     b, t, h, w, levels = spec["batch"], spec["history"], spec["h"], spec["w"], spec["levels"]
 
-    def field(key, shape):
-        return (locations[key] + scales[key] * rng.standard_normal(shape)).astype(np.float32)
+    positive = set(spec.get("positive_vars", ()))
+
+    def field(key, shape, name=None):
+        x = (locations[key] + scales[key] * rng.standard_normal(shape)).astype(np.float32)
+        return np.abs(x) if (name or key) in positive else x
 
     surf = {v: field(v, (b, t, h, w)) for v in spec.get("surf_vars", model.surf_vars)}
     static = {v: field(v, (h, w)) for v in spec.get("static_vars", model.static_vars)}
     atmos = {}
     for v in spec.get("atmos_vars", model.atmos_vars):
-        per_level = [field(f"{v}_{level_to_str(lv)}", (b, t, 1, h, w)) for lv in levels]
+        per_level = [field(f"{v}_{level_to_str(lv)}", (b, t, 1, h, w), v) for lv in levels]
         atmos[v] = np.concatenate(per_level, axis=2)
     lat = np.linspace(90, -90, h).astype(np.float32)
     lon = np.linspace(0, 360, w, endpoint=False).astype(np.float32)
