@@ -128,19 +128,27 @@ def open_source(builder: Any, split: str) -> WeatherSource:
 # --------------------------------------------------------------------------------------------
 
 
-def find_windows(times: np.ndarray, step_seconds: int, rollout_steps: int) -> np.ndarray:
+def find_windows(
+    times: np.ndarray, step_seconds: int, rollout_steps: int, last_leads: Sequence[int] = ()
+) -> np.ndarray:
     """Sorted times ``now`` for which ``now + j * step`` exists for every j in -1..K.
 
     Args:
         times (np.ndarray): Available times (any integer unit, e.g. seconds), shape `(n,)`.
         step_seconds (int): The model step, in the unit of `times`.
         rollout_steps (int): K, the targets per window.
+        last_leads (Sequence[int]): Leads of the last target after ``now + (K - 1) * step``, in
+            the unit of `times`, that must all exist; empty: the step (the last target at
+            ``now + K * step``).
 
     Returns:
         np.ndarray: int64 ``now`` times of the complete windows, shape `(n_windows,)`.
     """
     t = np.unique(np.asarray(times, np.int64))
-    offsets = np.arange(-1, rollout_steps + 1, dtype=np.int64) * int(step_seconds)
+    step = int(step_seconds)
+    offsets = np.arange(-1, rollout_steps, dtype=np.int64) * step
+    last = offsets[-1] + np.asarray(tuple(last_leads) or (step,), np.int64)
+    offsets = np.concatenate([offsets, last])
     ok = np.isin(t[:, None] + offsets[None, :], t).all(axis=1)
     return t[ok]
 
@@ -154,12 +162,14 @@ def _shard(windows: np.ndarray, index: int, count: int, even: bool) -> np.ndarra
 
 
 class _BatchOrder(Sequence):
-    """Batch j of the stream -> the ``now`` times of its windows; pure arithmetic, no I/O.
+    """Batch j of the stream -> its windows' ``now`` times and last-target leads, `(b, 2)` int64
+    seconds; pure arithmetic, no I/O.
 
     Epoch ``e = first_epoch + j // batches_per_epoch`` is a permutation of the windows by Grain's
     `index_shuffle` (what `MapDataset.shuffle` uses), seeded with a hash of ``(seed, e)``:
     `MapDataset.shuffle` seeds epoch e with ``seed + e``, so runs with seeds 1 and 2 would see
-    the same orders one epoch apart.
+    the same orders one epoch apart. With several `leads` each window draws one per epoch,
+    uniformly, from the same seed (`_lead_draws`), whatever the batch size or the shuffle.
     """
 
     def __init__(
@@ -171,9 +181,11 @@ class _BatchOrder(Sequence):
         seed: int,
         first_epoch: int,
         num_epochs: int | None,
+        leads: np.ndarray,
     ) -> None:
         n = len(windows)
         self.windows, self.batch_size, self.first_epoch = windows, batch_size, first_epoch
+        self.leads = leads
         self.num_epochs = num_epochs
         self.per_epoch = n // batch_size * batch_size if drop_remainder else n
         self.batches_per_epoch = -(-self.per_epoch // batch_size)
@@ -190,14 +202,17 @@ class _BatchOrder(Sequence):
         epoch, b = divmod(int(j), self.batches_per_epoch)
         epoch += self.first_epoch
         lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.per_epoch)
-        return np.array([self._window(epoch, k) for k in range(lo, hi)], np.int64)
+        return np.array([self._window(epoch, k) for k in range(lo, hi)], np.int64).reshape(-1, 2)
 
-    def _window(self, epoch: int, k: int) -> int:
+    def _window(self, epoch: int, k: int) -> tuple[int, int]:
         if self.shuffle:
             k = grain.experimental.index_shuffle(
                 k, max_index=len(self.windows) - 1, seed=_epoch_seed(self.seed, epoch), rounds=4
             )
-        return int(self.windows[k])
+        lead = 0
+        if len(self.leads) > 1:
+            lead = int(_lead_draws(self.seed, epoch, len(self.windows), len(self.leads))[k])
+        return int(self.windows[k]), int(self.leads[lead])
 
 
 @functools.lru_cache(maxsize=64)
@@ -206,17 +221,33 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
+@functools.lru_cache(maxsize=4)
+def _lead_draws(seed: int, epoch: int, n_windows: int, n_leads: int) -> np.ndarray:
+    """Which lead each window of `epoch` takes: uniform indices into the leads, `(n_windows,)`.
+
+    A stream of its own (the trailing 1 tells it from `_epoch_seed`'s), so the leads do not
+    depend on the shuffle.
+    """
+    return np.random.default_rng([seed, epoch, 1]).integers(n_leads, size=n_windows)
+
+
 class _LoadBatch:
-    """Window times -> ``(inputs, targets)``: each record needed is read once, checked, collated."""
+    """Windows ``(now, lead)`` -> ``(inputs, targets)``: each record needed is read once, checked,
+    collated."""
 
-    def __init__(self, source: WeatherSource, step_seconds: int, rollout_steps: int) -> None:
+    def __init__(self, source: WeatherSource, step_seconds: int, collate: _Collate) -> None:
         self._source = source
-        self._offsets = np.arange(-1, rollout_steps + 1, dtype=np.int64) * step_seconds
+        # Up to the last target, which lies `lead` after the one before it.
+        self._offsets = np.arange(-1, collate.rollout_steps, dtype=np.int64) * step_seconds
         self.index = {int(t): i for i, t in enumerate(source.times)}
-        self.collate = _Collate(source, rollout_steps)
+        self.collate = collate
 
-    def __call__(self, nows: np.ndarray) -> tuple[Batch, list[Batch]]:
-        times = [[int(now + o) for o in self._offsets] for now in nows]
+    def __call__(self, windows: np.ndarray) -> tuple[Batch, list[Batch]]:
+        last = int(self._offsets[-1])
+        times = [
+            [int(now + o) for o in self._offsets] + [int(now + last + lead)]
+            for now, lead in windows
+        ]
         examples = self.read(sorted({t for w in times for t in w}))
         return self.collate([[examples[t] for t in w] for w in times])
 
@@ -241,25 +272,59 @@ class _LoadBatch:
 
 
 class _Collate:
-    """A list of windows -> ``(inputs, targets)`` Batches, one copy per variable."""
+    """A list of windows -> ``(inputs, targets)`` Batches, one copy per variable; target-only
+    variables (a model's output-only ones) are left out of the inputs."""
 
-    def __init__(self, source: WeatherSource, rollout_steps: int) -> None:
-        self._source, self._k = source, rollout_steps
+    def __init__(
+        self,
+        source: WeatherSource,
+        rollout_steps: int,
+        target_only_surf_vars: Sequence[str] = (),
+        target_only_atmos_vars: Sequence[str] = (),
+    ) -> None:
+        self._source, self.rollout_steps = source, rollout_steps
+        self._target_only = {
+            "surf": set(target_only_surf_vars),
+            "atmos": set(target_only_atmos_vars),
+        }
         self._lat, self._lon = tuple(source.lat.tolist()), tuple(source.lon.tolist())
         self._static = {k: np.array(v, np.float32) for k, v in source.static.items()}  # own copy
         for v in self._static.values():
             v.flags.writeable = False
 
     def __call__(self, windows: Sequence[Window]) -> tuple[Batch, list[Batch]]:
-        inputs = self.batch(windows, 0, 2, rollout_step=0)
-        targets = [self.batch(windows, 1 + k, 2 + k, rollout_step=k) for k in range(1, self._k + 1)]
+        for group, names in self._target_only.items():
+            missing = sorted(names - set(windows[0][-1].get(group, {})))
+            if missing:
+                raise DataError(
+                    f"{self._source.name}: the target-only variables {missing} are not in the data"
+                )
+        inputs = self.batch(windows, 0, 2, rollout_step=0, inputs=True)
+        targets = [
+            self.batch(windows, 1 + k, 2 + k, rollout_step=k)
+            for k in range(1, self.rollout_steps + 1)
+        ]
         return inputs, targets
 
-    def batch(self, windows: Sequence[Window], lo: int, hi: int, rollout_step: int) -> Batch:
-        """Records ``lo:hi`` of each window as one Batch (history ``hi - lo``)."""
+    def batch(
+        self,
+        windows: Sequence[Window],
+        lo: int,
+        hi: int,
+        rollout_step: int,
+        inputs: bool = False,
+    ) -> Batch:
+        """Records ``lo:hi`` of each window as one Batch (history ``hi - lo``); `inputs` leaves
+        out the target-only variables."""
         first = windows[0][0]
-        surf = {v: self._stack(windows, lo, hi, "surf", v) for v in first.get("surf", {})}
-        atmos = {v: self._stack(windows, lo, hi, "atmos", v) for v in first.get("atmos", {})}
+        names = {
+            group: [
+                v for v in first.get(group, {}) if not (inputs and v in self._target_only[group])
+            ]
+            for group in ("surf", "atmos")
+        }
+        surf = {v: self._stack(windows, lo, hi, "surf", v) for v in names["surf"]}
+        atmos = {v: self._stack(windows, lo, hi, "atmos", v) for v in names["atmos"]}
         seconds = np.array([int(w[hi - 1]["time"]) for w in windows], np.int64)
         metadata = Metadata(
             lat=self._lat,
@@ -296,6 +361,14 @@ class _Collate:
 # --------------------------------------------------------------------------------------------
 
 
+def _lead_seconds(lead_times_hours: Sequence[float], step: int) -> np.ndarray:
+    """The last target's leads in seconds, sorted, unique; `(step,)` when none are given."""
+    seconds = {round(float(h) * 3600) for h in lead_times_hours} or {step}
+    if min(seconds) <= 0 or any(s % 60 for s in seconds):
+        raise ValueError(f"lead_times_hours must be positive whole minutes: {lead_times_hours}")
+    return np.array(sorted(seconds), np.int64)
+
+
 class Pipeline:
     """Windows of a `WeatherSource` -> shuffled, sharded, batched, prefetched `(inputs, targets)`.
 
@@ -310,10 +383,17 @@ class Pipeline:
       ``now + k * step`` with history dimension 1 (``(b, 1, h, w)``), its own valid time in
       ``metadata.time`` and ``metadata.rollout_step == k`` (the step of the rollout prediction it
       is compared with). Static variables as in ``inputs``.
+    * Variable lead times (``lead_times_hours``, for models with ``variable_lead_time``): the
+      last target lies ``lead`` after ``now + (K - 1) * step`` instead of one step, ``lead`` drawn
+      per window and epoch, uniformly among ``lead_times_hours``, from ``seed`` (rows of a batch
+      differ). The lead is in the targets' times; `trainers.lead_time` reads it from there. With
+      an hourly source and ``(1, 2, 3, 6)``, one-step windows train Aurora 1.5's sub-6-hour leads.
+    * Target-only variables (a model's ``output_only_*_vars``) are in the targets, not the inputs.
 
     A window (``now - step, now, now + step, ..., now + K * step``) is used only if **every** one
     of those times exists exactly in the source: gaps are skipped, never bridged. A source sampled
-    more finely than ``step_hours`` just has more windows.
+    more finely than ``step_hours`` just has more windows. With ``lead_times_hours`` the last
+    target must exist at every one of the leads.
 
     Order, epochs, sharding, resume (all deterministic given ``seed``):
 
@@ -364,6 +444,10 @@ class Pipeline:
         num_threads (int): Prefetch threads; 0 reads synchronously, in ``next()``.
         prefetch_buffer_size (int): Batches prefetched ahead (per worker with workers).
         num_workers (int): Worker processes; 0 builds batches in this process.
+        lead_times_hours (Sequence[float]): Leads of the last target, whole minutes; empty: the
+            step.
+        target_only_surf_vars (Sequence[str]): Surface variables left out of the inputs.
+        target_only_atmos_vars (Sequence[str]): Atmospheric variables left out of the inputs.
     """
 
     def __init__(
@@ -382,10 +466,14 @@ class Pipeline:
         num_threads: int = 2,
         prefetch_buffer_size: int = 2,
         num_workers: int = 0,
+        lead_times_hours: Sequence[float] = (),
+        target_only_surf_vars: Sequence[str] = (),
+        target_only_atmos_vars: Sequence[str] = (),
     ) -> None:
         step = round(float(step_hours) * 3600)
         if step <= 0 or rollout_steps < 1 or batch_size < 1:
             raise ValueError("step_hours, rollout_steps and batch_size must be positive")
+        self.leads = _lead_seconds(lead_times_hours, step)
         if num_epochs is not None and num_epochs < 1:
             raise ValueError("num_epochs must be positive or None (forever)")
         self.source, self.step_seconds, self.rollout_steps = source, step, rollout_steps
@@ -404,11 +492,12 @@ class Pipeline:
         self.mp_options = grain.MultiprocessingOptions(
             num_workers=num_workers, per_worker_buffer_size=max(1, prefetch_buffer_size)
         )
-        self.all_windows = find_windows(source.times, step, rollout_steps)
+        self.all_windows = find_windows(source.times, step, rollout_steps, self.leads)
         if not len(self.all_windows):
+            leads = f" (the last at leads {tuple(lead_times_hours)} h)" if lead_times_hours else ""
             raise DataError(
                 f"{source.name}: no window of 2 history steps + {rollout_steps} "
-                f"target(s) at {step_hours} h steps among {len(source.times)} times"
+                f"target(s){leads} at {step_hours} h steps among {len(source.times)} times"
             )
         self.windows = _shard(self.all_windows, shard_index, shard_count, drop_remainder)
         if (drop_remainder and len(self.windows) < batch_size) or not len(self.windows):
@@ -418,7 +507,8 @@ class Pipeline:
             )
         self._shuffle, self._seed = shuffle, seed
         self._streams, self._streams_lock = 0, threading.Lock()  # open iterator streams
-        self._load = _LoadBatch(source, step, rollout_steps)
+        collate = _Collate(source, rollout_steps, target_only_surf_vars, target_only_atmos_vars)
+        self._load = _LoadBatch(source, step, collate)
         self.dataset = self.epochs_dataset(0, num_epochs)
         self.windows_per_epoch = self._order(0, 1).per_epoch
         self.batches_per_epoch = self._order(0, 1).batches_per_epoch
@@ -432,6 +522,7 @@ class Pipeline:
             self._seed,
             first_epoch,
             num_epochs,
+            self.leads,
         )
 
     def epochs_dataset(self, first_epoch: int, num_epochs: int | None) -> grain.MapDataset:
@@ -485,7 +576,12 @@ class Pipeline:
         Returns:
             np.ndarray: int64 seconds since 1970 of shape `(b,)`.
         """
-        return self._order(epoch, 1)[i]
+        return self._order(epoch, 1)[i][:, 0]
+
+    def batch_leads(self, i: int, epoch: int = 0) -> np.ndarray:
+        """The leads of the last targets of batch i of `epoch`, int64 seconds `(b,)`, without
+        reading any data (the step unless ``lead_times_hours`` is set)."""
+        return self._order(epoch, 1)[i][:, 1]
 
     def iterator(self, epoch: int) -> BatchIterator:
         """Iterator over one epoch (the Trainer's `DataSource.iterator(epoch)` protocol)."""

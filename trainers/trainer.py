@@ -30,6 +30,7 @@ from callbacks.base import MEASUREMENTS, Callback
 from trainers import sharding
 from trainers.checkpointing import CheckpointConnector
 from trainers.data import DataSource, Example, FirstBatches
+from trainers.lead_time import check_lead_times, uses_variable_lead_time
 from trainers.state import TrainState
 from trainers.strategies.base import OUTPUTS, Strategy, stack_targets
 
@@ -66,6 +67,9 @@ def _check_time_step(model: Any, example: Example) -> None:
     inputs, targets = example
     timestep = getattr(model, "timestep", None)
     if timestep is None or not len(targets):
+        return
+    if uses_variable_lead_time(model):  # the last target may be at another lead
+        check_lead_times(model, inputs, targets)
         return
     model_minutes = timestep.total_seconds() / 60
     gap = np.asarray(targets[0].metadata.time, np.int64) - np.asarray(

@@ -27,6 +27,7 @@ import optax
 from flax import traverse_util
 
 from aurora.batch import Batch
+from trainers.lead_time import lead_hours, uses_variable_lead_time
 from trainers.loss import Loss, LossConfig, LossFn
 from trainers.models import configure_model, patch_size
 from trainers.state import TrainState
@@ -262,9 +263,19 @@ class Strategy:
         size = patch_size(self.model)
         return inputs.crop(size), targets.crop(size)
 
-    def predict(self, params: Any, batch: Batch) -> Batch:
-        """One model step from `batch` (fields `(b, 2, ...)`): the next state, `(b, 1, ...)`."""
-        return self.model.apply({"params": params}, batch)
+    def predict(self, params: Any, batch: Batch, lead_times: jax.Array | None = None) -> Batch:
+        """One model step from `batch` (fields `(b, 2, ...)`): the next state, `(b, 1, ...)`;
+        `lead_times` (hours, `(b,)`) only for a model with `variable_lead_time`."""
+        lead = () if lead_times is None else (lead_times,)
+        return self.model.apply({"params": params}, batch, *lead)
+
+    def predict_to(self, params: Any, batch: Batch, target: Batch) -> Batch:
+        """One model step from `batch` to `target`'s valid time: a model with
+        `variable_lead_time` gets the lead between them as data (`trainers.lead_time`), any
+        other steps its own time step."""
+        if not uses_variable_lead_time(self.model):
+            return self.predict(params, batch)
+        return self.predict(params, batch, lead_hours(batch, target))
 
     def loss_fn(
         self, params: Any, inputs: Batch, targets: Batch, controls: dict[str, Any]
@@ -281,7 +292,7 @@ class Strategy:
             The loss (a scalar) and named metrics (scalars; host-bound arrays under `OUTPUTS`).
         """
         first = jax.tree_util.tree_map(lambda x: x[0], targets)
-        loss, terms = self.loss(self.predict(params, inputs), first, self.stats)
+        loss, terms = self.loss(self.predict_to(params, inputs, first), first, self.stats)
         return self.loss.over_leads(loss[None]), terms
 
     def train_step(

@@ -113,7 +113,7 @@ class RolloutStrategy(Strategy):
             batch: Batch, xs: tuple[jax.Array, Batch]
         ) -> tuple[Batch, tuple[jax.Array, Metrics]]:
             i, target = xs
-            pred = self.predict(params, batch)
+            pred = self.predict_to(params, batch, target)
             loss, terms = self.loss(pred, target, self.stats)
             return detach(i, advance_batch(batch, pred)), (loss, terms)
 
