@@ -55,6 +55,7 @@ def _compare_wave(spec: dict[str, Any]) -> dict[str, float]:
                     masked, present = masked + nan.sum(), present + (~nan).sum()
                     diff = np.abs(value - expected)[~nan]
                     if name in ANGLE_SURF_VARS:  # 359.99 and 0.01 degrees are close
+                        assert ((value >= 0) & (value < 360))[~nan].all(), key
                         diff = np.minimum(diff, 360 - diff)
                     scale = np.abs(expected[~nan]).max(initial=0.0)
                     errors[key] = float(diff.max(initial=0.0) / scale) if scale else 0.0
@@ -171,10 +172,7 @@ def _wam_file(path: Path) -> Path:
     lat, lon = np.array([10.0, 0.0]), np.array([0.0, 10.0])
     height = np.array([[[np.nan, 2.0], [1.0, 0.5]]], np.float32)  # land at the first point
     ds = xr.Dataset(
-        {
-            name: (("time", "latitude", "longitude"), height)
-            for name in ("mwd", "pp1d", "dwi", "wind", "mean_wave_period")
-        },
+        dict.fromkeys(("mwd", "pp1d", "dwi", "wind", "mean_wave_period"), (("time", "latitude", "longitude"), height)),
         coords={"time": [np.datetime64("2020-01-01T00")], "latitude": lat, "longitude": lon},
     )
     ds["significant_height_of_combined_wind_waves_and_swell"] = ds["mwd"]  # CDS API name
@@ -194,3 +192,21 @@ def test_reader_keeps_nans_of_wave_variables(tmp_path: Path) -> None:
     assert open_dataset(path, variables=["swh"], fill_nan="zero")["swh"].values[0, 0, 0] == 0
     with pytest.raises(DataError, match="2t"):
         open_dataset(path, variables=["2t"])
+
+
+def test_zarr_source_keeps_nans_of_wave_variables(tmp_path: Path) -> None:
+    """A streamed store keeps the wave fields' NaNs as `open_dataset` does."""
+    from data_builders.zarr_source import ZarrBuilder
+    from tests.test_zarr_source import KW, _write, wb2_like
+
+    ds = wb2_like()
+    land = ds["land_sea_mask"].values > 0.5
+    swh = np.where(land, np.nan, 1.5) * np.ones((ds.sizes["time"], 1, 1))
+    ds["swh"] = (("time", "latitude", "longitude"), swh.astype(np.float32), {"units": "m"})
+    store = _write(ds, tmp_path / "wam.zarr")
+    kw = {**KW, "surf_vars": ("2t", "swh"), "stats": {"r_500": (0, 1), "r_850": (0, 1)}}
+    builder = ZarrBuilder(str(store), **kw, read_ahead=0)
+    record = builder.as_data_source("train").records[0]["surf"]["swh"]
+    expected = open_dataset(store, variables=["swh"])["swh"].values[0]  # canonical orientation
+    assert np.isnan(record).sum() == land.sum() > 0
+    np.testing.assert_array_equal(np.isnan(record), np.isnan(expected))
