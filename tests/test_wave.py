@@ -171,12 +171,13 @@ def test_wave_checkpoint_renames_level_aggregation_norms() -> None:
 def _wam_file(path: Path) -> Path:
     lat, lon = np.array([10.0, 0.0]), np.array([0.0, 10.0])
     height = np.array([[[np.nan, 2.0], [1.0, 0.5]]], np.float32)  # land at the first point
+    dims = ("time", "latitude", "longitude")
     ds = xr.Dataset(
-        dict.fromkeys(("mwd", "pp1d", "dwi", "wind", "mean_wave_period"), (("time", "latitude", "longitude"), height)),
+        dict.fromkeys(("mwd", "pp1d", "dwi", "wind", "mean_wave_period"), (dims, height)),
         coords={"time": [np.datetime64("2020-01-01T00")], "latitude": lat, "longitude": lon},
     )
     ds["significant_height_of_combined_wind_waves_and_swell"] = ds["mwd"]  # CDS API name
-    ds["t2m"] = (("time", "latitude", "longitude"), np.full_like(height, np.nan))
+    ds["t2m"] = (dims, np.full_like(height, np.nan))
     ds.to_netcdf(path / "wam.nc")
     return path / "wam.nc"
 
