@@ -12,7 +12,7 @@ import numpy as np
 from flax import linen as nn
 
 from aurora.model.fourier import levels_expansion
-from aurora.model.layers import Dense, Precision, trunc_normal
+from aurora.model.layers import Dense, Dtype, Precision, trunc_normal
 from aurora.model.levelcond import level_heads, level_param_name
 from aurora.model.perceiver import PerceiverResampler
 
@@ -35,12 +35,14 @@ def apply_heads(heads: dict, x: jax.Array, names: Sequence[str], precision: Prec
         precision (Precision): Matmul precision.
 
     Returns:
-        jax.Array: Patches of shape `(..., P*P*V)`, index `p * V + v`.
+        jax.Array: Patches of shape `(..., P*P*V)`, index `p * V + v`, computed in the heads'
+        dtype (float16 ones under autocast).
     """
-    outs = [
-        jnp.einsum("...d,dk->...k", x, heads[n]["kernel"], precision=precision) + heads[n]["bias"]
-        for n in names
-    ]
+    outs = []
+    for n in names:
+        kernel = heads[n]["kernel"]
+        y = jnp.einsum("...d,dk->...k", x.astype(kernel.dtype), kernel, precision=precision)
+        outs.append(y + heads[n]["bias"])
     out = jnp.stack(outs, axis=-1)  # (..., P*P, V)
     return out.reshape(*out.shape[:-2], -1)
 
@@ -94,6 +96,8 @@ class Perceiver3DDecoder(nn.Module):
     precision: Precision = None
     # Recompute the level Perceiver and the heads in the backward pass, in chunks of patches.
     remat: bool = False
+    dtype: Dtype | None = None  # compute dtype of the Perceiver and the heads (autocast)
+    use_fp16_safe_attention: bool = False
 
     def _heads(
         self, name: str, var_names: tuple[str, ...], levels: tuple[float, ...] | None = None
@@ -160,6 +164,10 @@ class Perceiver3DDecoder(nn.Module):
             modulation_names(self.atmos_vars, self.modulation_heads),
             self.level_condition,
         )
+        if self.dtype is not None:
+            surf_heads, atmos_heads = jax.tree_util.tree_map(
+                lambda p: p.astype(self.dtype), (surf_heads, atmos_heads)
+            )
         project = partial(apply_heads, precision=self.precision)
         if self.level_condition:
             atmos_heads = level_heads(atmos_heads, atmos_levels, self.level_condition)
@@ -173,9 +181,9 @@ class Perceiver3DDecoder(nn.Module):
         levels = jnp.asarray(
             levels_expansion(np.asarray(atmos_levels, dtype=np.float64), self.embed_dim)
         )
-        levels_embed = Dense(self.embed_dim, precision=self.precision, name="atmos_levels_embed")(
-            levels
-        )
+        levels_embed = Dense(
+            self.embed_dim, precision=self.precision, dtype=self.dtype, name="atmos_levels_embed"
+        )(levels)
         context = x[:, :, 1:, :].reshape(B * h * w, C_latent - 1, self.embed_dim)
 
         def decode(names: tuple[str, ...], name: str) -> jax.Array:
@@ -189,6 +197,8 @@ class Perceiver3DDecoder(nn.Module):
                 ln_eps=self.perceiver_ln_eps,
                 precision=self.precision,
                 remat=self.remat,
+                dtype=self.dtype,
+                use_fp16_safe_attention=self.use_fp16_safe_attention,
                 name=name,
             )(
                 levels_embed,

@@ -17,7 +17,7 @@ import numpy as np
 from flax import linen as nn
 
 from aurora.model.fourier import lead_time_expansion, lead_time_expansion_v3, levels_expansion
-from aurora.model.layers import Dense, LayerNorm, Precision, trunc_normal
+from aurora.model.layers import Dense, Dtype, LayerNorm, Precision, trunc_normal
 from aurora.model.lead_time import lead_time_encoding
 from aurora.model.levelcond import LevelConditioned
 from aurora.model.patchembed import LevelPatchEmbed
@@ -52,6 +52,11 @@ class Perceiver3DEncoder(nn.Module):
     level_condition: tuple[float, ...] | None = None  # one atmospheric embedding per level
     precision: Precision = None
     remat: bool = False  # recompute the level Perceiver in the backward pass, in chunks of patches
+    dtype: Dtype | None = None  # compute dtype of the embeddings and the Perceiver (autocast)
+    # Drop-out in the MLPs and of the encoded tokens, as microsoft-aurora's `drop_rate`.
+    drop_rate: float = 0.0
+    deterministic: bool = True
+    use_fp16_safe_attention: bool = False
 
     @nn.compact
     def __call__(
@@ -91,7 +96,9 @@ class Perceiver3DEncoder(nn.Module):
             raise ValueError("At least two latent levels are required.")
         D, P = self.embed_dim, self.patch_size
         B, T, _, C, H, W = x_atmos.shape
-        dense = lambda name: Dense(D, precision=self.precision, name=name)
+        dense = lambda name: Dense(D, precision=self.precision, dtype=self.dtype, name=name)
+        if self.dtype is not None:  # the patch embeddings compute in their input's dtype
+            x_surf, x_atmos = x_surf.astype(self.dtype), x_atmos.astype(self.dtype)
 
         atmos_latents = self.param("atmos_latents", trunc_normal, (self.latent_levels - 1, D))
         surf_level_encoding = self.param("surf_level_encoding", trunc_normal, (D,))
@@ -123,8 +130,16 @@ class Perceiver3DEncoder(nn.Module):
 
         # The surface level is not aggregated: tag it and give it a Perceiver-style MLP.
         x_surf = x_surf + surf_level_encoding
-        mlp = MLP(D, int(D * self.mlp_ratio), precision=self.precision, name="surf_mlp")
-        x_surf = x_surf + LayerNorm(name="surf_norm")(mlp(x_surf))
+        mlp = MLP(
+            D,
+            int(D * self.mlp_ratio),
+            precision=self.precision,
+            dtype=self.dtype,
+            drop_rate=self.drop_rate,
+            deterministic=self.deterministic,
+            name="surf_mlp",
+        )
+        x_surf = x_surf + LayerNorm(dtype=self.dtype, name="surf_norm")(mlp(x_surf))
 
         # Pressure-level encoding, then aggregate C physical levels into latent_levels - 1 latents.
         levels = jnp.asarray(levels_expansion(np.asarray(atmos_levels, dtype=np.float64), D))
@@ -141,6 +156,10 @@ class Perceiver3DEncoder(nn.Module):
             ln_k_q=self.stabilise_level_agg,
             precision=self.precision,
             remat=self.remat,
+            dtype=self.dtype,
+            drop_rate=self.drop_rate,
+            deterministic=self.deterministic,
+            use_fp16_safe_attention=self.use_fp16_safe_attention,
             name="level_agg",
         )(atmos_latents, context)
         x_atmos = aggregated.reshape(B, L, -1, D).transpose(0, 2, 1, 3)
@@ -160,4 +179,5 @@ class Perceiver3DEncoder(nn.Module):
             lead = lead_time_encoding(lead_minutes, D, self.use_updated_lead_time_embedding)
         x = x + dense("lead_time_embed")(lead)[:, None, :]
         absolute = absolute_time_encoding(time_minutes, D)
-        return x + dense("absolute_time_embed")(absolute)[:, None, :]
+        x = x + dense("absolute_time_embed")(absolute)[:, None, :]
+        return nn.Dropout(self.drop_rate, deterministic=self.deterministic)(x)

@@ -25,6 +25,8 @@ __all__ = [
     "LayerNorm",
     "Precision",
     "dot_product_attention",
+    "drop_path_scale",
+    "fp16_safe_logits",
     "gelu",
     "linear_dot_general",
     "normalize",
@@ -219,12 +221,39 @@ class LayerNorm(nn.Module):
         )
 
 
+def fp16_safe_logits(q: jax.Array, k: jax.Array, scale: float, precision: Precision) -> jax.Array:
+    """float16 logits `q (k scale)ᵀ`, clamped to float16's range: microsoft-aurora's
+    `fp16_safe_scaled_dot_product_attention` up to the softmax.
+
+    The scale goes into the keys first to keep the products small; logits that still overflow
+    are clamped, to `max - 1000` when any is infinite (so that an additive mask cannot push them
+    back to infinity), else to `max`. Returned in float32 for the softmax.
+    """
+    k = (k.astype(jnp.float32) * np.float32(scale)).astype(jnp.float16)
+    logits = jnp.einsum(
+        "...qd,...kd->...qk", q, k, precision=precision, preferred_element_type=jnp.float32
+    ).astype(jnp.float16)
+    largest = float(jnp.finfo(jnp.float16).max)
+    limit = jnp.where(jnp.any(jnp.isinf(logits)), largest - 1000, largest).astype(jnp.float16)
+    return jnp.clip(logits, -limit, limit).astype(jnp.float32)
+
+
+def drop_path_scale(rng: jax.Array, rate: float, batch: int) -> jax.Array:
+    """Per-sample stochastic depth (timm's `DropPath`): `(batch, 1, 1)` factors, 0 for a dropped
+    residual branch and `1 / (1 - rate)` for a kept one, so the expectation is unchanged."""
+    keep = jax.random.bernoulli(rng, 1.0 - rate, (batch, 1, 1))
+    return jnp.where(keep, 1.0 / (1.0 - rate), 0.0).astype(jnp.float32)
+
+
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     bias: jax.Array | np.ndarray | None = None,
     precision: Precision = None,
+    fp16_safe: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
     """`softmax(q kᵀ / sqrt(d) + bias) v`.
 
@@ -237,15 +266,28 @@ def dot_product_attention(
         bias (jax.Array | np.ndarray, optional): Additive logits bias, broadcastable to
             `(..., heads, Nq, Nk)`.
         precision (Precision): Matmul precision.
+        fp16_safe (bool): In float16, compute the logits as :func:`fp16_safe_logits` (no overflow
+            to infinity); no effect in other dtypes.
+        dropout_rate (float): Drop-out rate of the attention weights (inverted drop-out, as
+            `nn.Dropout`).
+        dropout_rng (jax.Array, optional): Key for that drop-out; None: no drop-out.
 
     Returns:
         jax.Array: Output of shape `(..., heads, Nq, d_v)`, in `v`'s dtype.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("...qd,...kd->...qk", q, k, precision=precision).astype(jnp.float32) * scale
+    if fp16_safe and q.dtype == jnp.float16:
+        logits = fp16_safe_logits(q, k, scale, precision)
+    else:
+        logits = jnp.einsum("...qd,...kd->...qk", q, k, precision=precision)
+        logits = logits.astype(jnp.float32) * scale
     if bias is not None:
         logits = logits + bias
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if dropout_rng is not None and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    weights = weights.astype(v.dtype)
     return jnp.einsum("...qk,...kd->...qd", weights, v, precision=precision)
 
 
@@ -295,7 +337,8 @@ def remat_in_chunks(
     scan = nn.scan(
         lambda mdl, carry, xs: (carry, body(mdl, carry, *xs)),
         variable_broadcast="params",
-        split_rngs={"params": False},
+        # Each chunk draws its own drop-out masks (per-sample choices are made outside).
+        split_rngs={"params": False, "dropout": True},
     )
     _, out = scan(module, broadcast, tuple(split(t) for t in inputs))
     out = jnp.moveaxis(out, 0, axis)

@@ -15,6 +15,7 @@ from flax import linen as nn
 
 from aurora.model.layers import (
     Dense,
+    Dtype,
     LayerNorm,
     Precision,
     dot_product_attention,
@@ -27,17 +28,22 @@ __all__ = ["MLP", "PerceiverAttention", "PerceiverResampler"]
 
 
 class MLP(nn.Module):
-    """One hidden layer with exact GELU (`net.0`, `net.2` in PyTorch), `(..., D) -> (..., dim)`."""
+    """One hidden layer with exact GELU (`net.0`, `net.2` in PyTorch), `(..., D) -> (..., dim)`,
+    then drop-out (`drop_rate`, unless `deterministic`); matmuls in `dtype` (autocast)."""
 
     dim: int
     hidden_features: int
     precision: Precision = None
+    dtype: Dtype | None = None
+    drop_rate: float = 0.0
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = Dense(self.hidden_features, precision=self.precision, name="net_0")(x)
-        x = gelu(x)
-        return Dense(self.dim, precision=self.precision, name="net_2")(x)
+        dense = lambda n, name: Dense(n, precision=self.precision, dtype=self.dtype, name=name)
+        x = gelu(dense(self.hidden_features, "net_0")(x))
+        x = dense(self.dim, "net_2")(x)
+        return nn.Dropout(self.drop_rate, deterministic=self.deterministic)(x)
 
 
 class PerceiverAttention(nn.Module):
@@ -48,6 +54,8 @@ class PerceiverAttention(nn.Module):
     num_heads: int = 8
     ln_k_q: bool = False
     precision: Precision = None
+    dtype: Dtype | None = None  # compute dtype of the projections (autocast)
+    use_fp16_safe_attention: bool = False
 
     @nn.compact
     def __call__(self, latents: jax.Array, x: jax.Array) -> jax.Array:
@@ -61,25 +69,36 @@ class PerceiverAttention(nn.Module):
             jax.Array: Output of shape `(B, L1, latent_dim)`.
         """
         inner = self.head_dim * self.num_heads
-        q = Dense(inner, use_bias=False, precision=self.precision, name="to_q")(latents)
-        k, v = jnp.split(
-            Dense(2 * inner, use_bias=False, precision=self.precision, name="to_kv")(x), 2, axis=-1
+        dense = lambda n, name: Dense(
+            n, use_bias=False, precision=self.precision, dtype=self.dtype, name=name
         )
+        q = dense(inner, "to_q")(latents)
+        k, v = jnp.split(dense(2 * inner, "to_kv")(x), 2, axis=-1)
         if self.ln_k_q:  # Normalise before splitting the heads, as the reference does.
-            k = LayerNorm(name="ln_k")(k)
-            q = LayerNorm(name="ln_q")(q)
+            k = LayerNorm(dtype=self.dtype, name="ln_k")(k)
+            q = LayerNorm(dtype=self.dtype, name="ln_q")(q)
 
         def heads(t: jax.Array) -> jax.Array:  # (B, L, H*D) -> (B, H, L, D)
             t = shard_rows(t)  # not split along the heads like the FSDP-sharded kernel
             return t.reshape(*t.shape[:-1], self.num_heads, self.head_dim).swapaxes(-2, -3)
 
-        out = dot_product_attention(heads(q), heads(k), heads(v), precision=self.precision)
+        out = dot_product_attention(
+            heads(q),
+            heads(k),
+            heads(v),
+            precision=self.precision,
+            fp16_safe=self.use_fp16_safe_attention,
+        )
         out = out.swapaxes(-2, -3).reshape(*latents.shape[:-1], inner)
-        return Dense(self.latent_dim, use_bias=False, precision=self.precision, name="to_out")(out)
+        return dense(self.latent_dim, "to_out")(out)
 
 
 class PerceiverResampler(nn.Module):
-    """Flamingo's Perceiver resampler with post-norm residuals (as in Aurora)."""
+    """Flamingo's Perceiver resampler with post-norm residuals (as in Aurora).
+
+    `dtype` is the compute dtype of its matmuls (autocast; the residual stream stays float32),
+    `drop_rate` the drop-out at the end of each MLP (unless `deterministic`).
+    """
 
     latent_dim: int
     depth: int = 1
@@ -91,6 +110,10 @@ class PerceiverResampler(nn.Module):
     precision: Precision = None
     remat: bool = False
     chunk: int = 2048
+    dtype: Dtype | None = None
+    drop_rate: float = 0.0
+    deterministic: bool = True
+    use_fp16_safe_attention: bool = False
 
     def __call__(
         self,
@@ -145,11 +168,21 @@ class PerceiverResampler(nn.Module):
                 num_heads=self.num_heads,
                 ln_k_q=self.ln_k_q and i == 0,
                 precision=self.precision,
+                dtype=self.dtype,
+                use_fp16_safe_attention=self.use_fp16_safe_attention,
                 name=f"layers_{i}_0",
             )
-            ff = MLP(self.latent_dim, hidden, precision=self.precision, name=f"layers_{i}_1")
-            ln1 = LayerNorm(epsilon=self.ln_eps, name=f"layers_{i}_2")
-            ln2 = LayerNorm(epsilon=self.ln_eps, name=f"layers_{i}_3")
+            ff = MLP(
+                self.latent_dim,
+                hidden,
+                precision=self.precision,
+                dtype=self.dtype,
+                drop_rate=self.drop_rate,
+                deterministic=self.deterministic,
+                name=f"layers_{i}_1",
+            )
+            ln1 = LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=f"layers_{i}_2")
+            ln2 = LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=f"layers_{i}_3")
             latents = ln1(attn(latents, x)) + latents
             latents = ln2(ff(latents)) + latents
         return latents
