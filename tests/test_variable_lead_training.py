@@ -23,6 +23,7 @@ from aurora.batch import Batch
 from aurora.normalisation import atmos_location_scale, surf_location_scale
 from aurora.rollout import advance_batch
 from callbacks.writers import NoopWriter
+from data_builders import pipeline
 from data_builders.errors import DataError
 from data_builders.pipeline import Pipeline, WeatherSource
 from tests.helpers import tiny_model
@@ -110,7 +111,10 @@ def test_pipeline_puts_the_last_target_at_a_drawn_lead(k: int) -> None:
             seen[epoch] |= {int(x) for x in lead // 60}
     assert len(seen[0] | seen[1]) >= 3  # leads vary across windows and epochs
     draws = lambda pipe, e: [pipe.batch_leads(i, e).tolist() for i in range(pipe.batches_per_epoch)]
-    assert draws(p, 0) == draws(Pipeline(source, lead_times_hours=LEADS, **kw), 0)  # seeded
+    first = draws(p, 0)
+    pipeline._lead_draws.cache_clear()  # drawn again, as in another process
+    assert first == draws(Pipeline(source, lead_times_hours=LEADS, **kw), 0)  # seeded
+    assert first != draws(Pipeline(source, lead_times_hours=LEADS, **{**kw, "seed": 6}), 0)
     assert draws(p, 0) != draws(p, 1)  # drawn anew each epoch
     assert {x for b in draws(fixed, 0) for x in b} == {6 * HOUR}  # default: one step
 
@@ -118,6 +122,7 @@ def test_pipeline_puts_the_last_target_at_a_drawn_lead(k: int) -> None:
 def test_pipeline_resumes_with_the_same_leads() -> None:
     kw = dict(step_hours=6, batch_size=1, seed=2, num_threads=0, lead_times_hours=LEADS)
     straight = list(Pipeline(hourly_source(), **kw))
+    pipeline._lead_draws.cache_clear()  # a resumed run draws again
     resumed = iter(Pipeline(hourly_source(), **kw))
     resumed.set_state({"position": 3})
     for (a_in, a_t), (b_in, b_t) in zip(straight[3:], resumed, strict=True):
