@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from aurora.batch import Batch
 from aurora.model.aurora import Aurora
 from aurora.model.clipping import Bounds, clip_rollout_inputs
+from aurora.model.noise import NOISE_RNG, NoiseSource, accumulate, key_noise, noise_shape
 
 __all__ = ["ModelStep", "advance_batch", "rollout"]
 
@@ -39,11 +40,24 @@ class ModelStep:
     def __init__(self, model: Aurora) -> None:
         self.model = model
         self.patch_size: int = getattr(model, "patch_size", 1)
-        self._apply = jax.jit(
-            lambda params, batch, *lead: model.apply({"params": params}, batch, *lead)
-        )
 
-    def __call__(self, params: Any, batch: Batch, lead_times: Any = None) -> Batch:
+        def apply(params: Any, batch: Batch, lead: Any, rng: Any, noise: Any) -> Batch:
+            args = () if lead is None else (lead,)
+            kwargs = {} if noise is None else {"noise": noise}
+            rngs = {} if rng is None else {NOISE_RNG: rng}
+            return model.apply({"params": params}, batch, *args, rngs=rngs, **kwargs)
+
+        self._apply = jax.jit(apply)
+
+    def __call__(
+        self,
+        params: Any,
+        batch: Batch,
+        lead_times: Any = None,
+        *,
+        rng: jax.Array | None = None,
+        noise: jax.Array | None = None,
+    ) -> Batch:
         """The prediction one step ahead.
 
         Args:
@@ -52,19 +66,21 @@ class ModelStep:
             lead_times: per-sample lead times in hours, `(b,)`, for a model with
                 `variable_lead_time` (traced: a new lead time does not recompile); by default
                 the model's time step.
+            rng: a stochastic model's noise key (the "noise" rng stream); a new key, a new draw.
+            noise: a stochastic model's noise itself, `(b, L, D)` (see aurora.model.noise),
+                instead of `rng`.
 
         Returns:
             The prediction, variables of shape `(b, 1, h, w)` / `(b, 1, c, h, w)` (`h` cropped to
             a multiple of the patch size), time and `rollout_step` advanced by one step.
         """
-        if not getattr(self.model, "variable_lead_time", False):
-            return self._apply(params, batch)
-        if lead_times is None:
-            lead_times = self.model.timestep.total_seconds() / 3600
-        b = next(iter(batch.surf_vars.values())).shape[0]
-        return self._apply(
-            params, batch, jnp.broadcast_to(jnp.asarray(lead_times, jnp.float32), (b,))
-        )
+        lead = None
+        if getattr(self.model, "variable_lead_time", False):
+            if lead_times is None:
+                lead_times = self.model.timestep.total_seconds() / 3600
+            b = next(iter(batch.surf_vars.values())).shape[0]
+            lead = jnp.broadcast_to(jnp.asarray(lead_times, jnp.float32), (b,))
+        return self._apply(params, batch, lead, rng, noise)
 
 
 def advance_batch(batch: Batch, pred: Batch) -> Batch:
@@ -110,6 +126,9 @@ def rollout(
     patch_size: int | None = None,
     apply_rollout_input_clipping: bool = True,
     fine_lead_times: Sequence[float] | None = None,
+    rng: jax.Array | None = None,
+    use_noise_accumulation: bool = True,
+    noise_source: NoiseSource | None = None,
 ) -> Iterator[Batch]:
     """Yield `steps` predictions, each fed back as the newest history step.
 
@@ -134,6 +153,14 @@ def rollout(
             `variable_lead_time`), e.g. `[1, 2, ..., 6]`: each is predicted from the same input
             and yielded, and the last, which must equal the time step, becomes the next input.
             The lead is traced data, so the sub-steps share one compiled step.
+        rng: the key of a `stochastic` model's member (ignored for other models): the same key
+            gives the same member, another key another member. Each model call draws fresh
+            noise from it, as microsoft-aurora's backbone draws from torch's generator.
+        use_noise_accumulation: with `fine_lead_times`, a stochastic model's noise is the sum of
+            the last `len(fine_lead_times)` draws over its square root, carried across sub-steps
+            and steps, as microsoft-aurora's rollout does (see aurora.model.noise.accumulate).
+        noise_source: where a stochastic model's standard normal draws come from instead of
+            `rng` (e.g. another implementation's recorded draws, to reproduce its member).
 
     Returns:
         An iterator over the `steps` predictions, variables of shape `(b, 1, h, w)` /
@@ -143,7 +170,7 @@ def rollout(
     Raises:
         TypeError: a plain callable without `patch_size`.
         ValueError: `fine_lead_times` for a model without `variable_lead_time`, or not ending
-            at its time step.
+            at its time step; a stochastic model without `rng` or `noise_source`.
     """
     if not isinstance(step, ModelStep) and hasattr(step, "apply"):
         step = ModelStep(step)  # a model
@@ -163,10 +190,18 @@ def rollout(
     bounds = (
         getattr(model, "rollout_input_clipping", None) if apply_rollout_input_clipping else None
     )
+    leads: tuple[float | None, ...] = (None,)
     if fine_lead_times is not None:
         _check_fine_lead_times(model, fine_lead_times)
-        return _sub_stepped(step, params, batch, steps, bounds, tuple(fine_lead_times))
-    return _predictions(step, params, batch, steps, bounds)
+        leads = tuple(fine_lead_times)
+    if getattr(model, "stochastic", False):
+        if (rng is None) == (noise_source is None):
+            raise ValueError("A stochastic model's rollout needs `rng` or `noise_source`.")
+        noise_source = noise_source or key_noise(rng, noise_shape(model, batch))
+    elif noise_source is not None:
+        raise ValueError("`noise_source` is for a stochastic model.")
+    accumulate_over = len(leads) if use_noise_accumulation and fine_lead_times else 1
+    return _predictions(step, params, batch, steps, bounds, leads, noise_source, accumulate_over)
 
 
 def _check_fine_lead_times(model: Any, fine_lead_times: Sequence[float]) -> None:
@@ -178,24 +213,24 @@ def _check_fine_lead_times(model: Any, fine_lead_times: Sequence[float]) -> None
 
 
 def _predictions(
-    step: Step, params: Any, batch: Batch, steps: int, bounds: Bounds | None
-) -> Iterator[Batch]:
-    for _ in range(steps):
-        pred = step(params, batch)
-        yield pred
-        batch = advance_batch(batch, clip_rollout_inputs(pred, bounds))
-
-
-def _sub_stepped(
-    step: ModelStep,
+    step: Step,
     params: Any,
     batch: Batch,
     steps: int,
     bounds: Bounds | None,
-    fine_lead_times: tuple[float, ...],
+    leads: tuple[float | None, ...],
+    noise_source: NoiseSource | None,
+    accumulate_over: int,
 ) -> Iterator[Batch]:
+    """Every lead of `leads` (None: the time step) from the same input, the last fed back."""
+    cache = None
     for _ in range(steps):
-        for hours in fine_lead_times:
-            pred = step(params, batch, hours)
+        for hours in leads:
+            kwargs = {}
+            if noise_source is not None:
+                draws = noise_source(accumulate_over if cache is None else 1)
+                cache, kwargs["noise"] = accumulate(cache, draws)
+            lead = () if hours is None else (hours,)
+            pred = step(params, batch, *lead, **kwargs)
             yield pred
         batch = advance_batch(batch, clip_rollout_inputs(pred, bounds))

@@ -3,12 +3,15 @@ architecture of tests/test_parity.py, checkpoint conversion, and the preset's ho
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import pytest
 
-from aurora.model.air_pollution import CAMS_ATMOS_VARS, CAMS_SURF_VARS
+from aurora.convert import _example_batch, fit_params, to_flax_names, to_pytorch_state_dict
+from aurora.model.air_pollution import CAMS_ATMOS_VARS, CAMS_SURF_VARS, AuroraAirPollution
 from aurora.normalisation import aurora_stats
 from tests.reference.venv import case_dir
 from tests.test_parity import TINY, _assert_close, _compare, _spec
@@ -53,3 +56,84 @@ def test_tiny_air_pollution_matches_reference(use_lora: bool) -> None:
     scale = aurora_stats()["so2_850"][1]
     assert np.isclose(so2_850, scale, rtol=1e-6) == use_lora, (so2_850, scale)
     _assert_close(errors)
+
+
+ADAPT_RUNNER = Path(__file__).parent / "reference" / "run_adapt_air_pollution.py"
+
+
+def _published_layout(model: AuroraAirPollution) -> dict[str, np.ndarray]:
+    """A state dict in the published checkpoint's layout for `model` (default variables and
+    levels): the model's own keys where the layouts agree, random arrays in the published
+    matrices (`weight_new`, `*_head_new`, `*_head_mod`, `atmos_token_embeds_new`, ...)."""
+    rng = np.random.default_rng(0)
+    batch = _example_batch(model)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), batch))["params"]
+    ours = to_pytorch_state_dict(jax.tree.map(lambda s: np.zeros(s.shape, np.float32), params))
+    D, E, P, T = model.embed_dim, 2 * model.embed_dim, model.patch_size, model.max_history_size
+
+    def array(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32)
+
+    replaced = (
+        "encoder.surf_token_embeds.weights.",
+        "encoder.atmos_token_embeds.",
+        "decoder.surf_heads.",
+        "decoder.atmos_heads.",
+        "surf_feature_combiner.",
+        "atmos_feature_combiner.",
+    )
+    d = {
+        k.replace("level_decoder_alternate", "level_decoder_new"): array(*v.shape)
+        for k, v in ours.items()
+        if not k.startswith(replaced)
+    }
+    d["net.encoder.surf_token_embeds.weight"] = array(D, 7, T, P, P)
+    d["encoder.surf_token_embeds.weight_new"] = array(D, 22, T, P, P)
+    d["encoder.atmos_token_embeds.weight"] = array(D, 5, T, P, P)
+    d["encoder.atmos_token_embeds.bias"] = array(D)
+    d["encoder.atmos_token_embeds.weight_new"] = array(D, 5, T, P, P)
+    d["encoder.atmos_token_embeds.weight_new2"] = array(D, 17, T, P, P)
+    heads = {"surf_head": 4, "surf_head_new": 8, "surf_head_mod": 12}
+    for level in model.level_condition:
+        prefix = f"encoder.atmos_token_embeds_new.layers.{level}"
+        d[f"{prefix}.weight"] = array(D, 5, T, P, P)
+        d[f"{prefix}.weight_new"] = array(D, 5, T, P, P)
+        d[f"{prefix}.weight_new2"] = array(D, 17, T, P, P)
+        d[f"{prefix}.bias"] = array(D)
+        for head in ("atmos_head", "atmos_head_mod", "atmos_head_new", "atmos_head_mod_new"):
+            heads[f"{head}.layers.{level}"] = 5
+    for head, n in heads.items():
+        d[f"decoder.{head}.weight"] = array(n * P * P, E)
+        d[f"decoder.{head}.bias"] = array(n * P * P)
+    for kind, names in (("surf", model.surf_vars[:12]), ("atmos", model.atmos_vars)):
+        for name in names:
+            d[f"{kind}_feature_combiner.{name}.weight"] = array(1, 2)
+            d[f"{kind}_feature_combiner.{name}.bias"] = array(1)
+    return d
+
+
+def test_published_air_pollution_layout_adapts_as_the_reference_and_fits_the_model(
+    tmp_path: Path,
+) -> None:
+    """The published layout, adapted by `AuroraAirPollution.adapt_state_dict` and by the
+    reference's `_adapt_checkpoint_air_pollution`: the same keys and arrays, and every parameter
+    of the model filled (strict fit)."""
+    model = AuroraAirPollution(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in TINY.items()}
+    )
+    state = _published_layout(model)
+    np.savez(tmp_path / "state.npz", **state)
+    out = case_dir(
+        {"patch_size": model.patch_size}, ADAPT_RUNNER, inputs={"state.npz": tmp_path / "state.npz"}
+    )
+    with np.load(out / "adapted.npz") as f:
+        expected = {k: f[k] for k in f.files}
+
+    adapted = model.adapt_state_dict(state)
+    assert sorted(adapted) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(adapted[key], value, err_msg=key)
+    flat = to_flax_names(
+        state, model.patch_size, model.max_history_size, adapt=model.adapt_state_dict
+    )
+    fit_params(flat, model)  # strict: raises on anything missing, extra or mis-shaped

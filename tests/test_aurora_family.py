@@ -83,18 +83,6 @@ def test_clamp_prediction_starts_at_the_right_step(
     np.testing.assert_array_equal(out["t"], [-1.0, 1.0])
 
 
-@pytest.mark.parametrize(
-    "name, value",
-    [
-        ("stochastic", True),
-    ],
-)
-def test_arguments_not_ported_yet_raise(name: str, value: object) -> None:
-    model = aurora.AuroraSmallPretrained(**{name: value})
-    with pytest.raises(NotImplementedError, match=name):
-        model._check_supported()
-
-
 def test_fp16_safe_attention_in_float16_raises_but_is_accepted_otherwise() -> None:
     aurora.Aurora(use_fp16_safe_attention=True, autocast=True)._check_supported()
     model = aurora.Aurora(use_fp16_safe_attention=True, autocast=True, autocast_dtype=jnp.float16)

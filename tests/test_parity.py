@@ -9,6 +9,7 @@ at every step: max |jax - torch| / max |torch| <= 1e-4 in float32 with matmul pr
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -95,22 +96,28 @@ def _compare(spec: dict[str, Any]) -> dict[str, float]:
     with np.load(out / "preds.npz") as f:
         ref = {k: f[k] for k in f.files}
 
-    errors = {}
     with jax.default_matmul_precision("highest"):
-        for step, pred in enumerate(aurora.rollout(model, params, batch, spec["steps"])):
-            assert int(pred.metadata.rollout_step) == int(ref[f"{step}/rollout_step"])
-            assert np.array_equal(
-                np.array(pred.metadata.datetimes(), dtype="datetime64[m]"),
-                ref[f"{step}/time"].astype("datetime64[m]"),
-            )
-            for kind, variables in (("surf", pred.surf_vars), ("atmos", pred.atmos_vars)):
-                for name, value in variables.items():
-                    expected = ref[f"{step}/{kind}/{name}"]
-                    value = np.asarray(value)
-                    assert value.shape == expected.shape, (name, value.shape, expected.shape)
-                    errors[f"{step}/{kind}/{name}"] = float(
-                        np.abs(value - expected).max() / np.abs(expected).max()
-                    )
+        return _errors(aurora.rollout(model, params, batch, spec["steps"]), ref)
+
+
+def _errors(predictions: Iterable[Batch], ref: dict[str, np.ndarray]) -> dict[str, float]:
+    """The worst relative error per `step/kind/var` of the predictions against the reference's
+    (`preds.npz` of tests/reference/run_reference.py), after checking their times and steps."""
+    errors = {}
+    for step, pred in enumerate(predictions):
+        assert int(pred.metadata.rollout_step) == int(ref[f"{step}/rollout_step"])
+        assert np.array_equal(
+            np.array(pred.metadata.datetimes(), dtype="datetime64[m]"),
+            ref[f"{step}/time"].astype("datetime64[m]"),
+        )
+        for kind, variables in (("surf", pred.surf_vars), ("atmos", pred.atmos_vars)):
+            for name, value in variables.items():
+                expected = ref[f"{step}/{kind}/{name}"]
+                value = np.asarray(value)
+                assert value.shape == expected.shape, (name, value.shape, expected.shape)
+                errors[f"{step}/{kind}/{name}"] = float(
+                    np.abs(value - expected).max() / np.abs(expected).max()
+                )
     return errors
 
 

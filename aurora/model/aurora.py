@@ -187,14 +187,6 @@ class Aurora(nn.Module):
             raise NotImplementedError(
                 "Drop-out and drop-path are not supported (all presets use 0)."
             )
-        not_ported = {
-            "stochastic": self.stochastic,
-        }
-        for name, is_set in not_ported.items():
-            if is_set:
-                raise NotImplementedError(
-                    f"`{name}` is not ported yet (see docs/aurora_family.md)."
-                )
         if (
             self.use_fp16_safe_attention
             and self.uses_autocast
@@ -225,12 +217,21 @@ class Aurora(nn.Module):
                 )
 
     @nn.compact
-    def __call__(self, batch: Batch, lead_times: jax.Array | float | None = None) -> Batch:
+    def __call__(
+        self,
+        batch: Batch,
+        lead_times: jax.Array | float | None = None,
+        noise: jax.Array | None = None,
+    ) -> Batch:
         """The prediction one step ahead.
 
         `lead_times` (hours, scalar or `(B,)`) is used with `variable_lead_time` only, as in
         microsoft-aurora's `forward`; unlike there, it defaults to the time step (so `init` and
         plain `apply` calls work unchanged).
+
+        A `stochastic` model draws its backbone noise from the "noise" rng stream
+        (`apply(..., rngs={"noise": key})`) unless `noise`, `(B, L, embed_dim)` with `L` the
+        backbone's tokens, gives it (a rollout's accumulated noise; see aurora.model.noise).
         """
         self._check_supported()
         stats = dict(self.surf_stats) if self.surf_stats else None
@@ -339,9 +340,10 @@ class Aurora(nn.Module):
             precision=self.precision,
             dtype=backbone_dtype,
             use_updated_lead_time_embedding=self.use_updated_lead_time_embedding,
+            stochastic=self.stochastic,
             name="backbone",
         )(
-            x, lead_hours, meta.rollout_step, patch_res, lead_minutes
+            x, lead_hours, meta.rollout_step, patch_res, lead_minutes, noise
         )  # the residual stream stays float32, as under torch.autocast
         x = x.astype(jnp.float32)
 

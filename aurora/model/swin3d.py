@@ -28,6 +28,7 @@ from aurora.model.layers import (
 )
 from aurora.model.lead_time import lead_time_encoding
 from aurora.model.lora import LoRAConfig
+from aurora.model.noise import embed_noise, sample_noise
 from aurora.model.partitioning import shard_rows
 
 __all__ = ["Swin3DTransformerBackbone", "compute_shifted_window_mask"]
@@ -289,7 +290,8 @@ class Swin3DTransformerBlock(nn.Module):
 
         Args:
             x (jax.Array): Input tokens of shape `(B, L, D)`, `L = C * H * W`.
-            c (jax.Array): Lead-time conditioning of shape `(B, D)`.
+            c (jax.Array): Lead-time conditioning of shape `(B, D)`, or per token `(B, L, D)`
+                (with the stochastic backbone's noise).
             res (tuple[int, int, int]): Resolution `(C, H, W)` of the tokens.
             rollout_step (jax.Array | int): Rollout step, selects the LoRA adapters.
 
@@ -308,6 +310,9 @@ class Swin3DTransformerBlock(nn.Module):
         Bw, N, _ = windows.shape
         per_sample = windows.reshape(B, Bw // B, N, D)  # chunks split each sample's windows
         inputs = (per_sample,) if mask is None else (per_sample, mask[None])
+        if c.ndim == 3:  # per-token conditioning goes into windows with its tokens, last input
+            inputs += (self._partition(c, res)[0].reshape(B, Bw // B, N, c.shape[-1]),)
+            c = None
         out = remat_in_chunks(
             Swin3DTransformerBlock._window_block,
             self,
@@ -348,16 +353,21 @@ class Swin3DTransformerBlock(nn.Module):
 
     def _window_block(
         self,
-        conditioning: tuple[jax.Array, jax.Array | int],
+        conditioning: tuple[jax.Array | None, jax.Array | int],
         w: jax.Array,
-        m: jax.Array | None = None,
+        *rest: jax.Array,
     ) -> jax.Array:
         """The whole block on windows `(B, nW', N, D)` in window order.
 
-        `m` holds their masks, `(1, nW', N, N)`, or is None without a shift.
+        `rest` holds their masks, `(1, nW', N, N)` (absent without a shift), then, when the
+        conditioning is None, the per-token conditioning in the same windows, `(B, nW', N, Dc)`.
         """
         c, rollout_step = conditioning
         B, nW, N, D = w.shape
+        if c is None:
+            *rest, c_windows = rest
+            c = c_windows.reshape(B, nW * N, c_windows.shape[-1])
+        m = rest[0] if rest else None
         attended = self.attn(w.reshape(B * nW, N, D), None if m is None else m[0], rollout_step)
         tokens = w.reshape(B, nW * N, D)
         return self._residuals(c, tokens, attended.reshape(tokens.shape)).reshape(w.shape)
@@ -372,12 +382,15 @@ class PatchMerging3D(nn.Module):
     """Halve H and W (padding odd sizes at the bottom/right), doubling the channels.
 
     Called with `x (jax.Array)` of shape `(B, C * H * W, D)` and `res = (C, H, W)`; returns shape
-    `(B, C * ceil(H / 2) * ceil(W / 2), 2 * D)`.
+    `(B, C * ceil(H / 2) * ceil(W / 2), out_dim)`, `out_dim` by default `2 * D`. The stochastic
+    backbone merges its per-token conditioning with `out_dim = D` and no norm.
     """
 
     dim: int
     precision: Precision = None
     dtype: jnp.dtype | None = None
+    out_dim: int | None = None
+    norm: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, res: Res) -> jax.Array:
@@ -387,9 +400,10 @@ class PatchMerging3D(nn.Module):
         H2, W2 = x.shape[2] // 2, x.shape[3] // 2
         x = x.reshape(B, C, H2, 2, W2, 2, D).transpose(0, 1, 2, 4, 3, 5, 6)
         x = x.reshape(B, C * H2 * W2, 4 * D)
-        x = LayerNorm(dtype=self.dtype, name="norm")(x)
+        if self.norm:
+            x = LayerNorm(dtype=self.dtype, name="norm")(x)
         return Dense(
-            2 * self.dim,
+            self.out_dim or 2 * self.dim,
             use_bias=False,
             precision=self.precision,
             dtype=self.dtype,
@@ -497,6 +511,7 @@ class Swin3DTransformerBackbone(nn.Module):
     precision: Precision = None
     dtype: jnp.dtype | None = None
     use_updated_lead_time_embedding: bool = False  # `lead_time_expansion_v3` (Aurora 1.5)
+    stochastic: bool = False  # per-token noise in the conditioning (aurora.model.noise)
 
     def encoder_specs(self, patch_res: Res) -> tuple[list[Res], list[Res]]:
         """Resolution entering each encoder stage and the padding its merge adds.
@@ -542,6 +557,7 @@ class Swin3DTransformerBackbone(nn.Module):
         rollout_step: jax.Array | int,
         patch_res: Res,
         lead_minutes: jax.Array | None = None,
+        noise: jax.Array | None = None,
     ) -> jax.Array:
         """Run the U-Net.
 
@@ -552,6 +568,8 @@ class Swin3DTransformerBackbone(nn.Module):
             patch_res (tuple[int, int, int]): Token resolution `(C, H, W)`.
             lead_minutes (jax.Array, optional): Per-sample int32 lead times in minutes of shape
                 `(B,)` (`variable_lead_time`); they replace `lead_time_hours`.
+            noise (jax.Array, optional): With `stochastic`, the noise `(B, L, D)` to embed; by
+                default a fresh draw from the "noise" rng stream (see aurora.model.noise).
 
         Returns:
             jax.Array: Tokens of shape `(B, L, 2 * D)` (the last stage concatenated with the
@@ -585,8 +603,15 @@ class Swin3DTransformerBackbone(nn.Module):
             nn.silu(dense("time_mlp_0")(lead))
         )  # (1, D) for a fixed lead time, else (B, D)
         c = jnp.broadcast_to(c, (x.shape[0], self.embed_dim))
+        if noise is not None and not self.stochastic:
+            raise ValueError("Noise was given to a backbone that is not stochastic.")
+        if self.stochastic:
+            noise = sample_noise(self, (*x.shape[:2], self.embed_dim)) if noise is None else noise
+            c = c[:, None] + embed_noise(
+                noise.astype(lead.dtype), self.embed_dim, self.precision, self.dtype
+            )  # (B, L, D): each token's own conditioning
 
-        skips = []
+        skips, saved_c = [], []
         for i in range(n_enc):
             stage = self._stage(
                 self.embed_dim * 2**i,
@@ -595,8 +620,18 @@ class Swin3DTransformerBackbone(nn.Module):
                 "down" if i < n_enc - 1 else None,
                 f"encoder_layers_{i}",
             )
+            saved_c.append(c)
             x, unscaled = stage(x, c, all_res[i], (0, 0, 0), rollout_step)
             skips.append(unscaled)
+            if self.stochastic and i < n_enc - 1:  # the next stage's resolution
+                c = PatchMerging3D(
+                    self.embed_dim,
+                    self.precision,
+                    self.dtype,
+                    out_dim=self.embed_dim,
+                    norm=False,
+                    name=f"context_down_layers_{i}",
+                )(c, all_res[i])
 
         for i in range(n_dec):
             index = n_dec - i - 1
@@ -612,4 +647,6 @@ class Swin3DTransformerBackbone(nn.Module):
                 x = x + skips[index - 1]
             elif i == n_dec - 1:
                 x = jnp.concatenate([x, skips[0]], axis=-1)
+            if self.stochastic and index > 0:  # the encoder's conditioning at the next resolution
+                c = saved_c[index - 1]
         return x
