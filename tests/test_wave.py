@@ -75,6 +75,24 @@ def test_tiny_wave_matches_reference_over_three_steps() -> None:
     _assert_close(_compare_wave(_spec("AuroraWave", TINY, steps=3)))
 
 
+@pytest.mark.reference
+def test_published_wave_layout_converts_to_the_same_params() -> None:
+    """The reference's state dict with the wave checkpoint's `k_ln` / `q_ln` names converts to
+    the same parameters through `convert_pytorch_checkpoint` (the preset's `adapt_state_dict`)."""
+    spec = _spec("AuroraWave", TINY, steps=3)
+    state = load_state_dict(
+        case_dir(spec, WAVE_RUNNER, inputs={"run_reference.py": RUNNER}) / "state_dict.ckpt"
+    )
+    published = {
+        k.replace(".ln_k.", ".k_ln.").replace(".ln_q.", ".q_ln."): v for k, v in state.items()
+    }
+    assert published.keys() != state.keys()
+    model = _jax_model(spec)
+    expected = convert_pytorch_checkpoint(state, model)
+    converted = convert_pytorch_checkpoint(published, model)
+    assert jax.tree.all(jax.tree.map(np.array_equal, converted, expected))
+
+
 @pytest.mark.slow
 @pytest.mark.reference
 def test_aurora_wave_matches_reference_small_grid() -> None:
