@@ -64,6 +64,10 @@ _WAVE_VARS = (
     *("swh", "mwd", "mwp", "pp1d", "shww", "mdww", "mpww", "shts", "mdts", "mpts"),
     *("swh1", "mwd1", "mwp1", "swh2", "mwd2", "mwp2", "wind", "dwi"),
 )
+_CAMS_VARS = (
+    *("pm1", "pm2p5", "pm10", "tcco", "tc_no", "tcno2", "gtco3", "tcso2"),
+    *("co", "no", "no2", "go3", "so2"),
+)
 _NAMES = {
     # ECMWF / CDS short names (and our own output, so canonical files read back unchanged)
     "t2m": "2t",
@@ -117,6 +121,22 @@ _NAMES = {
     "ocean_surface_stress_equivalent_10m_neutral_wind_speed": "wind",
     "10m_wind_direction": "dwi",
     "model_bathymetry": "wmb",
+    # CAMS global atmospheric composition (AuroraAirPollution): the ADS NetCDF short names, then
+    # the ADS API's long names (CAMS' "ozone" and "total_column_ozone" are `go3` and `gtco3`)
+    **{name: name for name in _CAMS_VARS},
+    "particulate_matter_1um": "pm1",
+    "particulate_matter_2.5um": "pm2p5",
+    "particulate_matter_10um": "pm10",
+    "total_column_carbon_monoxide": "tcco",
+    "total_column_nitrogen_monoxide": "tc_no",
+    "total_column_nitrogen_dioxide": "tcno2",
+    "total_column_ozone": "gtco3",
+    "total_column_sulphur_dioxide": "tcso2",
+    "carbon_monoxide": "co",
+    "nitrogen_monoxide": "no",
+    "nitrogen_dioxide": "no2",
+    "ozone": "go3",
+    "sulphur_dioxide": "so2",
 }
 MASKED_VARS = frozenset(_WAVE_VARS)
 """Wave fields, which are NaN over land and where a wave system is absent: their NaNs are kept

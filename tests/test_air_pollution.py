@@ -9,10 +9,12 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
+import xarray as xr
 
 from aurora.convert import _example_batch, fit_params, to_flax_names, to_pytorch_state_dict
 from aurora.model.air_pollution import CAMS_ATMOS_VARS, CAMS_SURF_VARS, AuroraAirPollution
 from aurora.normalisation import aurora_stats
+from data_builders.readers import open_dataset
 from tests.reference.venv import case_dir
 from tests.test_parity import TINY, _assert_close, _compare, _spec
 
@@ -137,3 +139,52 @@ def test_published_air_pollution_layout_adapts_as_the_reference_and_fits_the_mod
         state, model.patch_size, model.max_history_size, adapt=model.adapt_state_dict
     )
     fit_params(flat, model)  # strict: raises on anything missing, extra or mis-shaped
+
+
+@pytest.mark.parametrize("long_names", [False, True])
+def test_reader_maps_cams_names_to_the_model_variables(tmp_path: Path, long_names: bool) -> None:
+    """A CAMS file with the ADS NetCDF short names, or the ADS API's long names, reads as the
+    variables `AuroraAirPollution` takes."""
+    long = {
+        "pm1": "particulate_matter_1um",
+        "pm2p5": "particulate_matter_2.5um",
+        "pm10": "particulate_matter_10um",
+        "tcco": "total_column_carbon_monoxide",
+        "tc_no": "total_column_nitrogen_monoxide",
+        "tcno2": "total_column_nitrogen_dioxide",
+        "gtco3": "total_column_ozone",
+        "tcso2": "total_column_sulphur_dioxide",
+        "co": "carbon_monoxide",
+        "no": "nitrogen_monoxide",
+        "no2": "nitrogen_dioxide",
+        "go3": "ozone",
+        "so2": "sulphur_dioxide",
+    }
+    rng = np.random.default_rng(0)
+    coords = {
+        "time": [np.datetime64("2020-01-01T00")],
+        "pressure_level": [500.0, 850.0],
+        "latitude": [10.0, 0.0],
+        "longitude": [0.0, 10.0],
+    }
+
+    def field(name: str, atmos: bool) -> tuple[tuple[str, ...], np.ndarray]:
+        dims = ("time", "pressure_level") if atmos else ("time",)
+        dims += ("latitude", "longitude")
+        return dims, rng.uniform(1e-9, 1e-6, [len(coords[d]) for d in dims]).astype(np.float32)
+
+    ds = xr.Dataset(
+        {
+            long[v] if long_names else v: field(v, v in CAMS_ATMOS_VARS)
+            for v in CAMS_SURF_VARS + CAMS_ATMOS_VARS
+        },
+        coords=coords,
+    )
+    ds.to_netcdf(tmp_path / "cams.nc")
+    read = open_dataset(tmp_path / "cams.nc")
+    assert sorted(read.data_vars) == sorted(CAMS_SURF_VARS + CAMS_ATMOS_VARS)
+    for v in CAMS_SURF_VARS + CAMS_ATMOS_VARS:
+        source = ds[long[v] if long_names else v]
+        level = ("level",) if v in CAMS_ATMOS_VARS else ()
+        assert read[v].dims == ("time", *level, "latitude", "longitude"), v
+        np.testing.assert_array_equal(read[v].values, source.values, err_msg=v)
