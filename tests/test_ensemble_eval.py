@@ -251,3 +251,22 @@ def test_test_mode_reports_crps_and_spread_skill(
         else:  # deterministic baselines are one-member ensembles: CRPS = MAE, no spread
             assert values["crps"] == pytest.approx(values["mae"], rel=1e-6)
             assert values["spread"] == 0 and float(row["spread_skill"]) == 0
+
+
+@pytest.mark.slow
+def test_predict_members_through_the_trainer(tmp_path: Path) -> None:
+    """`--mode=predict` with `config.eval.members` (what main.py runs): refused for the demo's
+    deterministic model, WB2's realization dimension for the same model made stochastic."""
+    from configs import demo
+    from trainers.run import run
+
+    config = demo.get_config()
+    config.eval.members, config.eval.steps = 2, 1
+    with pytest.raises(ValueError, match="members > 1 needs a stochastic model"):
+        run(config, tmp_path, "predict")
+    config.model.kwargs.stochastic = True
+    summary = run(config, tmp_path, "predict")
+    with xr.open_dataset(summary["forecast"]) as ds:
+        assert ds["z"].dims[:2] == ("realization", "time") and ds.sizes["realization"] == 2
+        assert ds.attrs["provenance_members"] == 2
+        assert ds.attrs["provenance_seed"] == config.seed
