@@ -11,12 +11,17 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from aurora import AuroraPretrained
+from aurora.batch import Batch, Metadata
 from aurora.convert import _example_batch, fit_params, to_flax_names, to_pytorch_state_dict
 from aurora.model.air_pollution import CAMS_ATMOS_VARS, CAMS_SURF_VARS, AuroraAirPollution
+from aurora.model.levelcond import level_param_name
 from aurora.normalisation import aurora_stats
 from data_builders.readers import open_dataset
 from tests.reference.venv import case_dir
 from tests.test_parity import TINY, _assert_close, _compare, _spec
+
+_TINY = {k: tuple(v) if isinstance(v, list) else v for k, v in TINY.items()}
 
 # The batch's levels: 850 hPa is one where SO2 is clipped under LoRA.
 LEVELS = (100, 500, 850)
@@ -58,6 +63,45 @@ def test_tiny_air_pollution_matches_reference(use_lora: bool) -> None:
     scale = aurora_stats()["so2_850"][1]
     assert np.isclose(so2_850, scale, rtol=1e-6) == use_lora, (so2_850, scale)
     _assert_close(errors)
+
+
+def _tiny_batch(model: Any, history: int, levels: tuple[float, ...]) -> Batch:
+    """Zeros in every variable the model takes (shapes only matter), `history` steps."""
+    h, w = 2 * model.patch_size, 4 * model.patch_size
+    return Batch(
+        surf_vars={v: np.zeros((1, history, h, w), np.float32) for v in model.surf_vars},
+        static_vars={v: np.zeros((h, w), np.float32) for v in model.static_vars},
+        atmos_vars={
+            v: np.zeros((1, history, len(levels), h, w), np.float32) for v in model.atmos_vars
+        },
+        metadata=Metadata(
+            lat=np.linspace(80, -80, h),
+            lon=np.linspace(0, 360, w, endpoint=False),
+            time=np.zeros((1,), np.int32),
+            atmos_levels=levels,
+        ),
+    )
+
+
+def _init_shapes(model: Any, batch: Batch) -> Any:
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), batch))
+
+
+def test_level_condition_refuses_levels_it_has_no_copy_for() -> None:
+    model = AuroraPretrained(**_TINY, level_condition=(100, 500))
+    with pytest.raises(ValueError, match="850"):
+        _init_shapes(model, _tiny_batch(model, 1, (100, 850)))
+    with pytest.raises(NotImplementedError, match="7.5"):
+        level_param_name(7.5)
+
+
+def test_difference_prediction_needs_the_history_it_indexes() -> None:
+    """`co` adds to history slice 1: a one-step history is refused by name, not mis-indexed."""
+    model = AuroraAirPollution(**_TINY)
+    shapes = _init_shapes(model, _tiny_batch(model, 2, (500, 850)))
+    assert shapes["params"]["atmos_feature_combiner"]["so2"]["kernel"].shape == (2, 1)
+    with pytest.raises(ValueError, match="history of 2"):
+        _init_shapes(model, _tiny_batch(model, 1, (500, 850)))
 
 
 ADAPT_RUNNER = Path(__file__).parent / "reference" / "run_adapt_air_pollution.py"
@@ -188,3 +232,11 @@ def test_reader_maps_cams_names_to_the_model_variables(tmp_path: Path, long_name
         level = ("level",) if v in CAMS_ATMOS_VARS else ()
         assert read[v].dims == ("time", *level, "latitude", "longitude"), v
         np.testing.assert_array_equal(read[v].values, source.values, err_msg=v)
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_air_pollution_full_size_matches_reference_small_grid() -> None:
+    """`AuroraAirPollution` as published (1.3 B parameters, LoRA on, 13 per-level copies) on a
+    37x72 grid (cropped to 36x72) with four levels, rollout steps 0..2."""
+    _assert_close(_compare(_air_pollution_spec({}, h=37, w=72, levels=(50, 500, 850, 1000))))
