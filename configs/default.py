@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
         }
     )
     config.data.step_hours = 6  # the model's time step (12 for Aurora12hPretrained)
+    # Leads of the last target, drawn per example, for models with variable_lead_time (Aurora
+    # 1.5), e.g. (1, 2, 3, 6) on hourly data; (): one step_hours
+    config.data.lead_times_hours = ()
     config.data.batch_size = 1  # per process
     config.data.num_threads = 2  # host prefetch threads
     config.data.prefetch_buffer_size = 2

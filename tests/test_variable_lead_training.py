@@ -308,3 +308,37 @@ def test_tiny_aurora_trains_on_variable_leads_with_output_only_variables(k: int)
         _manual_loss(model, params, inputs, targets), rel=1e-4
     )
     assert "train/mae/msl" in logged[1]
+
+
+def test_config_knobs_reach_the_pipeline_and_the_model(tmp_path) -> None:
+    """`config.data.lead_times_hours` and the model's output-only variables, through `run`: the
+    model meets every lead and never sees msl in an input; a fixed-step model gets the same
+    sub-step leads, which the Trainer refuses."""
+    from configs.default import get_config
+    from data_builders.registry import register_builder, unregister_builder
+    from trainers.run import run
+
+    def config(**model_kwargs):
+        config = get_config()
+        config.data.builder = "test_hourly_leads"
+        config.data.lead_times_hours = (1, 2)
+        config.data.batch_size = 2
+        config.data.num_threads = 0
+        config.model.preset = "tests.test_variable_lead_training:LeadEcho"
+        config.model.kwargs = ml_collections.ConfigDict(model_kwargs)
+        config.trainer.max_steps = 3
+        config.trainer.precision = "32"
+        config.trainer.remat = "none"
+        config.trainer.log_every_n_steps = 1
+        config.callbacks = ml_collections.ConfigDict()
+        config.writers = ml_collections.ConfigDict()
+        return config
+
+    register_builder("test_hourly_leads", lambda split: hourly_source())
+    try:
+        metrics = run(config(), tmp_path / "variable", "fit")["metrics"]
+        with pytest.raises(ValueError, match=r"model steps 6 h .* [12] h after"):
+            run(config(variable_lead_time=False), tmp_path / "fixed", "fit")
+    finally:
+        unregister_builder("test_hourly_leads")
+    assert metrics["train/loss"] < 0.02 and "train/mae/msl" in metrics

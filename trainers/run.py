@@ -50,6 +50,7 @@ __all__ = [
     "build_strategy",
     "import_modules",
     "run",
+    "target_only_vars",
 ]
 
 log = logging.getLogger(__name__)
@@ -172,8 +173,20 @@ def build_callbacks(config: ml_collections.ConfigDict, workdir: Path) -> list[Ca
     return callbacks
 
 
+def target_only_vars(model: Any) -> dict[str, tuple[str, ...]]:
+    """The model's output-only variables as `Pipeline`'s target-only ones: the data hold them as
+    targets, never as inputs (none for a model without them)."""
+    return {
+        "target_only_surf_vars": tuple(getattr(model, "output_only_surf_vars", ())),
+        "target_only_atmos_vars": tuple(getattr(model, "output_only_atmos_vars", ())),
+    }
+
+
 def build_data(
-    config: ml_collections.ConfigDict, workdir: Path, rollout_steps: int
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    rollout_steps: int,
+    target_only: dict[str, tuple[str, ...]] | None = None,
 ) -> dict[str, Any]:
     """Build (or reuse) the dataset and return its statistics and pipelines.
 
@@ -188,6 +201,7 @@ def build_data(
         workdir: The run's folder; ``<workdir>/datasets`` is the default ``data_dir``, passed to
             builders that take one.
         rollout_steps: Targets per example.
+        target_only: `Pipeline`'s target-only variables (`target_only_vars` of the model).
 
     Returns:
         ``{"stats": {...}, "train": Pipeline}`` plus ``"validation"`` and ``"test"`` pipelines
@@ -215,6 +229,8 @@ def build_data(
             num_threads=config.data.num_threads,
             prefetch_buffer_size=config.data.prefetch_buffer_size,
             num_workers=config.data.get("num_workers", 0),
+            lead_times_hours=tuple(config.data.get("lead_times_hours", ())),
+            **(target_only or {}),
         )
 
     splits = builder_splits(builder)
@@ -500,7 +516,9 @@ def run(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     import_modules(config.get("imports", ()))
-    data = build_data(config, workdir, rollout_steps=config.strategy.steps)
+    # The model's output-only variables do not depend on the data's statistics.
+    target_only = target_only_vars(build_model(config))
+    data = build_data(config, workdir, config.strategy.steps, target_only)
     model = build_model(config, data["stats"])
     strategy = build_strategy(config, model, data["stats"])
     trainer = Trainer(
