@@ -130,19 +130,29 @@ def test_accumulated_noise_statistics() -> None:
         assert abs(corr - (n - k) / n) < 0.02, (k, corr)
 
 
-def _perturbed(params: Any, seed: int) -> Any:
-    """Random weights everywhere, as the reference runner adds, so that the zero-initialised AdaLN
-    modulation lets the (noisy) conditioning act."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [p + 0.02 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
-    return jax.tree.unflatten(tree, noisy)
+def _random_params(model: aurora.Aurora, batch: Batch, seed: int) -> Any:
+    """Random weights of the model's shapes, without compiling its initialisers: kernels scaled by
+    their fan-in, norm scales near one, everything else (AdaLN modulation, biases) small but not
+    zero, so that the (noisy) conditioning acts."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), batch))["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> np.ndarray:
+        n = rng.standard_normal(leaf.shape).astype(np.float32)
+        name = path[-1].key
+        if name == "scale":
+            return 1 + 0.02 * n
+        if name == "kernel" and len(leaf.shape) >= 2:
+            return n / np.sqrt(leaf.shape[-2])
+        return 0.02 * n
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _tiny_stochastic(**kwargs: Any) -> tuple[aurora.Aurora, Any, Batch]:
     model = aurora.AuroraPretrained(**TINY_KWARGS, stochastic=True, **kwargs)
     batch = _tiny_batch(model)
-    return model, _perturbed(model.init(jax.random.key(0), batch)["params"], 1), batch
+    return model, _random_params(model, batch, 1), batch
 
 
 def test_same_key_same_member_other_key_other_member() -> None:
@@ -158,7 +168,7 @@ def test_same_key_same_member_other_key_other_member() -> None:
     )
     for a, b, c in zip(first, again, other):
         np.testing.assert_array_equal(a, b)
-        assert np.abs(a - c).max() > 1e-2  # kelvin; float32 rounding is ~3e-5 here
+        assert np.abs(a - c).max() > 1.0  # kelvin
     with pytest.raises(ValueError, match="noise key"):
         step(params, batch)
     with pytest.raises(ValueError, match="rng"):
@@ -182,10 +192,11 @@ def test_zero_noise_mlp_is_the_deterministic_model() -> None:
     plain = aurora.AuroraPretrained(**TINY_KWARGS)
     shared = {k: v for k, v in backbone.items() if not k.startswith(("noise", "context"))}
     deterministic = {**params, "backbone": shared}
-    expected = plain.apply({"params": deterministic}, batch).atmos_vars["t"]
+    expected = ModelStep(plain)(deterministic, batch).atmos_vars["t"]
+    step = ModelStep(model)
     for seed in (1, 2):
-        got = model.apply({"params": params}, batch, rngs={"noise": jax.random.key(seed)})
-        np.testing.assert_allclose(got.atmos_vars["t"], expected, rtol=1e-5, atol=1e-5)
+        got = step(params, batch, rng=jax.random.key(seed)).atmos_vars["t"]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -194,8 +205,8 @@ def test_rematerialised_blocks_see_each_tokens_conditioning(monkeypatch) -> None
     tokens into the (shifted) windows. One window per chunk here."""
     model, params, batch = _tiny_stochastic()
     noise = jax.random.normal(jax.random.key(3), noise_shape(model, batch))
-    expected = model.apply({"params": params}, batch, noise=noise).atmos_vars["t"]
+    expected = ModelStep(model)(params, batch, noise=noise).atmos_vars["t"]
     monkeypatch.setattr(aurora.model.swin3d, "REMAT_CHUNK_TOKENS", 16)
     remat = aurora.AuroraPretrained(**TINY_KWARGS, stochastic=True, remat=True)
-    got = remat.apply({"params": params}, batch, noise=noise).atmos_vars["t"]
+    got = ModelStep(remat)(params, batch, noise=noise).atmos_vars["t"]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
