@@ -342,3 +342,31 @@ def test_config_knobs_reach_the_pipeline_and_the_model(tmp_path) -> None:
     finally:
         unregister_builder("test_hourly_leads")
     assert metrics["train/loss"] < 0.02 and "train/mae/msl" in metrics
+
+
+def test_the_loss_sees_scaled_variables_log_transformed_as_the_model_does() -> None:
+    """Aurora 1.5's output-only precipitation `scaled_tp_1h` is normalised by statistics of its
+    log transform: the loss compares it there (the model's `_pre_norm_hook`), not in metres, where
+    a millimetre is a hundredth of a normalised unit."""
+    from aurora.model.log_transform import log_transform
+    from aurora.model.v1p5 import AuroraV1p5
+
+    rng = np.random.default_rng(0)
+    metadata = next(iter(Pipeline(hourly_source(), num_threads=0)))[1][0].metadata
+
+    def batch() -> Batch:
+        surf = {
+            "scaled_tp_1h": rng.exponential(2e-3, (2, 1, 4, 8)).astype(np.float32),
+            "2t": rng.normal(280, 5, (2, 1, 4, 8)).astype(np.float32),
+        }
+        return Batch(surf_vars=surf, static_vars={}, atmos_vars={}, metadata=metadata)
+
+    pred, target = batch(), batch()
+    _, terms = RolloutStrategy(AuroraV1p5(autocast=False)).step_loss(pred, target)
+    location, scale = surf_location_scale("scaled_tp_1h")
+    normalised = lambda b: (
+        (np.asarray(log_transform(b.surf_vars["scaled_tp_1h"])) - location) / scale
+    )
+    want = np.mean(np.abs(normalised(pred) - normalised(target)))
+    assert float(terms["mae/scaled_tp_1h"]) == pytest.approx(want, rel=1e-5)
+    assert want > 1

@@ -277,6 +277,18 @@ class Strategy:
             return self.predict(params, batch)
         return self.predict(params, batch, lead_hours(batch, target))
 
+    def step_loss(self, pred: Batch, target: Batch) -> tuple[jax.Array, Metrics]:
+        """One step's loss and metrics, on the variables as the model normalises them.
+
+        The model's `_pre_norm_hook`, if any, goes over prediction and target first: Aurora 1.5
+        log-transforms its `scaled_*` variables there (precipitation, snowfall, snow depth), and
+        their normalisation statistics are those of the transformed values.
+        """
+        to_normalised_space = getattr(self.model, "_pre_norm_hook", None)
+        if to_normalised_space is not None:
+            pred, target = to_normalised_space(pred), to_normalised_space(target)
+        return self.loss(pred, target, self.stats)
+
     def loss_fn(
         self, params: Any, inputs: Batch, targets: Batch, controls: dict[str, Any]
     ) -> tuple[jax.Array, Metrics]:
@@ -292,7 +304,7 @@ class Strategy:
             The loss (a scalar) and named metrics (scalars; host-bound arrays under `OUTPUTS`).
         """
         first = jax.tree_util.tree_map(lambda x: x[0], targets)
-        loss, terms = self.loss(self.predict_to(params, inputs, first), first, self.stats)
+        loss, terms = self.step_loss(self.predict_to(params, inputs, first), first)
         return self.loss.over_leads(loss[None]), terms
 
     def train_step(

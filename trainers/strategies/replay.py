@@ -383,7 +383,7 @@ class ReplayStrategy(Strategy):
         """
         pred = self.predict(params, inputs)
         target = jax.tree_util.tree_map(lambda x: x[0], targets)
-        loss, terms = self.loss(pred, target, self.stats)
+        loss, terms = self.step_loss(pred, target)
         lead = jnp.asarray(pred.metadata.rollout_step, jnp.float32) * self.step_hours
         outputs = jax.lax.stop_gradient(
             {

@@ -114,7 +114,7 @@ class RolloutStrategy(Strategy):
         ) -> tuple[Batch, tuple[jax.Array, Metrics]]:
             i, target = xs
             pred = self.predict_to(params, batch, target)
-            loss, terms = self.loss(pred, target, self.stats)
+            loss, terms = self.step_loss(pred, target)
             return detach(i, advance_batch(batch, pred)), (loss, terms)
 
         body = jax.checkpoint(step) if self.remat else step
