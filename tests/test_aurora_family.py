@@ -83,13 +83,6 @@ def test_clamp_prediction_starts_at_the_right_step(
     np.testing.assert_array_equal(out["t"], [-1.0, 1.0])
 
 
-def test_fp16_safe_attention_in_float16_raises_but_is_accepted_otherwise() -> None:
-    aurora.Aurora(use_fp16_safe_attention=True, autocast=True)._check_supported()
-    model = aurora.Aurora(use_fp16_safe_attention=True, autocast=True, autocast_dtype=jnp.float16)
-    with pytest.raises(NotImplementedError, match="use_fp16_safe_attention"):
-        model._check_supported()
-
-
 def test_bf16_mode_switches_autocast_on_with_a_warning() -> None:
     model = aurora.Aurora(bf16_mode=True)
     assert model.uses_autocast

@@ -115,6 +115,10 @@ class Aurora(nn.Module):
     autocast_dtype: Any = jnp.bfloat16
     remat: bool = False
     remat_stages: bool = False
+    # microsoft-aurora's `autocast_encoder` / `autocast_decoder` attributes (AuroraV1p5 sets both):
+    # with `autocast`, the encoder and the decoder compute in `autocast_dtype` too.
+    autocast_encoder: bool = False
+    autocast_decoder: bool = False
 
     @property
     def timestep_minutes(self) -> int:
@@ -127,6 +131,10 @@ class Aurora(nn.Module):
     def uses_autocast(self) -> bool:
         """Whether the backbone computes in `autocast_dtype`: `bf16_mode` now means `autocast`."""
         return self.autocast or self.bf16_mode
+
+    def _compute_dtype(self, autocast_part: bool) -> Any:
+        """`autocast_dtype` for a part that autocasts (None: float32)."""
+        return self.autocast_dtype if self.uses_autocast and autocast_part else None
 
     # Preset hooks, as microsoft-aurora's `Aurora` has them (same names, same call order in
     # `__call__`); identities here. Subclasses override them to add a preset's transforms, so
@@ -183,17 +191,6 @@ class Aurora(nn.Module):
         return adapt_checkpoint(state, self.patch_size, self.max_history_size)
 
     def _check_supported(self) -> None:
-        if self.drop_path or self.drop_rate:
-            raise NotImplementedError(
-                "Drop-out and drop-path are not supported (all presets use 0)."
-            )
-        if (
-            self.use_fp16_safe_attention
-            and self.uses_autocast
-            and jnp.dtype(self.autocast_dtype) == jnp.float16
-        ):
-            # Outside float16 the reference's clamps never act: the flag changes nothing there.
-            raise NotImplementedError("`use_fp16_safe_attention` in float16 is not ported yet.")
         if self.bf16_mode and not self.autocast:
             warnings.warn(
                 "`bf16_mode` was removed in microsoft-aurora; it now switches on `autocast`.",
@@ -222,6 +219,8 @@ class Aurora(nn.Module):
         batch: Batch,
         lead_times: jax.Array | float | None = None,
         noise: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
     ) -> Batch:
         """The prediction one step ahead.
 
@@ -232,6 +231,9 @@ class Aurora(nn.Module):
         A `stochastic` model draws its backbone noise from the "noise" rng stream
         (`apply(..., rngs={"noise": key})`) unless `noise`, `(B, L, embed_dim)` with `L` the
         backbone's tokens, gives it (a rollout's accumulated noise; see aurora.model.noise).
+
+        With `deterministic=False` (training), `drop_path` and `drop_rate` act, drawing from the
+        "dropout" rng stream (`apply(..., rngs={"dropout": key}, deterministic=False)`).
         """
         self._check_supported()
         stats = dict(self.surf_stats) if self.surf_stats else None
@@ -309,6 +311,10 @@ class Aurora(nn.Module):
             level_condition=self.level_condition,
             precision=self.precision,
             remat=self.remat,
+            dtype=self._compute_dtype(self.autocast_encoder),
+            drop_rate=self.drop_rate,
+            deterministic=deterministic,
+            use_fp16_safe_attention=self.use_fp16_safe_attention,
             name="encoder",
         )(
             x_surf,
@@ -340,6 +346,10 @@ class Aurora(nn.Module):
             precision=self.precision,
             dtype=backbone_dtype,
             use_updated_lead_time_embedding=self.use_updated_lead_time_embedding,
+            drop_path_rate=self.drop_path,
+            drop_rate=self.drop_rate,
+            deterministic=deterministic,
+            use_fp16_safe_attention=self.use_fp16_safe_attention,
             stochastic=self.stochastic,
             name="backbone",
         )(
@@ -364,6 +374,8 @@ class Aurora(nn.Module):
             level_condition=self.level_condition,
             precision=self.precision,
             remat=self.remat,
+            dtype=self._compute_dtype(self.autocast_decoder),
+            use_fp16_safe_attention=self.use_fp16_safe_attention,
             name="decoder",
         )(x, surf_names, atmos_names, meta.atmos_levels, (H, W), patch_res)
 

@@ -9,7 +9,7 @@ numpy and enter the computation as constants.
 from __future__ import annotations
 
 import itertools
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ from aurora.model.layers import (
     LayerNorm,
     Precision,
     dot_product_attention,
+    drop_path_scale,
     gelu,
     remat_in_chunks,
 )
@@ -34,6 +35,7 @@ from aurora.model.partitioning import shard_rows
 __all__ = ["Swin3DTransformerBackbone", "compute_shifted_window_mask"]
 
 Res = tuple[int, int, int]
+DropPathScales = tuple[jax.Array, jax.Array]  # per-sample factors of a block's two branches
 
 REMAT_CHUNK_TOKENS = 8192
 """Tokens per chunk of a rematerialised Swin block: 56 windows of 144 tokens at 0.25°, where the
@@ -175,19 +177,26 @@ def compute_shifted_window_mask(
 
 
 class MLP(nn.Module):
-    """`fc1 -> GELU -> fc2`, applied to the last axis: `(..., D)` -> `(..., out_features)`."""
+    """`fc1 -> GELU -> fc2`, applied to the last axis: `(..., D)` -> `(..., out_features)`.
+
+    Drop-out (`drop_rate`, unless `deterministic`) after the GELU and after `fc2`, as there.
+    """
 
     hidden_features: int
     out_features: int
     precision: Precision = None
     dtype: jnp.dtype | None = None
+    drop_rate: float = 0.0
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        drop = nn.Dropout(self.drop_rate, deterministic=self.deterministic)
         x = Dense(self.hidden_features, precision=self.precision, dtype=self.dtype, name="fc1")(x)
-        return Dense(self.out_features, precision=self.precision, dtype=self.dtype, name="fc2")(
-            gelu(x)
+        x = Dense(self.out_features, precision=self.precision, dtype=self.dtype, name="fc2")(
+            drop(gelu(x))
         )
+        return drop(x)
 
 
 class WindowAttention(nn.Module):
@@ -197,6 +206,9 @@ class WindowAttention(nn.Module):
         dim (int): Token channels `D`.
         num_heads (int): Attention heads; `dim` must be a multiple.
         lora (LoRAConfig, optional): LoRA adapters on `qkv` and `proj`; None: no LoRA.
+        drop_rate (float): Drop-out of the attention weights and of the output (unless
+            `deterministic`).
+        use_fp16_safe_attention (bool): float16 logits clamped against overflow.
     """
 
     dim: int
@@ -204,6 +216,9 @@ class WindowAttention(nn.Module):
     lora: LoRAConfig | None = None  # None: no LoRA
     precision: Precision = None
     dtype: jnp.dtype | None = None
+    drop_rate: float = 0.0
+    deterministic: bool = True
+    use_fp16_safe_attention: bool = False
 
     @nn.compact
     def __call__(
@@ -233,14 +248,21 @@ class WindowAttention(nn.Module):
         qkv = shard_rows(qkv).reshape(Bw, N, 3, self.num_heads, head_dim)
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
 
+        attention = partial(
+            dot_product_attention,
+            precision=self.precision,
+            fp16_safe=self.use_fp16_safe_attention,
+            dropout_rate=self.drop_rate,
+            dropout_rng=None
+            if self.deterministic or not self.drop_rate
+            else self.make_rng("dropout"),
+        )
         if mask is None:
-            out = dot_product_attention(q, k, v, precision=self.precision)
+            out = attention(q, k, v)
         else:
             nW = mask.shape[0]
             split = lambda t: t.reshape(Bw // nW, nW, *t.shape[1:])
-            out = dot_product_attention(
-                split(q), split(k), split(v), bias=mask[:, None], precision=self.precision
-            )
+            out = attention(split(q), split(k), split(v), bias=mask[:, None])
             out = out.reshape(Bw, *out.shape[2:])
 
         out = out.transpose(0, 2, 1, 3).reshape(Bw, N, self.dim)
@@ -250,7 +272,7 @@ class WindowAttention(nn.Module):
                 self.dim, self.dim, name="lora_proj", precision=self.precision, dtype=self.dtype
             )
             y = y + lora(out, rollout_step)
-        return y
+        return nn.Dropout(self.drop_rate, deterministic=self.deterministic)(y)
 
 
 class Swin3DTransformerBlock(nn.Module):
@@ -261,6 +283,10 @@ class Swin3DTransformerBlock(nn.Module):
     so it commutes with the window permutation; the padding tokens this also sends through the
     MLP are cropped afterwards. This keeps the whole-grid intermediates (attention logits, the
     MLP's hidden layer, layout copies) out of the backward pass of a rematerialised block.
+
+    Unless `deterministic`, each residual branch is dropped per sample with probability
+    `drop_path` (stochastic depth, drawn once for the whole block) and `drop_rate` drops out in
+    the attention and the MLP.
     """
 
     dim: int
@@ -272,14 +298,30 @@ class Swin3DTransformerBlock(nn.Module):
     chunk: int = 0
     precision: Precision = None
     dtype: jnp.dtype | None = None
+    drop_path: float = 0.0
+    drop_rate: float = 0.0
+    deterministic: bool = True
+    use_fp16_safe_attention: bool = False
 
     def setup(self) -> None:
         self.attn = WindowAttention(
-            self.dim, self.num_heads, lora=self.lora, precision=self.precision, dtype=self.dtype
+            self.dim,
+            self.num_heads,
+            lora=self.lora,
+            precision=self.precision,
+            dtype=self.dtype,
+            drop_rate=self.drop_rate,
+            deterministic=self.deterministic,
+            use_fp16_safe_attention=self.use_fp16_safe_attention,
         )
         self.norm1 = AdaptiveLayerNorm(self.dim, precision=self.precision, dtype=self.dtype)
         self.mlp = MLP(
-            int(self.dim * self.mlp_ratio), self.dim, precision=self.precision, dtype=self.dtype
+            int(self.dim * self.mlp_ratio),
+            self.dim,
+            precision=self.precision,
+            dtype=self.dtype,
+            drop_rate=self.drop_rate,
+            deterministic=self.deterministic,
         )
         self.norm2 = AdaptiveLayerNorm(self.dim, precision=self.precision, dtype=self.dtype)
 
@@ -302,9 +344,10 @@ class Swin3DTransformerBlock(nn.Module):
         if res[0] * res[1] * res[2] != L:
             raise ValueError(f"Wrong feature size: {L} vs {res[0]}x{res[1]}x{res[2]}.")
         windows, mask = self._partition(x, res)
+        kept = self._drop_path_scales(B)
         if not self.chunk:
             return self._residuals(
-                c, x, self._merge(self.attn(windows, mask, rollout_step), res, B)
+                c, x, self._merge(self.attn(windows, mask, rollout_step), res, B), kept
             )
 
         Bw, N, _ = windows.shape
@@ -316,7 +359,7 @@ class Swin3DTransformerBlock(nn.Module):
         out = remat_in_chunks(
             Swin3DTransformerBlock._window_block,
             self,
-            (c, rollout_step),
+            (c, rollout_step, kept),
             inputs,
             max(1, self.chunk // N),
             axis=1,
@@ -353,7 +396,7 @@ class Swin3DTransformerBlock(nn.Module):
 
     def _window_block(
         self,
-        conditioning: tuple[jax.Array | None, jax.Array | int],
+        conditioning: tuple[jax.Array | None, jax.Array | int, DropPathScales | None],
         w: jax.Array,
         *rest: jax.Array,
     ) -> jax.Array:
@@ -362,7 +405,7 @@ class Swin3DTransformerBlock(nn.Module):
         `rest` holds their masks, `(1, nW', N, N)` (absent without a shift), then, when the
         conditioning is None, the per-token conditioning in the same windows, `(B, nW', N, Dc)`.
         """
-        c, rollout_step = conditioning
+        c, rollout_step, kept = conditioning
         B, nW, N, D = w.shape
         if c is None:
             *rest, c_windows = rest
@@ -370,12 +413,29 @@ class Swin3DTransformerBlock(nn.Module):
         m = rest[0] if rest else None
         attended = self.attn(w.reshape(B * nW, N, D), None if m is None else m[0], rollout_step)
         tokens = w.reshape(B, nW * N, D)
-        return self._residuals(c, tokens, attended.reshape(tokens.shape)).reshape(w.shape)
+        return self._residuals(c, tokens, attended.reshape(tokens.shape), kept).reshape(w.shape)
 
-    def _residuals(self, c: jax.Array, x: jax.Array, attended: jax.Array) -> jax.Array:
-        """The attention's residual with AdaLN, then the MLP's: token-wise, in any token order."""
-        x = x + self.norm1(attended, c)
-        return x + self.norm2(self.mlp(x), c)
+    def _drop_path_scales(self, batch: int) -> DropPathScales | None:
+        """Per-sample factors `(B, 1, 1)` of the two residual branches; None when none drop."""
+        if self.deterministic or not self.drop_path:
+            return None
+        attn_key, mlp_key = jax.random.split(self.make_rng("dropout"))
+        return (
+            drop_path_scale(attn_key, self.drop_path, batch),
+            drop_path_scale(mlp_key, self.drop_path, batch),
+        )
+
+    def _residuals(
+        self, c: jax.Array, x: jax.Array, attended: jax.Array, kept: DropPathScales | None = None
+    ) -> jax.Array:
+        """The attention's residual with AdaLN, then the MLP's: token-wise, in any token order.
+
+        `kept` scales each branch per sample (drop-path), or is None.
+        """
+        attn_branch = self.norm1(attended, c)
+        x = x + (attn_branch if kept is None else attn_branch * kept[0])
+        mlp_branch = self.norm2(self.mlp(x), c)
+        return x + (mlp_branch if kept is None else mlp_branch * kept[1])
 
 
 class PatchMerging3D(nn.Module):
@@ -446,6 +506,7 @@ class BasicLayer3D(nn.Module):
     Called with tokens `x` of shape `(B, C * H * W, D)`, conditioning `c` `(B, D)`, `res =
     (C, H, W)`, the padding `crop` to undo when splitting and the rollout step; returns the
     resampled tokens and the tokens before resampling (the skip connection), `(B, C * H * W, D)`.
+    `drop_path` holds each block's drop-path rate (default none).
     """
 
     dim: int
@@ -458,6 +519,10 @@ class BasicLayer3D(nn.Module):
     remat: bool = False
     precision: Precision = None
     dtype: jnp.dtype | None = None
+    drop_path: tuple[float, ...] = ()
+    drop_rate: float = 0.0
+    deterministic: bool = True
+    use_fp16_safe_attention: bool = False
 
     @nn.compact
     def __call__(
@@ -480,6 +545,10 @@ class BasicLayer3D(nn.Module):
                 chunk=REMAT_CHUNK_TOKENS if self.remat else 0,
                 precision=self.precision,
                 dtype=self.dtype,
+                drop_path=self.drop_path[i] if self.drop_path else 0.0,
+                drop_rate=self.drop_rate,
+                deterministic=self.deterministic,
+                use_fp16_safe_attention=self.use_fp16_safe_attention,
                 name=f"blocks_{i}",
             )(x, c, res, rollout_step)
         if self.resample == "down":
@@ -511,6 +580,12 @@ class Swin3DTransformerBackbone(nn.Module):
     precision: Precision = None
     dtype: jnp.dtype | None = None
     use_updated_lead_time_embedding: bool = False  # `lead_time_expansion_v3` (Aurora 1.5)
+    # Regularisation for training (microsoft-aurora's `drop_path_rate`, `drop_rate` and
+    # `attn_drop_rate = drop_rate`), active unless `deterministic`.
+    drop_path_rate: float = 0.0
+    drop_rate: float = 0.0
+    deterministic: bool = True
+    use_fp16_safe_attention: bool = False
     stochastic: bool = False  # per-token noise in the conditioning (aurora.model.noise)
 
     def encoder_specs(self, patch_res: Res) -> tuple[list[Res], list[Res]]:
@@ -531,8 +606,21 @@ class Swin3DTransformerBackbone(nn.Module):
         padded.append((0, 0, 0))
         return all_res, padded
 
+    def drop_path_rates(self, depths: tuple[int, ...], stage: int) -> tuple[float, ...]:
+        """The drop-path rate of each block of `stage`: rates rise linearly from 0 to
+        `drop_path_rate` over the blocks of a half (encoder or decoder), as in microsoft-aurora."""
+        rates = np.linspace(0.0, self.drop_path_rate, sum(depths), dtype=np.float32)
+        first = sum(depths[:stage])
+        return tuple(float(r) for r in rates[first : first + depths[stage]])
+
     def _stage(
-        self, dim: int, depth: int, heads: int, resample: str | None, name: str
+        self,
+        dim: int,
+        depth: int,
+        heads: int,
+        resample: str | None,
+        name: str,
+        drop_path: tuple[float, ...] = (),
     ) -> BasicLayer3D:
         layer = nn.remat(BasicLayer3D, static_argnums=(3, 4)) if self.remat_stages else BasicLayer3D
         return layer(
@@ -546,6 +634,10 @@ class Swin3DTransformerBackbone(nn.Module):
             remat=self.remat,
             precision=self.precision,
             dtype=self.dtype,
+            drop_path=drop_path,
+            drop_rate=self.drop_rate,
+            deterministic=self.deterministic,
+            use_fp16_safe_attention=self.use_fp16_safe_attention,
             name=name,
         )
 
@@ -619,6 +711,7 @@ class Swin3DTransformerBackbone(nn.Module):
                 self.encoder_num_heads[i],
                 "down" if i < n_enc - 1 else None,
                 f"encoder_layers_{i}",
+                self.drop_path_rates(self.encoder_depths, i),
             )
             saved_c.append(c)
             x, unscaled = stage(x, c, all_res[i], (0, 0, 0), rollout_step)
@@ -641,6 +734,7 @@ class Swin3DTransformerBackbone(nn.Module):
                 self.decoder_num_heads[i],
                 "up" if i < n_dec - 1 else None,
                 f"decoder_layers_{i}",
+                self.drop_path_rates(self.decoder_depths, i),
             )
             x, _ = stage(x, c, all_res[index], padded[index - 1], rollout_step)
             if 0 < i < n_dec - 1:
