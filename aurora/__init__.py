@@ -20,7 +20,7 @@ from aurora.model.aurora import (
     AuroraSmallPretrained,
 )
 from aurora.model.presets import PRESETS
-from aurora.model.v1p5 import AuroraV1p5
+from aurora.model.v1p5 import AuroraV1p5, AuroraV1p5Ensemble
 from aurora.model.wave import AuroraWave
 from aurora.pretrained import from_pretrained
 from aurora.rollout import ModelStep, rollout
@@ -35,6 +35,7 @@ __all__ = [
     "AuroraSmall",
     "AuroraSmallPretrained",
     "AuroraV1p5",
+    "AuroraV1p5Ensemble",
     "AuroraWave",
     "Batch",
     "Metadata",

@@ -78,6 +78,9 @@ CHECKPOINTS: dict[str, HubCheckpoint] = {
     "AuroraV1p5": HubCheckpoint(
         "aurora-0.25-v1.5.ckpt", "a96afd7ee6d65e3bd2d476f3be798a25a56f2296"
     ),
+    "AuroraV1p5Ensemble": HubCheckpoint(
+        "aurora-0.25-v1.5-ensemble.ckpt", "a96afd7ee6d65e3bd2d476f3be798a25a56f2296"
+    ),
     "AuroraWave": HubCheckpoint(
         "aurora-0.25-wave.ckpt", "74598e8c65d53a96077c08bb91acdfa5525340c9"
     ),

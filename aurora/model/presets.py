@@ -15,7 +15,7 @@ from aurora.model.aurora import (
     AuroraPretrained,
     AuroraSmallPretrained,
 )
-from aurora.model.v1p5 import AuroraV1p5
+from aurora.model.v1p5 import AuroraV1p5, AuroraV1p5Ensemble
 from aurora.model.wave import AuroraWave
 
 __all__ = ["PRESETS"]
@@ -29,6 +29,7 @@ PRESETS: dict[str, type[Aurora]] = {
     "AuroraHighRes": AuroraHighRes,
     "AuroraAirPollution": AuroraAirPollution,
     "AuroraV1p5": AuroraV1p5,
+    "AuroraV1p5Ensemble": AuroraV1p5Ensemble,
     "AuroraWave": AuroraWave,
 }
 """Preset classes by microsoft-aurora's names."""

@@ -25,7 +25,7 @@ from aurora.model.aurora import Aurora
 from aurora.model.clipping import Bounds
 from aurora.model.log_transform import log_transform, log_transformed, log_untransform
 
-__all__ = ["V1P5_ROLLOUT_INPUT_CLIPPING", "AuroraV1p5"]
+__all__ = ["V1P5_ROLLOUT_INPUT_CLIPPING", "AuroraV1p5", "AuroraV1p5Ensemble"]
 
 V1P5_ROLLOUT_INPUT_CLIPPING: Bounds = MappingProxyType(
     {
@@ -119,3 +119,10 @@ class AuroraV1p5(Aurora):
             static_vars=self.static_vars,
             atmos_vars=self.atmos_vars,
         )
+
+
+class AuroraV1p5Ensemble(AuroraV1p5):
+    """Aurora 1.5's ensemble: noise in the backbone (`stochastic`, aurora.model.noise), one member
+    per key (`rollout(..., rng=key)`); same checkpoint layout as Aurora 1.5."""
+
+    stochastic: bool = True
