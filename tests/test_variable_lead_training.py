@@ -168,6 +168,7 @@ class LeadEcho(nn.Module):
     output_only_surf_vars: tuple[str, ...] = ("msl",)
     variable_lead_time: bool = True
     timestep: timedelta = timedelta(hours=6)
+    patch_size: int = 1
 
     @nn.compact
     def __call__(self, batch: Batch, lead_times: jax.Array | None = None) -> Batch:
@@ -370,3 +371,21 @@ def test_the_loss_sees_scaled_variables_log_transformed_as_the_model_does() -> N
     want = np.mean(np.abs(normalised(pred) - normalised(target)))
     assert float(terms["mae/scaled_tp_1h"]) == pytest.approx(want, rel=1e-5)
     assert want > 1
+
+
+def test_replay_trains_on_output_only_variables_and_keeps_them_out_of_its_buffer() -> None:
+    """The replay buffer's entries are inputs: predicted output-only variables are not stored
+    (its layout is the data inputs', so the model never sees msl in an input), and the truth it
+    is scored against has them."""
+    from trainers.strategies.replay import ReplayStrategy
+
+    p = Pipeline(
+        hourly_source(hours=48), batch_size=2, target_only_surf_vars=("msl",), num_threads=0
+    )
+    writer = Logged()
+    strategy = ReplayStrategy(LeadEcho(), refresh_every=3, max_lead_hours=((0, 24),))
+    trainer = Trainer(strategy, optimizer=OPTIM, writers=[writer], max_steps=6, log_every_n_steps=1)
+    trainer.fit(p)
+    logged = [writer.scalars[step] for step in range(1, 7)]
+    assert max(s["train/lead_hours"] for s in logged) > 6  # predictions were fed back as inputs
+    assert all(s["train/loss"] < 0.02 and "train/mae/msl" in s for s in logged)
