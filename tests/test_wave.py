@@ -36,6 +36,8 @@ def _compare_wave(spec: dict[str, Any]) -> dict[str, float]:
         batch = _jax_batch(spec, {k: f[k] for k in f.files})
     with np.load(out / "preds.npz") as f:
         ref = {k: f[k] for k in f.files}
+    with np.load(out / "direction_norms.npz") as f:
+        norms = {k: f[k] for k in f.files}
 
     errors = {}
     masked = present = 0
@@ -54,10 +56,15 @@ def _compare_wave(spec: dict[str, Any]) -> dict[str, float]:
                     np.testing.assert_array_equal(np.isnan(value), nan, err_msg=key)
                     masked, present = masked + nan.sum(), present + (~nan).sum()
                     diff = np.abs(value - expected)[~nan]
-                    if name in ANGLE_SURF_VARS:  # 359.99 and 0.01 degrees are close
-                        assert ((value >= 0) & (value < 360))[~nan].all(), key
-                        diff = np.minimum(diff, 360 - diff)
                     scale = np.abs(expected[~nan]).max(initial=0.0)
+                    if name in ANGLE_SURF_VARS:
+                        assert ((value >= 0) & (value < 360))[~nan].all(), key
+                        # The network predicts the vector (sine, cosine) of length r; `atan2`
+                        # turns its error e into an angle error of e / r, so directions are
+                        # compared as vectors: r * angle error (radians) against max r.
+                        r = norms[f"{step}/{name}"][~nan]
+                        diff = r * np.deg2rad(np.minimum(diff, 360 - diff))
+                        scale = r.max(initial=0.0)
                     errors[key] = float(diff.max(initial=0.0) / scale) if scale else 0.0
     assert masked and present, "the predictions must hold both masked and present values"
     return errors

@@ -3,12 +3,14 @@
 Runs inside the reference virtualenv, like run_reference.py (same spec keys and outputs), which it
 imports from beside itself. Wave fields are NaN over land, wave systems are absent (height 0) at
 some ocean points, directions are degrees in [0, 360), and the wind comes as speed `wind` and
-direction `dwi`, so that every mask of the preset's hooks is exercised.
+direction `dwi`, so that every mask of the preset's hooks is exercised. Also writes
+`direction_norms.npz` (`{step}/NAME`): the length of each predicted (sine, cosine) pair.
 Usage: `run_wave.py SPEC.json OUT_DIR`.
 """
 
 import sys
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import run_reference
@@ -74,6 +76,28 @@ def build_batch(spec, model):
     return batch, arrays
 
 
+def recording_directions(norms):
+    """`AuroraWave._post_decoder_hook` that first appends the length of each predicted
+    (sine, cosine) pair to `norms`: how well `atan2` conditions the direction at each point."""
+    hook = aurora.AuroraWave._post_decoder_hook
+
+    def recorded(self, batch, pred):
+        norms.append(
+            {
+                name: torch.hypot(pred.surf_vars[f"{name}_sin"], pred.surf_vars[f"{name}_cos"])
+                for name in self.angle_surf_vars
+                if f"{name}_sin" in pred.surf_vars
+            }
+        )
+        return hook(self, batch, pred)
+
+    return recorded
+
+
 if __name__ == "__main__":
     run_reference.build_batch = build_batch  # `main` builds its batch through this name
+    norms = []
+    aurora.AuroraWave._post_decoder_hook = recording_directions(norms)
     run_reference.main(sys.argv[1], sys.argv[2])
+    steps = {f"{i}/{k}": v.numpy() for i, step in enumerate(norms) for k, v in step.items()}
+    np.savez(Path(sys.argv[2]) / "direction_norms.npz", **steps)
