@@ -27,14 +27,17 @@ from aurora.rollout import ModelStep
 from tests.reference.venv import RUNNER, case_dir
 from tests.test_aurora_family import _tiny_batch
 from tests.test_parity import TINY, _assert_close, _errors, _jax_batch, _jax_model, _spec
+from tests.test_v1p5 import INPUT_VARS
+from tests.test_v1p5 import RUNNER as V1P5_RUNNER
 
 STOCHASTIC_RUNNER = Path(__file__).parent / "reference" / "run_stochastic.py"
 TINY_KWARGS = {k: tuple(v) if isinstance(v, list) else v for k, v in TINY.items()}
 
 
 def _reference_case(spec: dict[str, Any]) -> Path:
-    # The runner imports run_reference.py: its code is part of the cache key through `inputs`.
-    return case_dir(spec, runner=STOCHASTIC_RUNNER, inputs={"run_reference.py": RUNNER})
+    # The runner imports the runners beside it: their code is part of the cache key as `inputs`.
+    imported = {p.name: p for p in (RUNNER, V1P5_RUNNER)}
+    return case_dir(spec, runner=STOCHASTIC_RUNNER, inputs=imported)
 
 
 def _replayed(draws: list[np.ndarray]) -> tuple[NoiseSource, Iterator[int]]:
@@ -93,6 +96,29 @@ def test_tiny_noise_accumulation_over_sub_steps_matches_reference() -> None:
     errors = _compare_with_reference_noise(spec)
     assert len(errors) == 6 * 9
     _assert_close(errors)
+
+
+def _ensemble_spec(kwargs: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """An Aurora 1.5 ensemble case in float32, on run_v1p5.py's Aurora 1.5 batch."""
+    kwargs = {"autocast": False, **kwargs}
+    return _spec("AuroraV1p5Ensemble", kwargs, surf_vars=INPUT_VARS, batch_kind="v1p5", **extra)
+
+
+@pytest.mark.reference
+def test_tiny_v1p5_ensemble_matches_reference_with_its_noise() -> None:
+    """The preset with sub-steps and the noise cache, as microsoft-aurora's rollout runs it."""
+    spec = _ensemble_spec(TINY, steps=3, fine_lead_times=[3.0, 6.0])
+    errors = _compare_with_reference_noise(spec)
+    assert {"5/surf/scaled_tp_1h", "5/surf/insolation", "5/atmos/q"} <= set(errors)
+    _assert_close(errors)
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_v1p5_ensemble_full_architecture_matches_reference_small_grid() -> None:
+    """AuroraV1p5Ensemble at full size (1.3 B, float32) on a small grid, three steps."""
+    spec = _ensemble_spec({}, steps=3, h=49, w=96, levels=(50, 250, 500, 850))
+    _assert_close(_compare_with_reference_noise(spec))
 
 
 def test_accumulate_is_the_reference_fifo() -> None:

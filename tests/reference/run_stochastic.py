@@ -3,7 +3,8 @@
 Runs inside the reference virtualenv, like run_reference.py (whose model and batch it builds, and
 whose outputs it writes). Usage: `run_stochastic.py SPEC.json OUT_DIR`.
 
-Extra spec keys: `fine_lead_times` (optional, hours), `use_noise_accumulation` (default true).
+Extra spec keys: `fine_lead_times` (optional, hours), `use_noise_accumulation` (default true),
+`batch_kind` (optional: `"v1p5"` builds run_v1p5.py's Aurora 1.5 batch).
 Every `torch.randn` call of the rollout is the backbone's noise (nothing else draws in a forward),
 so each is recorded, in call order, as `noise.npz` (`{i}`, each `(B, L, D)`): the JAX side feeds
 the same draws through its own noise cache. `preds.npz` is indexed by yielded prediction.
@@ -14,8 +15,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import run_reference
+import run_v1p5
 import torch
-from run_reference import build_batch, build_model
 
 import aurora
 
@@ -24,8 +26,9 @@ def main(spec_path, out_dir):
     spec = json.loads(Path(spec_path).read_text())
     out = Path(out_dir)
     torch.set_num_threads(2)
-    model = build_model(spec)
-    batch, arrays = build_batch(spec, model)
+    model = run_reference.build_model(spec)
+    v1p5 = spec.get("batch_kind") == "v1p5"
+    batch, arrays = (run_v1p5 if v1p5 else run_reference).build_batch(spec, model)
     torch.save(model.state_dict(), out / "state_dict.ckpt")
     np.savez(out / "batch.npz", **arrays)
 
