@@ -43,9 +43,10 @@ class ModelStep:
 
         def apply(params: Any, batch: Batch, lead: Any, rng: Any, noise: Any) -> Batch:
             args = () if lead is None else (lead,)
-            kwargs = {} if noise is None else {"noise": noise}
-            rngs = {} if rng is None else {NOISE_RNG: rng}
-            return model.apply({"params": params}, batch, *args, rngs=rngs, **kwargs)
+            kwargs: dict[str, Any] = {} if noise is None else {"noise": noise}
+            if rng is not None:  # only then: any Flax module with `apply` may stand in
+                kwargs["rngs"] = {NOISE_RNG: rng}
+            return model.apply({"params": params}, batch, *args, **kwargs)
 
         self._apply = jax.jit(apply)
 
