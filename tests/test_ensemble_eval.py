@@ -126,14 +126,15 @@ def test_spread_skill_and_crps_totals_against_numpy() -> None:
 
 BATCH = 3
 """Inits per batch in every job below: the sample's three 00/12 UTC inits, one compiled step."""
+ATMOS = ("z", "t")
 
 
 @pytest.fixture(scope="module")
 def hres() -> Any:
-    ds = open_dataset(HRES_PL, variables=["z", "u", "v", "t", "r"], levels=[500, 850])
+    ds = open_dataset(HRES_PL, variables=list(ATMOS), levels=[500, 850])
     st = regrid(open_dataset(STATIC), ds.latitude.values, ds.longitude.values)
     static = {"lsm": st.lsm.values, "z": st.z_sfc.values}
-    return make_source(ds, (), ("z", "u", "v", "t", "r"), static, "hres_sample")
+    return make_source(ds, (), ATMOS, static, "hres_sample")
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +144,9 @@ def stochastic(hres: Any) -> tuple[ModelStep, Any]:
     model = tiny_model(
         surf_vars=(),
         static_vars=("lsm", "z"),
-        atmos_vars=("z", "u", "v", "t", "r"),
+        atmos_vars=ATMOS,
         patch_size=2,
         window_size=(2, 3, 6),
-        surf_stats=hres.stats,
         stochastic=True,
         **ONE_STAGE,
     )
@@ -173,7 +173,7 @@ def test_members_come_from_the_seed_and_member_index(hres: Any, stochastic: tupl
     inits = hres.times[1:2]
 
     def members(seed: int, n: int) -> list[np.ndarray]:
-        states = SourceStates(hres, (), ("z", "u", "v", "t", "r"))
+        states = SourceStates(hres, (), ATMOS)
         ((_, _, leads),) = ensemble_stream(
             step, params, hres, inits, states, steps=1, members=n, seed=seed, batch_size=BATCH
         )
@@ -233,10 +233,11 @@ def test_test_mode_reports_crps_and_spread_skill(
         steps=2,
         out_dir=tmp_path,
         batch_size=BATCH,
-        figures=False,
+        map_lead_steps=(),
         members=3,
     )
     assert summary["members"] == 3
+    assert {Path(f).name for f in summary["figures"]} >= {"crps_vs_lead_z500.png"}
     with (tmp_path / "scores.csv").open() as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames or ()) == ENSEMBLE_COLUMNS

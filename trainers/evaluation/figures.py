@@ -133,15 +133,22 @@ def _same_level(a: Any, b: float | None) -> bool:
 
 
 def plot_rmse_vs_lead(
-    rows: Sequence[Mapping[str, Any]], variable: str, level: float | None, path: str | Path
+    rows: Sequence[Mapping[str, Any]],
+    variable: str,
+    level: float | None,
+    path: str | Path,
+    metric: str = "rmse",
 ) -> Path:
-    """RMSE against lead time for one variable (and level), one line per model in `rows`.
+    """RMSE (or another score) against lead time for one variable (and level), one line per
+    model in `rows`.
 
     Args:
         rows: score rows (`trainers.evaluation.COLUMNS`), baselines included.
         variable: the variable to draw.
         level: its pressure level in hPa; None for a surface variable.
         path: where to write the PNG.
+        metric: the score drawn, a column of the rows in the variable's units (e.g. an
+            ensemble's ``crps``).
 
     Returns:
         `path`.
@@ -157,7 +164,7 @@ def plot_rmse_vs_lead(
     styles = {"persistence": ("tab:gray", "--", "s"), "climatology": ("tab:olive", ":", "^")}
     for model in dict.fromkeys(str(r["model"]) for r in mine):
         pts = sorted(
-            (float(r["lead_time_h"]), float(r["rmse"])) for r in mine if r["model"] == model
+            (float(r["lead_time_h"]), float(r[metric])) for r in mine if r["model"] == model
         )
         color, style, marker = styles.get(model, (None, "-", "o"))
         ax.plot(
@@ -172,7 +179,7 @@ def plot_rmse_vs_lead(
     if len(leads) <= 20:
         ax.set_xticks(leads)
     ax.set_xlabel("lead time [h]")
-    ax.set_ylabel(f"RMSE{_units(variable)}")
+    ax.set_ylabel(f"{metric.upper()}{_units(variable)}")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()

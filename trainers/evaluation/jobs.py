@@ -53,8 +53,9 @@ def run_evaluation(
 ) -> dict[str, Any]:
     """Score, draw figures and write ``scores.csv`` and ``summary.json`` to `out_dir`.
 
-    Figures (under ``figures/``): RMSE against lead time for every variable and level, and
-    prediction/truth maps of the first scored sample at each of `map_lead_steps`.
+    Figures (under ``figures/``): RMSE (and an ensemble's CRPS) against lead time for every
+    variable and level, and prediction/truth maps (an ensemble's mean) of the first scored
+    sample at each of `map_lead_steps`.
 
     Args:
         model: the model, or a `ModelStep` of it to reuse its compiled step.
@@ -135,9 +136,11 @@ def _figures(
 ) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
+    scores = ("rmse", "crps") if rows and "crps" in rows[0] else ("rmse",)
     for variable, level in dict.fromkeys((r["variable"], r["level"]) for r in rows):
-        path = out / f"rmse_vs_lead_{level_name(variable, level)}.png"
-        paths.append(plot_rmse_vs_lead(rows, variable, level, path))
+        for score in scores:
+            path = out / f"{score}_vs_lead_{level_name(variable, level)}.png"
+            paths.append(plot_rmse_vs_lead(rows, variable, level, path, score))
     for example in examples:
         pred, truth, lead_h = example["pred"], example["truth"], example["lead_h"]
         available = pred.metadata.atmos_levels
