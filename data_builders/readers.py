@@ -54,7 +54,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 G = 9.80665  # standard gravity, m s**-2: WeatherBench's orography = z_sfc / G
-STATIC_KEYS = {"lsm": "lsm", "slt": "slt", "z": "z_sfc"}  # Aurora static name -> dataset key
+# Aurora static name -> dataset key; the ECMWF invariants from `anor` on are Aurora 1.5's.
+STATIC_KEYS = {"lsm": "lsm", "slt": "slt", "z": "z_sfc"} | {
+    name: name for name in ("anor", "isor", "cvh", "cl", "dl", "cvl", "slor", "sdfor", "sdor")
+}
 _STATIC = frozenset(STATIC_KEYS.values())
 
 PathArg = str | PathLike[str]
@@ -68,6 +71,10 @@ _CAMS_VARS = (
     *("pm1", "pm2p5", "pm10", "tcco", "tc_no", "tcno2", "gtco3", "tcso2"),
     *("co", "no", "no2", "go3", "so2"),
 )
+_V1P5_SURF_VARS = ("2d", "tcwv", "tcc", "100u", "100v", "sp", "lcc", "mcc", "hcc", "skt")
+_V1P5_SURF_VARS += ("stl1", "swvl1", "ci", "i10fg", "blh")
+_V1P5_ACCUMULATIONS = {"uvb": "uvb_1h", "ssrd": "ssrd_1h", "ttr": "ttr_1h"}
+_V1P5_ACCUMULATIONS |= {"tp": "scaled_tp_1h", "sf": "scaled_sf_1h"}
 _NAMES = {
     # ECMWF / CDS short names (and our own output, so canonical files read back unchanged)
     "t2m": "2t",
@@ -137,6 +144,51 @@ _NAMES = {
     "nitrogen_dioxide": "no2",
     "ozone": "go3",
     "sulphur_dioxide": "so2",
+    # ERA5 single levels for Aurora 1.5 (AuroraV1p5): ECMWF short names, the new CDS NetCDF names,
+    # then the CDS API's long names. Accumulated fields map to the model's one-hour names: ERA5's
+    # hourly accumulations (IFS forecasts accumulate from their start: difference them first).
+    # Snow depth, precipitation and snowfall stay physical amounts (m of water equivalent) under
+    # the model's `scaled_*` names; AuroraV1p5 log-transforms them itself.
+    **{name: name for name in _V1P5_SURF_VARS},
+    **{name: name for name in STATIC_KEYS},
+    **{name: name for name in _V1P5_ACCUMULATIONS.values()},
+    **_V1P5_ACCUMULATIONS,
+    "scaled_sd": "scaled_sd",
+    "sd": "scaled_sd",
+    "d2m": "2d",
+    "u100": "100u",
+    "v100": "100v",
+    "siconc": "ci",
+    "2m_dewpoint_temperature": "2d",
+    "total_column_water_vapour": "tcwv",
+    "total_cloud_cover": "tcc",
+    "100m_u_component_of_wind": "100u",
+    "100m_v_component_of_wind": "100v",
+    "surface_pressure": "sp",
+    "low_cloud_cover": "lcc",
+    "medium_cloud_cover": "mcc",
+    "high_cloud_cover": "hcc",
+    "skin_temperature": "skt",
+    "soil_temperature_level_1": "stl1",
+    "volumetric_soil_water_layer_1": "swvl1",
+    "sea_ice_cover": "ci",
+    "snow_depth": "scaled_sd",
+    "instantaneous_10m_wind_gust": "i10fg",
+    "boundary_layer_height": "blh",
+    "downward_uv_radiation_at_the_surface": "uvb_1h",
+    "surface_solar_radiation_downwards": "ssrd_1h",
+    "top_net_thermal_radiation": "ttr_1h",
+    "total_precipitation": "scaled_tp_1h",
+    "snowfall": "scaled_sf_1h",
+    "angle_of_sub_gridscale_orography": "anor",
+    "anisotropy_of_sub_gridscale_orography": "isor",
+    "high_vegetation_cover": "cvh",
+    "lake_cover": "cl",
+    "lake_total_depth": "dl",
+    "low_vegetation_cover": "cvl",
+    "slope_of_sub_gridscale_orography": "slor",
+    "standard_deviation_of_filtered_subgrid_orography": "sdfor",
+    "standard_deviation_of_orography": "sdor",
 }
 MASKED_VARS = frozenset(_WAVE_VARS)
 """Wave fields, which are NaN over land and where a wave system is absent: their NaNs are kept

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import xarray as xr
 
 import aurora
 from aurora.batch import Batch, Metadata
@@ -230,3 +231,47 @@ def _get(tree: Any, path: tuple[Any, ...]) -> Any:
     for key in path:
         tree = tree[key.key]
     return tree
+
+
+def _era5_file(path: Path, names: list[str], static: list[str]) -> Path:
+    """A tiny ERA5-like NetCDF file: `names` over time, `static` with one time (as the CDS writes
+    invariants)."""
+    rng = np.random.default_rng(0)
+    coords = {
+        "valid_time": np.array(["2020-01-01T00", "2020-01-01T06"], dtype="datetime64[ns]"),
+        "latitude": np.linspace(90, -90, 5),
+        "longitude": np.linspace(0, 360, 8, endpoint=False),
+    }
+    fields = {n: (("valid_time", "latitude", "longitude"), rng.random((2, 5, 8))) for n in names}
+    for n in static:
+        fields[n] = (
+            ("valid_time", "latitude", "longitude"),
+            np.repeat(rng.random((1, 5, 8)), 2, 0),
+        )
+    xr.Dataset({k: (d, v.astype(np.float32)) for k, (d, v) in fields.items()}, coords).to_netcdf(
+        path
+    )
+    return path
+
+
+def test_readers_map_era5_names_to_the_v1p5_variables(tmp_path: Path) -> None:
+    """ECMWF / new-CDS short names and CDS long names come out under AuroraV1p5's names;
+    Aurora 1.5's invariants are static; every mapped name is one of the model's variables."""
+    from data_builders.readers import aurora_groups, open_dataset
+
+    short = ["d2m", "u100", "v100", "siconc", "sd", "tp", "sf", "uvb", "ssrd", "ttr", "tcwv"]
+    short += ["tcc", "sp", "lcc", "mcc", "hcc", "skt", "stl1", "swvl1", "i10fg", "blh"]
+    invariants = ["anor", "isor", "cvh", "cl", "dl", "cvl", "slor", "sdfor", "sdor"]
+    groups = aurora_groups(open_dataset(_era5_file(tmp_path / "short.nc", short, invariants)))
+    model = AuroraV1p5(autocast=False)
+    assert set(groups["surf"]) == set(model.surf_vars) - {"insolation", "2t", "10u", "10v", "msl"}
+    assert set(groups["static"]) == set(invariants) <= set(model.static_vars)
+    assert groups["surf"]["scaled_tp_1h"].attrs["source_name"] == "tp"
+    long = ["2m_dewpoint_temperature", "sea_ice_cover", "snow_depth", "total_precipitation"]
+    long += ["top_net_thermal_radiation", "downward_uv_radiation_at_the_surface"]
+    ds = open_dataset(_era5_file(tmp_path / "long.nc", long, ["standard_deviation_of_orography"]))
+    assert set(ds.data_vars) == {"2d", "ci", "scaled_sd", "scaled_tp_1h", "ttr_1h", "uvb_1h"} | {
+        "sdor"
+    }
+    with xr.open_dataset(tmp_path / "long.nc") as raw:
+        np.testing.assert_array_equal(ds["scaled_tp_1h"], raw["total_precipitation"])
