@@ -13,11 +13,17 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from aurora.model.layers import drop_path_scale
 from aurora.model.swin3d import Swin3DTransformerBackbone, Swin3DTransformerBlock
 from tests.helpers import random_batch, tiny_model
+from tests.test_trainer import OPTIM, _example
+from trainers.data import InMemoryData
+from trainers.state import TrainState
+from trainers.strategies.base import Strategy, stack_targets
+from trainers.trainer import Trainer
 
 
 def _noisy(params, seed: int = 0, scale: float = 0.02):
@@ -161,3 +167,34 @@ def test_remat_training_runs_and_stays_deterministic_when_asked(setup) -> None:
 
     grads = jax.jit(jax.grad(loss))(params)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_training_step_draws_a_key_per_step_and_evaluation_is_deterministic() -> None:
+    """The strategy's training step uses a key of its step (same step, same loss; next step,
+    another), its evaluation is the model without drop-out, bit for bit."""
+    model = tiny_model(drop_path=0.1, drop_rate=0.1)
+    inputs, targets = _example(model, 0, k=1)
+    batch = (inputs, stack_targets(targets))
+    params = _noisy(jax.jit(model.init)(jax.random.key(0), inputs)["params"])
+    state = TrainState.create(params, optax.sgd(0.0), jax.random.key(1))
+    evaluated = jax.jit(Strategy(model).eval_step)(state, batch, {})["loss"]
+    plain = jax.jit(Strategy(tiny_model()).eval_step)(state, batch, {})["loss"]
+    assert float(evaluated) == float(plain)
+
+    train_loss = jax.jit(lambda s: Strategy(model).train_step(s, batch, {})[1]["loss"])
+    at_step = lambda n: float(train_loss(state.replace(step=jnp.int32(n))))
+    assert at_step(5) == at_step(5)
+    assert at_step(5) != at_step(6)
+    assert abs(at_step(5) - float(plain)) > 1e-4 * abs(float(plain))
+
+
+@pytest.mark.slow
+def test_trainer_fit_with_drop_path_runs_and_validates_deterministically() -> None:
+    model = tiny_model(drop_path=0.1, drop_rate=0.1)
+    data = InMemoryData([_example(model, 0, k=1)] * 2, shuffle=False)
+    trainer = Trainer(Strategy(model), optimizer=OPTIM, max_steps=2, log_every_n_steps=1)
+    trainer.fit(data, data)
+    assert int(trainer.state.step) == 2
+    assert np.isfinite(trainer.callback_metrics["train/loss"])
+    validated = trainer.validate(data)["val/loss"]
+    assert trainer.validate(data)["val/loss"] == validated

@@ -8,7 +8,9 @@ input `Batch` (fields `(b, history, ...)`) to the prediction one step ahead (fie
 Aurora's table, used by the loss), `timestep` (checked against the data's step), `use_lora`.
 Scoring and forecast files (`--mode=test`, `--mode=predict`, `trainers.evaluation`) also read
 `surf_vars`, `atmos_vars`, `static_vars` and `timestep_minutes`, as Aurora declares them
-(`examples/tiny_model.py` has them).
+(`examples/tiny_model.py` has them). A model with Aurora's `drop_path` / `drop_rate` (any non-zero)
+trains with drop-out: the training step applies it as `apply(..., rngs={"dropout": key},
+deterministic=False)`, with a new key every step; evaluation and prediction stay deterministic.
 
 `configure_model` sets the Trainer's `precision` and `remat` on a model through the fields the
 model declares, so a model without them trains at the defaults ("32", "none") and a request it
@@ -22,7 +24,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-__all__ = ["configure_model", "patch_size"]
+__all__ = ["configure_model", "patch_size", "uses_dropout"]
 
 BF16 = ("bf16-mixed", "bf16-true")
 """Precisions that compute in bfloat16."""
@@ -31,6 +33,11 @@ BF16 = ("bf16-mixed", "bf16-true")
 def patch_size(model: Any) -> int:
     """The model's patch size (inputs are cropped to a multiple of it); 1 if it declares none."""
     return int(getattr(model, "patch_size", 1))
+
+
+def uses_dropout(model: Any) -> bool:
+    """Whether the model has drop-out or drop-path to switch on in training (Aurora's fields)."""
+    return bool(getattr(model, "drop_path", 0.0) or getattr(model, "drop_rate", 0.0))
 
 
 def configure_model(model: Any, *, precision: str = "32", remat: str = "none") -> Any:

@@ -29,7 +29,7 @@ from flax import traverse_util
 from aurora.batch import Batch
 from trainers.lead_time import lead_hours, uses_variable_lead_time
 from trainers.loss import Loss, LossConfig, LossFn
-from trainers.models import configure_model, patch_size
+from trainers.models import configure_model, patch_size, uses_dropout
 from trainers.state import TrainState
 from trainers.strategies.trainable import Trainable, TrainableSpec, is_lora_path
 
@@ -110,6 +110,9 @@ class Strategy:
             predicate over parameter paths, or a `Trainable` (e.g. `Trainable.lora(1e-4,
             train_base=True)`); see `trainers.strategies.trainable`.
     """
+
+    dropout_key: jax.Array | None = None
+    """The training step's drop-out key, on the copy `in_training` makes (None: deterministic)."""
 
     def __init__(
         self,
@@ -267,7 +270,33 @@ class Strategy:
         """One model step from `batch` (fields `(b, 2, ...)`): the next state, `(b, 1, ...)`;
         `lead_times` (hours, `(b,)`) only for a model with `variable_lead_time`."""
         lead = () if lead_times is None else (lead_times,)
-        return self.model.apply({"params": params}, batch, *lead)
+        return self.apply_model(params, batch, *lead)
+
+    def apply_model(self, params: Any, batch: Batch, *args: Any) -> Batch:
+        """`model.apply` on `batch` (and `args`); in training (`in_training`), with drop-out.
+
+        The training key is folded with the batch's rollout step and first valid time, so every
+        step of a rollout and every replayed row draws its own masks.
+        """
+        if self.dropout_key is None:
+            return self.model.apply({"params": params}, batch, *args)
+        meta = batch.metadata
+        key = jax.random.fold_in(self.dropout_key, jnp.ravel(jnp.asarray(meta.rollout_step))[0])
+        key = jax.random.fold_in(key, jnp.ravel(jnp.asarray(meta.time))[0])
+        return self.model.apply(
+            {"params": params}, batch, *args, rngs={"dropout": key}, deterministic=False
+        )
+
+    def in_training(self, state: TrainState) -> Self:
+        """This strategy, or for a model with drop-out (`trainers.models.uses_dropout`) a shallow
+        copy whose `apply_model` trains with a key of this step: `fold_in(state.rng,
+        state.step)`, so a resumed run draws the same masks. Evaluation and prediction use the
+        strategy itself and stay deterministic."""
+        if not uses_dropout(self.model):
+            return self
+        training = copy.copy(self)
+        training.dropout_key = jax.random.fold_in(state.rng, state.step)
+        return training
 
     def predict_to(self, params: Any, batch: Batch, target: Batch) -> Batch:
         """One model step from `batch` to `target`'s valid time: a model with
@@ -330,7 +359,8 @@ class Strategy:
             `grads_finite`); `metrics[OUTPUTS]` from `loss_fn` passes through untouched.
         """
         inputs, targets = self.crop(batch)
-        frozen_loss = lambda params, *args: self.loss_fn(self.trainable.freeze(params), *args)
+        training = self.in_training(state)
+        frozen_loss = lambda params, *args: training.loss_fn(self.trainable.freeze(params), *args)
         (loss, metrics), grads = jax.value_and_grad(frozen_loss, has_aux=True)(
             state.params, inputs, targets, controls
         )

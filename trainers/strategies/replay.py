@@ -349,7 +349,7 @@ class ReplayStrategy(Strategy):
                 atmos_vars={k: v[None] for k, v in atmos.items()},
                 metadata=meta.replace(time=time[None], rollout_step=step),
             )
-            return self.model.apply({"params": params}, row)
+            return self.apply_model(params, row)
 
         out = jax.vmap(one)(
             batch.surf_vars,
