@@ -172,17 +172,9 @@ def test_default_input_clipping_merges_given_bounds() -> None:
     assert model.clone().rollout_input_clipping == bounds
 
 
-def test_default_autocast_says_why_it_cannot_run_yet() -> None:
-    with pytest.raises(NotImplementedError, match=r"autocast=False"):
-        AuroraV1p5()._check_supported()
-
-
-@pytest.mark.xfail(
-    strict=False,
-    reason="float16 autocast of encoder, backbone and decoder with float16-safe attention "
-    "(microsoft-aurora's V1.5 default) is ported by the fp16 work (H6, issue 17)",
-)
 def test_default_v1p5_runs_in_float16() -> None:
+    """microsoft-aurora's default: encoder, backbone and decoder autocast to float16 (float16-safe
+    attention); tests/test_fp16.py checks the numbers."""
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in TINY.items()}
     model = AuroraV1p5(**kwargs)
     batch = _tiny_batch(INPUT_VARS)

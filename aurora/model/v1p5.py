@@ -46,8 +46,8 @@ variable."""
 class AuroraV1p5(Aurora):
     """Aurora 1.5 (0.25°, 6-hour step, sub-step lead times), microsoft-aurora's defaults.
 
-    microsoft-aurora computes encoder, backbone and decoder in float16 with float16-safe attention
-    by default (`autocast=True`). That is not ported yet: the default raises, and
+    As microsoft-aurora, it computes encoder, backbone and decoder in float16 with float16-safe
+    attention by default (`autocast=True`, `autocast_encoder`, `autocast_decoder`);
     `AuroraV1p5(autocast=False)` computes in float32 (what the parity tests check).
     """
 
@@ -73,6 +73,8 @@ class AuroraV1p5(Aurora):
     use_fp16_safe_attention: bool = True
     autocast: bool = True
     autocast_dtype: Any = jnp.float16
+    autocast_encoder: bool = True
+    autocast_decoder: bool = True
 
     checkpoint_layout: ClassVar[str] = "v1p5"
 
@@ -81,15 +83,6 @@ class AuroraV1p5(Aurora):
         given: Mapping[str, Any] = self.rollout_input_clipping or {}
         object.__setattr__(self, "rollout_input_clipping", {**V1P5_ROLLOUT_INPUT_CLIPPING, **given})
         super().__post_init__()
-
-    def _check_supported(self) -> None:
-        if self.uses_autocast:
-            raise NotImplementedError(
-                "AuroraV1p5 autocasts its encoder, backbone and decoder (microsoft-aurora's "
-                "default, in float16 with float16-safe attention); only the backbone's autocast "
-                "is ported yet. Use `AuroraV1p5(autocast=False)` to compute in float32."
-            )
-        super()._check_supported()
 
     def _pre_norm_hook(self, batch: Batch) -> Batch:
         scaled = log_transformed(self.surf_vars)
