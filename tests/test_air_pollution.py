@@ -49,7 +49,7 @@ def test_tiny_level_condition_matches_reference() -> None:
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("use_lora", [False, True])
+@pytest.mark.parametrize("use_lora", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_tiny_air_pollution_matches_reference(use_lora: bool) -> None:
     """Feature combiners, difference prediction from history slices 0 and 1, `_mod` outputs
     dropped, positivity from step 2 and, under LoRA, SO2 clipped at 850 hPa; three steps."""

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 import aurora
 from aurora.batch import Batch, Metadata
@@ -86,11 +87,22 @@ def _jax_batch(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> Batch:
     )
 
 
+def _on_device(params: dict[str, Any]) -> dict[str, Any]:
+    """Params as device arrays, moved one at a time so that each host copy goes as it is moved:
+    a 1.3 B model's params held twice (host and device) do not fit beside the other processes of
+    a 24 GiB machine."""
+    flat = traverse_util.flatten_dict(params)
+    del params
+    for key in list(flat):
+        flat[key] = jax.device_put(flat.pop(key))
+    return traverse_util.unflatten_dict(flat)
+
+
 def _compare(spec: dict[str, Any]) -> dict[str, float]:
     """Run both sides; return the worst relative error per `step/kind/var`."""
     out = case_dir(spec)
     model = _jax_model(spec)
-    params = convert_pytorch_checkpoint(load_state_dict(out / "state_dict.ckpt"), model)
+    params = _on_device(convert_pytorch_checkpoint(load_state_dict(out / "state_dict.ckpt"), model))
     with np.load(out / "batch.npz") as f:
         batch = _jax_batch(spec, {k: f[k] for k in f.files})
     with np.load(out / "preds.npz") as f:
