@@ -118,6 +118,15 @@ class AuroraAirPollution(Aurora):
         return self.param(name, init)
 
     def _pre_encoder_hook(self, batch: Batch) -> Batch:
+        # Checked here, before the backbone: the difference prediction indexes these slices.
+        for fields in (batch.surf_vars, batch.atmos_vars):
+            for name, x in fields.items():
+                t = self.difference_history_index.get(name)
+                if t is not None and x.shape[1] <= t:
+                    raise ValueError(
+                        f"{name} is predicted from history slice {t}: the batch needs a "
+                        f"history of {t + 1} steps, it has {x.shape[1]}."
+                    )
         surf = self._combiners("surf_feature_combiner", self.positive_surf_vars)
         atmos = self._combiners("atmos_feature_combiner", self.positive_atmos_vars)
         return batch.replace(
@@ -142,11 +151,6 @@ class AuroraAirPollution(Aurora):
                     continue
                 if name in self.difference_history_index:
                     t = self.difference_history_index[name]
-                    if inputs[name].shape[1] <= t:
-                        raise ValueError(
-                            f"{name} is predicted from history slice {t}: the batch needs a "
-                            f"history of {t + 1} steps, it has {inputs[name].shape[1]}."
-                        )
                     x = x + (1 + out[f"{name}_mod"]) * inputs[name][:, t, None]
                 resolved[name] = x
             return resolved
