@@ -4,6 +4,7 @@ input clipping and `_adapt_checkpoint_v1p5`."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +53,30 @@ def _compare(spec: dict[str, Any]) -> dict[str, float]:
         ref = {k: f[k] for k in f.files}
     fine = spec.get("fine_lead_times")
     with jax.default_matmul_precision("highest"):
-        errors = _errors(
-            aurora.rollout(model, params, batch, spec["steps"], fine_lead_times=fine), ref
-        )
-    # Every prediction the reference made (sub-steps included) was compared.
+        predictions = aurora.rollout(model, params, batch, spec["steps"], fine_lead_times=fine)
+        errors = _errors(_same_infinities_zeroed(predictions, ref), ref)
+    # Every prediction the reference made (sub-steps included) was compared, and none is NaN
+    # (which `_assert_close`'s maximum would skip).
     assert {k.split("/")[0] for k in errors} == {k.split("/")[0] for k in ref}
+    assert not [k for k, e in errors.items() if np.isnan(e)]
     return errors
+
+
+def _same_infinities_zeroed(
+    predictions: Iterable[Batch], ref: dict[str, np.ndarray]
+) -> Iterator[Batch]:
+    """The predictions, with the infinities the reference has at the same places zeroed on both
+    sides (in `ref` in place): random full-size weights predict `scaled_*` values whose
+    `exp` overflows float32 on both sides. Any other non-finite value still fails."""
+    for step, pred in enumerate(predictions):
+        fields = {}
+        for kind in ("surf", "atmos"):
+            fields[kind] = {}
+            for name, value in getattr(pred, f"{kind}_vars").items():
+                key, value = f"{step}/{kind}/{name}", np.asarray(value)
+                same = np.isinf(ref[key]) & (value == ref[key])
+                ref[key], fields[kind][name] = np.where(same, 0, ref[key]), np.where(same, 0, value)
+        yield pred.replace(surf_vars=fields["surf"], atmos_vars=fields["atmos"])
 
 
 @pytest.mark.reference
