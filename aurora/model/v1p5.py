@@ -102,15 +102,23 @@ class AuroraV1p5(Aurora):
         return pred.replace(surf_vars=surf)
 
     def adapt_state_dict(self, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """microsoft-aurora's `_adapt_checkpoint_v1p5`: older single matrices are split over the
-        model's own variables, then history kernels are zero-padded as for every model."""
+        """microsoft-aurora's `_adapt_checkpoint_v1p5`, then history kernels zero-padded as for
+        every model.
+
+        The older single matrices are split over the preset's own variables, the published
+        checkpoint's (microsoft-aurora uses the model's, the same unless they were changed, and
+        then fails): a model given other variables then loads the published ones by name
+        (`strict=False`), and the conversion, cached by `checkpoint_layout`, does not depend on
+        the model's variables.
+        """
+        preset = type(self)
         return adapt_checkpoint(
             state,
             self.patch_size,
             self.max_history_size,
-            surf_vars=self.surf_vars,
-            static_vars=self.static_vars,
-            atmos_vars=self.atmos_vars,
+            surf_vars=preset.surf_vars,
+            static_vars=preset.static_vars,
+            atmos_vars=preset.atmos_vars,
         )
 
 
