@@ -8,7 +8,9 @@ for the species) it has three mechanisms of its own, all in its hooks:
   and a log transform of it (`{surf,atmos}_feature_combiner`), since the fields are spiky;
 * species are predicted as a difference: `pred + (1 + pred_mod) * input[t]`, with `t` the history
   slice of `DIFFERENCE_HISTORY_INDEX` and `pred_mod` the variable's modulation head (the `_mod`
-  outputs are consumed there and never reach the prediction);
+  outputs are consumed there and never reach the prediction); the slice keeps its time axis, so
+  batches of several samples work (the reference's `input[:, t]` broadcasts the samples against
+  each other, which only a batch of one survives);
 * under LoRA, SO2 at levels of 850 hPa and below is clipped at 1 (normalised) in the output.
 
 The published checkpoint has a layout of its own, adapted by `adapt_air_pollution_checkpoint`.
