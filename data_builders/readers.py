@@ -192,8 +192,8 @@ _NAMES = {
 }
 MASKED_VARS = frozenset(_WAVE_VARS)
 """Wave fields, which are NaN over land and where a wave system is absent: their NaNs are kept
-(`AuroraWave` masks them), not refused, unless `fill_nan` says how to fill them. The bathymetry `wmb` is not
-one of them: a static input must be finite (fill its land with zero)."""
+(`AuroraWave` masks them), not refused, unless `fill_nan` says how to fill them. The bathymetry
+`wmb` is not one of them: a static input must be finite (fill its land with zero)."""
 _LAT = ("latitude", "lat")
 _LON = ("longitude", "lon")
 _LEVEL = ("level", "pressure_level", "isobaricInhPa", "plev")
