@@ -227,7 +227,8 @@ def fp16_safe_logits(q: jax.Array, k: jax.Array, scale: float, precision: Precis
 
     The scale goes into the keys first to keep the products small; logits that still overflow
     are clamped, to `max - 1000` when any is infinite (so that an additive mask cannot push them
-    back to infinity), else to `max`. Returned in float32 for the softmax.
+    back to infinity), else to `max`. "Any" is over this call's logits, as there (one chunk of
+    windows when a rematerialised block runs in chunks). Returned in float32 for the softmax.
     """
     k = (k.astype(jnp.float32) * np.float32(scale)).astype(jnp.float16)
     logits = jnp.einsum(
