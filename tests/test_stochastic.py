@@ -26,7 +26,15 @@ from aurora.model.noise import NoiseSource, accumulate, key_noise, noise_shape
 from aurora.rollout import ModelStep
 from tests.reference.venv import RUNNER, case_dir
 from tests.test_aurora_family import _tiny_batch
-from tests.test_parity import TINY, _assert_close, _errors, _jax_batch, _jax_model, _spec
+from tests.test_parity import (
+    TINY,
+    _assert_close,
+    _errors,
+    _jax_batch,
+    _jax_model,
+    _on_device,
+    _spec,
+)
 from tests.test_v1p5 import INPUT_VARS
 from tests.test_v1p5 import RUNNER as V1P5_RUNNER
 
@@ -53,7 +61,7 @@ def _replayed(draws: list[np.ndarray]) -> tuple[NoiseSource, Iterator[int]]:
 def _compare_with_reference_noise(spec: dict[str, Any]) -> dict[str, float]:
     out = _reference_case(spec)
     model = _jax_model(spec)
-    params = convert_pytorch_checkpoint(load_state_dict(out / "state_dict.ckpt"), model)
+    params = _on_device(convert_pytorch_checkpoint(load_state_dict(out / "state_dict.ckpt"), model))
     with np.load(out / "batch.npz") as f:
         batch = _jax_batch(spec, {k: f[k] for k in f.files})
     with np.load(out / "preds.npz") as f:
