@@ -20,6 +20,10 @@ pressure levels, as the paper's `1 / (C·H·W)`), no latitude weighting, compute
 prediction and target (on physical units geopotential would dominate everything). `V_S`, `V_A`
 count the variables present. Per-level weights can be given as `{"z": {500: 2.0}}`; a missing
 weight is 1.
+
+Every built-in loss leaves out the NaN points of the wave fields `AuroraWave` masks (a masked
+mean over the points where prediction and target both exist) and compares directions in degrees
+by their angular difference (`trainers.masking`); a NaN in any other variable gives a NaN loss.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from aurora.batch import Batch
-from aurora.normalisation import Stats
+from aurora.normalisation import Stats, surf_location_scale
+from trainers.masking import ANGLE_SURF_VARS, field_error, masked_mean
 
 __all__ = [
     "FINE_TUNING_WEIGHTS",
@@ -120,7 +125,8 @@ def aurora_loss(
     terms: dict[str, jax.Array] = {}
     surf_total = jnp.float32(0.0)
     for name in p.surf_vars:
-        mae = jnp.mean(jnp.abs(p.surf_vars[name] - t.surf_vars[name]))
+        error, valid = _surface_error(name, p, t, stats)
+        mae = masked_mean(jnp, jnp.abs(error), valid, empty=0.0)
         terms[f"mae/{name}"] = mae
         surf_total += config.surf_weights.get(name, 1.0) * mae
     atmos_total = jnp.float32(0.0)
@@ -134,6 +140,15 @@ def aurora_loss(
     n_vars = len(p.surf_vars) + len(p.atmos_vars)
     loss = config.gamma / n_vars * (config.alpha * surf_total + config.beta * atmos_total)
     return loss, terms
+
+
+def _surface_error(
+    name: str, p: Batch, t: Batch, stats: Stats | None
+) -> tuple[jax.Array, jax.Array | None]:
+    """Normalised prediction minus target of a surface variable, and its valid points: the
+    wave fields' NaN points are left out, directions compared by angle (`trainers.masking`)."""
+    scale = surf_location_scale(name, stats)[1] if name in ANGLE_SURF_VARS else 1.0
+    return field_error(jnp, name, p.surf_vars[name], t.surf_vars[name], scale)
 
 
 class LossFn(Protocol):
@@ -196,7 +211,8 @@ def _latitude_weighted(
     terms: Metrics = {}
     total = jnp.float32(0.0)
     for name in p.surf_vars:
-        value = jnp.mean(lat * error(p.surf_vars[name] - t.surf_vars[name]))
+        difference, valid = _surface_error(name, p, t, stats)
+        value = masked_mean(jnp, error(difference), valid, lat, empty=0.0)
         terms[f"{tag}/{name}"] = value
         total += float(surf_weights.get(name, 1.0)) * value
     for name in p.atmos_vars:

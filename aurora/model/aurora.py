@@ -180,6 +180,13 @@ class Aurora(nn.Module):
         """As `input_surf_vars`, for atmospheric variables."""
         return self.atmos_vars
 
+    @property
+    def output_surf_vars(self) -> tuple[str, ...]:
+        """The surface variables a prediction holds (after `_post_decoder_hook`), the ones a
+        forecast is scored on: `surf_vars` unless the preset's hooks turn some of them back
+        into others (`AuroraWave`'s raw wave names)."""
+        return self.surf_vars
+
     checkpoint_layout: ClassVar[str] = "aurora"
     """Names the rules of `adapt_state_dict` (part of the conversion cache's key)."""
 

@@ -137,6 +137,11 @@ class AuroraWave(Aurora):
         )
 
     @property
+    def output_surf_vars(self) -> tuple[str, ...]:
+        """The raw names: directions and masked fields come back from their channels."""
+        return self.raw_surf_vars
+
+    @property
     def input_surf_vars(self) -> tuple[str, ...]:
         raw = self.raw_surf_vars
         return (*raw, "dwi") if {"10u_wave", "10v_wave"} <= set(raw) else raw

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aurora.batch import Batch
+from trainers.masking import field_error, masked_mean
 
 __all__ = [
     "METRICS",
@@ -85,12 +86,14 @@ def _cast(xp: Any, *arrays: Array) -> list[Array]:
     return list(arrays)
 
 
-def weighted_mean(x: Array, weights: Array) -> Array:
+def weighted_mean(x: Array, weights: Array, valid: Array | None = None) -> Array:
     """Latitude-weighted mean over the last two axes.
 
     Args:
         x: fields of shape `(..., h, w)`.
         weights: latitude weights of mean 1, shape `(h,)` (`lat_weights`).
+        valid: boolean mask of `x`'s shape: only these points count (`x` must be finite
+            there, and is ignored elsewhere); a field without one has a NaN mean. None: all.
 
     Returns:
         The means, shape `(...)`.
@@ -98,7 +101,7 @@ def weighted_mean(x: Array, weights: Array) -> Array:
     xp = _xp(x)
     (x,) = _cast(xp, x)
     w = xp.asarray(weights, dtype=x.dtype)[:, None]
-    return xp.mean(w * x, axis=(-2, -1))
+    return masked_mean(xp, x, valid, w, axis=(-2, -1))
 
 
 def _weighted_error(
@@ -160,7 +163,9 @@ def bias(forecast: Array, truth: Array, weights: Array) -> Array:
     return _weighted_error(forecast, truth, weights, lambda xp, e: e)
 
 
-def acc(forecast: Array, truth: Array, climatology: Array, weights: Array) -> Array:
+def acc(
+    forecast: Array, truth: Array, climatology: Array, weights: Array, valid: Array | None = None
+) -> Array:
     """Anomaly correlation coefficient per field, WB2's (uncentred) definition.
 
     `ACC = <f' o'> / sqrt(<f'^2> <o'^2>)` with anomalies `f' = forecast - climatology`,
@@ -171,6 +176,7 @@ def acc(forecast: Array, truth: Array, climatology: Array, weights: Array) -> Ar
         forecast, truth: fields of shape `(..., h, w)`.
         climatology: fields of the same shape.
         weights: latitude weights, shape `(h,)`.
+        valid: only these points count (as in `weighted_mean`); None: all.
 
     Returns:
         The scores, shape `(...)`.
@@ -178,9 +184,11 @@ def acc(forecast: Array, truth: Array, climatology: Array, weights: Array) -> Ar
     xp = _xp(forecast, truth, climatology)
     forecast, truth, climatology = _cast(xp, forecast, truth, climatology)
     fa, ta = forecast - climatology, truth - climatology
-    return weighted_mean(fa * ta, weights) / xp.sqrt(
-        weighted_mean(fa**2, weights) * weighted_mean(ta**2, weights)
-    )
+    if valid is not None:  # where, not multiply: the NaNs left out must not spread
+        valid = valid & ~xp.isnan(climatology)  # a mean over states with gaps can have gaps
+        fa, ta = xp.where(valid, fa, 0), xp.where(valid, ta, 0)
+    mean = lambda x: weighted_mean(x, weights, valid)
+    return mean(fa * ta) / xp.sqrt(mean(fa**2) * mean(ta**2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,13 +197,29 @@ def acc(forecast: Array, truth: Array, climatology: Array, weights: Array) -> Ar
 
 
 def _field_sums(
-    xp: Any, f: Array, o: Array, c: Array | None, weights: np.ndarray, mask: Array | None
+    xp: Any,
+    name: str,
+    f: Array,
+    o: Array,
+    c: Array | None,
+    weights: np.ndarray,
+    mask: Array | None,
 ) -> dict[str, Array]:
-    """Per-field scores summed over the leading (batch, history) axes; levels stay."""
-    scores = {"mse": mse(f, o, weights), "mae": mae(f, o, weights), "bias": bias(f, o, weights)}
+    """Per-field scores summed over the leading (batch, history) axes; levels stay.
+
+    A wave field's NaN points (prediction or truth) are left out and directions are compared
+    by angle (`trainers.masking`); any other variable's NaN makes its scores NaN.
+    """
+    f, o = _cast(xp, f, o)
+    error, valid = field_error(xp, name, f, o)
+    scores = {
+        "mse": weighted_mean(error**2, weights, valid),
+        "mae": weighted_mean(xp.abs(error), weights, valid),
+        "bias": weighted_mean(error, weights, valid),
+    }
     if c is not None:
         with np.errstate(invalid="ignore", divide="ignore"):
-            scores["acc"] = acc(f, o, xp.broadcast_to(c, o.shape), weights)
+            scores["acc"] = acc(f, o, xp.broadcast_to(c, o.shape), weights, valid)
     else:
         scores["acc"] = xp.full(scores["mse"].shape, np.nan, scores["mse"].dtype)
     out = {}
@@ -213,7 +237,9 @@ def score_batch(
     """Scores of `pred` against `truth` (physical units, same grid), summed over samples.
 
     A sample is one `(b, t)` field. Sums rather than means: add them up over batches with
-    `ScoreTotals`. Variables in `pred` but not in `truth` are not scored.
+    `ScoreTotals`. Variables in `pred` but not in `truth` are not scored. The wave fields'
+    NaN points are left out of their scores, and directions are scored by angular difference
+    (`trainers.masking`).
 
     Args:
         pred: the forecast, variables of shape `(b, t, h, w)` / `(b, t, c, h, w)`.
@@ -243,7 +269,8 @@ def score_batch(
         for name in preds:
             if name in truths:
                 c = clims.get(name) if climatology is not None else None
-                out[group][name] = _field_sums(xp, preds[name], truths[name], c, weights, mask)
+                fields = (preds[name], truths[name], c, weights, mask)
+                out[group][name] = _field_sums(xp, name, *fields)
     return out
 
 

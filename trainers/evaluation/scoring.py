@@ -47,6 +47,7 @@ from trainers.evaluation.states import (
     WB2_INIT_HOURS,
     SourceStates,
     model_variables,
+    scored_variables,
     step_seconds,
 )
 from trainers.evaluation.wb2 import evaluation_grid, regrid_batch
@@ -189,6 +190,7 @@ def evaluate_with_examples(
     step_fn = model if isinstance(model, ModelStep) else ModelStep(model)
     check_members(step_fn.model, members)
     surf, atmos, _ = model_variables(step_fn.model, source)
+    scored_surf = scored_variables(step_fn.model, surf)
     if inits is None:
         inits = checked_inits(step_fn, source, step_hours, init_hours)
     inits = np.asarray(inits, np.int64)
@@ -231,6 +233,7 @@ def evaluate_with_examples(
                 persistence = _last_state(inputs, rows)
             mask = np.array([states.has(t) for t in valid], np.float32)
             s, a = states.stack(valid[:, None], rows)
+            s = {v: s[v] for v in scored_surf}
             metadata = persistence.metadata.replace(time=(valid // 60).astype(np.int32))
             truth = Batch(surf_vars=s, static_vars={}, atmos_vars=a, metadata=metadata)
             fields = {

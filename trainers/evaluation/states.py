@@ -18,7 +18,14 @@ from data_builders.pipeline import WeatherSource, find_windows
 State = dict[str, dict[str, np.ndarray]]
 """One time's fields: ``{"surf": {name: (h, w)}, "atmos": {name: (c, h, w)}}``, float32."""
 
-__all__ = ["WB2_INIT_HOURS", "SourceStates", "init_times", "model_variables", "step_seconds"]
+__all__ = [
+    "WB2_INIT_HOURS",
+    "SourceStates",
+    "init_times",
+    "model_variables",
+    "scored_variables",
+    "step_seconds",
+]
 
 WB2_INIT_HOURS = (0, 12)
 """WeatherBench2 initialises its forecasts at 00 and 12 UTC."""
@@ -168,8 +175,14 @@ _FIRST: weakref.WeakKeyDictionary[WeatherSource, dict[str, dict[str, None]]] = (
 def model_variables(model: Aurora, source: WeatherSource) -> tuple[list[str], list[str], list[str]]:
     """The model's variables that the source has (its first record is read once to see).
 
+    These are read for the inputs and for the truth: the variables a batch may hold
+    (`input_surf_vars`, e.g. `AuroraWave`'s wind direction `dwi`), then those a prediction
+    holds (`output_surf_vars`, e.g. its `mwd` where `surf_vars` has `mwd_sin`, `mwd_cos` and
+    `mwd_density`); `scored_variables` keeps the latter.
+
     Args:
-        model: the model (its `surf_vars`, `atmos_vars` and `static_vars`).
+        model: the model (its `input_surf_vars`, `output_surf_vars`, `atmos_vars` and
+            `static_vars`; a model without the first two: `surf_vars`).
         source: the states.
 
     Returns:
@@ -182,7 +195,8 @@ def model_variables(model: Aurora, source: WeatherSource) -> tuple[list[str], li
     if first is None:  # read once per source: the variables a record holds
         record = source.records[0]
         first = _FIRST[source] = {g: dict.fromkeys(record.get(g, {})) for g in ("surf", "atmos")}
-    surf = [v for v in model.surf_vars if v in first.get("surf", {})]
+    names = dict.fromkeys((*_surf_vars(model, "input"), *_surf_vars(model, "output")))
+    surf = [v for v in names if v in first.get("surf", {})]
     atmos = [v for v in model.atmos_vars if v in first.get("atmos", {})]
     static = [v for v in model.static_vars if v in source.static]
     if not atmos:
@@ -190,3 +204,14 @@ def model_variables(model: Aurora, source: WeatherSource) -> tuple[list[str], li
             f"{source.name}: none of the model's atmospheric variables {model.atmos_vars}"
         )
     return surf, atmos, static
+
+
+def _surf_vars(model: Aurora, kind: str) -> tuple[str, ...]:
+    return tuple(getattr(model, f"{kind}_surf_vars", model.surf_vars))
+
+
+def scored_variables(model: Aurora, surf: Sequence[str]) -> list[str]:
+    """The surface variables of `surf` (read by `model_variables`) that a prediction holds and
+    a forecast is scored on (not the inputs only it needs, such as `AuroraWave`'s `dwi`)."""
+    output = set(_surf_vars(model, "output"))
+    return [v for v in surf if v in output]
