@@ -265,13 +265,17 @@ def test_only_the_last_target_may_be_off_the_time_step() -> None:
         check_lead_times(model, inputs, [targets[0], dataclasses.replace(targets[0])])
 
 
-def _manual_loss(model, params, inputs: Batch, targets: list[Batch]) -> float:
-    """The rollout's mean step loss, each step given its target's lead, outside the Trainer."""
+def _manual_loss(model, params, inputs: Batch, targets: list[Batch], **loss_kwargs) -> float:
+    """The rollout's mean step loss, each step given its target's lead, outside the Trainer
+    (variables compared after the model's `_pre_norm_hook`)."""
     batch, losses = inputs.astype(jnp.float32).crop(model.patch_size), []
     for target in targets:
         lead = (np.asarray(target.metadata.time) - np.asarray(batch.metadata.time)) / 60
         pred = model.apply({"params": params}, batch, jnp.asarray(lead, jnp.float32))
-        losses.append(aurora_mae(pred, target.crop(model.patch_size))[0])
+        normed = lambda b: model._pre_norm_hook(b)
+        losses.append(
+            aurora_mae(normed(pred), normed(target.crop(model.patch_size)), **loss_kwargs)[0]
+        )
         batch = advance_batch(batch, pred)
     return float(np.mean(losses))
 
@@ -389,3 +393,70 @@ def test_replay_trains_on_output_only_variables_and_keeps_them_out_of_its_buffer
     logged = [writer.scalars[step] for step in range(1, 7)]
     assert max(s["train/lead_hours"] for s in logged) > 6  # predictions were fed back as inputs
     assert all(s["train/loss"] < 0.02 and "train/mae/msl" in s for s in logged)
+
+
+def v1p5_source(model, hours: int = 22, h: int = 8, w: int = 16) -> WeatherSource:
+    """Hourly random states with every variable of Aurora 1.5 at its normalisation statistics
+    (`scaled_*` amounts non-negative, as the data hold them)."""
+    from aurora.model.log_transform import log_untransform
+
+    rng = np.random.default_rng(0)
+
+    def surf(name: str) -> np.ndarray:
+        location, scale = surf_location_scale(name)
+        x = location + scale * rng.standard_normal((h, w))
+        return np.asarray(log_untransform(np.abs(x)) if name.startswith("scaled_") else x)
+
+    def atmos(name: str) -> np.ndarray:
+        location, scale = atmos_location_scale(name, LEVELS)
+        return location + scale * rng.standard_normal((len(LEVELS), h, w))
+
+    records = [
+        {
+            "time": T0 + i * HOUR,
+            "surf": {v: surf(v).astype(np.float32) for v in model.surf_vars},
+            "atmos": {v: atmos(v).astype(np.float32) for v in model.atmos_vars},
+        }
+        for i in range(hours)
+    ]
+    return WeatherSource(
+        records=records,
+        lat=np.linspace(90, -90, h + 1)[:-1],
+        lon=np.arange(w) * 360 / w,
+        levels=LEVELS,
+        times=np.array([T0 + i * HOUR for i in range(hours)]),
+        static={v: surf(v).astype(np.float32) for v in model.static_vars},
+        name="v1p5",
+    )
+
+
+@pytest.mark.slow  # a reduced Aurora 1.5 with its 26 surface and 37 static variables
+def test_reduced_aurora_v1p5_fine_tunes_on_sub_step_leads() -> None:
+    """`AuroraV1p5` (float32, reduced backbone) through `run`'s pieces: its output-only variables
+    are targets only, 2-step rollouts end at drawn leads of 1, 3 or 6 h in one compiled step, and
+    the Trainer's first loss is the rollout's, log-transformed precipitation included."""
+    from aurora.model.v1p5 import AuroraV1p5
+    from tests.helpers import TINY_KWARGS
+    from trainers.run import target_only_vars
+
+    model = AuroraV1p5(autocast=False, **TINY_KWARGS)
+    p = Pipeline(
+        v1p5_source(model),
+        rollout_steps=2,
+        lead_times_hours=(1, 3, 6),
+        seed=3,
+        num_threads=0,
+        **target_only_vars(model),
+    )
+    inputs, targets = p.dataset[0]
+    assert not set(model.output_only_surf_vars) & set(inputs.surf_vars)
+    assert set(model.output_only_surf_vars) <= set(targets[-1].surf_vars)
+    params = jax.device_get(model.init(jax.random.PRNGKey(0), inputs)["params"])
+    trainer, logged = _fit(model, p, 3, 2, init_params=jax.tree.map(jnp.asarray, params))
+    assert len({int(x) for i in range(3) for x in p.batch_leads(i)}) >= 2
+    assert trainer._compiled["train"]._cache_size() == 1
+    assert logged[1]["train/loss"] == pytest.approx(
+        _manual_loss(model, params, inputs, targets), rel=1e-4
+    )
+    assert all(f"train/mae/{v}" in logged[1] for v in model.output_only_surf_vars)
+    assert all(np.isfinite(s["train/loss"]) for s in logged.values())
