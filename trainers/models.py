@@ -11,6 +11,8 @@ Scoring and forecast files (`--mode=test`, `--mode=predict`, `trainers.evaluatio
 (`examples/tiny_model.py` has them). A model with Aurora's `drop_path` / `drop_rate` (any non-zero)
 trains with drop-out: the training step applies it as `apply(..., rngs={"dropout": key},
 deterministic=False)`, with a new key every step; evaluation and prediction stay deterministic.
+A model with Aurora's `stochastic=True` draws noise from `rngs={"noise": key}` in every call:
+a new key every training step, one from the seed in evaluation (`rng_streams` names the streams).
 
 `configure_model` sets the Trainer's `precision` and `remat` on a model through the fields the
 model declares, so a model without them trains at the defaults ("32", "none") and a request it
@@ -24,7 +26,20 @@ from typing import Any
 
 import jax.numpy as jnp
 
-__all__ = ["configure_model", "patch_size", "uses_dropout"]
+from aurora.model.noise import NOISE_RNG
+
+__all__ = [
+    "DROPOUT_RNG",
+    "NOISE_RNG",
+    "configure_model",
+    "is_stochastic",
+    "patch_size",
+    "rng_streams",
+    "uses_dropout",
+]
+
+DROPOUT_RNG = "dropout"
+"""The Flax rng stream of drop-out and drop-path (Flax's convention)."""
 
 BF16 = ("bf16-mixed", "bf16-true")
 """Precisions that compute in bfloat16."""
@@ -38,6 +53,23 @@ def patch_size(model: Any) -> int:
 def uses_dropout(model: Any) -> bool:
     """Whether the model has drop-out or drop-path to switch on in training (Aurora's fields)."""
     return bool(getattr(model, "drop_path", 0.0) or getattr(model, "drop_rate", 0.0))
+
+
+def is_stochastic(model: Any) -> bool:
+    """Whether the model draws noise in every call (Aurora's `stochastic`, e.g.
+    AuroraV1p5Ensemble), so that each call needs a key of the :data:`NOISE_RNG` stream."""
+    return bool(getattr(model, "stochastic", False))
+
+
+def rng_streams(model: Any, training: bool) -> tuple[str, ...]:
+    """The rng streams a call of `model` needs: :data:`DROPOUT_RNG` in training a model with
+    drop-out, :data:`NOISE_RNG` for a stochastic model; empty for a deterministic call."""
+    streams = []
+    if training and uses_dropout(model):
+        streams.append(DROPOUT_RNG)
+    if is_stochastic(model):
+        streams.append(NOISE_RNG)
+    return tuple(streams)
 
 
 def configure_model(model: Any, *, precision: str = "32", remat: str = "none") -> Any:

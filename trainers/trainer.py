@@ -31,6 +31,7 @@ from trainers import sharding
 from trainers.checkpointing import CheckpointConnector
 from trainers.data import DataSource, Example, FirstBatches
 from trainers.lead_time import check_lead_times, uses_variable_lead_time
+from trainers.models import is_stochastic
 from trainers.state import TrainState
 from trainers.strategies.base import OUTPUTS, Strategy, stack_targets
 
@@ -603,7 +604,10 @@ class Trainer:
         return self._jit("train", step, batch, train=True)
 
     def _eval_step(self, batch: tuple[Batch, Batch]) -> Any:
-        return self._jit("eval", self.strategy.eval_step, batch, train=False)
+        """The evaluation step; a stochastic model's noise comes from the trainer's `seed`
+        (`Strategy.in_evaluation`), so validation and test losses are reproducible."""
+        evaluating = self.strategy.in_evaluation(self.seed)
+        return self._jit("eval", evaluating.eval_step, batch, train=False)
 
     def _agree_to_stop(self, now: bool = False) -> bool:
         """Every process stops at the same step if any callback on any process asked to.
@@ -959,23 +963,37 @@ class Trainer:
         return metrics
 
     def predict(
-        self, data: DataSource, steps: int = 1, ckpt_path: str | Path | None = None
-    ) -> Iterable[list[Batch]]:
+        self,
+        data: DataSource,
+        steps: int = 1,
+        ckpt_path: str | Path | None = None,
+        members: int = 1,
+    ) -> Iterable[list[Batch]] | Iterable[list[list[Batch]]]:
         """Roll out `steps` predictions from every input.
 
-        One compiled model step serves every batch, rollout step and later call.
+        One compiled model step serves every batch, rollout step and later call. A stochastic
+        model's member `m` rolls out with `--mode=predict`'s key (`trainers.evaluation.forecasts.
+        member_key`: the trainer's `seed`, `m` and the batch's first init), so the same seed
+        gives the same members.
 
         Args:
             data: the examples to predict from (their targets are not used; at most
                 `limit_predict_batches` batches).
             steps: rollout steps per input.
             ckpt_path: the checkpoint to predict with (see `load`).
+            members: ensemble members per input (above 1 only for a stochastic model).
 
         Yields:
-            Per batch, the `steps` predictions as host-side (numpy) `Batch`es.
-        """
-        from aurora.rollout import ModelStep, rollout
+            Per batch, the `steps` predictions as host-side (numpy) `Batch`es; with
+            `members > 1`, one such list per member.
 
+        Raises:
+            ValueError: `members` below 1, or above 1 for a deterministic model.
+        """
+        from aurora.rollout import ModelStep
+        from trainers.evaluation.forecasts import check_members
+
+        check_members(self.strategy.model, members)
         with self._stage("predict"):
             self.load(data, ckpt_path)
             if "predict" not in self._compiled:
@@ -992,7 +1010,8 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_predict_batch_start(self, example, batch_idx)
                 inputs, _ = _to_device_batch(example)
-                preds = [p.to_numpy() for p in rollout(step, self.state.params, inputs, steps)]
+                runs = [self._rollout(step, inputs, steps, member) for member in range(members)]
+                preds = runs[0] if members == 1 else runs
                 for cb in self.callbacks:
                     cb.on_predict_batch_end(self, preds, example, batch_idx)
                 yield preds
@@ -1000,3 +1019,15 @@ class Trainer:
                 cb.on_predict_epoch_end(self)
             for cb in self.callbacks:
                 cb.on_predict_end(self)
+
+    def _rollout(self, step: Any, inputs: Batch, steps: int, member: int) -> list[Batch]:
+        """Member `member`'s `steps` predictions from `inputs`, host-side; a stochastic model's
+        with the member's key (`trainers.evaluation.forecasts.member_key`)."""
+        from aurora.rollout import rollout
+        from trainers.evaluation.forecasts import member_key
+
+        kwargs = {}
+        if is_stochastic(step.model):
+            init = int(np.ravel(np.asarray(inputs.metadata.time))[0]) * 60  # seconds
+            kwargs["rng"] = member_key(self.seed, member, init)
+        return [p.to_numpy() for p in rollout(step, self.state.params, inputs, steps, **kwargs)]

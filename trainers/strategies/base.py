@@ -29,7 +29,14 @@ from flax import traverse_util
 from aurora.batch import Batch
 from trainers.lead_time import lead_hours, uses_variable_lead_time
 from trainers.loss import Loss, LossConfig, LossFn
-from trainers.models import configure_model, patch_size, uses_dropout
+from trainers.models import (
+    DROPOUT_RNG,
+    NOISE_RNG,
+    configure_model,
+    is_stochastic,
+    patch_size,
+    rng_streams,
+)
 from trainers.state import TrainState
 from trainers.strategies.trainable import Trainable, TrainableSpec, is_lora_path
 
@@ -111,8 +118,12 @@ class Strategy:
             train_base=True)`); see `trainers.strategies.trainable`.
     """
 
-    dropout_key: jax.Array | None = None
-    """The training step's drop-out key, on the copy `in_training` makes (None: deterministic)."""
+    model_key: jax.Array | None = None
+    """The key this copy's model calls draw from, set by `in_training` (drop-out and noise) and
+    `in_evaluation` (noise); None: the model is called without randomness."""
+
+    training: bool = False
+    """Whether this copy's model calls train (drop-out on), as `in_training` makes it."""
 
     def __init__(
         self,
@@ -273,30 +284,53 @@ class Strategy:
         return self.apply_model(params, batch, *lead)
 
     def apply_model(self, params: Any, batch: Batch, *args: Any) -> Batch:
-        """`model.apply` on `batch` (and `args`); in training (`in_training`), with drop-out.
+        """`model.apply` on `batch` (and `args`), drawing from `model_key` if this copy has one.
 
-        The training key is folded with the batch's rollout step and first valid time, so every
-        step of a rollout and every replayed row draws its own masks.
+        The key is folded with the batch's rollout step and first valid time, so every step of a
+        rollout and every replayed row draws its own masks and noise; the call's key is then
+        split into the "dropout" key (in training, a model with drop-out) and the "noise" key (a
+        stochastic model), the two streams `rng_streams` names.
         """
-        if self.dropout_key is None:
+        streams = rng_streams(self.model, self.training)
+        if self.model_key is None or not streams:
             return self.model.apply({"params": params}, batch, *args)
         meta = batch.metadata
-        key = jax.random.fold_in(self.dropout_key, jnp.ravel(jnp.asarray(meta.rollout_step))[0])
+        key = jax.random.fold_in(self.model_key, jnp.ravel(jnp.asarray(meta.rollout_step))[0])
         key = jax.random.fold_in(key, jnp.ravel(jnp.asarray(meta.time))[0])
-        return self.model.apply(
-            {"params": params}, batch, *args, rngs={"dropout": key}, deterministic=False
-        )
+        dropout, noise = jax.random.split(key)
+        keys = {DROPOUT_RNG: dropout, NOISE_RNG: noise}
+        rngs = {name: keys[name] for name in streams}
+        train = {"deterministic": False} if DROPOUT_RNG in rngs else {}
+        return self.model.apply({"params": params}, batch, *args, rngs=rngs, **train)
 
     def in_training(self, state: TrainState) -> Self:
-        """This strategy, or for a model with drop-out (`trainers.models.uses_dropout`) a shallow
-        copy whose `apply_model` trains with a key of this step: `fold_in(state.rng,
-        state.step)`, so a resumed run draws the same masks. Evaluation and prediction use the
-        strategy itself and stay deterministic."""
-        if not uses_dropout(self.model):
+        """This strategy, or for a model with drop-out (`trainers.models.uses_dropout`) or noise
+        (`trainers.models.is_stochastic`) a shallow copy whose `apply_model` trains with a key of
+        this step: `fold_in(state.rng, state.step)`, so a resumed run draws the same masks and
+        noise. Evaluation and prediction use the strategy itself (or `in_evaluation`'s copy):
+        without drop-out."""
+        if not rng_streams(self.model, training=True):
             return self
         training = copy.copy(self)
-        training.dropout_key = jax.random.fold_in(state.rng, state.step)
+        training.model_key = jax.random.fold_in(state.rng, state.step)
+        training.training = True
         return training
+
+    def in_evaluation(self, seed: int) -> Self:
+        """This strategy, or for a stochastic model a shallow copy whose `apply_model` draws its
+        noise from `seed`: a validation or test loss is then reproducible, the same on a re-run
+        and after a resume, and the same checkpoint always meets the same noise.
+
+        The key is member 0's of the ensemble forecasts' rule
+        (`trainers.evaluation.forecasts.member_key`: the seed's key with the member index folded
+        in), to which each model call folds its rollout step and valid time (`apply_model`).
+        """
+        if not is_stochastic(self.model):
+            return self
+        evaluating = copy.copy(self)
+        evaluating.model_key = jax.random.fold_in(jax.random.key(seed), 0)
+        evaluating.training = False
+        return evaluating
 
     def predict_to(self, params: Any, batch: Batch, target: Batch) -> Batch:
         """One model step from `batch` to `target`'s valid time: a model with
