@@ -31,7 +31,8 @@ class RmseCallback(Callback):
         if trainer.global_step % self.every_n_steps:
             return
         if self._predict is None:
-            self._predict = jax.jit(trainer.strategy.predict)
+            # A stochastic model's noise from the run's seed, as in validation.
+            self._predict = jax.jit(trainer.strategy.in_evaluation(trainer.seed).predict)
         inputs, targets = batch
         pred = self._predict(trainer.state.params, inputs)
         if self.level is None:
