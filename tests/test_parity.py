@@ -134,8 +134,10 @@ def _errors(predictions: Iterable[Batch], ref: dict[str, np.ndarray]) -> dict[st
 
 
 def _assert_close(errors: dict[str, float]) -> None:
-    worst = max(errors, key=errors.get)
     print(json.dumps(errors, indent=1))
+    not_finite = sorted(k for k, v in errors.items() if not np.isfinite(v))
+    assert not not_finite, f"relative errors not finite (NaN or infinity) for {not_finite}"
+    worst = max(errors, key=errors.get)
     assert errors[worst] <= TOLERANCE, f"{worst}: relative error {errors[worst]:.2e} > {TOLERANCE}"
 
 
