@@ -30,6 +30,7 @@ from data_builders.regrid import regrid
 
 __all__ = [
     "ATMOS_VARS",
+    "CATEGORY_CODES",
     "MASKED_VARS",
     "STATIC_KEYS",
     "STATIC_VARS",
@@ -54,10 +55,21 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 G = 9.80665  # standard gravity, m s**-2: WeatherBench's orography = z_sfc / G
+CATEGORY_CODES: dict[str, tuple[int, ...]] = {
+    "slt": (0, 1, 2, 3, 4, 5, 6, 7),
+    "tvh": (0, 3, 4, 5, 6, 18, 19),
+    "tvl": (0, 1, 2, 7, 9, 10, 11, 13, 16, 17),
+}
+"""ECMWF's categorical invariants (soil type, type of high and of low vegetation; 0: none, e.g.
+sea) and the codes ERA5 uses. Aurora 1.5 takes each code as a static indicator field named
+``{field}_{code}`` (``slt_3 = (slt == 3)``), which `open_dataset` derives when it is requested."""
 # Aurora static name -> dataset key; the ECMWF invariants from `anor` on are Aurora 1.5's.
 STATIC_KEYS = {"lsm": "lsm", "slt": "slt", "z": "z_sfc"} | {
-    name: name for name in ("anor", "isor", "cvh", "cl", "dl", "cvl", "slor", "sdfor", "sdor")
+    name: name
+    for name in ("anor", "isor", "cvh", "cl", "dl", "cvl", "slor", "sdfor", "sdor", "tvh", "tvl")
 }
+STATIC_KEYS |= {f"{f}_{c}": f"{f}_{c}" for f, codes in CATEGORY_CODES.items() for c in codes}
+_INDICATOR = re.compile(r"^(slt|tvh|tvl)_(\d+)$")
 _STATIC = frozenset(STATIC_KEYS.values())
 
 PathArg = str | PathLike[str]
@@ -189,6 +201,8 @@ _NAMES = {
     "slope_of_sub_gridscale_orography": "slor",
     "standard_deviation_of_filtered_subgrid_orography": "sdfor",
     "standard_deviation_of_orography": "sdor",
+    "type_of_high_vegetation": "tvh",
+    "type_of_low_vegetation": "tvl",
 }
 MASKED_VARS = frozenset(_WAVE_VARS)
 """Wave fields, which are NaN over land and where a wave system is absent: their NaNs are kept
@@ -334,12 +348,18 @@ def valid_times(
 def _check_requested(wanted: list[str], lazy: list[tuple[Path, xr.Dataset]]) -> None:
     """Fail before reading any data when a requested variable is in none of the files."""
     found = {str(k) for _, d in lazy for k in d.data_vars}
-    missing = [v for v in wanted if v not in found]
+    missing = [v for v in wanted if v not in found and _category_of(v) not in found]
     if missing:
         names = ", ".join(str(p) for p, _ in lazy)
         hint = ""
         if "z" in missing and "z_sfc" in found:
             hint = " (static surface geopotential is stored as z_sfc)"
+        lacking = sorted({f for f in map(_category_of, missing) if f is not None})
+        if lacking:
+            hint += (
+                f" (indicator fields are derived from the categorical field(s) {lacking}, "
+                "which these files lack)"
+            )
         raise DataError(f"{names}: missing variable(s) {missing}; found {sorted(found)}{hint}")
 
 
@@ -413,11 +433,54 @@ def _select_and_load(
     fill_nan: Fill | Mapping[str, Fill] | None,
     time: slice | Sequence[Any] | None,
 ) -> xr.Dataset:
-    """Subset, read, then check units and NaNs on the values actually read."""
-    ds = _load(select_lazy(ds, path, wanted, levels, time), path)
+    """Subset, read, then check units and NaNs on the values actually read; derive the
+    requested indicator fields of categorical ones."""
+    read = None if wanted is None else _with_categories(wanted, ds)
+    ds = _load(select_lazy(ds, path, read, levels, time), path)
     check_units(ds, path)
     ds = handle_nans(ds, path, fill_nan)
-    return _finish(ds, path)
+    ds = _finish(ds, path)
+    return ds if wanted is None else _indicators(ds, wanted)
+
+
+def _category_of(name: str) -> str | None:
+    """The categorical field an indicator name such as ``slt_3`` is derived from, else None."""
+    match = _INDICATOR.match(name)
+    return match.group(1) if match else None
+
+
+def _with_categories(wanted: list[str], ds: xr.Dataset) -> list[str]:
+    """`wanted` plus the categorical fields its indicators are derived from in this file."""
+    extra = [
+        f
+        for v in wanted
+        if v not in ds.data_vars and (f := _category_of(v)) is not None and f in ds.data_vars
+    ]
+    return [*wanted, *(f for f in dict.fromkeys(extra) if f not in wanted)]
+
+
+def _indicators(ds: xr.Dataset, wanted: list[str]) -> xr.Dataset:
+    """Derive the requested indicator fields ``{field}_{code}`` (1 where the categorical field is
+    `code`, else 0) that the file does not hold itself; drop the categorical fields read only
+    for them.
+
+    A categorical field regridded by interpolation is no longer integer: it is rounded to the
+    nearest code first, which undoes small disturbances (packing, interpolation next to equal
+    codes), but a point interpolated between two different codes may round to a third: regrid
+    categorical fields by nearest neighbour. A code found nowhere gives a field of zeros.
+    """
+    derived = {}
+    for name in wanted:
+        field = _category_of(name)
+        if name in ds.data_vars or field is None or field not in ds.data_vars:
+            continue
+        source = ds[field]
+        code = int(name.rsplit("_", 1)[1])
+        hot = (np.rint(source.values) == code).astype(np.float32)
+        attrs = {**source.attrs, "aurora_name": name, "units": "(0 - 1)"}
+        derived[name] = source.copy(data=hot).assign_attrs(attrs, long_name=f"{field} == {code}")
+    unwanted = {_category_of(v) for v in derived} - set(wanted)
+    return ds.assign(derived).drop_vars(sorted(str(f) for f in unwanted))
 
 
 def _file_kind(path: Path) -> str:

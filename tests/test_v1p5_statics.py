@@ -1,0 +1,98 @@
+"""Aurora 1.5's categorical static fields: the readers derive ``slt_k``, ``tvh_k`` and ``tvl_k``
+(indicator fields of ECMWF's soil type and vegetation type codes) from ERA5's invariants."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from aurora.model.v1p5 import AuroraV1p5
+from data_builders.readers import (
+    CATEGORY_CODES,
+    STATIC_KEYS,
+    DataError,
+    aurora_groups,
+    open_dataset,
+)
+
+_INVARIANTS = ("lsm", "z", "anor", "isor", "cvh", "cl", "dl", "cvl", "slor", "sdfor", "sdor")
+
+
+def _codes(shape: tuple[int, int], seed: int) -> dict[str, np.ndarray]:
+    """Each field's codes, all of them present except the last one of each field (a code found
+    nowhere), some disturbed by less than 0.5 as an interpolating regrid leaves them."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for field, codes in CATEGORY_CODES.items():
+        values = rng.choice(np.array(codes[:-1], np.float32), shape)
+        values.flat[: len(codes) - 1] = codes[:-1]
+        out[field] = values + rng.uniform(-0.3, 0.3, shape).astype(np.float32)
+    return out
+
+
+def _invariants_file(path: Path, fields: dict[str, np.ndarray]) -> Path:
+    """A global ERA5-like invariants file (one time, as the CDS writes them) holding `fields`."""
+    lat, lon = np.linspace(90, -90, 7), np.linspace(0, 360, 12, endpoint=False)
+    data = {
+        name: (("valid_time", "latitude", "longitude"), values[None].astype(np.float32))
+        for name, values in fields.items()
+    }
+    coords = {"valid_time": np.array(["2020-01-01"], "datetime64[ns]"), "latitude": lat}
+    xr.Dataset(data, coords | {"longitude": lon}).to_netcdf(path)
+    return path
+
+
+def _ecmwf_invariants(seed: int = 0) -> dict[str, np.ndarray]:
+    """Every ECMWF invariant Aurora 1.5 reads, by its ERA5 short name, on the (7, 12) grid."""
+    rng = np.random.default_rng(seed)
+    fields = {name: rng.random((7, 12)).astype(np.float32) for name in _INVARIANTS}
+    fields["z"] = fields["z"] * 50_000  # surface geopotential, m**2 s**-2
+    return fields | _codes((7, 12), seed)
+
+
+def test_indicator_fields_are_the_rounded_codes(tmp_path: Path) -> None:
+    """``slt_3 = (round(slt) == 3)``, exactly, for every code of the three fields; a code found
+    nowhere is a field of zeros; the categorical fields read for them are not returned."""
+    codes = _codes((7, 12), seed=1)
+    path = _invariants_file(tmp_path / "categories.nc", codes)
+    names = [f"{f}_{c}" for f, cs in CATEGORY_CODES.items() for c in cs]
+    ds = open_dataset(path, variables=names)
+    assert list(ds.data_vars) == names
+    for field, values in codes.items():
+        for code in CATEGORY_CODES[field]:
+            da = ds[f"{field}_{code}"]
+            assert da.dtype == np.float32 and da.dims == ("latitude", "longitude")
+            expected = (np.rint(values) == code).astype(np.float32)
+            np.testing.assert_array_equal(da.values, expected, err_msg=f"{field}_{code}")
+            assert da.attrs["aurora_name"] == f"{field}_{code}"
+        assert not ds[f"{field}_{CATEGORY_CODES[field][-1]}"].values.any()  # absent code
+        total = sum(ds[f"{field}_{c}"].values for c in CATEGORY_CODES[field])
+        np.testing.assert_array_equal(total, 1.0)  # every point has exactly one code
+    both = open_dataset(path, variables=["slt", "slt_2"])
+    assert set(both.data_vars) == {"slt", "slt_2"}  # the categorical field when asked for
+    np.testing.assert_array_equal(both["slt"].values, codes["slt"])
+
+
+def test_every_v1p5_static_field_from_the_ecmwf_invariants(tmp_path: Path) -> None:
+    """All 36 of AuroraV1p5's static fields come from a file of ECMWF's 14 invariants, through
+    the keys `STATIC_KEYS` gives the builders, under the model's names."""
+    static_vars = AuroraV1p5(autocast=False).static_vars
+    assert len(static_vars) == 36 and set(static_vars) <= set(STATIC_KEYS)
+    path = _invariants_file(tmp_path / "invariants.nc", _ecmwf_invariants())
+    ds = open_dataset(path, variables=[STATIC_KEYS[v] for v in static_vars])
+    static = aurora_groups(ds)["static"]
+    assert set(static) == set(static_vars)
+    assert all(np.isfinite(da.values).all() and da.shape == (7, 12) for da in static.values())
+    assert static["tvl_13"].attrs["source_name"] == "tvl"
+
+
+def test_missing_categorical_field_names_file_and_field(tmp_path: Path) -> None:
+    """An indicator whose categorical field the files lack fails before reading, naming both."""
+    fields = _ecmwf_invariants()
+    del fields["tvh"]
+    path = _invariants_file(tmp_path / "no_tvh.nc", fields)
+    with pytest.raises(DataError, match=r"no_tvh\.nc.*tvh_3.*\['tvh'\]"):
+        open_dataset(path, variables=["slt_1", "tvh_3"])
