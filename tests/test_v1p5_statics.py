@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import xarray as xr
 
+from aurora.batch import Batch, Metadata, to_minutes
+from aurora.insolation import insolation
 from aurora.model.v1p5 import AuroraV1p5
+from aurora.rollout import ModelStep
 from data_builders.readers import (
     CATEGORY_CODES,
     STATIC_KEYS,
@@ -17,6 +21,7 @@ from data_builders.readers import (
     aurora_groups,
     open_dataset,
 )
+from tests.test_parity import TINY
 
 _INVARIANTS = ("lsm", "z", "anor", "isor", "cvh", "cl", "dl", "cvl", "slor", "sdfor", "sdor")
 
@@ -35,7 +40,8 @@ def _codes(shape: tuple[int, int], seed: int) -> dict[str, np.ndarray]:
 
 def _invariants_file(path: Path, fields: dict[str, np.ndarray]) -> Path:
     """A global ERA5-like invariants file (one time, as the CDS writes them) holding `fields`."""
-    lat, lon = np.linspace(90, -90, 7), np.linspace(0, 360, 12, endpoint=False)
+    h, w = next(iter(fields.values())).shape
+    lat, lon = np.linspace(90, -90, h + 1)[:-1], np.linspace(0, 360, w, endpoint=False)
     data = {
         name: (("valid_time", "latitude", "longitude"), values[None].astype(np.float32))
         for name, values in fields.items()
@@ -45,12 +51,12 @@ def _invariants_file(path: Path, fields: dict[str, np.ndarray]) -> Path:
     return path
 
 
-def _ecmwf_invariants(seed: int = 0) -> dict[str, np.ndarray]:
-    """Every ECMWF invariant Aurora 1.5 reads, by its ERA5 short name, on the (7, 12) grid."""
+def _ecmwf_invariants(shape: tuple[int, int] = (7, 12), seed: int = 0) -> dict[str, np.ndarray]:
+    """Every ECMWF invariant Aurora 1.5 reads, by its ERA5 short name."""
     rng = np.random.default_rng(seed)
-    fields = {name: rng.random((7, 12)).astype(np.float32) for name in _INVARIANTS}
+    fields = {name: rng.random(shape).astype(np.float32) for name in _INVARIANTS}
     fields["z"] = fields["z"] * 50_000  # surface geopotential, m**2 s**-2
-    return fields | _codes((7, 12), seed)
+    return fields | _codes(shape, seed)
 
 
 def test_indicator_fields_are_the_rounded_codes(tmp_path: Path) -> None:
@@ -96,3 +102,63 @@ def test_missing_categorical_field_names_file_and_field(tmp_path: Path) -> None:
     path = _invariants_file(tmp_path / "no_tvh.nc", fields)
     with pytest.raises(DataError, match=r"no_tvh\.nc.*tvh_3.*\['tvh'\]"):
         open_dataset(path, variables=["slt_1", "tvh_3"])
+
+
+def _era5_files(tmp_path: Path, h: int, w: int) -> list[Path]:
+    """ERA5-like single-level, pressure-level and invariants files for two times, by ECMWF's
+    short names, with plausible magnitudes (the readers check them)."""
+    rng = np.random.default_rng(2)
+    lat, lon = np.linspace(90, -90, h + 1)[:-1], np.linspace(0, 360, w, endpoint=False)
+    levels = np.array([100.0, 500.0, 850.0])
+    coords = {"valid_time": np.array(["2020-06-01T06", "2020-06-01T12"], "datetime64[ns]")}
+    coords |= {"latitude": lat, "longitude": lon}
+    single = ["d2m", "tcwv", "tcc", "u100", "v100", "sp", "lcc", "mcc", "hcc", "skt", "stl1"]
+    single += ["swvl1", "siconc", "sd", "u10", "v10"]
+    surf = {n: rng.random((2, h, w)) for n in single}
+    surf |= {"t2m": 250 + 50 * rng.random((2, h, w)), "msl": 1e5 + rng.random((2, h, w))}
+    dims = ("valid_time", "latitude", "longitude")
+    data = {n: (dims, v.astype(np.float32)) for n, v in surf.items()}
+    xr.Dataset(data, coords).to_netcdf(tmp_path / "single.nc")
+    std_z = np.array([158_000.0, 54_000.0, 14_000.0])[None, :, None, None]  # ~ICAO, m**2 s**-2
+    atmos = {n: 1e-3 * rng.random((2, 3, h, w)) for n in ("u", "v", "q")}
+    atmos |= {"z": std_z * (1 + 0.01 * rng.random((2, 3, h, w)))}
+    atmos |= {"t": 250 + 10 * rng.random((2, 3, h, w))}
+    dims = ("valid_time", "pressure_level", "latitude", "longitude")
+    data = {n: (dims, v.astype(np.float32)) for n, v in atmos.items()}
+    xr.Dataset(data, coords | {"pressure_level": levels}).to_netcdf(tmp_path / "levels.nc")
+    static = _invariants_file(tmp_path / "static.nc", _ecmwf_invariants((h, w)))
+    return [tmp_path / "single.nc", tmp_path / "levels.nc", static]
+
+
+def test_a_v1p5_batch_from_era5_files_runs_through_a_tiny_model(tmp_path: Path) -> None:
+    """The readers give every input AuroraV1p5 takes but `insolation` (computed from the time,
+    as the model recomputes it) from ERA5's files, the 36 static fields included; one step of a
+    TINY model on the batch they make is finite for every output variable."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in TINY.items()}
+    model = AuroraV1p5(autocast=False, **kwargs)
+    inputs = [v for v in model.surf_vars if v not in model.output_only_surf_vars]
+    assert len(inputs) == 19 and len(model.static_vars) == 36
+    wanted = [v for v in inputs if v != "insolation"] + list(model.atmos_vars)
+    wanted += [STATIC_KEYS[v] for v in model.static_vars]
+    h, w = 16, 32
+    groups = aurora_groups(open_dataset(_era5_files(tmp_path, h, w), variables=wanted))
+    times = groups["surf"]["2t"]["time"].values
+    lat, lon = groups["surf"]["2t"]["latitude"].values, groups["surf"]["2t"]["longitude"].values
+    sun = np.asarray(insolation(to_minutes(times), lat, lon))[None]
+    batch = Batch(
+        surf_vars={k: da.values[None] for k, da in groups["surf"].items()} | {"insolation": sun},
+        static_vars={k: da.values for k, da in groups["static"].items()},
+        atmos_vars={k: da.values[None] for k, da in groups["atmos"].items()},
+        metadata=Metadata(
+            lat=tuple(lat),
+            lon=tuple(lon),
+            time=(times[-1],),
+            atmos_levels=tuple(groups["atmos"]["z"]["level"].values),
+        ),
+    )
+    assert set(batch.surf_vars) == set(inputs) and set(batch.static_vars) == set(model.static_vars)
+    params = jax.jit(model.init)(jax.random.key(0), batch)["params"]
+    pred = ModelStep(model)(params, batch)
+    assert set(pred.surf_vars) == set(model.surf_vars)
+    for name, value in (pred.surf_vars | pred.atmos_vars).items():
+        assert np.isfinite(np.asarray(value)).all(), name
