@@ -40,11 +40,13 @@ __all__ = [
     "G",
     "aurora_groups",
     "canonical_lazy",
+    "category_of",
     "check_netcdf3_complete",
     "check_units",
     "fill_nans",
     "forecast_lead_dim",
     "handle_nans",
+    "indicator_fields",
     "nan_counts",
     "open_dataset",
     "regrid",
@@ -348,13 +350,13 @@ def valid_times(
 def _check_requested(wanted: list[str], lazy: list[tuple[Path, xr.Dataset]]) -> None:
     """Fail before reading any data when a requested variable is in none of the files."""
     found = {str(k) for _, d in lazy for k in d.data_vars}
-    missing = [v for v in wanted if v not in found and _category_of(v) not in found]
+    missing = [v for v in wanted if v not in found and category_of(v) not in found]
     if missing:
         names = ", ".join(str(p) for p, _ in lazy)
         hint = ""
         if "z" in missing and "z_sfc" in found:
             hint = " (static surface geopotential is stored as z_sfc)"
-        lacking = sorted({f for f in map(_category_of, missing) if f is not None})
+        lacking = sorted({f for f in map(category_of, missing) if f is not None})
         if lacking:
             hint += (
                 f" (indicator fields are derived from the categorical field(s) {lacking}, "
@@ -440,10 +442,10 @@ def _select_and_load(
     check_units(ds, path)
     ds = handle_nans(ds, path, fill_nan)
     ds = _finish(ds, path)
-    return ds if wanted is None else _indicators(ds, wanted)
+    return ds if wanted is None else indicator_fields(ds, wanted)
 
 
-def _category_of(name: str) -> str | None:
+def category_of(name: str) -> str | None:
     """The categorical field an indicator name such as ``slt_3`` is derived from, else None."""
     match = _INDICATOR.match(name)
     return match.group(1) if match else None
@@ -454,12 +456,12 @@ def _with_categories(wanted: list[str], ds: xr.Dataset) -> list[str]:
     extra = [
         f
         for v in wanted
-        if v not in ds.data_vars and (f := _category_of(v)) is not None and f in ds.data_vars
+        if v not in ds.data_vars and (f := category_of(v)) is not None and f in ds.data_vars
     ]
     return [*wanted, *(f for f in dict.fromkeys(extra) if f not in wanted)]
 
 
-def _indicators(ds: xr.Dataset, wanted: list[str]) -> xr.Dataset:
+def indicator_fields(ds: xr.Dataset, wanted: list[str]) -> xr.Dataset:
     """Derive the requested indicator fields ``{field}_{code}`` (1 where the categorical field is
     `code`, else 0) that the file does not hold itself; drop the categorical fields read only
     for them.
@@ -468,10 +470,12 @@ def _indicators(ds: xr.Dataset, wanted: list[str]) -> xr.Dataset:
     nearest code first, which undoes small disturbances (packing, interpolation next to equal
     codes), but a point interpolated between two different codes may round to a third: regrid
     categorical fields by nearest neighbour. A code found nowhere gives a field of zeros.
+
+    Public for streaming sources (see `canonical_lazy`); `ds` must be loaded.
     """
     derived = {}
     for name in wanted:
-        field = _category_of(name)
+        field = category_of(name)
         if name in ds.data_vars or field is None or field not in ds.data_vars:
             continue
         source = ds[field]
@@ -479,7 +483,7 @@ def _indicators(ds: xr.Dataset, wanted: list[str]) -> xr.Dataset:
         hot = (np.rint(source.values) == code).astype(np.float32)
         attrs = {**source.attrs, "aurora_name": name, "units": "(0 - 1)"}
         derived[name] = source.copy(data=hot).assign_attrs(attrs, long_name=f"{field} == {code}")
-    unwanted = {_category_of(v) for v in derived} - set(wanted)
+    unwanted = {category_of(v) for v in derived} - set(wanted)
     return ds.assign(derived).drop_vars(sorted(str(f) for f in unwanted))
 
 

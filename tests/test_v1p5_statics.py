@@ -162,3 +162,26 @@ def test_a_v1p5_batch_from_era5_files_runs_through_a_tiny_model(tmp_path: Path) 
     assert set(pred.surf_vars) == set(model.surf_vars)
     for name, value in (pred.surf_vars | pred.atmos_vars).items():
         assert np.isfinite(np.asarray(value)).all(), name
+
+
+def test_zarr_source_derives_indicator_fields_from_the_store(tmp_path: Path) -> None:
+    """The streaming zarr source reads the categorical fields by their WeatherBench2 names and
+    derives the indicator fields as `open_dataset` does."""
+    from tests.test_zarr_source import LAT, LON, _source, _write, wb2_like
+
+    wb2 = _write(wb2_like(), tmp_path / "wb2.zarr")
+    long = {"slt": "soil_type", "tvh": "type_of_high_vegetation", "tvl": "type_of_low_vegetation"}
+    codes = _codes((LAT.size, LON.size), seed=3)
+    static = xr.Dataset(
+        {long[f]: (("latitude", "longitude"), v) for f, v in codes.items()},
+        {"latitude": LAT, "longitude": LON},
+    )
+    store = _write(static, tmp_path / "static.zarr")
+    names = ["slt", "slt_0", "slt_6", "tvh_19", "tvh_4", "tvl_13"]
+    stats = {"r_500": (0, 1), "r_850": (0, 1)}
+    src = _source(str(wb2), static_url=str(store), static_vars=tuple(names), stats=stats)
+    assert set(src.static) == set(names)
+    ref = open_dataset(store, variables=names)
+    for name in names:
+        np.testing.assert_array_equal(src.static[name], ref[name].values, err_msg=name)
+    assert src.static["tvh_4"].any() and not src.static["tvh_19"].any()

@@ -105,6 +105,8 @@ STATIC_VARIABLES = {
     "lsm": SourceNames("land_sea_mask", "land_sea_mask", ("lsm",)),
     "z": SourceNames("geopotential", "geopotential_at_surface", ("z",)),
     "slt": SourceNames("soil_type", "soil_type", ("slt",)),
+    "tvh": SourceNames("type_of_high_vegetation", "type_of_high_vegetation", ("tvh",)),
+    "tvl": SourceNames("type_of_low_vegetation", "type_of_low_vegetation", ("tvl",)),
 }
 
 

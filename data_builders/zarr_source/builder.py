@@ -34,9 +34,11 @@ from data_builders.readers import (
     STATIC_KEYS,
     Fill,
     canonical_lazy,
+    category_of,
     check_units,
     forecast_lead_dim,
     handle_nans,
+    indicator_fields,
     regrid,
     select_lazy,
 )
@@ -358,19 +360,23 @@ class ZarrBuilder:
             return {}, set()
         url = self.static_url
         raw, _ = open_store(url, **self._store_kw)
-        names = source_names(raw, self.static_vars, url, static=True)
+        # Indicator fields (`slt_3`) come from their categorical field, before any regrid.
+        request = list(dict.fromkeys(category_of(v) or v for v in self.static_vars))
+        names = source_names(raw, request, url, static=True)
         sub = select_static_time(raw[list(names.values())], None)
         ds = canonical_lazy(sub, url, 0, None)  # type: ignore[arg-type]
         ds = self._load(ds, "static fields", url)
         check_units(ds, url)  # type: ignore[arg-type]
         ds = handle_nans(ds, url, self._fills(ds))  # type: ignore[arg-type]
+        read = _names(ds)
+        ds = indicator_fields(ds, [STATIC_KEYS[v] for v in self.static_vars])
         if not (_same(ds["latitude"].values, lat) and _same(ds["longitude"].values, lon)):
             ds = regrid(ds, lat, lon, method=self.regrid_method)  # type: ignore[arg-type]
         fields = {
             str(da.attrs.get("aurora_name", k)): np.ascontiguousarray(da.values, np.float32)
             for k, da in ds.data_vars.items()
         }
-        return fields, _names(ds)
+        return fields, read | _names(ds)
 
     def _reader(self, o: _Opened) -> Reader:
         return Reader(
