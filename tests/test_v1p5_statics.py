@@ -185,3 +185,23 @@ def test_zarr_source_derives_indicator_fields_from_the_store(tmp_path: Path) -> 
     for name in names:
         np.testing.assert_array_equal(src.static[name], ref[name].values, err_msg=name)
     assert src.static["tvh_4"].any() and not src.static["tvh_19"].any()
+
+
+def test_builder_stores_indicator_fields_regridded(tmp_path: Path) -> None:
+    """A TFDS builder with indicator `static_vars` stores them: derived on the static file's
+    grid, then regridded to the data's like any static field (fractions that sum to 1)."""
+    from data_builders.builders import Hres
+    from data_builders.readers import regrid
+    from tests.test_builders import HRES_KW, WB1
+
+    names = tuple(f"slt_{c}" for c in CATEGORY_CODES["slt"])
+    builder = Hres(data_dir=tmp_path, **{**HRES_KW, "static_paths": [WB1], "static_vars": names})
+    builder.download_and_prepare()
+    static = builder.static()
+    ref = open_dataset(WB1, variables=list(names))
+    lat, lon, _ = builder.grid()
+    ref = regrid(ref, lat, lon)
+    for name in names:
+        np.testing.assert_array_equal(static[name], ref[name].values, err_msg=name)
+    np.testing.assert_allclose(sum(static[n] for n in names), 1.0, atol=1e-5)
+    assert 0 < static["slt_0"].mean() < 1
