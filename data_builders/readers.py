@@ -271,6 +271,9 @@ def open_dataset(
           times must be identical). Because Aurora's static ``z`` and atmospheric ``z`` share a
           name, the static one is stored under the key ``z_sfc`` (attribute ``aurora_name = "z"``);
           `aurora_groups` returns all three groups keyed by Aurora names.
+        * Aurora 1.5's indicator fields ``slt_k``, ``tvh_k``, ``tvl_k`` are static too: when
+          requested and not in the files, they are derived from the categorical field (see
+          `CATEGORY_CODES` and `indicator_fields`).
         * Forecast stores (dimension ``prediction_timedelta``, ``step`` or ``lead_time`` next to an
           init ``time``) are flattened to valid times: ``time = init + lead``, with the coordinates
           ``forecast_reference_time`` and ``lead_time`` kept along ``time``. If several inits give
