@@ -430,7 +430,7 @@ def v1p5_source(model, hours: int = 22, h: int = 8, w: int = 16) -> WeatherSourc
     )
 
 
-@pytest.mark.slow  # a reduced Aurora 1.5 with its 26 surface and 37 static variables
+@pytest.mark.slow  # a reduced Aurora 1.5 with its 26 surface and 36 static variables
 def test_reduced_aurora_v1p5_fine_tunes_on_sub_step_leads() -> None:
     """`AuroraV1p5` (float32, reduced backbone) through `run`'s pieces: its output-only variables
     are targets only, 2-step rollouts end at drawn leads of 1, 3 or 6 h in one compiled step, and

@@ -1,7 +1,7 @@
 """Aurora 1.5: microsoft-aurora 2.0.1's `AuroraV1p5` preset.
 
 26 surface variables (seven of them output-only: gusts, boundary-layer height and hourly
-accumulations, which analyses lack), 37 static fields, prescribed solar insolation as an input,
+accumulations, which analyses lack), 36 static fields, prescribed solar insolation as an input,
 lead times below the 6-hour step and the updated lead-time embedding. What sets it apart from
 `Aurora` lives in its hooks: `scaled_*` variables are log-transformed around the normalisation
 (`aurora.model.log_transform`), and the predicted insolation is replaced by the prescribed one at
