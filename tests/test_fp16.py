@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from aurora.model.layers import dot_product_attention
+from aurora.model.v1p5 import AuroraV1p5
 from tests.reference.venv import case_dir
 from tests.test_parity import TINY
 from tests.test_v1p5 import _compare, _v1p5_spec
@@ -28,6 +29,14 @@ AUTOCAST_TOLERANCE = 1e-2
 """Relative per output variable, our float16 autocast against microsoft-aurora's: its own float16
 autocast differs from its float32 run by up to 6e-3 on the reduced model, so rounding, not the
 port, sets this bound."""
+
+
+FULL_SIZE_TOLERANCE = 1e-2
+"""Relative per output variable, float16 against float32 at full size, except for snow depth:"""
+
+SNOW_DEPTH_TOLERANCE = 1e-1
+"""`scaled_sd` is predicted as a logarithm and exponentiated, which magnifies float16's error
+(it is also the worst variable between microsoft-aurora's own float16 and float32 runs)."""
 
 
 def _inputs(scale: float, aligned: float, seed: int = 0, shape=(2, 2, 16, 16)):
@@ -99,3 +108,20 @@ def test_tiny_v1p5_float16_autocast_matches_microsoft_aurora_float16_autocast() 
     print(f"worst relative error {errors[worst]:.2e} ({worst})")
     assert np.all(np.isfinite(list(errors.values())))
     assert errors[worst] <= AUTOCAST_TOLERANCE, f"{worst}: {errors[worst]:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_full_size_v1p5_float16_autocast_stays_close_to_microsoft_aurora_float32() -> None:
+    """AuroraV1p5 at full size in its float16 default on a small grid, three steps, against
+    microsoft-aurora's float32 run (its own CPU float16 is out of reach here: a float16 matmul on
+    this CPU is about 200 times slower than a float32 one)."""
+    spec = _v1p5_spec({"autocast": False}, steps=3, h=49, w=96, levels=(50, 250, 500, 850))
+    errors = _compare(spec, model=AuroraV1p5())
+    assert np.all(np.isfinite(list(errors.values())))
+    snow = {k: v for k, v in errors.items() if k.endswith("/scaled_sd")}
+    rest = {k: v for k, v in errors.items() if k not in snow}
+    for group, tolerance in ((rest, FULL_SIZE_TOLERANCE), (snow, SNOW_DEPTH_TOLERANCE)):
+        worst = max(group, key=group.get)
+        print(f"worst relative error {group[worst]:.2e} ({worst})")
+        assert group[worst] <= tolerance, f"{worst}: {group[worst]:.2e}"

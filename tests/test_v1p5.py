@@ -42,10 +42,11 @@ def _v1p5_spec(kwargs: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return _spec("AuroraV1p5", kwargs, surf_vars=INPUT_VARS, **extra)
 
 
-def _compare(spec: dict[str, Any]) -> dict[str, float]:
-    """tests/test_parity.py's comparison, through run_v1p5.py and with the spec's sub-steps."""
+def _compare(spec: dict[str, Any], model: aurora.Aurora | None = None) -> dict[str, float]:
+    """tests/test_parity.py's comparison, through run_v1p5.py and with the spec's sub-steps;
+    `model` replaces the spec's on our side (e.g. the same weights computing in float16)."""
     out = case_dir(spec, runner=RUNNER)
-    model = _jax_model(spec)
+    model = model or _jax_model(spec)
     params = _on_device(convert_pytorch_checkpoint(load_state_dict(out / "state_dict.ckpt"), model))
     with np.load(out / "batch.npz") as f:
         batch = _jax_batch(spec, {k: f[k] for k in f.files})
