@@ -69,20 +69,21 @@ def _by_hand(weights: np.ndarray) -> dict[str, float]:
         p, t = np.array(PRED[name], np.float64), np.array(TARGET[name], np.float64)
         ok = ~np.isnan(p) & ~np.isnan(t)
         error = p[ok] - t[ok]
-        if name == "mwd":
-            error = (error + 180) % 360 - 180
-        error = np.abs(error) / surf_location_scale(name)[1]
+        if name == "mwd":  # radians
+            error = np.deg2rad((error + 180) % 360 - 180)
+        error = np.abs(error) / (1 if name == "mwd" else surf_location_scale(name)[1])
         w = np.broadcast_to(weights, p.shape)[ok]
         out[name] = float(np.sum(w * error) / np.sum(w))
     return out
 
 
 def test_masked_loss_equals_a_hand_computation() -> None:
-    """Only the points both sides have count; 359° against 1° is 2° off; 2t keeps every point."""
+    """Only the points both sides have count; 359° against 1° is 2° off (in radians, the unit
+    of the model's sine and cosine); 2t keeps every point."""
     loss, terms = aurora_mae(_batch(PRED), _batch(TARGET), surf_weights={"2t": 2.0}, alpha=0.5)
     expected = _by_hand(np.ones((2, 1)))
     assert expected["swh"] == pytest.approx((0.5 + 1.0) / 2 / 1.38128, rel=1e-5)
-    assert expected["mwd"] == pytest.approx((10 + 2) / 2, rel=1e-6)
+    assert expected["mwd"] == pytest.approx(np.deg2rad((10 + 2) / 2), rel=1e-6)
     for name, value in expected.items():
         assert float(terms[f"mae/{name}"]) == pytest.approx(value, rel=1e-5), name
     total = 0.5 * (2.0 * expected["2t"] + expected["swh"] + expected["mwd"]) / 3
@@ -201,7 +202,7 @@ def test_evaluation_reads_the_inputs_and_scores_the_raw_wave_variables() -> None
 @pytest.mark.slow  # compiling a real model's training step: a minute or more on 2 cores
 def test_tiny_aurora_wave_fits_through_the_trainer_and_is_scored_on_raw_variables() -> None:
     """NaN over land in inputs and targets: every step's loss and gradients are finite, the
-    loss falls, and the evaluation scores mwd and swh over the ocean only."""
+    loss falls, and the evaluation scores mwd and swh over the ocean only, mwd by angle."""
     model = AuroraWave(
         surf_vars=("2t", "swh", "mwd"),
         static_vars=("lsm", "wmb"),
@@ -234,3 +235,6 @@ def test_tiny_aurora_wave_fits_through_the_trainer_and_is_scored_on_raw_variable
     assert scored == {"2t", "swh", "mwd", "t"}
     for row in rows:
         assert np.isfinite(row["rmse"]), row
+    # The direction turns 5° a step, across north at some points: persistence is 5° off.
+    (turn,) = [r["rmse"] for r in rows if r["model"] == "persistence" and r["variable"] == "mwd"]
+    assert turn == pytest.approx(5.0, rel=1e-4)

@@ -23,7 +23,8 @@ weight is 1.
 
 Every built-in loss leaves out the NaN points of the wave fields `AuroraWave` masks (a masked
 mean over the points where prediction and target both exist) and compares directions in degrees
-by their angular difference (`trainers.masking`); a NaN in any other variable gives a NaN loss.
+by their angular difference, in radians (`trainers.masking`); a NaN in any other variable gives a
+NaN loss.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aurora.batch import Batch
-from aurora.normalisation import Stats, surf_location_scale
+from aurora.normalisation import Stats
 from trainers.masking import ANGLE_SURF_VARS, field_error, masked_mean
 
 __all__ = [
@@ -125,7 +126,7 @@ def aurora_loss(
     terms: dict[str, jax.Array] = {}
     surf_total = jnp.float32(0.0)
     for name in p.surf_vars:
-        error, valid = _surface_error(name, p, t, stats)
+        error, valid = _surface_error(name, p, t, pred, target)
         mae = masked_mean(jnp, jnp.abs(error), valid, empty=0.0)
         terms[f"mae/{name}"] = mae
         surf_total += config.surf_weights.get(name, 1.0) * mae
@@ -143,12 +144,16 @@ def aurora_loss(
 
 
 def _surface_error(
-    name: str, p: Batch, t: Batch, stats: Stats | None
+    name: str, p: Batch, t: Batch, pred: Batch, target: Batch
 ) -> tuple[jax.Array, jax.Array | None]:
     """Normalised prediction minus target of a surface variable, and its valid points: the
-    wave fields' NaN points are left out, directions compared by angle (`trainers.masking`)."""
-    scale = surf_location_scale(name, stats)[1] if name in ANGLE_SURF_VARS else 1.0
-    return field_error(jnp, name, p.surf_vars[name], t.surf_vars[name], scale)
+    wave fields' NaN points are left out (`trainers.masking`). A direction's error is its
+    angular difference in radians, the unit of the (sine, cosine) pair the model predicts it
+    as, whatever the normalisation table says of the angle in degrees."""
+    if name in ANGLE_SURF_VARS:
+        error, valid = field_error(jnp, name, pred.surf_vars[name], target.surf_vars[name])
+        return jnp.deg2rad(error), valid
+    return field_error(jnp, name, p.surf_vars[name], t.surf_vars[name])
 
 
 class LossFn(Protocol):
@@ -211,7 +216,7 @@ def _latitude_weighted(
     terms: Metrics = {}
     total = jnp.float32(0.0)
     for name in p.surf_vars:
-        difference, valid = _surface_error(name, p, t, stats)
+        difference, valid = _surface_error(name, p, t, pred, target)
         value = masked_mean(jnp, error(difference), valid, lat, empty=0.0)
         terms[f"{tag}/{name}"] = value
         total += float(surf_weights.get(name, 1.0)) * value

@@ -37,21 +37,18 @@ ANGLE_SURF_VARS: frozenset[str] = frozenset(_ANGLES)
 FULL_CIRCLE = 360.0
 
 
-def field_error(
-    xp: Any, name: str, forecast: Array, truth: Array, scale: float = 1.0
-) -> tuple[Array, Array | None]:
+def field_error(xp: Any, name: str, forecast: Array, truth: Array) -> tuple[Array, Array | None]:
     """`forecast - truth` for variable `name`, and where it is defined.
 
     Args:
         xp: numpy or jax.numpy.
         name: the variable's name.
-        forecast, truth: fields of the same shape; for a normalised pair, `scale` is the
-            normalisation's scale (so a direction's period is `360 / scale`).
-        scale: the unit of `forecast` and `truth` in the variable's physical units.
+        forecast, truth: fields of the same shape (a direction in degrees).
 
     Returns:
-        The difference (the angular one for directions) and, for a masked variable, the boolean
-        mask of points where both are not NaN (the difference is 0 elsewhere); None otherwise.
+        The difference (for a direction the angular one, in degrees) and, for a masked
+        variable, the boolean mask of points where both are not NaN (the difference is 0
+        elsewhere); None otherwise.
     """
     valid = None
     if name in MASKED_SURF_VARS:
@@ -59,8 +56,8 @@ def field_error(
         forecast, truth = xp.where(valid, forecast, 0), xp.where(valid, truth, 0)
     error = forecast - truth
     if name in ANGLE_SURF_VARS:
-        period = FULL_CIRCLE / scale
-        error = period / 2 - xp.mod(period / 2 - error, period)  # in (-period/2, period/2]
+        half = FULL_CIRCLE / 2
+        error = half - xp.mod(half - error, FULL_CIRCLE)  # in (-180, 180]
     return error, valid
 
 
