@@ -24,6 +24,7 @@ from trainers.evaluation.states import (
     WB2_INIT_HOURS,
     SourceStates,
     model_variables,
+    scored_variables,
     step_seconds,
 )
 
@@ -211,7 +212,7 @@ def predict(
     step = step_seconds(step_hours)
     rows = len(source.lat) // step_fn.patch_size * step_fn.patch_size
     layout = Layout(
-        surf,
+        scored_variables(step_fn.model, surf),  # what a prediction holds, not inputs only
         atmos,
         np.arange(1, steps + 1) * step // 60,
         source.levels,
