@@ -62,6 +62,13 @@ TARGET = {
 }
 
 
+CLIMATE = {
+    "2t": [[280.0, 280.0, 280.0], [284.0, 284.0, 284.0]],
+    "swh": [[1.5, 1.5, NAN], [2.5, NAN, NAN]],
+    "mwd": [[90.0, 90.0, NAN], [90.0, NAN, NAN]],
+}
+
+
 def _by_hand(weights: np.ndarray) -> dict[str, float]:
     """Per-variable weighted MAE on normalised values over the points both sides have."""
     out = {}
@@ -124,14 +131,19 @@ def test_a_nan_in_a_variable_the_model_does_not_mask_surfaces() -> None:
 
 @pytest.mark.parametrize("xp", [np, jnp], ids=["numpy", "jax"])
 def test_scores_leave_out_missing_wave_points(xp) -> None:
-    """RMSE, MAE and bias over the points both sides have, latitude-weighted; directions by
-    angle; the same in numpy and in jit-able jax."""
+    """RMSE, MAE, bias (and ACC) over the points both sides have, latitude-weighted; directions
+    by angle; the same in numpy and in jit-able jax."""
     as_xp = lambda b: jax.tree.map(xp.asarray, b)
-    sums = score_batch(as_xp(_batch(PRED)), as_xp(_batch(TARGET)))
+    sums = score_batch(as_xp(_batch(PRED)), as_xp(_batch(TARGET)), as_xp(_batch(CLIMATE)))
     weights = lat_weights(LAT)[:, None]
     for name in PRED:
         p, t = np.array(PRED[name], np.float64), np.array(TARGET[name], np.float64)
         ok = ~np.isnan(p) & ~np.isnan(t)
+        if name == "swh":  # ACC over the same points
+            c = np.array(CLIMATE[name], np.float64)
+            w, fa, ta = np.broadcast_to(weights, p.shape)[ok], (p - c)[ok], (t - c)[ok]
+            acc = np.sum(w * fa * ta) / np.sqrt(np.sum(w * fa**2) * np.sum(w * ta**2))
+            assert float(sums["surf"][name]["acc"]) == pytest.approx(acc, rel=1e-5)
         error = p - t
         if name == "mwd":
             error = (error + 180) % 360 - 180
