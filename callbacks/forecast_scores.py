@@ -90,13 +90,14 @@ class ForecastScores(Callback):
     def on_validation_end(self, trainer: Trainer) -> None:
         if self.source is None or trainer.state is None:
             return
-        metrics = self.scores(trainer.strategy.model, trainer.state.params)
+        metrics = self.scores(trainer.strategy.model, trainer.state.params, seed=trainer.seed)
         self.last_metrics = metrics
         trainer.callback_metrics.update(metrics)
         trainer.log_metrics(metrics)
 
-    def scores(self, model: Any, params: Any) -> dict[str, float]:
-        """The metrics for `model` with `params` (also usable outside a Trainer).
+    def scores(self, model: Any, params: Any, seed: int = 0) -> dict[str, float]:
+        """The metrics for `model` with `params` (also usable outside a Trainer); a stochastic
+        model's forecast is member 0 of the ensemble forecasts' keys from `seed`.
 
         Returns:
             ``{"<prefix>/rmse/<var><level>/<lead>h": value, ...}``; empty when no init of the
@@ -141,6 +142,7 @@ class ForecastScores(Callback):
             step_hours=step_h,
             climatology=self._clim if self._clim is not None else _zeros(source, surf, atmos),
             batch_size=self.batch_size,
+            seed=seed,
             inits=chosen,
             lead_steps=lead_steps,
         )

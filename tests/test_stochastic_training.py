@@ -22,6 +22,7 @@ import pytest
 from aurora.rollout import ModelStep, rollout
 from callbacks.base import Callback
 from tests.helpers import tiny_model
+from tests.test_ensemble_eval import hres, stochastic  # noqa: F401 (fixtures)
 from tests.test_trainer import OPTIM, _example
 from trainers.data import InMemoryData
 from trainers.evaluation.forecasts import member_key
@@ -166,6 +167,22 @@ def test_predict_makes_members_with_the_forecast_member_keys(setup: tuple) -> No
     deterministic = Trainer(Strategy(tiny_model()), optimizer=OPTIM, max_steps=1)
     with pytest.raises(ValueError, match="members > 1 needs a stochastic model"):
         next(iter(deterministic.predict(data, members=2)))
+
+
+def test_forecast_scores_of_a_stochastic_model_come_from_the_trainers_seed(
+    request: pytest.FixtureRequest,
+) -> None:
+    """The `ForecastScores` callback's rollouts after each validation: member 0's keys of the
+    trainer's seed (`Trainer.seed`), so the logged RMSE repeats with the seed. The model, its
+    live-noise parameters and the 10° sample are test_ensemble_eval's fixtures."""
+    from callbacks.forecast_scores import ForecastScores
+
+    step, params = request.getfixturevalue("stochastic")
+    callback = ForecastScores(lead_hours=(6,), variables=[("z", 500)], max_inits=1)
+    callback.attach_source(request.getfixturevalue("hres"))
+    rmse = lambda seed: callback.scores(step.model, params, seed=seed)["forecast/rmse/z500/6h"]
+    first = rmse(0)
+    assert np.isfinite(first) and rmse(0) == first and rmse(1) != first
 
 
 @pytest.mark.slow
