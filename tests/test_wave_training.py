@@ -250,3 +250,33 @@ def test_tiny_aurora_wave_fits_through_the_trainer_and_is_scored_on_raw_variable
     # The direction turns 5° a step, across north at some points: persistence is 5° off.
     (turn,) = [r["rmse"] for r in rows if r["model"] == "persistence" and r["variable"] == "mwd"]
     assert turn == pytest.approx(5.0, rel=1e-4)
+
+
+@pytest.mark.slow  # compiling a model's forecast step: about twenty seconds on 2 cores
+def test_forecasts_from_wind_direction_score_and_store_only_predicted_variables(tmp_path) -> None:
+    """A source with `wind` and its direction `dwi`: `dwi` reaches the inputs, and neither the
+    model, persistence nor climatology is scored on it; the forecast file holds what the
+    prediction does."""
+    import xarray as xr
+
+    from trainers.evaluation.jobs import predict
+
+    model = AuroraWave(
+        surf_vars=("2t", "swh", "mwd", "wind", "10u_wave", "10v_wave"),
+        static_vars=("lsm", "wmb"),
+        atmos_vars=("t",),
+        use_lora=False,
+        **TINY_KWARGS,
+    )
+    source = _wave_source(times=4, with_dwi=True)
+    p = Pipeline(source, rollout_steps=1, batch_size=1, num_threads=0)
+    params = model.init(jax.random.PRNGKey(0), p.dataset[0][0])["params"]
+    rows = evaluate(model, params, source, steps=1, init_hours=None)
+    for baseline in ("aurora", "persistence", "climatology"):
+        scored = {r["variable"] for r in rows if r["model"] == baseline}
+        assert scored == {"2t", "swh", "mwd", "wind", "t"}, baseline
+    paths = predict(model, params, source, steps=1, out_dir=tmp_path, init_hours=None)
+    with xr.open_dataset(paths["netcdf"]) as ds:
+        assert {"mwd", "swh", "wind"} <= set(ds.data_vars)
+        assert not {"dwi", "mwd_sin", "mwd_density"} & set(ds.data_vars)
+        assert ds["mwd"].isnull().any() and ds["mwd"].notnull().any()  # NaN over land
