@@ -280,3 +280,20 @@ def test_forecasts_from_wind_direction_score_and_store_only_predicted_variables(
         assert {"mwd", "swh", "wind"} <= set(ds.data_vars)
         assert not {"dwi", "mwd_sin", "mwd_density"} & set(ds.data_vars)
         assert ds["mwd"].isnull().any() and ds["mwd"].notnull().any()  # NaN over land
+
+
+def test_a_target_with_wind_direction_meets_the_predicted_wind_components() -> None:
+    """Data hold wind speed and direction `dwi`; the model predicts components: the Trainer's
+    loss compares them after the model's `_pre_norm_hook` (NaN over land stays masked)."""
+    model = AuroraWave(surf_vars=("wind", "10u_wave", "10v_wave"))
+    east = {"wind": [[10.0, 10.0, NAN], [10.0, 10.0, NAN]], "dwi": [[90.0] * 2 + [NAN]] * 2}
+    pred = {
+        "wind": [[10.0, 10.0, NAN], [10.0, 10.0, NAN]],
+        "10u_wave": [[-9.0, -9.0, NAN], [-9.0, -9.0, NAN]],  # 1 m/s too slow
+        "10v_wave": [[0.0, 0.0, NAN], [0.0, 0.0, NAN]],
+    }
+    loss, terms = RolloutStrategy(model, steps=1).step_loss(_batch(pred), _batch(east))
+    scale = surf_location_scale("10u_wave")[1]
+    assert float(terms["mae/10u_wave"]) == pytest.approx(1 / scale, rel=1e-5)
+    assert float(terms["mae/10v_wave"]) == pytest.approx(0, abs=1e-5)
+    assert float(terms["mae/wind"]) == 0 and np.isfinite(float(loss))

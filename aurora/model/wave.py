@@ -103,6 +103,17 @@ def adapt_wave_checkpoint(
     return out
 
 
+def _wind_components(surf: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """`surf` with wind speed `wind` and direction `dwi` (degrees, where the wind comes from)
+    turned into the components `10u_wave`, `10v_wave`; unchanged without `dwi`."""
+    surf = dict(surf)
+    if "dwi" in surf and "wind" in surf:
+        direction = jnp.deg2rad(surf.pop("dwi"))
+        surf["10u_wave"] = -surf["wind"] * jnp.sin(direction)
+        surf["10v_wave"] = -surf["wind"] * jnp.cos(direction)
+    return surf
+
+
 class AuroraWave(Aurora):
     """Aurora fine-tuned on HRES-WAM ocean wave data.
 
@@ -156,11 +167,7 @@ class AuroraWave(Aurora):
         Absent systems are masked in data given to the model only (rollout step 0), not in its
         own predictions fed back.
         """
-        surf = dict(batch.surf_vars)
-        if "dwi" in surf and "wind" in surf:
-            direction = jnp.deg2rad(surf.pop("dwi"))
-            surf["10u_wave"] = -surf["wind"] * jnp.sin(direction)
-            surf["10v_wave"] = -surf["wind"] * jnp.cos(direction)
+        surf = _wind_components(batch.surf_vars)
         given = jnp.asarray(batch.metadata.rollout_step) == 0
         for height, components in _WAVE_SYSTEMS:
             if height not in surf:
@@ -170,6 +177,13 @@ class AuroraWave(Aurora):
                 if name in surf:
                     surf[name] = jnp.where(absent, jnp.nan, surf[name])
         return batch.replace(surf_vars=surf)
+
+    def _pre_norm_hook(self, batch: Batch) -> Batch:
+        """Wind speed and direction to components, as `batch_transform_hook` does (a no-op in
+        the forward pass, where that hook ran first): a training target holding `dwi` is then
+        compared with the predicted `10u_wave` / `10v_wave` (the Trainer's losses see prediction
+        and target through this hook)."""
+        return batch.replace(surf_vars=_wind_components(batch.surf_vars))
 
     def _pre_encoder_hook(self, batch: Batch) -> Batch:
         """NaN -> 0 plus a density channel; directions (degrees) -> sine and cosine."""
