@@ -169,6 +169,7 @@ def test_predict_makes_members_with_the_forecast_member_keys(setup: tuple) -> No
         next(iter(deterministic.predict(data, members=2)))
 
 
+@pytest.mark.slow  # CI time: its own model and sample
 def test_forecast_scores_of_a_stochastic_model_come_from_the_trainers_seed(
     request: pytest.FixtureRequest,
 ) -> None:
