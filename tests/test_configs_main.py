@@ -69,6 +69,7 @@ def test_lora_config_trains_its_adapters_through_main(tmp_path: Path, data_dir: 
     assert lora_b and any(np.any(np.asarray(v) != 0) for v in lora_b)
 
 
+@pytest.mark.slow  # CI time: heavy, and its neighbours cover the same code in CI
 def test_rollout_config_trains_on_its_gradient_window_schedule_through_main(
     tmp_path: Path, data_dir: Path
 ) -> None:

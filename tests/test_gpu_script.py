@@ -52,6 +52,7 @@ def _smoke(tmp_path: Path, *args: str) -> tuple[str, dict]:
     return result.stdout, json.loads(out.read_text())
 
 
+@pytest.mark.slow  # CI time: heavy, and its neighbours cover the same code in CI
 def test_smoke_run_measures_every_item_on_both_sides(tmp_path) -> None:
     stdout, record = _smoke(tmp_path, "--torch-python", str(reference_python()))
     rows = record["figures"]["presets"]["tiny"]

@@ -249,6 +249,7 @@ def jobs(tmp_path_factory):
     return config, root
 
 
+@pytest.mark.slow  # CI time: heavy, and its neighbours cover the same code in CI
 def test_sigkill_between_checkpoints_then_rerun_matches_an_uninterrupted_run(jobs) -> None:
     config, root = jobs
     workdir = root / "killed"

@@ -422,6 +422,7 @@ def test_fast_dev_run_runs_one_batch_and_writes_nothing(tmp_path) -> None:
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
+@pytest.mark.slow  # CI time: heavy, and its neighbours cover the same code in CI
 def test_accumulated_gradients_equal_one_step_on_the_mean(tmp_path) -> None:
     """Two micro-batches with accumulate_grad_batches=2 == one optimiser step on the mean
     gradient."""

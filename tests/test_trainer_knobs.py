@@ -258,6 +258,7 @@ def test_bf16_true_keeps_parameters_and_adam_moments_in_bfloat16(model) -> None:
     assert np.isfinite(trainer.callback_metrics["train/loss"])
 
 
+@pytest.mark.slow  # CI time: heavy, and its neighbours cover the same code in CI
 def test_sanity_check_runs_validation_batches_first_and_logs_nothing(model) -> None:
     """`num_sanity_val_steps=2`: two validation batches before the first training batch, between
     the sanity hooks and with `sanity_checking` set; no row written, no metric kept, and no best
@@ -328,6 +329,7 @@ def test_min_steps_and_min_epochs_hold_a_stop_back_but_not_an_agreed_one(model) 
     assert preempted.global_step == 1
 
 
+@pytest.mark.slow  # CI time: heavy, and its neighbours cover the same code in CI
 def test_overfit_batches_trains_and_validates_on_the_same_first_batches(model) -> None:
     """`overfit_batches=2` of shuffled data: every epoch trains on the first two examples of
     epoch 0's order, in that order, and validation runs on those two, not on the given data."""
