@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -98,16 +99,23 @@ def _on_device(params: dict[str, Any]) -> dict[str, Any]:
     return traverse_util.unflatten_dict(flat)
 
 
-def _compare(spec: dict[str, Any]) -> dict[str, float]:
-    """Run both sides; return the worst relative error per `step/kind/var`."""
-    out = case_dir(spec)
-    model = _jax_model(spec)
+def _load_case(
+    spec: dict[str, Any], out: Path, model: aurora.Aurora | None = None
+) -> tuple[aurora.Aurora, Any, Batch, dict[str, np.ndarray]]:
+    """A reference case's outputs on our side: the model (the spec's unless given), its converted
+    parameters on the device, the input batch and the reference's predictions."""
+    model = model or _jax_model(spec)
     params = _on_device(convert_pytorch_checkpoint(load_state_dict(out / "state_dict.ckpt"), model))
     with np.load(out / "batch.npz") as f:
         batch = _jax_batch(spec, {k: f[k] for k in f.files})
     with np.load(out / "preds.npz") as f:
         ref = {k: f[k] for k in f.files}
+    return model, params, batch, ref
 
+
+def _compare(spec: dict[str, Any]) -> dict[str, float]:
+    """Run both sides; return the worst relative error per `step/kind/var`."""
+    model, params, batch, ref = _load_case(spec, case_dir(spec))
     with jax.default_matmul_precision("highest"):
         return _errors(aurora.rollout(model, params, batch, spec["steps"]), ref)
 

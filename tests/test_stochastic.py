@@ -21,7 +21,6 @@ import pytest
 import aurora
 import aurora.model.swin3d
 from aurora.batch import Batch
-from aurora.convert import convert_pytorch_checkpoint, load_state_dict
 from aurora.model.noise import NoiseSource, accumulate, key_noise, noise_shape
 from aurora.rollout import ModelStep
 from tests.reference.venv import RUNNER, case_dir
@@ -30,9 +29,7 @@ from tests.test_parity import (
     TINY,
     _assert_close,
     _errors,
-    _jax_batch,
-    _jax_model,
-    _on_device,
+    _load_case,
     _spec,
 )
 from tests.test_v1p5 import INPUT_VARS
@@ -60,12 +57,7 @@ def _replayed(draws: list[np.ndarray]) -> tuple[NoiseSource, Iterator[int]]:
 
 def _compare_with_reference_noise(spec: dict[str, Any]) -> dict[str, float]:
     out = _reference_case(spec)
-    model = _jax_model(spec)
-    params = _on_device(convert_pytorch_checkpoint(load_state_dict(out / "state_dict.ckpt"), model))
-    with np.load(out / "batch.npz") as f:
-        batch = _jax_batch(spec, {k: f[k] for k in f.files})
-    with np.load(out / "preds.npz") as f:
-        ref = {k: f[k] for k in f.files}
+    model, params, batch, ref = _load_case(spec, out)
     with np.load(out / "noise.npz") as f:
         draws = [f[str(i)] for i in range(len(f.files))]
     source, used = _replayed(draws)

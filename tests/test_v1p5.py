@@ -26,9 +26,8 @@ from tests.test_parity import (
     TINY,
     _assert_close,
     _errors,
-    _jax_batch,
     _jax_model,
-    _on_device,
+    _load_case,
     _spec,
 )
 
@@ -45,19 +44,12 @@ def _v1p5_spec(kwargs: dict[str, Any], **extra: Any) -> dict[str, Any]:
 def _compare(spec: dict[str, Any], model: aurora.Aurora | None = None) -> dict[str, float]:
     """tests/test_parity.py's comparison, through run_v1p5.py and with the spec's sub-steps;
     `model` replaces the spec's on our side (e.g. the same weights computing in float16)."""
-    out = case_dir(spec, runner=RUNNER)
-    model = model or _jax_model(spec)
-    params = _on_device(convert_pytorch_checkpoint(load_state_dict(out / "state_dict.ckpt"), model))
-    with np.load(out / "batch.npz") as f:
-        batch = _jax_batch(spec, {k: f[k] for k in f.files})
-    with np.load(out / "preds.npz") as f:
-        ref = {k: f[k] for k in f.files}
+    model, params, batch, ref = _load_case(spec, case_dir(spec, runner=RUNNER), model)
     fine = spec.get("fine_lead_times")
     with jax.default_matmul_precision("highest"):
         predictions = aurora.rollout(model, params, batch, spec["steps"], fine_lead_times=fine)
         errors = _errors(_same_infinities_zeroed(predictions, ref), ref)
-    # Every prediction the reference made (sub-steps included) was compared, and none is NaN
-    # (which `_assert_close`'s maximum would skip).
+    # Every prediction the reference made (sub-steps included) was compared, and none is NaN.
     assert {k.split("/")[0] for k in errors} == {k.split("/")[0] for k in ref}
     assert not [k for k, e in errors.items() if np.isnan(e)]
     return errors

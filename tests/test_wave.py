@@ -21,7 +21,7 @@ from aurora.model.wave import ANGLE_SURF_VARS, AuroraWave
 from data_builders.errors import DataError
 from data_builders.readers import open_dataset
 from tests.reference.venv import RUNNER, case_dir
-from tests.test_parity import TINY, TOLERANCE, _jax_batch, _jax_model, _spec
+from tests.test_parity import TINY, TOLERANCE, _jax_model, _load_case, _spec
 
 WAVE_RUNNER = Path(__file__).parent / "reference" / "run_wave.py"
 
@@ -30,12 +30,7 @@ def _compare_wave(spec: dict[str, Any]) -> dict[str, float]:
     """Run both sides; NaN positions must be identical, and the worst relative error per
     `step/kind/var` is returned over the rest (directions compared modulo 360 degrees)."""
     out = case_dir(spec, WAVE_RUNNER, inputs={"run_reference.py": RUNNER})
-    model = _jax_model(spec)
-    params = convert_pytorch_checkpoint(load_state_dict(out / "state_dict.ckpt"), model)
-    with np.load(out / "batch.npz") as f:
-        batch = _jax_batch(spec, {k: f[k] for k in f.files})
-    with np.load(out / "preds.npz") as f:
-        ref = {k: f[k] for k in f.files}
+    model, params, batch, ref = _load_case(spec, out)
     with np.load(out / "direction_norms.npz") as f:
         norms = {k: f[k] for k in f.files}
 
