@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from aurora.batch import Batch
-from trainers.evaluation.metrics import _cast, _xp, lat_weights, weighted_mean
+from trainers.evaluation.metrics import ScoreTotals, _cast, _xp, lat_weights, weighted_mean
 
 __all__ = [
     "ENSEMBLE_METRICS",
@@ -187,7 +187,7 @@ def score_ensemble(members: Sequence[Batch], truth: Batch, mask: Array | None = 
     return out
 
 
-class EnsembleTotals:
+class EnsembleTotals(ScoreTotals):
     """Running sums of `score_ensemble` results -> one row per variable and level.
 
     Args:
@@ -195,21 +195,14 @@ class EnsembleTotals:
     """
 
     def __init__(self, levels: Sequence[float] = ()) -> None:
-        self.levels = tuple(float(x) for x in levels)
-        self.n = 0.0
+        super().__init__(levels)
         self.members = 0
-        self.sums: dict[tuple[str, str], dict[str, np.ndarray]] = {}
 
     def add(self, sums: Sums) -> None:
         """Add one `score_ensemble` result (device arrays are fetched; totals are float64)."""
         sums = jax.device_get(sums)
-        self.n += float(sums["n"])
+        super().add(sums)
         self.members = int(sums["members"])
-        for group in ("surf", "atmos"):
-            for name, scores in sums[group].items():
-                total = self.sums.setdefault((group, name), {})
-                for metric, value in scores.items():
-                    total[metric] = total.get(metric, 0.0) + np.asarray(value, np.float64)
 
     def rows(self) -> list[dict[str, Any]]:
         """Mean scores over all samples added (see the module docstring).
@@ -219,25 +212,19 @@ class EnsembleTotals:
             `level` is None for surface variables.
         """
         out = []
-        n, m = self.n, self.members
-        for (group, name), total in self.sums.items():
-            levels: Sequence[float | None] = self.levels if group == "atmos" else (None,)
-            for i, level in enumerate(levels):
-                mean = {
-                    k: float(v[i] if group == "atmos" else v) / n if n else float("nan")
-                    for k, v in total.items()
+        m = self.members
+        for name, level, mean in self.means():
+            spread, skill = np.sqrt(mean["variance"]), np.sqrt(mean["mean_mse"])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ratio = np.sqrt((m + 1) / m) * spread / skill if m else float("nan")
+            out.append(
+                {
+                    "variable": name,
+                    "level": level,
+                    "crps": mean["crps_skill"] - 0.5 * mean["crps_spread"],
+                    "spread": float(spread),
+                    "skill": float(skill),
+                    "spread_skill": float(ratio),
                 }
-                spread, skill = np.sqrt(mean["variance"]), np.sqrt(mean["mean_mse"])
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    ratio = np.sqrt((m + 1) / m) * spread / skill if m else float("nan")
-                out.append(
-                    {
-                        "variable": name,
-                        "level": level,
-                        "crps": mean["crps_skill"] - 0.5 * mean["crps_spread"],
-                        "spread": float(spread),
-                        "skill": float(skill),
-                        "spread_skill": float(ratio),
-                    }
-                )
+            )
         return out

@@ -15,7 +15,7 @@ and pressure level.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -308,21 +308,25 @@ class ScoreTotals:
             `{variable, level, rmse, mae, bias, acc, n}` per variable (and level); `level` is
             None for surface variables.
         """
-        out = []
+        return [
+            {
+                "variable": name,
+                "level": level,
+                "rmse": float(np.sqrt(mean["mse"])),
+                "mae": mean["mae"],
+                "bias": mean["bias"],
+                "acc": mean["acc"],
+                "n": int(self.n),
+            }
+            for name, level, mean in self.means()
+        ]
+
+    def means(self) -> Iterator[tuple[str, float | None, dict[str, float]]]:
+        """`(variable, level, mean of every summed score)` per variable and level (`level` None
+        for surface variables); NaN before anything was added."""
         n = self.n
         for (group, name), total in self.sums.items():
             levels: Sequence[float | None] = self.levels if group == "atmos" else (None,)
             for i, level in enumerate(levels):
                 values = {m: float(v[i] if group == "atmos" else v) for m, v in total.items()}
-                mean = {m: v / n if n else float("nan") for m, v in values.items()}
-                row = {
-                    "variable": name,
-                    "level": level,
-                    "rmse": float(np.sqrt(mean["mse"])),
-                    "mae": mean["mae"],
-                    "bias": mean["bias"],
-                    "acc": mean["acc"],
-                    "n": int(n),
-                }
-                out.append(row)
-        return out
+                yield name, level, {m: v / n if n else float("nan") for m, v in values.items()}
