@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aurora.model.layers import Dense, LayerNorm, gelu, normalize
+from aurora.model.film import AdaptiveLayerNorm
+from aurora.model.layers import Dense, LayerNorm, gelu, normalize, scale_product, sum_of_products
 from aurora.model.lora import LoRAConfig
 from aurora.model.perceiver import PerceiverResampler
 from aurora.model.swin3d import Swin3DTransformerBlock
@@ -60,6 +61,66 @@ def test_dense_gradients_match_automatic_differentiation(dtype, features_in, fea
         np.testing.assert_allclose(
             np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol
         )
+
+
+@pytest.mark.parametrize("axes", [(0,), (1,), (2,), (0, 1), (0, 2)])
+def test_sum_of_products_is_the_sum_of_the_product(axes) -> None:
+    a = jax.random.normal(jax.random.PRNGKey(0), (3, 50, 16))
+    b = jax.random.normal(jax.random.PRNGKey(1), a.shape)
+    got = jax.jit(lambda a, b: sum_of_products(a, b, axes))(a, b)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(
+        got, np.sum(np.asarray(a) * np.asarray(b), axis=axes), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("scale_shape", [(16,), (3, 1, 16), (3, 50, 16), (1, 50, 1)])
+def test_scale_product_gradients_match_automatic_differentiation(dtype, scale_shape) -> None:
+    """Per-channel (LayerNorm), per-sample-and-channel (AdaLN), per-element and per-token scales:
+    values and both gradients as JAX derives them for `x * scale`."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 50, 16), dtype)
+    scale = jax.random.normal(jax.random.PRNGKey(1), scale_shape, jnp.float32)
+    cotangent = jax.random.normal(jax.random.PRNGKey(2), x.shape, jnp.float32)
+    y, vjp = jax.vjp(scale_product, x, scale)
+    y_ref, vjp_ref = jax.vjp(lambda x, s: x * s, x, scale)
+    np.testing.assert_array_equal(y, y_ref)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for a, b in zip(vjp(cotangent), vjp_ref(cotangent)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol
+        )
+
+
+def test_scale_product_refuses_a_scale_that_broadcasts_the_input() -> None:
+    with pytest.raises(ValueError, match="would broadcast"):
+        scale_product(jnp.ones((3, 1, 16)), jnp.ones((3, 50, 16)))
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_adaptive_layer_norm_gradients_match_automatic_differentiation(per_token) -> None:
+    """AdaLN's gradients (its scale's through :func:`scale_product`) against the same layer
+    written with a plain product."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 40, 32)) * 3.0 + 1.0
+    c = jax.random.normal(jax.random.PRNGKey(1), (2, 40, 32) if per_token else (2, 32))
+    module = AdaptiveLayerNorm(32, scale_bias=1.0, precision="highest")
+    params = module.init(jax.random.PRNGKey(2), x, c)["params"]
+    params = jax.tree.map(lambda p: p + 0.05 * jnp.arange(p.size).reshape(p.shape) / p.size, params)
+
+    def plain(p, x, c):
+        m = jax.nn.silu(c) @ p["ln_modulation_1"]["kernel"] + p["ln_modulation_1"]["bias"]
+        shift, scale = jnp.split(m if m.ndim == 3 else m[:, None], 2, axis=-1)
+        return _reference_normalize(x, 1e-5) * (1.0 + scale) + shift
+
+    cotangent = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+    with jax.default_matmul_precision("highest"):
+        y, vjp = jax.vjp(lambda p, x, c: module.apply({"params": p}, x, c), params, x, c)
+        y_ref, vjp_ref = jax.vjp(plain, params, x, c)
+        grads, grads_ref = vjp(cotangent), vjp_ref(cotangent)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])

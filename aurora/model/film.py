@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from aurora.model.layers import Dense, LayerNorm, Precision
+from aurora.model.layers import Dense, LayerNorm, Precision, scale_product
 from aurora.model.partitioning import shard_rows
 
 __all__ = ["AdaptiveLayerNorm"]
@@ -45,4 +45,4 @@ class AdaptiveLayerNorm(nn.Module):
         normed = LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype, name="ln")(
             shard_rows(x)
         )
-        return normed * (self.scale_bias + scale) + shift
+        return scale_product(normed, self.scale_bias + scale) + shift
