@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from aurora.model.film import AdaptiveLayerNorm
-from aurora.model.layers import Dense, LayerNorm, gelu, normalize, scale_product, sum_of_products
+from aurora.model.layers import (
+    Dense,
+    LayerNorm,
+    dot_product_attention,
+    gelu,
+    normalize,
+    scale_product,
+    sum_of_products,
+)
 from aurora.model.lora import LoRAConfig
 from aurora.model.perceiver import PerceiverResampler
 from aurora.model.swin3d import Swin3DTransformerBlock
@@ -61,6 +69,38 @@ def test_dense_gradients_match_automatic_differentiation(dtype, features_in, fea
         np.testing.assert_allclose(
             np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol
         )
+
+
+def _reference_attention(q, k, v, bias):
+    logits = jnp.einsum("...qd,...kd->...qk", q, k) / np.sqrt(q.shape[-1]) + bias
+    return jnp.einsum("...qk,...kd->...qd", jax.nn.softmax(logits, axis=-1), v)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_values_and_gradients_match_the_textbook_softmax(dtype, masked) -> None:
+    """The attention with its hand-written backward against `softmax(q kᵀ / sqrt(d) + bias) v`
+    differentiated by JAX: windows with a shift mask of -100 across groups, and without."""
+    shape = (2, 3, 4, 20, 8)  # batch, windows, heads, tokens, head channels
+    q, k, v, cotangent = (jax.random.normal(jax.random.PRNGKey(i), shape, dtype) for i in range(4))
+    rng = np.random.default_rng(0)
+    bias = np.where(rng.random((3, 1, 20, 20)) < 0.3, -100.0, 0.0).astype(np.float32)
+    bias = bias if masked else None
+    with jax.default_matmul_precision("highest"):
+        out, vjp = jax.vjp(
+            lambda q, k, v: dot_product_attention(q, k, v, bias, precision="highest"), q, k, v
+        )
+        ref, vjp_ref = jax.vjp(
+            lambda q, k, v: _reference_attention(q, k, v, 0.0 if bias is None else bias),
+            *(t.astype(jnp.float32) for t in (q, k, v)),
+        )
+        grads, grads_ref = vjp(cotangent), vjp_ref(cotangent.astype(jnp.float32))
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    assert out.dtype == dtype
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=tol, atol=tol)
+    for a, b in zip(grads, grads_ref):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("axes", [(0,), (1,), (2,), (0, 1), (0, 2)])
