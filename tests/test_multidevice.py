@@ -198,7 +198,9 @@ def test_chunked_rematerialisation_chunks_each_devices_rows(monkeypatch) -> None
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
     sharded = jax.jit(sharding.in_mesh(value_and_grad, mesh))(params, jax.device_put(x, rows))
     assert calls == [8]
+    # Per-device batches may sum in another order: float32 rounding of the leaf's magnitude.
     for a, b in zip(
         jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(sharded), strict=True
     ):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-4 * np.max(np.abs(a)))
