@@ -340,7 +340,9 @@ def dot_product_attention(
 ) -> jax.Array:
     """`softmax(q kᵀ / sqrt(d) + bias) v`.
 
-    The softmax runs in float32 whatever the compute dtype, as PyTorch's attention does.
+    The softmax runs in float32 whatever the compute dtype, as PyTorch's attention does. Without
+    drop-out or float16-safe logits this is :func:`_attention`, normalised after the product with
+    `v` and with a hand-written backward pass.
 
     Args:
         q (jax.Array): Queries of shape `(..., heads, Nq, d)`.
@@ -358,11 +360,11 @@ def dot_product_attention(
     Returns:
         jax.Array: Output of shape `(..., heads, Nq, d_v)`, in `v`'s dtype.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    if not (fp16_safe and q.dtype == jnp.float16) and (dropout_rng is None or not dropout_rate):
+    fp16_safe = fp16_safe and q.dtype == jnp.float16
+    if not fp16_safe and (dropout_rng is None or not dropout_rate):
         return _attention(q, k, v, 0.0 if bias is None else bias, precision)
-    if fp16_safe and q.dtype == jnp.float16:
-        logits = fp16_safe_logits(q, k, scale, precision)
+    if fp16_safe:
+        logits = fp16_safe_logits(q, k, 1.0 / math.sqrt(q.shape[-1]), precision)
     else:
         logits = _logits(q, k, precision)
     if bias is not None:
@@ -391,8 +393,8 @@ def _attention(
     Dividing the `(Nq, d_v)` output rather than the `(Nq, Nk)` weights by the softmax's sum (as
     PyTorch's fused CPU and GPU attention kernels do) halves the forward's elementwise work. The
     backward takes the softmax's row term from the output, `rowsum(dO * O)` over `d_v`, instead
-    of `rowsum(dP * P)` over `Nk`, and keeps no other intermediate than the weights; JAX's
-    derived backward of the same forward does several more passes over the `(Nq, Nk)` arrays.
+    of `rowsum(dP * P)` over `Nk`, and keeps no other `(Nq, Nk)` intermediate than the weights;
+    JAX's derived backward of the same forward does several more passes over such arrays.
     `bias` gets no gradient (window masks are constants).
     """
     return _attention_fwd(q, k, v, bias, precision)[0]
