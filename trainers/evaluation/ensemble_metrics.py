@@ -29,7 +29,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from aurora.batch import Batch
@@ -200,7 +199,6 @@ class EnsembleTotals(ScoreTotals):
 
     def add(self, sums: Sums) -> None:
         """Add one `score_ensemble` result (device arrays are fetched; totals are float64)."""
-        sums = jax.device_get(sums)
         super().add(sums)
         self.members = int(sums["members"])
 
