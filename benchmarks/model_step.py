@@ -18,6 +18,12 @@ Per grid it also reports the backward pass alone (forward+backward minus forward
 forward, and the forward+backward time per grid point: with `--grids`, several grids in one run,
 so that a cost growing faster than the grid shows as a growing time per point. `--skip-torch`
 times the JAX side only.
+
+Both sides run on the allocator this process was started with (the PyTorch side inherits
+`LD_PRELOAD`), and the header and the result file name it. Start it through tcmalloc as `make`
+does (`LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4`): on glibc's allocator every
+step page-faults XLA:CPU's large buffers in afresh, which is a cost of the machine's set-up, not of
+the model.
 """
 
 from __future__ import annotations
@@ -235,7 +241,7 @@ def main() -> None:
     device = f"{jax.devices()[0].platform} ({jax.device_count()} device(s)"
     print(
         f"AuroraSmallPretrained, batch 1, history 2, {len(levels)} levels, {device}, "
-        f"mesh data,fsdp={args.mesh}), float32"
+        f"mesh data,fsdp={args.mesh}), float32, {results.allocator()} allocator"
     )
     peak = matmul_peak()
     figures: dict[str, Any] = {"matmul_peak_gflops": peak / 1e9, "grids": {}}

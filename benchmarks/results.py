@@ -6,7 +6,8 @@ Each script in ``benchmarks/`` ends with `write(script, args, figures)`, which w
 * ``date``: UTC, ISO 8601;
 * ``machine``: platform, CPU model (from ``/proc/cpuinfo`` where there is one), CPU cores,
   memory, the load average when the file is written (other jobs on a shared machine skew
-  timings), JAX's backend and devices;
+  timings), the memory allocator (tcmalloc speeds XLA:CPU up; see the Makefile's ``MALLOC``),
+  JAX's backend and devices;
 * ``versions``: python, jax, jaxlib, flax, numpy, plus what the script passes in ``extra_versions``
   (torch and microsoft-aurora where it runs them);
 * ``arguments``: the script's parsed command line;
@@ -64,8 +65,25 @@ def _memory_gib() -> float | None:
         return None
 
 
+ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
+
+
+def allocator() -> str:
+    """The malloc this process runs on: a preloaded one from ALLOCATORS, else ``"system"``.
+
+    Large XLA:CPU buffers are mapped afresh by glibc on every step, so the allocator moves CPU
+    timings by tens of percent and belongs with them.
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            mapped = f.read()
+    except OSError:
+        return "unknown"
+    return next((name for name in ALLOCATORS if f"lib{name}" in mapped), "system")
+
+
 def machine() -> dict[str, Any]:
-    """Platform, CPU model, cores, memory, load average and JAX's devices of this machine."""
+    """Platform, CPU model, cores, memory, load average, allocator and JAX's devices."""
     import jax
 
     return {
@@ -74,6 +92,7 @@ def machine() -> dict[str, Any]:
         "cpu_cores": cpu_count(),
         "memory_gib": _memory_gib(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "allocator": allocator(),
         "jax_backend": jax.default_backend(),
         "jax_devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices()],
     }
