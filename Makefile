@@ -5,11 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 # XLA:CPU allocates each large buffer afresh on every step, and glibc maps it from the kernel each
-# time, so a step pays page faults for its whole working set. tcmalloc keeps freed memory for
-# reuse (`apt-get install libtcmalloc-minimal4`); where it is installed, the targets below run with
-# it preloaded. `make test MALLOC=` runs with the system allocator.
-MALLOC ?= $(firstword $(wildcard /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib/*/libtcmalloc.so.4))
-RUN := $(if $(MALLOC),env LD_PRELOAD=$(MALLOC)) $(PY)
+# time, so a step pays page faults for its whole working set. jemalloc told never to return freed
+# pages (`apt-get install libjemalloc2`) keeps them for the next step; where it is installed, the
+# targets below run with it preloaded. `make test MALLOC=` runs with the system allocator.
+MALLOC ?= $(firstword $(wildcard /usr/lib/*/libjemalloc.so.2))
+MALLOC_CONF := dirty_decay_ms:-1,muzzy_decay_ms:-1
+RUN := $(if $(MALLOC),env LD_PRELOAD=$(MALLOC) MALLOC_CONF=$(MALLOC_CONF)) $(PY)
 
 .PHONY: install lint format test test-slow demo reference clean clean-cache
 

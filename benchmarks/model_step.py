@@ -20,10 +20,10 @@ so that a cost growing faster than the grid shows as a growing time per point. `
 times the JAX side only.
 
 Both sides run on the allocator this process was started with (the PyTorch side inherits
-`LD_PRELOAD`), and the header and the result file name it. Start it through tcmalloc as `make`
-does (`LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4`): on glibc's allocator every
-step page-faults XLA:CPU's large buffers in afresh, which is a cost of the machine's set-up, not of
-the model.
+`LD_PRELOAD`), and the header and the result file name it. Start it through jemalloc as `make`
+does (`LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
+MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`): on glibc's allocator every step page-faults
+XLA:CPU's large buffers in afresh, which is a cost of the machine's set-up, not of the model.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Each script in ``benchmarks/`` ends with `write(script, args, figures)`, which w
 * ``date``: UTC, ISO 8601;
 * ``machine``: platform, CPU model (from ``/proc/cpuinfo`` where there is one), CPU cores,
   memory, the load average when the file is written (other jobs on a shared machine skew
-  timings), the memory allocator (tcmalloc speeds XLA:CPU up; see the Makefile's ``MALLOC``),
+  timings), the memory allocator (a preloaded one speeds XLA:CPU up; see the Makefile's
+  ``MALLOC``),
   JAX's backend and devices;
 * ``versions``: python, jax, jaxlib, flax, numpy, plus what the script passes in ``extra_versions``
   (torch and microsoft-aurora where it runs them);
@@ -93,6 +94,7 @@ def machine() -> dict[str, Any]:
         "memory_gib": _memory_gib(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "allocator": allocator(),
+        "malloc_conf": os.environ.get("MALLOC_CONF"),  # jemalloc's settings
         "jax_backend": jax.default_backend(),
         "jax_devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices()],
     }

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TCMALLOC = sorted(glob.glob("/usr/lib/*/libtcmalloc_minimal.so.4"))
+JEMALLOC = sorted(glob.glob("/usr/lib/*/libjemalloc.so.2"))
 
 
 def allocator_of_a_process(preload: str | None) -> str:
@@ -29,6 +29,6 @@ def test_a_plain_process_runs_on_the_system_allocator():
     assert allocator_of_a_process(None) == "system"
 
 
-@pytest.mark.skipif(not TCMALLOC, reason="libtcmalloc-minimal4 is not installed")
-def test_a_preloaded_tcmalloc_is_named():
-    assert allocator_of_a_process(TCMALLOC[0]) == "tcmalloc"
+@pytest.mark.skipif(not JEMALLOC, reason="libjemalloc2 is not installed")
+def test_a_preloaded_jemalloc_is_named():
+    assert allocator_of_a_process(JEMALLOC[0]) == "jemalloc"
