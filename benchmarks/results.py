@@ -6,9 +6,8 @@ Each script in ``benchmarks/`` ends with `write(script, args, figures)`, which w
 * ``date``: UTC, ISO 8601;
 * ``machine``: platform, CPU model (from ``/proc/cpuinfo`` where there is one), CPU cores,
   memory, the load average when the file is written (other jobs on a shared machine skew
-  timings), the memory allocator (a preloaded one speeds XLA:CPU up; see the Makefile's
-  ``MALLOC``),
-  JAX's backend and devices;
+  timings), the memory allocator and its settings (a preloaded one speeds XLA:CPU up; see the
+  Makefile's ``MALLOC``), JAX's backend and devices;
 * ``versions``: python, jax, jaxlib, flax, numpy, plus what the script passes in ``extra_versions``
   (torch and microsoft-aurora where it runs them);
 * ``arguments``: the script's parsed command line;
