@@ -72,7 +72,7 @@ def allocator() -> str:
     """The malloc this process runs on: a preloaded one from ALLOCATORS, else ``"system"``.
 
     Large XLA:CPU buffers are mapped afresh by glibc on every step, so the allocator moves CPU
-    timings by tens of percent and belongs with them.
+    timings and belongs with them.
     """
     try:
         with open("/proc/self/maps") as f:
