@@ -1,14 +1,15 @@
 """microsoft-aurora side of benchmarks/model_step.py: runs inside the reference virtualenv and
-prints one JSON line (forward and forward+backward medians, threads, versions) to its caller."""
+prints one JSON line (forward and forward+backward medians, their backward/forward ratio as the
+median of the rounds', threads, versions) to its caller."""
 
 import json
 import statistics
 import sys
-import time
 
 import torch
 from _torch_batch import random_batch  # this script's directory is on sys.path
 from results import torch_versions  # benchmarks/results.py
+from timing import interleaved_times, median_ratio  # benchmarks/timing.py
 
 from aurora import AuroraSmallPretrained, Batch
 
@@ -25,24 +26,20 @@ def main(h: int, w: int, levels: tuple[int, ...], repeats: int) -> None:
         return sum(v.mean() for v in [*pred.surf_vars.values(), *pred.atmos_vars.values()])
 
     def forward() -> None:
+        model.eval()
         with torch.inference_mode():
             model(b)
 
     def forward_backward() -> None:
+        model.train()
         model.zero_grad(set_to_none=True)
         loss(model(b)).backward()
 
     b = batch()
-    results = {}
-    for name, fn in (("forward", forward), ("forward_backward", forward_backward)):
-        model.eval() if name == "forward" else model.train()
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        results[name] = statistics.median(times)
+    times = interleaved_times({"forward": forward, "forward_backward": forward_backward}, repeats)
+    results = {name: statistics.median(t) for name, t in times.items()}
+    backward = [fb - f for fb, f in zip(times["forward_backward"], times["forward"])]
+    results["backward_over_forward"] = median_ratio(backward, times["forward"])
     results["threads"] = torch.get_num_threads()
     results["versions"] = torch_versions()
     print(json.dumps(results))

@@ -5,12 +5,16 @@
 
 Both sides build AuroraSmallPretrained with random weights on the same grid and batch shape (1
 sample, 2 history steps), run one warm-up, then report the median of `--repeats` timed calls. JAX
-is jitted (compilation happens in the warm-up and is reported separately); the backward pass is
+is jitted (compiled ahead of the warm-up, compilation reported separately); the backward pass is
 `jax.grad` of the same scalar loss as PyTorch's `.backward()` (sum of the mean of every output).
-The PyTorch side runs in the reference virtualenv (see tests/reference/venv.py).
+The PyTorch side runs in the reference virtualenv (see tests/reference/venv.py). Each side times
+its passes in rounds, forward and forward+backward (and, on the JAX side, the matmul that sets the
+floor) once per round (`benchmarks/timing.py`): the backward/forward ratio is the median of the
+rounds' ratios, so that the machine's drift over a run does not enter it.
 
 The JAX side goes through the Trainer's sharding code (`--mesh`, default one device). The `floor`
-column divides XLA's FLOP count of the step by the float32 rate of one large matmul on the device:
+column divides XLA's FLOP count of the step by the float32 rate of one large matmul on the device,
+timed in the same rounds:
 a float32 step cannot run faster than that, whatever the framework, which puts speed-up targets
 against PyTorch in proportion. Writes a result file (`benchmarks/results.py`).
 
@@ -46,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 import aurora  # noqa: E402
 from aurora.variables import ATMOS_VARS, STATIC_VARS, SURF_VARS  # noqa: E402
-from benchmarks import results  # noqa: E402
+from benchmarks import results, timing  # noqa: E402
 from tests.reference.venv import python as reference_python  # noqa: E402
 from trainers.sharding import example_shardings, make_mesh, put_state, state_shardings  # noqa: E402
 
@@ -103,11 +107,17 @@ def run_jax(
     forward = jax.jit(lambda p, b: model.apply({"params": p}, b), in_shardings=shardings)
     grad = jax.jit(jax.grad(loss), in_shardings=shardings, out_shardings=param_sharding)
     results: dict[str, float] = {}
+    calls = {"matmul_peak": peak_matmul_call()}
     with jax.default_matmul_precision("highest"):
         for name, fn in (("forward", forward), ("forward_backward", grad)):
             compiled, results[f"{name}_compile"] = compile_timed(fn, params, batch)
-            results[name] = time_calls(lambda c=compiled: c(params, batch), repeats)[1]
             results[f"{name}_flops"] = flops(compiled)
+            calls[name] = lambda c=compiled: jax.block_until_ready(c(params, batch))
+    times = timing.interleaved_times(calls, repeats)
+    results.update({name: statistics.median(t) for name, t in times.items()})
+    results["matmul_peak"] = PEAK_MATMUL_FLOPS / results["matmul_peak"]
+    backward = [fb - f for fb, f in zip(times["forward_backward"], times["forward"])]
+    results["backward_over_forward"] = timing.median_ratio(backward, times["forward"])
     return results
 
 
@@ -125,11 +135,17 @@ def flops(compiled: jax.stages.Compiled) -> float:
     return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
 
 
-def matmul_peak(n: int = 4096, repeats: int = 3) -> float:
-    """FLOP/s of one large float32 matmul on this device: the practical ceiling for the model."""
+PEAK_MATMUL_SIZE = 4096
+PEAK_MATMUL_FLOPS = 2 * PEAK_MATMUL_SIZE**3
+
+
+def peak_matmul_call() -> Any:
+    """One large float32 matmul on this device, blocking: its FLOP/s are the practical ceiling
+    for the model."""
+    n = PEAK_MATMUL_SIZE
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    matmul = jax.jit(lambda x: jnp.dot(x, x, precision="highest"))
-    return 2 * n**3 / time_calls(lambda: matmul(a), repeats)[1]
+    matmul = jax.jit(lambda x: jnp.dot(x, x, precision="highest")).lower(a).compile()
+    return lambda: jax.block_until_ready(matmul(a))
 
 
 def run_torch(h: int, w: int, levels: tuple[int, ...], repeats: int) -> dict[str, Any]:
@@ -157,10 +173,12 @@ def parse_grids(text: str) -> list[tuple[int, int]]:
 
 
 def grid_figures(
-    h: int, w: int, jax_t: dict[str, float], torch_t: dict[str, float] | None, peak: float
+    h: int, w: int, jax_t: dict[str, float], torch_t: dict[str, float] | None
 ) -> dict[str, Any]:
     """The figures of one grid: per pass (forward, forward+backward, backward alone) both sides'
-    medians, their ratio and the float32 floor; backward/forward ratios; time per grid point."""
+    medians, their ratio and the float32 floor; backward/forward ratios (medians over rounds);
+    time per grid point; the matmul peak of the grid's rounds."""
+    peak = jax_t["matmul_peak"]
     jax_t = {**jax_t, "backward": jax_t["forward_backward"] - jax_t["forward"]}
     jax_t["backward_flops"] = jax_t["forward_backward_flops"] - jax_t["forward_flops"]
     if torch_t is not None:
@@ -178,9 +196,10 @@ def grid_figures(
                 floor_over_torch=floor / torch_t[name],
             )
         figures[name] = entry
-    figures["jax_backward_over_forward"] = jax_t["backward"] / jax_t["forward"]
+    figures["matmul_peak_gflops"] = peak / 1e9
+    figures["jax_backward_over_forward"] = jax_t["backward_over_forward"]
     if torch_t is not None:
-        figures["torch_backward_over_forward"] = torch_t["backward"] / torch_t["forward"]
+        figures["torch_backward_over_forward"] = torch_t["backward_over_forward"]
         figures["torch_threads"] = torch_t["threads"]
     points = h * w
     figures["jax_forward_backward_us_per_point"] = 1e6 * jax_t["forward_backward"] / points
@@ -192,7 +211,7 @@ def grid_figures(
 def print_grid(h: int, w: int, figures: dict[str, Any]) -> None:
     """One grid's table: passes as rows, both sides, their ratio and the floor."""
     torch = "torch_s" in figures["forward"]
-    print(f"grid {h}x{w}")
+    print(f"grid {h}x{w} (matmul peak in its rounds: {figures['matmul_peak_gflops']:.0f} GFLOP/s)")
     print(
         f"  {'':18} {'microsoft-aurora':>17} {'JAX':>9} {'JAX/PyTorch':>12} {'GFLOP':>7} "
         f"{'floor':>7} {'floor/PyTorch':>14}"
@@ -205,7 +224,7 @@ def print_grid(h: int, w: int, figures: dict[str, Any]) -> None:
             f"  {name:18} {t[0]:>17} {f['jax_s']:>8.2f}s {t[1]:>12} {f['gflop']:>7.0f} "
             f"{f['floor_s']:>6.2f}s {ratio}"
         )
-    line = f"  backward/forward: JAX {figures['jax_backward_over_forward']:.2f}"
+    line = f"  backward/forward (median of rounds): JAX {figures['jax_backward_over_forward']:.2f}"
     if torch:
         line += f", PyTorch {figures['torch_backward_over_forward']:.2f}"
     line += (
@@ -243,15 +262,14 @@ def main() -> None:
         f"AuroraSmallPretrained, batch 1, history 2, {len(levels)} levels, {device}, "
         f"mesh data,fsdp={args.mesh}), float32, {results.allocator()} allocator"
     )
-    peak = matmul_peak()
-    figures: dict[str, Any] = {"matmul_peak_gflops": peak / 1e9, "grids": {}}
+    figures: dict[str, Any] = {"grids": {}}
     torch_versions = None
     for h, w in grids:
         torch_t = None if args.skip_torch else run_torch(h, w, levels, args.repeats)
         if torch_t is not None:
             torch_versions = torch_t.pop("versions", None)
         jax_t = run_jax(h, w, levels, args.repeats, mesh_shape)  # type: ignore[arg-type]
-        grid = grid_figures(h, w, jax_t, torch_t, peak)
+        grid = grid_figures(h, w, jax_t, torch_t)
         figures["grids"][f"{h}x{w}"] = grid
         print_grid(h, w, grid)
     if len(grids) == 1:  # the single-grid layout of earlier result files
@@ -266,7 +284,8 @@ def main() -> None:
             )
     print(
         f"floor = XLA's FLOP count / the float32 matmul peak of this device "
-        f"({peak / 1e9:.0f} GFLOP/s, 4096^2): the time a float32 implementation cannot beat on it."
+        f"({PEAK_MATMUL_SIZE}^2, timed in each grid's rounds): the time a float32 implementation "
+        "cannot beat on it."
     )
     results.write("model_step", args, figures, extra_versions=torch_versions)
 
