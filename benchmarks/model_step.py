@@ -14,9 +14,9 @@ rounds' ratios, so that the machine's drift over a run does not enter it.
 
 The JAX side goes through the Trainer's sharding code (`--mesh`, default one device). The `floor`
 column divides XLA's FLOP count of the step by the float32 rate of one large matmul on the device,
-timed in the same rounds:
-a float32 step cannot run faster than that, whatever the framework, which puts speed-up targets
-against PyTorch in proportion. Writes a result file (`benchmarks/results.py`).
+timed in the same rounds: a float32 step cannot run faster than that, whatever the framework,
+which puts speed-up targets against PyTorch in proportion. Writes a result file
+(`benchmarks/results.py`).
 
 Per grid it also reports the backward pass alone (forward+backward minus forward) over the
 forward, and the forward+backward time per grid point: with `--grids`, several grids in one run,
@@ -115,7 +115,7 @@ def run_jax(
             calls[name] = lambda c=compiled: jax.block_until_ready(c(params, batch))
     times = timing.interleaved_times(calls, repeats)
     results.update({name: statistics.median(t) for name, t in times.items()})
-    results["matmul_peak"] = PEAK_MATMUL_FLOPS / results["matmul_peak"]
+    results["matmul_peak_flops"] = PEAK_MATMUL_FLOPS / results.pop("matmul_peak")
     backward = [fb - f for fb, f in zip(times["forward_backward"], times["forward"])]
     results["backward_over_forward"] = timing.median_ratio(backward, times["forward"])
     return results
@@ -178,7 +178,7 @@ def grid_figures(
     """The figures of one grid: per pass (forward, forward+backward, backward alone) both sides'
     medians, their ratio and the float32 floor; backward/forward ratios (medians over rounds);
     time per grid point; the matmul peak of the grid's rounds."""
-    peak = jax_t["matmul_peak"]
+    peak = jax_t["matmul_peak_flops"]
     jax_t = {**jax_t, "backward": jax_t["forward_backward"] - jax_t["forward"]}
     jax_t["backward_flops"] = jax_t["forward_backward_flops"] - jax_t["forward_flops"]
     if torch_t is not None:
