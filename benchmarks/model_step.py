@@ -7,10 +7,11 @@ Both sides build AuroraSmallPretrained with random weights on the same grid and 
 sample, 2 history steps), run one warm-up, then report the median of `--repeats` timed calls. JAX
 is jitted (compiled ahead of the warm-up, compilation reported separately); the backward pass is
 `jax.grad` of the same scalar loss as PyTorch's `.backward()` (sum of the mean of every output).
-The PyTorch side runs in the reference virtualenv (see tests/reference/venv.py). Each side times
-its passes in rounds, forward and forward+backward (and, on the JAX side, the matmul that sets the
-floor) once per round (`benchmarks/timing.py`): the backward/forward ratio is the median of the
-rounds' ratios, so that the machine's drift over a run does not enter it.
+The PyTorch side runs in the reference virtualenv (see tests/reference/venv.py), as a worker
+process that runs one pass per request. Both sides are timed in the same rounds
+(`benchmarks/timing.py`): per round, the matmul that sets the floor, our forward and
+forward+backward, then microsoft-aurora's. Every ratio (JAX/PyTorch, backward/forward, floor/JAX)
+is the median of the rounds' ratios, so that the machine's drift over a run does not enter it.
 
 The JAX side goes through the Trainer's sharding code (`--mesh`, default one device). The `floor`
 column divides XLA's FLOP count of the step by the float32 rate of one large matmul on the device,
@@ -33,11 +34,15 @@ XLA:CPU's large buffers in afresh, which is a cost of the machine's set-up, not 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+TORCH_WORKER = ROOT / "benchmarks" / "_torch_model_step.py"
 sys.path.insert(0, str(ROOT))
 
 import aurora  # noqa: E402
@@ -85,11 +91,13 @@ def time_calls(fn, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def run_jax(
-    h: int, w: int, levels: tuple[int, ...], repeats: int, mesh_shape: tuple[int, int]
-) -> dict[str, float]:
-    """Times the model through the Trainer's sharding path: parameters placed with
-    `state_shardings`, the batch with `example_shardings`, both jitted with in/out shardings."""
+def jax_side(
+    h: int, w: int, levels: tuple[int, ...], mesh_shape: tuple[int, int]
+) -> tuple[dict[str, Callable[[], object]], dict[str, float]]:
+    """The JAX side's compiled calls (`matmul_peak`, `jax_forward`, `jax_forward_backward`) and
+    their compile times and FLOP counts. The model goes through the Trainer's sharding path:
+    parameters placed with `state_shardings`, the batch with `example_shardings`, both jitted
+    with in/out shardings."""
     model = aurora.AuroraSmallPretrained()
     mesh = make_mesh(*mesh_shape)
     host_batch = make_batch(h, w, levels)
@@ -106,19 +114,14 @@ def run_jax(
     shardings = (param_sharding, batch_sharding)
     forward = jax.jit(lambda p, b: model.apply({"params": p}, b), in_shardings=shardings)
     grad = jax.jit(jax.grad(loss), in_shardings=shardings, out_shardings=param_sharding)
-    results: dict[str, float] = {}
-    calls = {"matmul_peak": peak_matmul_call()}
+    static: dict[str, float] = {}
+    calls: dict[str, Callable[[], object]] = {"matmul_peak": peak_matmul_call()}
     with jax.default_matmul_precision("highest"):
         for name, fn in (("forward", forward), ("forward_backward", grad)):
-            compiled, results[f"{name}_compile"] = compile_timed(fn, params, batch)
-            results[f"{name}_flops"] = flops(compiled)
-            calls[name] = lambda c=compiled: jax.block_until_ready(c(params, batch))
-    times = timing.interleaved_times(calls, repeats)
-    results.update({name: statistics.median(t) for name, t in times.items()})
-    results["matmul_peak_flops"] = PEAK_MATMUL_FLOPS / results.pop("matmul_peak")
-    backward = [fb - f for fb, f in zip(times["forward_backward"], times["forward"])]
-    results["backward_over_forward"] = timing.median_ratio(backward, times["forward"])
-    return results
+            compiled, static[f"{name}_compile"] = compile_timed(fn, params, batch)
+            static[f"{name}_flops"] = flops(compiled)
+            calls[f"jax_{name}"] = lambda c=compiled: jax.block_until_ready(c(params, batch))
+    return calls, static
 
 
 def compile_timed(fn: Any, *args: Any) -> tuple[jax.stages.Compiled, float]:
@@ -148,23 +151,58 @@ def peak_matmul_call() -> Any:
     return lambda: jax.block_until_ready(matmul(a))
 
 
-def run_torch(h: int, w: int, levels: tuple[int, ...], repeats: int) -> dict[str, Any]:
-    """microsoft-aurora's medians (`_torch_model_step.py` in the reference virtualenv)."""
-    out = subprocess.run(
-        [
-            str(reference_python()),
-            str(ROOT / "benchmarks" / "_torch_model_step.py"),
-            str(h),
-            str(w),
-            ",".join(map(str, levels)),
-            str(repeats),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd="/tmp",
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class TorchWorker:
+    """microsoft-aurora on the same grid in the reference virtualenv (`_torch_model_step.py`),
+    running one pass per request, so that its passes are timed in the same rounds as ours."""
+
+    def __init__(self, h: int, w: int, levels: tuple[int, ...]) -> None:
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in __exit__)
+        self._process = subprocess.Popen(
+            [
+                str(reference_python()),
+                str(TORCH_WORKER),
+                str(h),
+                str(w),
+                ",".join(map(str, levels)),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            cwd="/tmp",
+        )
+        self.info: dict[str, Any] = json.loads(self._answer())
+
+    def _answer(self) -> str:
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line:
+            self._stderr.seek(0)
+            raise RuntimeError(f"{TORCH_WORKER} exited early:\n{self._stderr.read()[-4000:]}")
+        return line.strip()
+
+    def run(self, name: str) -> None:
+        """Runs the pass `name` (`forward` or `forward_backward`) and returns when it is done."""
+        assert self._process.stdin is not None
+        self._process.stdin.write(name + "\n")
+        self._process.stdin.flush()
+        if (answer := self._answer()) != "done":
+            raise RuntimeError(f"{TORCH_WORKER} answered {answer!r} to {name!r}")
+
+    def calls(self) -> dict[str, Callable[[], object]]:
+        """`torch_forward` and `torch_forward_backward`, for `timing.interleaved_times`."""
+        return {
+            f"torch_{name}": partial(self.run, name) for name in ("forward", "forward_backward")
+        }
+
+    def __enter__(self) -> TorchWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._process.stdin is not None
+        self._process.stdin.close()
+        self._process.wait(timeout=60)
+        self._stderr.close()
 
 
 def parse_grids(text: str) -> list[tuple[int, int]]:
@@ -173,48 +211,67 @@ def parse_grids(text: str) -> list[tuple[int, int]]:
 
 
 def grid_figures(
-    h: int, w: int, jax_t: dict[str, float], torch_t: dict[str, float] | None
+    h: int,
+    w: int,
+    static: dict[str, float],
+    times: dict[str, list[float]],
+    torch_threads: int | None = None,
 ) -> dict[str, Any]:
-    """The figures of one grid: per pass (forward, forward+backward, backward alone) both sides'
-    medians, their ratio and the float32 floor; backward/forward ratios (medians over rounds);
-    time per grid point; the matmul peak of the grid's rounds."""
-    peak = jax_t["matmul_peak_flops"]
-    jax_t = {**jax_t, "backward": jax_t["forward_backward"] - jax_t["forward"]}
-    jax_t["backward_flops"] = jax_t["forward_backward_flops"] - jax_t["forward_flops"]
-    if torch_t is not None:
-        torch_t = {**torch_t, "backward": torch_t["forward_backward"] - torch_t["forward"]}
+    """The figures of one grid from its rounds: per pass (forward, forward+backward, backward
+    alone) both sides' medians, the float32 floor, and the ratios between them, each the median
+    of the rounds' ratios; backward/forward ratios; time per grid point; the matmul peak."""
+
+    def rounds(side: str, name: str) -> list[float]:
+        if name != "backward":
+            return times[f"{side}_{name}"]
+        return [
+            fb - f for fb, f in zip(times[f"{side}_forward_backward"], times[f"{side}_forward"])
+        ]
+
+    torch = "torch_forward" in times
+    peak = [PEAK_MATMUL_FLOPS / t for t in times["matmul_peak"]]
+    flop = {name: static[f"{name}_flops"] for name in ("forward", "forward_backward")}
+    flop["backward"] = flop["forward_backward"] - flop["forward"]
     figures: dict[str, Any] = {}
     for name in ("forward", "forward_backward", "backward"):
-        floor = jax_t[f"{name}_flops"] / peak
-        entry = {"jax_s": jax_t[name], "gflop": jax_t[f"{name}_flops"] / 1e9, "floor_s": floor}
+        jax_s, floor = rounds("jax", name), [flop[name] / p for p in peak]
+        entry = {
+            "jax_s": statistics.median(jax_s),
+            "gflop": flop[name] / 1e9,
+            "floor_s": statistics.median(floor),
+            "floor_over_jax": timing.median_ratio(floor, jax_s),
+        }
         if name != "backward":
-            entry["jax_compile_s"] = jax_t[f"{name}_compile"]
-        if torch_t is not None:
+            entry["jax_compile_s"] = static[f"{name}_compile"]
+        if torch:
+            torch_s = rounds("torch", name)
             entry.update(
-                torch_s=torch_t[name],
-                jax_over_torch=jax_t[name] / torch_t[name],
-                floor_over_torch=floor / torch_t[name],
+                torch_s=statistics.median(torch_s),
+                jax_over_torch=timing.median_ratio(jax_s, torch_s),
+                floor_over_torch=timing.median_ratio(floor, torch_s),
             )
         figures[name] = entry
-    figures["matmul_peak_gflops"] = peak / 1e9
-    figures["jax_backward_over_forward"] = jax_t["backward_over_forward"]
-    if torch_t is not None:
-        figures["torch_backward_over_forward"] = torch_t["backward_over_forward"]
-        figures["torch_threads"] = torch_t["threads"]
-    points = h * w
-    figures["jax_forward_backward_us_per_point"] = 1e6 * jax_t["forward_backward"] / points
-    if torch_t is not None:
-        figures["torch_forward_backward_us_per_point"] = 1e6 * torch_t["forward_backward"] / points
+    figures["matmul_peak_gflops"] = statistics.median(peak) / 1e9
+    sides = ("jax", "torch") if torch else ("jax",)
+    for side in sides:
+        figures[f"{side}_backward_over_forward"] = timing.median_ratio(
+            rounds(side, "backward"), rounds(side, "forward")
+        )
+    for side in sides:
+        fb_s = figures["forward_backward"][f"{side}_s"]
+        figures[f"{side}_forward_backward_us_per_point"] = 1e6 * fb_s / (h * w)
+    if torch:
+        figures["torch_threads"] = torch_threads
     return figures
 
 
 def print_grid(h: int, w: int, figures: dict[str, Any]) -> None:
-    """One grid's table: passes as rows, both sides, their ratio and the floor."""
+    """One grid's table: passes as rows, both sides, their ratio, the floor and its ratios."""
     torch = "torch_s" in figures["forward"]
     print(f"grid {h}x{w} (matmul peak in its rounds: {figures['matmul_peak_gflops']:.0f} GFLOP/s)")
     print(
         f"  {'':18} {'microsoft-aurora':>17} {'JAX':>9} {'JAX/PyTorch':>12} {'GFLOP':>7} "
-        f"{'floor':>7} {'floor/PyTorch':>14}"
+        f"{'floor':>7} {'floor/PyTorch':>14} {'floor/JAX':>10}"
     )
     for name in ("forward", "forward_backward", "backward"):
         f = figures[name]
@@ -222,7 +279,7 @@ def print_grid(h: int, w: int, figures: dict[str, Any]) -> None:
         ratio = f"{f['floor_over_torch']:>14.2f}" if torch else f"{'-':>14}"
         print(
             f"  {name:18} {t[0]:>17} {f['jax_s']:>8.2f}s {t[1]:>12} {f['gflop']:>7.0f} "
-            f"{f['floor_s']:>6.2f}s {ratio}"
+            f"{f['floor_s']:>6.2f}s {ratio} {f['floor_over_jax']:>10.2f}"
         )
     line = f"  backward/forward (median of rounds): JAX {figures['jax_backward_over_forward']:.2f}"
     if torch:
@@ -265,11 +322,15 @@ def main() -> None:
     figures: dict[str, Any] = {"grids": {}}
     torch_versions = None
     for h, w in grids:
-        torch_t = None if args.skip_torch else run_torch(h, w, levels, args.repeats)
-        if torch_t is not None:
-            torch_versions = torch_t.pop("versions", None)
-        jax_t = run_jax(h, w, levels, args.repeats, mesh_shape)  # type: ignore[arg-type]
-        grid = grid_figures(h, w, jax_t, torch_t)
+        calls, static = jax_side(h, w, levels, mesh_shape)  # type: ignore[arg-type]
+        with contextlib.ExitStack() as stack:
+            torch_threads = None
+            if not args.skip_torch:
+                worker = stack.enter_context(TorchWorker(h, w, levels))
+                calls.update(worker.calls())
+                torch_versions, torch_threads = worker.info["versions"], worker.info["threads"]
+            times = timing.interleaved_times(calls, args.repeats)
+        grid = grid_figures(h, w, static, times, torch_threads)
         figures["grids"][f"{h}x{w}"] = grid
         print_grid(h, w, grid)
     if len(grids) == 1:  # the single-grid layout of earlier result files

@@ -5,8 +5,7 @@ reclaim, frequency scaling). Timing all repeats of one call and then all repeats
 that drift into their ratio: the backward/forward ratio of a model, or a model's time over the
 matmul peak, moves with the machine rather than with the code. Timing the calls in rounds, each
 call once per round, puts every pair of measurements a few seconds apart; the median over rounds
-of a per-round ratio is then a figure of the code. The module needs only the standard library:
-it also runs in the reference virtualenv, for microsoft-aurora's side.
+of a per-round ratio is then a figure of the code.
 """
 
 from __future__ import annotations
