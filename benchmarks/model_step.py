@@ -257,7 +257,6 @@ def grid_figures(
         figures[f"{side}_backward_over_forward"] = timing.median_ratio(
             rounds(side, "backward"), rounds(side, "forward")
         )
-    for side in sides:
         fb_s = figures["forward_backward"][f"{side}_s"]
         figures[f"{side}_forward_backward_us_per_point"] = 1e6 * fb_s / (h * w)
     if torch:
